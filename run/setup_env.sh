@@ -1,0 +1,21 @@
+# Sourced by the run scripts: create .venv on first use, reinstall when requirements.txt changes,
+# and set the process environment every stage shares.
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv"
+    python3 -m venv .venv
+fi
+stamp=".venv/.requirements.sha"
+want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "[setup] installing requirements into .venv"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+    echo "$want" > "$stamp"
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Large temporaries (neighbour tensors) otherwise go through mmap/munmap on every step and the
+# page faults dominate a Point Transformer layer's forward+backward on CPU.
+export GLIBC_TUNABLES="glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
