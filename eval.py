@@ -1,0 +1,47 @@
+"""Evaluate any checkpoint, fp32 or quantized, with nothing else given:
+
+    python eval.py --ckpt checkpoints/demo/pretrain/best.pt
+
+Prints the per-category (or per-class) table and the summary table; --json writes the figures.
+"""
+import argparse
+import json
+
+from lib.cli import resolve_device
+from lib.experiment import evaluate_checkpoint
+from lib.report import format_results
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint file (best.pt, last.pt, packed)")
+    p.add_argument("--data-root", default=None, help="overrides the data root the checkpoint records")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    return p
+
+
+def main(args):
+    meta, results = evaluate_checkpoint(args.ckpt, args.data_root, args.split, args.batch_size,
+                                        resolve_device(args.device), args.workers)
+    quant = meta.get("quant")
+    print(f"{args.ckpt}: {meta['model']['name']} on {meta['dataset']['name']} ({args.split}), "
+          f"{'quantized' if quant else 'fp32'}")
+    print(format_results(meta["dataset"]["task"], results))
+    print(f"size: {results['honest_bytes'] / 1024:.1f} KiB honest, "
+          f"{results['honest_bytes'] / results['fp32_bytes']:.4f} of fp32 "
+          f"({results['fp32_bytes'] / 1024:.1f} KiB); HAQ budget ratio {results['budget_ratio']:.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,146 @@
+"""Self-describing checkpoints: written atomically, loaded with weights_only=True.
+
+An fp32 checkpoint is one torch file holding everything (DESIGN.md "Checkpoints"). A quantized
+model is stored packed (lib/quant/pack.py: bit-packed indices + codebooks + fp32 rest) with the
+same metadata in its header, and what only a resume needs (optimizer, scheduler, RNG) goes to a
+sidecar `<name>.resume.pt`, so the packed file keeps exactly the honest size.
+"""
+import os
+import random
+import subprocess
+import tempfile
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+
+def atomic_write(path, write_fn):
+    """Call write_fn(tmp_path), then rename over `path`: a crash never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def torch_save_atomic(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def torch_load(path):
+    """torch.load(weights_only=True) with a one-line error for missing, truncated or foreign files."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip errors, unpickling errors, EOF: all mean "not a checkpoint of ours"
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable checkpoint ({first_line[:160]})") from None
+
+
+def unwrap(model):
+    """The plain module under DDP / torch.compile wrappers, so state_dict keys carry no prefixes."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def git_commit():
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+            "python_gauss": random.getstate()[2],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_quantized(model):
+    from lib.quant.layers import is_quantized_layer
+    return any(is_quantized_layer(m) for m in unwrap(model).modules())
+
+
+def save_checkpoint(path, model, meta, resume_state=None):
+    """Write model + metadata to `path`; `resume_state` (optimizer, scheduler, epoch, RNG ...)
+    goes into the same file for fp32 models and into `<path>.resume.pt` for packed ones."""
+    model = unwrap(model)
+    meta = dict(meta, format_version=FORMAT_VERSION)
+    if is_quantized(model):
+        from lib.quant.pack import save_packed
+        save_packed(path, model, meta)
+        if resume_state is not None:
+            torch_save_atomic(resume_state, resume_path(path))
+    else:
+        obj = {"meta": meta, "state_dict": model.state_dict()}
+        if resume_state is not None:
+            obj["resume"] = resume_state
+        torch_save_atomic(obj, path)
+
+
+def resume_path(path):
+    return path + ".resume.pt"
+
+
+def load_checkpoint(path):
+    """-> (meta, model, resume_state or None). The model is rebuilt from the recorded name and
+    constructor arguments; loads are strict."""
+    from lib.quant.pack import is_packed, load_packed
+    from models import build_model
+
+    def build(meta):
+        try:
+            return build_model(meta["model"]["name"], **meta["model"]["kwargs"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: checkpoint metadata does not describe a model ({e})") from None
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if is_packed(path):
+        meta, model = load_packed(path, build)
+        resume = torch_load(resume_path(path)) if os.path.isfile(resume_path(path)) else None
+        return meta, model, resume
+    obj = torch_load(path)
+    if not isinstance(obj, dict) or "meta" not in obj or "state_dict" not in obj:
+        raise ValueError(f"{path}: not a checkpoint of this repository (no 'meta'/'state_dict')")
+    meta = obj["meta"]
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} "
+                         f"is not the supported {FORMAT_VERSION}")
+    model = build(meta)
+    try:
+        model.load_state_dict(obj["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the recorded model "
+                         f"({str(e).splitlines()[0][:160]})") from None
+    return meta, model, obj.get("resume")

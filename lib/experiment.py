@@ -1,0 +1,74 @@
+"""Pieces every top-level script builds the same way: datasets and loaders, the model that fits
+a dataset, and the metadata a checkpoint records about both."""
+import torch
+
+from lib.data import build_dataset, default_root
+from lib.distributed import ShardedSampler
+
+MODEL_TASK = {"pt_seg": "partseg", "pt_semseg": "semseg", "pt_cls": "cls", "pct_cls": "cls"}
+MODEL_NAMES = [name + size for name in MODEL_TASK for size in ("", "_tiny")]
+
+
+def model_task(model_name):
+    return MODEL_TASK[model_name.removesuffix("_tiny")]
+
+
+def load_split(dataset_name, root, split, num_points=None, augment=False, seed=0):
+    root = root or default_root(dataset_name)
+    return build_dataset(dataset_name, root, split, num_points=num_points, augment=augment,
+                         seed=seed)
+
+
+def make_loader(dataset, batch_size, train, seed=0, workers=0):
+    """Training loaders shuffle per epoch (seeded) and drop the ragged last batch (BatchNorm
+    needs more than one sample); evaluation loaders keep every sample exactly once."""
+    sampler = ShardedSampler(len(dataset), shuffle=train, seed=seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       drop_last=train, num_workers=workers,
+                                       persistent_workers=workers > 0)
+
+
+def model_kwargs(model_name, dataset):
+    """Constructor arguments of a model for a dataset's label space."""
+    if model_task(model_name) != dataset.task:
+        raise SystemExit(f"model {model_name} is for {model_task(model_name)} but the dataset "
+                         f"is a {dataset.task} dataset")
+    kwargs = {"in_channels": dataset.in_channels, "num_classes": dataset.num_classes}
+    if dataset.task == "partseg":
+        kwargs["num_categories"] = len(dataset.category_names)
+    return kwargs
+
+
+def dataset_meta(dataset_name, root, dataset, num_points):
+    """What a checkpoint records about its data: enough to rebuild the test split and label it."""
+    meta = {"name": dataset_name, "root": root or default_root(dataset_name),
+            "task": dataset.task, "class_names": list(dataset.class_names),
+            "in_channels": dataset.in_channels, "num_points": num_points}
+    if dataset.task == "partseg":
+        meta["category_names"] = list(dataset.category_names)
+        meta["part_ranges"] = [list(r) for r in dataset.part_ranges]
+    return meta
+
+
+def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, device=None,
+                        workers=0):
+    """Load any checkpoint (fp32 or packed quantized) and score it on a split of the data it
+    records. Returns (meta, results): the task's metrics plus the model's honest size."""
+    from lib.checkpoint import load_checkpoint
+    from lib.quant.size import budget_ratio, fp32_size_bytes, honest_size_bytes
+    from lib.train import evaluate
+
+    meta, model, _ = load_checkpoint(path)
+    data = meta["dataset"]
+    dataset = load_split(data["name"], data_root or data["root"], split, data["num_points"])
+    if list(dataset.class_names) != data["class_names"]:
+        raise ValueError(f"{path}: the data at {data_root or data['root']} has other classes "
+                         f"than the checkpoint was trained on")
+    device = device or torch.device("cpu")
+    model.to(device)
+    results = evaluate(model, make_loader(dataset, batch_size, train=False, workers=workers),
+                       device, desc=f"eval {split}")
+    results["honest_bytes"] = honest_size_bytes(model)
+    results["fp32_bytes"] = fp32_size_bytes(model)
+    results["budget_ratio"] = budget_ratio(model)
+    return meta, results

@@ -1,0 +1,162 @@
+"""The shared loop: one train epoch, one evaluation over a whole split, and `fit`, which runs the
+epochs, writes best/last checkpoints atomically and resumes. pretrain.py and finetune.py (and
+the HAQ environment's evaluation) all go through here."""
+import contextlib
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from lib import distributed
+from lib.checkpoint import rng_state, save_checkpoint, set_rng_state, unwrap
+from lib.metrics import make_metric, metric_key
+from lib.tasks import model_inputs, to_device
+
+
+def build_optimizer(params, name, lr, weight_decay, momentum=0.9):
+    params = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; use sgd or adamw")
+
+
+def build_scheduler(optimizer, name, epochs, steps_per_epoch, warmup_epochs=0.0):
+    """Stepped once per optimizer step. cosine: linear warm-up then cosine to 0; step: x0.1 at
+    60% and 80% of the epochs (the Point Transformer schedule)."""
+    total = max(1, epochs * steps_per_epoch)
+    warmup = int(warmup_epochs * steps_per_epoch)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if name == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        if name == "step":
+            return 0.1 ** sum(step >= int(total * f) for f in (0.6, 0.8))
+        raise ValueError(f"unknown schedule {name!r}; use cosine or step")
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device, enabled):
+    """bf16 autocast on CUDA (no grad scaler needed, so the step is never skipped or doubled);
+    a no-op on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, epoch,
+                    amp=True, log=None, step_offset=0):
+    """One pass over the training loader. loss_fn(logits, batch) -> scalar.
+    Returns {"loss": mean loss, "acc": running point/shape accuracy, "steps_per_s"}."""
+    model.train()
+    loss_sum = correct = total = 0.0
+    steps = len(loader)
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, dynamic_ncols=True,
+               disable=not distributed.is_main())
+    start = time.perf_counter()
+    for step, batch in enumerate(bar):
+        batch = to_device(batch, device)
+        with autocast(device, amp):
+            logits = model(*model_inputs(batch, task))
+            loss = loss_fn(logits, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item()
+        with torch.no_grad():
+            correct += (logits.argmax(-1) == batch["label"]).sum().item()
+            total += batch["label"].numel()
+        bar.set_postfix(loss=f"{loss_sum / (step + 1):.4f}", acc=f"{correct / max(total, 1):.3f}")
+        if log is not None and (step % 10 == 0 or step == steps - 1):
+            log.scalars("train_step", {"loss": loss.item(),
+                                       "lr": optimizer.param_groups[0]["lr"]}, step_offset + step)
+    elapsed = time.perf_counter() - start
+    return {"loss": loss_sum / max(steps, 1), "acc": correct / max(total, 1),
+            "steps_per_s": steps / max(elapsed, 1e-9), "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp=True, desc="eval"):
+    """Metrics of `model` over the whole split of `loader` (never averaged per batch). Under
+    DDP each rank sees its own shard and the accumulators are merged. S3DIS test crops (samples
+    with "room"/"index") vote per original point before anything is scored."""
+    dataset = loader.dataset
+    model.eval()
+    metric = make_metric(dataset)
+    voter = dataset.make_voter() if hasattr(dataset, "make_voter") else None
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+                      disable=not distributed.is_main()):
+        batch = to_device(batch, device)
+        with autocast(device, amp):
+            logits = model(*model_inputs(batch, dataset.task))
+        logits = logits.float()
+        if voter is not None:
+            voter.add(batch["room"], batch["index"], logits)
+        elif dataset.task == "partseg":
+            metric.update(logits, batch["label"], batch["category"])
+        else:
+            metric.update(logits, batch["label"])
+    if voter is not None:
+        voter = _merge_all(distributed.gather_objects(voter))
+        for pred, label in voter.finish():
+            metric.update(pred, label)
+        return metric.compute()
+    return _merge_all(distributed.gather_objects(metric)).compute()
+
+
+def _merge_all(parts):
+    first = parts[0]
+    for other in parts[1:]:
+        first.merge(other)
+    return first
+
+
+def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, epochs, out_dir,
+        meta, log, start_epoch=0, best=None, amp=True):
+    """Train from `start_epoch` to `epochs`, evaluating on the validation split after each epoch.
+    Writes `last.pt` every epoch and `best.pt` when the validation metric improves (main rank).
+    `meta` is the checkpoint metadata (model, dataset, args); metrics and epoch are added here.
+    Returns (best validation score, last validation metrics)."""
+    task = train_loader.dataset.task
+    key = metric_key(task)
+    val_metrics = None
+    for epoch in range(start_epoch, epochs):
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, task,
+                                      device, epoch, amp, log, step_offset=epoch * len(train_loader))
+        val_metrics = evaluate(model, val_loader, device, amp, desc=f"val {epoch}")
+        score = val_metrics[key]
+        improved = best is None or score > best
+        best = score if improved else best
+        log.scalars("train", train_stats, epoch + 1)
+        log.scalars("val", val_metrics, epoch + 1)
+        log.record({"epoch": epoch + 1, "train": train_stats, "val": val_metrics, "best": best})
+        if distributed.is_main():
+            print(f"epoch {epoch + 1}/{epochs}  loss {train_stats['loss']:.4f}  "
+                  f"train acc {train_stats['acc']:.4f}  val {key} {score:.4f}  best {best:.4f}  "
+                  f"({train_stats['steps_per_s']:.2f} steps/s)", flush=True)
+            ckpt_meta = dict(meta, metrics=val_metrics, epoch=epoch + 1)
+            resume = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "epoch": epoch + 1, "best": best, "rng": rng_state()}
+            save_checkpoint(os.path.join(out_dir, "last.pt"), unwrap(model), ckpt_meta, resume)
+            if improved:
+                save_checkpoint(os.path.join(out_dir, "best.pt"), unwrap(model), ckpt_meta)
+        distributed.barrier()
+    return best, val_metrics
+
+
+def restore_resume_state(resume, optimizer, scheduler):
+    """Put optimizer/scheduler/RNG back as they were after the recorded epoch.
+    Returns (start_epoch, best)."""
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    set_rng_state(resume["rng"])
+    return resume["epoch"], resume["best"]
