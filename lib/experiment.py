@@ -72,3 +72,10 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
     results["fp32_bytes"] = fp32_size_bytes(model)
     results["budget_ratio"] = budget_ratio(model)
     return meta, results
+
+
+def example_inputs(dataset, device, n=2):
+    """Model inputs for the first n samples: used to trace layer order and input sizes."""
+    from lib.tasks import model_inputs, to_device
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(n)])
+    return model_inputs(to_device(batch, device), dataset.task)
