@@ -51,7 +51,7 @@ def dataset_meta(dataset_name, root, dataset, num_points):
 
 
 def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, device=None,
-                        workers=0):
+                        workers=0, amp=True):
     """Load any checkpoint (fp32 or packed quantized) and score it on a split of the data it
     records. Returns (meta, results): the task's metrics plus the model's honest size."""
     from lib.checkpoint import load_checkpoint
@@ -67,7 +67,7 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
     device = device or torch.device("cpu")
     model.to(device)
     results = evaluate(model, make_loader(dataset, batch_size, train=False, workers=workers),
-                       device, desc=f"eval {split}")
+                       device, amp, desc=f"eval {split}")
     results["honest_bytes"] = honest_size_bytes(model)
     results["fp32_bytes"] = fp32_size_bytes(model)
     results["budget_ratio"] = budget_ratio(model)

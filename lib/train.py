@@ -43,10 +43,11 @@ def build_scheduler(optimizer, name, epochs, steps_per_epoch, warmup_epochs=0.0)
 
 
 def autocast(device, enabled):
-    """bf16 autocast on CUDA (no grad scaler needed, so the step is never skipped or doubled);
-    a no-op on CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast (no grad scaler needed, so the step is never skipped or doubled).
+    enabled: True = on CUDA only (CPU bf16 is slower than fp32 there), "always" = on any device
+    (eval.py --bf16, to measure what mixed precision costs in accuracy), False = off."""
+    if enabled == "always" or (enabled and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -83,11 +84,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp=True, desc="eval"):
+def evaluate(model, loader, device, amp=True, desc="eval", dataset=None):
     """Metrics of `model` over the whole split of `loader` (never averaged per batch). Under
     DDP each rank sees its own shard and the accumulators are merged. S3DIS test crops (samples
-    with "room"/"index") vote per original point before anything is scored."""
-    dataset = loader.dataset
+    with "room"/"index") vote per original point before anything is scored. `loader` may be any
+    iterable of batches (e.g. batches cached on the device) when `dataset` describes them."""
+    dataset = loader.dataset if dataset is None else dataset
     model.eval()
     metric = make_metric(dataset)
     voter = dataset.make_voter() if hasattr(dataset, "make_voter") else None

@@ -1,0 +1,60 @@
+"""The reward's measurement: quantize a copy of the fp32 model with a policy, optionally
+fine-tune it for a few steps, and score it on a fixed subset of the held-out training data.
+The subset is collated and moved to the device once, and k-means results are cached per
+(layer, bits), so an episode costs one clustering per new (layer, bits) and one forward pass
+over the subset."""
+import copy
+
+import torch
+
+from lib.metrics import metric_key
+from lib.quant import KMeansCache, quantize_model
+from lib.tasks import model_inputs, supervised_loss, to_device
+from lib.train import evaluate
+
+
+def cached_batches(dataset, indices, batch_size, device):
+    """The samples at `indices`, collated into batches already on `device`."""
+    batches = []
+    for start in range(0, len(indices), batch_size):
+        samples = [dataset[i] for i in indices[start:start + batch_size]]
+        batches.append(to_device(torch.utils.data.default_collate(samples), device))
+    return batches
+
+
+class PolicyEvaluator:
+    """evaluate_policy(bits) -> metric, for lib.haq.env.QuantEnv."""
+
+    def __init__(self, fp32_model, dataset, eval_batches, device, method="kmeans",
+                 train_batches=(), finetune_steps=0, finetune_lr=1e-4):
+        self.fp32_model = fp32_model.eval()
+        self.dataset, self.eval_batches, self.device = dataset, eval_batches, device
+        self.method = method
+        self.train_batches, self.finetune_steps, self.finetune_lr = train_batches, finetune_steps, finetune_lr
+        self.cache = KMeansCache()
+        self.key = metric_key(dataset.task)
+
+    def quantized(self, bits):
+        return quantize_model(copy.deepcopy(self.fp32_model), bits, method=self.method,
+                              cache=self.cache)
+
+    def score(self, model):
+        return evaluate(model, self.eval_batches, self.device, desc="search eval",
+                        dataset=self.dataset)
+
+    def _finetune(self, model):
+        """HAQ's optional short fine-tune before the reward: a few steps on training batches."""
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.finetune_lr, momentum=0.9)
+        for step in range(self.finetune_steps):
+            batch = self.train_batches[step % len(self.train_batches)]
+            loss = supervised_loss(model(*model_inputs(batch, self.dataset.task)), batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def __call__(self, bits):
+        model = self.quantized(bits)
+        if self.finetune_steps:
+            self._finetune(model)
+        return self.score(model)[self.key]

@@ -1,0 +1,90 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lib.checkpoint import torch_load
+from lib.experiment import make_loader
+from lib.runlog import RunLog
+from lib.tasks import supervised_loss
+from lib.train import build_optimizer, build_scheduler, evaluate, fit, restore_resume_state
+from toy import PointMLP, ToyPoints
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def train_toy(out, epochs=4, interrupt_at_step=None, resume=None):
+    """Shared loop on the toy task; optionally dies at a global step, or resumes from last.pt."""
+    torch.manual_seed(0)
+    model = PointMLP()
+    train = make_loader(ToyPoints(32, jitter=0.05), 8, train=True, seed=1)
+    val = make_loader(ToyPoints(10, seed=1), 4, train=False)
+    opt = build_optimizer(model.parameters(), "sgd", 0.1, 1e-4)
+    sched = build_scheduler(opt, "cosine", epochs, len(train))
+    start, best = 0, None
+    if resume:
+        ckpt = torch_load(resume)
+        model.load_state_dict(ckpt["state_dict"])
+        start, best = restore_resume_state(ckpt["resume"], opt, sched)
+    steps = [0]
+
+    def loss_fn(logits, batch):
+        steps[0] += 1
+        if steps[0] == interrupt_at_step:
+            raise Interrupt
+        return supervised_loss(logits, batch)
+
+    fit(model, train, val, opt, sched, loss_fn, torch.device("cpu"), epochs, out,
+        {"model": {}}, RunLog(out, {}), start, best)
+    return model
+
+
+def test_resume_after_interruption_ends_where_uninterrupted_run_ends(tmp_path):
+    straight = train_toy(str(tmp_path / "a"))
+    with pytest.raises(Interrupt):
+        train_toy(str(tmp_path / "b"), interrupt_at_step=10)  # 4 steps an epoch: dies in epoch 3
+    assert torch_load(str(tmp_path / "b" / "last.pt"))["resume"]["epoch"] == 2
+    resumed = train_toy(str(tmp_path / "b"), resume=str(tmp_path / "b" / "last.pt"))
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_fit_writes_best_and_last_and_logs(tmp_path):
+    train_toy(str(tmp_path), epochs=2)
+    for name in ("best.pt", "last.pt", "args.json", "log.jsonl"):
+        assert (tmp_path / name).is_file(), name
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tb"))
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    assert "best" not in torch_load(str(tmp_path / "best.pt"))  # best.pt carries no resume state
+
+
+def test_evaluate_covers_whole_split_not_batch_average():
+    model = PointMLP()
+    data = ToyPoints(7, seed=2)
+    whole = evaluate(model, make_loader(data, 7, train=False), torch.device("cpu"))
+    batched = evaluate(model, make_loader(data, 3, train=False), torch.device("cpu"))
+    assert whole["miou"] == pytest.approx(batched["miou"], abs=1e-12)
+    assert whole["oa"] == pytest.approx(batched["oa"], abs=1e-12)
+
+
+def test_ddp_two_processes_equal_single_process(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = os.path.join(HERE, "ddp_toy_run.py")
+    subprocess.run([sys.executable, script, "--out", str(tmp_path / "single"), "--batch-size", "8"],
+                   check=True, env=env, timeout=120)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                    "--master-port", "0", script, "--out", str(tmp_path / "ddp"),
+                    "--batch-size", "4"], check=True, env=env, timeout=180)
+    single = torch.load(tmp_path / "single" / "result.pt", weights_only=True)
+    ddp = torch.load(tmp_path / "ddp" / "result.pt", weights_only=True)
+    for name, w in single["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][name], w, atol=1e-5, rtol=1e-5)
+    assert ddp["val"]["oa"] == pytest.approx(single["val"]["oa"], abs=1e-6)
+    assert ddp["val"]["miou"] == pytest.approx(single["val"]["miou"], abs=1e-6)
