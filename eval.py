@@ -21,19 +21,16 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--bf16", action="store_true",
-                   help="evaluate under bf16 autocast on any device (mixed-precision inference)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return p
 
 
 def main(args):
     meta, results = evaluate_checkpoint(args.ckpt, args.data_root, args.split, args.batch_size,
-                                        resolve_device(args.device), args.workers,
-                                        amp="always" if args.bf16 else True)
+                                        resolve_device(args.device), args.workers)
     quant = meta.get("quant")
     print(f"{args.ckpt}: {meta['model']['name']} on {meta['dataset']['name']} ({args.split}), "
-          f"{'quantized' if quant else 'fp32'}{', bf16 autocast' if args.bf16 else ''}")
+          f"{'quantized' if quant else 'fp32'}")
     print(format_results(meta["dataset"]["task"], results))
     print(f"size: {results['honest_bytes'] / 1024:.1f} KiB honest, "
           f"{results['honest_bytes'] / results['fp32_bytes']:.4f} of fp32 "

@@ -43,11 +43,10 @@ def build_scheduler(optimizer, name, epochs, steps_per_epoch, warmup_epochs=0.0)
 
 
 def autocast(device, enabled):
-    """bf16 autocast (no grad scaler needed, so the step is never skipped or doubled).
-    enabled: True = on CUDA only (CPU bf16 is slower than fp32 there), "always" = on any device
-    (eval.py --bf16, to measure what mixed precision costs in accuracy), False = off."""
-    if enabled == "always" or (enabled and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bf16 autocast on CUDA (no grad scaler needed, so the step is never skipped or doubled);
+    a no-op on CPU, where bf16 is slower than fp32."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

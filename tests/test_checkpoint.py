@@ -1,0 +1,73 @@
+import os
+
+import pytest
+import torch
+
+from lib.checkpoint import atomic_write, load_checkpoint, save_checkpoint, torch_save_atomic
+from models import build_model
+
+KWARGS = {"in_channels": 3, "num_classes": 5}
+
+
+def meta():
+    return {"model": {"name": "pt_cls_tiny", "kwargs": KWARGS}, "dataset": {"name": "x"},
+            "args": {"lr": 0.1, "out": None}, "quant": None}
+
+
+def test_round_trip_restores_weights_and_metadata(tmp_path):
+    model = build_model("pt_cls_tiny", **KWARGS)
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, model, meta(), resume_state={"epoch": 3})
+    loaded_meta, loaded, resume = load_checkpoint(path)
+    assert loaded_meta["args"] == {"lr": 0.1, "out": None}
+    assert resume == {"epoch": 3}
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_saved_from_ddp_like_wrapper_has_no_prefix(tmp_path):
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, Wrapper(build_model("pt_cls_tiny", **KWARGS)), meta())
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert not any(k.startswith("module.") for k in state)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
+def test_truncated_or_foreign_file_is_one_line_error(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    if content is None:  # a real checkpoint cut in half
+        save_checkpoint(str(path), build_model("pt_cls_tiny", **KWARGS), meta())
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(str(path))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_foreign_torch_file_and_missing_file(tmp_path):
+    path = str(tmp_path / "other.pt")
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match="not a checkpoint of this repository"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
+    path = str(tmp_path / "f.pt")
+    torch_save_atomic({"v": 1}, path)
+
+    def fail(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        atomic_write(path, fail)
+    assert torch.load(path, weights_only=True) == {"v": 1}
+    assert os.listdir(tmp_path) == ["f.pt"]
