@@ -1,0 +1,54 @@
+"""Plain-text result tables: Markdown pipe tables, so a printed result pastes into the README.
+
+Metrics arrive as fractions (see lib/metrics.py) and are printed as percent with 2 decimals;
+a missing value (None, e.g. a category with no shapes in the split) is printed as "-".
+"""
+
+
+def percent(value):
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def markdown_table(header, rows):
+    """Columns padded to a common width so the text also reads well unrendered."""
+    cells = [list(map(str, header))] + [list(map(str, row)) for row in rows]
+    widths = [max(3, *(len(row[i]) for row in cells)) for i in range(len(header))]
+
+    def line(row):
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
+
+
+def _summary_and_breakdown(summary, breakdown):
+    """A one-row summary table, then one column per category / class."""
+    return "\n\n".join([markdown_table(list(summary), [[percent(v) for v in summary.values()]]),
+                        markdown_table(list(breakdown), [[percent(v) for v in breakdown.values()]])])
+
+
+def format_results(task, results):
+    """The tables for one evaluation; `results` is a metric's `compute()` output."""
+    if task == "partseg":
+        return _summary_and_breakdown({"Accuracy": results["accuracy"],
+                                       "cat. mIoU": results["cat_miou"],
+                                       "ins. mIoU": results["ins_miou"]},
+                                      results["per_category"])
+    if task == "semseg":
+        return _summary_and_breakdown({"OA": results["oa"], "mAcc": results["macc"],
+                                       "mIoU": results["miou"]},
+                                      results["per_class"])
+    if task == "cls":
+        return markdown_table(["OA", "mAcc"], [[percent(results["oa"]), percent(results["macc"])]])
+    raise ValueError(f"report: unknown task {task!r}; expected partseg, semseg or cls")
+
+
+def format_quant_table(rows):
+    """One row per model: name, accuracy, cat_miou, ins_miou (fractions), budget_ratio (HAQ's
+    weight budget as a fraction of fp32) and honest_kib (honest size in KiB); None -> "-"."""
+    header = ["Model", "Accuracy", "cat. mIoU", "ins. mIoU", "Budget (% fp32)", "Honest size (KiB)"]
+    body = [[row["name"], percent(row["accuracy"]), percent(row["cat_miou"]),
+             percent(row["ins_miou"]), percent(row["budget_ratio"]),
+             "-" if row["honest_kib"] is None else f"{row['honest_kib']:.1f}"]
+            for row in rows]
+    return markdown_table(header, body)

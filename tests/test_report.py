@@ -1,0 +1,56 @@
+"""Result tables: Markdown pipe tables with fractions printed as percent, 2 decimals."""
+import pytest
+
+from lib.report import format_quant_table, format_results
+
+
+def rows_of(table):
+    """Markdown table -> list of rows of stripped cells (rule lines checked and dropped)."""
+    lines = table.strip().splitlines()
+    assert all(line.startswith("|") and line.endswith("|") for line in lines)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert set("".join(cells[1])) == {"-"}  # header rule
+    assert len({len(row) for row in cells}) == 1  # every row has the header's column count
+    return [cells[0]] + cells[2:]
+
+
+def tables_of(text):
+    return [rows_of(block) for block in text.split("\n\n")]
+
+
+def test_partseg_summary_and_per_category_tables():
+    results = {"accuracy": 0.93124, "cat_miou": 0.837, "ins_miou": 0.86605,
+               "per_category": {"Airplane": 0.8, "Bag": None, "Cap": 0.123449}, "num_shapes": 3}
+    summary, categories = tables_of(format_results("partseg", results))
+    assert summary == [["Accuracy", "cat. mIoU", "ins. mIoU"], ["93.12", "83.70", "86.61"]]
+    assert categories == [["Airplane", "Bag", "Cap"], ["80.00", "-", "12.34"]]
+
+
+def test_semseg_summary_and_per_class_tables():
+    results = {"oa": 2 / 3, "macc": 13 / 18, "miou": 0.5,
+               "per_class": {"ceiling": 2 / 3, "floor": 1 / 3, "clutter": None},
+               "confusion": [[1, 0, 0], [0, 1, 0], [0, 0, 0]]}
+    summary, classes = tables_of(format_results("semseg", results))
+    assert summary == [["OA", "mAcc", "mIoU"], ["66.67", "72.22", "50.00"]]
+    assert classes == [["ceiling", "floor", "clutter"], ["66.67", "33.33", "-"]]
+
+
+def test_cls_table():
+    (table,) = tables_of(format_results("cls", {"oa": 0.8, "macc": 0.5, "per_class": {}}))
+    assert table == [["OA", "mAcc"], ["80.00", "50.00"]]
+
+
+def test_unknown_task_is_an_error():
+    with pytest.raises(ValueError, match="unknown task"):
+        format_results("detection", {})
+
+
+def test_quant_table():
+    rows = [{"name": "fp32", "accuracy": 0.9312, "cat_miou": 0.8, "ins_miou": 0.85,
+             "budget_ratio": 1.0, "honest_kib": 3712.04},
+            {"name": "haq-4bit", "accuracy": 0.92, "cat_miou": None, "ins_miou": 0.84999,
+             "budget_ratio": 0.125, "honest_kib": None}]
+    (table,) = tables_of(format_quant_table(rows))
+    assert table[0][:4] == ["Model", "Accuracy", "cat. mIoU", "ins. mIoU"]
+    assert table[1] == ["fp32", "93.12", "80.00", "85.00", "100.00", "3712.0"]
+    assert table[2] == ["haq-4bit", "92.00", "-", "85.00", "12.50", "-"]
