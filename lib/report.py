@@ -52,3 +52,15 @@ def format_quant_table(rows):
              "-" if row["honest_kib"] is None else f"{row['honest_kib']:.1f}"]
             for row in rows]
     return markdown_table(header, body)
+
+
+def format_baseline_table(rows, metric_name, metric_fp32):
+    """search.py's comparison: the searched policy beside uniform policies within its budget.
+    rows: name, method, metric (fraction), budget_ratio, honest_bytes; best metric first."""
+    header = ["Policy", "Method", f"{metric_name} (%)", f"vs fp32 {percent(metric_fp32)}",
+              "Budget (% fp32)", "Honest size (KiB)"]
+    ordered = sorted(rows, key=lambda row: -row["metric"])
+    body = [[row["name"], row["method"], percent(row["metric"]),
+             f"{100 * (row['metric'] - metric_fp32):+.2f}", percent(row["budget_ratio"]),
+             f"{row['honest_bytes'] / 1024:.1f}"] for row in ordered]
+    return markdown_table(header, body)

@@ -54,3 +54,15 @@ def test_quant_table():
     assert table[0][:4] == ["Model", "Accuracy", "cat. mIoU", "ins. mIoU"]
     assert table[1] == ["fp32", "93.12", "80.00", "85.00", "100.00", "3712.0"]
     assert table[2] == ["haq-4bit", "92.00", "-", "85.00", "12.50", "-"]
+
+
+def test_baseline_table_orders_by_metric_and_shows_gap_to_fp32():
+    from lib.report import format_baseline_table
+    rows = [{"name": "uniform 3-bit", "method": "kmeans", "metric": 0.70, "budget_ratio": 0.094,
+             "honest_bytes": 2048},
+            {"name": "searched (HAQ)", "method": "kmeans", "metric": 0.75, "budget_ratio": 0.1,
+             "honest_bytes": 3072}]
+    lines = format_baseline_table(rows, "ins_miou", 0.8).splitlines()
+    assert "searched (HAQ)" in lines[2] and "uniform 3-bit" in lines[3]
+    assert "-5.00" in lines[2] and "-10.00" in lines[3]
+    assert "3.0" in lines[2] and "9.40" in lines[3]
