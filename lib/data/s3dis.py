@@ -1,0 +1,378 @@
+"""S3DIS semantic segmentation (13 classes): reader for the raw release, one-time conversion to
+arrays, training crops, and test crops that cover every original point, with voting.
+
+Raw layout (as released): <root>/Stanford3dDataset_v1.2_Aligned_Version/Area_N/<room>/
+Annotations/<class>_<k>.txt, one object instance per file, lines `x y z r g b`.
+Processed (written once, redone when a room's annotation files are newer):
+<parent of the raw folder>/s3dis_npy/Area_N/<room>.npz with xyz (N, 3) float32 (coordinates as
+released), rgb (N, 3) uint8, label (N,) uint8; points in the order of the annotation files
+sorted by name. "Original points" below means these N points.
+
+Splits: "test" = Area 5; "train" / "val" = Areas 1, 2, 3, 4, 6, with every tenth room (sorted by
+area, then name; the first included) held out as "val".
+
+A sample is a kNN crop of `num_points` points (default 4096, CPU-sized; the paper feeds 80k)
+from one pass of 4 cm grid subsampling (lib/data/grid.py). Training draws a random room
+(weighted by its number of 4 cm cells, so every region is equally likely), a random point per
+cell and a random centre. Val and test enumerate deterministic crops that together contain
+every original point; each carries "room" and "index" so that RoomVoter can vote per point.
+Inputs: xyz = crop coordinates with x, y centred on the crop and z measured from the room's
+floor (lowest point); feat = rgb / 255 and the point's position normalised to the room's
+bounding box, [0, 1]^3 (PointNet's S3DIS input; it tells a crop where it sits in the room).
+"""
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+
+from lib.data.grid import covering_crops, cycling_pass, grid_cells, knn_crop, pad_by_resampling, random_pass
+
+RAW_DIRNAME = "Stanford3dDataset_v1.2_Aligned_Version"
+PROCESSED_DIRNAME = "s3dis_npy"
+CLASS_NAMES = ("ceiling", "floor", "wall", "beam", "column", "window", "door",
+               "table", "chair", "sofa", "bookcase", "board", "clutter")
+# A few released rooms annotate stairs; the 13-class benchmark counts them as clutter
+# (as PointNet's collect_indoor3d_data does).
+CLASS_ALIASES = {"stairs": "clutter"}
+AREAS = (1, 2, 3, 4, 5, 6)
+TEST_AREA = 5
+VAL_EVERY = 10
+GRID_SIZE = 0.04  # metres, the Point Transformer's S3DIS grid
+DEFAULT_NUM_POINTS = 4096
+MALFORMED_HINT = "rerun `python -m lib.data.s3dis --root ROOT --skip-malformed` to drop such lines"
+
+
+# ---------------------------------------------------------------- reading the raw release
+
+def bad_values(rows):
+    """(n, 6) x y z r g b -> (n,) bool: a non-finite value or a colour outside 0..255."""
+    return ~np.isfinite(rows).all(1) | (rows[:, 3:] < 0).any(1) | (rows[:, 3:] > 255).any(1)
+
+
+def read_lines_checked(path, skip_malformed):
+    """Slow, line-by-line parse used when the fast one fails: finds each malformed line by
+    number. Raises on the first one, or with skip_malformed drops them and says so."""
+    rows, line_numbers, problems = [], [], []
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            text = line.strip()[:60]
+            if len(fields) != 6:
+                problems.append((number, f"{len(fields)} columns, expected 6 (x y z r g b): {text!r}"))
+                continue
+            try:
+                rows.append([float(v) for v in fields])
+            except ValueError:
+                problems.append((number, f"not a number in {text!r}"))
+                continue
+            line_numbers.append(number)
+    rows = np.array(rows, dtype=np.float32).reshape(-1, 6)
+    bad = bad_values(rows)
+    problems += [(line_numbers[i], "NaN/inf value or colour outside 0..255") for i in np.flatnonzero(bad)]
+    problems.sort()
+    if problems and not skip_malformed:
+        number, problem = problems[0]
+        raise ValueError(f"{path}:{number}: malformed line: {problem}; {MALFORMED_HINT}")
+    if problems:
+        shown = ", ".join(f"line {n} ({p})" for n, p in problems[:3])
+        print(f"[s3dis] {path}: dropped {len(problems)} malformed line(s): {shown}", file=sys.stderr)
+    return rows[~bad]
+
+
+def read_annotation(path, skip_malformed=False):
+    """(n, 6) float32 rows `x y z r g b` of one annotation file."""
+    try:
+        rows = np.loadtxt(path, dtype=np.float32, comments=None, ndmin=2)
+        if rows.size and rows.shape[1] == 6 and not bad_values(rows).any():
+            return rows
+    except ValueError:  # includes UnicodeDecodeError
+        pass
+    return read_lines_checked(path, skip_malformed)
+
+
+def annotation_class(path):
+    """Class index from an annotation file name `<class>_<k>.txt`."""
+    name = os.path.basename(path)[:-len(".txt")].rsplit("_", 1)[0]
+    name = CLASS_ALIASES.get(name, name)
+    if name not in CLASS_NAMES:
+        raise ValueError(f"{path}: unknown class {name!r}; expected one of {', '.join(CLASS_NAMES)}")
+    return CLASS_NAMES.index(name)
+
+
+def annotation_files(room_dir):
+    ann_dir = os.path.join(room_dir, "Annotations")
+    if not os.path.isdir(ann_dir):
+        raise FileNotFoundError(f"{room_dir}: no Annotations folder")
+    files = sorted(f for f in os.listdir(ann_dir) if f.endswith(".txt") and not f.startswith("."))
+    if not files:
+        raise ValueError(f"{ann_dir}: no <class>_<k>.txt annotation files")
+    return [os.path.join(ann_dir, f) for f in files]
+
+
+def read_room(room_dir, skip_malformed=False):
+    """xyz (N, 3) float32, rgb (N, 3) uint8, label (N,) uint8 of a raw room folder. Files are
+    narrowed to these types one at a time, so the peak memory is about twice the 16 bytes per
+    point kept (plus one file's text parse), which matters for the multi-million-point rooms."""
+    xyz, rgb, label = [], [], []
+    for path in annotation_files(room_dir):
+        rows = read_annotation(path, skip_malformed)  # (n, 6) float32
+        xyz.append(rows[:, :3].copy())
+        rgb.append(np.round(rows[:, 3:]).astype(np.uint8))
+        label.append(np.full(len(rows), annotation_class(path), dtype=np.uint8))
+    if not sum(map(len, label)):
+        raise ValueError(f"{room_dir}: the room has no points")
+    return np.concatenate(xyz), np.concatenate(rgb), np.concatenate(label)
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def find_raw_dir(root):
+    """The release folder: `root` itself when it holds Area_N folders, else root/RAW_DIRNAME."""
+    if any(os.path.isdir(os.path.join(root, f"Area_{a}")) for a in AREAS):
+        return root
+    raw_dir = os.path.join(root, RAW_DIRNAME)
+    if not os.path.isdir(raw_dir):
+        raise FileNotFoundError(f"{root}: neither {RAW_DIRNAME}/ nor Area_N/ folders found")
+    return raw_dir
+
+
+def default_processed_dir(raw_dir):
+    return os.path.join(os.path.dirname(os.path.abspath(raw_dir)), PROCESSED_DIRNAME)
+
+
+def list_rooms(raw_dir, areas):
+    """Room names `Area_N/<room>` of the given areas, sorted by area then room name."""
+    names = []
+    for area in areas:
+        area_dir = os.path.join(raw_dir, f"Area_{area}")
+        if not os.path.isdir(area_dir):
+            raise FileNotFoundError(f"{area_dir}: missing (S3DIS areas {AREAS} are expected)")
+        names += [f"Area_{area}/{room}" for room in sorted(os.listdir(area_dir))
+                  if os.path.isdir(os.path.join(area_dir, room))]
+    return names
+
+
+def up_to_date(out_path, room_dir):
+    if not os.path.exists(out_path):
+        return False
+    ann_dir = os.path.join(room_dir, "Annotations")  # its mtime changes when files come or go
+    newest = max(os.path.getmtime(p) for p in [ann_dir] + annotation_files(room_dir))
+    return os.path.getmtime(out_path) >= newest
+
+
+def convert_room(room_dir, out_path, skip_malformed):
+    xyz, rgb, label = read_room(room_dir, skip_malformed)
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    tmp = out_path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, xyz=xyz, rgb=rgb, label=label)
+    os.replace(tmp, out_path)  # atomic: an interrupted run leaves no half-written room
+
+
+def preprocess(raw_dir, out_dir, areas=AREAS, skip_malformed=False, workers=1):
+    """Converts every room of `areas` whose arrays are missing or older than its annotation
+    files. Returns the names of the rooms converted (empty when everything is up to date)."""
+    names = list_rooms(raw_dir, areas)
+    todo = [(os.path.join(raw_dir, name), os.path.join(out_dir, name + ".npz")) for name in names]
+    todo = [(room_dir, out_path) for room_dir, out_path in todo if not up_to_date(out_path, room_dir)]
+    if todo:
+        print(f"[s3dis] converting {len(todo)} room(s) into {out_dir}", file=sys.stderr)
+    room_dirs, out_paths = [t[0] for t in todo], [t[1] for t in todo]
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(convert_room, room_dirs, out_paths, [skip_malformed] * len(todo)))
+    else:
+        for room_dir, out_path in todo:
+            convert_room(room_dir, out_path, skip_malformed)
+    return [os.path.relpath(room_dir, raw_dir) for room_dir in room_dirs]
+
+
+# ---------------------------------------------------------------- dataset
+
+class Room:
+    """One processed room in memory, its points sorted by 4 cm grid cell (lib/data/grid.py)."""
+
+    def __init__(self, path, rng=None):
+        with np.load(path) as data:
+            xyz, rgb, label = data["xyz"], data["rgb"], data["label"]
+        order, self.starts, self.counts = grid_cells(xyz, GRID_SIZE, rng)
+        self.order = order.astype(np.int32)  # (N,) original index of each sorted point; rooms < 2^31 points
+        self.xyz, self.rgb, self.label = xyz[order], rgb[order], label[order]
+        self.lo = xyz.min(0)
+        self.extent = np.maximum(xyz.max(0) - self.lo, 1e-6)
+
+    def original_labels(self):
+        labels = np.empty_like(self.label)
+        labels[self.order] = self.label
+        return labels
+
+
+def augment(xyz, rgb, rng):
+    """Training augmentation, a simplified form of the Point Transformer / Pointcept S3DIS
+    recipe: rotation about z by a uniform angle, isotropic scale in [0.9, 1.1], jitter
+    N(0, 0.005 m) clipped at 0.02 m, colour jitter N(0, 0.05), and with probability 0.2 the
+    colour dropped to black (so that geometry alone must do). xyz (N, 3), rgb (N, 3) in [0, 1]."""
+    angle = rng.uniform(0, 2 * np.pi)
+    c, s = np.cos(angle), np.sin(angle)
+    xyz = xyz @ np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]], dtype=np.float32).T
+    xyz = xyz * rng.uniform(0.9, 1.1) + np.clip(rng.normal(0, 0.005, xyz.shape), -0.02, 0.02)
+    rgb = np.clip(rgb + rng.normal(0, 0.05, rgb.shape), 0, 1)
+    if rng.random() < 0.2:
+        rgb = np.zeros_like(rgb)
+    return xyz.astype(np.float32), rgb.astype(np.float32)
+
+
+class S3DISDataset(torch.utils.data.Dataset):
+    """See the module docstring. `samples_per_epoch` (train only) defaults to the number of
+    4 cm cells in the training rooms divided by num_points: about one look at each cell per
+    epoch. `seed` fixes the val/test crops; training randomness is drawn from torch's RNG, so
+    it follows torch.manual_seed and differs between epochs and DataLoader workers."""
+
+    task = "semseg"
+    class_names = list(CLASS_NAMES)
+    num_classes = len(CLASS_NAMES)
+    in_channels = 6  # rgb / 255, position normalised to the room's bounding box
+
+    def __init__(self, root, split="train", num_points=None, augment=False, seed=0,
+                 samples_per_epoch=None, processed_dir=None, skip_malformed=False):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"unknown S3DIS split {split!r}; use train, val or test")
+        self.split, self.augment, self.seed = split, augment, seed
+        self.num_points = num_points or DEFAULT_NUM_POINTS
+        raw_dir = find_raw_dir(root)
+        processed_dir = processed_dir or default_processed_dir(raw_dir)
+        areas = (TEST_AREA,) if split == "test" else tuple(a for a in AREAS if a != TEST_AREA)
+        preprocess(raw_dir, processed_dir, areas, skip_malformed)
+        names = list_rooms(raw_dir, areas)
+        if split != "test":
+            held_out = names[::VAL_EVERY]
+            names = held_out if split == "val" else [n for n in names if n not in held_out]
+        if not names:
+            raise ValueError(f"{raw_dir}: no rooms for the S3DIS {split} split")
+        self.room_names = names
+        self.rooms = [Room(os.path.join(processed_dir, name + ".npz"),
+                           None if split == "train" else np.random.default_rng([seed, i]))
+                      for i, name in enumerate(names)]
+        if split == "train":
+            cells = np.array([len(room.counts) for room in self.rooms], dtype=np.float64)
+            self.room_weights = cells / cells.sum()
+            self.length = samples_per_epoch or max(1, int(cells.sum()) // self.num_points)
+        else:
+            self.crops = np.concatenate([  # (K, 3) rows (room, pass, centre)
+                np.c_[np.full(len(c), r), c] for r, room in enumerate(self.rooms)
+                for c in [covering_crops(room.xyz, room.starts, room.counts, self.num_points)]])
+            self.length = len(self.crops)
+
+    @property
+    def num_rooms(self):
+        return len(self.rooms)
+
+    def room_labels(self, room):
+        """(N,) int64 labels of every original point of room `room` (an index < num_rooms)."""
+        return torch.from_numpy(self.rooms[room].original_labels().astype(np.int64))
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        if self.split == "train":
+            rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
+            r = int(rng.choice(len(self.rooms), p=self.room_weights))
+            room = self.rooms[r]
+            pass_positions = random_pass(room.starts, room.counts, rng)  # (M,) one point per cell
+            centre = int(rng.integers(len(pass_positions)))
+        else:
+            rng = np.random.default_rng([self.seed, i])  # only pads crops of small rooms
+            r, p, centre = (int(v) for v in self.crops[i])
+            room = self.rooms[r]
+            pass_positions = cycling_pass(room.starts, room.counts, p)
+        crop = knn_crop(room.xyz[pass_positions], centre, self.num_points)
+        positions = pass_positions[pad_by_resampling(crop, self.num_points, rng)]  # (num_points,)
+        sample = self.make_sample(room, positions, rng)
+        if self.split != "train":
+            sample["room"] = torch.tensor(r, dtype=torch.int64)
+            sample["index"] = torch.from_numpy(room.order[positions].astype(np.int64))
+        return sample
+
+    def make_sample(self, room, positions, rng):
+        xyz = room.xyz[positions]  # (N, 3)
+        centre = (xyz[:, :2].min(0) + xyz[:, :2].max(0)) / 2
+        local = xyz - np.array([centre[0], centre[1], room.lo[2]], dtype=np.float32)
+        rgb = room.rgb[positions].astype(np.float32) / 255
+        if self.augment:
+            local, rgb = augment(local, rgb, rng)
+        location = (xyz - room.lo) / room.extent
+        return {"xyz": torch.from_numpy(local.astype(np.float32)),
+                "feat": torch.from_numpy(np.concatenate([rgb, location], 1).astype(np.float32)),
+                "label": torch.from_numpy(room.label[positions].astype(np.int64))}
+
+
+class RoomVoter:
+    """Test-time voting: sums the softmax scores of every crop that contains a point, per
+    original point of each room, then predicts the argmax. Scores live on the CPU, one
+    (N, num_classes) float32 array per room, made when the room's first crop arrives."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.scores = {}  # room -> (N, num_classes)
+
+    def add(self, room, index, logits):
+        """room: (B,) int64 (or a scalar), index: (B, N) (or (N,)), logits: (B, N, C) (or (N, C))."""
+        room = torch.as_tensor(room).reshape(-1)
+        index = index.reshape(len(room), -1).cpu()
+        probs = logits.detach().float().softmax(-1).reshape(len(room), index.shape[1], -1).cpu()
+        for r, idx, p in zip(room.tolist(), index, probs):
+            if r not in self.scores:
+                self.scores[r] = torch.zeros(len(self.dataset.rooms[r].label), self.dataset.num_classes)
+            self.scores[r].index_add_(0, idx, p)
+
+    def merge(self, other):
+        """Adds another voter's scores (e.g. another DDP rank's)."""
+        for r, scores in other.scores.items():
+            self.scores[r] = self.scores[r] + scores if r in self.scores else scores.clone()
+
+    def finish(self):
+        """Yields (pred (N,) int64, label (N,) int64) per room, in room order, releasing each
+        room's scores. Raises if some original point of a room got no vote."""
+        for r in range(self.dataset.num_rooms):
+            scores = self.scores.pop(r, None)
+            label = self.dataset.room_labels(r)
+            missing = len(label) if scores is None else int((scores.sum(1) == 0).sum())
+            if missing:
+                raise RuntimeError(f"{self.dataset.room_names[r]}: {missing} of {len(label)} points got no vote")
+            yield scores.argmax(1), label
+
+
+# ---------------------------------------------------------------- command line
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Convert the raw S3DIS release into per-room arrays.")
+    p.add_argument("--root", required=True, help=f"folder holding {RAW_DIRNAME}/ (or that folder itself)")
+    p.add_argument("--out", default=None, help=f"output folder (default: {PROCESSED_DIRNAME}/ beside the raw folder)")
+    p.add_argument("--skip-malformed", action="store_true",
+                   help="drop malformed lines (the release has one, Area_5/hallway_6/Annotations/"
+                        "ceiling_1.txt line 180389) instead of stopping at them; each is reported")
+    p.add_argument("--workers", type=int, default=1, help="rooms converted in parallel")
+    return p
+
+
+def main(args):
+    raw_dir = find_raw_dir(args.root)
+    out_dir = args.out or default_processed_dir(raw_dir)
+    start = time.perf_counter()
+    converted = preprocess(raw_dir, out_dir, AREAS, args.skip_malformed, args.workers)
+    print(f"{len(converted)} of {len(list_rooms(raw_dir, AREAS))} rooms converted into {out_dir} "
+          f"in {time.perf_counter() - start:.1f} s (the others were up to date)")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")

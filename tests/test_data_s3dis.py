@@ -1,0 +1,207 @@
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from lib.data import s3dis
+from lib.data.grid import grid_subsample
+from lib.data.s3dis import CLASS_NAMES, RAW_DIRNAME, RoomVoter, S3DISDataset, preprocess, read_room
+from lib.data.synthetic_rooms import write_rooms
+
+DENSITY = 60.0  # points per m^2: rooms of a few thousand points keep these tests fast
+
+
+@pytest.fixture(scope="module")
+def rooms_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rooms")
+    write_rooms(str(root), seed=0, rooms_per_area=2, points_per_m2=DENSITY)
+    return str(root)
+
+
+def write_lines(path, lines):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def raw_dir(root):
+    return os.path.join(root, RAW_DIRNAME)
+
+
+def test_write_rooms_layout_is_the_release_format_and_deterministic(tmp_path, rooms_root):
+    write_rooms(str(tmp_path), seed=0, areas=(5,), rooms_per_area=2, points_per_m2=DENSITY)
+    for name in s3dis.list_rooms(raw_dir(str(tmp_path)), (5,)):
+        room_dir = os.path.join(raw_dir(str(tmp_path)), name)
+        files = s3dis.annotation_files(room_dir)
+        assert all(s3dis.annotation_class(f) >= 0 for f in files)
+        room_lines = read(os.path.join(room_dir, os.path.basename(name) + ".txt")).splitlines()
+        assert sorted(room_lines) == sorted(line for f in files for line in read(f).splitlines())
+        assert all(len(line.split(" ")) == 6 for line in room_lines)  # x y z r g b
+        # Area 5 written alone is byte-identical to Area 5 written with all areas.
+        for f in files:
+            assert read(f) == read(os.path.join(raw_dir(rooms_root), name, "Annotations", os.path.basename(f)))
+
+
+def test_every_class_label_is_read_right(tmp_path):
+    room_dir = tmp_path / RAW_DIRNAME / "Area_1" / "office_1"
+    for c, name in enumerate(CLASS_NAMES):  # x encodes the class, colour is distinct per class
+        write_lines(str(room_dir / "Annotations" / f"{name}_1.txt"),
+                    [f"{c}.000 {k}.500 2.250 {c} {10 + k} 255" for k in range(3)])
+    write_lines(str(room_dir / "Annotations" / "stairs_1.txt"), ["20.000 0.000 0.000 1 2 3"])
+    xyz, rgb, label = read_room(str(room_dir))
+    assert (xyz.dtype, rgb.dtype, label.dtype) == (np.float32, np.uint8, np.uint8)
+    assert len(label) == 3 * 13 + 1
+    stairs = xyz[:, 0] == 20
+    assert (label[stairs] == CLASS_NAMES.index("clutter")).all()
+    np.testing.assert_array_equal(label[~stairs], xyz[~stairs, 0].astype(np.uint8))
+    np.testing.assert_array_equal(rgb[~stairs, 0], label[~stairs])
+    np.testing.assert_array_equal(rgb[~stairs, 1] - 10, xyz[~stairs, 1] - 0.5)
+    assert np.allclose(xyz[:, 2][~stairs], 2.25)
+
+
+def test_processed_labels_match_the_annotation_files(rooms_root, tmp_path):
+    out = str(tmp_path / "npy")
+    converted = preprocess(raw_dir(rooms_root), out, areas=(2,))
+    assert converted == s3dis.list_rooms(raw_dir(rooms_root), (2,))
+    for name in converted:
+        data = np.load(os.path.join(out, name + ".npz"))
+        files = s3dis.annotation_files(os.path.join(raw_dir(rooms_root), name))
+        expected = np.concatenate([np.full(len(np.loadtxt(f, ndmin=2)), s3dis.annotation_class(f)) for f in files])
+        np.testing.assert_array_equal(data["label"], expected)
+        assert len(np.unique(data["label"])) >= 5  # floor, ceiling, wall, door and furniture at least
+
+
+def test_preprocessing_is_skipped_when_up_to_date(rooms_root, tmp_path):
+    out = str(tmp_path / "npy")
+    assert len(preprocess(raw_dir(rooms_root), out, areas=(3,))) == 2
+    first = {n: os.path.getmtime(os.path.join(out, n + ".npz")) for n in s3dis.list_rooms(raw_dir(rooms_root), (3,))}
+    assert preprocess(raw_dir(rooms_root), out, areas=(3,)) == []
+    assert first == {n: os.path.getmtime(os.path.join(out, n + ".npz")) for n in first}
+    # Age one room's arrays rather than touch the shared raw files: its annotations are now newer.
+    stale = sorted(first)[1]
+    os.utime(os.path.join(out, stale + ".npz"), (first[stale] - 3600, first[stale] - 3600))
+    assert preprocess(raw_dir(rooms_root), out, areas=(3,)) == [stale]
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ("1.000 2.\x100 3.000 4 5 6", "not a number"),  # the kind of stray character Area_5/hallway_6 has
+    ("1.000 2.000 3.000 4 5", "5 columns"),
+    ("nan 2.000 3.000 4 5 6", "NaN"),
+    ("1.000 2.000 3.000 4 5 300", "colour"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, bad, problem):
+    path = str(tmp_path / "Area_5" / "hallway_6" / "Annotations" / "ceiling_1.txt")
+    write_lines(path, ["0.000 0.000 0.000 1 2 3", "", "1.000 1.000 1.000 1 2 3", bad, "2.000 2.000 2.000 1 2 3"])
+    with pytest.raises(ValueError, match=rf"ceiling_1\.txt:4: malformed line: .*{problem}.*--skip-malformed"):
+        read_room(os.path.dirname(os.path.dirname(path)))
+    xyz, _, _ = read_room(os.path.dirname(os.path.dirname(path)), skip_malformed=True)
+    np.testing.assert_array_equal(xyz[:, 0], [0, 1, 2])
+
+
+def test_unknown_class_and_missing_folders_are_clear_errors(tmp_path):
+    write_lines(str(tmp_path / "Area_1" / "r" / "Annotations" / "chandelier_1.txt"), ["0 0 0 1 2 3"])
+    with pytest.raises(ValueError, match=r"chandelier_1\.txt: unknown class 'chandelier'"):
+        read_room(str(tmp_path / "Area_1" / "r"))
+    with pytest.raises(FileNotFoundError, match="no Annotations folder"):
+        read_room(str(tmp_path / "Area_1"))
+    with pytest.raises(FileNotFoundError, match=r"Area_2: missing"):
+        S3DISDataset(str(tmp_path), "train")
+    with pytest.raises(FileNotFoundError, match=RAW_DIRNAME):
+        S3DISDataset(str(tmp_path / "nowhere"), "train")
+
+
+def test_grid_subsampling_keeps_one_point_per_4cm_cell():
+    rng = np.random.default_rng(0)
+    xyz = (rng.random((20000, 3)) * [1.0, 1.0, 0.2]).astype(np.float32)  # ~16 points per cell
+    cells = np.floor((xyz - xyz.min(0)) / 0.04).astype(np.int64)
+    occupied = len(np.unique(cells, axis=0))
+    picks = [grid_subsample(xyz, 0.04, rng) for _ in range(2)] + [grid_subsample(xyz, 0.04)]
+    for idx in picks:
+        assert len(idx) == occupied == len(np.unique(cells[idx], axis=0))
+    assert (np.sort(picks[0]) != np.sort(picks[1])).any()  # training picks a random point per cell
+
+
+def test_train_crops_have_fixed_size_and_documented_inputs(rooms_root):
+    ds = S3DISDataset(rooms_root, "train", num_points=1024, seed=0)
+    assert (ds.task, ds.num_classes, ds.in_channels, ds.class_names) == ("semseg", 13, 6, list(CLASS_NAMES))
+    torch.manual_seed(0)
+    for sample in (ds[0], ds[1]):
+        assert sample["xyz"].shape == (1024, 3) and sample["feat"].shape == (1024, ds.in_channels)
+        assert sample["xyz"].dtype == sample["feat"].dtype == torch.float32
+        assert sample["label"].dtype == torch.int64 and 0 <= sample["label"].min() <= sample["label"].max() < 13
+        xy = sample["xyz"][:, :2]
+        assert torch.allclose((xy.min(0).values + xy.max(0).values) / 2, torch.zeros(2), atol=1e-4)
+        assert sample["xyz"][:, 2].min() >= 0 and 0 <= sample["feat"].min() and sample["feat"].max() <= 1
+    assert not torch.equal(ds[0]["xyz"], ds[0]["xyz"])  # a fresh random crop each time
+    aug = S3DISDataset(rooms_root, "train", num_points=1024, augment=True, samples_per_epoch=5)
+    assert len(aug) == 5
+    batch = next(iter(torch.utils.data.DataLoader(aug, batch_size=2)))
+    assert batch["xyz"].shape == (2, 1024, 3) and batch["feat"].shape == (2, 1024, 6)
+    big = S3DISDataset(rooms_root, "train", num_points=20000)  # more than any room's cells: padded
+    assert big[0]["xyz"].shape == (20000, 3)
+
+
+def test_val_is_a_fixed_tenth_of_the_training_rooms(rooms_root):
+    names = s3dis.list_rooms(raw_dir(rooms_root), (1, 2, 3, 4, 6))
+    train = S3DISDataset(rooms_root, "train", samples_per_epoch=1).room_names
+    val = S3DISDataset(rooms_root, "val", num_points=4096).room_names
+    test = S3DISDataset(rooms_root, "test", num_points=4096).room_names
+    assert val == names[::10] and not set(val) & set(train) and sorted(val + train) == sorted(names)
+    assert test == s3dis.list_rooms(raw_dir(rooms_root), (5,))
+
+
+def test_test_crops_cover_every_point_and_one_hot_votes_give_the_labels(rooms_root):
+    ds = S3DISDataset(rooms_root, "test", num_points=1024, seed=3)
+    assert ds.num_rooms == 2
+    seen = [torch.zeros(len(ds.room_labels(r)), dtype=torch.bool) for r in range(ds.num_rooms)]
+    voter = RoomVoter(ds)
+    for i in range(len(ds)):
+        sample = ds[i]
+        r = int(sample["room"])
+        assert sample["index"].dtype == torch.int64 and sample["xyz"].shape == (1024, 3)
+        assert torch.equal(sample["label"], ds.room_labels(r)[sample["index"]])
+        seen[r][sample["index"]] = True
+        voter.add(sample["room"][None], sample["index"][None],
+                  torch.nn.functional.one_hot(sample["label"], 13)[None].float() * 10)
+    assert all(s.all() for s in seen)  # the union of the crops' indices is every original point
+    results = list(voter.finish())
+    assert len(results) == 2
+    for r, (pred, label) in enumerate(results):
+        assert torch.equal(pred, label) and torch.equal(label, ds.room_labels(r))
+    again = S3DISDataset(rooms_root, "test", num_points=1024, seed=3)
+    assert len(again) == len(ds) and torch.equal(again[len(ds) - 1]["index"], ds[len(ds) - 1]["index"])
+
+
+def test_voter_refuses_a_room_with_unvoted_points(rooms_root):
+    ds = S3DISDataset(rooms_root, "test", num_points=1024)
+    voter = RoomVoter(ds)
+    sample = ds[0]
+    voter.add(sample["room"], sample["index"], torch.zeros(1024, 13))
+    with pytest.raises(RuntimeError, match="points got no vote"):
+        list(voter.finish())
+
+
+def test_80k_point_room_is_processed_in_bounded_memory(tmp_path):
+    write_rooms(str(tmp_path), seed=1, areas=(1,), rooms_per_area=1, points_per_m2=950)
+    room_dir = os.path.join(raw_dir(str(tmp_path)), s3dis.list_rooms(raw_dir(str(tmp_path)), (1,))[0])
+    tracemalloc.start()
+    s3dis.convert_room(room_dir, str(tmp_path / "room.npz"), False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    n = len(np.load(tmp_path / "room.npz")["label"])
+    assert n >= 80000
+    assert peak < 48 * n  # bytes: twice the 16 bytes per point kept plus one file's parse
+
+
+def test_command_line_preprocesses_once(rooms_root, capsys):
+    args = s3dis.get_args_parser().parse_args(["--root", rooms_root])
+    s3dis.main(args)
+    s3dis.main(args)
+    assert "0 of 12 rooms converted" in capsys.readouterr().out
