@@ -1,0 +1,144 @@
+"""ModelNet40 in either released layout, recognised from the folder's contents:
+
+    modelnet40_normal_resampled/   modelnet40_shape_names.txt, modelnet40_{train,test}.txt
+                                   (entries like `chair_0391`), <class>/<entry>.txt with
+                                   10,000 lines `x,y,z,nx,ny,nz`
+    modelnet40_ply_hdf5_2048/      shape_names.txt, {train,test}_files.txt listing
+                                   ply_data_*.h5 (keys `data` (S, 2048, 3) float32,
+                                   `label` (S, 1) uint8); list paths are resolved by basename
+
+ModelNet40 has no validation split: "val" is every 10th entry of the training list and "train"
+is the other nine tenths, a slice fixed by list position so that it never moves.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lib.data import read_point_table
+from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
+
+VAL_EVERY = 10
+# PCT's translate_pointcloud: per-axis scale in [2/3, 3/2] and shift in [-0.2, 0.2].
+AUGMENT = dict(scale=(2 / 3, 3 / 2), shift=0.2)
+JITTER = dict(jitter_sigma=0.01, jitter_clip=0.05)
+
+
+def detect_layout(root):
+    if (root / "modelnet40_shape_names.txt").is_file():
+        return "normal_resampled"
+    if (root / "shape_names.txt").is_file():
+        return "hdf5"
+    raise FileNotFoundError(f"{root}: not a ModelNet40 folder (expected modelnet40_shape_names.txt "
+                            f"of modelnet40_normal_resampled or shape_names.txt of "
+                            f"modelnet40_ply_hdf5_2048)")
+
+
+def read_lines(path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def report_missing(list_file, missing, listed, what):
+    if missing == listed:
+        raise FileNotFoundError(f"{list_file}: none of the {listed} listed {what} exists")
+    if missing:
+        print(f"[modelnet40] {list_file}: {missing} of {listed} listed {what} are missing; "
+              f"using the {listed - missing} present")
+
+
+def read_normal_resampled(root, list_split, num_points):
+    """-> (class names, clouds [(n <= num_points, 6)], labels, list positions). Only the first
+    num_points lines of each file are read: the file order is already a random resampling."""
+    names = read_lines(root / "modelnet40_shape_names.txt")
+    list_file = root / f"modelnet40_{list_split}.txt"
+    clouds, labels, positions = [], [], []
+    entries = read_lines(list_file)
+    for position, entry in enumerate(entries):
+        name = entry.rsplit("_", 1)[0]  # night_stand_0001 -> night_stand
+        if name not in names:
+            raise ValueError(f"{list_file}: entry {entry!r}: class {name!r} is not in "
+                             f"modelnet40_shape_names.txt")
+        path = root / name / f"{entry}.txt"
+        if path.is_file():
+            clouds.append(read_point_table(path, 6, delimiter=",", max_rows=num_points))
+            labels.append(names.index(name))
+            positions.append(position)
+    report_missing(list_file, len(entries) - len(clouds), len(entries), "shape files")
+    return names, clouds, labels, positions
+
+
+def read_hdf5(root, list_split, num_points):
+    """-> (class names, clouds (S, <= num_points, 3), labels, positions in the concatenation)."""
+    import h5py
+    names = read_lines(root / "shape_names.txt")
+    list_file = root / f"{list_split}_files.txt"
+    listed = read_lines(list_file)
+    clouds, labels, positions, seen = [], [], [], 0
+    for entry in listed:
+        path = root / Path(entry).name  # the release lists data/modelnet40_ply_hdf5_2048/<file>
+        if not path.is_file():
+            continue
+        try:
+            with h5py.File(path, "r") as f:
+                data, label = f["data"][:, :num_points], f["label"][:].reshape(-1)
+        except (OSError, KeyError) as err:
+            raise ValueError(f"{path}: not an h5 file with `data` and `label` ({err})") from None
+        if data.ndim != 3 or data.shape[2] != 3 or len(label) != len(data):
+            raise ValueError(f"{path}: expected data (S, N, 3) and label (S, 1), got "
+                             f"{data.shape} and {label.shape}")
+        bad = ~np.isfinite(data).all(axis=(1, 2)) | (label >= len(names))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{path}: sample {i}: NaN coordinates or label {label[i]} outside "
+                             f"0..{len(names) - 1}")
+        clouds.append(data.astype(np.float32))
+        labels.append(label.astype(np.int64))
+        positions.append(seen + np.arange(len(data)))
+        seen += len(data)
+    report_missing(list_file, len(listed) - len(clouds), len(listed), "h5 files")
+    return names, np.concatenate(clouds), np.concatenate(labels), np.concatenate(positions)
+
+
+class ModelNet40Dataset(torch.utils.data.Dataset):
+    """Sample: xyz (N, 3) in the unit sphere, feat = normals (N, 3) where the layout has them,
+    else xyz, label (). The first N points of each shape (the usual choice for both layouts);
+    a shape with fewer is topped up by sampling with replacement."""
+    task = "cls"
+    in_channels = 3
+
+    def __init__(self, root, split="train", num_points=1024, augment=False, seed=0, jitter=False):
+        self.root = Path(root)
+        self.num_points, self.augment, self.seed = num_points, augment, seed
+        self.augmentation = dict(AUGMENT, **(JITTER if jitter else {}))
+        self.layout = detect_layout(self.root)
+        reader = read_normal_resampled if self.layout == "normal_resampled" else read_hdf5
+        list_split = "test" if split == "test" else "train"
+        self.class_names, clouds, labels, positions = reader(self.root, list_split, num_points)
+        self.num_classes = len(self.class_names)
+        if split == "test":
+            keep = np.ones(len(labels), dtype=bool)
+        else:
+            keep = (np.asarray(positions) % VAL_EVERY == VAL_EVERY - 1) == (split == "val")
+        self.clouds = [cloud for cloud, kept in zip(clouds, keep) if kept]
+        self.labels = np.asarray(labels, dtype=np.int64)[keep]
+        if not self.clouds:
+            raise FileNotFoundError(f"{self.root}: the {split} split has no shapes present")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        cloud = self.clouds[index]
+        rng = sample_rng(self.augment, self.seed, index)
+        if len(cloud) < self.num_points:
+            cloud = cloud[sample_indices(len(cloud), self.num_points, rng)]
+        xyz = normalize_unit_sphere(cloud[:self.num_points, :3])
+        normals = cloud[:self.num_points, 3:] if cloud.shape[1] == 6 else None
+        if self.augment:
+            xyz, normals = augment(xyz, normals, rng, **self.augmentation)
+        feat = xyz if normals is None else normals
+        return {"xyz": torch.from_numpy(xyz.astype(np.float32)),
+                "feat": torch.from_numpy(feat.astype(np.float32)),
+                "label": torch.tensor(self.labels[index])}
