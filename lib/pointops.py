@@ -4,10 +4,14 @@ Convention used everywhere in this repository: a batch of clouds is dense, `xyz`
 and features are (B, N, C), channels last. A single large cloud (an S3DIS room) is B = 1.
 Index tensors are int64 and index the N axis of their own batch element.
 
-Every operation has a pure-torch reference (runs on any device). The fast CPU path is chosen
-by `set_backend`; "reference" forces the pure-torch path (benchmarks compare the two).
+Every operation has a pure-torch reference (runs on any device). CPU tensors take a fast path
+(C++ FPS from fpsample, kd-tree kNN from pykdtree) unless `set_backend("reference")`; the fast
+path returns the same indices as the reference (up to ties). bench/pointops.py compares them.
 """
+import fpsample
+import numpy as np
 import torch
+from pykdtree.kdtree import KDTree
 
 _BACKEND = "auto"  # "auto": fast path for CPU tensors where one exists; "reference": pure torch
 
@@ -31,6 +35,8 @@ def start_index(xyz):
     return ((xyz - centroid) ** 2).sum(-1).argmax(dim=1)
 
 
+# Pure-torch reference: any device, also the CUDA path.
+
 def farthest_point_sample_reference(xyz, m):
     """Exact farthest point sampling. xyz: (B, N, 3) -> (B, m) int64, first = start_index."""
     b, n, _ = xyz.shape
@@ -47,11 +53,6 @@ def farthest_point_sample_reference(xyz, m):
     return idx
 
 
-def farthest_point_sample(xyz, m):
-    """(B, N, 3) -> (B, m) int64 indices of an exact FPS starting at start_index."""
-    return farthest_point_sample_reference(xyz, m)
-
-
 def knn_query_reference(k, support, query, chunk=4096):
     """k nearest support points of each query point (the point itself included when it is in
     the support set). support: (B, N, 3), query: (B, M, 3) -> (idx (B, M, k) int64,
@@ -61,16 +62,120 @@ def knn_query_reference(k, support, query, chunk=4096):
     idx_chunks, dist_chunks = [], []
     for start in range(0, query.shape[1], chunk):
         q = query[:, start:start + chunk]
-        d = torch.cdist(q, support) ** 2  # (B, m, N)
+        # The matrix-product form of cdist leaves ~1e-6 on zero distances, enough to make
+        # `interpolate` miss the value at a source point by a few percent.
+        d = torch.cdist(q, support, compute_mode="donot_use_mm_for_euclid_dist")
+        d = d ** 2  # (B, m, N)
         dist, idx = d.topk(k, dim=-1, largest=False, sorted=True)
         idx_chunks.append(idx)
         dist_chunks.append(dist)
     return torch.cat(idx_chunks, 1), torch.cat(dist_chunks, 1)
 
 
+# Fast CPU path: one cloud at a time in numpy (B is small), no gradients through indices.
+
+def _to_numpy(xyz, dtype):
+    """(B, N, 3) CPU tensor -> C-contiguous numpy array of torch `dtype` (no copy if it is)."""
+    return np.ascontiguousarray(xyz.detach().to(dtype).numpy())
+
+
+def _kdline_height(n):
+    """Tree height for fpsample's bucket FPS: buckets of about 2 sqrt(N) points were the
+    fastest when sampling N/4 of N = 512 ... 80k points (h=4 at 2048, h=7 at 80k)."""
+    return max(1, (n.bit_length() - 1) // 2 - 1)
+
+
+def _kdline_start_slot(points, start, height):
+    """Array slot from which fpsample 1.0.2 starts at `start`.
+
+    `bucket_fps_kdline_sampling` builds its kd-tree by partitioning the point array in place and
+    then starts from the point found at `start_idx` *after* that reordering, not from the
+    caller's point. Its partition (split the widest bounding-box axis at the mean, `< mean`
+    first) only moves points lying on the wrong side of a split, so a point placed inside the
+    slot range of its own leaf is never moved. Follow the splits containing `start` and return
+    the middle of its leaf's range; the middle leaves room for the rounding of fpsample's
+    float32 mean, and the caller checks the result. points: (N, 3)."""
+    members = np.arange(len(points))
+    left, right = 0, len(points)
+    for _ in range(height):
+        node = points[members]  # (n_node, 3)
+        axis = np.argmax(node.max(0) - node.min(0))
+        split = node[:, axis].mean()
+        low = node[:, axis] < split
+        n_low = int(low.sum())
+        if n_low in (0, len(members)):  # duplicate points: fpsample splits by position here
+            break
+        if points[start, axis] < split:
+            members, right = members[low], left + n_low
+        else:
+            members, left = members[~low], left + n_low
+    return (left + right) // 2
+
+
+def _fps_one(points, m, start):
+    """Exact FPS of one cloud from `start`: (N, 3) float32 -> (m,) int64."""
+    if m == 1:  # fpsample needs a tree of at least two points
+        return np.array([start])
+    height = _kdline_height(len(points))
+    slot = _kdline_start_slot(points, start, height)
+    order = np.arange(len(points))
+    order[[start, slot]] = order[[slot, start]]
+    picked = order[fpsample.bucket_fps_kdline_sampling(points[order], m, height, start_idx=slot)]
+    if picked[0] != start:  # the slot guess failed (duplicate points on a split): plain O(N m) FPS
+        picked = fpsample.fps_sampling(points, m, start_idx=start)
+    return picked.astype(np.int64)
+
+
+def farthest_point_sample_cpu(xyz, m):
+    """fpsample's exact bucket FPS (QuickFPS), one cloud at a time, from start_index.
+    xyz: (B, N, 3) CPU tensor -> (B, m) int64."""
+    points = _to_numpy(xyz, torch.float32)  # fpsample computes in float32
+    starts = start_index(xyz.detach()).tolist()
+    return torch.from_numpy(np.stack([_fps_one(p, m, s) for p, s in zip(points, starts)]))
+
+
+def knn_query_cpu(k, support, query):
+    """knn_query_reference on a pykdtree kd-tree, one cloud at a time.
+    support: (B, N, 3), query: (B, M, 3) CPU tensors -> (idx (B, M, k) int64, dist2 (B, M, k))."""
+    dtype = torch.promote_types(support.dtype, query.dtype)
+    # pykdtree takes float32 or float64 (the same for both arrays)
+    np_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    support_np, query_np = _to_numpy(support, np_dtype), _to_numpy(query, np_dtype)
+    b, m = query.shape[:2]
+    idx = np.empty((b, m, k), dtype=np.int64)
+    dist2 = np.empty((b, m, k), dtype=support_np.dtype)
+    for i in range(b):
+        # 1-D results when k == 1, hence the reshape
+        d, j = KDTree(support_np[i]).query(query_np[i], k=k, sqr_dists=True)
+        dist2[i] = d.reshape(m, k)
+        idx[i] = j.reshape(m, k)
+    return torch.from_numpy(idx), torch.from_numpy(dist2).to(dtype)
+
+
+# Dispatch: the fast path for CPU tensors under the "auto" backend.
+
+def farthest_point_sample(xyz, m):
+    """(B, N, 3) -> (B, m) int64 indices of an exact FPS starting at start_index."""
+    n = xyz.shape[1]
+    if not 1 <= m <= n:
+        raise ValueError(f"farthest_point_sample: cannot sample {m} of {n} points")
+    if _use_fast_path(xyz):
+        return farthest_point_sample_cpu(xyz, m)
+    return farthest_point_sample_reference(xyz, m)
+
+
 def knn_query(k, support, query):
     """See knn_query_reference."""
+    n = support.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"knn_query: cannot find {k} neighbours among {n} points")
+    if _use_fast_path(support, query):
+        return knn_query_cpu(k, support, query)
     return knn_query_reference(k, support, query)
+
+
+def _use_fast_path(*tensors):
+    return _BACKEND == "auto" and all(t.device.type == "cpu" for t in tensors)
 
 
 def gather(features, idx):

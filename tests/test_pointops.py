@@ -1,0 +1,206 @@
+"""lib/pointops.py: the fast CPU path gives the reference's answers; the ops do what they say.
+
+Random float clouds have no exact distance ties, so FPS sequences and kNN sets are unique.
+"""
+import numpy as np
+import pytest
+import torch
+
+from lib import pointops as po
+
+
+@pytest.fixture(autouse=True)
+def auto_backend():
+    po.set_backend("auto")
+    yield
+    po.set_backend("auto")
+
+
+def cloud(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# Farthest point sampling
+
+def no_fallback(monkeypatch):
+    """Fail if fpsample's bucket FPS did not start at start_index (see _kdline_start_slot)."""
+    def fallback(*args, **kwargs):
+        raise AssertionError("fell back to the O(N m) FPS")
+    monkeypatch.setattr(po.fpsample, "fps_sampling", fallback)
+
+
+@pytest.mark.parametrize("b, n, m", [(4, 2048, 512), (1, 8192, 1024), (3, 100, 1)])
+def test_fps_fast_path_matches_reference(b, n, m, monkeypatch):
+    no_fallback(monkeypatch)
+    xyz = cloud(b, n, 3)
+    fast = po.farthest_point_sample_cpu(xyz, m)
+    assert fast.dtype == torch.long and fast.shape == (b, m)
+    assert torch.equal(fast, po.farthest_point_sample_reference(xyz, m))
+    assert torch.equal(fast[:, 0], po.start_index(xyz))
+
+
+def test_fps_non_contiguous_float64_and_grad_inputs():
+    xyz = cloud(2, 3, 1024).transpose(1, 2).requires_grad_()  # (B, N, 3), not contiguous
+    assert not xyz.is_contiguous()
+    idx = po.farthest_point_sample(xyz, 256)
+    assert not idx.requires_grad
+    assert torch.equal(idx, po.farthest_point_sample_reference(xyz, 256))
+    xyz64 = cloud(2, 1024, 3, seed=1, dtype=torch.float64)
+    assert torch.equal(po.farthest_point_sample(xyz64, 256),
+                       po.farthest_point_sample_reference(xyz64, 256))
+
+
+def test_fps_on_duplicate_points_is_a_farthest_point_sample(monkeypatch):
+    # Ties make the sample non-unique; it must still start at start_index without the slow
+    # fallback, never repeat a point, and pick points ever closer to those already picked.
+    no_fallback(monkeypatch)
+    xyz = (torch.rand(1, 4096, 3, generator=torch.Generator().manual_seed(0)) * 12).round() / 12
+    idx = po.farthest_point_sample(xyz, 512)[0]
+    assert idx[0] == po.start_index(xyz)[0] and len(set(idx.tolist())) == 512
+    picked = xyz[0, idx]  # (m, 3)
+    gaps = torch.cdist(picked, picked, compute_mode="donot_use_mm_for_euclid_dist")
+    gap_to_earlier = gaps.masked_fill(torch.ones(512, 512).triu().bool(), float("inf")).min(1).values
+    assert (gap_to_earlier[2:] <= gap_to_earlier[1:-1] + 1e-6).all()
+
+
+def test_fps_falls_back_when_fpsample_starts_elsewhere(monkeypatch):
+    # A wrong slot makes fpsample start from another point; the exact O(N m) FPS takes over.
+    xyz = cloud(2, 512, 3)
+    calls = []
+    plain_fps = po.fpsample.fps_sampling
+    monkeypatch.setattr(po, "_kdline_start_slot", lambda points, start, height: (start + 7) % 512)
+    monkeypatch.setattr(po.fpsample, "fps_sampling",
+                        lambda *args, **kwargs: calls.append(1) or plain_fps(*args, **kwargs))
+    assert torch.equal(po.farthest_point_sample(xyz, 128),
+                       po.farthest_point_sample_reference(xyz, 128))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_fps_sample_does_not_depend_on_point_order(backend):
+    po.set_backend(backend)
+    xyz = cloud(2, 1024, 3)
+    perm = torch.randperm(1024, generator=torch.Generator().manual_seed(3))
+    sampled = po.gather(xyz, po.farthest_point_sample(xyz, 200))  # (B, m, 3)
+    shuffled = xyz[:, perm]
+    sampled_shuffled = po.gather(shuffled, po.farthest_point_sample(shuffled, 200))
+    assert torch.equal(sampled, sampled_shuffled)
+
+
+def test_fps_rejects_more_samples_than_points():
+    with pytest.raises(ValueError, match="cannot sample 11 of 10 points"):
+        po.farthest_point_sample(cloud(1, 10, 3), 11)
+
+
+# Dispatch
+
+def test_backend_picks_fast_path_only_for_auto_on_cpu(monkeypatch):
+    def fast_path(*args):
+        raise AssertionError("fast path called")
+    monkeypatch.setattr(po, "farthest_point_sample_cpu", fast_path)
+    monkeypatch.setattr(po, "knn_query_cpu", fast_path)
+    xyz = cloud(1, 64, 3)
+    with pytest.raises(AssertionError, match="fast path called"):
+        po.farthest_point_sample(xyz, 8)
+    with pytest.raises(AssertionError, match="fast path called"):
+        po.knn_query(4, xyz, xyz)
+    po.set_backend("reference")
+    assert po.get_backend() == "reference"
+    assert po.farthest_point_sample(xyz, 8).shape == (1, 8)
+    assert po.knn_query(4, xyz, xyz)[0].shape == (1, 64, 4)
+    with pytest.raises(ValueError, match="unknown pointops backend"):
+        po.set_backend("cuda")
+
+
+# k nearest neighbours
+
+def assert_same_knn(fast, reference):
+    (idx, dist2), (idx_ref, dist2_ref) = fast, reference
+    assert idx.dtype == torch.long and idx.shape == idx_ref.shape
+    assert dist2.dtype == dist2_ref.dtype
+    assert torch.equal(idx.sort(-1).values, idx_ref.sort(-1).values)
+    assert torch.allclose(dist2, dist2_ref, rtol=1e-5, atol=1e-6)
+    assert (dist2.diff(dim=-1) >= 0).all()  # nearest first
+
+
+@pytest.mark.parametrize("b, n, m, k", [(2, 2048, 2048, 16), (1, 20000, 1000, 16), (3, 500, 200, 3)])
+def test_knn_fast_path_matches_reference(b, n, m, k):
+    support = cloud(b, n, 3)
+    query = support[:, :m] if m == n else cloud(b, m, 3, seed=1)
+    assert_same_knn(po.knn_query_cpu(k, support, query), po.knn_query_reference(k, support, query))
+
+
+def test_knn_self_query_finds_each_point_first_at_distance_zero():
+    xyz = cloud(2, 300, 3)
+    for knn in (po.knn_query_cpu, po.knn_query_reference):
+        idx, dist2 = knn(1, xyz, xyz)
+        assert idx.shape == (2, 300, 1)
+        assert torch.equal(idx[..., 0], torch.arange(300).expand(2, 300))
+        assert (dist2 == 0).all()
+
+
+def test_knn_non_contiguous_and_float64():
+    support = cloud(2, 6, 400)[:, :3].transpose(1, 2)  # (B, N, 3), not contiguous
+    query = cloud(2, 100, 3, seed=1)
+    assert_same_knn(po.knn_query(8, support, query), po.knn_query_reference(8, support, query))
+    support64, query64 = support.double(), query.double()
+    fast = po.knn_query(8, support64, query64)
+    assert fast[1].dtype == torch.float64
+    assert_same_knn(fast, po.knn_query_reference(8, support64, query64))
+
+
+def test_knn_rejects_more_neighbours_than_points():
+    with pytest.raises(ValueError, match="cannot find 6 neighbours among 5 points"):
+        po.knn_query(6, cloud(1, 5, 3), cloud(1, 2, 3))
+
+
+# Gather, group, interpolate
+
+def test_gather_picks_rows_per_batch_element_and_passes_gradients():
+    features = cloud(2, 10, 4).requires_grad_()
+    idx = torch.tensor([[[0, 9], [3, 3]], [[1, 2], [9, 0]]])  # (B, 2, 2)
+    out = po.gather(features, idx)
+    assert out.shape == (2, 2, 2, 4)
+    for bi in range(2):
+        assert torch.equal(out[bi], features[bi][idx[bi]])
+    out.sum().backward()
+    counts = torch.zeros(2, 10).scatter_add_(1, idx.view(2, -1), torch.ones(2, 4))
+    assert torch.equal(features.grad, counts.unsqueeze(-1).expand(2, 10, 4))
+
+
+def test_group_puts_relative_xyz_before_features():
+    xyz, features = cloud(2, 50, 3), cloud(2, 50, 5, seed=1)
+    new_xyz = xyz[:, :7]
+    idx, _ = po.knn_query(4, xyz, new_xyz)
+    grouped = po.group(xyz, features, new_xyz, idx)
+    assert grouped.shape == (2, 7, 4, 8)
+    for bi in range(2):
+        assert torch.allclose(grouped[bi, ..., :3], xyz[bi][idx[bi]] - new_xyz[bi].unsqueeze(1))
+        assert torch.equal(grouped[bi, ..., 3:], features[bi][idx[bi]])
+    assert torch.equal(grouped[:, :, 0, :3], torch.zeros(2, 7, 3))  # each point is its own nearest
+    assert torch.equal(po.group(xyz, features, new_xyz, idx, with_xyz=False), grouped[..., 3:])
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_interpolate_is_exact_at_source_points_and_keeps_constants(backend):
+    po.set_backend(backend)
+    src, features = cloud(2, 512, 3), cloud(2, 512, 6, seed=1)
+    assert torch.allclose(po.interpolate(src, src, features), features, atol=1e-5)
+    dst = cloud(2, 2048, 3, seed=2)
+    constant = torch.full((2, 512, 6), 2.5)
+    assert torch.allclose(po.interpolate(src, dst, constant), constant[:, :1].expand(2, 2048, 6))
+
+
+def test_interpolate_linear_field_and_backends_agree():
+    gen = torch.Generator().manual_seed(0)
+    src, dst = torch.rand(1, 4096, 3, generator=gen), torch.rand(1, 500, 3, generator=gen)
+    slope = torch.tensor([1.0, -2.0, 0.5])
+    field = (src @ slope).unsqueeze(-1)  # (1, N, 1), range 3.5
+    out = po.interpolate(src, dst, field)
+    # a convex combination of the 3 nearest values, close to the field on a dense cloud
+    idx, _ = po.knn_query(3, src, dst)
+    near = po.gather(field, idx)[..., 0]  # (1, M, 3)
+    assert ((out[..., 0] >= near.min(-1).values - 1e-6) & (out[..., 0] <= near.max(-1).values + 1e-6)).all()
+    assert (out[..., 0] - dst @ slope).abs().mean() < 0.05
+    po.set_backend("reference")
+    assert torch.allclose(po.interpolate(src, dst, field), out, atol=1e-5)
