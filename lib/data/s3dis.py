@@ -22,6 +22,7 @@ bounding box, [0, 1]^3 (PointNet's S3DIS input; it tells a crop where it sits in
 """
 import argparse
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,7 +30,9 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 
+from lib.data import read_point_table
 from lib.data.grid import covering_crops, cycling_pass, grid_cells, knn_crop, pad_by_resampling, random_pass
+from lib.data.transforms import jitter, random_scale, sample_rng
 
 RAW_DIRNAME = "Stanford3dDataset_v1.2_Aligned_Version"
 PROCESSED_DIRNAME = "s3dis_npy"
@@ -43,6 +46,7 @@ TEST_AREA = 5
 VAL_EVERY = 10
 GRID_SIZE = 0.04  # metres, the Point Transformer's S3DIS grid
 DEFAULT_NUM_POINTS = 4096
+ANNOTATION_NAME = re.compile(r"([A-Za-z]+)_(\d+)\.txt")
 MALFORMED_HINT = "rerun `python -m lib.data.s3dis --root ROOT --skip-malformed` to drop such lines"
 
 
@@ -53,52 +57,54 @@ def bad_values(rows):
     return ~np.isfinite(rows).all(1) | (rows[:, 3:] < 0).any(1) | (rows[:, 3:] > 255).any(1)
 
 
-def read_lines_checked(path, skip_malformed):
-    """Slow, line-by-line parse used when the fast one fails: finds each malformed line by
-    number. Raises on the first one, or with skip_malformed drops them and says so."""
-    rows, line_numbers, problems = [], [], []
+def well_formed_lines(path):
+    """Slow line-by-line parse for files the fast one rejects: (rows (n, 6) float32 of the
+    lines holding six good numbers, numbers of the other non-blank lines)."""
+    rows, line_numbers, malformed = [], [], []
     with open(path, errors="replace") as f:
         for number, line in enumerate(f, 1):
             fields = line.split()
             if not fields:
                 continue
-            text = line.strip()[:60]
-            if len(fields) != 6:
-                problems.append((number, f"{len(fields)} columns, expected 6 (x y z r g b): {text!r}"))
-                continue
             try:
-                rows.append([float(v) for v in fields])
+                values = [float(v) for v in fields]
             except ValueError:
-                problems.append((number, f"not a number in {text!r}"))
-                continue
-            line_numbers.append(number)
+                values = []
+            if len(values) == 6:
+                rows.append(values)
+                line_numbers.append(number)
+            else:
+                malformed.append(number)
     rows = np.array(rows, dtype=np.float32).reshape(-1, 6)
     bad = bad_values(rows)
-    problems += [(line_numbers[i], "NaN/inf value or colour outside 0..255") for i in np.flatnonzero(bad)]
-    problems.sort()
-    if problems and not skip_malformed:
-        number, problem = problems[0]
-        raise ValueError(f"{path}:{number}: malformed line: {problem}; {MALFORMED_HINT}")
-    if problems:
-        shown = ", ".join(f"line {n} ({p})" for n, p in problems[:3])
-        print(f"[s3dis] {path}: dropped {len(problems)} malformed line(s): {shown}", file=sys.stderr)
-    return rows[~bad]
+    return rows[~bad], sorted(malformed + [line_numbers[i] for i in np.flatnonzero(bad)])
 
 
 def read_annotation(path, skip_malformed=False):
-    """(n, 6) float32 rows `x y z r g b` of one annotation file."""
+    """(n, 6) float32 rows `x y z r g b` of one annotation file. A malformed line is an error
+    naming the file and line, or with skip_malformed is dropped and reported."""
     try:
-        rows = np.loadtxt(path, dtype=np.float32, comments=None, ndmin=2)
-        if rows.size and rows.shape[1] == 6 and not bad_values(rows).any():
+        rows = read_point_table(path, 6)
+        if not bad_values(rows).any():
             return rows
-    except ValueError:  # includes UnicodeDecodeError
-        pass
-    return read_lines_checked(path, skip_malformed)
+    except UnicodeDecodeError as e:
+        if not skip_malformed:
+            raise ValueError(f"{path}: {e}; {MALFORMED_HINT}") from None
+    except ValueError as e:  # read_point_table's message names the file and line
+        if not skip_malformed:
+            raise ValueError(f"{e}; {MALFORMED_HINT}") from None
+    rows, malformed = well_formed_lines(path)
+    if malformed and not skip_malformed:  # the fast parse passed: a colour is out of range
+        raise ValueError(f"{path}: line {malformed[0]}: colour outside 0..255; {MALFORMED_HINT}")
+    if malformed:
+        shown = ", ".join(map(str, malformed[:10])) + (", ..." if len(malformed) > 10 else "")
+        print(f"[s3dis] {path}: dropped {len(malformed)} malformed line(s): {shown}", file=sys.stderr)
+    return rows
 
 
 def annotation_class(path):
     """Class index from an annotation file name `<class>_<k>.txt`."""
-    name = os.path.basename(path)[:-len(".txt")].rsplit("_", 1)[0]
+    name = ANNOTATION_NAME.fullmatch(os.path.basename(path)).group(1)
     name = CLASS_ALIASES.get(name, name)
     if name not in CLASS_NAMES:
         raise ValueError(f"{path}: unknown class {name!r}; expected one of {', '.join(CLASS_NAMES)}")
@@ -106,10 +112,12 @@ def annotation_class(path):
 
 
 def annotation_files(room_dir):
+    """The room's `<class>_<k>.txt` files, sorted by name. Other .txt files are left out: the
+    release holds one, a duplicate `Area_5/office_36/Annotations/wall_3 (1).txt`."""
     ann_dir = os.path.join(room_dir, "Annotations")
     if not os.path.isdir(ann_dir):
         raise FileNotFoundError(f"{room_dir}: no Annotations folder")
-    files = sorted(f for f in os.listdir(ann_dir) if f.endswith(".txt") and not f.startswith("."))
+    files = sorted(f for f in os.listdir(ann_dir) if ANNOTATION_NAME.fullmatch(f))
     if not files:
         raise ValueError(f"{ann_dir}: no <class>_<k>.txt annotation files")
     return [os.path.join(ann_dir, f) for f in files]
@@ -169,7 +177,7 @@ def up_to_date(out_path, room_dir):
 def convert_room(room_dir, out_path, skip_malformed):
     xyz, rgb, label = read_room(room_dir, skip_malformed)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    tmp = out_path + ".tmp"
+    tmp = f"{out_path}.tmp{os.getpid()}"  # per process: DDP ranks may convert the same room at once
     with open(tmp, "wb") as f:
         np.savez(f, xyz=xyz, rgb=rgb, label=label)
     os.replace(tmp, out_path)  # atomic: an interrupted run leaves no half-written room
@@ -213,15 +221,16 @@ class Room:
         return labels
 
 
-def augment(xyz, rgb, rng):
+def augment_crop(xyz, rgb, rng):
     """Training augmentation, a simplified form of the Point Transformer / Pointcept S3DIS
-    recipe: rotation about z by a uniform angle, isotropic scale in [0.9, 1.1], jitter
+    recipe: rotation about z by a uniform angle, scale in [0.9, 1.1] per axis, jitter
     N(0, 0.005 m) clipped at 0.02 m, colour jitter N(0, 0.05), and with probability 0.2 the
     colour dropped to black (so that geometry alone must do). xyz (N, 3), rgb (N, 3) in [0, 1]."""
     angle = rng.uniform(0, 2 * np.pi)
     c, s = np.cos(angle), np.sin(angle)
     xyz = xyz @ np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]], dtype=np.float32).T
-    xyz = xyz * rng.uniform(0.9, 1.1) + np.clip(rng.normal(0, 0.005, xyz.shape), -0.02, 0.02)
+    xyz, _ = random_scale(xyz, None, rng, 0.9, 1.1)
+    xyz = jitter(xyz, rng, 0.005, 0.02)
     rgb = np.clip(rgb + rng.normal(0, 0.05, rgb.shape), 0, 1)
     if rng.random() < 0.2:
         rgb = np.zeros_like(rgb)
@@ -281,14 +290,13 @@ class S3DISDataset(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, i):
+        rng = sample_rng(self.split == "train", self.seed, i)  # val/test: only pads small rooms
         if self.split == "train":
-            rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
             r = int(rng.choice(len(self.rooms), p=self.room_weights))
             room = self.rooms[r]
             pass_positions = random_pass(room.starts, room.counts, rng)  # (M,) one point per cell
             centre = int(rng.integers(len(pass_positions)))
         else:
-            rng = np.random.default_rng([self.seed, i])  # only pads crops of small rooms
             r, p, centre = (int(v) for v in self.crops[i])
             room = self.rooms[r]
             pass_positions = cycling_pass(room.starts, room.counts, p)
@@ -306,7 +314,7 @@ class S3DISDataset(torch.utils.data.Dataset):
         local = xyz - np.array([centre[0], centre[1], room.lo[2]], dtype=np.float32)
         rgb = room.rgb[positions].astype(np.float32) / 255
         if self.augment:
-            local, rgb = augment(local, rgb, rng)
+            local, rgb = augment_crop(local, rgb, rng)
         location = (xyz - room.lo) / room.extent
         return {"xyz": torch.from_numpy(local.astype(np.float32)),
                 "feat": torch.from_numpy(np.concatenate([rgb, location], 1).astype(np.float32)),
