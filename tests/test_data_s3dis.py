@@ -10,13 +10,13 @@ from lib.data.grid import grid_subsample
 from lib.data.s3dis import CLASS_NAMES, RAW_DIRNAME, RoomVoter, S3DISDataset, preprocess, read_room
 from lib.data.synthetic_rooms import write_rooms
 
-DENSITY = 60.0  # points per m^2: rooms of a few thousand points keep these tests fast
+DENSITY = 40.0  # points per m^2: rooms of a few thousand points keep these tests fast
 
 
 @pytest.fixture(scope="module")
 def rooms_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("rooms")
-    write_rooms(str(root), seed=0, rooms_per_area=2, points_per_m2=DENSITY)
+    write_rooms(str(root), seed=0, rooms_per_area=3, points_per_m2=DENSITY)
     return str(root)
 
 
@@ -36,7 +36,7 @@ def raw_dir(root):
 
 
 def test_write_rooms_layout_is_the_release_format_and_deterministic(tmp_path, rooms_root):
-    write_rooms(str(tmp_path), seed=0, areas=(5,), rooms_per_area=2, points_per_m2=DENSITY)
+    write_rooms(str(tmp_path), seed=0, areas=(5,), rooms_per_area=3, points_per_m2=DENSITY)
     for name in s3dis.list_rooms(raw_dir(str(tmp_path)), (5,)):
         room_dir = os.path.join(raw_dir(str(tmp_path)), name)
         files = s3dis.annotation_files(room_dir)
@@ -47,6 +47,13 @@ def test_write_rooms_layout_is_the_release_format_and_deterministic(tmp_path, ro
         # Area 5 written alone is byte-identical to Area 5 written with all areas.
         for f in files:
             assert read(f) == read(os.path.join(raw_dir(rooms_root), name, "Annotations", os.path.basename(f)))
+
+
+def test_every_area_of_the_synthetic_rooms_holds_all_13_classes(rooms_root):
+    for area in range(1, 7):
+        classes = {s3dis.annotation_class(f) for name in s3dis.list_rooms(raw_dir(rooms_root), (area,))
+                   for f in s3dis.annotation_files(os.path.join(raw_dir(rooms_root), name))}
+        assert classes == set(range(13)), area
 
 
 def test_every_class_label_is_read_right(tmp_path):
@@ -80,7 +87,7 @@ def test_processed_labels_match_the_annotation_files(rooms_root, tmp_path):
 
 def test_preprocessing_is_skipped_when_up_to_date(rooms_root, tmp_path):
     out = str(tmp_path / "npy")
-    assert len(preprocess(raw_dir(rooms_root), out, areas=(3,))) == 2
+    assert len(preprocess(raw_dir(rooms_root), out, areas=(3,))) == 3
     first = {n: os.path.getmtime(os.path.join(out, n + ".npz")) for n in s3dis.list_rooms(raw_dir(rooms_root), (3,))}
     assert preprocess(raw_dir(rooms_root), out, areas=(3,)) == []
     assert first == {n: os.path.getmtime(os.path.join(out, n + ".npz")) for n in first}
@@ -175,7 +182,7 @@ def test_val_is_a_fixed_tenth_of_the_training_rooms(rooms_root):
 
 def test_test_crops_cover_every_point_and_one_hot_votes_give_the_labels(rooms_root):
     ds = S3DISDataset(rooms_root, "test", num_points=1024, seed=3)
-    assert ds.num_rooms == 2
+    assert ds.num_rooms == 3
     seen = [torch.zeros(len(ds.room_labels(r)), dtype=torch.bool) for r in range(ds.num_rooms)]
     voter = RoomVoter(ds)
     for i in range(len(ds)):
@@ -188,7 +195,7 @@ def test_test_crops_cover_every_point_and_one_hot_votes_give_the_labels(rooms_ro
                   torch.nn.functional.one_hot(sample["label"], 13)[None].float() * 10)
     assert all(s.all() for s in seen)  # the union of the crops' indices is every original point
     results = list(voter.finish())
-    assert len(results) == 2
+    assert len(results) == 3
     for r, (pred, label) in enumerate(results):
         assert torch.equal(pred, label) and torch.equal(label, ds.room_labels(r))
     again = S3DISDataset(rooms_root, "test", num_points=1024, seed=3)
@@ -220,4 +227,4 @@ def test_command_line_preprocesses_once(rooms_root, capsys):
     args = s3dis.get_args_parser().parse_args(["--root", rooms_root])
     s3dis.main(args)
     s3dis.main(args)
-    assert "0 of 12 rooms converted" in capsys.readouterr().out
+    assert "0 of 18 rooms converted" in capsys.readouterr().out

@@ -5,8 +5,8 @@ through the same reader as the real release:
 point of the room, as in the release.
 
 A room is a box (floor, ceiling, four walls) with doors, windows and boards set into the walls,
-optional beams and columns, and furniture placed by room type. Surfaces are sampled uniformly
-(`points_per_m2`), coordinates get a few millimetres of noise and colours are a per-class base
+optional beams and columns, and furniture placed by room type. Surfaces are sampled on a
+jittered grid (`points_per_m2`), coordinates get a few millimetres of noise and colours are a per-class base
 shade plus per-object and per-point noise. Some classes share shades on purpose (beam/ceiling,
 column/wall, table/door), so colour alone does not segment a room. Room (area, i) depends only
 on (seed, area, i): writing fewer areas leaves the other rooms unchanged.
@@ -24,10 +24,12 @@ BASE_COLOUR = {  # mean RGB per class; clutter gets a random colour per object
     "sofa": (115, 55, 50), "bookcase": (120, 92, 62), "board": (232, 232, 228),
 }
 
-# (x-size range, y-size range, tables, chairs, sofas, bookcases, boards, clutter, doors, windows)
+# (x-size range, y-size range, then (min, max) counts of tables, chairs, sofas, bookcases, boards,
+# clutter, doors, windows). Every room has beams and a column; any three of the four types
+# together hold all 13 classes, so each area of >= 3 rooms does (its first rooms differ in type).
 ROOM_TYPES = {
-    "office": ((3.5, 6.0), (3.0, 5.0), (1, 2), (2, 4), (0, 1), (1, 2), (0, 1), (3, 8), (1, 1), (0, 2)),
-    "conferenceRoom": ((5.0, 8.0), (4.0, 6.0), (1, 1), (4, 8), (0, 0), (0, 1), (1, 1), (2, 5), (1, 2), (1, 2)),
+    "office": ((3.5, 6.0), (3.0, 5.0), (1, 2), (2, 4), (1, 1), (1, 2), (1, 1), (3, 8), (1, 1), (1, 2)),
+    "conferenceRoom": ((5.0, 8.0), (4.0, 6.0), (1, 1), (4, 8), (1, 1), (0, 1), (1, 1), (2, 5), (1, 2), (1, 2)),
     "hallway": ((6.0, 10.0), (1.8, 2.6), (0, 0), (0, 1), (0, 1), (0, 1), (0, 1), (1, 4), (2, 4), (0, 0)),
     "storage": ((2.5, 4.0), (2.5, 4.0), (0, 1), (0, 1), (0, 0), (2, 4), (0, 0), (6, 12), (1, 1), (0, 0)),
 }
@@ -143,6 +145,7 @@ def walls_with_openings(rng, lx, ly, h, density, counts):
 def make_room(rng, room_type, density):
     """A list of (class, points (n, 3)) in room coordinates, one entry per object instance."""
     (xr, yr, tables, chairs, sofas, bookcases, boards, clutter, doors, windows) = ROOM_TYPES[room_type]
+
     def count(bounds):
         return int(rng.integers(bounds[0], bounds[1] + 1))
 
@@ -151,21 +154,20 @@ def make_room(rng, room_type, density):
              ("ceiling", sample_rect(rng, (0, 0, h), (lx, 0, 0), (0, ly, 0), density))]
     items += walls_with_openings(rng, lx, ly, h, density,
                                  {"door": count(doors), "window": count(windows), "board": count(boards)})
-    if rng.random() < 0.5:  # beams run across the ceiling along the shorter side
-        along_x = lx < ly
-        for _ in range(count((1, 2))):
-            t = rng.uniform(0.5, (ly if along_x else lx) - 0.5)
-            centre, size = ((lx / 2, t), (lx, 0.3, 0.35)) if along_x else ((t, ly / 2), (0.3, ly, 0.35))
-            items.append(("beam", sample_box(rng, (*centre, h - 0.35), size, density)))
-    if rng.random() < 0.5:
-        side = rng.uniform(0.35, 0.6)
-        (x, y), _ = against_wall(rng, lx, ly, side)
-        items.append(("column", sample_box(rng, (x, y, 0), (side, side, h), density)))
+    along_x = lx < ly  # beams run across the ceiling along the shorter side
+    for _ in range(count((1, 2))):
+        t = rng.uniform(0.5, (ly if along_x else lx) - 0.5)
+        centre, size = ((lx / 2, t), (lx, 0.3, 0.35)) if along_x else ((t, ly / 2), (0.3, ly, 0.35))
+        items.append(("beam", sample_box(rng, (*centre, h - 0.35), size, density)))
+    side = rng.uniform(0.35, 0.6)
+    (x, y), _ = against_wall(rng, lx, ly, side)
+    items.append(("column", sample_box(rng, (x, y, 0), (side, side, h), density)))
     table_spots = []
     for _ in range(count(tables)):
         w, d = (rng.uniform(2.4, 3.5), rng.uniform(1.0, 1.4)) if room_type == "conferenceRoom" \
             else (rng.uniform(1.2, 1.8), rng.uniform(0.6, 0.9))
-        x, y = rng.uniform(w / 2 + 0.7, max(w / 2 + 0.8, lx - w / 2 - 0.7)), rng.uniform(d / 2 + 0.7, max(d / 2 + 0.8, ly - d / 2 - 0.7))
+        x = rng.uniform(w / 2 + 0.7, max(w / 2 + 0.8, lx - w / 2 - 0.7))  # 0.7 m free around it
+        y = rng.uniform(d / 2 + 0.7, max(d / 2 + 0.8, ly - d / 2 - 0.7))
         table_spots.append((x, y, w, d))
         items.append(("table", place(rng, (x, y, 0), 0.0, table_parts(w, d), density)))
     for _ in range(count(chairs)):
