@@ -1,0 +1,228 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from lib import pointops
+from models import MODELS, build_model
+from models.pct import OffsetAttention
+from models.point_transformer import PointTransformerLayer
+
+LABEL_SPACE = {"pt_seg": dict(num_classes=50, num_categories=16), "pt_semseg": dict(num_classes=13),
+               "pt_cls": dict(num_classes=40), "pct_cls": dict(num_classes=40)}
+
+
+def make(name, in_channels=3):
+    torch.manual_seed(0)
+    return build_model(name, in_channels=in_channels, **LABEL_SPACE[name.removesuffix("_tiny")])
+
+
+def inputs(name, b, n, in_channels=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xyz, feat = torch.rand(b, n, 3, generator=g), torch.randn(b, n, in_channels, generator=g)
+    if name.startswith("pt_seg"):
+        return xyz, feat, torch.randint(16, (b,), generator=g)
+    return xyz, feat
+
+
+def is_segmentation(name):
+    return "seg" in name
+
+
+# PCT's sample-and-group layers take fixed point counts (512 in the paper's configuration)
+POINTS = {"pct_cls": 1024}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_output_shapes(name):
+    n = POINTS.get(name, 256)
+    model = make(name)
+    out = model(*inputs(name, 2, n))
+    num_classes = LABEL_SPACE[name.removesuffix("_tiny")]["num_classes"]
+    assert out.shape == ((2, n, num_classes) if is_segmentation(name) else (2, num_classes))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", [m for m in MODELS if m.endswith("_tiny")])
+def test_permuting_points_permutes_segmentation_and_keeps_classification(name):
+    model = make(name)
+    args = inputs(name, 2, 256)
+    with torch.no_grad():  # non-trivial BatchNorm running statistics
+        for _ in range(3):
+            model(*args)
+    model.eval()
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(3))
+    permuted = (args[0][:, perm], args[1][:, perm]) + args[2:]
+    with torch.no_grad():
+        out, out_perm = model(*args), model(*permuted)
+    expected = out[:, perm] if is_segmentation(name) else out
+    torch.testing.assert_close(out_perm, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", [m for m in MODELS if m.endswith("_tiny")])
+def test_every_parameter_gets_a_gradient_on_cpu(name):
+    model = make(name)
+    model(*inputs(name, 2, 256)).square().mean().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_weight_lives_in_a_linear_or_conv_module(name):
+    """k-means quantization replaces nn.Linear / nn.Conv modules: no weight may hide elsewhere."""
+    allowed = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d)
+    for module_name, module in make(name).named_modules():
+        if list(module.parameters(recurse=False)):
+            assert isinstance(module, allowed), module_name
+
+
+def test_point_transformer_layer_matches_the_paper_equation_point_by_point():
+    """y_i = sum_j softmax_j(gamma(phi(x_i) - psi(x_j) + delta_ij)) * (alpha(x_j) + delta_ij),
+    delta_ij = theta(p_i - p_j); weight c' of gamma's C/s outputs scales channels c' + g C/s."""
+    torch.manual_seed(0)
+    c, s, n, k = 16, 4, 12, 5
+    layer = PointTransformerLayer(c, share_planes=s).eval()
+    for bn in (m for m in layer.modules() if isinstance(m, nn.BatchNorm1d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    xyz, x = torch.rand(1, n, 3), torch.randn(1, n, c)
+    idx = pointops.knn_query(k, xyz, xyz)[0]
+    with torch.no_grad():
+        y = layer(xyz, x, idx)[0]
+        for i in range(n):
+            neighbours = idx[0, i].tolist()
+            deltas = [layer.delta(xyz[:, i] - xyz[:, j])[0] for j in neighbours]  # (C,)
+            logits = torch.stack([layer.gamma(layer.phi(x[:, i]) - layer.psi(x[:, j]) + d)[0]
+                                  for j, d in zip(neighbours, deltas)])  # (k, C/s)
+            weights = logits.softmax(dim=0)
+            expected = torch.zeros(c)
+            for w, j, d in zip(weights, neighbours, deltas):
+                expected += w.repeat(s) * (layer.alpha(x[:, j])[0] + d)
+            torch.testing.assert_close(y[i], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_offset_attention_weights_of_each_output_point_sum_to_one():
+    """With a constant value map, attention(x) is that constant at every point exactly when each
+    output point's weights over the input points sum to 1 (softmax, then l1 over the other axis)."""
+    torch.manual_seed(0)
+    layer = OffsetAttention(16).eval()
+    with torch.no_grad():
+        layer.v.weight.zero_()
+        layer.v.bias.uniform_(-1, 1)
+        x = torch.randn(2, 50, 16) * 3
+        torch.testing.assert_close(layer(x), x + layer.lbr(x - layer.v.bias))
+
+
+def test_knn_runs_once_per_stage_however_deep_the_stages(monkeypatch):
+    calls = []
+
+    def counting_knn(k, support, query):
+        calls.append(k)
+        return pointops.knn_query_reference(k, support, query)
+
+    monkeypatch.setattr(pointops, "knn_query", counting_knn)
+    counts = []
+    for depth in (1, 3):
+        calls.clear()
+        model = build_model("pt_semseg_tiny", in_channels=3, num_classes=4,
+                            enc_blocks=(depth,) * 4, dec_blocks=(depth,) * 4)
+        model(*inputs("pt_semseg", 1, 256))
+        counts.append(len(calls))
+    # per stage one kNN within the stage; per downsampling one for TransitionDown's grouping and
+    # one for TransitionUp's interpolation
+    assert counts == [4 + 3 + 3, 4 + 3 + 3]
+
+
+def test_part_segmentation_depends_on_the_category():
+    model = make("pt_seg_tiny").eval()
+    xyz, feat, _ = inputs("pt_seg", 2, 256)
+    with torch.no_grad():
+        a = model(xyz, feat, torch.tensor([0, 0]))
+        b = model(xyz, feat, torch.tensor([5, 0]))
+    assert not torch.allclose(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+
+
+def test_build_model_rejects_unknown_names_and_misplaced_categories():
+    with pytest.raises(ValueError, match="pt_seg, pt_semseg, pt_cls, pct_cls"):
+        build_model("pointnet", in_channels=3, num_classes=2)
+    with pytest.raises(ValueError, match="num_categories"):
+        build_model("pt_seg", in_channels=3, num_classes=50)
+    with pytest.raises(ValueError, match="num_categories"):
+        build_model("pt_semseg_tiny", in_channels=3, num_classes=13, num_categories=16)
+
+
+def test_explicit_kwargs_override_the_preset():
+    model = build_model("pt_cls_tiny", in_channels=0, num_classes=7, widths=(8, 16, 16, 32),
+                        share_planes=4)
+    assert model.encoder.down[0].mlp[0].in_features == 3  # xyz only
+    assert model.encoder.down[3].mlp[0].out_features == 32
+    assert model.head[-1].out_features == 7
+    xyz = torch.rand(2, 128, 3)
+    assert model(xyz, xyz[..., :0]).shape == (2, 7)
+
+
+# Parameter counts derived from the architectures, independently of the model code.
+
+def linear(i, o, bias=True):
+    return i * o + (o if bias else 0)
+
+
+def bn(c):
+    return 2 * c
+
+
+def lbr(i, o, bias=False):
+    return linear(i, o, bias) + bn(o)
+
+
+def pt_layer(c, share):
+    r = c // share
+    phi_psi_alpha = 3 * linear(c, c)
+    delta = linear(3, 3) + bn(3) + linear(3, c)
+    gamma = bn(c) + linear(c, r) + bn(r) + linear(r, r)
+    return phi_psi_alpha + delta + gamma
+
+
+def pt_block(c, share):
+    return lbr(c, c) + pt_layer(c, share) + bn(c) + linear(c, c, bias=False) + bn(c)
+
+
+def pt_encoder(in_channels, widths, strides, blocks, share):
+    total, prev = 0, 3 + in_channels
+    for width, stride, depth in zip(widths, strides, blocks):
+        total += lbr(prev + (3 if stride > 1 else 0), width) + depth * pt_block(width, share)
+        prev = width
+    return total
+
+
+PAPER = dict(widths=[32, 64, 128, 256, 512], strides=[1, 4, 4, 4, 4], blocks=[1, 2, 3, 5, 2],
+             share=8)
+
+
+def test_pt_seg_parameter_count_matches_the_architecture():
+    widths, share, categories, parts = PAPER["widths"], PAPER["share"], 16, 50
+    top = lbr(2 * widths[-1], widths[-1], bias=True) + linear(widths[-1] + categories, widths[-1])
+    ups = sum(lbr(widths[s], widths[s], bias=True) + lbr(widths[s + 1], widths[s], bias=True)
+              for s in range(4))
+    decoder_blocks = sum(pt_block(w, share) for w in widths)
+    head = lbr(widths[0], widths[0], bias=True) + linear(widths[0], parts)
+    expected = pt_encoder(3, **PAPER) + top + ups + decoder_blocks + head
+    assert sum(p.numel() for p in make("pt_seg").parameters()) == expected
+
+
+def test_pt_cls_parameter_count_matches_the_architecture():
+    head = lbr(512, 256) + lbr(256, 128) + linear(128, 40)
+    expected = pt_encoder(3, **PAPER) + head
+    assert sum(p.numel() for p in make("pt_cls").parameters()) == expected
+
+
+def test_pct_cls_parameter_count_matches_the_architecture():
+    embed = lbr(6, 64) + lbr(64, 64)
+    # two sample-and-group layers: input = neighbour minus centre, concatenated with centre
+    neighbour_embedding = lbr(2 * 64, 128) + lbr(128, 128) + lbr(2 * 128, 256) + lbr(256, 256)
+    offset_attention = linear(256, 64, bias=False) + linear(256, 256) + lbr(256, 256, bias=True)
+    fuse = lbr(5 * 256, 1024)
+    head = lbr(2 * 1024, 512) + lbr(512, 256) + linear(256, 40)
+    expected = embed + neighbour_embedding + 4 * offset_attention + fuse + head
+    assert sum(p.numel() for p in make("pct_cls").parameters()) == expected
