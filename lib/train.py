@@ -5,6 +5,7 @@ import contextlib
 import math
 import os
 import time
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -91,7 +92,7 @@ def evaluate(model, loader, device, amp=True, desc="eval", dataset=None):
     dataset = loader.dataset if dataset is None else dataset
     model.eval()
     metric = make_metric(dataset)
-    voter = dataset.make_voter() if hasattr(dataset, "make_voter") else None
+    voter = dataset.make_voter() if hasattr(dataset, "make_voter") else None  # S3DIS val/test
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                       disable=not distributed.is_main()):
         batch = to_device(batch, device)
@@ -105,7 +106,11 @@ def evaluate(model, loader, device, amp=True, desc="eval", dataset=None):
         else:
             metric.update(logits, batch["label"])
     if voter is not None:
-        voter = _merge_all(distributed.gather_objects(voter))
+        # Only the score arrays travel between ranks (a voter refers to its whole dataset).
+        rank_scores = distributed.gather_objects(voter.scores)
+        voter.scores = {}
+        for scores in rank_scores:
+            voter.merge(SimpleNamespace(scores=scores))
         for pred, label in voter.finish():
             metric.update(pred, label)
         return metric.compute()

@@ -15,7 +15,7 @@ class ToyPoints(torch.utils.data.Dataset):
     def __init__(self, n, num_points=32, jitter=0.0, seed=0):
         g = torch.Generator().manual_seed(seed)
         self.xyz = torch.rand(n, num_points, 3, generator=g) * 2 - 1
-        self.labels = torch.bucketize(self.xyz[..., 0], torch.tensor([-1 / 3, 1 / 3]))
+        self.labels = torch.bucketize(self.xyz[..., 0].contiguous(), torch.tensor([-1 / 3, 1 / 3]))
         self.jitter = jitter
 
     def __len__(self):

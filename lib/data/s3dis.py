@@ -289,6 +289,10 @@ class S3DISDataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.length
 
+    def make_voter(self):
+        """Val/test crops are scored by voting per original point (lib/train.evaluate)."""
+        return None if self.split == "train" else RoomVoter(self)
+
     def __getitem__(self, i):
         rng = sample_rng(self.split == "train", self.seed, i)  # val/test: only pads small rooms
         if self.split == "train":
