@@ -111,6 +111,14 @@ def test_bad_line_names_file_and_line(tmp_path, bad_line, message):
         ShapeNetPartDataset(tmp_path, "train")
 
 
+def test_empty_file_is_an_error(tmp_path):
+    write_root(tmp_path, {"train": [("04379243", "empty")]}, {})
+    (tmp_path / "04379243").mkdir()
+    (tmp_path / "04379243" / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=r"empty\.txt: the file holds no points"):
+        ShapeNetPartDataset(tmp_path, "train")
+
+
 def test_split_entry_with_unknown_synset_is_an_error(tmp_path):
     write_root(tmp_path, {"train": [("99999999", "x")]}, {})
     with pytest.raises(ValueError, match="synset 99999999 is not in synsetoffset2category"):

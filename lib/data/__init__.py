@@ -7,6 +7,7 @@ that needs an optional package only needs it when its dataset is used.
 import itertools
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ SPLITS = ("train", "val", "test")
 
 DOWNLOAD = {
     "shapenet_part": (
-        "https://shapenet.cs.stanford.edu/media/shapenetcore_partanno_segmentation_benchmark_v0_normal.zip",
+        "https://shapenet.cs.stanford.edu/media/"
+        "shapenetcore_partanno_segmentation_benchmark_v0_normal.zip",
         "synsetoffset2category.txt, train_test_split/shuffled_{train,val,test}_file_list.json "
         "and <synset>/<shape id>.txt (x y z nx ny nz label)"),
     "modelnet40": (
@@ -32,7 +34,8 @@ DOWNLOAD = {
         "modelnet40_shape_names.txt, modelnet40_{train,test}.txt and <class>/<class>_NNNN.txt "
         "(x,y,z,nx,ny,nz); or shape_names.txt, {train,test}_files.txt and ply_data_*.h5"),
     "s3dis": (
-        "http://buildingparser.stanford.edu/dataset.html (Stanford3dDataset_v1.2_Aligned_Version.zip)",
+        "http://buildingparser.stanford.edu/dataset.html "
+        "(Stanford3dDataset_v1.2_Aligned_Version.zip)",
         "Area_N/<room>/Annotations/<class>_<k>.txt (x y z r g b)"),
 }
 
@@ -51,7 +54,7 @@ def default_root(name):
     if name == "synthetic_cls":
         return str(SYNTHETIC_DIR / "cls" / "modelnet40_normal_resampled")
     if name == "synthetic_rooms":
-        return str(SYNTHETIC_DIR / "rooms" / "Stanford3dDataset_v1.2_Aligned_Version")
+        return str(SYNTHETIC_DIR / "rooms")  # the S3DIS reader finds the release folder inside
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 
@@ -86,12 +89,12 @@ def build_dataset(name, root=None, split="train", num_points=None, augment=False
 
 
 def _generate_if_missing(name, root):
-    """Synthetic parts live at `root` itself; classes and rooms at `root` = <family>/<layout>, and
-    the whole family (both ModelNet layouts) is written into root's parent."""
+    """Parts and rooms are generated into `root`; classes live at `root` = <family>/<layout>, and
+    the family (both ModelNet layouts) is written into root's parent."""
     if root.is_dir():
         return
     from lib.data import synthetic
-    target = root if name == "synthetic_parts" else root.parent
+    target = root.parent if name == "synthetic_cls" else root
     writer = {"synthetic_parts": synthetic.write_parts, "synthetic_cls": synthetic.write_cls,
               "synthetic_rooms": synthetic.write_rooms}[name]
     print(f"[data] {root} does not exist: generating {name} (seed {SYNTHETIC_SEED}) into {target}")
@@ -130,16 +133,18 @@ def read_point_table(path, num_columns, delimiter=None, max_rows=None):
     NaN/inf) is the file scanned line by line, to name the first bad line in the error.
     """
     try:
-        table = np.loadtxt(path, dtype=np.float32, delimiter=delimiter, comments=None,
-                           ndmin=2, max_rows=max_rows)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "input contained no data": an error just below
+            table = np.loadtxt(path, dtype=np.float32, delimiter=delimiter, comments=None,
+                               ndmin=2, max_rows=max_rows)
     except ValueError:
         table = None
+    if table is not None and len(table) == 0:
+        raise ValueError(f"{path}: the file holds no points")
     if table is not None and table.shape[1] == num_columns and np.isfinite(table).all():
-        if len(table) == 0:
-            raise ValueError(f"{path}: the file holds no points")
         return table
     _raise_first_bad_line(path, num_columns, delimiter, max_rows)
-    # table.shape[1] == 0 (an empty file) or a case the scan does not see: still a user error.
+    # loadtxt refused the file for a reason the line scan does not single out
     raise ValueError(f"{path}: expected {num_columns} numeric columns per line")
 
 
@@ -155,6 +160,7 @@ def _raise_first_bad_line(path, num_columns, delimiter, max_rows):
             try:
                 values = [float(v) for v in fields]
             except ValueError:
-                raise ValueError(f"{path}: line {number}: not a number in {line.strip()!r}") from None
+                raise ValueError(f"{path}: line {number}: not a number in "
+                                 f"{line.strip()!r}") from None
             if not np.isfinite(values).all():
-                raise ValueError(f"{path}: line {number}: NaN or infinite value in {line.strip()!r}")
+                raise ValueError(f"{path}: line {number}: NaN or infinite in {line.strip()!r}")

@@ -70,7 +70,8 @@ def read_part_ranges(root, category_names):
         return [OFFICIAL_PART_RANGES[name] for name in category_names], part_names
     try:
         table = json.loads(path.read_text())
-        spec = [(tuple(table[name]["range"]), list(table[name]["parts"])) for name in category_names]
+        spec = [(tuple(table[name]["range"]), list(table[name]["parts"]))
+                for name in category_names]
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: expected {{category: {{\"range\": [start, stop], "
                          f"\"parts\": [names]}}}} for every category ({err!r})") from None

@@ -174,13 +174,12 @@ def airplane(rng):
     return [ellipsoid(length / 2, radius, radius), wings, tail, engines]
 
 
-def legs_at(corners, height, thickness, round_legs):
-    legs = []
-    for x, z in corners:
-        leg = (frustum(thickness / 2, thickness / 2, height) if round_legs
-               else placed(box(thickness, height, thickness), (0, height / 2, 0)))
-        legs += placed(leg, (x, 0, z))
-    return legs
+def corner_legs(width, depth, inset, height, thickness, round_legs):
+    """Four legs from the floor, `inset` in from the corners of a width x depth rectangle."""
+    leg = (frustum(thickness / 2, thickness / 2, height) if round_legs
+           else placed(box(thickness, height, thickness), (0, height / 2, 0)))
+    x, z = width / 2 - inset - thickness / 2, depth / 2 - inset - thickness / 2
+    return [s for sx in (-1, 1) for sz in (-1, 1) for s in placed(leg, (sx * x, 0, sz * z))]
 
 
 def pedestal(height, radius, foot_radius):
@@ -196,10 +195,8 @@ def chair(rng):
     if rng.uniform() < 0.25:  # swivel chair
         legs = pedestal(seat_y - seat_t / 2, rng.uniform(0.03, 0.06), rng.uniform(0.3, 0.5))
     else:
-        inset, t = rng.uniform(0.02, 0.12), rng.uniform(0.04, 0.12)
-        corners = [(sx * (width / 2 - inset - t / 2), sz * (depth / 2 - inset - t / 2))
-                   for sx in (-1, 1) for sz in (-1, 1)]
-        legs = legs_at(corners, seat_y - seat_t / 2, t, rng.uniform() < 0.5)
+        legs = corner_legs(width, depth, rng.uniform(0.02, 0.12), seat_y - seat_t / 2,
+                           rng.uniform(0.04, 0.12), rng.uniform() < 0.5)
     return [placed(box(width, seat_t, depth), (0, seat_y, 0)), back, legs]
 
 
@@ -213,9 +210,7 @@ def table(rng):
         width, depth = rng.uniform(1.0, 2.2), rng.uniform(0.6, 1.2)
         top = placed(box(width, top_t, depth), (0, height - top_t / 2, 0))
         inset, t = rng.uniform(0.0, 0.15), rng.uniform(0.04, 0.14)
-        corners = [(sx * (width / 2 - inset - t / 2), sz * (depth / 2 - inset - t / 2))
-                   for sx in (-1, 1) for sz in (-1, 1)]
-        legs = legs_at(corners, height - top_t, t, rng.uniform() < 0.4)
+        legs = corner_legs(width, depth, inset, height - top_t, t, rng.uniform() < 0.4)
         if rng.uniform() < 0.4:  # stretchers between the legs belong to the legs part
             for sz in (-1, 1):
                 legs += placed(box(width - 2 * inset, t / 2, t / 2),
@@ -232,7 +227,8 @@ def lamp(rng):
     top, shade_tilt = np.array([0, base_h + pole_h, 0]), 0.0
     if rng.uniform() < 0.35:  # desk lamp: an arm leaning out, the shade hanging from its end
         arm_len, arm_angle = rng.uniform(0.3, 0.8), rng.uniform(0.5, 1.3)
-        pole += placed(frustum(pole_r, pole_r, arm_len, False, False), top, rotation("z", -arm_angle))
+        pole += placed(frustum(pole_r, pole_r, arm_len, False, False), top,
+                       rotation("z", -arm_angle))
         top = top + arm_len * np.array([np.sin(arm_angle), np.cos(arm_angle), 0])
         shade_tilt = rng.uniform(0.3, 1.2)
     shade_h = rng.uniform(0.2, 0.5)
@@ -265,7 +261,8 @@ def rocket(rng):
 
 def bottle(rng):
     radius, body_h = rng.uniform(0.2, 0.4), rng.uniform(0.6, 1.2)
-    neck_r, shoulder_h, neck_h = rng.uniform(0.06, 0.12), rng.uniform(0.1, 0.35), rng.uniform(0.15, 0.4)
+    neck_r, shoulder_h = rng.uniform(0.06, 0.12), rng.uniform(0.1, 0.35)
+    neck_h = rng.uniform(0.15, 0.4)
     return [frustum(radius, radius, body_h, top_cap=False),
             placed(frustum(radius, neck_r, shoulder_h, False, False), (0, body_h, 0)),
             placed(frustum(neck_r, neck_r, neck_h, False), (0, body_h + shoulder_h, 0))]
@@ -324,6 +321,8 @@ def sample_shape(rng, parts, n):
     counts = rng.multinomial(n, areas / areas.sum())
     xyz, normals, labels = [], [], []
     for (label, surface), count in zip(surfaces, counts):
+        if count == 0:  # a tiny surface can get no points (rejection samplers need n > 0)
+            continue
         points, point_normals = surface.sample(rng, count)
         xyz.append(points)
         normals.append(point_normals)
@@ -337,7 +336,7 @@ def sample_shape(rng, parts, n):
 
 
 def shape_rng(seed, family, category, index):
-    """Each shape has its own stream, so changing the split sizes leaves other shapes as they are."""
+    """One stream per shape: changing the split sizes leaves the other shapes as they are."""
     return np.random.default_rng([seed, family, category, index])
 
 
@@ -379,7 +378,8 @@ def write_parts(out_dir, seed=0, train_shapes=96, eval_shapes=20):
     shuffle = np.random.default_rng([seed, 0, len(PART_CATEGORIES)])
     for split, entries in lists.items():
         entries = [entries[i] for i in shuffle.permutation(len(entries))]  # as the release's
-        (out / "train_test_split" / f"shuffled_{split}_file_list.json").write_text(json.dumps(entries))
+        list_file = out / "train_test_split" / f"shuffled_{split}_file_list.json"
+        list_file.write_text(json.dumps(entries))
     if not test_labels:
         return None
     result = majority_baseline(test_labels, majority_parts,
@@ -414,7 +414,8 @@ def write_cls(out_dir, seed=0, train_shapes=80, eval_shapes=20):
             rng = shape_rng(seed, 1, c, k)
             xyz, normals, _ = sample_shape(rng, generate(rng), CLS_POINTS)
             entry = f"{name}_{k + 1:04d}"
-            (txt / name / f"{entry}.txt").write_text(format_rows(np.column_stack([xyz, normals]), ","))
+            table = np.column_stack([xyz, normals])
+            (txt / name / f"{entry}.txt").write_text(format_rows(table, ","))
             lists[split].append(entry)
             clouds[split].append((xyz.astype(np.float32), c))
     names = "".join(f"{name}\n" for name in CLASSES)
@@ -434,7 +435,8 @@ def write_h5(h5_dir, split, clouds, rng):
         f.create_dataset("data", data=np.stack([clouds[i][0] for i in order]))
         f.create_dataset("label", data=np.array([[clouds[i][1]] for i in order], dtype=np.uint8))
     # The release lists paths relative to its parent folder; readers resolve them by basename.
-    (h5_dir / f"{split}_files.txt").write_text(f"data/modelnet40_ply_hdf5_2048/ply_data_{split}0.h5\n")
+    (h5_dir / f"{split}_files.txt").write_text(
+        f"data/modelnet40_ply_hdf5_2048/ply_data_{split}0.h5\n")
 
 
 def write_rooms(out_dir, seed=0):

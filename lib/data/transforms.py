@@ -20,7 +20,7 @@ def sample_indices(num_available, num_points, rng):
 
 
 def normalize_unit_sphere(xyz):
-    """Centre on the centroid and scale the farthest point to radius 1 (PointNet++'s pc_normalize)."""
+    """Centre on the centroid, scale the farthest point to radius 1 (PointNet++'s pc_normalize)."""
     centred = xyz - xyz.mean(axis=0)
     radius = np.sqrt((centred ** 2).sum(axis=1)).max()
     return centred / max(radius, 1e-12)

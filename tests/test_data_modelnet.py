@@ -1,0 +1,180 @@
+"""ModelNet40 reader on fixtures in both released layouts."""
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from lib.data import build_dataset
+from lib.data.modelnet40 import ModelNet40Dataset
+
+NAMES = ["airplane", "chair", "night_stand"]  # night_stand: a class name with an underscore
+
+
+def cloud(rng, n, tag):
+    """n points with normals; the first point's x holds `tag`, to identify the shape later."""
+    xyz = rng.uniform(-1, 1, (n, 3))
+    xyz[0] = (tag, 0, 0)
+    normals = rng.standard_normal((n, 3))
+    return np.column_stack([xyz, normals / np.linalg.norm(normals, axis=1, keepdims=True)])
+
+
+def write_txt_layout(root, train, test, lines=1100, skip=()):
+    """train/test: lists of (class, number); entries in `skip` get no file."""
+    root.mkdir(parents=True)
+    (root / "modelnet40_shape_names.txt").write_text("".join(f"{n}\n" for n in NAMES))
+    rng = np.random.default_rng(0)
+    for split, entries in (("train", train), ("test", test)):
+        names = [f"{name}_{number:04d}" for name, number in entries]
+        (root / f"modelnet40_{split}.txt").write_text("".join(f"{e}\n" for e in names))
+        for (name, number), entry in zip(entries, names):
+            if entry in skip:
+                continue
+            (root / name).mkdir(exist_ok=True)
+            np.savetxt(root / name / f"{entry}.txt", cloud(rng, lines, number), fmt="%.6f",
+                       delimiter=",")
+    return root
+
+
+def write_h5_layout(root, files, test_files=()):
+    """files: [(name, data (S, 2048, 3), label (S, 1))] for training; listed as in the release."""
+    root.mkdir(parents=True)
+    (root / "shape_names.txt").write_text("".join(f"{n}\n" for n in NAMES))
+    for split, entries in (("train", files), ("test", test_files)):
+        (root / f"{split}_files.txt").write_text(
+            "".join(f"data/modelnet40_ply_hdf5_2048/{name}\n" for name, _, _ in entries))
+        for name, data, label in entries:
+            if data is not None:
+                with h5py.File(root / name, "w") as f:
+                    f.create_dataset("data", data=data)
+                    f.create_dataset("label", data=label)
+    return root
+
+
+def h5_arrays(first_tag, count, labels=None):
+    rng = np.random.default_rng(first_tag)
+    data = rng.uniform(-1, 1, (count, 2048, 3)).astype(np.float32)
+    data[:, 0, 0] = np.arange(first_tag, first_tag + count)
+    labels = np.arange(count) % len(NAMES) if labels is None else labels
+    return data, np.asarray(labels, dtype=np.uint8).reshape(-1, 1)
+
+
+@pytest.fixture
+def txt_root(tmp_path):
+    train = [(NAMES[k % 3], k + 1) for k in range(30)]
+    test = [("night_stand", 101), ("chair", 102)]
+    return write_txt_layout(tmp_path / "modelnet40_normal_resampled", train, test)
+
+
+def tags(data):
+    """The tag of every shape in a split, read back through the raw clouds."""
+    return sorted(int(round(float(c[0, 0]))) for c in data.clouds)
+
+
+def test_normal_resampled_labels_normals_and_first_points(txt_root):
+    data = ModelNet40Dataset(txt_root, "test", num_points=1024)
+    assert data.layout == "normal_resampled" and data.class_names == NAMES
+    assert data.task == "cls" and data.num_classes == 3 and data.in_channels == 3
+    assert data.labels.tolist() == [2, 1]  # night_stand_0101, chair_0102
+    sample = data[0]
+    assert sample["xyz"].shape == (1024, 3) and sample["label"].dtype == torch.int64
+    assert sample["xyz"].norm(dim=1).max() == pytest.approx(1.0, abs=1e-5)
+    raw = np.loadtxt(txt_root / "night_stand" / "night_stand_0101.txt", delimiter=",")
+    assert np.allclose(sample["feat"].numpy(), raw[:1024, 3:], atol=1e-5)  # normals, first N
+    assert data.clouds[0].shape == (1024, 6)  # only the first N lines are read
+
+
+def test_val_is_a_fixed_tenth_of_train_and_disjoint_from_it(txt_root):
+    train = ModelNet40Dataset(txt_root, "train")
+    val = ModelNet40Dataset(txt_root, "val")
+    assert tags(val) == [10, 20, 30]  # every 10th list entry
+    assert set(tags(train)).isdisjoint(tags(val))
+    assert sorted(tags(train) + tags(val)) == list(range(1, 31))
+
+
+def test_val_slice_does_not_move_when_files_are_missing(tmp_path, capsys):
+    train = [("chair", k + 1) for k in range(20)]
+    root = write_txt_layout(tmp_path / "m", train, [("chair", 99)],
+                            skip={"chair_0002", "chair_0003", "chair_0099"})
+    assert tags(ModelNet40Dataset(root, "val")) == [10, 20]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "2 of 20 listed shape files are missing" in out[0]
+    with pytest.raises(FileNotFoundError, match="none of the 1 listed shape files"):
+        ModelNet40Dataset(root, "test")
+
+
+def test_short_file_is_topped_up_with_replacement(tmp_path):
+    root = write_txt_layout(tmp_path / "m", [("chair", 1)], [("chair", 2)], lines=100)
+    sample = ModelNet40Dataset(root, "test", num_points=512)[0]
+    assert sample["xyz"].shape == (512, 3)
+    assert len(np.unique(sample["xyz"].numpy(), axis=0)) <= 100
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("0.1,0.2,0.3,0,0", "line 2: expected 6 columns, found 5"),
+    ("0.1 0.2 0.3 0 0 1", "line 2: expected 6 columns, found 1"),
+    ("0.1,nan,0.3,0,0,1", "line 2: NaN"),
+    ("0.1,0.2,x,0,0,1", "line 2: not a number"),
+])
+def test_bad_line_names_file_and_line(tmp_path, bad_line, message):
+    root = write_txt_layout(tmp_path / "m", [], [("chair", 1)], skip={"chair_0001"})
+    (root / "chair").mkdir()
+    (root / "chair" / "chair_0001.txt").write_text(f"0,0,0,0,0,1\n{bad_line}\n0,0,0,0,0,1\n")
+    with pytest.raises(ValueError, match=r"chair_0001\.txt: " + message):
+        ModelNet40Dataset(root, "test")
+
+
+def test_list_entry_of_unknown_class_is_an_error(tmp_path):
+    root = write_txt_layout(tmp_path / "m", [], [("chair", 1)])
+    (root / "modelnet40_test.txt").write_text("chair_0001\nsofa_0002\n")
+    with pytest.raises(ValueError, match=r"modelnet40_test\.txt: entry 'sofa_0002'"):
+        ModelNet40Dataset(root, "test")
+
+
+def test_hdf5_layout_resolves_listed_paths_by_basename(tmp_path, capsys):
+    root = write_h5_layout(tmp_path / "modelnet40_ply_hdf5_2048",
+                           [("ply_data_train0.h5", *h5_arrays(0, 12)),
+                            ("ply_data_train1.h5", *h5_arrays(12, 8)),
+                            ("ply_data_train2.h5", None, None)],
+                           [("ply_data_test0.h5", *h5_arrays(100, 3, labels=[2, 0, 1]))])
+    test = ModelNet40Dataset(root, "test")
+    assert test.layout == "hdf5" and test.class_names == NAMES
+    assert test.labels.tolist() == [2, 0, 1]
+    sample = test[0]
+    assert sample["xyz"].shape == (1024, 3)
+    assert torch.equal(sample["feat"], sample["xyz"])  # no normals in this layout
+    train, val = ModelNet40Dataset(root, "train"), ModelNet40Dataset(root, "val")
+    assert tags(val) == [9, 19] and sorted(tags(train) + tags(val)) == list(range(20))
+    assert "1 of 3 listed h5 files are missing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("label, nan, message", [
+    (3, False, "sample 1: NaN coordinates or label 3"),
+    (0, True, "sample 1: NaN coordinates"),
+])
+def test_hdf5_bad_sample_names_file_and_index(tmp_path, label, nan, message):
+    data, labels = h5_arrays(0, 3)
+    labels[1] = label
+    data[1, 5, 2] = np.nan if nan else data[1, 5, 2]
+    root = write_h5_layout(tmp_path / "h", [], [("ply_data_test0.h5", data, labels)])
+    with pytest.raises(ValueError, match=r"ply_data_test0\.h5: " + message):
+        ModelNet40Dataset(root, "test")
+
+
+def test_augmentation_is_random_and_anisotropic(txt_root):
+    data = ModelNet40Dataset(txt_root, "test", augment=True)
+    plain = ModelNet40Dataset(txt_root, "test")[0]["xyz"]
+    first, second = data[0]["xyz"], data[0]["xyz"]
+    assert not torch.equal(first, second)
+    ratio = (first - first.mean(0)) / (plain - plain.mean(0))  # per-axis scale, 2/3 .. 3/2
+    scale = ratio.median(0).values
+    assert (scale > 2 / 3 - 1e-4).all() and (scale < 1.5 + 1e-4).all()
+    assert scale.std() > 1e-3
+
+
+def test_layout_is_recognised_or_refused(tmp_path, txt_root):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a ModelNet40 folder"):
+        ModelNet40Dataset(tmp_path / "empty", "train")
+    assert build_dataset("modelnet40", txt_root, "test").layout == "normal_resampled"
+    with pytest.raises(FileNotFoundError, match="modelnet40_normal_resampled.zip"):
+        build_dataset("modelnet40", tmp_path / "absent", "test")
