@@ -1,0 +1,189 @@
+"""Reference vs fast CPU point operations, side by side.
+
+    python bench/pointops.py --json OUT
+
+Median wall time (ms) of FPS, kNN and 3-NN interpolation on object batches (B=16 x 2048) and on
+a room-sized cloud (80k points) under both backends of lib/pointops.py; a Point Transformer
+part-segmentation training step (B=16 x 2048) under both backends; and a grouping-heavy
+forward+backward run in fresh processes with and without run/setup_env.sh's GLIBC_TUNABLES.
+Prints tables and writes everything to OUT as JSON. The slow reference cases run once.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lib import pointops  # noqa: E402
+
+# The issue's targets for the fast path on the 2-core development machine (ms).
+TARGETS_MS = {"fps_b16_2048_512": 10, "fps_80000_20000": 100, "knn16_b16_2048": 25, "knn16_80000": 80}
+# What run/setup_env.sh exports; used when this runs without it.
+SETUP_ENV_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
+
+
+def median_ms(fn, repeats):
+    """Median wall time of `repeats` calls, after a warm-up call unless it is a single run."""
+    if repeats > 1:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def op_cases():
+    """(key, what, call, reference repeats, fast repeats) on random clouds of the usual sizes."""
+    gen = torch.Generator().manual_seed(0)
+    objects = torch.randn(16, 2048, 3, generator=gen)  # random order: [:, :512] is a subsample
+    object_feat = torch.randn(16, 512, 64, generator=gen)
+    room = torch.rand(1, 80000, 3, generator=gen) * torch.tensor([10.0, 10.0, 3.0])  # metres
+    room_feat = torch.randn(1, 20000, 64, generator=gen)
+    fps, knn, interpolate = (pointops.farthest_point_sample, pointops.knn_query,
+                             pointops.interpolate)
+    return [
+        ("fps_b16_2048_512", "FPS B=16 2048->512", lambda: fps(objects, 512), 5, 20),
+        ("fps_80000_20000", "FPS 80000->20000", lambda: fps(room, 20000), 1, 5),
+        ("knn16_b16_2048", "kNN k=16 B=16 x 2048", lambda: knn(16, objects, objects), 3, 20),
+        ("knn16_80000", "kNN k=16 80000", lambda: knn(16, room, room), 1, 5),
+        ("interp3_b16_512_2048", "3-NN interp B=16 512->2048 C=64",
+         lambda: interpolate(objects[:, :512], objects, object_feat), 3, 20),
+        ("interp3_20000_80000", "3-NN interp 20000->80000 C=64",
+         lambda: interpolate(room[:, :20000], room, room_feat), 1, 5),
+    ]
+
+
+def bench_ops():
+    rows = []
+    for key, what, call, reference_repeats, fast_repeats in op_cases():
+        pointops.set_backend("reference")
+        reference = median_ms(call, reference_repeats)
+        pointops.set_backend("auto")
+        fast = median_ms(call, fast_repeats)
+        rows.append({"key": key, "what": what, "reference_ms": round(reference, 2),
+                     "fast_ms": round(fast, 2), "speedup": round(reference / fast, 1),
+                     "target_ms": TARGETS_MS.get(key),
+                     "repeats": {"reference": reference_repeats, "fast": fast_repeats}})
+        print_op_row(rows[-1])
+    return rows
+
+
+def bench_train_step(steps):
+    """One SGD step of part segmentation on B=16 x 2048 under each backend."""
+    try:
+        from models import build_model
+    except ImportError as err:
+        return {"skipped": f"models.build_model does not import yet ({err})"}
+    gen = torch.Generator().manual_seed(0)
+    xyz = torch.rand(16, 2048, 3, generator=gen) * 2 - 1
+    feat = torch.randn(16, 2048, 3, generator=gen)
+    category = torch.randint(16, (16,), generator=gen)
+    label = torch.randint(50, (16, 2048), generator=gen)
+    rows = []
+    for name in ("pt_seg", "pt_seg_tiny"):
+        torch.manual_seed(0)
+        model = build_model(name, in_channels=3, num_classes=50, num_categories=16)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            logits = model(xyz, feat, category)  # (B, N, 50)
+            loss = F.cross_entropy(logits.reshape(-1, 50), label.reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        row = {"model": name, "steps": steps}
+        for backend in ("reference", "auto"):
+            pointops.set_backend(backend)
+            row[f"{'fast' if backend == 'auto' else backend}_ms"] = round(median_ms(step, steps), 1)
+        row["speedup"] = round(row["reference_ms"] / row["fast_ms"], 2)
+        rows.append(row)
+        print(f"train step {name:12s} reference {row['reference_ms']:9.1f} ms   "
+              f"fast {row['fast_ms']:9.1f} ms   x{row['speedup']}")
+    return rows
+
+
+def grouping_step_ms(repeats=7):
+    """Forward+backward dominated by neighbour tensors: gather (16, 2048, 16, 64), Linear, sum."""
+    gen = torch.Generator().manual_seed(0)
+    xyz = torch.randn(16, 2048, 3, generator=gen)
+    idx, _ = pointops.knn_query(16, xyz, xyz)  # (B, N, k)
+    features = torch.randn(16, 2048, 64, generator=gen, requires_grad=True)
+    linear = torch.nn.Linear(64, 64)
+    return median_ms(lambda: linear(pointops.gather(features, idx)).sum().backward(), repeats)
+
+
+def bench_malloc(rounds, tunables):
+    """The grouping step in fresh processes per GLIBC_TUNABLES variant, the variants taken in
+    turn each round so that load from other processes hits them alike."""
+    variants = {"none": None, "setup_env": tunables,
+                "setup_env+hugetlb": f"{tunables}:glibc.malloc.hugetlb=1"}
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, value in variants.items():
+            env = {key: val for key, val in os.environ.items() if key != "GLIBC_TUNABLES"}
+            if value:
+                env["GLIBC_TUNABLES"] = value
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--grouping-step"],
+                                 env=env, capture_output=True, text=True, check=True)
+            times[name].append(round(float(out.stdout), 1))
+    result = {"variants": variants, "per_round_ms": times,
+              "median_ms": {name: statistics.median(ms) for name, ms in times.items()}}
+    for name, ms in times.items():
+        print(f"grouping step, GLIBC_TUNABLES {name:18s} median {result['median_ms'][name]:7.1f} ms"
+              f"   rounds {ms}")
+    return result
+
+
+def print_op_row(row):
+    target = f"{row['target_ms']:>6}" if row["target_ms"] else f"{'-':>6}"
+    print(f"{row['what']:34s} {row['reference_ms']:10.1f} {row['fast_ms']:8.1f} "
+          f"{row['speedup']:8.1f} {target}")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="OUT", help="where to write the results (required)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed training steps per model and backend (0 skips them)")
+    parser.add_argument("--malloc-rounds", type=int, default=3,
+                        help="rounds of the GLIBC_TUNABLES comparison (0 skips it)")
+    parser.add_argument("--tunables", default=os.environ.get("GLIBC_TUNABLES", SETUP_ENV_TUNABLES),
+                        help="the GLIBC_TUNABLES value compared with none")
+    parser.add_argument("--grouping-step", action="store_true",
+                        help="only time the grouping step in this process and print ms")
+    return parser
+
+
+def main(args):
+    if args.grouping_step:
+        print(grouping_step_ms())
+        return
+    if args.json is None:
+        raise SystemExit("bench/pointops.py: --json OUT is required")
+    results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "platform": platform.platform(),
+                           "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
+                           "loadavg_start": os.getloadavg()}}
+    print(f"{'operation':34s} {'ref ms':>10s} {'fast ms':>8s} {'speedup':>8s} {'target':>6s}")
+    results["ops"] = bench_ops()
+    results["train_step"] = bench_train_step(args.steps) if args.steps else {"skipped": "--steps 0"}
+    results["malloc"] = (bench_malloc(args.malloc_rounds, args.tunables) if args.malloc_rounds
+                         else {"skipped": "--malloc-rounds 0"})
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
