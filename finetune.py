@@ -7,6 +7,7 @@ optionally distilling from the fp32 model. Checkpoints are written packed.
 """
 import argparse
 import copy
+import json
 import os
 
 import torch
@@ -135,6 +136,8 @@ def main(args):
                                          args.workers)
         print(f"{best_path} (test split):")
         print(format_results(data["task"], results))
+        with open(os.path.join(out, "best_test.json"), "w") as f:
+            json.dump(results, f, indent=2)
         print(f"honest size {results['honest_bytes'] / 1024:.1f} KiB "
               f"({results['honest_bytes'] / results['fp32_bytes']:.4f} of fp32), "
               f"HAQ budget ratio {results['budget_ratio']:.4f}")
