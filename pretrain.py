@@ -36,6 +36,17 @@ def get_args_parser():
 def main(args):
     device = resolve_device(args.device)
     _, world, device = distributed.init_distributed(device)
+    resume = None
+    if args.resume:  # before the data is loaded: a bad path fails at once
+        recorded, model, resume = load_checkpoint(args.resume)
+        if resume is None:
+            raise SystemExit(f"{args.resume}: holds no optimizer state to resume from "
+                             f"(resume from a last.pt)")
+        # The run continues as it was started; only where it runs may change.
+        given = args
+        args = argparse.Namespace(**recorded["args"])
+        args.resume, args.device, args.workers = given.resume, given.device, given.workers
+        args.out = args.out or os.path.dirname(os.path.abspath(given.resume))
     torch.manual_seed(args.seed)
     epochs = args.epochs if args.epochs is not None else 20
     lr = args.lr if args.lr is not None else (1e-3 if args.optimizer == "adamw" else 0.05)
@@ -47,15 +58,7 @@ def main(args):
                                workers=args.workers)
     val_loader = make_loader(val_set, args.batch_size, train=False, workers=args.workers)
 
-    resume = None
-    if args.resume:
-        recorded, model, resume = load_checkpoint(args.resume)
-        if resume is None:
-            raise SystemExit(f"{args.resume}: holds no optimizer state to resume from "
-                             f"(resume from a last.pt)")
-        args.model = recorded["model"]["name"]
-        args.out = args.out or os.path.dirname(os.path.abspath(args.resume))
-    else:
+    if resume is None:
         model = build_model(args.model, **model_kwargs(args.model, train_set))
     out = args.out or os.path.join("checkpoints", f"{args.model}_{args.dataset}")
     model.to(device)
