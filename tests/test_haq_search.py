@@ -7,15 +7,7 @@ import pytest
 import torch
 
 from lib.haq import DDPG, QuantEnv, plot_policy, run_search
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The agent's MLPs are tiny: extra threads only wait on each other (10x slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_haq_ddpg import one_thread  # noqa: F401 (autouse: the agent runs single-threaded)
 
 
 def toy_layers(sensitive):

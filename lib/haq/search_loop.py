@@ -19,7 +19,8 @@ def run_search(env, agent, episodes, warmup, on_episode=None, state=None):
     """Runs episodes [state["episode"] or 0, episodes). Episodes below `warmup` take uniform random
     actions and only fill the replay buffer; later ones explore around the actor with
     sigma = sigma_init * sigma_decay^(episode - warmup) and are followed by one agent update per
-    layer (HAQ's schedule). Returns {"best": record, "history": [record, ...]}.
+    layer (HAQ's schedule; HAQ's `episode <= warmup` ran one warm-up episode more than asked).
+    Returns {"best": record, "history": [record, ...]}.
 
     record: episode, bits, budget_ratio, metric, reward, sigma (None while warming up),
     value_loss / policy_loss (mean over the episode's updates, None without updates).
