@@ -7,6 +7,7 @@ Index tensors are int64 and index the N axis of their own batch element.
 Every operation has a pure-torch reference (runs on any device). CPU tensors take a fast path
 (C++ FPS from fpsample, kd-tree kNN from pykdtree) unless `set_backend("reference")`; the fast
 path returns the same indices as the reference (up to ties). bench/pointops.py compares them.
+A GeometryTape replays the FPS and kNN of a fixed batch (HAQ's search subset) without recomputing.
 """
 import fpsample
 import numpy as np
@@ -38,19 +39,20 @@ def start_index(xyz):
 # Pure-torch reference: any device, also the CUDA path.
 
 def farthest_point_sample_reference(xyz, m):
-    """Exact farthest point sampling. xyz: (B, N, 3) -> (B, m) int64, first = start_index."""
+    """Exact farthest point sampling. xyz: (B, N, 3) -> (B, m) int64, first = start_index.
+    Each step is six small kernels and no host synchronisation (the picks are stacked once at
+    the end), so on a GPU the loop only queues launches."""
     b, n, _ = xyz.shape
     xyz = xyz.detach()
-    idx = torch.empty(b, m, dtype=torch.long, device=xyz.device)
     dist = torch.full((b, n), float("inf"), dtype=xyz.dtype, device=xyz.device)
-    farthest = start_index(xyz)
-    batch = torch.arange(b, device=xyz.device)
-    for i in range(m):
-        idx[:, i] = farthest
-        d = ((xyz - xyz[batch, farthest].unsqueeze(1)) ** 2).sum(-1)  # (B, N)
-        dist = torch.minimum(dist, d)
+    farthest = start_index(xyz)  # (B,)
+    picks = []
+    for _ in range(m):
+        picks.append(farthest)
+        centre = xyz.gather(1, farthest.view(b, 1, 1).expand(b, 1, 3))  # (B, 1, 3)
+        torch.minimum(dist, (xyz - centre).square_().sum(-1), out=dist)
         farthest = dist.argmax(dim=1)
-    return idx
+    return torch.stack(picks, dim=1)
 
 
 def knn_query_reference(k, support, query, chunk=4096):
@@ -152,6 +154,65 @@ def knn_query_cpu(k, support, query):
     return torch.from_numpy(idx), torch.from_numpy(dist2).to(dtype)
 
 
+# Replaying the geometry of a fixed batch.
+
+class GeometryTape:
+    """The FPS and kNN results of one forward pass over a fixed batch, replayed by later passes.
+
+    A network's geometry depends on the clouds only, never on its weights, and HAQ scores
+    hundreds of weight settings on one fixed subset: each batch of it needs its FPS and kNN once.
+    Inside `with tape:` the first pass records every farthest_point_sample / knn_query result in
+    call order; later passes get them back in that order, with no computation and no host-device
+    copy. Each replayed call must match its recording (operation, m or k, input shapes, dtypes
+    and devices), so a tape replayed through another network raises instead of returning wrong
+    neighbours; the clouds are not compared, so keep one tape per batch.
+    """
+
+    def __init__(self):
+        self.entries = []  # [(call signature, result)] in call order
+        self.recorded = False
+        self._position = None
+
+    def __enter__(self):
+        global _TAPE
+        if _TAPE is not None:
+            raise RuntimeError("pointops.py: geometry tapes do not nest")
+        _TAPE, self._position = self, 0
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        global _TAPE
+        _TAPE = None
+        if exc_type is not None:
+            if not self.recorded:  # an interrupted recording is incomplete
+                self.entries = []
+            return
+        if self.recorded and self._position != len(self.entries):
+            raise ValueError(f"pointops.py: geometry tape replayed {self._position} of its "
+                             f"{len(self.entries)} calls")
+        self.recorded = True
+
+    def run(self, signature, compute):
+        if not self.recorded:
+            self.entries.append((signature, compute()))
+            return self.entries[-1][1]
+        if self._position >= len(self.entries) or self.entries[self._position][0] != signature:
+            raise ValueError(f"pointops.py: geometry tape replay diverged at call "
+                             f"{self._position}: {signature}")
+        self._position += 1
+        return self.entries[self._position - 1][1]
+
+
+_TAPE = None  # the GeometryTape of the enclosing `with`, if any
+
+
+def _taped(name, number, tensors, compute):
+    if _TAPE is None:
+        return compute()
+    signature = (name, number) + tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+    return _TAPE.run(signature, compute)
+
+
 # Dispatch: the fast path for CPU tensors under the "auto" backend.
 
 def farthest_point_sample(xyz, m):
@@ -159,9 +220,8 @@ def farthest_point_sample(xyz, m):
     n = xyz.shape[1]
     if not 1 <= m <= n:
         raise ValueError(f"farthest_point_sample: cannot sample {m} of {n} points")
-    if _use_fast_path(xyz):
-        return farthest_point_sample_cpu(xyz, m)
-    return farthest_point_sample_reference(xyz, m)
+    fps = farthest_point_sample_cpu if _use_fast_path(xyz) else farthest_point_sample_reference
+    return _taped("farthest_point_sample", m, (xyz,), lambda: fps(xyz, m))
 
 
 def knn_query(k, support, query):
@@ -169,9 +229,8 @@ def knn_query(k, support, query):
     n = support.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"knn_query: cannot find {k} neighbours among {n} points")
-    if _use_fast_path(support, query):
-        return knn_query_cpu(k, support, query)
-    return knn_query_reference(k, support, query)
+    knn = knn_query_cpu if _use_fast_path(support, query) else knn_query_reference
+    return _taped("knn_query", k, (support, query), lambda: knn(k, support, query))
 
 
 def _use_fast_path(*tensors):

@@ -204,3 +204,63 @@ def test_interpolate_linear_field_and_backends_agree():
     assert (out[..., 0] - dst @ slope).abs().mean() < 0.05
     po.set_backend("reference")
     assert torch.allclose(po.interpolate(src, dst, field), out, atol=1e-5)
+
+
+# Geometry tape
+
+def geometry(xyz):
+    """FPS, then kNN and 3-NN interpolation between the cloud and its sample, as a network does."""
+    new_xyz = po.gather(xyz, po.farthest_point_sample(xyz, 64))
+    idx, _ = po.knn_query(8, xyz, new_xyz)
+    return new_xyz, idx, po.interpolate(new_xyz, xyz, new_xyz)
+
+
+def test_geometry_tape_replays_without_computing(monkeypatch):
+    xyz = cloud(2, 256, 3)
+    tape = po.GeometryTape()
+    with tape:
+        recorded = geometry(xyz)
+    assert tape.recorded and [s[0] for s, _ in tape.entries] == ["farthest_point_sample",
+                                                               "knn_query", "knn_query"]
+
+    def computed(*args):
+        raise AssertionError("replay computed the geometry")
+    for name in ("farthest_point_sample_cpu", "farthest_point_sample_reference",
+                 "knn_query_cpu", "knn_query_reference"):
+        monkeypatch.setattr(po, name, computed)
+    for _ in range(2):
+        with tape:
+            replayed = geometry(xyz)
+        for a, b in zip(recorded, replayed):
+            assert torch.equal(a, b)
+    with pytest.raises(AssertionError, match="replay computed"):
+        geometry(xyz)  # outside the tape: computed again
+
+
+def test_geometry_tape_rejects_another_call_sequence():
+    xyz = cloud(1, 128, 3)
+    tape = po.GeometryTape()
+    with tape:
+        po.knn_query(8, xyz, xyz)
+    with pytest.raises(ValueError, match="diverged at call 0"):
+        with tape:
+            po.knn_query(4, xyz, xyz)  # another k
+    with pytest.raises(ValueError, match="replayed 0 of its 1 calls"):
+        with tape:
+            pass
+    with pytest.raises(RuntimeError, match="do not nest"):
+        with tape, po.GeometryTape():
+            pass
+
+
+def test_geometry_tape_forgets_an_interrupted_recording():
+    xyz = cloud(1, 128, 3)
+    tape = po.GeometryTape()
+    with pytest.raises(KeyError):
+        with tape:
+            po.knn_query(8, xyz, xyz)
+            raise KeyError("interrupted")
+    assert not tape.recorded and tape.entries == []
+    with tape:
+        idx, _ = po.knn_query(8, xyz, xyz)
+    assert tape.recorded and torch.equal(tape.entries[0][1][0], idx)
