@@ -1,0 +1,125 @@
+"""Clustering speed and quality: our sorted 1-D k-means (lib/quant/kmeans.py) against
+scikit-learn's KMeans on every quantizable layer of the default Point Transformer part
+segmentation model, at one bit width.
+
+scikit-learn is run twice: with its defaults (k-means++, n_init 'auto' = 1, max_iter 300) and
+with max_iter=3 as HAQ's search used it. Time is wall-clock per layer (best of --repeats), SSE
+is the sum of squared weight errors in float64. Random-init weights by default; --ckpt takes a
+trained checkpoint's.
+
+    python bench/quant.py --json bench/quant.json
+"""
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+from lib.quant.kmeans import kmeans_1d
+from lib.quant.layers import named_quantizable
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--model", default="pt_seg")
+    p.add_argument("--ckpt", default=None, help="take the weights of this checkpoint")
+    p.add_argument("--repeats", type=int, default=1, help="timing: best of this many runs")
+    p.add_argument("--device", default="cpu", help="device of our k-means (sklearn is CPU)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N layers (quick look)")
+    p.add_argument("--json", default=None, help="write the results here")
+    return p
+
+
+def layer_weights(args):
+    """[(name, weight tensor)] and a note on where the weights came from."""
+    if args.ckpt:
+        from lib.checkpoint import load_checkpoint
+        _, model, _ = load_checkpoint(args.ckpt)
+        source = f"trained weights of {args.ckpt}"
+    else:
+        from models import build_model
+        torch.manual_seed(0)
+        model = build_model(args.model, in_channels=3, num_classes=50, num_categories=16)
+        source = f"random-init {args.model}(in_channels=3, num_classes=50, num_categories=16)"
+    layers = [(name, m.weight.detach().clone()) for name, m in named_quantizable(model)]
+    return layers[:args.limit], source
+
+
+def sse(weights, codebook, indices):
+    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+    c = torch.as_tensor(codebook, dtype=torch.float64)
+    return float(((w - c[torch.as_tensor(indices).reshape(-1).long()]) ** 2).sum())
+
+
+def timed(fn, repeats):
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def ours(weight, bits, device):
+    def run():
+        codebook, indices = kmeans_1d(weight.to(device), bits)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return codebook.cpu(), indices.cpu()
+    return run
+
+
+def sklearn(weight, bits, **kwargs):
+    from sklearn.cluster import KMeans
+    x = weight.reshape(-1, 1).numpy()
+
+    def run():
+        km = KMeans(n_clusters=min(2 ** bits, len(np.unique(x))), random_state=0, **kwargs).fit(x)
+        return km.cluster_centers_[:, 0], km.labels_
+    return run
+
+
+def main(args):
+    device = torch.device(args.device)
+    layers, source = layer_weights(args)
+    methods = {"ours": lambda w: ours(w, args.bits, device),
+               "sklearn": lambda w: sklearn(w, args.bits),
+               "sklearn_max_iter3": lambda w: sklearn(w, args.bits, max_iter=3)}
+    if device.type == "cuda":  # warm-up: CUDA context and kernels
+        kmeans_1d(layers[0][1].to(device), args.bits)
+    rows = []
+    for name, weight in layers:
+        row = {"layer": name, "n": weight.numel()}
+        for method, make in methods.items():
+            seconds, (codebook, indices) = timed(make(weight), args.repeats)
+            row[method] = {"seconds": seconds, "sse": sse(weight, codebook, indices),
+                           "clusters": len(codebook)}
+        rows.append(row)
+        print(f"{name:<45} n={row['n']:>8} " + " ".join(
+            f"{m} {row[m]['seconds']:.3f}s sse {row[m]['sse']:.4g}" for m in methods), flush=True)
+    total = {m: {"seconds": sum(r[m]["seconds"] for r in rows), "sse": sum(r[m]["sse"] for r in rows)}
+             for m in methods}
+    result = {
+        "speedup_vs_sklearn": total["sklearn"]["seconds"] / total["ours"]["seconds"],
+        "sse_ratio_vs_sklearn": total["ours"]["sse"] / total["sklearn"]["sse"],
+        "speedup_vs_sklearn_max_iter3": total["sklearn_max_iter3"]["seconds"] / total["ours"]["seconds"],
+        "sse_ratio_vs_sklearn_max_iter3": total["ours"]["sse"] / total["sklearn_max_iter3"]["sse"],
+        "layers_where_ours_has_higher_sse": sum(r["ours"]["sse"] > r["sklearn"]["sse"] * (1 + 1e-9)
+                                                for r in rows),
+        "bits": args.bits, "weights": source, "n_layers": len(rows),
+        "n_weights": sum(r["n"] for r in rows), "totals": total, "device": str(device),
+        "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "layers": rows,
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "layers"}, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

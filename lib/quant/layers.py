@@ -1,0 +1,247 @@
+"""Weight-shared layers (Deep Compression, Han et al. ICLR 2016, Sec. 3): applying a per-layer
+bit policy to any nn.Module, undoing it, and listing the layers a policy can address.
+
+A quantized layer is the same nn.Linear / nn.Conv1d / nn.Conv2d object with its `weight`
+Parameter replaced by a trainable `codebook` (K,) Parameter and a fixed `indices` buffer shaped
+like the weight (uint8 up to 8 bits). Its class becomes a subclass whose `weight` is the
+property `codebook[indices]`, the way torch.nn.utils.parametrize swaps classes, so:
+- the layer's own forward, and any code that reads `.weight` (nn.MultiheadAttention reads
+  `out_proj.weight`), runs unchanged, and isinstance(layer, nn.Linear) still holds;
+- autograd makes each centroid's gradient the sum of the gradients of the weights sharing it
+  (Deep Compression Eq. 3), while the indices stay fixed;
+- the layer keeps its name in `named_modules()`, and its state_dict holds `codebook`,
+  `indices` and, as before, `bias`.
+"""
+from dataclasses import dataclass
+from math import prod
+from numbers import Integral
+
+import torch
+import torch.nn as nn
+
+from lib.checkpoint import unwrap
+from lib.quant.kmeans import METHODS, cluster, index_dtype
+
+QUANTIZABLE = (nn.Conv2d, nn.Conv1d, nn.Linear)  # subclasses first: the kind is the first match
+KINDS = {nn.Conv2d: "conv2d", nn.Conv1d: "conv1d", nn.Linear: "linear"}
+FP32_BITS = 32
+
+
+class WeightShared:
+    """Mixin of the quantized classes: the weight is looked up from the codebook."""
+
+    @property
+    def weight(self):
+        return self.codebook[self.indices.long()]  # shape of the dense weight
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, bits={self.bits}, clusters={self.codebook.numel()}"
+
+
+class WeightSharedLinear(WeightShared, nn.Linear):
+    pass
+
+
+class WeightSharedConv1d(WeightShared, nn.Conv1d):
+    pass
+
+
+class WeightSharedConv2d(WeightShared, nn.Conv2d):
+    pass
+
+
+_SHARED_CLASSES = {nn.Linear: WeightSharedLinear, nn.Conv1d: WeightSharedConv1d,
+                   nn.Conv2d: WeightSharedConv2d}
+
+
+def _shared_class(cls):
+    """The weight-shared counterpart of a layer class; made on demand for user subclasses."""
+    if cls not in _SHARED_CLASSES:
+        _SHARED_CLASSES[cls] = type(f"WeightShared{cls.__name__}", (WeightShared, cls), {})
+    return _SHARED_CLASSES[cls]
+
+
+def is_quantized_layer(module):
+    return isinstance(module, WeightShared)
+
+
+def share_weights(layer, codebook, indices, bits, method):
+    """Turn a dense quantizable layer, in place, into its weight-shared form."""
+    weight = layer.weight
+    del layer.weight
+    layer.codebook = nn.Parameter(codebook.to(weight.dtype), requires_grad=weight.requires_grad)
+    layer.register_buffer("indices", indices.reshape(weight.shape).to(index_dtype(bits)))
+    layer.bits, layer.method = bits, method
+    layer.__class__ = _shared_class(type(layer))
+    return layer
+
+
+def densify(layer):
+    """Undo share_weights in place: a plain dense layer holding the quantized weights."""
+    weight = layer.weight.detach().clone()
+    requires_grad = layer.codebook.requires_grad
+    dense_class = next(c for c in type(layer).__mro__[1:] if not issubclass(c, WeightShared))
+    del layer.codebook, layer.indices, layer.bits, layer.method
+    layer.__class__ = dense_class
+    layer.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    return layer
+
+
+def named_quantizable(model):
+    """(name, layer) for every Linear / Conv1d / Conv2d (subclasses and quantized ones
+    included), in named_modules order, names as in the unwrapped model."""
+    return [(name, m) for name, m in unwrap(model).named_modules() if isinstance(m, QUANTIZABLE)]
+
+
+def check_policy(policy, names, where="policy"):
+    """ValueError on layer names the model does not have or bit widths that are not 1..32."""
+    unknown = sorted(set(policy) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: {len(unknown)} layer(s) not quantizable in this model: "
+                         f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+    for name, bits in policy.items():
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, Integral) or bits < 1):
+            raise ValueError(f"{where}: layer {name}: bits must be a positive integer or None, "
+                             f"got {bits!r}")
+
+
+def is_fp32(bits):
+    return bits is None or bits >= FP32_BITS
+
+
+def quantize_model(model, policy, method="kmeans", cache=None):
+    """Apply {layer name: bits or None} in place and return the model. Missing layers, None and
+    bits >= 32 stay as they are (fp32); a layer that is already quantized and named with bits is
+    re-clustered from its current shared weights. method: "kmeans" or "linear" (uniform grid).
+    cache: a KMeansCache, to reuse clusterings across calls (HAQ episodes)."""
+    if method not in METHODS:
+        raise ValueError(f"quantize_model: unknown method {method!r}; use one of {METHODS}")
+    layers = dict(named_quantizable(model))
+    check_policy(policy, layers, "quantize_model")
+    for name, bits in policy.items():
+        if is_fp32(bits):
+            continue
+        layer = layers[name]
+        weight = layer.weight.detach()
+        if cache is not None:
+            codebook, indices = cache.cluster(name, weight, int(bits), method)
+        else:
+            codebook, indices = cluster(weight, int(bits), method)
+        if is_quantized_layer(layer):
+            densify(layer)
+        share_weights(layer, codebook, indices, int(bits), method)
+    return model
+
+
+def dequantize(model):
+    """Every quantized layer back to a dense fp32 layer holding its quantized weights."""
+    for _, layer in named_quantizable(model):
+        if is_quantized_layer(layer):
+            densify(layer)
+    return model
+
+
+def quant_state(model):
+    """{layer name: {"bits", "method", "clusters"}} of the quantized layers: with the state_dict,
+    all a file needs to rebuild them (prepare_quantized)."""
+    return {name: {"bits": m.bits, "method": m.method, "clusters": m.codebook.numel()}
+            for name, m in named_quantizable(model) if is_quantized_layer(m)}
+
+
+def state_key(layer_name, entry):
+    """state_dict key of a layer's entry ("codebook", "indices", "weight"); the root has no prefix."""
+    return f"{layer_name}.{entry}" if layer_name else entry
+
+
+def quantized_keys(model):
+    """({indices key: bits}, {codebook keys}) of the model's quantized layers in its state_dict."""
+    state = quant_state(model)
+    return ({state_key(name, "indices"): entry["bits"] for name, entry in state.items()},
+            {state_key(name, "codebook") for name in state})
+
+
+def prepare_quantized(model, state):
+    """Give a freshly built fp32 model the quantized layers described by `state` (quant_state),
+    with placeholder codebooks and indices, so that load_state_dict(strict=True) fills them."""
+    layers = dict(named_quantizable(model))
+    check_policy({name: entry["bits"] for name, entry in state.items()}, layers, "quant state")
+    for name, entry in state.items():
+        layer = layers[name]
+        if is_quantized_layer(layer):
+            densify(layer)
+        weight = layer.weight.detach()
+        share_weights(layer, weight.new_zeros(entry["clusters"]),
+                      torch.zeros(weight.shape, dtype=torch.int64, device=weight.device),
+                      entry["bits"], entry["method"])
+    return model
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable layer, with the fields HAQ's state embedding uses."""
+    name: str  # from named_modules() of the unwrapped model
+    kind: str  # "linear" | "conv1d" | "conv2d"
+    in_features: int  # in_channels for a conv
+    out_features: int  # out_channels for a conv
+    kernel_size: int  # product of the kernel's sides; 1 for linear
+    stride: int  # product of the strides; 1 for linear
+    n_weights: int
+    input_size: int  # positions per sample the layer sees: input.numel() / (in_features * batch)
+
+
+def list_quantizable(model, example_inputs=None):
+    """Every Linear / Conv1d / Conv2d once (isinstance, so subclasses and quantized layers count).
+
+    With example_inputs (a tuple of forward arguments) one no-grad forward in eval mode (the
+    training flags are restored, so no BatchNorm statistic moves) measures each layer's input
+    size and orders the layers by first call; layers the forward never calls follow, with
+    input_size 0. Without it the order is named_modules order and input_size is 1.
+    """
+    layers = named_quantizable(model)
+    seen = {}  # name -> input_size, in order of first call
+
+    def recorder(name, in_features):
+        def hook(module, args):
+            if name not in seen:
+                x = args[0]
+                batch = x.shape[0] if x.dim() > 1 else 1
+                seen[name] = x.numel() // (in_features * batch)
+        return hook
+
+    if example_inputs is not None:
+        root = unwrap(model)
+        modes = {m: m.training for m in root.modules()}
+        handles = [m.register_forward_pre_hook(recorder(name, _in_features(m)))
+                   for name, m in layers]
+        try:
+            root.eval()
+            with torch.no_grad():
+                root(*example_inputs)
+        finally:
+            for h in handles:
+                h.remove()
+            for m, training in modes.items():
+                m.training = training
+        rank = {name: i for i, name in enumerate(seen)}
+        layers = sorted(layers, key=lambda item: rank.get(item[0], len(rank)))
+    return [_info(name, m, seen.get(name, 0) if example_inputs is not None else 1)
+            for name, m in layers]
+
+
+def _in_features(layer):
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+def _info(name, layer, input_size):
+    kind = next(KINDS[cls] for cls in QUANTIZABLE if isinstance(layer, cls))
+    conv = kind != "linear"
+    return LayerInfo(name=name, kind=kind, in_features=_in_features(layer),
+                     out_features=layer.out_channels if conv else layer.out_features,
+                     kernel_size=prod(layer.kernel_size) if conv else 1,
+                     stride=prod(layer.stride) if conv else 1,
+                     n_weights=n_weights(layer), input_size=int(input_size))
+
+
+def n_weights(layer):
+    """Number of weights of a quantizable layer, without materialising a shared weight."""
+    return (layer.indices if is_quantized_layer(layer) else layer.weight).numel()

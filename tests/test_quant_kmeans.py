@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+import torch
+
+from lib.quant.kmeans import KMeansCache, cluster, index_dtype, kmeans_1d, uniform_codebook
+
+
+def sse(weights, codebook, indices):
+    w = weights.reshape(-1).double()
+    return float(((w - codebook.double()[indices.reshape(-1).long()]) ** 2).sum())
+
+
+def hard_inputs():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "gaussian": torch.randn(3000, generator=g),
+        "duplicates": torch.round(torch.randn(3000, generator=g) * 4) / 4,  # ~35 distinct values
+        "outlier": torch.cat([torch.randn(2000, generator=g) * 0.01, torch.tensor([10.0])]),
+        "five_values": torch.tensor([-1.0, -0.5, 0.0, 0.25, 2.0]).repeat(40),
+        "two_values": torch.tensor([0.5, -0.5]).repeat(100),
+        "constant": torch.full((64,), 0.3),
+    }
+
+
+@pytest.mark.parametrize("init", ["auto", "linear", "density", "kmeans++"])
+@pytest.mark.parametrize("bits", [1, 2, 4, 6])
+def test_codebook_is_finite_distinct_and_every_cluster_used(init, bits):
+    for name, w in hard_inputs().items():
+        codebook, indices = kmeans_1d(w, bits, init=init)
+        distinct = w.unique().numel()
+        assert codebook.dtype == torch.float32 and torch.isfinite(codebook).all(), name
+        assert (codebook.diff() > 0).all(), name  # ascending, hence no duplicates
+        # At most 2^b clusters and never more than distinct values; empty clusters are repaired
+        # (the outlier leaves linear init's centroids empty), so all of them are filled.
+        assert codebook.numel() == min(2 ** bits, distinct), name
+        assert indices.shape == w.shape and indices.dtype == torch.int64
+        assert torch.equal(indices.unique(), torch.arange(codebook.numel())), name
+
+
+@pytest.mark.parametrize("init", ["auto", "linear", "density", "kmeans++"])
+def test_result_is_a_lloyd_fixed_point(init):
+    """Every weight sits in its nearest centroid's cluster and every centroid is its cluster's mean."""
+    w = hard_inputs()["gaussian"]
+    codebook, indices = kmeans_1d(w, 4, init=init)
+    distance = (w[:, None] - codebook[None, :]).abs()  # (n, K)
+    assert (distance[torch.arange(w.numel()), indices] <= distance.min(1).values + 1e-6).all()
+    sums = torch.zeros(codebook.numel(), dtype=torch.float64).index_add_(0, indices, w.double())
+    counts = torch.bincount(indices, minlength=codebook.numel())
+    torch.testing.assert_close(codebook.double(), sums / counts, rtol=0, atol=1e-6)
+
+
+def test_fewer_distinct_values_than_clusters_gives_exactly_those_values():
+    values = torch.tensor([-0.3, -0.1, 0.0, 0.2, 0.7])
+    w = values[torch.randint(5, (192,), generator=torch.Generator().manual_seed(0))]
+    codebook, indices = kmeans_1d(w, 8)
+    assert torch.equal(codebook, values)
+    assert torch.equal(codebook[indices], w)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "laplace", "uniform"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+def test_sse_no_worse_than_sklearn(distribution, bits):
+    KMeans = pytest.importorskip("sklearn.cluster").KMeans
+    g = torch.Generator().manual_seed(bits)
+    w = {"gaussian": lambda: torch.randn(4000, generator=g) * 0.05,
+         "laplace": lambda: torch.distributions.Laplace(0, 0.05).sample((4000,)),
+         "uniform": lambda: torch.rand(4000, generator=g) - 0.5}[distribution]()
+    ours = sse(w, *kmeans_1d(w, bits))
+    x = w.numpy()[:, None]
+    for n_init in (1, 3):
+        km = KMeans(2 ** bits, n_init=n_init, random_state=0).fit(x)
+        theirs = sse(w, torch.from_numpy(km.cluster_centers_[:, 0]), torch.from_numpy(km.labels_))
+        assert ours <= theirs * 1.02, (n_init, ours, theirs)
+
+
+def test_same_seed_same_codebook():
+    w = hard_inputs()["gaussian"]
+    a, b = kmeans_1d(w, 5, init="kmeans++", seed=3), kmeans_1d(w, 5, init="kmeans++", seed=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_unknown_init_and_method_are_errors():
+    with pytest.raises(ValueError, match="init"):
+        kmeans_1d(torch.randn(100), 2, init="random")
+    with pytest.raises(ValueError, match="method"):
+        cluster(torch.randn(100), 2, method="pq")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 8])
+def test_linear_levels_are_a_symmetric_uniform_grid(bits):
+    w = torch.randn(5000, generator=torch.Generator().manual_seed(bits))
+    codebook, indices = uniform_codebook(w, bits)
+    top = w.abs().max()
+    delta = 2 * top / (2 ** bits - 1)
+    steps = codebook / delta + (2 ** bits - 1) / 2  # grid positions 0 .. 2^b - 1
+    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
+    assert steps.min() >= -1e-4 and steps.max() <= 2 ** bits - 1 + 1e-4
+    assert codebook.numel() <= 2 ** bits and (codebook.diff() > 0).all()
+    # the extreme weight keeps its value; every weight takes its nearest grid level
+    torch.testing.assert_close(codebook.abs().max(), top)
+    assert ((w - codebook[indices]).abs() <= delta / 2 + 1e-6).all()
+    # symmetric: negating the weights mirrors the levels
+    mirrored, _ = uniform_codebook(-w, bits)
+    torch.testing.assert_close(mirrored, -codebook.flip(0))
+
+
+def test_linear_of_all_zero_weights_is_one_zero_level():
+    codebook, indices = uniform_codebook(torch.zeros(10), 4)
+    assert torch.equal(codebook, torch.zeros(1)) and torch.equal(indices, torch.zeros(10).long())
+
+
+def test_cache_reuses_results_and_never_serves_stale_ones():
+    cache = KMeansCache()
+    w = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    first = cache.cluster("fc", w, 3)
+    first[0].add_(1.0)  # a caller training its codebook in place must not change the cache
+    again = cache.cluster("fc", w.clone(), 3)
+    assert (cache.hits, cache.misses) == (1, 1)
+    expected = kmeans_1d(w, 3)
+    assert torch.equal(again[0], expected[0]) and torch.equal(again[1], expected[1])
+    cache.cluster("fc", w, 4)
+    cache.cluster("fc", w, 3, method="linear")
+    changed = w.clone()
+    changed[0, 0] += 0.5
+    assert torch.equal(cache.cluster("fc", changed, 3)[1], kmeans_1d(changed, 3)[1])
+    assert (cache.hits, cache.misses, len(cache)) == (1, 4, 4)
+
+
+def test_index_dtype_is_compact():
+    assert index_dtype(1) == index_dtype(8) == torch.uint8
+    assert index_dtype(9) == index_dtype(15) == torch.int16
+    assert index_dtype(16) == torch.int32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    w = torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    for bits in (2, 4, 8):
+        cpu = kmeans_1d(w, bits)
+        gpu = kmeans_1d(w.cuda(), bits)
+        assert gpu[0].is_cuda and gpu[1].is_cuda
+        assert np.isclose(sse(w, *cpu), sse(w, gpu[0].cpu(), gpu[1].cpu()), rtol=1e-5)
