@@ -1,14 +1,16 @@
 """The reward's measurement: quantize a copy of the fp32 model with a policy, optionally
 fine-tune it for a few steps, and score it on a fixed subset of the held-out training data.
-The subset is collated and moved to the device once, and k-means results are cached per
-(layer, bits), so an episode costs one clustering per new (layer, bits) and one forward pass
-over the subset."""
+The subset is collated and moved to the device once, its FPS and kNN are recorded on the
+first pass and replayed after (pointops.GeometryTape: they depend on the points, not on the
+weights), and k-means results are cached per (layer, bits), so an episode costs one clustering
+per new (layer, bits) and one forward pass of the networks' layers over the subset."""
 import copy
 
 import torch
 
+from lib import pointops
 from lib.metrics import metric_key
-from lib.quant import KMeansCache, quantize_model
+from lib.quant import KMeansCache, dequantize, quantize_model
 from lib.tasks import model_inputs, supervised_loss, to_device
 from lib.train import evaluate
 
@@ -32,6 +34,7 @@ class PolicyEvaluator:
         self.method = method
         self.train_batches, self.finetune_steps, self.finetune_lr = train_batches, finetune_steps, finetune_lr
         self.cache = KMeansCache()
+        self.tapes = [pointops.GeometryTape() for _ in eval_batches]  # one per fixed batch
         self.key = metric_key(dataset.task)
 
     def quantized(self, bits):
@@ -39,8 +42,15 @@ class PolicyEvaluator:
                               cache=self.cache)
 
     def score(self, model):
-        return evaluate(model, self.eval_batches, self.device, desc="search eval",
+        return evaluate(model, self._taped_batches(), self.device, desc="search eval",
                         dataset=self.dataset)
+
+    def _taped_batches(self):
+        """The eval batches, each yielded inside its geometry tape, so the forward pass that
+        consumes a batch records (first episode) or replays (later ones) its FPS and kNN."""
+        for batch, tape in zip(self.eval_batches, self.tapes):
+            with tape:
+                yield batch
 
     def _finetune(self, model):
         """HAQ's optional short fine-tune before the reward: a few steps on training batches."""
@@ -57,4 +67,5 @@ class PolicyEvaluator:
         model = self.quantized(bits)
         if self.finetune_steps:
             self._finetune(model)
-        return self.score(model)[self.key]
+        # dense weights: each forward would otherwise look every shared weight up again
+        return self.score(dequantize(model))[self.key]
