@@ -80,7 +80,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     subprocess.run([sys.executable, script, "--out", str(tmp_path / "single"), "--batch-size", "8"],
                    check=True, env=env, timeout=120)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                    "--master-port", "0", script, "--out", str(tmp_path / "ddp"),
+                    "--standalone", script, "--out", str(tmp_path / "ddp"),
                     "--batch-size", "4"], check=True, env=env, timeout=180)
     single = torch.load(tmp_path / "single" / "result.pt", weights_only=True)
     ddp = torch.load(tmp_path / "ddp" / "result.pt", weights_only=True)
