@@ -155,7 +155,7 @@ def main(args):
     write_policy(os.path.join(out, "policy.json"), policy)
     plot_policy(os.path.join(out, "policy.png"), [layer.name for layer in layers],
                 [best["bits"][layer.name] for layer in layers], [layer.n_weights for layer in layers],
-                title=f"HAQ policy, preserve {args.preserve_ratio}")
+                fixed_names=tuple(fixed), title=f"HAQ policy, preserve {args.preserve_ratio}")
 
     rows = baselines(args, evaluator, layers, fixed, best)
     table = format_baseline_table(rows, evaluator.key, metric_fp32)

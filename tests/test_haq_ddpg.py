@@ -10,16 +10,6 @@ from lib.haq.ddpg import DDPG, ReplayBuffer, soft_update, truncated_normal
 STATE_DIM = 9
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The agent's MLPs are tiny: on a busy CPU extra threads only wait on each other (an update
-    took 150 ms with 2 threads, 6 ms with 1). test_haq_search imports this fixture."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fill(agent, episodes, steps=4, seed=0):
     """Stores `episodes` episodes of random transitions with a reward per episode."""
     g = torch.Generator().manual_seed(seed)
@@ -181,3 +171,18 @@ def test_wrong_buffer_shape_is_refused():
     saved = DDPG(STATE_DIM, buffer_size=40, seed=1).state_dict()
     with pytest.raises(ValueError, match="replay buffer"):
         DDPG(STATE_DIM, buffer_size=80, seed=1).load_state_dict(saved)
+
+
+def test_agent_runs_single_threaded_and_restores_the_thread_count():
+    agent = DDPG(STATE_DIM, buffer_size=1000, seed=0, batch_size=8)
+    fill(agent, episodes=4)
+    seen = []
+    agent.critic.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert agent.update_policy() is not None
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {1}

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from lib.haq import DDPG, QuantEnv, plot_policy, run_search
-from test_haq_ddpg import one_thread  # noqa: F401 (autouse: the agent runs single-threaded)
 
 
 def toy_layers(sensitive):
