@@ -39,7 +39,7 @@ def test_codebook_is_finite_distinct_and_every_cluster_used(init, bits):
 
 @pytest.mark.parametrize("init", ["auto", "linear", "density", "kmeans++"])
 def test_result_is_a_lloyd_fixed_point(init):
-    """Every weight sits in its nearest centroid's cluster and every centroid is its cluster's mean."""
+    """Every weight sits in its nearest centroid's cluster; every centroid is its cluster's mean."""
     w = hard_inputs()["gaussian"]
     codebook, indices = kmeans_1d(w, 4, init=init)
     distance = (w[:, None] - codebook[None, :]).abs()  # (n, K)

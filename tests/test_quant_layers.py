@@ -110,7 +110,8 @@ def trained_mlp():
     x = torch.rand(512, 2, generator=g) * 4 - 2
     y = torch.stack([torch.sin(x[:, 0] * 2), x[:, 0] * x[:, 1], torch.cos(x.sum(1))], 1)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
+    model = nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                          nn.Linear(64, 3))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: two threads on a busy 2-core machine took 130x longer
@@ -133,8 +134,8 @@ def test_eight_bits_match_fp32_and_two_bits_do_not(method, trained_mlp):
         reference = model(x)
 
         def relative_error(bits):
-            quantized = quantize_model(copy.deepcopy(model), uniform_policy(list_quantizable(model), bits),
-                                       method=method)
+            policy = uniform_policy(list_quantizable(model), bits)
+            quantized = quantize_model(copy.deepcopy(model), policy, method=method)
             return float((quantized(x) - reference).norm() / reference.norm())
 
         assert relative_error(8) < 1e-2
@@ -147,13 +148,15 @@ def test_list_quantizable_covers_every_layer_once_in_forward_order():
     stats = (bn.running_mean.clone(), bn.num_batches_tracked.clone())
     model.train()
     layers = list_quantizable(model, example())
-    expected = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    expected = [n for n, m in model.named_modules()
+                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     assert sorted(layer.name for layer in layers) == sorted(expected)
     assert [layer.name for layer in layers] == ["stem", "blocks.0", "mix", "head", "unused"]
     by_name = {layer.name: layer for layer in layers}
-    assert (by_name["stem"].kind, by_name["stem"].input_size, by_name["stem"].n_weights) == ("conv1d", 12, 24)
-    assert (by_name["blocks.0"].kind, by_name["blocks.0"].kernel_size, by_name["blocks.0"].input_size) == ("conv2d", 9, 12)
-    assert (by_name["mix"].kind, by_name["mix"].in_features, by_name["mix"].input_size) == ("linear", 8, 12)
+    stem, conv, mix = by_name["stem"], by_name["blocks.0"], by_name["mix"]
+    assert (stem.kind, stem.input_size, stem.n_weights) == ("conv1d", 12, 24)
+    assert (conv.kind, conv.kernel_size, conv.input_size) == ("conv2d", 9, 12)
+    assert (mix.kind, mix.in_features, mix.input_size) == ("linear", 8, 12)
     assert by_name["head"].input_size == 1 and by_name["unused"].input_size == 0
     # the measuring forward changed no statistic and left the training flags as they were
     assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.num_batches_tracked, stats[1])
@@ -188,7 +191,8 @@ def test_policy_errors_name_the_problem():
 
 def test_none_and_32_bits_stay_fp32():
     model = quantize_model(conv_net(), {"stem": None, "head": 32, "mix": 4})
-    assert [is_quantized_layer(m) for m in (model.stem, model.head, model.mix)] == [False, False, True]
+    quantized = [is_quantized_layer(m) for m in (model.stem, model.head, model.mix)]
+    assert quantized == [False, False, True]
 
 
 def test_dequantize_gives_plain_layers_with_the_quantized_weights():
@@ -208,7 +212,8 @@ def test_dequantize_gives_plain_layers_with_the_quantized_weights():
 def test_requantizing_and_deepcopy_work():
     model = quantize_model(conv_net(), POLICY)
     twin = copy.deepcopy(model)
-    assert torch.equal(twin.mix.indices, model.mix.indices) and twin.mix.codebook is not model.mix.codebook
+    assert torch.equal(twin.mix.indices, model.mix.indices)
+    assert twin.mix.codebook is not model.mix.codebook
     quantize_model(model, {"mix": 2})
     assert model.mix.bits == 2 and model.mix.codebook.numel() <= 4
 
@@ -245,9 +250,11 @@ def test_keep_first_last_sets_exactly_the_first_and_last_layer():
 
 def test_point_transformer_tiny_quantizes():
     models = pytest.importorskip("models")
-    model = models.build_model("pt_seg_tiny", in_channels=3, num_classes=50, num_categories=16).eval()
+    model = models.build_model("pt_seg_tiny", in_channels=3, num_classes=50, num_categories=16)
+    model.eval()
     g = torch.Generator().manual_seed(0)
-    inputs = (torch.rand(1, 64, 3, generator=g), torch.randn(1, 64, 3, generator=g), torch.tensor([3]))
+    inputs = (torch.rand(1, 64, 3, generator=g), torch.randn(1, 64, 3, generator=g),
+              torch.tensor([3]))
     layers = list_quantizable(model, inputs)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert sorted(layer.name for layer in layers) == sorted(linears)

@@ -45,6 +45,8 @@ def kmeans_1d(weights, bits, init="auto", n_init=1, max_iter=50, max_swaps=32, s
 
 
 def _kmeans(flat, k, init, n_init, max_iter, max_swaps, seed):
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("kmeans.py: the weights contain NaN or inf")
     order = _argsort(flat)
     values = flat[order]  # (n,) ascending
     distinct = torch.unique_consecutive(values)
@@ -67,14 +69,15 @@ def _kmeans(flat, k, init, n_init, max_iter, max_swaps, seed):
         if sse < best_sse:
             best_sse, bounds = sse, found
     means = data.means(bounds)
-    run_ids = torch.repeat_interleave(torch.arange(means.numel(), device=flat.device), bounds.diff())
+    run_ids = torch.repeat_interleave(torch.arange(means.numel(), device=flat.device),
+                                      bounds.diff())
     indices = torch.empty_like(run_ids).scatter_(0, order, run_ids)  # back to the weights' order
     return means.float(), indices
 
 
 def _argsort(flat):
-    """Ascending order of a 1-D float tensor. On CPU numpy's vectorised sort is 20x faster than
-    torch.sort (3 ms against 60 ms for 262k weights, measured on this repo's CI machine)."""
+    """Ascending order of a 1-D float tensor. On CPU numpy's vectorised sort is 10x faster than
+    torch.sort (3 ms against 35 ms for 262k weights on one thread, measured here)."""
     if flat.device.type == "cpu":
         return torch.from_numpy(np.argsort(flat.numpy()))
     return torch.argsort(flat)
@@ -319,7 +322,8 @@ class KMeansCache:
 
 def _fingerprint(weights):
     data = weights.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return (tuple(weights.shape), str(weights.dtype), hashlib.blake2b(data, digest_size=16).hexdigest())
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    return tuple(weights.shape), str(weights.dtype), digest
 
 
 def index_dtype(bits):

@@ -22,8 +22,8 @@ import torch.nn as nn
 from lib.checkpoint import unwrap
 from lib.quant.kmeans import METHODS, cluster, index_dtype
 
-QUANTIZABLE = (nn.Conv2d, nn.Conv1d, nn.Linear)  # subclasses first: the kind is the first match
-KINDS = {nn.Conv2d: "conv2d", nn.Conv1d: "conv1d", nn.Linear: "linear"}
+KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+QUANTIZABLE = tuple(KINDS)
 FP32_BITS = 32
 
 
@@ -94,13 +94,15 @@ def named_quantizable(model):
 
 
 def check_policy(policy, names, where="policy"):
-    """ValueError on layer names the model does not have or bit widths that are not 1..32."""
+    """ValueError on layer names the model does not have, or bits that are neither None nor a
+    positive integer (32 and above mean fp32)."""
     unknown = sorted(set(policy) - set(names))
     if unknown:
         raise ValueError(f"{where}: {len(unknown)} layer(s) not quantizable in this model: "
                          f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
     for name, bits in policy.items():
-        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, Integral) or bits < 1):
+        valid = isinstance(bits, Integral) and not isinstance(bits, bool) and bits >= 1
+        if bits is not None and not valid:
             raise ValueError(f"{where}: layer {name}: bits must be a positive integer or None, "
                              f"got {bits!r}")
 
@@ -149,7 +151,8 @@ def quant_state(model):
 
 
 def state_key(layer_name, entry):
-    """state_dict key of a layer's entry ("codebook", "indices", "weight"); the root has no prefix."""
+    """state_dict key of a layer's entry ("codebook", "indices", "weight"); the root has no
+    prefix."""
     return f"{layer_name}.{entry}" if layer_name else entry
 
 
@@ -233,7 +236,7 @@ def _in_features(layer):
 
 
 def _info(name, layer, input_size):
-    kind = next(KINDS[cls] for cls in QUANTIZABLE if isinstance(layer, cls))
+    kind = next(kind for cls, kind in KINDS.items() if isinstance(layer, cls))
     conv = kind != "linear"
     return LayerInfo(name=name, kind=kind, in_features=_in_features(layer),
                      out_features=layer.out_channels if conv else layer.out_features,

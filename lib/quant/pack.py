@@ -24,7 +24,8 @@ import torch
 from lib.checkpoint import atomic_write, unwrap
 from lib.quant.layers import prepare_quantized, quant_state, quantized_keys
 
-MAGIC = b"\x89QPACK\r\n"  # PNG-style: the high byte and CR LF expose 7-bit or newline-mangled copies
+# PNG-style: the high byte and CR LF expose copies through 7-bit or newline-translating channels.
+MAGIC = b"\x89QPACK\r\n"
 VERSION = 1
 PREFIX = struct.Struct("<8sIQ")  # magic, version, header length
 
