@@ -1,0 +1,46 @@
+"""bench/run.py --quick: every section runs at tiny sizes and writes positive figures under the
+keys issue #7 names, and the HAQ episode's fast path scores a policy as the reference does."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGURES = [f"{prefix}_{suffix}"
+           for prefix in ("pt_tiny_train", "pt_default_train", "pt_tiny_eval", "pt_default_eval",
+                          "pct_train", "pct_eval")
+           for suffix in ("shapes_per_s", "reference_shapes_per_s", "speedup")]
+FIGURES += ["haq_episode_tiny_s", "haq_episode_tiny_cold_s", "haq_episode_tiny_reference_s",
+            "haq_episode_tiny_speedup", "s3dis_room_s", "s3dis_room_peak_gib",
+            "s3dis_room_reference_s", "s3dis_room_reference_peak_gib", "s3dis_room_speedup"]
+
+
+def run_bench(*flags):
+    return subprocess.run([sys.executable, os.path.join("bench", "run.py"), *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_quick_run_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    done = run_bench("--quick", "--json", str(out), "--data-root", str(tmp_path / "parts"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    for key in FIGURES:
+        assert isinstance(results[key], float) and results[key] > 0, key
+    assert set(results["targets"]) == {"pt_tiny_train_speedup", "pt_default_train_speedup",
+                                       "haq_episode_tiny_s", "s3dis_room_peak_gib"}
+    assert results["command"].startswith(os.path.join("bench", "run.py") + " --quick")
+    assert results["machine"]["env"]["OMP_WAIT_POLICY"]
+    haq = results["details"]["haq"]["tiny"]
+    assert len(haq["warm_s"]) == 3 and haq["kmeans_cache"]["hits"] >= 3 * haq["layers"]
+    assert haq["ins_miou_fast"] == pytest.approx(haq["ins_miou_reference"], abs=1e-9)
+    room = results["details"]["room"]["runs"]
+    assert room["fast"]["logits"] == [1, 4096, 13]
+    assert room["fast"]["peak_gib"] >= room["fast"]["before_inference_gib"] > 0
+
+
+def test_json_flag_is_required():
+    done = run_bench("--quick")
+    assert done.returncode != 0 and "bench/run.py: --json OUT is required" in done.stderr
