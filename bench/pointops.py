@@ -5,13 +5,15 @@
 Median wall time (ms) of FPS, kNN and 3-NN interpolation on object batches (B=16 x 2048) and on
 a room-sized cloud (80k points) under both backends of lib/pointops.py; a Point Transformer
 part-segmentation training step (B=16 x 2048) under both backends; and a grouping-heavy
-forward+backward run in fresh processes with and without run/setup_env.sh's GLIBC_TUNABLES.
+forward+backward and that training step in fresh processes under GLIBC_TUNABLES variants
+(none, run/setup_env.sh's, and two candidates).
 Prints tables and writes everything to OUT as JSON. The slow reference cases run once.
 """
 import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -24,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lib import pointops  # noqa: E402
 
 # The issue's targets for the fast path on the 2-core development machine (ms).
-TARGETS_MS = {"fps_b16_2048_512": 10, "fps_80000_20000": 100, "knn16_b16_2048": 25, "knn16_80000": 80}
+TARGETS_MS = {"fps_b16_2048_512": 10, "fps_80000_20000": 100,
+              "knn16_b16_2048": 25, "knn16_80000": 80}
+SECTIONS = ("ops", "train", "malloc")
 # What run/setup_env.sh exports; used when this runs without it.
 SETUP_ENV_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
 
@@ -77,34 +81,56 @@ def bench_ops():
     return rows
 
 
-def bench_train_step(steps):
-    """One SGD step of part segmentation on B=16 x 2048 under each backend."""
+def import_build_model():
+    """models.build_model, or None while models/ (written alongside) does not import yet."""
     try:
         from models import build_model
-    except ImportError as err:
-        return {"skipped": f"models.build_model does not import yet ({err})"}
+    except ImportError:
+        return None
+    return build_model
+
+
+def train_step(name):
+    """One SGD step of part segmentation on B=16 x 2048 (random clouds and labels) with the
+    model `name`, as a closure."""
     gen = torch.Generator().manual_seed(0)
     xyz = torch.rand(16, 2048, 3, generator=gen) * 2 - 1
     feat = torch.randn(16, 2048, 3, generator=gen)
     category = torch.randint(16, (16,), generator=gen)
     label = torch.randint(50, (16, 2048), generator=gen)
+    torch.manual_seed(0)
+    model = import_build_model()(name, in_channels=3, num_classes=50, num_categories=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        logits = model(xyz, feat, category)  # (B, N, 50)
+        loss = F.cross_entropy(logits.reshape(-1, 50), label.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def grouping_step():
+    """Forward+backward dominated by neighbour tensors: gather (16, 2048, 16, 64), Linear, sum."""
+    gen = torch.Generator().manual_seed(0)
+    xyz = torch.randn(16, 2048, 3, generator=gen)
+    idx, _ = pointops.knn_query(16, xyz, xyz)  # (B, N, k)
+    features = torch.randn(16, 2048, 64, generator=gen, requires_grad=True)
+    linear = torch.nn.Linear(64, 64)
+    return lambda: linear(pointops.gather(features, idx)).sum().backward()
+
+
+def bench_train_step(steps):
+    if import_build_model() is None:
+        return {"skipped": "models.build_model does not import yet"}
     rows = []
     for name in ("pt_seg", "pt_seg_tiny"):
-        torch.manual_seed(0)
-        model = build_model(name, in_channels=3, num_classes=50, num_categories=16)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step():
-            logits = model(xyz, feat, category)  # (B, N, 50)
-            loss = F.cross_entropy(logits.reshape(-1, 50), label.reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
+        step = train_step(name)
         row = {"model": name, "steps": steps}
-        for backend in ("reference", "auto"):
+        for backend, key in (("reference", "reference_ms"), ("auto", "fast_ms")):
             pointops.set_backend(backend)
-            row[f"{'fast' if backend == 'auto' else backend}_ms"] = round(median_ms(step, steps), 1)
+            row[key] = round(median_ms(step, steps), 1)
         row["speedup"] = round(row["reference_ms"] / row["fast_ms"], 2)
         rows.append(row)
         print(f"train step {name:12s} reference {row['reference_ms']:9.1f} ms   "
@@ -112,35 +138,49 @@ def bench_train_step(steps):
     return rows
 
 
-def grouping_step_ms(repeats=7):
-    """Forward+backward dominated by neighbour tensors: gather (16, 2048, 16, 64), Linear, sum."""
-    gen = torch.Generator().manual_seed(0)
-    xyz = torch.randn(16, 2048, 3, generator=gen)
-    idx, _ = pointops.knn_query(16, xyz, xyz)  # (B, N, k)
-    features = torch.randn(16, 2048, 64, generator=gen, requires_grad=True)
-    linear = torch.nn.Linear(64, 64)
-    return median_ms(lambda: linear(pointops.gather(features, idx)).sum().backward(), repeats)
+def malloc_probe(workload, repeats):
+    """Time `workload` in this process: the median ms, and per step the minor page faults and
+    system (kernel) CPU seconds, which load from other processes blurs far less than wall time."""
+    step = grouping_step() if workload == "grouping" else train_step(workload)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    ms = median_ms(step, repeats)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    steps = repeats + 1  # with the warm-up
+    return {"ms": round(ms, 1),
+            "page_faults_per_step": (after.ru_minflt - before.ru_minflt) // steps,
+            "sys_s_per_step": round((after.ru_stime - before.ru_stime) / steps, 3)}
 
 
-def bench_malloc(rounds, tunables):
-    """The grouping step in fresh processes per GLIBC_TUNABLES variant, the variants taken in
-    turn each round so that load from other processes hits them alike."""
+def bench_malloc(rounds, tunables, steps):
+    """Each workload in fresh processes per GLIBC_TUNABLES variant, the variants taken in turn
+    each round so that load from other processes hits them alike. Besides none and the given
+    value: transparent huge pages for malloc's chunks, and no mmap at all (tensors above glibc's
+    32 MiB cap on mmap_threshold are otherwise mapped and unmapped on every step)."""
     variants = {"none": None, "setup_env": tunables,
-                "setup_env+hugetlb": f"{tunables}:glibc.malloc.hugetlb=1"}
-    times = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, value in variants.items():
-            env = {key: val for key, val in os.environ.items() if key != "GLIBC_TUNABLES"}
-            if value:
-                env["GLIBC_TUNABLES"] = value
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--grouping-step"],
-                                 env=env, capture_output=True, text=True, check=True)
-            times[name].append(round(float(out.stdout), 1))
-    result = {"variants": variants, "per_round_ms": times,
-              "median_ms": {name: statistics.median(ms) for name, ms in times.items()}}
-    for name, ms in times.items():
-        print(f"grouping step, GLIBC_TUNABLES {name:18s} median {result['median_ms'][name]:7.1f} ms"
-              f"   rounds {ms}")
+                "setup_env+hugetlb": f"{tunables}:glibc.malloc.hugetlb=1",
+                "no_mmap": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=8589934592"}
+    workloads = {"grouping": 7, "pt_seg": steps} if import_build_model() else {"grouping": 7}
+    result = {"variants": variants}
+    for workload, repeats in workloads.items():
+        runs = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, value in variants.items():
+                env = {key: val for key, val in os.environ.items() if key != "GLIBC_TUNABLES"}
+                if value:
+                    env["GLIBC_TUNABLES"] = value
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--malloc-probe",
+                                      workload, "--steps", str(repeats)],
+                                     env=env, capture_output=True, text=True, check=True)
+                runs[name].append(json.loads(out.stdout))
+        result[workload] = {}
+        for name, measured in runs.items():
+            result[workload][name] = {"median_ms": statistics.median(run["ms"] for run in measured),
+                                      "runs": measured}
+            print(f"{workload:8s} GLIBC_TUNABLES {name:17s} "
+                  f"median {result[workload][name]['median_ms']:8.1f} ms"
+                  f"   rounds {[run['ms'] for run in measured]}"
+                  f"   page faults/step {[run['page_faults_per_step'] for run in measured]}"
+                  f"   sys s/step {[run['sys_s_per_step'] for run in measured]}")
     return result
 
 
@@ -153,20 +193,23 @@ def print_op_row(row):
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="OUT", help="where to write the results (required)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="what to run (default: all)")
     parser.add_argument("--steps", type=int, default=3,
-                        help="timed training steps per model and backend (0 skips them)")
+                        help="timed training steps per model, backend and malloc variant")
     parser.add_argument("--malloc-rounds", type=int, default=3,
-                        help="rounds of the GLIBC_TUNABLES comparison (0 skips it)")
+                        help="rounds of the GLIBC_TUNABLES comparison")
     parser.add_argument("--tunables", default=os.environ.get("GLIBC_TUNABLES", SETUP_ENV_TUNABLES),
                         help="the GLIBC_TUNABLES value compared with none")
-    parser.add_argument("--grouping-step", action="store_true",
-                        help="only time the grouping step in this process and print ms")
+    parser.add_argument("--malloc-probe", choices=("grouping", "pt_seg"),
+                        help="only time this workload in this process, print JSON (used by the "
+                             "malloc section)")
     return parser
 
 
 def main(args):
-    if args.grouping_step:
-        print(grouping_step_ms())
+    if args.malloc_probe:
+        print(json.dumps(malloc_probe(args.malloc_probe, args.steps)))
         return
     if args.json is None:
         raise SystemExit("bench/pointops.py: --json OUT is required")
@@ -174,11 +217,13 @@ def main(args):
                            "torch": torch.__version__, "platform": platform.platform(),
                            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
                            "loadavg_start": os.getloadavg()}}
-    print(f"{'operation':34s} {'ref ms':>10s} {'fast ms':>8s} {'speedup':>8s} {'target':>6s}")
-    results["ops"] = bench_ops()
-    results["train_step"] = bench_train_step(args.steps) if args.steps else {"skipped": "--steps 0"}
-    results["malloc"] = (bench_malloc(args.malloc_rounds, args.tunables) if args.malloc_rounds
-                         else {"skipped": "--malloc-rounds 0"})
+    if "ops" in args.sections:
+        print(f"{'operation':34s} {'ref ms':>10s} {'fast ms':>8s} {'speedup':>8s} {'target':>6s}")
+        results["ops"] = bench_ops()
+    if "train" in args.sections:
+        results["train_step"] = bench_train_step(args.steps)
+    if "malloc" in args.sections:
+        results["malloc"] = bench_malloc(args.malloc_rounds, args.tunables, args.steps)
     results["machine"]["loadavg_end"] = os.getloadavg()
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
