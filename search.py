@@ -37,6 +37,9 @@ def get_args_parser():
     p.add_argument("--max-bit", type=int, default=8)
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--warmup", type=int, default=100, help="episodes of random actions first")
+    p.add_argument("--sigma-decay", type=float, default=0.99,
+                   help="exploration decay per episode after the warm-up (HAQ: 0.99 over 600 "
+                        "episodes; a short search needs a faster decay to exploit what it learnt)")
     p.add_argument("--val-size", type=int, default=200,
                    help="held-out training samples the reward is measured on")
     p.add_argument("--keep-first-last", default="",
@@ -122,7 +125,8 @@ def main(args):
     metric_fp32 = evaluator.score(evaluator.fp32_model)[evaluator.key]
     env = QuantEnv(layers, evaluator, metric_fp32, args.preserve_ratio, args.min_bit,
                    args.max_bit, fixed)
-    agent = DDPG(env.state_dim, buffer_size=128 * len(env), seed=args.seed)
+    agent = DDPG(env.state_dim, buffer_size=128 * len(env), seed=args.seed,
+                 sigma_decay=args.sigma_decay)
     print(f"{len(layers)} quantizable layers ({len(env)} searched, {len(fixed)} fixed); "
           f"fp32 {evaluator.key} {metric_fp32:.4f} on {args.val_size} held-out training samples")
 
