@@ -97,21 +97,22 @@ def _kdline_start_slot(points, start, height):
     slot range of its own leaf is never moved. Follow the splits containing `start` and return
     the middle of its leaf's range; the middle leaves room for the rounding of fpsample's
     float32 mean, and the caller checks the result. points: (N, 3)."""
+    coords = np.ascontiguousarray(points.T)  # (3, N): reductions over contiguous rows are fast
     members = np.arange(len(points))
     left, right = 0, len(points)
     for _ in range(height):
-        node = points[members]  # (n_node, 3)
-        axis = np.argmax(node.max(0) - node.min(0))
-        split = node[:, axis].mean()
-        low = node[:, axis] < split
-        n_low = int(low.sum())
+        node = coords.take(members, axis=1)  # (3, n_node)
+        axis = np.argmax(node.max(1) - node.min(1))
+        split = node[axis].mean()
+        low = node[axis] < split
+        n_low = np.count_nonzero(low)
         if n_low in (0, len(members)):  # duplicate points: fpsample splits by position here
             break
-        if points[start, axis] < split:
+        if coords[axis, start] < split:
             members, right = members[low], left + n_low
         else:
             members, left = members[~low], left + n_low
-    return (left + right) // 2
+    return int(left + right) // 2
 
 
 def _fps_one(points, m, start):
