@@ -3,14 +3,15 @@
 # pretrain tiny Point Transformer -> HAQ search at 10% of the fp32 weight bits (all layers, and
 # with the first/last layers kept at 8 bits) -> fine-tune with and without distillation ->
 # evaluate every model -> one results table (checkpoints/demo/results.{md,json}).
-# Knobs: EPOCHS, EPISODES, WARMUP, FT_EPOCHS (environment variables).
+# Knobs: EPOCHS, EPISODES, WARMUP, FT_EPOCHS (environment variables). The search is short
+# (HAQ runs 600 episodes), so its exploration decays faster (--sigma-decay 0.9).
 set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
 
 OUT=checkpoints/demo
 EPOCHS=${EPOCHS:-12}
-EPISODES=${EPISODES:-60}
-WARMUP=${WARMUP:-20}
+EPISODES=${EPISODES:-40}
+WARMUP=${WARMUP:-10}
 FT_EPOCHS=${FT_EPOCHS:-3}
 KEEP=8
 mkdir -p "$OUT/eval"
@@ -24,10 +25,10 @@ FP32="$OUT/pretrain/best.pt"
 
 stage "2/6 HAQ search, preserve 0.1, every layer searched"
 python search.py --ckpt "$FP32" --preserve-ratio 0.1 --episodes "$EPISODES" --warmup "$WARMUP" \
-    --out "$OUT/search"
+    --sigma-decay 0.9 --out "$OUT/search"
 stage "3/6 HAQ search, preserve 0.1, first layer and classifier kept at $KEEP bits (mix)"
 python search.py --ckpt "$FP32" --preserve-ratio 0.1 --episodes "$EPISODES" --warmup "$WARMUP" \
-    --keep-first-last "$KEEP" --out "$OUT/search_mix"
+    --sigma-decay 0.9 --keep-first-last "$KEEP" --out "$OUT/search_mix"
 
 stage "4/6 quantize without fine-tuning: searched policies, fp32 mix, uniform 2 and 4 bits"
 quantize() {  # NAME, then finetune.py flags
