@@ -9,7 +9,7 @@ import json
 
 from lib.cli import resolve_device
 from lib.experiment import evaluate_checkpoint
-from lib.report import format_results
+from lib.report import format_results, format_size
 
 
 def get_args_parser():
@@ -32,9 +32,7 @@ def main(args):
     print(f"{args.ckpt}: {meta['model']['name']} on {meta['dataset']['name']} ({args.split}), "
           f"{'quantized' if quant else 'fp32'}")
     print(format_results(meta["dataset"]["task"], results))
-    print(f"size: {results['honest_bytes'] / 1024:.1f} KiB honest, "
-          f"{results['honest_bytes'] / results['fp32_bytes']:.4f} of fp32 "
-          f"({results['fp32_bytes'] / 1024:.1f} KiB); HAQ budget ratio {results['budget_ratio']:.4f}")
+    print(format_size(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -20,7 +20,7 @@ from lib.experiment import evaluate_checkpoint, example_inputs, load_split, make
 from lib.policy_file import parse_keep, read_policy
 from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
 from lib.quant.size import budget_ratio, honest_size_bytes
-from lib.report import format_results
+from lib.report import format_results, format_size
 from lib.runlog import RunLog
 from lib.tasks import supervised_loss
 from lib.train import build_optimizer, build_scheduler, evaluate, fit, restore_resume_state
@@ -138,9 +138,7 @@ def main(args):
         print(format_results(data["task"], results))
         with open(os.path.join(out, "best_test.json"), "w") as f:
             json.dump(results, f, indent=2)
-        print(f"honest size {results['honest_bytes'] / 1024:.1f} KiB "
-              f"({results['honest_bytes'] / results['fp32_bytes']:.4f} of fp32), "
-              f"HAQ budget ratio {results['budget_ratio']:.4f}")
+        print(format_size(results))
     distributed.cleanup()
 
 

@@ -64,3 +64,10 @@ def format_baseline_table(rows, metric_name, metric_fp32):
              f"{100 * (row['metric'] - metric_fp32):+.2f}", percent(row["budget_ratio"]),
              f"{row['honest_bytes'] / 1024:.1f}"] for row in ordered]
     return markdown_table(header, body)
+
+
+def format_size(results):
+    """One line: honest size, its fraction of fp32, and HAQ's weight-bit budget ratio."""
+    honest, fp32 = results["honest_bytes"], results["fp32_bytes"]
+    return (f"size: {honest / 1024:.1f} KiB honest, {honest / fp32:.4f} of fp32 "
+            f"({fp32 / 1024:.1f} KiB); HAQ budget ratio {results['budget_ratio']:.4f}")

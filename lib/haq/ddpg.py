@@ -12,24 +12,12 @@ Changes from mit-han-lab/haq, each fixing a bug there:
 - every random draw comes from the agent's own generator, which `state_dict` saves: a resumed
   search draws what an uninterrupted one would.
 """
-import contextlib
 import copy
 
 import torch
 import torch.nn as nn
 
-
-@contextlib.contextmanager
-def single_thread():
-    """The agent's 300-wide MLPs are far too small to split across threads: measured on a 2-core
-    CPU, one update takes 2.7 ms on one thread and 430 ms on two (thread hand-off dominates).
-    Switching costs well under a microsecond, so the model evaluation keeps every thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from lib.threads import single_thread
 
 
 def truncated_normal(mean, sigma, generator, low=0.0, high=1.0):

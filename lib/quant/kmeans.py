@@ -8,12 +8,13 @@ That is O(n log n) once for the sort and O(K log n) per iteration (scikit-learn'
 O(nK) per iteration), which leaves time for two starts and for swaps that move Lloyd out of
 poor local optima. bench/quant.py compares speed and error with scikit-learn.
 """
-import contextlib
 import hashlib
 import math
 
 import numpy as np
 import torch
+
+from lib.threads import single_thread
 
 METHODS = ("kmeans", "linear")
 INITS = ("auto", "linear", "density", "kmeans++")
@@ -39,7 +40,7 @@ def kmeans_1d(weights, bits, init="auto", n_init=1, max_iter=50, max_swaps=32, s
     """
     if init not in INITS:
         raise ValueError(f"kmeans.py: unknown init {init!r}; use one of {INITS}")
-    with _single_threaded(weights.device):
+    with single_thread(weights.device):  # many small ops: threads only add hand-offs
         return _kmeans(weights.detach().reshape(-1).float(), 2 ** bits, init, n_init, max_iter,
                        max_swaps, seed)
 
@@ -81,23 +82,6 @@ def _argsort(flat):
     if flat.device.type == "cpu":
         return torch.from_numpy(np.argsort(flat.numpy()))
     return torch.argsort(flat)
-
-
-@contextlib.contextmanager
-def _single_threaded(device):
-    """k-means launches thousands of ops on K-sized tensors and a few passes over n weights.
-    On CPU, intra-op threads only add synchronisation there: on a busy 2-core machine a
-    255-query searchsorted measured 100x and a 65k-element .double() 1000x slower with two
-    threads than with one. So clustering runs on one thread (sklearn's takes all cores)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class SortedWeights:
