@@ -128,7 +128,8 @@ def main(args):
     agent = DDPG(env.state_dim, buffer_size=128 * len(env), seed=args.seed,
                  sigma_decay=args.sigma_decay)
     print(f"{len(layers)} quantizable layers ({len(env)} searched, {len(fixed)} fixed); "
-          f"fp32 {evaluator.key} {metric_fp32:.4f} on {args.val_size} held-out training samples")
+          f"fp32 {evaluator.key} {metric_fp32:.4f} on "
+          f"{sum(len(b['label']) for b in evaluator.eval_batches)} held-out training samples")
 
     log = RunLog(out, vars(args), log_name="episodes.jsonl")
     start = state["episode"] if state else 0
