@@ -1,7 +1,7 @@
 """Speed of training, evaluation, HAQ search and room inference: the fast path beside the
 reference path, both measured in the same run (issue #7).
 
-    python bench/run.py --json bench/results.json          # 5-10 minutes on a 2-core CPU
+    python bench/run.py --json /tmp/bench.json             # about 4 minutes on a 2-core CPU
     python bench/run.py --json /tmp/quick.json --quick     # tiny sizes: a smoke test
 
 Fast path: lib/pointops' "auto" backend (C++ FPS and kd-tree kNN for CPU tensors), in the HAQ
@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (PATHS, compare, machine_info, on_path, peak_memory_gib,  # noqa: E402
-                          speed_figures, synchronize, timed)
+                          speed_figures, timed)
 from lib import pointops  # noqa: E402
 from lib.cli import resolve_device  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
@@ -139,7 +140,8 @@ def bench_pt(kind, args, sizes, device):
     figures, samples = {}, {}
     for config, name in PT_MODELS.items():
         model = build_pt(name, dataset, device)
-        run = train_step(model, batch, "partseg") if kind == "train" else forward(model, batch, "partseg")
+        make_run = train_step if kind == "train" else forward
+        run = make_run(model, batch, "partseg")
         config_figures, samples[config] = measure(f"pt_{config}_{kind}", run, sizes["batch"],
                                                   REPEATS[config], device)
         figures.update(config_figures)
@@ -155,9 +157,9 @@ def bench_pct(args, sizes, device):
     model = build_model("pct_cls", in_channels=dataset.in_channels,
                         num_classes=len(dataset.category_names)).to(device)
     figures, samples = {}, {}
-    for kind, run in (("train", train_step(model, batch, "cls")), ("eval", forward(model, batch, "cls"))):
-        kind_figures, samples[kind] = measure(f"pct_{kind}", run, sizes["pct_batch"],
-                                              REPEATS["pct"], device)
+    for kind, make_run in (("train", train_step), ("eval", forward)):
+        kind_figures, samples[kind] = measure(f"pct_{kind}", make_run(model, batch, "cls"),
+                                              sizes["pct_batch"], REPEATS["pct"], device)
         figures.update(kind_figures)
     return figures, {"batch": [sizes["pct_batch"], sizes["pct_points"]], "seconds": samples}
 
@@ -167,8 +169,9 @@ def bench_haq(args, sizes, device):
     scoring it with the reference point ops (reference path), on the same random policies."""
     dataset = part_shapes(args, sizes["points"])
     subset = list(range(sizes["haq_shapes"]))
-    batches = cached_batches(dataset, subset, sizes["haq_batch"], device)
-    figures, details = {}, {"shapes": len(subset), "eval_batch": sizes["haq_batch"]}
+    eval_batch = args.haq_batch or sizes["haq_batch"]
+    batches = cached_batches(dataset, subset, eval_batch, device)
+    figures, details = {}, {"shapes": len(subset), "eval_batch": eval_batch}
     for config in sizes["haq_models"]:
         model = build_pt(PT_MODELS[config], dataset, device).eval()
         rng = random.Random(0)
@@ -179,7 +182,9 @@ def bench_haq(args, sizes, device):
         # first pass: the first episode is cold (no clustering cached, geometry recorded)
         first = [timed(lambda: evaluator(policy), device) for policy in policies]
         # second pass: every (layer, bits) clustered already, geometry replayed
+        faults = minor_page_faults()
         warm = [timed(lambda: evaluator(policy), device) for policy in policies]
+        faults = (minor_page_faults() - faults) // len(policies)
 
         def reference_episode(amp):
             quantized = quantize_model(copy.deepcopy(model), policies[0])
@@ -193,12 +198,18 @@ def bench_haq(args, sizes, device):
         details[config] = {
             "layers": len(layers), "first_pass_s": [s for s, _ in first],
             "warm_s": [s for s, _ in warm], "reference_s": reference[0],
+            # temporaries over glibc's 32 MiB mmap threshold fault in page by page
+            "page_faults_per_warm_episode": faults,
             # same policy, both paths: the fast path must not change the reward
             f"{evaluator.key}_fast": warm[0][1], f"{evaluator.key}_reference": reference[1],
             "kmeans_cache": {"entries": len(evaluator.cache), "hits": evaluator.cache.hits,
                              "misses": evaluator.cache.misses}}
         report(figures, f"haq_episode_{config}")
     return figures, details
+
+
+def minor_page_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def synthetic_room(num_points, seed=0):
@@ -260,14 +271,15 @@ def bench_compile(args, sizes, device):
     batch = cached_batches(dataset, list(range(sizes["batch"])), sizes["batch"], device)[0]
     model = build_pt(PT_MODELS["tiny"], dataset, device)
     eager = train_step(model, batch, "partseg")
-    compiled = train_step(torch.compile(model), batch, "partseg")
+    compiled = train_step(torch.compile(model, dynamic=False), batch, "partseg")
     # Dynamo would trace into the fast path's numpy code: FPS and kNN stay outside the graphs.
     dispatch = {name: getattr(pointops, name) for name in ("farthest_point_sample", "knn_query")}
     try:
         for name, fn in dispatch.items():
             setattr(pointops, name, torch.compiler.disable(fn))
         compile_s, _ = timed(lambda: compiled(True), device)  # the first call compiles
-        runs = {"eager": functools.partial(eager, True), "compiled": functools.partial(compiled, True)}
+        runs = {"eager": functools.partial(eager, True),
+                "compiled": functools.partial(compiled, True)}
         samples = compare(runs, dict.fromkeys(runs, REPEATS["tiny"]["fast"]), device)
     finally:
         for name, fn in dispatch.items():
@@ -298,11 +310,14 @@ def check_targets(figures):
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="OUT", help="where to write the results (required)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test of the harness)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes (a smoke test of the harness)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
                         help=f"sections to run (default: {' '.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--compile", action="store_true", help="also run the compile section")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--haq-batch", type=int, default=None,
+                        help="batch size of the HAQ search subset (default 16; quick: 2)")
     parser.add_argument("--data-root", default=None,
                         help="synthetic_parts folder (default: data/synthetic/parts)")
     parser.add_argument("--room-worker", choices=PATHS, help=argparse.SUPPRESS)
@@ -317,7 +332,7 @@ def main(args):
         raise SystemExit("bench/run.py: --json OUT is required")
     device = resolve_device(args.device)
     sizes = sizes_of(args)
-    sections = list(args.only) + (["compile"] if args.compile and "compile" not in args.only else [])
+    sections = list(dict.fromkeys(args.only + (["compile"] if args.compile else [])))
     runners = {"train": lambda: bench_pt("train", args, sizes, device),
                "eval": lambda: bench_pt("eval", args, sizes, device),
                "pct": lambda: bench_pct(args, sizes, device),
