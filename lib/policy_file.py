@@ -41,4 +41,7 @@ def read_policy(path, layer_names):
 
 
 def write_policy(path, record):
-    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(record, indent=2) + "\n"))
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(json.dumps(record, indent=2) + "\n")
+    atomic_write(path, write)
