@@ -62,7 +62,8 @@ def test_fit_writes_best_and_last_and_logs(tmp_path):
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "tb"))
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     assert len(lines) == 2
-    assert "best" not in torch_load(str(tmp_path / "best.pt"))  # best.pt carries no resume state
+    assert "resume" not in torch_load(str(tmp_path / "best.pt"))  # best.pt: no optimizer state
+    assert "resume" in torch_load(str(tmp_path / "last.pt"))
 
 
 def test_evaluate_covers_whole_split_not_batch_average():
