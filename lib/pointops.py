@@ -9,10 +9,13 @@ Every operation has a pure-torch reference (runs on any device). CPU tensors tak
 path returns the same indices as the reference (up to ties). bench/pointops.py compares them.
 A GeometryTape replays the FPS and kNN of a fixed batch (HAQ's search subset) without recomputing.
 """
+import warnings
+
 import fpsample
 import numpy as np
 import torch
 from pykdtree.kdtree import KDTree
+from torch.utils.weak import WeakIdKeyDictionary
 
 _BACKEND = "auto"  # "auto": fast path for CPU tensors where one exists; "reference": pure torch
 
@@ -241,11 +244,51 @@ def _use_fast_path(*tensors):
 def gather(features, idx):
     """Rows of `features` at `idx`, per batch element.
     features: (B, N, C), idx: (B, *S) int64 -> (B, *S, C).
-    A flattened index_select: its backward (index_add) is faster than advanced indexing's."""
+    A flattened index_select: its backward (index_add) is faster than advanced indexing's. On
+    the fast path a gather that needs a gradient sums it with a sparse matrix instead
+    (_GatherRows)."""
     b, n, c = features.shape
     offset = (torch.arange(b, device=idx.device) * n).view(b, *([1] * (idx.dim() - 1)))
     flat = (idx + offset).reshape(-1)
-    return features.reshape(b * n, c).index_select(0, flat).view(*idx.shape, c)
+    rows = features.reshape(b * n, c)
+    if (features.requires_grad and torch.is_grad_enabled() and _use_fast_path(features)
+            and features.dtype in (torch.float32, torch.float64)):
+        return _GatherRows.apply(rows, flat, _gather_transposes, idx).view(*idx.shape, c)
+    return rows.index_select(0, flat).view(*idx.shape, c)
+
+
+class _GatherRows(torch.autograd.Function):
+    """rows.index_select(0, flat) whose backward multiplies the gradient by the transposed
+    selection matrix in CSR form (torch.sparse.mm): 2-5x faster than index_add on the CPU.
+    The matrix is built on the first backward through an index tensor and kept while that
+    tensor lives, so a stage's kNN builds it once for all the blocks that gather through it."""
+
+    @staticmethod
+    def forward(ctx, rows, flat, cache, idx):
+        ctx.num_rows, ctx.cache, ctx.idx = rows.shape[0], cache, idx
+        ctx.save_for_backward(flat)
+        return rows.index_select(0, flat)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (flat,) = ctx.saved_tensors
+        structure = ctx.cache.get(ctx.idx)
+        if structure is None or structure[0].shape[0] != ctx.num_rows + 1:
+            order = torch.argsort(flat)  # the gradient rows each source row sums, grouped
+            counts = torch.bincount(flat, minlength=ctx.num_rows)
+            crow = torch.zeros(ctx.num_rows + 1, dtype=torch.int64)
+            torch.cumsum(counts, 0, out=crow[1:])
+            structure = ctx.cache[ctx.idx] = (crow, order)
+        crow, order = structure
+        with warnings.catch_warnings():  # "CSR support is in beta": its matmul is what we use
+            warnings.simplefilter("ignore")
+            selection_t = torch.sparse_csr_tensor(
+                crow, order, torch.ones(len(order), dtype=grad.dtype),
+                size=(ctx.num_rows, len(order)), check_invariants=False)
+            return torch.sparse.mm(selection_t, grad.contiguous()), None, None, None
+
+
+_gather_transposes = WeakIdKeyDictionary()  # idx tensor -> (crow, col) of its selection^T
 
 
 def group(xyz, features, new_xyz, idx, with_xyz=True):

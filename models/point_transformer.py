@@ -9,7 +9,7 @@ is concat(xyz, feat), as the official code feeds concat(p, x) to its first layer
 import torch
 import torch.nn as nn
 
-from lib import pointops
+from lib import fast_layers, pointops
 
 
 class PointBatchNorm(nn.Module):
@@ -22,13 +22,13 @@ class PointBatchNorm(nn.Module):
         self.bn = nn.BatchNorm1d(channels)
 
     def forward(self, x):
-        return self.bn(x.reshape(-1, x.shape[-1])).view(x.shape)
+        return fast_layers.batch_norm_rows(x.reshape(-1, x.shape[-1]), self.bn).view(x.shape)
 
 
 def linear_bn_relu(in_channels, out_channels, bias=False):
     """The LBR unit (Linear, BatchNorm, ReLU) that both Point Transformer and PCT are built of."""
     return nn.Sequential(nn.Linear(in_channels, out_channels, bias=bias),
-                         PointBatchNorm(out_channels), nn.ReLU(inplace=True))
+                         PointBatchNorm(out_channels), nn.ReLU())
 
 
 def mlp_head(in_channels, hidden, num_classes, dropout):
@@ -61,24 +61,25 @@ class PointTransformerLayer(nn.Module):
         self.psi = nn.Linear(channels, channels)
         self.alpha = nn.Linear(channels, channels)
         # theta in Eq. 4: two linear layers with BN + ReLU between
-        self.delta = nn.Sequential(nn.Linear(3, 3), PointBatchNorm(3), nn.ReLU(inplace=True),
+        self.delta = nn.Sequential(nn.Linear(3, 3), PointBatchNorm(3), nn.ReLU(),
                                    nn.Linear(3, channels))
         # gamma: BN-ReLU on the relation, then an MLP that reduces to C / share_planes weights
         weights = channels // share_planes
-        self.gamma = nn.Sequential(PointBatchNorm(channels), nn.ReLU(inplace=True),
+        self.gamma = nn.Sequential(PointBatchNorm(channels), nn.ReLU(),
                                    nn.Linear(channels, weights), PointBatchNorm(weights),
-                                   nn.ReLU(inplace=True), nn.Linear(weights, weights))
+                                   nn.ReLU(), nn.Linear(weights, weights))
 
     def forward(self, xyz, x, idx):
         """xyz (B, N, 3), x (B, N, C), idx (B, N, k) neighbours of each point -> (B, N, C)."""
-        c = x.shape[-1]
-        # project on the N points, then gather: k times cheaper than projecting neighbours
-        key_value = pointops.gather(torch.cat([self.psi(x), self.alpha(x)], -1), idx)
-        key, value = key_value.split(c, dim=-1)  # (B, N, k, C) each
-        delta = self.delta(xyz.unsqueeze(2) - pointops.gather(xyz, idx))  # (B, N, k, C)
-        w = self.gamma(self.phi(x).unsqueeze(2) - key + delta).softmax(dim=2)  # (B, N, k, C/s)
-        value = (value + delta).unflatten(-1, (self.share_planes, -1))  # (B, N, k, s, C/s)
-        return (value * w.unsqueeze(3)).sum(2).flatten(-2)  # (B, N, C)
+        # project on the N points, then gather: k times cheaper than projecting neighbours.
+        # psi is negated before the gather (on N rows, not N k) so that the relation below is
+        # a sum, whose backward passes the gradient on without a negated copy.
+        neg_key = pointops.gather(-self.psi(x), idx)  # (B, N, k, C)
+        value = pointops.gather(self.alpha(x), idx)  # (B, N, k, C)
+        delta = fast_layers.mlp(self.delta, xyz.unsqueeze(2) - pointops.gather(xyz, idx))
+        relation = delta + neg_key + self.phi(x).unsqueeze(2)  # (B, N, k, C)
+        w = self.gamma(relation).softmax(dim=2)  # (B, N, k, C/s)
+        return fast_layers.shared_weight_sum(value + delta, w, self.share_planes)  # (B, N, C)
 
 
 class PointTransformerBlock(nn.Module):
@@ -91,7 +92,7 @@ class PointTransformerBlock(nn.Module):
         self.bn2 = PointBatchNorm(channels)
         self.linear3 = nn.Linear(channels, channels, bias=False)
         self.bn3 = PointBatchNorm(channels)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
 
     def forward(self, xyz, x, idx):
         y = self.relu(self.bn2(self.transformer(xyz, self.linear1(x), idx)))

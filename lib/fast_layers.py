@@ -1,0 +1,162 @@
+"""Faster CPU forms of the Point Transformer's per-neighbour tensor operations.
+
+A PT layer works on (B, N, k, C) tensors whose channel counts are often tiny: 3 for the relative
+positions, C / share_planes for the attention weights (2 in the tiny config's first stage).
+PyTorch's CPU kernels broadcast a (C,) vector, or a (..., 1, C/s) weight, along the rows with an
+inner loop of C elements, and BatchNorm over (M, C) rows does the same: for C < 8 they run 5-10x
+below memory speed (bench/RESULTS.md). The functions here compute the same values with wide
+inner loops. They run for CPU tensors under pointops' "auto" backend; pointops.set_backend(
+"reference") (the benchmarks' reference path) and other devices get the plain compositions,
+which tests/test_fast_layers.py checks them against, values and gradients.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lib import pointops
+
+
+def enabled(x):
+    return pointops.get_backend() == "auto" and x.device.type == "cpu"
+
+
+# Where the forms below beat PyTorch's (`python bench/fast_layers.py`, bench/RESULTS.md):
+# training-mode BN is 4-14x faster up to 8 channels, no faster at 16 and slower from 64;
+# eval-mode BN is faster on large inputs.
+_FAST_TRAIN_CHANNELS = 8
+_FAST_EVAL_ROWS = 4096
+# shared_weight_sum tiles the weights when they have at most this many channels: 1.5-3x faster
+# at 2 and 4, the plain broadcast is as fast from 8.
+_MAX_TILED_WIDTH = 4
+
+
+def _fold(rows, channels):
+    """How many rows of an (M, C) tensor to view as one, so that a per-channel vector repeated
+    that many times spans at least 128 elements: M must divide by it (M = B N k usually has
+    many factors of 2; otherwise fewer rows are folded, down to one)."""
+    fold = 1
+    while fold * channels < 128 and rows % (2 * fold) == 0:
+        fold *= 2
+    return fold
+
+
+def _channel_sum(x_folded, fold):
+    """(M / fold, fold C) -> per-channel sums (C,)."""
+    return x_folded.sum(0).view(fold, -1).sum(0)
+
+
+class _BatchNormRows(torch.autograd.Function):
+    """Training-mode batch normalisation of (M, C) rows, statistics over M (biased variance,
+    two-pass for accuracy, as PyTorch's kernel). Returns y and the batch mean and variance."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        rows, channels = x.shape
+        fold = _fold(rows, channels)
+        xf = x.reshape(rows // fold, fold * channels)
+        mean = _channel_sum(xf, fold) / rows
+        centred = xf - mean.repeat(fold)
+        var = _channel_sum(centred * centred, fold) / rows
+        rstd = torch.rsqrt(var + eps)
+        y = x.new_empty(rows, channels)  # written through a folded view: y itself is no view
+        torch.addcmul(bias.repeat(fold), centred, (weight * rstd).repeat(fold), out=y.view(xf.shape))
+        ctx.fold = fold
+        ctx.save_for_backward(centred, rstd, weight)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        centred, rstd, weight = ctx.saved_tensors
+        fold = ctx.fold
+        rows = centred.shape[0] * fold
+        gf = grad_y.reshape(centred.shape)
+        grad_bias = _channel_sum(gf, fold)
+        grad_centred_dot = _channel_sum(gf * centred, fold)  # sum_m g (x - mean), per channel
+        grad_weight = grad_centred_dot * rstd
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # dx = a g + b (x - mean) + c, the usual BN backward gathered per channel
+            a = weight * rstd
+            b = -a * rstd * rstd * grad_centred_dot / rows
+            c = -a * grad_bias / rows
+            grad_x = grad_y.new_empty(rows, grad_y.shape[1])
+            folded = grad_x.view(centred.shape)
+            torch.addcmul(c.repeat(fold), centred, b.repeat(fold), out=folded)
+            folded.addcmul_(gf, a.repeat(fold))
+        return grad_x, grad_weight, grad_bias, None
+
+
+def batch_norm_rows(x, bn):
+    """`bn` (an nn.BatchNorm1d) applied to (M, C) rows, as bn(x) computes it, running statistics
+    included. Unusual set-ups (no affine, no running statistics, SyncBatchNorm, one row, mixed
+    dtypes) and the reference path go to `bn` itself."""
+    plain = (not enabled(x) or type(bn) is not nn.BatchNorm1d or not bn.affine
+             or not bn.track_running_stats or x.dtype != bn.weight.dtype or x.shape[0] < 2)
+    if plain:
+        return bn(x)
+    rows, channels = x.shape
+    if not bn.training:
+        if rows < _FAST_EVAL_ROWS:  # per-call overhead dominates small inputs
+            return bn(x)
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        fold = _fold(rows, channels)
+        y = torch.addcmul(shift.repeat(fold), x.reshape(rows // fold, fold * channels),
+                          scale.repeat(fold))
+        return y.view(rows, channels)
+    if channels > _FAST_TRAIN_CHANNELS:
+        return bn(x)
+    y, mean, var = _BatchNormRows.apply(x, bn.weight, bn.bias, bn.eps)
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
+        bn.running_mean.lerp_(mean, momentum)
+        bn.running_var.lerp_(var * (rows / (rows - 1)), momentum)  # unbiased, as PyTorch keeps
+    return y
+
+
+class _LinearFewInputs(torch.autograd.Function):
+    """F.linear whose weight gradient is formed as (x^T g)^T: PyTorch forms g^T x, an (O, M) by
+    (M, I) product that runs 2-3.5x slower when I << O (delta's Linear(3, C), M = B N k rows)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        rows = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = (x.reshape(-1, x.shape[-1]).t() @ rows).t()
+        grad_bias = rows.sum(0) if ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias
+
+
+def mlp(layers, x):
+    """nn.Sequential `layers` applied to x, its plain nn.Linear layers with few inputs (fewer
+    than a quarter of their outputs) through _LinearFewInputs. Other layers (quantized ones
+    included), and every layer under autocast, run as they are."""
+    for layer in layers:
+        few_inputs = (type(layer) is nn.Linear and 4 * layer.in_features < layer.out_features
+                      and enabled(x) and torch.is_grad_enabled() and x.dtype == layer.weight.dtype
+                      and not torch.is_autocast_enabled(x.device.type))
+        x = _LinearFewInputs.apply(x, layer.weight, layer.bias) if few_inputs else layer(x)
+    return x
+
+
+def shared_weight_sum(value, weight, share_planes):
+    """Paper Eq. 3's aggregation with the official code's weight sharing: value (B, N, k, C) and
+    attention weights (B, N, k, C/s) -> (B, N, C), channel g C/s + c weighted by weight[..., c].
+    The plain form broadcasts the weights over the s groups with a C/s-element inner loop, slow
+    for C/s <= _MAX_TILED_WIDTH: there they are first tiled to C channels by a product with
+    [I I ... I] (C/s, C)."""
+    if not enabled(value) or weight.shape[-1] > _MAX_TILED_WIDTH:
+        grouped = value.unflatten(-1, (share_planes, -1))  # (B, N, k, s, C/s)
+        return (grouped * weight.unsqueeze(3)).sum(2).flatten(-2)
+    width = weight.shape[-1]
+    tile = torch.eye(width, dtype=weight.dtype, device=weight.device).repeat(1, share_planes)
+    return (value * (weight @ tile)).sum(2)  # tiled weights (B, N, k, C)

@@ -1,0 +1,159 @@
+"""lib/fast_layers.py (and pointops' sparse gather backward): the same values and gradients as
+the plain PyTorch compositions the reference path runs."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lib import fast_layers, pointops
+from models import build_model
+
+
+@pytest.fixture(autouse=True)
+def auto_backend():
+    pointops.set_backend("auto")
+    yield
+    pointops.set_backend("auto")
+
+
+def close(a, b, rtol=1e-4, atol=1e-5):
+    return torch.allclose(a, b, rtol=rtol, atol=atol)
+
+
+def bn_pair(channels, momentum=0.1):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(channels, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+    return bn, copy.deepcopy(bn)
+
+
+@pytest.mark.parametrize("rows, channels", [(4096, 3), (4096 + 6, 2), (2048, 8), (33, 5)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_rows_matches_batchnorm1d_in_training(rows, channels, momentum):
+    fast, plain = bn_pair(channels, momentum)
+    x = (torch.randn(rows, channels) * 3 + 5).requires_grad_()  # offset: tests the centring
+    grad = torch.randn(rows, channels)
+    for _ in range(2):  # the second call sees updated running statistics and batch count
+        x.grad = None
+        y = fast_layers.batch_norm_rows(x, fast)
+        y.backward(grad)
+        fast_grad = x.grad.clone()
+        x.grad = None
+        y_plain = plain(x)
+        y_plain.backward(grad)
+        assert close(y, y_plain)
+        assert close(fast_grad, x.grad)
+    # sums over thousands of rows: float32 rounding differs in the last digits
+    assert close(fast.weight.grad, plain.weight.grad, atol=1e-3)
+    assert close(fast.bias.grad, plain.bias.grad, atol=1e-3)
+    assert close(fast.running_mean, plain.running_mean)
+    assert close(fast.running_var, plain.running_var)
+    assert fast.num_batches_tracked.item() == plain.num_batches_tracked.item() == 2
+
+
+def test_batch_norm_rows_in_eval_mode_and_inplace_relu_after_it():
+    fast, plain = bn_pair(3)
+    fast.running_mean.fill_(0.5)
+    plain.running_mean.fill_(0.5)
+    fast.eval(), plain.eval()
+    x = torch.randn(8192, 3, requires_grad=True)
+    y = fast_layers.batch_norm_rows(x, fast)
+    assert close(y, plain(x))
+    torch.relu_(fast_layers.batch_norm_rows(x, fast.train())).sum().backward()  # no view error
+
+
+def test_batch_norm_rows_leaves_unusual_set_ups_to_pytorch():
+    bn = nn.BatchNorm1d(3, track_running_stats=False)
+    x = torch.randn(64, 3)
+    assert close(fast_layers.batch_norm_rows(x, bn), bn(x))
+    with pytest.raises(ValueError, match="more than 1 value"):
+        fast_layers.batch_norm_rows(torch.randn(1, 3), nn.BatchNorm1d(3))
+
+
+@pytest.mark.parametrize("width", [2, 4, 8])
+def test_shared_weight_sum_matches_the_broadcast_form(width):
+    share = 8
+    value = torch.randn(2, 50, 6, share * width, requires_grad=True)
+    weight = torch.randn(2, 50, 6, width, requires_grad=True)
+    grad = torch.randn(2, 50, share * width)
+    results = []
+    for backend in ("auto", "reference"):
+        pointops.set_backend(backend)
+        value.grad = weight.grad = None
+        out = fast_layers.shared_weight_sum(value, weight, share)
+        out.backward(grad)
+        results.append((out, value.grad.clone(), weight.grad.clone()))
+    for fast, reference in zip(*results):
+        assert close(fast, reference)
+    # channel g * width + c is weighted by weight[..., c]
+    by_hand = (value[..., width + 1] * weight[..., 1]).sum(2)
+    assert close(results[0][0][..., width + 1], by_hand)
+
+
+def test_mlp_few_input_linear_gradients():
+    torch.manual_seed(0)
+    layers = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 32))
+    x = torch.randn(4, 100, 8, 3, requires_grad=True)
+    grad = torch.randn(4, 100, 8, 32)
+    grads = []
+    for backend in ("auto", "reference"):
+        pointops.set_backend(backend)
+        layers.zero_grad()
+        x.grad = None
+        fast_layers.mlp(layers, x).backward(grad)
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in layers.parameters()])
+    for fast, reference in zip(*grads):
+        assert close(fast, reference)
+
+
+def test_gather_backward_sums_every_use_of_a_row():
+    features = torch.randn(3, 40, 5, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 40, (3, 40, 7))
+    assert torch.autograd.gradcheck(lambda f: pointops.gather(f, idx), (features,))
+    grad = torch.randn(3, 40, 7, 5, dtype=torch.float64)
+    for _ in range(2):  # the second backward reuses the cached sparse matrix
+        features.grad = None
+        pointops.gather(features, idx).backward(grad)
+        expected = torch.zeros(3 * 40, 5, dtype=torch.float64).index_add_(
+            0, (idx + torch.arange(3).view(3, 1, 1) * 40).reshape(-1), grad.reshape(-1, 5))
+        assert torch.allclose(features.grad.reshape(-1, 5), expected)
+    # the same index tensor into a cloud of another size (the cache checks the row count)
+    other = torch.randn(3, 41, 5, dtype=torch.float64, requires_grad=True)
+    pointops.gather(other, idx).backward(grad)
+    assert other.grad[:, 40].abs().sum() == 0
+
+
+def test_point_transformer_training_step_same_on_both_paths():
+    """Loss and every parameter gradient of a training step agree between the fast layers and
+    the reference compositions, on the same geometry (replayed from a tape). 2048 points, so
+    that the coarsest stage (32 points) has more points than neighbours: with all points as
+    neighbours the relative positions cancel, the self-neighbour rows of delta's BatchNorm are
+    exactly its mean, and rounding decides their ReLU on either path."""
+    torch.manual_seed(0)
+    model = build_model("pt_seg_tiny", in_channels=3, num_classes=6, num_categories=2).double()
+    # float64: in float32 rounding alone flips a few ReLUs and moves early gradients by ~1%
+    xyz, feat = torch.randn(2, 2048, 3).double(), torch.randn(2, 2048, 3).double()
+    category = torch.tensor([0, 1])
+    tape = pointops.GeometryTape()
+    results = []
+    for backend in ("auto", "reference"):
+        pointops.set_backend(backend)
+        replica = copy.deepcopy(model).train()
+        with tape:
+            loss = replica(xyz, feat, category).square().mean()
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in replica.named_parameters()},
+                        {n: b for n, b in replica.named_buffers()}))
+    (loss_fast, grads_fast, buffers_fast), (loss_ref, grads_ref, buffers_ref) = results
+    assert torch.allclose(loss_fast, loss_ref, rtol=1e-10)
+    # relative to each gradient, with a floor for those that are zero but for rounding (a
+    # bias right before a BatchNorm)
+    floor = 1e-8 * max(grad.abs().max() for grad in grads_ref.values())
+    for name, grad in grads_fast.items():
+        error = (grad - grads_ref[name]).abs().max()
+        assert error <= 1e-7 * grads_ref[name].abs().max() + floor, name
+    for name, buffer in buffers_fast.items():
+        assert torch.allclose(buffer.double(), buffers_ref[name].double(), rtol=1e-10), name
