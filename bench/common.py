@@ -14,8 +14,10 @@ import torch
 
 from lib import pointops
 
-# path -> (pointops backend, bf16 autocast on CUDA)
-PATHS = {"fast": ("auto", True), "reference": ("reference", False)}
+# path -> (pointops backend, `amp` as lib.train.autocast takes it: None = bf16 on CUDA only)
+PATHS = {"fast": ("auto", None), "reference": ("reference", False)}
+# measured beside them on the CPU: the fast path with bf16 autocast there too (--amp)
+EXTRA_PATHS = {"fast_bf16": ("auto", True)}
 
 
 def synchronize(device):
@@ -34,7 +36,7 @@ def timed(fn, device):
 
 def on_path(path, fn):
     """fn(amp) under the path's pointops backend; the backend is "auto" again afterwards."""
-    backend, amp = PATHS[path]
+    backend, amp = {**PATHS, **EXTRA_PATHS}[path]
     pointops.set_backend(backend)
     try:
         return fn(amp)

@@ -4,10 +4,13 @@ reference path, both measured in the same run (issue #7).
     python bench/run.py --json /tmp/bench.json             # about 4 minutes on a 2-core CPU
     python bench/run.py --json /tmp/quick.json --quick     # tiny sizes: a smoke test
 
-Fast path: lib/pointops' "auto" backend (C++ FPS and kd-tree kNN for CPU tensors), in the HAQ
-episode the search subset's FPS/kNN replayed from geometry tapes and k-means results cached
-across episodes, and bf16 autocast on CUDA. Reference path: pointops' pure-torch operations
-(set_backend("reference"), which is also what CUDA tensors run), fp32, no caches. Sections:
+Fast path: lib/pointops' "auto" backend (C++ FPS and kd-tree kNN for CPU tensors) and
+lib/fast_layers' CPU forms of the PT layer's small-channel operations, in the HAQ episode the
+search subset's FPS/kNN replayed from geometry tapes and k-means results cached across episodes,
+and bf16 autocast on CUDA. Reference path: pointops' pure-torch operations and the plain layer
+compositions (set_backend("reference"); CUDA tensors run the same pure-torch point ops), fp32,
+no caches. On the CPU the train/eval/pct sections also time the fast path under bf16 autocast
+(`--amp` on the CPU: `*_bf16_speedup`), which pays on CPUs with native bf16. Sections:
   train  Point Transformer part-segmentation SGD step, B=16 x 2048, tiny and default configs
   eval   the same networks' forward pass in eval mode
   pct    PCT classification (default config), train step and forward, B=32 x 1024
@@ -119,11 +122,19 @@ def measure(prefix, run, items, repeats, device):
         on_path("fast", run)
     runs = {path: functools.partial(on_path, path, run) for path in PATHS}
     runs["free_geometry"] = functools.partial(replay, tape, run)
-    samples = compare(runs, dict(repeats, free_geometry=repeats["fast"]), device)
+    if device.type == "cpu":  # on CUDA the fast path is the bf16 one already
+        runs["fast_bf16"] = functools.partial(on_path, "fast_bf16", run)
+    samples = compare(runs, dict(repeats, free_geometry=repeats["fast"],
+                                 fast_bf16=repeats["fast"]), device)
     figures = speed_figures(prefix, items, samples)
+    reference = statistics.median(samples["reference"])
     free = statistics.median(samples["free_geometry"])
     figures[f"{prefix}_free_geometry_shapes_per_s"] = items / free
-    figures[f"{prefix}_speedup_bound"] = statistics.median(samples["reference"]) / free
+    figures[f"{prefix}_speedup_bound"] = reference / free
+    if "fast_bf16" in samples:
+        bf16 = statistics.median(samples["fast_bf16"])
+        figures[f"{prefix}_bf16_shapes_per_s"] = items / bf16
+        figures[f"{prefix}_bf16_speedup"] = reference / bf16
     report(figures, prefix)
     return figures, samples
 

@@ -51,7 +51,7 @@ def dataset_meta(dataset_name, root, dataset, num_points):
 
 
 def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, device=None,
-                        workers=0, amp=True):
+                        workers=0, amp=None):
     """Load any checkpoint (fp32 or packed quantized) and score it on a split of the data it
     records. Returns (meta, results): the task's metrics plus the model's honest size."""
     from lib.checkpoint import load_checkpoint

@@ -44,15 +44,19 @@ def build_scheduler(optimizer, name, epochs, steps_per_epoch, warmup_epochs=0.0)
 
 
 def autocast(device, enabled):
-    """bf16 autocast on CUDA (no grad scaler needed, so the step is never skipped or doubled);
-    a no-op on CPU, where bf16 is slower than fp32."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast (no grad scaler needed, so the step is never skipped or doubled).
+    enabled: None (the scripts' default) on CUDA only; True on the CPU too, where it pays on
+    CPUs with native bf16 (AVX512-BF16, AMX: the default PT trains 1.5x faster on this
+    project's machine, bench/RESULTS.md) and is slower elsewhere; False never."""
+    if enabled is None:
+        enabled = device.type == "cuda"
+    if enabled and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, epoch,
-                    amp=True, log=None, step_offset=0):
+                    amp=None, log=None, step_offset=0):
     """One pass over the training loader. loss_fn(logits, batch) -> scalar.
     Returns {"loss": mean loss, "acc": running point/shape accuracy, "steps_per_s"}."""
     model.train()
@@ -84,7 +88,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp=True, desc="eval", dataset=None):
+def evaluate(model, loader, device, amp=None, desc="eval", dataset=None):
     """Metrics of `model` over the whole split of `loader` (never averaged per batch). Under
     DDP each rank sees its own shard and the accumulators are merged. S3DIS test crops (samples
     with "room"/"index") vote per original point before anything is scored. `loader` may be any
@@ -125,7 +129,7 @@ def _merge_all(parts):
 
 
 def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, epochs, out_dir,
-        meta, log, start_epoch=0, best=None, amp=True):
+        meta, log, start_epoch=0, best=None, amp=None):
     """Train from `start_epoch` to `epochs`, evaluating on the validation split after each epoch.
     Writes `last.pt` every epoch and `best.pt` when the validation metric improves (main rank).
     `meta` is the checkpoint metadata (model, dataset, args); metrics and epoch are added here.

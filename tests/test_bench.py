@@ -11,7 +11,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = [f"{prefix}_{suffix}"
            for prefix in ("pt_tiny_train", "pt_default_train", "pt_tiny_eval", "pt_default_eval",
                           "pct_train", "pct_eval")
-           for suffix in ("shapes_per_s", "reference_shapes_per_s", "speedup")]
+           for suffix in ("shapes_per_s", "reference_shapes_per_s", "speedup",
+                          "bf16_speedup")]  # bf16 autocast on the CPU, timed on CPU runs
 FIGURES += ["haq_episode_tiny_s", "haq_episode_tiny_cold_s", "haq_episode_tiny_reference_s",
             "haq_episode_tiny_speedup", "s3dis_room_s", "s3dis_room_peak_gib",
             "s3dis_room_reference_s", "s3dis_room_reference_peak_gib", "s3dis_room_speedup"]

@@ -9,7 +9,8 @@ from lib.checkpoint import torch_load
 from lib.experiment import make_loader
 from lib.runlog import RunLog
 from lib.tasks import supervised_loss
-from lib.train import build_optimizer, build_scheduler, evaluate, fit, restore_resume_state
+from lib.train import (autocast, build_optimizer, build_scheduler, evaluate, fit,
+                       restore_resume_state)
 from toy import PointMLP, ToyPoints
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,3 +90,12 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
         torch.testing.assert_close(ddp["state_dict"][name], w, atol=1e-5, rtol=1e-5)
     assert ddp["val"]["oa"] == pytest.approx(single["val"]["oa"], abs=1e-6)
     assert ddp["val"]["miou"] == pytest.approx(single["val"]["miou"], abs=1e-6)
+
+
+def test_autocast_is_bf16_on_the_cpu_only_when_asked():
+    """amp None (the scripts' default): fp32 on the CPU; True: bf16 there too; False: never."""
+    cpu = torch.device("cpu")
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    for amp, dtype in ((None, torch.float32), (False, torch.float32), (True, torch.bfloat16)):
+        with autocast(cpu, amp):
+            assert (a @ b).dtype == dtype, amp
