@@ -40,6 +40,9 @@ def test_episodes_replay_geometry_and_score_like_a_fresh_evaluation(monkeypatch)
         monkeypatch.setattr(pointops, name, computed)
     assert evaluator(policy) == pytest.approx(expected, abs=1e-12)
     assert evaluator.cache.misses == len(layers) and evaluator.cache.hits == len(layers)
+    # the episodes read the fp32 model's own parameters: each was hashed (copied to the
+    # host) once, in the first episode
+    assert evaluator.cache.hashed == len(layers)
     assert evaluator.score(model)[evaluator.key] == pytest.approx(fp32, abs=1e-12)
     for key, value in model.state_dict().items():  # the fp32 model is never touched
         assert torch.equal(value, fp32_state[key]), key

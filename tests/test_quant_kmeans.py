@@ -124,6 +124,13 @@ def test_cache_reuses_results_and_never_serves_stale_ones():
     changed[0, 0] += 0.5
     assert torch.equal(cache.cluster("fc", changed, 3)[1], kmeans_1d(changed, 3)[1])
     assert (cache.hits, cache.misses, len(cache)) == (1, 4, 4)
+    # a tensor is hashed once while unchanged; an in-place change (version bump) rehashes it
+    hashed = cache.hashed
+    cache.cluster("fc", w, 3)
+    assert cache.hashed == hashed
+    w.add_(0.5)
+    assert torch.equal(cache.cluster("fc", w, 3)[1], kmeans_1d(w, 3)[1])
+    assert cache.hashed == hashed + 1 and cache.misses == 5
 
 
 def test_index_dtype_is_compact():

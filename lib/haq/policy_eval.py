@@ -38,7 +38,11 @@ class PolicyEvaluator:
         self.key = metric_key(dataset.task)
 
     def quantized(self, bits):
-        return quantize_model(copy.deepcopy(self.fp32_model), bits, method=self.method,
+        # Without a fine-tune an episode only reads the weights, so its copy shares the fp32
+        # model's parameters (quantize_model replaces a layer's weight, never writes into it):
+        # no weights are copied, and the k-means cache knows them without hashing them again.
+        shared = {} if self.finetune_steps else {id(p): p for p in self.fp32_model.parameters()}
+        return quantize_model(copy.deepcopy(self.fp32_model, shared), bits, method=self.method,
                               cache=self.cache)
 
     def score(self, model):

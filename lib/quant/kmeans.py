@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lib.threads import single_thread
 
@@ -280,21 +281,25 @@ class KMeansCache:
     weights changed (fine-tuned, another checkpoint) gets fresh entries, never stale ones, so one
     cache may serve any number of model copies. Entries stay on the weights' device; indices are
     kept in the compact storage dtype. Hashing costs a copy of the weights to the CPU, far less
-    than the clustering it saves.
+    than the clustering it saves, and is done once per weight tensor while it is unchanged (its
+    version counter): HAQ's episodes pass the fp32 model's own parameters, so after the first
+    episode no weights leave the device.
     """
 
     def __init__(self):
         self._entries = {}
+        self._fingerprints = WeakIdKeyDictionary()  # weight tensor -> (version, fingerprint)
         self.hits = 0
         self.misses = 0
+        self.hashed = 0  # weight tensors hashed (each a copy to the CPU)
 
     def cluster(self, name, weights, bits, method="kmeans"):
-        key = (name, bits, method, _fingerprint(weights))
+        key = (name, bits, method, self._fingerprint(weights))
         if key in self._entries:
             self.hits += 1
         else:
             self.misses += 1
-            codebook, indices = cluster(weights, bits, method)
+            codebook, indices = cluster(weights.detach(), bits, method)
             self._entries[key] = (codebook, indices.to(index_dtype(bits)))
         codebook, indices = self._entries[key]
         # Copies: the caller trains the codebook in place, which must not reach the cache.
@@ -303,11 +308,16 @@ class KMeansCache:
     def __len__(self):
         return len(self._entries)
 
-
-def _fingerprint(weights):
-    data = weights.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-    return tuple(weights.shape), str(weights.dtype), digest
+    def _fingerprint(self, weights):
+        known = self._fingerprints.get(weights)
+        if known is not None and known[0] == weights._version:
+            return known[1]
+        data = weights.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        fingerprint = (tuple(weights.shape), str(weights.dtype), digest)
+        self._fingerprints[weights] = (weights._version, fingerprint)
+        self.hashed += 1
+        return fingerprint
 
 
 def index_dtype(bits):

@@ -124,11 +124,10 @@ def quantize_model(model, policy, method="kmeans", cache=None):
         if is_fp32(bits):
             continue
         layer = layers[name]
-        weight = layer.weight.detach()
-        if cache is not None:
-            codebook, indices = cache.cluster(name, weight, int(bits), method)
+        if cache is not None:  # the parameter itself: the cache knows it if it saw it before
+            codebook, indices = cache.cluster(name, layer.weight, int(bits), method)
         else:
-            codebook, indices = cluster(weight, int(bits), method)
+            codebook, indices = cluster(layer.weight.detach(), int(bits), method)
         if is_quantized_layer(layer):
             densify(layer)
         share_weights(layer, codebook, indices, int(bits), method)
