@@ -47,7 +47,9 @@ def get_args_parser():
     p.add_argument("--method", default="kmeans", choices=["kmeans", "linear"])
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="short fine-tune of each candidate before its reward (0 = none)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="batch of the reward's evaluation (16: at 32 the default PT's neighbour "
+                        "tensors pass glibc's 32 MiB mmap threshold and fault in every episode)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)

@@ -22,13 +22,16 @@ class PointBatchNorm(nn.Module):
         self.bn = nn.BatchNorm1d(channels)
 
     def forward(self, x):
-        return fast_layers.batch_norm_rows(x.reshape(-1, x.shape[-1]), self.bn).view(x.shape)
+        y = fast_layers.batch_norm_rows(x.reshape(-1, x.shape[-1]), self.bn)
+        # Not a view of y: an in-place ReLU on a view makes autograd copy the whole base in the
+        # backward (CopySlices), and BatchNorm's backward does not need its output.
+        return torch.ops.aten._unsafe_view(y, x.shape)
 
 
 def linear_bn_relu(in_channels, out_channels, bias=False):
     """The LBR unit (Linear, BatchNorm, ReLU) that both Point Transformer and PCT are built of."""
     return nn.Sequential(nn.Linear(in_channels, out_channels, bias=bias),
-                         PointBatchNorm(out_channels), nn.ReLU())
+                         PointBatchNorm(out_channels), nn.ReLU(inplace=True))
 
 
 def mlp_head(in_channels, hidden, num_classes, dropout):
@@ -61,13 +64,13 @@ class PointTransformerLayer(nn.Module):
         self.psi = nn.Linear(channels, channels)
         self.alpha = nn.Linear(channels, channels)
         # theta in Eq. 4: two linear layers with BN + ReLU between
-        self.delta = nn.Sequential(nn.Linear(3, 3), PointBatchNorm(3), nn.ReLU(),
+        self.delta = nn.Sequential(nn.Linear(3, 3), PointBatchNorm(3), nn.ReLU(inplace=True),
                                    nn.Linear(3, channels))
         # gamma: BN-ReLU on the relation, then an MLP that reduces to C / share_planes weights
         weights = channels // share_planes
-        self.gamma = nn.Sequential(PointBatchNorm(channels), nn.ReLU(),
+        self.gamma = nn.Sequential(PointBatchNorm(channels), nn.ReLU(inplace=True),
                                    nn.Linear(channels, weights), PointBatchNorm(weights),
-                                   nn.ReLU(), nn.Linear(weights, weights))
+                                   nn.ReLU(inplace=True), nn.Linear(weights, weights))
 
     def forward(self, xyz, x, idx):
         """xyz (B, N, 3), x (B, N, C), idx (B, N, k) neighbours of each point -> (B, N, C)."""
@@ -92,7 +95,7 @@ class PointTransformerBlock(nn.Module):
         self.bn2 = PointBatchNorm(channels)
         self.linear3 = nn.Linear(channels, channels, bias=False)
         self.bn3 = PointBatchNorm(channels)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, xyz, x, idx):
         y = self.relu(self.bn2(self.transformer(xyz, self.linear1(x), idx)))
