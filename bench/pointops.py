@@ -23,14 +23,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import peak_memory_gib  # noqa: E402
 from lib import pointops  # noqa: E402
 
 # The issue's targets for the fast path on the 2-core development machine (ms).
 TARGETS_MS = {"fps_b16_2048_512": 10, "fps_80000_20000": 100,
               "knn16_b16_2048": 25, "knn16_80000": 80}
 SECTIONS = ("ops", "train", "malloc")
+# The mmap/trim thresholds, the first part of what run/setup_env.sh exports
+THRESHOLDS = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
 # What run/setup_env.sh exports; used when this runs without it.
-SETUP_ENV_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
+SETUP_ENV_TUNABLES = f"{THRESHOLDS}:glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0"
 
 
 def median_ms(fn, repeats):
@@ -148,17 +151,19 @@ def malloc_probe(workload, repeats):
     steps = repeats + 1  # with the warm-up
     return {"ms": round(ms, 1),
             "page_faults_per_step": (after.ru_minflt - before.ru_minflt) // steps,
-            "sys_s_per_step": round((after.ru_stime - before.ru_stime) / steps, 3)}
+            "sys_s_per_step": round((after.ru_stime - before.ru_stime) / steps, 3),
+            "peak_gib": round(peak_memory_gib(torch.device("cpu")), 3)}
 
 
 def bench_malloc(rounds, tunables, steps):
     """Each workload in fresh processes per GLIBC_TUNABLES variant, the variants taken in turn
-    each round so that load from other processes hits them alike. Besides none and the given
-    value: transparent huge pages for malloc's chunks, and no mmap at all (tensors above glibc's
-    32 MiB cap on mmap_threshold are otherwise mapped and unmapped on every step)."""
-    variants = {"none": None, "setup_env": tunables,
-                "setup_env+hugetlb": f"{tunables}:glibc.malloc.hugetlb=1",
-                "no_mmap": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=8589934592"}
+    each round so that load from other processes hits them alike: none, the mmap/trim
+    thresholds, those with transparent huge pages for malloc's chunks, and the given value
+    (run/setup_env.sh's adds mmap_max=0: tensors above glibc's 32 MiB cap on mmap_threshold are
+    otherwise mapped and unmapped on every step)."""
+    variants = {"none": None, "thresholds": THRESHOLDS,
+                "thresholds+hugetlb": f"{THRESHOLDS}:glibc.malloc.hugetlb=1",
+                "setup_env": tunables}
     workloads = {"grouping": 7, "pt_seg": steps} if import_build_model() else {"grouping": 7}
     result = {"variants": variants}
     for workload, repeats in workloads.items():
@@ -180,7 +185,8 @@ def bench_malloc(rounds, tunables, steps):
                   f"median {result[workload][name]['median_ms']:8.1f} ms"
                   f"   rounds {[run['ms'] for run in measured]}"
                   f"   page faults/step {[run['page_faults_per_step'] for run in measured]}"
-                  f"   sys s/step {[run['sys_s_per_step'] for run in measured]}")
+                  f"   sys s/step {[run['sys_s_per_step'] for run in measured]}"
+                  f"   peak GiB {[run['peak_gib'] for run in measured]}")
     return result
 
 
