@@ -117,8 +117,11 @@ def batch_norm_rows(x, bn):
 
 
 class _LinearFewInputs(torch.autograd.Function):
-    """F.linear whose weight gradient is formed as (x^T g)^T: PyTorch forms g^T x, an (O, M) by
-    (M, I) product that runs 2-3.5x slower when I << O (delta's Linear(3, C), M = B N k rows)."""
+    """F.linear for inputs with few features (delta's Linear(3, C) on M = B N k rows), with a
+    backward 2x faster than PyTorch's (bench/fast_layers.py): grad x = g W is formed as
+    F.linear(g, W^T), whose transposed operand takes a faster GEMM path than g.mm(W) when W has
+    3 columns, and grad W and grad b come from one product [x 1]^T g, which reads g once instead
+    of twice and beats g^T x, an (O, M) by (M, 3) product that runs far below speed."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -129,11 +132,15 @@ class _LinearFewInputs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
+        inputs = weight.shape[1]
         rows = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = (x.reshape(-1, x.shape[-1]).t() @ rows).t()
-        grad_bias = rows.sum(0) if ctx.has_bias else None
-        return grad_x, grad_weight, grad_bias
+        grad_x = F.linear(grad_y, weight.t().contiguous()) if ctx.needs_input_grad[0] else None
+        x_rows = x.reshape(-1, inputs)
+        if ctx.has_bias:
+            x_rows = torch.cat([x_rows, x_rows.new_ones(x_rows.shape[0], 1)], dim=1)
+        grads = x_rows.t() @ rows  # (I [+ 1], O)
+        grad_bias = grads[inputs] if ctx.has_bias else None
+        return grad_x, grads[:inputs].t(), grad_bias
 
 
 def mlp(layers, x):
