@@ -33,7 +33,7 @@ SECTIONS = ("ops", "train", "malloc")
 # The mmap/trim thresholds, the first part of what run/setup_env.sh exports
 THRESHOLDS = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
 # What run/setup_env.sh exports; used when this runs without it.
-SETUP_ENV_TUNABLES = f"{THRESHOLDS}:glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0"
+SETUP_ENV_TUNABLES = f"{THRESHOLDS}:glibc.malloc.hugetlb=1"
 
 
 def median_ms(fn, repeats):
@@ -158,12 +158,11 @@ def malloc_probe(workload, repeats):
 def bench_malloc(rounds, tunables, steps):
     """Each workload in fresh processes per GLIBC_TUNABLES variant, the variants taken in turn
     each round so that load from other processes hits them alike: none, the mmap/trim
-    thresholds, those with transparent huge pages for malloc's chunks, and the given value
-    (run/setup_env.sh's adds mmap_max=0: tensors above glibc's 32 MiB cap on mmap_threshold are
-    otherwise mapped and unmapped on every step)."""
-    variants = {"none": None, "thresholds": THRESHOLDS,
-                "thresholds+hugetlb": f"{THRESHOLDS}:glibc.malloc.hugetlb=1",
-                "setup_env": tunables}
+    thresholds, the given value (run/setup_env.sh's adds transparent huge pages for malloc's
+    chunks), and that with mmap_max=0 (no mmap at all: tensors above glibc's 32 MiB cap on
+    mmap_threshold are otherwise mapped and unmapped on every step; see the peak memory)."""
+    variants = {"none": None, "thresholds": THRESHOLDS, "setup_env": tunables,
+                "setup_env+no_mmap": f"{tunables}:glibc.malloc.mmap_max=0"}
     workloads = {"grouping": 7, "pt_seg": steps} if import_build_model() else {"grouping": 7}
     result = {"variants": variants}
     for workload, repeats in workloads.items():

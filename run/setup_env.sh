@@ -18,9 +18,9 @@ fi
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Large temporaries (neighbour tensors) otherwise go through mmap/munmap on every step and the
 # page faults dominate a Point Transformer layer's forward+backward on CPU. glibc caps
-# mmap_threshold at 32 MiB, so the larger ones would still be mapped afresh each time:
-# hugetlb=1 backs mapped chunks with transparent huge pages (bench/pointops.py: page faults per
-# grouping step 165k -> 2.4k), and mmap_max=0 keeps even those in the heap, where freed memory
-# is reused (default pt_seg step at B=16: 23k page faults -> 32, 0.82 s -> 0.72 s; peak memory
-# 2.75 -> 3.08 GB; bench/RESULTS.md).
-export GLIBC_TUNABLES="glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456:glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0"
+# mmap_threshold at 32 MiB, so the larger ones are still mapped: hugetlb=1 backs them with
+# transparent huge pages (bench/pointops.py: page faults per grouping step 165k -> 2.4k,
+# pt_seg step 1.3 s -> 1.1 s). Not mmap_max=0 (no mmap at all): 6% faster steps, but the heap
+# then fragments, and the reference kNN of an 80k-point room grew to 24 GB and was OOM-killed
+# (bench/RESULTS.md).
+export GLIBC_TUNABLES="glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456:glibc.malloc.hugetlb=1"
