@@ -47,7 +47,7 @@ def autocast(device, enabled):
     """bf16 autocast (no grad scaler needed, so the step is never skipped or doubled).
     enabled: None (the scripts' default) on CUDA only; True on the CPU too, where it pays on
     CPUs with native bf16 (AVX512-BF16, AMX: on this project's machine the default PT trains
-    1.2x and PCT 2.6x faster, bench/RESULTS.md) and is slower elsewhere; False never."""
+    1.4x and PCT 2.4x faster, bench/RESULTS.md) and is slower elsewhere; False never."""
     if enabled is None:
         enabled = device.type == "cuda"
     if enabled and device.type in ("cuda", "cpu"):
