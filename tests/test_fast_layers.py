@@ -109,6 +109,25 @@ def test_mlp_few_input_linear_gradients():
         assert close(fast, reference)
 
 
+def test_mlp_under_cpu_autocast_matches_the_plain_layers():
+    """An fp32 input under bf16 autocast: the plain layer runs (the custom backward would meet
+    a bf16 gradient and fp32 weights), so both paths agree."""
+    torch.manual_seed(0)
+    layers = nn.Sequential(nn.Linear(3, 32))
+    x = torch.randn(2, 64, 8, 3)
+    outputs = []
+    for backend in ("auto", "reference"):
+        pointops.set_backend(backend)
+        layers.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fast_layers.mlp(layers, x)
+        y.float().sum().backward()
+        outputs.append((y, layers[0].weight.grad.clone()))
+    assert outputs[0][0].dtype == torch.bfloat16
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert torch.equal(outputs[0][1], outputs[1][1])
+
+
 def test_gather_backward_sums_every_use_of_a_row():
     features = torch.randn(3, 40, 5, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, 40, (3, 40, 7))
@@ -157,3 +176,17 @@ def test_point_transformer_training_step_same_on_both_paths():
         assert error <= 1e-7 * grads_ref[name].abs().max() + floor, name
     for name, buffer in buffers_fast.items():
         assert torch.allclose(buffer.double(), buffers_ref[name].double(), rtol=1e-10), name
+
+
+def test_point_transformer_trains_under_cpu_bf16_autocast():
+    """`--amp` on the CPU: the fast layers step aside for bf16 inputs (their custom backward
+    assumes one dtype) and a training step gives finite gradients for every parameter."""
+    torch.manual_seed(0)
+    model = build_model("pt_seg_tiny", in_channels=3, num_classes=6, num_categories=2).train()
+    xyz, feat = torch.randn(2, 512, 3), torch.randn(2, 512, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(xyz, feat, torch.tensor([0, 1]))
+    assert logits.dtype == torch.bfloat16
+    logits.float().square().mean().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
