@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.data import build_dataset, synthetic
+from lib.data import build_dataset, synthetic, synthetic_shapes
 from lib.data.modelnet40 import ModelNet40Dataset
 from lib.data.shapenet_part import ShapeNetPartDataset
 
@@ -28,10 +28,10 @@ def parts_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("surfaces, centre", [
-    (synthetic.box(1.0, 2.0, 0.5), (0, 0, 0)),
-    (synthetic.frustum(0.5, 0.2, 1.0), (0, 0.5, 0)),
-    (synthetic.frustum(0.4, 0.0, 0.8), (0, 0.3, 0)),
-    (synthetic.ellipsoid(1.0, 0.3, 0.5), (0, 0, 0)),
+    (synthetic_shapes.box(1.0, 2.0, 0.5), (0, 0, 0)),
+    (synthetic_shapes.frustum(0.5, 0.2, 1.0), (0, 0.5, 0)),
+    (synthetic_shapes.frustum(0.4, 0.0, 0.8), (0, 0.3, 0)),
+    (synthetic_shapes.ellipsoid(1.0, 0.3, 0.5), (0, 0, 0)),
 ])
 def test_surface_normals_are_unit_and_outward(surfaces, centre):
     rng = np.random.default_rng(0)
@@ -42,7 +42,7 @@ def test_surface_normals_are_unit_and_outward(surfaces, centre):
 
 
 def test_torus_points_lie_on_the_tube_with_radial_normals():
-    points, normals = synthetic.torus(1.0, 0.2)[0].sample(np.random.default_rng(0), 4000)
+    points, normals = synthetic_shapes.torus(1.0, 0.2)[0].sample(np.random.default_rng(0), 4000)
     tube_centre = points - 0.2 * normals
     assert np.allclose(np.hypot(tube_centre[:, 0], tube_centre[:, 1]), 1.0)
     assert np.allclose(tube_centre[:, 2], 0.0, atol=1e-12)
@@ -53,19 +53,20 @@ def test_torus_points_lie_on_the_tube_with_radial_normals():
 
 def test_sampling_is_area_uniform_across_surfaces():
     rng = np.random.default_rng(0)
-    parts = [synthetic.box(1.0, 1.0, 1.0), synthetic.frustum(0.5, 0.5, 1.0)]  # areas 6 and 1.5*pi
-    xyz, normals, labels = synthetic.sample_shape(rng, parts, 20000)
+    # areas 6 and 1.5 pi
+    parts = [synthetic_shapes.box(1.0, 1.0, 1.0), synthetic_shapes.frustum(0.5, 0.5, 1.0)]
+    xyz, normals, labels = synthetic_shapes.sample_shape(rng, parts, 20000)
     assert np.mean(labels == 0) == pytest.approx(6 / (6 + 1.5 * np.pi), abs=0.01)
-    assert np.abs(xyz).max() <= 1 + 5 * synthetic.NOISE
+    assert np.abs(xyz).max() <= 1 + 5 * synthetic_shapes.NOISE
     assert np.allclose(np.linalg.norm(normals, axis=1), 1)
 
 
 def test_parts_layout_loads_through_the_shapenet_reader(parts_root):
     root, _ = parts_root
     train = ShapeNetPartDataset(root, "train")
-    assert len(train) == 4 * len(synthetic.PART_CATEGORIES) >= 6 * 4
+    assert len(train) == 4 * len(synthetic_shapes.PART_CATEGORIES) >= 6 * 4
     assert len(ShapeNetPartDataset(root, "val")) == len(ShapeNetPartDataset(root, "test")) == 12
-    assert train.category_names == list(synthetic.PART_CATEGORIES)
+    assert train.category_names == list(synthetic_shapes.PART_CATEGORIES)
     stops = [0] + [stop for _, stop in train.part_ranges]
     assert [start for start, _ in train.part_ranges] == stops[:-1]  # contiguous global ids
     assert all(2 <= stop - start <= 4 for start, stop in train.part_ranges)
@@ -110,8 +111,8 @@ def test_cls_layouts_hold_the_same_shapes_and_are_deterministic(tmp_path):
     assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
     txt = ModelNet40Dataset(tmp_path / "a" / "modelnet40_normal_resampled", "test")
     h5 = ModelNet40Dataset(tmp_path / "a" / "modelnet40_ply_hdf5_2048", "test")
-    assert txt.class_names == h5.class_names == list(synthetic.CLASSES)
-    assert txt.num_classes >= 8 and len(txt) == len(h5) == len(synthetic.CLASSES)
+    assert txt.class_names == h5.class_names == list(synthetic_shapes.CLASSES)
+    assert txt.num_classes >= 8 and len(txt) == len(h5) == len(synthetic_shapes.CLASSES)
     assert txt.clouds[0].shape == (1024, 6)
     # The h5 file holds the txt files' shapes (xyz only), in shuffled order.
     for cloud, label in zip(txt.clouds, txt.labels):
@@ -131,7 +132,7 @@ def test_build_dataset_generates_missing_synthetic_data_once(tmp_path, monkeypat
     build_dataset("synthetic_parts", tmp_path / "parts", "train")
     assert "generating" not in capsys.readouterr().out
     cls = build_dataset("synthetic_cls", tmp_path / "cls" / "modelnet40_ply_hdf5_2048", "val")
-    assert cls.layout == "hdf5" and len(cls) == len(synthetic.CLASSES)  # every 10th of 100
+    assert cls.layout == "hdf5" and len(cls) == len(synthetic_shapes.CLASSES)  # every 10th of 100
     assert (tmp_path / "cls" / "modelnet40_normal_resampled" / "modelnet40_train.txt").is_file()
     assert not list(tmp_path.glob("*.tmp*"))  # the temporary folder became the dataset
 
@@ -157,4 +158,5 @@ def test_command_line_replaces_the_output(tmp_path):
     (tmp_path / "parts" / "stale.txt").write_text("left over")
     synthetic.main(args)
     assert not (tmp_path / "parts" / "stale.txt").exists()
-    assert len(ShapeNetPartDataset(tmp_path / "parts", "test")) == len(synthetic.PART_CATEGORIES)
+    test_split = ShapeNetPartDataset(tmp_path / "parts", "test")
+    assert len(test_split) == len(synthetic_shapes.PART_CATEGORIES)
