@@ -7,7 +7,7 @@ Prints the per-category (or per-class) table and the summary table; --json write
 import argparse
 import json
 
-from lib.cli import resolve_device
+from lib.cli import resolve_device, run_script
 from lib.experiment import evaluate_checkpoint
 from lib.report import format_results, format_size
 
@@ -39,7 +39,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    run_script(main, get_args_parser())

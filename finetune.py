@@ -14,7 +14,7 @@ import torch
 
 from lib import distributed
 from lib.checkpoint import load_checkpoint, save_checkpoint
-from lib.cli import common_parser, resolve_device
+from lib.cli import common_parser, resolve_device, run_script
 from lib.distill import DistillLoss
 from lib.experiment import evaluate_checkpoint, example_inputs, load_split, make_loader
 from lib.policy_file import parse_keep, read_policy
@@ -145,7 +145,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    run_script(main, get_args_parser())

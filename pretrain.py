@@ -10,7 +10,7 @@ import torch
 
 from lib import distributed
 from lib.checkpoint import load_checkpoint, unwrap
-from lib.cli import common_parser, resolve_device
+from lib.cli import common_parser, resolve_device, run_script
 from lib.experiment import MODEL_NAMES, dataset_meta, load_split, make_loader, model_kwargs
 from lib.runlog import RunLog
 from lib.tasks import supervised_loss
@@ -92,7 +92,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    run_script(main, get_args_parser())

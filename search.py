@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from lib.checkpoint import load_checkpoint, torch_load, torch_save_atomic
-from lib.cli import resolve_device
+from lib.cli import resolve_device, run_script
 from lib.experiment import example_inputs, load_split
 from lib.haq.ddpg import DDPG
 from lib.haq.env import QuantEnv
@@ -176,7 +176,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    run_script(main, get_args_parser())

@@ -29,3 +29,12 @@ def resolve_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     return torch.device(name)
+
+
+def run_script(main, parser):
+    """A top-level script's entry point: main(parsed flags), with a missing file or a bad value
+    reported as one line (`error: ...`, exit status 1) instead of a stack trace."""
+    try:
+        main(parser.parse_args())
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
