@@ -78,11 +78,14 @@ def cases():
         yield "gather_backward_" + "x".join(map(str, shape)), gather_case(*shape)
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="OUT", required=True)
     parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    return parser
+
+
+def main(args):
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     results = {}
@@ -99,4 +102,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

@@ -253,7 +253,7 @@ def gather(features, idx):
     rows = features.reshape(b * n, c)
     if (features.requires_grad and torch.is_grad_enabled() and _use_fast_path(features)
             and features.dtype in (torch.float32, torch.float64)):
-        return _GatherRows.apply(rows, flat, _gather_transposes, idx).view(*idx.shape, c)
+        return _GatherRows.apply(rows, flat, idx).view(*idx.shape, c)
     return rows.index_select(0, flat).view(*idx.shape, c)
 
 
@@ -264,28 +264,28 @@ class _GatherRows(torch.autograd.Function):
     tensor lives, so a stage's kNN builds it once for all the blocks that gather through it."""
 
     @staticmethod
-    def forward(ctx, rows, flat, cache, idx):
-        ctx.num_rows, ctx.cache, ctx.idx = rows.shape[0], cache, idx
+    def forward(ctx, rows, flat, idx):
+        ctx.num_rows, ctx.idx = rows.shape[0], idx
         ctx.save_for_backward(flat)
         return rows.index_select(0, flat)
 
     @staticmethod
     def backward(ctx, grad):
         (flat,) = ctx.saved_tensors
-        structure = ctx.cache.get(ctx.idx)
+        structure = _gather_transposes.get(ctx.idx)
         if structure is None or structure[0].shape[0] != ctx.num_rows + 1:
             order = torch.argsort(flat)  # the gradient rows each source row sums, grouped
             counts = torch.bincount(flat, minlength=ctx.num_rows)
             crow = torch.zeros(ctx.num_rows + 1, dtype=torch.int64)
             torch.cumsum(counts, 0, out=crow[1:])
-            structure = ctx.cache[ctx.idx] = (crow, order)
+            structure = _gather_transposes[ctx.idx] = (crow, order)
         crow, order = structure
         with warnings.catch_warnings():  # "CSR support is in beta": its matmul is what we use
             warnings.simplefilter("ignore")
             selection_t = torch.sparse_csr_tensor(
                 crow, order, torch.ones(len(order), dtype=grad.dtype),
                 size=(ctx.num_rows, len(order)), check_invariants=False)
-            return torch.sparse.mm(selection_t, grad.contiguous()), None, None, None
+            return torch.sparse.mm(selection_t, grad.contiguous()), None, None
 
 
 _gather_transposes = WeakIdKeyDictionary()  # idx tensor -> (crow, col) of its selection^T
