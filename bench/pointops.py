@@ -12,7 +12,6 @@ Prints tables and writes everything to OUT as JSON. The slow reference cases run
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -23,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import peak_memory_gib  # noqa: E402
+from bench.common import machine_info, peak_memory_gib, synchronize  # noqa: E402
 from lib import pointops  # noqa: E402
+from lib.cli import resolve_device  # noqa: E402
 
 # The issue's targets for the fast path on the 2-core development machine (ms).
 TARGETS_MS = {"fps_b16_2048_512": 10, "fps_80000_20000": 100,
@@ -36,25 +36,30 @@ THRESHOLDS = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2
 SETUP_ENV_TUNABLES = f"{THRESHOLDS}:glibc.malloc.hugetlb=1"
 
 
-def median_ms(fn, repeats):
-    """Median wall time of `repeats` calls, after a warm-up call unless it is a single run."""
-    if repeats > 1:
+def median_ms(fn, repeats, device=torch.device("cpu")):
+    """Median wall time of `repeats` calls, after a warm-up call unless it is a single run
+    (on CUDA always: the first call compiles the Triton FPS); device work included."""
+    if repeats > 1 or device.type == "cuda":
         fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
 
-def op_cases():
+def op_cases(device):
     """(key, what, call, reference repeats, fast repeats) on random clouds of the usual sizes."""
     gen = torch.Generator().manual_seed(0)
     objects = torch.randn(16, 2048, 3, generator=gen)  # random order: [:, :512] is a subsample
     object_feat = torch.randn(16, 512, 64, generator=gen)
     room = torch.rand(1, 80000, 3, generator=gen) * torch.tensor([10.0, 10.0, 3.0])  # metres
     room_feat = torch.randn(1, 20000, 64, generator=gen)
+    objects, object_feat, room, room_feat = (t.to(device) for t in (objects, object_feat, room,
+                                                                      room_feat))
     fps, knn, interpolate = (pointops.farthest_point_sample, pointops.knn_query,
                              pointops.interpolate)
     return [
@@ -69,16 +74,16 @@ def op_cases():
     ]
 
 
-def bench_ops():
+def bench_ops(device):
     rows = []
-    for key, what, call, reference_repeats, fast_repeats in op_cases():
+    for key, what, call, reference_repeats, fast_repeats in op_cases(device):
         pointops.set_backend("reference")
-        reference = median_ms(call, reference_repeats)
+        reference = median_ms(call, reference_repeats, device)
         pointops.set_backend("auto")
-        fast = median_ms(call, fast_repeats)
+        fast = median_ms(call, fast_repeats, device)
         rows.append({"key": key, "what": what, "reference_ms": round(reference, 2),
                      "fast_ms": round(fast, 2), "speedup": round(reference / fast, 1),
-                     "target_ms": TARGETS_MS.get(key),
+                     "target_ms": TARGETS_MS.get(key) if device.type == "cpu" else None,
                      "repeats": {"reference": reference_repeats, "fast": fast_repeats}})
         print_op_row(rows[-1])
     return rows
@@ -200,6 +205,8 @@ def get_args_parser():
     parser.add_argument("--json", metavar="OUT", help="where to write the results (required)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="what to run (default: all)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the ops section runs (the other sections are CPU-only)")
     parser.add_argument("--steps", type=int, default=3,
                         help="timed training steps per model, backend and malloc variant")
     parser.add_argument("--malloc-rounds", type=int, default=3,
@@ -218,13 +225,14 @@ def main(args):
         return
     if args.json is None:
         raise SystemExit("bench/pointops.py: --json OUT is required")
-    results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "platform": platform.platform(),
-                           "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
-                           "loadavg_start": os.getloadavg()}}
+    device = resolve_device(args.device)
+    if device.type == "cuda" and set(args.sections) != {"ops"}:
+        raise SystemExit("bench/pointops.py: --device cuda runs the ops section only "
+                         "(--sections ops)")
+    results = {"machine": machine_info(device)}
     if "ops" in args.sections:
         print(f"{'operation':34s} {'ref ms':>10s} {'fast ms':>8s} {'speedup':>8s} {'target':>6s}")
-        results["ops"] = bench_ops()
+        results["ops"] = bench_ops(device)
     if "train" in args.sections:
         results["train_step"] = bench_train_step(args.steps)
     if "malloc" in args.sections:

@@ -41,24 +41,38 @@ class PartSegMetric:
 
     def update(self, logits, labels, category):
         """logits (B, N, P), labels (B, N) global part ids, category (B,)."""
+        self.update_predictions(self.predict(logits, category), labels, category)
+
+    def predict(self, logits, category):
+        """The predicted global part ids (B, N), each shape's argmax over its own category's
+        parts (the category is known at test time), on the logits' device without waiting for
+        it: evaluation on a GPU keeps these there and scores them after its loop."""
         if logits.dim() != 3 or logits.shape[-1] != self.num_parts:
             raise ValueError(f"metrics: part logits must be (B, N, {self.num_parts}), "
                              f"got {tuple(logits.shape)}")
-        if labels.shape != logits.shape[:2] or category.shape != logits.shape[:1]:
-            raise ValueError(f"metrics: labels {tuple(labels.shape)} / category "
-                             f"{tuple(category.shape)} do not match logits {tuple(logits.shape)}")
-        if category.min() < 0 or category.max() >= len(self.part_ranges):
-            raise ValueError(f"metrics: a category lies outside 0..{len(self.part_ranges) - 1}")
+        if category.shape != logits.shape[:1]:
+            raise ValueError(f"metrics: category {tuple(category.shape)} does not match "
+                             f"logits {tuple(logits.shape)}")
         device = logits.device
-        category = category.long().to(device)
         ranges = torch.tensor(self.part_ranges, device=device)  # (C, 2)
+        # clamped only to index safely; update_predictions rejects categories out of range
+        category = category.long().to(device).clamp(0, len(self.part_ranges) - 1)
         start, stop = ranges[category, 0], ranges[category, 1]  # (B,)
         part_ids = torch.arange(self.num_parts, device=device)
         in_category = (part_ids >= start[:, None]) & (part_ids < stop[:, None])  # (B, P)
-        # The category is known at test time, so parts of other categories are never predicted.
-        pred = logits.detach().masked_fill(~in_category[:, None, :], float("-inf")).argmax(-1)
-        pred, labels = pred.cpu(), labels.long().cpu()  # (B, N)
-        start, stop, category = start.cpu(), stop.cpu(), category.cpu()
+        return logits.detach().masked_fill(~in_category[:, None, :], float("-inf")).argmax(-1)
+
+    def update_predictions(self, pred, labels, category):
+        """pred (B, N) from `predict`, labels (B, N) global part ids, category (B,)."""
+        if labels.shape != pred.shape or category.shape != pred.shape[:1]:
+            raise ValueError(f"metrics: labels {tuple(labels.shape)} / category "
+                             f"{tuple(category.shape)} do not match predictions "
+                             f"{tuple(pred.shape)}")
+        pred, labels, category = pred.cpu(), labels.long().cpu(), category.long().cpu()  # (B, N)
+        if category.min() < 0 or category.max() >= len(self.part_ranges):
+            raise ValueError(f"metrics: a category lies outside 0..{len(self.part_ranges) - 1}")
+        ranges = torch.tensor(self.part_ranges)
+        start, stop = ranges[category, 0], ranges[category, 1]
         if ((labels < start[:, None]) | (labels >= stop[:, None])).any():
             raise ValueError("metrics: a part label lies outside its shape's category range")
 

@@ -4,9 +4,12 @@ Convention used everywhere in this repository: a batch of clouds is dense, `xyz`
 and features are (B, N, C), channels last. A single large cloud (an S3DIS room) is B = 1.
 Index tensors are int64 and index the N axis of their own batch element.
 
-Every operation has a pure-torch reference (runs on any device). CPU tensors take a fast path
-(C++ FPS from fpsample, kd-tree kNN from pykdtree) unless `set_backend("reference")`; the fast
-path returns the same indices as the reference (up to ties). bench/pointops.py compares them.
+Every operation has a pure-torch reference (runs on any device). Unless `set_backend("reference")`,
+CPU tensors take a fast path (C++ FPS from fpsample, kd-tree kNN from pykdtree) and CUDA tensors
+another (a one-launch Triton FPS from lib/fps_triton.py, kNN ranked by a matrix product). The
+fast paths return the same indices as the reference up to ties and float32 rounding: a near
+tie may be broken the other way (bench/RESULTS.md). bench/pointops.py and bench/fps_gpu.py
+compare them.
 A GeometryTape replays the FPS and kNN of a fixed batch (HAQ's search subset) without recomputing.
 """
 import warnings
@@ -16,6 +19,8 @@ import numpy as np
 import torch
 from pykdtree.kdtree import KDTree
 from torch.utils.weak import WeakIdKeyDictionary
+
+from lib import fps_triton
 
 _BACKEND = "auto"  # "auto": fast path for CPU tensors where one exists; "reference": pure torch
 
@@ -73,6 +78,50 @@ def knn_query_reference(k, support, query, chunk=4096):
         d = d ** 2  # (B, m, N)
         dist, idx = d.topk(k, dim=-1, largest=False, sorted=True)
         idx_chunks.append(idx)
+        dist_chunks.append(dist)
+    return torch.cat(idx_chunks, 1), torch.cat(dist_chunks, 1)
+
+
+def fps_shortfall(xyz, idx):
+    """How far a sample falls short of farthest point sampling, for checking a fast path where
+    near ties make index equality too strict: the largest relative gap, over the steps, between
+    the farthest remaining point's distance to the points already picked and the pick's own,
+    in float64 (0 for an exact FPS; float32 rounding leaves about 1e-7). xyz: (B, N, 3),
+    idx: (B, m) -> float."""
+    xyz = xyz.detach().double()
+    b = xyz.shape[0]
+    dist = torch.full(xyz.shape[:2], float("inf"), dtype=torch.float64, device=xyz.device)
+    worst = torch.zeros(b, dtype=torch.float64, device=xyz.device)
+    for step in range(1, idx.shape[1]):
+        picked = xyz.gather(1, idx[:, step - 1].view(b, 1, 1).expand(b, 1, 3))
+        torch.minimum(dist, (xyz - picked).square().sum(-1), out=dist)
+        farthest = dist.max(dim=1).values
+        gap = (farthest - dist.gather(1, idx[:, step:step + 1]).squeeze(1)) / farthest
+        worst = torch.maximum(worst, gap)
+    return float(worst.max())
+
+
+def knn_query_matmul(k, support, query, chunk=4096, margin=8):
+    """knn_query_reference's answer through a matrix product, the fast path for CUDA tensors.
+    There cdist's exact mode ("donot_use_mm") reduces each distance in its own thread block:
+    14 s for the kNN of an 80k-point room on an H100 (bench/RESULTS.md). Here |s|^2 - 2 q.s
+    (one batched GEMM, the cloud centred first so that float32 keeps the small differences)
+    ranks k + margin candidates per query; their exact squared distances, computed as the
+    reference computes them, then choose and order the k. Only a neighbour whose GEMM distance
+    is off by more than the gap from the k-th to the (k + margin)-th could be missed."""
+    support, query = support.detach(), query.detach()
+    wide = min(support.shape[1], k + margin)
+    centre = support.mean(dim=1, keepdim=True)
+    centred = support - centre
+    norms = centred.square().sum(-1).unsqueeze(1)  # (B, 1, N)
+    idx_chunks, dist_chunks = [], []
+    for start in range(0, query.shape[1], chunk):
+        q = query[:, start:start + chunk]
+        ranking = torch.baddbmm(norms, q - centre, centred.transpose(1, 2), alpha=-2)
+        candidates = ranking.topk(wide, dim=-1, largest=False, sorted=False).indices
+        exact = (gather(support, candidates) - q.unsqueeze(2)).square().sum(-1)  # (B, m, wide)
+        dist, order = exact.topk(k, dim=-1, largest=False, sorted=True)
+        idx_chunks.append(candidates.gather(-1, order))
         dist_chunks.append(dist)
     return torch.cat(idx_chunks, 1), torch.cat(dist_chunks, 1)
 
@@ -224,8 +273,15 @@ def farthest_point_sample(xyz, m):
     n = xyz.shape[1]
     if not 1 <= m <= n:
         raise ValueError(f"farthest_point_sample: cannot sample {m} of {n} points")
-    fps = farthest_point_sample_cpu if _use_fast_path(xyz) else farthest_point_sample_reference
-    return _taped("farthest_point_sample", m, (xyz,), lambda: fps(xyz, m))
+    return _taped("farthest_point_sample", m, (xyz,), lambda: _fps_for(xyz)(xyz, m))
+
+
+def _fps_for(xyz):
+    if _use_fast_path(xyz):
+        return farthest_point_sample_cpu
+    if _BACKEND == "auto" and fps_triton.available(xyz):
+        return lambda xyz, m: fps_triton.farthest_point_sample(xyz, m, start_index(xyz.detach()))
+    return farthest_point_sample_reference
 
 
 def knn_query(k, support, query):
@@ -233,7 +289,12 @@ def knn_query(k, support, query):
     n = support.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"knn_query: cannot find {k} neighbours among {n} points")
-    knn = knn_query_cpu if _use_fast_path(support, query) else knn_query_reference
+    if _use_fast_path(support, query):
+        knn = knn_query_cpu
+    elif _BACKEND == "auto" and support.is_cuda and query.is_cuda:
+        knn = knn_query_matmul
+    else:
+        knn = knn_query_reference
     return _taped("knn_query", k, (support, query), lambda: knn(k, support, query))
 
 

@@ -15,6 +15,8 @@ from lib.checkpoint import rng_state, save_checkpoint, set_rng_state, unwrap
 from lib.metrics import make_metric, metric_key
 from lib.tasks import model_inputs, to_device
 
+LOG_EVERY = 10  # training steps between progress-bar and tensorboard updates
+
 
 def build_optimizer(params, name, lr, weight_decay, momentum=0.9):
     params = [p for p in params if p.requires_grad]
@@ -60,7 +62,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
     """One pass over the training loader. loss_fn(logits, batch) -> scalar.
     Returns {"loss": mean loss, "acc": running point/shape accuracy, "steps_per_s"}."""
     model.train()
-    loss_sum = correct = total = 0.0
+    # Running sums stay on the device and are read every LOG_EVERY steps: reading them each
+    # step would make the host wait for the GPU after every step.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total = 0
     steps = len(loader)
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, dynamic_ncols=True,
                disable=not distributed.is_main())
@@ -74,16 +80,19 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
         loss.backward()
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.item()
         with torch.no_grad():
-            correct += (logits.argmax(-1) == batch["label"]).sum().item()
+            loss_sum += loss.detach().float()
+            correct += (logits.argmax(-1) == batch["label"]).sum()
             total += batch["label"].numel()
-        bar.set_postfix(loss=f"{loss_sum / (step + 1):.4f}", acc=f"{correct / max(total, 1):.3f}")
-        if log is not None and (step % 10 == 0 or step == steps - 1):
-            log.scalars("train_step", {"loss": loss.item(),
-                                       "lr": optimizer.param_groups[0]["lr"]}, step_offset + step)
+        if step % LOG_EVERY == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.4f}",
+                            acc=f"{correct.item() / max(total, 1):.3f}")
+            if log is not None:
+                log.scalars("train_step", {"loss": loss.item(),
+                                           "lr": optimizer.param_groups[0]["lr"]},
+                            step_offset + step)
     elapsed = time.perf_counter() - start
-    return {"loss": loss_sum / max(steps, 1), "acc": correct / max(total, 1),
+    return {"loss": loss_sum.item() / max(steps, 1), "acc": correct.item() / max(total, 1),
             "steps_per_s": steps / max(elapsed, 1e-9), "lr": optimizer.param_groups[0]["lr"]}
 
 
@@ -97,6 +106,9 @@ def evaluate(model, loader, device, amp=None, desc="eval", dataset=None):
     model.eval()
     metric = make_metric(dataset)
     voter = dataset.make_voter() if hasattr(dataset, "make_voter") else None  # S3DIS val/test
+    # On a GPU the predictions wait there until the loop ends: scoring a batch on the host
+    # would make the host wait for the GPU after every batch instead of queueing the next one.
+    pending = []
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                       disable=not distributed.is_main()):
         batch = to_device(batch, device)
@@ -106,9 +118,13 @@ def evaluate(model, loader, device, amp=None, desc="eval", dataset=None):
         if voter is not None:
             voter.add(batch["room"], batch["index"], logits)
         elif dataset.task == "partseg":
-            metric.update(logits, batch["label"], batch["category"])
+            pending.append((metric.predict(logits, batch["category"]), batch["label"],
+                            batch["category"]))
         else:
-            metric.update(logits, batch["label"])
+            pending.append((logits.argmax(-1), batch["label"]))
+        if device.type != "cuda":
+            _score(metric, pending)
+    _score(metric, pending)
     if voter is not None:
         # Only the score arrays travel between ranks (a voter refers to its whole dataset).
         rank_scores = distributed.gather_objects(voter.scores)
@@ -119,6 +135,16 @@ def evaluate(model, loader, device, amp=None, desc="eval", dataset=None):
             metric.update(pred, label)
         return metric.compute()
     return _merge_all(distributed.gather_objects(metric)).compute()
+
+
+def _score(metric, pending):
+    """Add the pending (predictions, labels[, category]) to the metric and forget them."""
+    for item in pending:
+        if len(item) == 3:
+            metric.update_predictions(*item)
+        else:
+            metric.update(*item)
+    pending.clear()
 
 
 def _merge_all(parts):

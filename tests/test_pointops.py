@@ -87,6 +87,14 @@ def test_fps_sample_does_not_depend_on_point_order(backend):
     assert torch.equal(sampled, sampled_shuffled)
 
 
+def test_fps_shortfall_is_zero_for_fps_and_large_for_a_random_sample():
+    xyz = cloud(2, 1000, 3)
+    assert po.fps_shortfall(xyz, po.farthest_point_sample_reference(xyz, 200)) == 0
+    random_pick = torch.stack([torch.randperm(1000, generator=torch.Generator().manual_seed(i))
+                               for i in range(2)])[:, :200]
+    assert po.fps_shortfall(xyz, random_pick) > 0.5
+
+
 def test_fps_rejects_more_samples_than_points():
     with pytest.raises(ValueError, match="cannot sample 11 of 10 points"):
         po.farthest_point_sample(cloud(1, 10, 3), 11)
@@ -266,3 +274,14 @@ def test_geometry_tape_forgets_an_interrupted_recording():
     with tape:
         idx, _ = po.knn_query(8, xyz, xyz)
     assert tape.recorded and torch.equal(tape.entries[0][1][0], idx)
+
+
+@pytest.mark.parametrize("b, n, m, k", [(2, 2048, 2048, 16), (1, 20000, 3000, 16),
+                                        (3, 500, 200, 3), (2, 10, 7, 10)])
+def test_knn_matmul_form_matches_reference(b, n, m, k):
+    # The CUDA fast path's arithmetic, checked on the CPU: rooms in metres, offset from the
+    # origin as S3DIS rooms are, so the GEMM ranking would lose neighbours without centring.
+    support = cloud(b, n, 3).abs() * 4 + 30
+    query = support[:, :m] if m == n else cloud(b, m, 3, seed=1).abs() * 4 + 30
+    assert_same_knn(po.knn_query_matmul(k, support, query, chunk=1024),
+                    po.knn_query_reference(k, support, query))
