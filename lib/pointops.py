@@ -104,7 +104,7 @@ def fps_shortfall(xyz, idx):
 def knn_query_matmul(k, support, query, chunk=4096, margin=8):
     """knn_query_reference's answer through a matrix product, the fast path for CUDA tensors.
     There cdist's exact mode ("donot_use_mm") reduces each distance in its own thread block:
-    14 s for the kNN of an 80k-point room on an H100 (bench/RESULTS.md). Here |s|^2 - 2 q.s
+    8 s for the kNN of an 80k-point room on an H100 (bench/RESULTS.md). Here |s|^2 - 2 q.s
     (one batched GEMM, the cloud centred first so that float32 keeps the small differences)
     ranks k + margin candidates per query; their exact squared distances, computed as the
     reference computes them, then choose and order the k. Only a neighbour whose GEMM distance
@@ -117,7 +117,10 @@ def knn_query_matmul(k, support, query, chunk=4096, margin=8):
     idx_chunks, dist_chunks = [], []
     for start in range(0, query.shape[1], chunk):
         q = query[:, start:start + chunk]
-        ranking = torch.baddbmm(norms, q - centre, centred.transpose(1, 2), alpha=-2)
+        # never in bf16, which training's autocast would pick for a GEMM: 3 significant digits
+        # of |s|^2 cannot rank neighbours
+        with torch.autocast(support.device.type, enabled=False):
+            ranking = torch.baddbmm(norms, q - centre, centred.transpose(1, 2), alpha=-2)
         candidates = ranking.topk(wide, dim=-1, largest=False, sorted=False).indices
         exact = (gather(support, candidates) - q.unsqueeze(2)).square().sum(-1)  # (B, m, wide)
         dist, order = exact.topk(k, dim=-1, largest=False, sorted=True)

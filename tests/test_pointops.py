@@ -285,3 +285,12 @@ def test_knn_matmul_form_matches_reference(b, n, m, k):
     query = support[:, :m] if m == n else cloud(b, m, 3, seed=1).abs() * 4 + 30
     assert_same_knn(po.knn_query_matmul(k, support, query, chunk=1024),
                     po.knn_query_reference(k, support, query))
+
+
+def test_knn_matmul_form_ignores_autocast():
+    # Training runs the model (and so its kNN) under bf16 autocast, which would otherwise run
+    # the ranking GEMM in bf16.
+    support = cloud(2, 3000, 3).abs() * 4 + 30
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = po.knn_query_matmul(16, support, support)
+    assert_same_knn(fast, po.knn_query_reference(16, support, support))
