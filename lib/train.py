@@ -5,6 +5,7 @@ import contextlib
 import math
 import os
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -118,13 +119,14 @@ def evaluate(model, loader, device, amp=None, desc="eval", dataset=None):
         if voter is not None:
             voter.add(batch["room"], batch["index"], logits)
         elif dataset.task == "partseg":
-            pending.append((metric.predict(logits, batch["category"]), batch["label"],
-                            batch["category"]))
+            pending.append(partial(metric.update_predictions,
+                                   metric.predict(logits, batch["category"]), batch["label"],
+                                   batch["category"]))
         else:
-            pending.append((logits.argmax(-1), batch["label"]))
+            pending.append(partial(metric.update, logits.argmax(-1), batch["label"]))
         if device.type != "cuda":
-            _score(metric, pending)
-    _score(metric, pending)
+            _score(pending)
+    _score(pending)
     if voter is not None:
         # Only the score arrays travel between ranks (a voter refers to its whole dataset).
         rank_scores = distributed.gather_objects(voter.scores)
@@ -137,13 +139,10 @@ def evaluate(model, loader, device, amp=None, desc="eval", dataset=None):
     return _merge_all(distributed.gather_objects(metric)).compute()
 
 
-def _score(metric, pending):
-    """Add the pending (predictions, labels[, category]) to the metric and forget them."""
-    for item in pending:
-        if len(item) == 3:
-            metric.update_predictions(*item)
-        else:
-            metric.update(*item)
+def _score(pending):
+    """Run the pending metric updates (each copies its batch's predictions to the host)."""
+    for update in pending:
+        update()
     pending.clear()
 
 
