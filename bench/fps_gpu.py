@@ -43,7 +43,7 @@ def median_ms(fn, repeats):
 def variants(n):
     """{name: settings of fps_triton} for a cloud of n points."""
     if n <= fps_triton.RESIDENT_MAX:
-        return {f"resident_w{w}": {"_num_warps": lambda block, w=w: w} for w in RESIDENT_WARPS}
+        return {f"resident_w{w}": {"_resident_warps": lambda block, w=w: w} for w in RESIDENT_WARPS}
     return {f"split_span{span}": {"SPLIT_SPAN": span} for span in SPLIT_SPANS}
 
 

@@ -41,9 +41,15 @@ def available(xyz):
     return xyz.is_cuda or (INTERPRETING and xyz.device.type == "cpu")
 
 
-def _num_warps(block):
-    # The fastest of 4, 8 and 16 warps on an H100, or within 5% of it (bench/fps_gpu.py)
-    return max(4, min(8, block // 256))
+# Warps per program, the fastest of 4, 8 and 16 on an H100 in every run of bench/fps_gpu.py:
+# a resident cloud of 2,048 points 4 and of 8,192 points 8; a split program's chunk of 1,024
+# points 4 and of 2,048 points 8 (the B=8 x 24,000 case).
+def _resident_warps(block):
+    return 4 if block <= 2048 else 8
+
+
+def _split_warps(block):
+    return 4 if block <= 1024 else 8
 
 
 def farthest_point_sample(xyz, m, start):
@@ -55,8 +61,8 @@ def farthest_point_sample(xyz, m, start):
     picks = torch.empty(b, m, dtype=torch.int64, device=xyz.device)
     if n <= RESIDENT_MAX:
         block = max(16, triton.next_power_of_2(n))
-        _fps_resident[(b,)](xyz, start, picks, n, m, BLOCK=block, num_warps=_num_warps(block),
-                            enable_fp_fusion=False)
+        _fps_resident[(b,)](xyz, start, picks, n, m, BLOCK=block,
+                            num_warps=_resident_warps(block), enable_fp_fusion=False)
     else:
         parts = _parts(xyz)
         span = -(-n // parts)
@@ -65,7 +71,7 @@ def farthest_point_sample(xyz, m, start):
         keys = torch.zeros(b, m if parts > 1 else 1, dtype=torch.int64, device=xyz.device)
         arrivals = torch.zeros(b, m if parts > 1 else 1, dtype=torch.int32, device=xyz.device)
         _fps_split[(b, parts)](xyz, dist, start, picks, keys, arrivals, n, m, span,
-                               PARTS=parts, BLOCK=block, num_warps=_num_warps(block),
+                               PARTS=parts, BLOCK=block, num_warps=_split_warps(block),
                                enable_fp_fusion=False)
     return picks
 
