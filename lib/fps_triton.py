@@ -70,8 +70,10 @@ def farthest_point_sample(xyz, m, start):
         dist = torch.full((b, n), float("inf"), dtype=xyz.dtype, device=xyz.device)
         keys = torch.zeros(b, m if parts > 1 else 1, dtype=torch.int64, device=xyz.device)
         arrivals = torch.zeros(b, m if parts > 1 else 1, dtype=torch.int32, device=xyz.device)
-        _fps_split[(b, parts)](xyz, dist, start, picks, keys, arrivals, n, m, span,
-                               PARTS=parts, BLOCK=block, num_warps=_split_warps(block),
+        # parts is not a compile-time constant: it follows N, and a room-by-room evaluation
+        # would otherwise compile a kernel per room size
+        _fps_split[(b, parts)](xyz, dist, start, picks, keys, arrivals, n, m, span, parts,
+                               SPLIT=parts > 1, BLOCK=block, num_warps=_split_warps(block),
                                enable_fp_fusion=False)
     return picks
 
@@ -122,11 +124,12 @@ if triton is not None:
 
     @triton.jit
     def _fps_split(xyz_ptr, dist_ptr, start_ptr, picks_ptr, keys_ptr, arrivals_ptr, n, m, span,
-                   PARTS: tl.constexpr, BLOCK: tl.constexpr):
+                   parts, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
         """Program (cloud, part) keeps the running distances of points [part * span, + span)
-        of its cloud. Each step it finds its own farthest point; with PARTS > 1 the parts then
-        agree on the cloud's farthest through one atomic max and wait for each other, so all
-        B x PARTS programs must be resident at once (the caller keeps them within the SMs)."""
+        of its cloud. Each step it finds its own farthest point; when SPLIT (parts > 1) the
+        parts then agree on the cloud's farthest through one atomic max and wait for each
+        other, so all B x parts programs must be resident at once (the caller keeps them
+        within the multiprocessors)."""
         cloud = tl.program_id(0).to(tl.int64)
         part = tl.program_id(1)
         points = xyz_ptr + cloud * n * 3
@@ -151,7 +154,7 @@ if triton is not None:
                 further = chunk_best > best  # strictly: an earlier chunk keeps a tie
                 best_at = tl.where(further, first + chunk_at.to(tl.int64), best_at)
                 best = tl.where(further, chunk_best, best)
-            if PARTS == 1:
+            if not SPLIT:
                 farthest = best_at
             else:
                 # One int64 per candidate, largest for the largest distance and then the
@@ -160,7 +163,7 @@ if triton is not None:
                 step = cloud * m + i
                 tl.atomic_max(keys_ptr + step, key, sem="relaxed")
                 arrived = tl.atomic_add(arrivals_ptr + step, 1, sem="acq_rel") + 1  # releases the max
-                while arrived < PARTS:
+                while arrived < parts:
                     arrived = tl.atomic_add(arrivals_ptr + step, 0, sem="acquire")
                 key = tl.atomic_max(keys_ptr + step, 0, sem="acquire")  # an atomic read
                 farthest = 0xFFFFFFFF - (key & 0xFFFFFFFF)
