@@ -1,7 +1,8 @@
 """lib/fps_triton.py: the one-launch GPU FPS picks what the torch loop picks.
 
 It runs where triton runs: on a CUDA device, or on the CPU in Triton's interpreter (a subprocess
-with TRITON_INTERPRET=1). CPU-only installs have no triton; there only the dispatch is checked.
+with TRITON_INTERPRET=1), and wherever triton is installed its kernels are compiled for an H100.
+CPU-only installs (CI) have no triton; there only the dispatch is checked.
 """
 import os
 import subprocess
