@@ -82,11 +82,18 @@ def _parts(xyz):
     """Programs per cloud for a large cloud: about SPLIT_SPAN points each, all B x parts of
     them resident at once (at most one per multiprocessor), one where the parts cannot agree
     through a packed int64 (float64 distances) or in the interpreter (programs run in turn)."""
-    b, n, _ = xyz.shape
     if xyz.dtype != torch.float32 or not xyz.is_cuda:
         return 1
     processors = torch.cuda.get_device_properties(xyz.device).multi_processor_count
-    return max(1, min(processors // b, -(-n // SPLIT_SPAN)))
+    return parts_for(*xyz.shape[:2], processors)
+
+
+def parts_for(b, n, processors):
+    """Split programs per cloud for B clouds of N points on a GPU with `processors` SMs. Under
+    MPS with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE a process gets only that share of the SMs, which
+    the device properties do not say; waiting programs that cannot all be resident would hang."""
+    share = float(os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", 100)) / 100
+    return max(1, min(int(processors * share) // b, -(-n // SPLIT_SPAN)))
 
 
 if triton is not None:

@@ -48,6 +48,15 @@ def test_not_available_for_cpu_tensors_outside_the_interpreter():
     assert not fps_triton.available(torch.randn(1, 8, 3))
 
 
+def test_split_programs_fit_the_multiprocessors(monkeypatch):
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
+    assert fps_triton.parts_for(1, 80000, 132) == 79  # 1,024 points a program
+    assert fps_triton.parts_for(8, 24000, 132) == 16  # 8 x 16 <= 132
+    assert fps_triton.parts_for(200, 9000, 132) == 1  # more clouds than SMs: one each
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "25")
+    assert fps_triton.parts_for(1, 80000, 132) == 33
+
+
 # The same comparisons on both devices: (B, N, m, dtype, resident_max). Clouds over
 # resident_max points go to the split kernel: on CUDA in float32 over several programs per cloud
 # (2 and 10 here), else (float64, many clouds, the interpreter) one, in chunks of STREAM_BLOCK.
