@@ -32,7 +32,32 @@ class WeightShared:
 
     @property
     def weight(self):
-        return self.codebook[self.indices.long()]  # shape of the dense weight
+        return _CodebookLookup.apply(self.codebook, self.indices.long())  # the dense weight
+
+
+class _CodebookLookup(torch.autograd.Function):
+    """codebook[indices], whose backward sums the gradient of each centroid's weights with
+    bincount on the CPU (in float64): advanced indexing's backward (index_put_ with
+    accumulate) adds in parallel from 32,768 weights on, in a different order every time, and
+    fine-tuning then differed from run to run. Elsewhere index_add_: bincount's output size
+    would need a host sync on a GPU."""
+
+    @staticmethod
+    def forward(ctx, codebook, indices):
+        ctx.save_for_backward(indices)
+        ctx.num_codes = codebook.numel()
+        return codebook[indices]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        flat_indices, flat_grad = indices.reshape(-1), grad.reshape(-1)
+        if grad.device.type == "cpu":
+            sums = torch.bincount(flat_indices, weights=flat_grad.double(),
+                                  minlength=ctx.num_codes).to(grad.dtype)
+        else:
+            sums = grad.new_zeros(ctx.num_codes).index_add_(0, flat_indices, flat_grad)
+        return sums, None
 
     def extra_repr(self):
         return f"{super().extra_repr()}, bits={self.bits}, clusters={self.codebook.numel()}"
