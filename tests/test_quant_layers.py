@@ -191,6 +191,7 @@ def test_quantization_keeps_module_names_and_stores_indices_compactly():
     assert state["stem.indices"].dtype == torch.uint8
     assert state["mix.indices"].dtype == torch.int16
     assert isinstance(model.mix, Scaled) and isinstance(model.mix, nn.Linear)
+    assert "bits=8, clusters=" in repr(model.stem)  # what print(model) shows
 
 
 def test_policy_errors_name_the_problem():

@@ -27,14 +27,6 @@ QUANTIZABLE = tuple(KINDS)
 FP32_BITS = 32
 
 
-class WeightShared:
-    """Mixin of the quantized classes: the weight is looked up from the codebook."""
-
-    @property
-    def weight(self):
-        return _CodebookLookup.apply(self.codebook, self.indices.long())  # the dense weight
-
-
 class _CodebookLookup(torch.autograd.Function):
     """codebook[indices], whose backward sums the gradient of each centroid's weights with
     bincount on the CPU (in float64): advanced indexing's backward (index_put_ with
@@ -58,6 +50,14 @@ class _CodebookLookup(torch.autograd.Function):
         else:
             sums = grad.new_zeros(ctx.num_codes).index_add_(0, flat_indices, flat_grad)
         return sums, None
+
+
+class WeightShared:
+    """Mixin of the quantized classes: the weight is looked up from the codebook."""
+
+    @property
+    def weight(self):
+        return _CodebookLookup.apply(self.codebook, self.indices.long())  # the dense weight
 
     def extra_repr(self):
         return f"{super().extra_repr()}, bits={self.bits}, clusters={self.codebook.numel()}"
