@@ -59,7 +59,7 @@ def test_split_programs_fit_the_multiprocessors(monkeypatch):
 
 # The same comparisons on both devices: (B, N, m, dtype, resident_max). Clouds over
 # resident_max points go to the split kernel: on CUDA in float32 over several programs per cloud
-# (2 and 10 here), else (float64, many clouds, the interpreter) one, in chunks of STREAM_BLOCK.
+# (20 and 3 here), else (float64, many clouds, the interpreter) one, in chunks of STREAM_BLOCK.
 CASES = [(4, 2048, 512, "float32", 8192), (3, 100, 1, "float32", 8192),
          (2, 1000, 1000, "float64", 8192), (2, 20000, 700, "float32", 8192),
          (2, 3000, 300, "float32", 1024), (1, 4097, 64, "float64", 1024),
