@@ -42,9 +42,6 @@ def get_args_parser():
     p.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--num-points", type=int, default=None)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast; default: on CUDA only; --amp: on the CPU too (faster "
-                        "where the CPU has native bf16: AVX512-BF16, AMX); --no-amp: never")
     return p
 
 

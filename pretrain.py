@@ -28,9 +28,6 @@ def get_args_parser():
     p.add_argument("--schedule", default="cosine", choices=["cosine", "step"])
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup-epochs", type=float, default=0.0)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast; default: on CUDA only; --amp: on the CPU too (faster "
-                        "where the CPU has native bf16: AVX512-BF16, AMX); --no-amp: never")
     return p
 
 

@@ -19,6 +19,9 @@ def common_parser():
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast; default: on CUDA only; --amp: on the CPU too (faster "
+                        "where the CPU has native bf16: AVX512-BF16, AMX); --no-amp: never")
     return p
 
 
