@@ -5,11 +5,13 @@ reference path, both measured in the same run (issue #7).
     python bench/run.py --json /tmp/quick.json --quick     # tiny sizes: a smoke test
 
 Fast path: lib/pointops' "auto" backend (C++ FPS and kd-tree kNN for CPU tensors; Triton FPS
-and GEMM-ranked kNN for CUDA tensors) and lib/fast_layers' CPU forms of the PT layer's small-channel operations, in the HAQ episode the
-search subset's FPS/kNN replayed from geometry tapes and k-means results cached across episodes,
-and bf16 autocast on CUDA. Reference path: pointops' pure-torch operations and the plain layer
-compositions (set_backend("reference"), on any device), fp32, no caches. On the CPU the train/eval/pct sections also time the fast path under bf16 autocast
-(`--amp` on the CPU: `*_bf16_speedup`), which pays on CPUs with native bf16. Sections:
+and GEMM-ranked kNN for CUDA tensors) and lib/fast_layers' CPU forms of the PT layer's
+small-channel operations; in the HAQ episode the search subset's FPS/kNN replayed from geometry
+tapes and k-means results cached across episodes; bf16 autocast on CUDA. Reference path:
+pointops' pure-torch operations and the plain layer compositions (set_backend("reference"), on
+any device), fp32, no caches. On the CPU the train/eval/pct sections also time the fast path
+under bf16 autocast (`--amp` on the CPU: `*_bf16_speedup`), which pays on CPUs with native
+bf16. Sections:
   train  Point Transformer part-segmentation SGD step, B=16 x 2048, tiny and default configs
   eval   the same networks' forward pass in eval mode
   pct    PCT classification (default config), train step and forward, B=32 x 1024

@@ -169,7 +169,8 @@ if triton is not None:
                 key = (best.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0xFFFFFFFF - best_at)
                 step = cloud * m + i
                 tl.atomic_max(keys_ptr + step, key, sem="relaxed")
-                arrived = tl.atomic_add(arrivals_ptr + step, 1, sem="acq_rel") + 1  # releases the max
+                # acq_rel: releases the max above to the parts that see this arrival
+                arrived = tl.atomic_add(arrivals_ptr + step, 1, sem="acq_rel") + 1
                 while arrived < parts:
                     arrived = tl.atomic_add(arrivals_ptr + step, 0, sem="acquire")
                 key = tl.atomic_max(keys_ptr + step, 0, sem="acquire")  # an atomic read

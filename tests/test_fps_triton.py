@@ -130,7 +130,8 @@ def test_interpreted_fps_matches_the_reference():
 @pytest.mark.skipif(fps_triton.triton is None, reason="needs triton")
 @pytest.mark.parametrize("kernel, constants", [
     ("_fps_resident", {"BLOCK": 2048}),
-    ("_fps_split", {"SPLIT": True, "BLOCK": 1024}), ("_fps_split", {"SPLIT": False, "BLOCK": 4096})])
+    ("_fps_split", {"SPLIT": True, "BLOCK": 1024}),
+    ("_fps_split", {"SPLIT": False, "BLOCK": 4096})])
 def test_kernels_compile_for_an_h100_without_one(kernel, constants):
     # Triton compiles ahead of time for a named GPU with the ptxas it ships: the split kernel's
     # atomics and wait loop are checked here even where nothing can run them.
