@@ -13,11 +13,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lib import pointops
+from lib import native, pointops
 
 
 def enabled(x):
     return pointops.get_backend() == "auto" and x.device.type == "cpu"
+
+
+_NATIVE_DTYPES = {torch.float32: 0, torch.float64: 1}
+_NATIVE_MAX_CHANNELS = 4096  # the C kernels keep a few rows of C values on the stack
+
+
+def _native_for(*tensors):
+    """lib/native's kernels when they can take these tensors (CPU, one float dtype, few enough
+    channels, fast path), else None."""
+    x = tensors[0]
+    if (not enabled(x) or x.dtype not in _NATIVE_DTYPES or x.shape[-1] > _NATIVE_MAX_CHANNELS
+            or any(t.dtype != x.dtype or t.device != x.device for t in tensors)):
+        return None
+    return native.library()
 
 
 # Where the forms below beat PyTorch's (`python bench/fast_layers.py`, bench/RESULTS.md):
@@ -168,3 +182,90 @@ def shared_weight_sum(value, weight, share_planes):
     width = weight.shape[-1]
     tile = torch.eye(width, dtype=weight.dtype, device=weight.device).repeat(1, share_planes)
     return (value * (weight @ tile)).sum(2)  # tiled weights (B, N, k, C)
+
+
+def _ptr(t):
+    return t.data_ptr() if t is not None else None
+
+
+def _dims(idx, channels, dtype):
+    """The leading arguments of every kernel: dtype code, threads, B, N, K, C."""
+    b, n, k = idx.shape
+    return _NATIVE_DTYPES[dtype], torch.get_num_threads(), b, n, k, channels
+
+
+class _Relation(torch.autograd.Function):
+    """delta (B, N, k, C) - key[idx] + query (B, N, C) per neighbour, in one pass (C kernel)."""
+
+    @staticmethod
+    def forward(ctx, lib, delta, key, query, idx):
+        delta, key, query, idx = (t.contiguous() for t in (delta, key, query, idx))
+        out = torch.empty_like(delta)
+        lib.pt_relation_forward(*_dims(idx, delta.shape[-1], delta.dtype), _ptr(delta),
+                                _ptr(key), _ptr(query), _ptr(idx), _ptr(out))
+        ctx.lib = lib
+        ctx.save_for_backward(idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        b, n, _, c = grad.shape
+        grad_key = grad.new_zeros(b, n, c) if ctx.needs_input_grad[2] else None
+        grad_query = grad.new_empty(b, n, c) if ctx.needs_input_grad[3] else None
+        if grad_key is not None or grad_query is not None:
+            ctx.lib.pt_relation_backward(*_dims(idx, c, grad.dtype), _ptr(grad), _ptr(idx),
+                                         _ptr(grad_key), _ptr(grad_query))
+        return None, grad, grad_key, grad_query, None
+
+
+def relation(delta, key, query, idx):
+    """Paper Eq. 3's relation phi(x_i) - psi(x_j) + delta_ij for each point i and neighbour j:
+    delta (B, N, k, C), key = psi(x) and query = phi(x) (B, N, C), idx (B, N, k) -> (B, N, k, C).
+    The plain form negates the key on the N points before the gather (its sum's backward then
+    passes the gradient on without a negated (B, N, k, C) copy)."""
+    lib = _native_for(delta, key, query)
+    if lib is not None:
+        return _Relation.apply(lib, delta, key, query, idx)
+    return delta + pointops.gather(-key, idx) + query.unsqueeze(2)
+
+
+class _Aggregate(torch.autograd.Function):
+    """sum_j w (tiled to C) * (value[idx] + delta) in one pass (C kernel)."""
+
+    @staticmethod
+    def forward(ctx, lib, weight, value, delta, idx):
+        weight, value, delta, idx = (t.contiguous() for t in (weight, value, delta, idx))
+        b, n, c = value.shape
+        out = value.new_empty(b, n, c)
+        lib.pt_aggregate_forward(*_dims(idx, c, value.dtype), weight.shape[-1], _ptr(weight),
+                                 _ptr(value), _ptr(delta), _ptr(idx), _ptr(out))
+        ctx.lib = lib
+        ctx.save_for_backward(weight, value, delta, idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, value, delta, idx = ctx.saved_tensors
+        grad = grad.contiguous()
+        _, need_w, need_v, need_delta, _ = ctx.needs_input_grad
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_v = torch.zeros_like(value) if need_v else None
+        grad_delta = torch.empty_like(delta) if need_delta else None
+        if need_w or need_v or need_delta:
+            ctx.lib.pt_aggregate_backward(
+                *_dims(idx, value.shape[-1], value.dtype), weight.shape[-1], _ptr(grad),
+                _ptr(weight), _ptr(value), _ptr(delta), _ptr(idx), _ptr(grad_w),
+                _ptr(grad_delta), _ptr(grad_v))
+        return None, grad_w, grad_v, grad_delta, None
+
+
+def neighbour_sum(weight, value, delta, idx, share_planes):
+    """Paper Eq. 3's aggregation sum_j w_ij * (alpha(x_j) + delta_ij) with shared weights:
+    weight (B, N, k, C/s), value = alpha(x) (B, N, C), delta (B, N, k, C), idx (B, N, k)
+    -> (B, N, C); channel g C/s + c is weighted by weight[..., c] (shared_weight_sum)."""
+    lib = _native_for(value, weight, delta)
+    if lib is not None:
+        return _Aggregate.apply(lib, weight, value, delta, idx)
+    return shared_weight_sum(pointops.gather(value, idx) + delta, weight, share_planes)

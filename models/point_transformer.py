@@ -74,15 +74,12 @@ class PointTransformerLayer(nn.Module):
 
     def forward(self, xyz, x, idx):
         """xyz (B, N, 3), x (B, N, C), idx (B, N, k) neighbours of each point -> (B, N, C)."""
-        # project on the N points, then gather: k times cheaper than projecting neighbours.
-        # psi is negated before the gather (on N rows, not N k) so that the relation below is
-        # a sum, whose backward passes the gradient on without a negated copy.
-        neg_key = pointops.gather(-self.psi(x), idx)  # (B, N, k, C)
-        value = pointops.gather(self.alpha(x), idx)  # (B, N, k, C)
+        # phi, psi and alpha project the N points, and the neighbours' rows are gathered
+        # after: k times cheaper than projecting the neighbours.
         delta = fast_layers.mlp(self.delta, xyz.unsqueeze(2) - pointops.gather(xyz, idx))
-        relation = delta + neg_key + self.phi(x).unsqueeze(2)  # (B, N, k, C)
+        relation = fast_layers.relation(delta, self.psi(x), self.phi(x), idx)  # (B, N, k, C)
         w = self.gamma(relation).softmax(dim=2)  # (B, N, k, C/s)
-        return fast_layers.shared_weight_sum(value + delta, w, self.share_planes)  # (B, N, C)
+        return fast_layers.neighbour_sum(w, self.alpha(x), delta, idx, self.share_planes)
 
 
 class PointTransformerBlock(nn.Module):

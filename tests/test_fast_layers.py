@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lib import fast_layers, pointops
+from lib import fast_layers, native, pointops
 from models import build_model
 
 
@@ -91,6 +91,89 @@ def test_shared_weight_sum_matches_the_broadcast_form(width):
     # channel g * width + c is weighted by weight[..., c]
     by_hand = (value[..., width + 1] * weight[..., 1]).sum(2)
     assert close(results[0][0][..., width + 1], by_hand)
+
+
+def attention_inputs(b, n, k, channels, share, dtype, seed=0):
+    """delta, key, query, value, weight (all requiring grad) and idx of a PT layer."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(b, n, k, channels), (b, n, channels), (b, n, channels), (b, n, channels),
+              (b, n, k, channels // share)]
+    tensors = [torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+               for shape in shapes]
+    return tensors + [torch.randint(0, n, (b, n, k), generator=gen)]
+
+
+def attention_outputs(share, delta, key, query, value, weight, idx):
+    """relation and neighbour_sum, and the gradients of a fixed random loss on both."""
+    relation = fast_layers.relation(delta, key, query, idx)
+    out = fast_layers.neighbour_sum(weight, value, delta, idx, share)
+    gen = torch.Generator().manual_seed(1)
+    loss = ((relation * torch.randn(relation.shape, generator=gen, dtype=relation.dtype)).sum()
+            + (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum())
+    return [relation, out, *torch.autograd.grad(loss, (delta, key, query, value, weight))]
+
+
+needs_compiler = pytest.mark.skipif(native.library() is None,
+                                    reason="no C compiler for lib/csrc/pt_layer.c")
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("b, n, k, channels, share", [
+    (3, 50, 8, 16, 8),   # compiled for (16, 2) in float32
+    (2, 40, 16, 32, 8),  # (32, 4)
+    (2, 7, 7, 24, 8),    # any C: the generic body
+    (1, 30, 5, 16, 4),   # C = 16 with W = 4: not the (16, 2) body
+])
+def test_fused_attention_matches_the_plain_forms(dtype, b, n, k, channels, share):
+    """lib/csrc/pt_layer.c's relation and aggregation: values and every input's gradient as the
+    plain gather-add-multiply-sum forms compute them."""
+    inputs = attention_inputs(b, n, k, channels, share, dtype)
+    results = []
+    for backend in ("auto", "reference"):
+        pointops.set_backend(backend)
+        results.append(attention_outputs(share, *inputs))
+    assert results[0][0].grad_fn.name() == "_RelationBackward"
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for name, fast, reference in zip(["relation", "out", "delta", "key", "query", "value",
+                                      "weight"], *results):
+        assert torch.allclose(fast, reference, **tol), name
+
+
+@needs_compiler
+def test_fused_attention_does_not_depend_on_the_thread_count():
+    """Work is split by point and by cloud and every sum runs in a fixed order: one thread and
+    three give the same bits (training runs reproduce on any machine)."""
+    inputs = attention_inputs(5, 64, 8, 32, 8, torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            results.append(attention_outputs(8, *inputs))
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*results):
+        assert torch.equal(one, three)
+
+
+def test_native_kernels_can_be_switched_off(monkeypatch):
+    """POINT_HAQ_NATIVE=0: no library, and the layer falls back to the PyTorch forms."""
+    monkeypatch.setenv("POINT_HAQ_NATIVE", "0")
+    monkeypatch.setattr(native, "_library", native._UNSET)
+    assert native.library() is None
+    delta, key, query, _, _, idx = attention_inputs(2, 20, 4, 16, 8, torch.float32)
+    relation = fast_layers.relation(delta, key, query, idx)
+    assert relation.grad_fn.name() == "AddBackward0"
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_library", native._UNSET)
+    with pytest.warns(UserWarning, match="pt_layer.c failed"):
+        assert native.library() is None
+    assert list(tmp_path.rglob("*.so")) == []  # no half-written library left behind
 
 
 def test_mlp_few_input_linear_gradients():

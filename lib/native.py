@@ -1,0 +1,94 @@
+"""Builds and loads lib/csrc/pt_layer.c, the fused CPU kernels of the Point Transformer layer.
+
+Plain C called through ctypes rather than a torch C++ extension: it compiles in about a second
+with the system's C compiler (a torch extension takes a minute and needs the torch headers), and
+ctypes releases the GIL during the call. The library is built once per source, compiler and CPU
+(it is compiled for the host CPU's instruction set) into a cache folder, atomically, so
+concurrent processes (DDP ranks) can race to build it. Without a C compiler, or with
+POINT_HAQ_NATIVE=0, `library()` is None and lib/fast_layers.py uses the PyTorch forms.
+"""
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "pt_layer.c")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c11"]
+_UNSET = object()
+_library = _UNSET
+
+
+def cache_dir():
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "point-transformer-haq")
+
+
+def _cpu_flags():
+    """The host CPU's feature list: part of the build key, since -march=native depends on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler):
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha1(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+                                   _cpu_flags().encode()])).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"pt_layer-{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(cache_dir(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+        os.close(fd)
+        try:
+            result = subprocess.run([compiler, *FLAGS, SOURCE, "-o", tmp], capture_output=True,
+                                    text=True)
+            if result.returncode:
+                lines = result.stderr.strip().splitlines()
+                raise RuntimeError(lines[-1] if lines else f"{compiler} exited with "
+                                   f"{result.returncode}")
+            os.replace(tmp, path)  # atomic: a racing process loads a complete library
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return path
+
+
+def _declare(lib):
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    head = [ctypes.c_int, ctypes.c_int, i64, i64, i64, i64]  # dtype, threads, B, N, K, C
+    lib.pt_relation_forward.argtypes = head + [ptr] * 5
+    lib.pt_relation_backward.argtypes = head + [ptr] * 4
+    lib.pt_aggregate_forward.argtypes = head + [i64] + [ptr] * 5
+    lib.pt_aggregate_backward.argtypes = head + [i64] + [ptr] * 8
+    for fn in (lib.pt_relation_forward, lib.pt_relation_backward, lib.pt_aggregate_forward,
+               lib.pt_aggregate_backward):
+        fn.restype = None
+    return lib
+
+
+def library():
+    """The loaded kernels (ctypes.CDLL), built on first use; None where they cannot be had."""
+    global _library
+    if _library is _UNSET:
+        _library = None
+        compiler = os.environ.get("CC", "cc")
+        if os.environ.get("POINT_HAQ_NATIVE", "1") == "0":
+            return None
+        if platform.system() == "Windows" or shutil.which(compiler) is None:
+            warnings.warn(f"lib/native.py: no C compiler ({compiler}) on PATH; the Point "
+                          "Transformer layer uses its slower PyTorch form on the CPU")
+            return None
+        try:
+            _library = _declare(ctypes.CDLL(_build(compiler)))
+        except (OSError, RuntimeError) as err:
+            warnings.warn(f"lib/native.py: building {SOURCE} failed ({err}); the Point "
+                          "Transformer layer uses its slower PyTorch form on the CPU")
+    return _library
