@@ -1,4 +1,5 @@
-"""Builds and loads lib/csrc/pt_layer.c, the fused CPU kernels of the Point Transformer layer.
+"""Builds and loads the C kernels in lib/csrc/: the Point Transformer layer's fused per-neighbour
+operations (pt_layer.c) and FPS and kNN for object clouds (geometry.c).
 
 Plain C called through ctypes rather than a torch C++ extension: it compiles in about a second
 with the system's C compiler (a torch extension takes a minute and needs the torch headers), and
@@ -16,8 +17,13 @@ import subprocess
 import tempfile
 import warnings
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "pt_layer.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c11"]
+SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+SOURCES = [os.path.join(SOURCE_DIR, name) for name in ("pt_layer.c", "geometry.c")]
+HEADERS = [os.path.join(SOURCE_DIR, "parallel.h")]
+# -ffp-contract=off: no fused multiply-adds, so FPS rounds its distances as the torch
+# reference does and picks the same points
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread",
+         "-std=gnu11"]
 _UNSET = object()
 _library = _UNSET
 
@@ -37,19 +43,21 @@ def _cpu_flags():
 
 
 def _build(compiler):
-    with open(SOURCE, "rb") as f:
-        source = f.read()
+    sources = []
+    for name in SOURCES + HEADERS:
+        with open(name, "rb") as f:
+            sources.append(f.read())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha1(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
-                                   _cpu_flags().encode()])).hexdigest()[:16]
-    path = os.path.join(cache_dir(), f"pt_layer-{key}.so")
+    key = hashlib.sha1(b"\0".join(sources + [" ".join(FLAGS).encode(), version.encode(),
+                                             _cpu_flags().encode()])).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"kernels-{key}.so")
     if not os.path.exists(path):
         os.makedirs(cache_dir(), exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
         os.close(fd)
         try:
-            result = subprocess.run([compiler, *FLAGS, SOURCE, "-o", tmp], capture_output=True,
-                                    text=True)
+            result = subprocess.run([compiler, *FLAGS, *SOURCES, "-o", tmp, "-lm"],
+                                    capture_output=True, text=True)
             if result.returncode:
                 lines = result.stderr.strip().splitlines()
                 raise RuntimeError(lines[-1] if lines else f"{compiler} exited with "
@@ -71,6 +79,9 @@ def _declare(lib):
     for fn in (lib.pt_relation_forward, lib.pt_relation_backward, lib.pt_aggregate_forward,
                lib.pt_aggregate_backward):
         fn.restype = None
+    lib.fps.argtypes = [ctypes.c_int, i64, i64, i64, ptr, ptr, ptr]  # threads, B, N, m, ...
+    lib.knn.argtypes = [ctypes.c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr]  # threads, B, N,
+    lib.fps.restype = lib.knn.restype = ctypes.c_int                           # M, k, ...
     return lib
 
 
@@ -83,12 +94,12 @@ def library():
         if os.environ.get("POINT_HAQ_NATIVE", "1") == "0":
             return None
         if platform.system() == "Windows" or shutil.which(compiler) is None:
-            warnings.warn(f"lib/native.py: no C compiler ({compiler}) on PATH; the Point "
-                          "Transformer layer uses its slower PyTorch form on the CPU")
+            warnings.warn(f"lib/native.py: no C compiler ({compiler}) on PATH; the CPU uses "
+                          "the slower PyTorch and numpy forms")
             return None
         try:
             _library = _declare(ctypes.CDLL(_build(compiler)))
         except (OSError, RuntimeError) as err:
-            warnings.warn(f"lib/native.py: building {SOURCE} failed ({err}); the Point "
-                          "Transformer layer uses its slower PyTorch form on the CPU")
+            warnings.warn(f"lib/native.py: building the C kernels in {SOURCE_DIR} failed "
+                          f"({err}); the CPU uses the slower PyTorch and numpy forms")
     return _library

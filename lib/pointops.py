@@ -5,8 +5,10 @@ and features are (B, N, C), channels last. A single large cloud (an S3DIS room) 
 Index tensors are int64 and index the N axis of their own batch element.
 
 Every operation has a pure-torch reference (runs on any device). Unless `set_backend("reference")`,
-CPU tensors take a fast path (C++ FPS from fpsample, kd-tree kNN from pykdtree) and CUDA tensors
-another (a one-launch Triton FPS from lib/fps_triton.py, kNN ranked by a matrix product). The
+CPU tensors take a fast path and CUDA tensors another (a one-launch Triton FPS from
+lib/fps_triton.py, kNN ranked by a matrix product). On the CPU: FPS of clouds up to 8,192 points
+and float32 kNN from lib/csrc/geometry.c (built by lib/native.py), larger FPS from fpsample's
+bucket FPS, float64 kNN (and everything, where no C compiler is at hand) from pykdtree. The
 fast paths return the same indices as the reference up to ties and float32 rounding: a near
 tie may be broken the other way (bench/RESULTS.md). bench/pointops.py and bench/fps_gpu.py
 compare them.
@@ -20,7 +22,7 @@ import torch
 from pykdtree.kdtree import KDTree
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lib import fps_triton
+from lib import fps_triton, native
 
 _BACKEND = "auto"  # "auto": fast path for CPU tensors where one exists; "reference": pure torch
 
@@ -184,18 +186,49 @@ def _fps_one(points, m, start):
     return picked.astype(np.int64)
 
 
+# lib/csrc/geometry.c's FPS is O(N m) like the reference, vectorised: faster than fpsample's
+# bucket FPS up to about 8k points a cloud, slower beyond (bench/RESULTS.md).
+NATIVE_FPS_MAX_POINTS = 8192
+
+
+def _native_call(fn, *args):
+    if fn(torch.get_num_threads(), *args):
+        raise MemoryError("lib/csrc/geometry.c: out of memory")
+
+
 def farthest_point_sample_cpu(xyz, m):
-    """fpsample's exact bucket FPS (QuickFPS), one cloud at a time, from start_index.
+    """Exact FPS from start_index in float32: lib/csrc/geometry.c's (the reference's steps,
+    so the reference's picks when xyz is float32) for clouds of up to NATIVE_FPS_MAX_POINTS,
+    else fpsample's bucket FPS (QuickFPS), one cloud at a time.
     xyz: (B, N, 3) CPU tensor -> (B, m) int64."""
+    b, n, _ = xyz.shape
+    lib = native.library()
+    if lib is not None and n <= NATIVE_FPS_MAX_POINTS:
+        points = xyz.detach().to(torch.float32).contiguous()
+        starts = start_index(points).contiguous()
+        out = torch.empty(b, m, dtype=torch.int64)
+        _native_call(lib.fps, b, n, m, points.data_ptr(), starts.data_ptr(), out.data_ptr())
+        return out
     points = _to_numpy(xyz, torch.float32)  # fpsample computes in float32
     starts = start_index(xyz.detach()).tolist()
     return torch.from_numpy(np.stack([_fps_one(p, m, s) for p, s in zip(points, starts)]))
 
 
 def knn_query_cpu(k, support, query):
-    """knn_query_reference on a pykdtree kd-tree, one cloud at a time.
+    """knn_query_reference on the CPU: float32 clouds on lib/csrc/geometry.c's grid search
+    (all clouds in one call, over torch's threads), float64 ones (or all, without the C
+    library) on a pykdtree kd-tree, one cloud at a time.
     support: (B, N, 3), query: (B, M, 3) CPU tensors -> (idx (B, M, k) int64, dist2 (B, M, k))."""
     dtype = torch.promote_types(support.dtype, query.dtype)
+    lib = native.library()
+    if lib is not None and dtype == torch.float32:
+        support, query = support.detach().contiguous(), query.detach().contiguous()
+        (b, n, _), m = support.shape, query.shape[1]
+        idx = torch.empty(b, m, k, dtype=torch.int64)
+        dist2 = torch.empty(b, m, k, dtype=torch.float32)
+        _native_call(lib.knn, b, n, m, k, support.data_ptr(), query.data_ptr(), idx.data_ptr(),
+                     dist2.data_ptr())
+        return idx, dist2
     # pykdtree takes float32 or float64 (the same for both arrays)
     np_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     support_np, query_np = _to_numpy(support, np_dtype), _to_numpy(query, np_dtype)

@@ -5,6 +5,7 @@ Random float clouds have no exact distance ties, so FPS sequences and kNN sets a
 import pytest
 import torch
 
+from lib import native
 from lib import pointops as po
 
 
@@ -19,6 +20,18 @@ def cloud(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+# The CPU fast path has two forms of each op: lib/csrc/geometry.c's, and fpsample's FPS /
+# pykdtree's kNN (larger clouds, float64, or no C compiler). Tests of the fast path run both.
+needs_compiler = pytest.mark.skipif(native.library() is None,
+                                    reason="no C compiler for lib/csrc/geometry.c")
+CPU_FORMS = [pytest.param("native", marks=needs_compiler), "python"]
+
+
+def use_form(form, monkeypatch):
+    if form == "python":
+        monkeypatch.setattr(native, "_library", None)
+
+
 # Farthest point sampling
 
 def no_fallback(monkeypatch):
@@ -28,8 +41,10 @@ def no_fallback(monkeypatch):
     monkeypatch.setattr(po.fpsample, "fps_sampling", fallback)
 
 
-@pytest.mark.parametrize("b, n, m", [(4, 2048, 512), (1, 8192, 1024), (3, 100, 1)])
-def test_fps_fast_path_matches_reference(b, n, m, monkeypatch):
+@pytest.mark.parametrize("form", CPU_FORMS)
+@pytest.mark.parametrize("b, n, m", [(4, 2048, 512), (1, 8192, 1024), (3, 100, 1), (2, 37, 37)])
+def test_fps_fast_path_matches_reference(b, n, m, form, monkeypatch):
+    use_form(form, monkeypatch)
     no_fallback(monkeypatch)
     xyz = cloud(b, n, 3)
     fast = po.farthest_point_sample_cpu(xyz, m)
@@ -49,12 +64,16 @@ def test_fps_non_contiguous_float64_and_grad_inputs():
                        po.farthest_point_sample_reference(xyz64, 256))
 
 
-def test_fps_on_duplicate_points_is_a_farthest_point_sample(monkeypatch):
+@pytest.mark.parametrize("form", CPU_FORMS)
+def test_fps_on_duplicate_points_is_a_farthest_point_sample(form, monkeypatch):
     # Ties make the sample non-unique; it must still start at start_index without the slow
     # fallback, never repeat a point, and pick points ever closer to those already picked.
+    use_form(form, monkeypatch)
     no_fallback(monkeypatch)
     xyz = (torch.rand(1, 4096, 3, generator=torch.Generator().manual_seed(0)) * 12).round() / 12
     idx = po.farthest_point_sample(xyz, 512)[0]
+    if form == "native":  # the reference's steps: the reference's choice among ties as well
+        assert torch.equal(idx, po.farthest_point_sample_reference(xyz, 512)[0])
     assert idx[0] == po.start_index(xyz)[0] and len(set(idx.tolist())) == 512
     picked = xyz[0, idx]  # (m, 3)
     gaps = torch.cdist(picked, picked, compute_mode="donot_use_mm_for_euclid_dist")
@@ -63,8 +82,24 @@ def test_fps_on_duplicate_points_is_a_farthest_point_sample(monkeypatch):
     assert (gap_to_earlier[2:] <= gap_to_earlier[1:-1] + 1e-6).all()
 
 
+def test_fps_takes_fpsample_beyond_the_native_size(monkeypatch):
+    calls = []
+    bucket_fps = po.fpsample.bucket_fps_kdline_sampling
+    monkeypatch.setattr(po.fpsample, "bucket_fps_kdline_sampling",
+                        lambda *args, **kwargs: calls.append(1) or bucket_fps(*args, **kwargs))
+    xyz = cloud(1, 600, 3)
+    expected = 0 if native.library() is not None else 1
+    po.farthest_point_sample(xyz, 50)
+    assert len(calls) == expected
+    monkeypatch.setattr(po, "NATIVE_FPS_MAX_POINTS", 599)
+    assert torch.equal(po.farthest_point_sample(xyz, 50),
+                       po.farthest_point_sample_reference(xyz, 50))
+    assert len(calls) == expected + 1
+
+
 def test_fps_falls_back_when_fpsample_starts_elsewhere(monkeypatch):
     # A wrong slot makes fpsample start from another point; the exact O(N m) FPS takes over.
+    use_form("python", monkeypatch)
     xyz = cloud(2, 512, 3)
     calls = []
     plain_fps = po.fpsample.fps_sampling
@@ -131,15 +166,47 @@ def assert_same_knn(fast, reference):
     assert (dist2.diff(dim=-1) >= 0).all()  # nearest first
 
 
+@pytest.mark.parametrize("form", CPU_FORMS)
 @pytest.mark.parametrize("b, n, m, k",
-                         [(2, 2048, 2048, 16), (1, 20000, 1000, 16), (3, 500, 200, 3)])
-def test_knn_fast_path_matches_reference(b, n, m, k):
+                         [(2, 2048, 2048, 16), (1, 20000, 1000, 16), (3, 500, 200, 3),
+                          (2, 30, 50, 30), (1, 1, 4, 1)])
+def test_knn_fast_path_matches_reference(b, n, m, k, form, monkeypatch):
+    use_form(form, monkeypatch)
     support = cloud(b, n, 3)
     query = support[:, :m] if m == n else cloud(b, m, 3, seed=1)
     assert_same_knn(po.knn_query_cpu(k, support, query), po.knn_query_reference(k, support, query))
 
 
-def test_knn_self_query_finds_each_point_first_at_distance_zero():
+@needs_compiler
+def test_knn_grid_search_on_awkward_clouds():
+    """The grid search of lib/csrc/geometry.c where its cells are awkward: a flat cloud (one
+    cell thick), a stretched one, points on cell faces and duplicated, queries far outside the
+    support's bounding box, and a point-like cloud."""
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.rand(2, 700, 3, generator=gen)
+    flat[..., 2] = 0.5
+    stretched = torch.rand(2, 700, 3, generator=gen) * torch.tensor([100.0, 1.0, 0.01])
+    lattice = (torch.rand(2, 700, 3, generator=gen) * 8).floor() / 8  # duplicates on faces
+    for support in (flat, stretched, lattice):
+        far = torch.randn(2, 90, 3, generator=gen) * 50
+        for query in (support, far, lattice):
+            for k in (1, 10):
+                fast = po.knn_query_cpu(k, support, query)
+                reference = po.knn_query_reference(k, support, query)
+                # distances everywhere; index sets where neither duplicates nor float32
+                # rounding of distances ~1e4 (the far queries) make near ties
+                assert torch.allclose(fast[1], reference[1], rtol=1e-5, atol=1e-5)
+                if support is not lattice and query is not far:
+                    assert_same_knn(fast, reference)
+    point = torch.zeros(1, 20, 3)
+    idx, dist2 = po.knn_query_cpu(20, point, torch.ones(1, 3, 3))
+    assert torch.equal(idx.sort(-1).values, torch.arange(20).expand(1, 3, 20))
+    assert torch.allclose(dist2, torch.full((1, 3, 20), 3.0))
+
+
+@pytest.mark.parametrize("form", CPU_FORMS)
+def test_knn_self_query_finds_each_point_first_at_distance_zero(form, monkeypatch):
+    use_form(form, monkeypatch)
     xyz = cloud(2, 300, 3)
     for knn in (po.knn_query_cpu, po.knn_query_reference):
         idx, dist2 = knn(1, xyz, xyz)

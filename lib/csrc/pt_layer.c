@@ -20,9 +20,10 @@
  * would dominate: float32 bodies are compiled once for each (C, W) of the Point Transformer
  * presets, with both as constants, so the compiler unrolls and vectorises the row loops.
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "parallel.h"
 
 typedef struct {
     const void *delta, *key, *q, *w, *v, *grad_out;
@@ -30,43 +31,6 @@ typedef struct {
     const int64_t *idx;
     int64_t N, K, C, W;
 } pt_args;
-
-typedef void (*body_fn)(const pt_args *, int64_t unit);
-
-typedef struct {
-    body_fn body;
-    const pt_args *args;
-    int64_t begin, end;
-} span_t;
-
-static void *run_span(void *p) {
-    const span_t *s = (const span_t *)p;
-    for (int64_t u = s->begin; u < s->end; ++u) s->body(s->args, u);
-    return NULL;
-}
-
-/* body(args, u) for u in [0, units), over up to `threads` threads (the caller's included). */
-static void for_each(body_fn body, const pt_args *args, int64_t units, int threads) {
-    enum { MAX_THREADS = 256 };
-    if (threads > units) threads = (int)units;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads <= 1) {
-        for (int64_t u = 0; u < units; ++u) body(args, u);
-        return;
-    }
-    span_t spans[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
-    for (int t = 0; t < threads; ++t) {
-        spans[t] = (span_t){body, args, units * t / threads, units * (t + 1) / threads};
-        started[t] = t > 0 && pthread_create(&ids[t], NULL, run_span, &spans[t]) == 0;
-    }
-    run_span(&spans[0]);
-    for (int t = 1; t < threads; ++t) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        else run_span(&spans[t]);  /* no thread to be had: do its share here */
-    }
-}
 
 /* The four bodies for element type T, C and W passed in (constants where inlined). */
 #define DEFINE_BODIES(T, S)                                                                   \
@@ -167,14 +131,10 @@ DEFINE_BODIES(double, f64)
 
 /* Entry points over units: body_<kernel>_<S>_<C> (C, W constants) or _any (from args). */
 #define DEFINE_UNIT_FNS(S, C, W)                                                              \
-static void relation_fwd_##S##_##C(const pt_args *a, int64_t u) { relation_fwd_##S(a, u, C); } \
-static void relation_bwd_##S##_##C(const pt_args *a, int64_t u) { relation_bwd_##S(a, u, C); } \
-static void aggregate_fwd_##S##_##C(const pt_args *a, int64_t u) {                            \
-    aggregate_fwd_##S(a, u, C, W);                                                            \
-}                                                                                             \
-static void aggregate_bwd_##S##_##C(const pt_args *a, int64_t u) {                            \
-    aggregate_bwd_##S(a, u, C, W);                                                            \
-}
+static void relation_fwd_##S##_##C(const void *a, int64_t u) { relation_fwd_##S(a, u, C); }   \
+static void relation_bwd_##S##_##C(const void *a, int64_t u) { relation_bwd_##S(a, u, C); }   \
+static void aggregate_fwd_##S##_##C(const void *a, int64_t u) { aggregate_fwd_##S(a, u, C, W); } \
+static void aggregate_bwd_##S##_##C(const void *a, int64_t u) { aggregate_bwd_##S(a, u, C, W); }
 
 /* share_planes = 8, the channel widths of the presets in models/point_transformer.py */
 DEFINE_UNIT_FNS(f32, 16, 2)
@@ -184,14 +144,15 @@ DEFINE_UNIT_FNS(f32, 128, 16)
 DEFINE_UNIT_FNS(f32, 256, 32)
 DEFINE_UNIT_FNS(f32, 512, 64)
 
+#define P(a) ((const pt_args *)(a))
 #define DEFINE_GENERIC(S)                                                                     \
-static void relation_fwd_##S##_any(const pt_args *a, int64_t u) { relation_fwd_##S(a, u, a->C); } \
-static void relation_bwd_##S##_any(const pt_args *a, int64_t u) { relation_bwd_##S(a, u, a->C); } \
-static void aggregate_fwd_##S##_any(const pt_args *a, int64_t u) {                            \
-    aggregate_fwd_##S(a, u, a->C, a->W);                                                      \
+static void relation_fwd_##S##_any(const void *a, int64_t u) { relation_fwd_##S(a, u, P(a)->C); } \
+static void relation_bwd_##S##_any(const void *a, int64_t u) { relation_bwd_##S(a, u, P(a)->C); } \
+static void aggregate_fwd_##S##_any(const void *a, int64_t u) {                               \
+    aggregate_fwd_##S(a, u, P(a)->C, P(a)->W);                                                \
 }                                                                                             \
-static void aggregate_bwd_##S##_any(const pt_args *a, int64_t u) {                            \
-    aggregate_bwd_##S(a, u, a->C, a->W);                                                      \
+static void aggregate_bwd_##S##_any(const void *a, int64_t u) {                               \
+    aggregate_bwd_##S(a, u, P(a)->C, P(a)->W);                                                \
 }
 DEFINE_GENERIC(f32)
 DEFINE_GENERIC(f64)

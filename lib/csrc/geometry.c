@@ -1,0 +1,288 @@
+/* Farthest point sampling and k-nearest-neighbour search on the CPU, float32, for the object
+ * clouds of a training batch (lib/pointops.py picks these or fpsample / pykdtree by size; see
+ * there). Built with lib/csrc/pt_layer.c by lib/native.py.
+ *
+ * Clouds are (B, N, 3) float32, contiguous; indices int64 within a cloud.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "parallel.h"
+
+/* ---- farthest point sampling ------------------------------------------------------------ */
+
+typedef struct {
+    const float *xyz;
+    const int64_t *start;
+    int64_t *out;
+    int64_t N, m;
+    float *scratch; /* 4 N floats per cloud: x, y, z (structure of arrays) and dist */
+} fps_args;
+
+/* LANES floats as one vector (GCC / Clang vector extensions: one AVX-512 register, or two or
+ * four narrower ones), and as many int32 lane indices. */
+enum { LANES = 16 };
+typedef float vfloat __attribute__((vector_size(4 * LANES)));
+typedef int32_t vint __attribute__((vector_size(4 * LANES)));
+
+static inline vfloat load(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline vfloat pick(vint mask, vfloat yes, vfloat no) {
+    return (vfloat)(((vint)yes & mask) | ((vint)no & ~mask));
+}
+
+/* The same steps as pointops.farthest_point_sample_reference, so the same picks: squared
+ * distances summed as ((dx dx + dy dy) + dz dz) in float32 without fused multiply-adds (this
+ * file is compiled with -ffp-contract=off), dist = min(dist, d), and the first index of the
+ * largest dist. The search for it keeps, per lane, the largest value and its first index. */
+static void fps_cloud(const void *p, int64_t b) {
+    const fps_args *a = (const fps_args *)p;
+    const int64_t N = a->N;
+    const float *src = a->xyz + b * N * 3;
+    float *x = a->scratch + b * 4 * N, *y = x + N, *z = y + N, *dist = z + N;
+    for (int64_t i = 0; i < N; ++i) {
+        x[i] = src[3 * i];
+        y[i] = src[3 * i + 1];
+        z[i] = src[3 * i + 2];
+        dist[i] = INFINITY;
+    }
+    int64_t *out = a->out + b * a->m;
+    int64_t farthest = a->start[b];
+    const int64_t body = N - N % LANES;
+    vint iota;
+    for (int l = 0; l < LANES; ++l) iota[l] = l;
+    for (int64_t s = 0; s < a->m; ++s) {
+        out[s] = farthest;
+        const float cx = x[farthest], cy = y[farthest], cz = z[farthest];
+        vfloat lane_max = {0};
+        lane_max -= 1.0f;
+        vint lane_idx = {0};
+        for (int64_t i = 0; i < body; i += LANES) {
+            const vfloat dx = load(x + i) - cx, dy = load(y + i) - cy, dz = load(z + i) - cz;
+            const vfloat d = dx * dx + dy * dy + dz * dz, old = load(dist + i);
+            const vfloat kept = pick(old < d, old, d);
+            memcpy(dist + i, &kept, sizeof kept);
+            const vint better = kept > lane_max;
+            lane_max = pick(better, kept, lane_max);
+            lane_idx = ((iota + (int32_t)i) & better) | (lane_idx & ~better);
+        }
+        float best = -1.0f;
+        farthest = 0;
+        for (int l = 0; l < LANES; ++l)
+            if (lane_max[l] > best || (lane_max[l] == best && lane_idx[l] < farthest)) {
+                best = lane_max[l];
+                farthest = lane_idx[l];
+            }
+        for (int64_t i = body; i < N; ++i) { /* the tail: indices above every lane's */
+            const float dx = x[i] - cx, dy = y[i] - cy, dz = z[i] - cz;
+            const float d = dx * dx + dy * dy + dz * dz;
+            if (d < dist[i]) dist[i] = d;
+            if (dist[i] > best) {
+                best = dist[i];
+                farthest = i;
+            }
+        }
+    }
+}
+
+/* Returns 0, or -1 when memory for the scratch rows could not be had. */
+int fps(int threads, int64_t B, int64_t N, int64_t m, const float *xyz, const int64_t *start,
+        int64_t *out) {
+    fps_args a = {xyz, start, out, N, m, malloc(sizeof(float) * 4 * N * B)};
+    if (!a.scratch) return -1;
+    for_each(fps_cloud, &a, B, threads);
+    free(a.scratch);
+    return 0;
+}
+
+/* ---- k nearest neighbours on a uniform grid --------------------------------------------- */
+
+/* Each cloud's support points are bucketed into cubic cells (a counting sort by cell); a query
+ * visits the cells in shells of growing Chebyshev radius r around its own cell and stops once
+ * it holds k points and no point outside the shells searched can be closer than its k-th:
+ * an exact search, like the reference's brute force, that reads a few dozen points a query. */
+
+typedef struct {
+    float lo[3], inv_h, h;
+    int64_t g[3];
+    int64_t *cell_start; /* g0 g1 g2 + 1 offsets into the sorted points */
+    float *sorted;       /* (N, 3) support points in cell order */
+    int64_t *sorted_idx; /* their indices in the cloud */
+} grid_t;
+
+typedef struct {
+    const float *support, *query;
+    int64_t *idx;
+    float *dist2;
+    int64_t N, M, k;
+    grid_t *grids;
+    int failed;
+} knn_args;
+
+/* About this many support points per cell of the bounding box. Object clouds lie on surfaces,
+ * which leaves most cells empty and a few times more points in the occupied ones. */
+static const double POINTS_PER_CELL = 2.0;
+
+static int64_t cell_of(const grid_t *g, const float *p, int axis) {
+    int64_t c = (int64_t)((p[axis] - g->lo[axis]) * g->inv_h);
+    return c < 0 ? 0 : (c >= g->g[axis] ? g->g[axis] - 1 : c);
+}
+
+static void build_grid(const void *p, int64_t b) {
+    knn_args *a = (knn_args *)p;
+    const int64_t N = a->N;
+    const float *pts = a->support + b * N * 3;
+    grid_t *g = &a->grids[b];
+    float lo[3] = {FLT_MAX, FLT_MAX, FLT_MAX}, hi[3] = {-FLT_MAX, -FLT_MAX, -FLT_MAX};
+    for (int64_t i = 0; i < N; ++i)
+        for (int d = 0; d < 3; ++d) {
+            lo[d] = pts[3 * i + d] < lo[d] ? pts[3 * i + d] : lo[d];
+            hi[d] = pts[3 * i + d] > hi[d] ? pts[3 * i + d] : hi[d];
+        }
+    double extent[3], volume = 1.0, largest = 0.0;
+    for (int d = 0; d < 3; ++d) {
+        extent[d] = (double)hi[d] - lo[d];
+        largest = extent[d] > largest ? extent[d] : largest;
+    }
+    /* flat or collinear clouds: a thin axis counts as 1 / 1000 of the largest one */
+    for (int d = 0; d < 3; ++d) volume *= extent[d] > largest * 1e-3 ? extent[d] : largest * 1e-3;
+    double h = cbrt(volume * POINTS_PER_CELL / (double)N);
+    if (!(h > 0)) h = 1.0; /* all points equal */
+    int64_t cells = 1;
+    for (int d = 0; d < 3; ++d) {
+        g->lo[d] = lo[d];
+        g->g[d] = (int64_t)(extent[d] / h) + 1;
+        cells *= g->g[d];
+    }
+    g->h = (float)h;
+    g->inv_h = (float)(1.0 / h);
+    g->cell_start = calloc(cells + 1, sizeof(int64_t));
+    g->sorted = malloc(sizeof(float) * 3 * N);
+    g->sorted_idx = malloc(sizeof(int64_t) * N);
+    int64_t *cell = malloc(sizeof(int64_t) * N);
+    if (!g->cell_start || !g->sorted || !g->sorted_idx || !cell) {
+        a->failed = 1;
+        free(cell);
+        return;
+    }
+    for (int64_t i = 0; i < N; ++i) {
+        const float *q = pts + 3 * i;
+        cell[i] = (cell_of(g, q, 0) * g->g[1] + cell_of(g, q, 1)) * g->g[2] + cell_of(g, q, 2);
+        g->cell_start[cell[i] + 1]++;
+    }
+    for (int64_t c = 0; c < cells; ++c) g->cell_start[c + 1] += g->cell_start[c];
+    for (int64_t i = 0; i < N; ++i) { /* stable: a cell keeps its points in index order */
+        const int64_t slot = g->cell_start[cell[i]]++;
+        memcpy(g->sorted + 3 * slot, pts + 3 * i, 3 * sizeof(float));
+        g->sorted_idx[slot] = i;
+    }
+    for (int64_t c = cells; c > 0; --c) g->cell_start[c] = g->cell_start[c - 1];
+    g->cell_start[0] = 0;
+    free(cell);
+}
+
+/* Inserts (d, i) into the k best so far, kept sorted by distance; ties keep the earlier one
+ * first. */
+static void keep(float *best_d, int64_t *best_i, int64_t *count, int64_t k, float d, int64_t i) {
+    int64_t pos = *count < k ? (*count)++ : k - 1;
+    while (pos > 0 && best_d[pos - 1] > d) {
+        best_d[pos] = best_d[pos - 1];
+        best_i[pos] = best_i[pos - 1];
+        --pos;
+    }
+    best_d[pos] = d;
+    best_i[pos] = i;
+}
+
+/* Offers the points of cell (i, j, l) to the k best, unless the cell lies farther from q than
+ * the k-th best already is. */
+static void scan_cell(const grid_t *g, int64_t i, int64_t j, int64_t l, const float *q,
+                      int64_t k, float *best_d, int64_t *best_i, int64_t *count) {
+    const int64_t cell = (i * g->g[1] + j) * g->g[2] + l;
+    if (g->cell_start[cell] == g->cell_start[cell + 1]) return;
+    if (*count == k) {
+        const int64_t at[3] = {i, j, l};
+        double gap2 = 0.0;
+        for (int d = 0; d < 3; ++d) {
+            const double below = (double)g->lo[d] + (double)at[d] * g->h - q[d];
+            const double above = q[d] - ((double)g->lo[d] + (double)(at[d] + 1) * g->h);
+            /* less a hundredth of a cell: a point on a face may round into the next cell */
+            const double gap = (below > above ? below : above) - 0.01 * g->h;
+            if (gap > 0) gap2 += gap * gap;
+        }
+        if (gap2 > best_d[k - 1]) return;
+    }
+    for (int64_t s = g->cell_start[cell]; s < g->cell_start[cell + 1]; ++s) {
+        const float *sp = g->sorted + 3 * s;
+        const float dx = sp[0] - q[0], dy = sp[1] - q[1], dz = sp[2] - q[2];
+        const float d = dx * dx + dy * dy + dz * dz;
+        if (*count < k || d < best_d[k - 1]) keep(best_d, best_i, count, k, d, g->sorted_idx[s]);
+    }
+}
+
+static void query_point(const void *p, int64_t unit) {
+    const knn_args *a = (const knn_args *)p;
+    const int64_t b = unit / a->M, k = a->k;
+    const grid_t *g = &a->grids[b];
+    const float *q = a->query + unit * 3;
+    float *best_d = a->dist2 + unit * k;
+    int64_t *best_i = a->idx + unit * k, count = 0;
+    const int64_t c[3] = {cell_of(g, q, 0), cell_of(g, q, 1), cell_of(g, q, 2)};
+    for (int64_t r = 0;; ++r) {
+        const int64_t lo[3] = {c[0] - r, c[1] - r, c[2] - r}, hi[3] = {c[0] + r, c[1] + r,
+                                                                       c[2] + r};
+        for (int64_t i = lo[0] > 0 ? lo[0] : 0; i <= hi[0] && i < g->g[0]; ++i)
+            for (int64_t j = lo[1] > 0 ? lo[1] : 0; j <= hi[1] && j < g->g[1]; ++j) {
+                /* the cells at Chebyshev distance exactly r: the whole column on the block's
+                 * i and j faces, else its two ends */
+                if (i == lo[0] || i == hi[0] || j == lo[1] || j == hi[1]) {
+                    for (int64_t l = lo[2] > 0 ? lo[2] : 0; l <= hi[2] && l < g->g[2]; ++l)
+                        scan_cell(g, i, j, l, q, k, best_d, best_i, &count);
+                } else {
+                    if (lo[2] >= 0) scan_cell(g, i, j, lo[2], q, k, best_d, best_i, &count);
+                    if (hi[2] < g->g[2]) scan_cell(g, i, j, hi[2], q, k, best_d, best_i, &count);
+                }
+            }
+        /* The nearest a point beyond shell r can be: the distance from q to the nearest face
+         * of the searched block that has cells beyond it. No such face: all cells searched. */
+        double bound = INFINITY;
+        for (int d = 0; d < 3; ++d) {
+            if (lo[d] > 0) {
+                const double gap = q[d] - ((double)g->lo[d] + (double)lo[d] * g->h);
+                bound = gap < bound ? gap : bound;
+            }
+            if (hi[d] < g->g[d] - 1) {
+                const double gap = ((double)g->lo[d] + (double)(hi[d] + 1) * g->h) - q[d];
+                bound = gap < bound ? gap : bound;
+            }
+        }
+        if (bound == INFINITY) break;
+        /* less a hundredth of a cell: a point on a face may round into the cell beyond */
+        bound -= 0.01 * g->h;
+        if (count == k && bound > 0 && (double)best_d[k - 1] < bound * bound) break;
+    }
+}
+
+/* k <= N nearest support points of each query point, nearest first: idx (B, M, k) int64 and
+ * squared distances (B, M, k) float32. Returns 0, or -1 when memory could not be had. */
+int knn(int threads, int64_t B, int64_t N, int64_t M, int64_t k, const float *support,
+        const float *query, int64_t *idx, float *dist2) {
+    knn_args a = {support, query, idx, dist2, N, M, k, calloc(B, sizeof(grid_t)), 0};
+    if (!a.grids) return -1;
+    for_each(build_grid, &a, B, threads);
+    if (!a.failed) for_each(query_point, &a, B * M, threads);
+    for (int64_t b = 0; b < B; ++b) {
+        free(a.grids[b].cell_start);
+        free(a.grids[b].sorted);
+        free(a.grids[b].sorted_idx);
+    }
+    free(a.grids);
+    return a.failed ? -1 : 0;
+}
