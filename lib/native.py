@@ -21,9 +21,10 @@ SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = [os.path.join(SOURCE_DIR, name) for name in ("pt_layer.c", "geometry.c")]
 HEADERS = [os.path.join(SOURCE_DIR, "parallel.h")]
 # -ffp-contract=off: no fused multiply-adds, so FPS rounds its distances as the torch
-# reference does and picks the same points
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread",
-         "-std=gnu11"]
+# reference does and picks the same points. -fopenmp: see parallel.h; the library's libgomp.so.1
+# resolves to the one torch loaded (the same soname), so both share one thread pool.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
+OPENMP = ["-fopenmp"]
 _UNSET = object()
 _library = _UNSET
 
@@ -48,16 +49,20 @@ def _build(compiler):
         with open(name, "rb") as f:
             sources.append(f.read())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha1(b"\0".join(sources + [" ".join(FLAGS).encode(), version.encode(),
-                                             _cpu_flags().encode()])).hexdigest()[:16]
+    key = hashlib.sha1(b"\0".join(sources + [" ".join(FLAGS + OPENMP).encode(),
+                                             version.encode(), _cpu_flags().encode()])
+                       ).hexdigest()[:16]
     path = os.path.join(cache_dir(), f"kernels-{key}.so")
     if not os.path.exists(path):
         os.makedirs(cache_dir(), exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
         os.close(fd)
         try:
-            result = subprocess.run([compiler, *FLAGS, *SOURCES, "-o", tmp, "-lm"],
-                                    capture_output=True, text=True)
+            for openmp in (OPENMP, []):  # a compiler without OpenMP: serial loops
+                result = subprocess.run([compiler, *FLAGS, *openmp, *SOURCES, "-o", tmp, "-lm"],
+                                        capture_output=True, text=True)
+                if result.returncode == 0:
+                    break
             if result.returncode:
                 lines = result.stderr.strip().splitlines()
                 raise RuntimeError(lines[-1] if lines else f"{compiler} exited with "
