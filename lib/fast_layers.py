@@ -269,3 +269,41 @@ def neighbour_sum(weight, value, delta, idx, share_planes):
     if lib is not None:
         return _Aggregate.apply(lib, weight, value, delta, idx)
     return shared_weight_sum(pointops.gather(value, idx) + delta, weight, share_planes)
+
+
+class _NeighbourMax(torch.autograd.Function):
+    """x.amax(dim=2) over (B, M, k, C), its gradient routed to the first maximum (C kernel)."""
+
+    @staticmethod
+    def forward(ctx, lib, x):
+        x = x.contiguous()
+        b, m, k, c = x.shape
+        out = x.new_empty(b, m, c)
+        arg = torch.empty(b, m, c, dtype=torch.int32)
+        lib.neighbour_max_forward(_NATIVE_DTYPES[x.dtype], torch.get_num_threads(), b * m, k, c,
+                                  _ptr(x), _ptr(out), _ptr(arg))
+        ctx.lib, ctx.k = lib, k
+        ctx.save_for_backward(arg)
+        ctx.mark_non_differentiable(arg)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (arg,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        b, m, c = grad.shape
+        grad_x = grad.new_empty(b, m, ctx.k, c)
+        ctx.lib.neighbour_max_backward(_NATIVE_DTYPES[grad.dtype], torch.get_num_threads(),
+                                       b * m, ctx.k, c, _ptr(grad), _ptr(arg), _ptr(grad_x))
+        return None, grad_x
+
+
+def neighbour_max(x):
+    """Max-pooling over the neighbour axis, (B, M, k, C) -> (B, M, C) (paper Fig. 4b). The C
+    kernel's backward sends the gradient to the first maximal neighbour where amax's would
+    share it among ties: they differ only at ties, which follow a ReLU as zeros whose gradient
+    the ReLU drops (lib/csrc/neighbour_max.c)."""
+    lib = _native_for(x)
+    if lib is not None and x.dim() == 4 and x.shape[2] < 2 ** 31:
+        return _NeighbourMax.apply(lib, x)
+    return x.amax(dim=2)

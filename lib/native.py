@@ -1,5 +1,6 @@
 """Builds and loads the C kernels in lib/csrc/: the Point Transformer layer's fused per-neighbour
-operations (pt_layer.c) and FPS and kNN for object clouds (geometry.c).
+operations (pt_layer.c), TransitionDown's max-pooling (neighbour_max.c), and FPS and kNN for
+object clouds (geometry.c).
 
 Plain C called through ctypes rather than a torch C++ extension: it compiles in about a second
 with the system's C compiler (a torch extension takes a minute and needs the torch headers), and
@@ -18,7 +19,8 @@ import tempfile
 import warnings
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-SOURCES = [os.path.join(SOURCE_DIR, name) for name in ("pt_layer.c", "geometry.c")]
+SOURCES = [os.path.join(SOURCE_DIR, name)
+           for name in ("pt_layer.c", "neighbour_max.c", "geometry.c")]
 HEADERS = [os.path.join(SOURCE_DIR, "parallel.h")]
 # -ffp-contract=off: no fused multiply-adds, so FPS rounds its distances as the torch
 # reference does and picks the same points. -fopenmp: see parallel.h; the library's libgomp.so.1
@@ -84,6 +86,9 @@ def _declare(lib):
     for fn in (lib.pt_relation_forward, lib.pt_relation_backward, lib.pt_aggregate_forward,
                lib.pt_aggregate_backward):
         fn.restype = None
+    lib.neighbour_max_forward.argtypes = [ctypes.c_int, ctypes.c_int, i64, i64, i64] + [ptr] * 3
+    lib.neighbour_max_backward.argtypes = [ctypes.c_int, ctypes.c_int, i64, i64, i64] + [ptr] * 3
+    lib.neighbour_max_forward.restype = lib.neighbour_max_backward.restype = None
     lib.fps.argtypes = [ctypes.c_int, i64, i64, i64, ptr, ptr, ptr]  # threads, B, N, m, ...
     lib.knn.argtypes = [ctypes.c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr]  # threads, B, N,
     lib.fps.restype = lib.knn.restype = ctypes.c_int                           # M, k, ...

@@ -116,7 +116,7 @@ class TransitionDown(nn.Module):
         m = max(1, xyz.shape[1] // self.stride)
         new_xyz = pointops.gather(xyz, pointops.farthest_point_sample(xyz, m))
         grouped = pointops.group(xyz, x, new_xyz, knn(self.k, xyz, new_xyz))  # (B, M, k, 3+C)
-        return new_xyz, self.mlp(grouped).amax(dim=2)
+        return new_xyz, fast_layers.neighbour_max(self.mlp(grouped))
 
 
 class TransitionUp(nn.Module):

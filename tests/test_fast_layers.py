@@ -157,6 +157,29 @@ def test_fused_attention_does_not_depend_on_the_thread_count():
         assert torch.equal(one, three)
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_neighbour_max_matches_amax_and_its_gradient_after_a_relu(dtype):
+    """Values as amax; gradients as amax's through the ReLU before it, although the zeros the
+    ReLU leaves tie (amax shares their gradient, the kernel gives it to the first)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 16, 24, generator=gen, dtype=dtype).requires_grad_()
+    grad = torch.randn(3, 40, 24, generator=gen, dtype=dtype)
+    x.data[0, 0, :, 0] = -1.0  # a channel whose every neighbour the ReLU zeroes
+    results = []
+    for backend in ("auto", "reference"):
+        pointops.set_backend(backend)
+        out = fast_layers.neighbour_max(torch.relu(x))
+        results.append((out, *torch.autograd.grad(out, x, grad)))
+    assert results[0][0].grad_fn.name() == "_NeighbourMaxBackward"
+    for fast, reference in zip(*results):
+        assert torch.equal(fast, reference)
+    assert results[0][0][0, 0, 0] == 0 and (results[0][1][0, 0, :, 0] == 0).all()
+    with_nan = torch.zeros(1, 1, 4, 2, dtype=dtype)
+    with_nan[0, 0, 1, 0] = float("nan")
+    assert torch.isnan(fast_layers.neighbour_max(with_nan)[0, 0, 0])
+
+
 def test_native_kernels_can_be_switched_off(monkeypatch):
     """POINT_HAQ_NATIVE=0: no library, and the layer falls back to the PyTorch forms."""
     monkeypatch.setenv("POINT_HAQ_NATIVE", "0")
