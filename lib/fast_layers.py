@@ -123,12 +123,19 @@ def batch_norm_rows(x, bn):
     if channels > _FAST_TRAIN_CHANNELS:
         return bn(x)
     y, mean, var = _BatchNormRows.apply(x, bn.weight, bn.bias, bn.eps)
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
-        bn.running_mean.lerp_(mean, momentum)
-        bn.running_var.lerp_(var * (rows / (rows - 1)), momentum)  # unbiased, as PyTorch keeps
+    _update_running_stats(bn, mean, var, rows)
     return y
+
+
+@torch.no_grad()
+def _update_running_stats(bn, mean, var, rows):
+    """What a training-mode nn.BatchNorm1d does to its buffers, given the batch's mean and
+    biased variance over `rows` rows."""
+    bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    # unbiased, as PyTorch keeps
+    bn.running_var.lerp_((var * (rows / (rows - 1))).to(bn.running_var.dtype), momentum)
 
 
 class _LinearFewInputs(torch.autograd.Function):
@@ -307,3 +314,88 @@ def neighbour_max(x):
     if lib is not None and x.dim() == 4 and x.shape[2] < 2 ** 31:
         return _NeighbourMax.apply(lib, x)
     return x.amax(dim=2)
+
+
+# norm_relu_linear's C kernels beat BatchNorm + ReLU + GEMM up to this many channels; above,
+# the per-row products (C x C / share_planes) are better left to the GEMM.
+_NORM_RELU_LINEAR_MAX_CHANNELS = 64
+
+
+class _NormReluLinear(torch.autograd.Function):
+    """linear(relu(bn(x))) on (M, C) rows in two passes forward and two backward (C kernels,
+    lib/csrc/norm_relu_linear.c); keeps `bn`'s running statistics as bn(x) would."""
+
+    @staticmethod
+    def forward(ctx, lib, bn, x, gamma, beta, weight, bias):
+        x, weight = x.contiguous(), weight.contiguous()
+        (rows, channels), outputs = x.shape, weight.shape[0]
+        head = (_NATIVE_DTYPES[x.dtype], torch.get_num_threads(), rows, channels)
+        if bn.training:
+            sums = torch.empty(2, channels, dtype=torch.float64)
+            _check(lib.nrl_stats(*head, _ptr(x), _ptr(sums)))
+            mean = sums[0] / rows
+            var = (sums[1] / rows - mean * mean).clamp_min(0)  # float64: no cancellation here
+            _update_running_stats(bn, mean, var, rows)
+        else:
+            mean, var = bn.running_mean.double(), bn.running_var.double()
+        rstd = torch.rsqrt(var + bn.eps)
+        scale = gamma.detach().double() * rstd
+        shift = beta.detach().double() - mean * scale
+        mean, rstd, scale, shift = (t.to(x.dtype) for t in (mean, rstd, scale, shift))
+        out = x.new_empty(rows, outputs)
+        lib.nrl_forward(*head, outputs, _ptr(x), _ptr(scale), _ptr(shift), _ptr(weight),
+                        _ptr(bias.contiguous()), _ptr(out))
+        ctx.lib, ctx.training = lib, bn.training
+        ctx.save_for_backward(x, gamma, weight, scale, shift, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, gamma, weight, scale, shift, mean, rstd = ctx.saved_tensors
+        grad_h = grad_h.contiguous()
+        (rows, channels), outputs = x.shape, weight.shape[0]
+        head = (_NATIVE_DTYPES[x.dtype], torch.get_num_threads(), rows, channels, outputs)
+        sums = torch.empty(2 + outputs, channels, dtype=torch.float64)
+        _check(ctx.lib.nrl_backward_sums(*head, _ptr(x), _ptr(grad_h), _ptr(scale), _ptr(shift),
+                                         _ptr(mean), _ptr(rstd), _ptr(weight), _ptr(sums)))
+        grad_beta, grad_gamma = sums[0], sums[1]  # sum of dy, sum of dy x_hat
+        grad_x = None
+        if ctx.needs_input_grad[2]:
+            k1 = gamma.detach().double() * rstd.double()
+            if ctx.training:  # the batch statistics' share of the gradient
+                k2, k3 = k1 * grad_beta / rows, k1 * grad_gamma / rows
+            else:
+                k2 = k3 = torch.zeros_like(k1)
+            k1, k2, k3 = (t.to(x.dtype) for t in (k1, k2, k3))
+            grad_x = torch.empty_like(x)
+            ctx.lib.nrl_backward_input(*head, _ptr(x), _ptr(grad_h), _ptr(scale), _ptr(shift),
+                                       _ptr(mean), _ptr(rstd), _ptr(weight), _ptr(k1), _ptr(k2),
+                                       _ptr(k3), _ptr(grad_x))
+        return (None, None, grad_x, grad_gamma.to(x.dtype), grad_beta.to(x.dtype),
+                sums[2:].to(x.dtype), grad_h.sum(0))
+
+
+def _check(status):
+    if status:
+        raise MemoryError("lib/csrc: out of memory for a kernel's partial sums")
+
+
+def norm_relu_linear(norm, linear, x):
+    """linear(relu(norm(x))) for `norm` a PointBatchNorm (its BatchNorm1d in `.bn`) and
+    `linear` an nn.Linear, on (..., C) -> (..., O): the start of the PT layer's gamma, on the
+    (B, N, k, C) relation. Fused in C where it pays (CPU, fp32/fp64, C <= 64, plain modules,
+    no autocast); elsewhere the modules themselves (and so the reference's plain forms)."""
+    bn = norm.bn
+    channels = x.shape[-1]
+    fused = (_native_for(x) is not None and channels <= _NORM_RELU_LINEAR_MAX_CHANNELS
+             and type(bn) is nn.BatchNorm1d and bn.affine and bn.track_running_stats
+             and type(linear) is nn.Linear and linear.bias is not None
+             and x.dtype == bn.weight.dtype == linear.weight.dtype
+             and not torch.is_autocast_enabled(x.device.type)
+             and x.numel() // channels >= 2)
+    if not fused:
+        return linear(F.relu(norm(x), inplace=True))
+    rows = x.reshape(-1, channels)
+    out = _NormReluLinear.apply(native.library(), bn, rows, bn.weight, bn.bias, linear.weight,
+                                linear.bias)
+    return out.view(*x.shape[:-1], -1)

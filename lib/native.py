@@ -1,5 +1,6 @@
 """Builds and loads the C kernels in lib/csrc/: the Point Transformer layer's fused per-neighbour
-operations (pt_layer.c), TransitionDown's max-pooling (neighbour_max.c), and FPS and kNN for
+operations (pt_layer.c), the BatchNorm-ReLU-Linear at the start of its gamma
+(norm_relu_linear.c), TransitionDown's max-pooling (neighbour_max.c), and FPS and kNN for
 object clouds (geometry.c).
 
 Plain C called through ctypes rather than a torch C++ extension: it compiles in about a second
@@ -20,7 +21,7 @@ import warnings
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = [os.path.join(SOURCE_DIR, name)
-           for name in ("pt_layer.c", "neighbour_max.c", "geometry.c")]
+           for name in ("pt_layer.c", "norm_relu_linear.c", "neighbour_max.c", "geometry.c")]
 HEADERS = [os.path.join(SOURCE_DIR, "parallel.h")]
 # -ffp-contract=off: no fused multiply-adds, so FPS rounds its distances as the torch
 # reference does and picks the same points. -fopenmp: see parallel.h; the library's libgomp.so.1
@@ -89,6 +90,13 @@ def _declare(lib):
     lib.neighbour_max_forward.argtypes = [ctypes.c_int, ctypes.c_int, i64, i64, i64] + [ptr] * 3
     lib.neighbour_max_backward.argtypes = [ctypes.c_int, ctypes.c_int, i64, i64, i64] + [ptr] * 3
     lib.neighbour_max_forward.restype = lib.neighbour_max_backward.restype = None
+    head = [ctypes.c_int, ctypes.c_int, i64, i64]  # dtype, threads, M, C
+    lib.nrl_stats.argtypes = head + [ptr, ptr]
+    lib.nrl_forward.argtypes = head + [i64] + [ptr] * 6
+    lib.nrl_backward_sums.argtypes = head + [i64] + [ptr] * 8
+    lib.nrl_backward_input.argtypes = head + [i64] + [ptr] * 11
+    lib.nrl_stats.restype = lib.nrl_backward_sums.restype = ctypes.c_int
+    lib.nrl_forward.restype = lib.nrl_backward_input.restype = None
     lib.fps.argtypes = [ctypes.c_int, i64, i64, i64, ptr, ptr, ptr]  # threads, B, N, m, ...
     lib.knn.argtypes = [ctypes.c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr]  # threads, B, N,
     lib.fps.restype = lib.knn.restype = ctypes.c_int                           # M, k, ...

@@ -180,6 +180,42 @@ def test_neighbour_max_matches_amax_and_its_gradient_after_a_relu(dtype):
     assert torch.isnan(fast_layers.neighbour_max(with_nan)[0, 0, 0])
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels, outputs, momentum", [(16, 2, 0.1), (32, 4, None), (24, 5, 0.1)])
+def test_norm_relu_linear_matches_the_modules(dtype, channels, outputs, momentum):
+    """The fused BatchNorm-ReLU-Linear: outputs, the gradients of x and of all four parameters,
+    and the running statistics as the PyTorch modules give them, in training (two steps, so
+    that the second sees updated statistics) and in eval mode."""
+    from models.point_transformer import PointBatchNorm
+    torch.manual_seed(0)
+    norm, linear = PointBatchNorm(channels).to(dtype), nn.Linear(channels, outputs).to(dtype)
+    norm.bn.momentum = momentum
+    with torch.no_grad():
+        norm.bn.weight.uniform_(0.5, 2.0)
+        norm.bn.bias.normal_()
+    x = (torch.randn(3, 50, 7, channels, dtype=dtype) * 2 + 1).requires_grad_()
+    grad = torch.randn(3, 50, 7, outputs, dtype=dtype)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    results = []
+    for backend in ("auto", "reference"):
+        pointops.set_backend(backend)
+        modules = copy.deepcopy(nn.ModuleList([norm, linear]))
+        params = [x, modules[0].bn.weight, modules[0].bn.bias, modules[1].weight,
+                  modules[1].bias]
+        steps = []
+        for training in (True, True, False):
+            modules.train(training)
+            out = fast_layers.norm_relu_linear(modules[0], modules[1], x)
+            steps += [out, *torch.autograd.grad(out, params, grad)]
+        steps += [modules[0].bn.running_mean, modules[0].bn.running_var]
+        results.append(steps)
+        if backend == "auto":
+            assert out.grad_fn.next_functions[0][0].name() == "_NormReluLinearBackward"
+    for i, (fast, reference) in enumerate(zip(*results)):
+        assert torch.allclose(fast, reference, **tol), i
+
+
 def test_native_kernels_can_be_switched_off(monkeypatch):
     """POINT_HAQ_NATIVE=0: no library, and the layer falls back to the PyTorch forms."""
     monkeypatch.setenv("POINT_HAQ_NATIVE", "0")
