@@ -24,6 +24,15 @@ _NATIVE_DTYPES = {torch.float32: 0, torch.float64: 1}
 _NATIVE_MAX_CHANNELS = 4096  # the C kernels keep a few rows of C values on the stack
 
 
+def _unhooked(*modules):
+    """True when no forward hook would see these modules run: the fused forms compute with
+    their weights directly, so a module with hooks (HAQ's input-size recorder,
+    lib/quant/layers.py) runs as itself."""
+    from torch.nn.modules import module as nn_module
+    return not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
 def _native_for(*tensors):
     """lib/native's kernels when they can take these tensors (CPU, one float dtype, few enough
     channels, fast path), else None."""
@@ -172,7 +181,7 @@ def mlp(layers, x):
     for layer in layers:
         few_inputs = (type(layer) is nn.Linear and 4 * layer.in_features < layer.out_features
                       and enabled(x) and torch.is_grad_enabled() and x.dtype == layer.weight.dtype
-                      and not torch.is_autocast_enabled(x.device.type))
+                      and not torch.is_autocast_enabled(x.device.type) and _unhooked(layer))
         x = _LinearFewInputs.apply(x, layer.weight, layer.bias) if few_inputs else layer(x)
     return x
 
@@ -390,6 +399,7 @@ def norm_relu_linear(norm, linear, x):
     fused = (_native_for(x) is not None and channels <= _NORM_RELU_LINEAR_MAX_CHANNELS
              and type(bn) is nn.BatchNorm1d and bn.affine and bn.track_running_stats
              and type(linear) is nn.Linear and linear.bias is not None
+             and _unhooked(norm, bn, linear)
              and x.dtype == bn.weight.dtype == linear.weight.dtype
              and not torch.is_autocast_enabled(x.device.type)
              and x.numel() // channels >= 2)

@@ -216,6 +216,20 @@ def test_norm_relu_linear_matches_the_modules(dtype, channels, outputs, momentum
         assert torch.allclose(fast, reference, **tol), i
 
 
+def test_fused_forms_step_aside_for_modules_with_hooks():
+    """A forward hook must see its module run (HAQ records layer inputs with one)."""
+    from models.point_transformer import PointBatchNorm
+    norm, linear = PointBatchNorm(16), nn.Linear(16, 2)
+    seen = []
+    linear.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    fast_layers.norm_relu_linear(norm, linear, torch.randn(2, 30, 8, 16))
+    assert seen == [(2, 30, 8, 16)]
+    few = nn.Sequential(nn.Linear(3, 32))
+    few[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    fast_layers.mlp(few, torch.randn(2, 30, 8, 3, requires_grad=True))
+    assert seen[-1] == (2, 30, 8, 3)
+
+
 def test_native_kernels_can_be_switched_off(monkeypatch):
     """POINT_HAQ_NATIVE=0: no library, and the layer falls back to the PyTorch forms."""
     monkeypatch.setenv("POINT_HAQ_NATIVE", "0")
