@@ -192,8 +192,12 @@ NATIVE_FPS_MAX_POINTS = 8192
 
 
 def _native_call(fn, *args):
-    if fn(torch.get_num_threads(), *args):
+    """fn(threads, *args) from lib/csrc/geometry.c; False when the clouds hold NaN or infinite
+    coordinates, which its grid cannot bucket."""
+    status = fn(torch.get_num_threads(), *args)
+    if status == -1:
         raise MemoryError("lib/csrc/geometry.c: out of memory")
+    return status == 0
 
 
 def farthest_point_sample_cpu(xyz, m):
@@ -226,9 +230,9 @@ def knn_query_cpu(k, support, query):
         (b, n, _), m = support.shape, query.shape[1]
         idx = torch.empty(b, m, k, dtype=torch.int64)
         dist2 = torch.empty(b, m, k, dtype=torch.float32)
-        _native_call(lib.knn, b, n, m, k, support.data_ptr(), query.data_ptr(), idx.data_ptr(),
-                     dist2.data_ptr())
-        return idx, dist2
+        if _native_call(lib.knn, b, n, m, k, support.data_ptr(), query.data_ptr(),
+                        idx.data_ptr(), dist2.data_ptr()):
+            return idx, dist2
     # pykdtree takes float32 or float64 (the same for both arrays)
     np_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     support_np, query_np = _to_numpy(support, np_dtype), _to_numpy(query, np_dtype)

@@ -198,6 +198,10 @@ def test_knn_grid_search_on_awkward_clouds():
                 assert torch.allclose(fast[1], reference[1], rtol=1e-5, atol=1e-5)
                 if support is not lattice and query is not far:
                     assert_same_knn(fast, reference)
+    broken = torch.rand(2, 100, 3, generator=gen)
+    broken[1, 7] = float("nan")  # no grid for it: the kd-tree answers, as without the C library
+    fast = po.knn_query_cpu(4, broken, broken[:, :10])
+    assert_same_knn([t[:1] for t in fast], po.knn_query_reference(4, broken[:1], broken[:1, :10]))
     point = torch.zeros(1, 20, 3)
     idx, dist2 = po.knn_query_cpu(20, point, torch.ones(1, 3, 3))
     assert torch.equal(idx.sort(-1).values, torch.arange(20).expand(1, 3, 20))

@@ -123,7 +123,7 @@ typedef struct {
     float *dist2;
     int64_t N, M, k;
     grid_t *grids;
-    int failed;
+    int failed; /* 1: out of memory, 2: a coordinate is not finite */
 } knn_args;
 
 /* Cells hold about k / 4 support points (at least one) per cell of the bounding box, so that
@@ -152,6 +152,10 @@ static void build_grid(const void *p, int64_t b) {
     double extent[3], volume = 1.0, largest = 0.0;
     for (int d = 0; d < 3; ++d) {
         extent[d] = (double)hi[d] - lo[d];
+        if (!isfinite(extent[d])) { /* NaN or infinite coordinates: no grid to be had */
+            a->failed = 2;
+            return;
+        }
         largest = extent[d] > largest ? extent[d] : largest;
     }
     /* flat or collinear clouds: a thin axis counts as 1 / 1000 of the largest one */
@@ -401,7 +405,8 @@ static void query_block(const void *p, int64_t unit) {
 }
 
 /* k <= N nearest support points of each query point, nearest first: idx (B, M, k) int64 and
- * squared distances (B, M, k) float32. Returns 0, or -1 when memory could not be had. */
+ * squared distances (B, M, k) float32. Returns 0; -1 when memory could not be had; -2 when a
+ * support coordinate is NaN or infinite. */
 int knn(int threads, int64_t B, int64_t N, int64_t M, int64_t k, const float *support,
         const float *query, int64_t *idx, float *dist2) {
     knn_args a = {support, query, idx, dist2, N, M, k, calloc(B, sizeof(grid_t)), 0};
@@ -412,7 +417,8 @@ int knn(int threads, int64_t B, int64_t N, int64_t M, int64_t k, const float *su
         if (!a.failed && !qc.failed)
             for_each(query_block, &qc, B * ((M + QUERY_BLOCK - 1) / QUERY_BLOCK), threads);
     }
-    const int failed = !a.grids || !qc.order || !qc.cell || a.failed || qc.failed;
+    const int failed = a.failed == 2 ? -2 : (!a.grids || !qc.order || !qc.cell || a.failed
+                                             || qc.failed) ? -1 : 0;
     for (int64_t b = 0; a.grids && b < B; ++b) {
         free(a.grids[b].cell_start);
         free(a.grids[b].sorted);
@@ -421,5 +427,5 @@ int knn(int threads, int64_t B, int64_t N, int64_t M, int64_t k, const float *su
     free(a.grids);
     free(qc.order);
     free(qc.cell);
-    return failed ? -1 : 0;
+    return failed;
 }
