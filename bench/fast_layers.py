@@ -1,6 +1,9 @@
 """lib/fast_layers.py and pointops' sparse gather backward against the plain PyTorch forms, one
 operation at a time, forward + backward (eval-mode BatchNorm: forward only), at the sizes of a
 B=16 x 2048 Point Transformer step. The thresholds in lib/fast_layers.py come from this table.
+The fused C kernels (lib/csrc/, "relation", "neighbour_sum", "norm_relu_linear",
+"neighbour_max") are timed where they replace several PyTorch operations; without a C compiler
+their fast column times the PyTorch forms.
 
     python bench/fast_layers.py --json /tmp/fast_layers.json    # about 30 s on a 2-core CPU
 """
@@ -28,6 +31,11 @@ SUM_SHAPES = [(16, 2048, 8, 16), (16, 2048, 8, 32), (16, 512, 16, 32), (16, 512,
 LINEAR_SHAPES = [(262144, 3, 16), (262144, 3, 32), (131072, 3, 64), (32768, 3, 128)]
 # (B, N, k, C) of a neighbour gather
 GATHER_SHAPES = [(16, 2048, 8, 16), (16, 2048, 8, 32), (16, 512, 16, 64), (16, 128, 16, 128)]
+# (B, N, k, C) of a PT layer's relation (weights: C/8 channels), tiny and default stages 0-2
+LAYER_SHAPES = [(16, 2048, 8, 16), (16, 512, 16, 32), (16, 128, 16, 64), (16, 2048, 8, 32),
+                (16, 512, 16, 64)]
+# (B, M, k, C) of TransitionDown's max-pool, tiny and default stages 1-2
+POOL_SHAPES = [(16, 512, 16, 32), (16, 128, 16, 64), (16, 512, 16, 64), (16, 128, 16, 128)]
 
 
 def batch_norm_case(rows, channels, training):
@@ -66,6 +74,34 @@ def gather_case(b, n, k, c):
     return lambda _amp: pointops.gather(features, idx).backward(grad)
 
 
+def attention_case(b, n, k, c):
+    """relation and neighbour_sum together, as a PT layer calls them (gamma left out)."""
+    delta, weight = (torch.randn(b, n, k, w, requires_grad=True) for w in (c, c // 8))
+    key, query, value = (torch.randn(b, n, c, requires_grad=True) for _ in range(3))
+    idx = torch.randint(0, n, (b, n, k))
+    grads = torch.randn(b, n, k, c), torch.randn(b, n, c)
+
+    def run(_amp):
+        relation = fast_layers.relation(delta, key, query, idx)
+        out = fast_layers.neighbour_sum(weight, value, delta, idx, 8)
+        torch.autograd.backward((relation, out), grads)
+    return run
+
+
+def norm_relu_linear_case(b, n, k, c):
+    from models.point_transformer import PointBatchNorm
+    norm, linear = PointBatchNorm(c), nn.Linear(c, c // 8)
+    x = torch.randn(b, n, k, c, requires_grad=True)
+    grad = torch.randn(b, n, k, c // 8)
+    return lambda _amp: fast_layers.norm_relu_linear(norm, linear, x).backward(grad)
+
+
+def neighbour_max_case(b, m, k, c):
+    x = torch.relu(torch.randn(b, m, k, c)).requires_grad_()
+    grad = torch.randn(b, m, c)
+    return lambda _amp: fast_layers.neighbour_max(x).backward(grad)
+
+
 def cases():
     for rows, channels in BN_SHAPES:
         yield f"batch_norm_train_{rows}x{channels}", batch_norm_case(rows, channels, True)
@@ -76,6 +112,12 @@ def cases():
         yield "linear_few_inputs_" + "x".join(map(str, shape)), linear_case(*shape)
     for shape in GATHER_SHAPES:
         yield "gather_backward_" + "x".join(map(str, shape)), gather_case(*shape)
+    for shape in LAYER_SHAPES:
+        name = "x".join(map(str, shape))
+        yield "relation_and_neighbour_sum_" + name, attention_case(*shape)
+        yield "norm_relu_linear_" + name, norm_relu_linear_case(*shape)
+    for shape in POOL_SHAPES:
+        yield "neighbour_max_" + "x".join(map(str, shape)), neighbour_max_case(*shape)
 
 
 def get_args_parser():
