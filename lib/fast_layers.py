@@ -1,13 +1,17 @@
 """Faster CPU forms of the Point Transformer's per-neighbour tensor operations.
 
-A PT layer works on (B, N, k, C) tensors whose channel counts are often tiny: 3 for the relative
-positions, C / share_planes for the attention weights (2 in the tiny config's first stage).
-PyTorch's CPU kernels broadcast a (C,) vector, or a (..., 1, C/s) weight, along the rows with an
-inner loop of C elements, and BatchNorm over (M, C) rows does the same: for C < 8 they run 5-10x
-below memory speed (bench/RESULTS.md). The functions here compute the same values with wide
-inner loops. They run for CPU tensors under pointops' "auto" backend; pointops.set_backend(
-"reference") (the benchmarks' reference path) and other devices get the plain compositions,
-which tests/test_fast_layers.py checks them against, values and gradients.
+A PT layer works on (B, N, k, C) tensors: memory-bound elementwise chains that eager PyTorch runs
+one pass per operation, and whose channel counts are often tiny (3 for the relative positions,
+C / share_planes for the attention weights, 2 in the tiny config's first stage), where
+PyTorch's broadcasting and BatchNorm kernels run 5-10x below memory speed (bench/RESULTS.md).
+Two kinds of forms here:
+- fused C kernels (lib/csrc/, loaded by lib/native.py): the relation and the aggregation of
+  paper Eq. 3, gamma's BatchNorm-ReLU-Linear, TransitionDown's max-pool;
+- PyTorch re-formulations with wide inner loops (BatchNorm over few channels, delta's
+  Linear(3, C), the tiled shared-weight sum), used where the C kernels are not.
+They run for CPU tensors under pointops' "auto" backend; pointops.set_backend("reference") (the
+benchmarks' reference path), other devices, bf16 and modules with forward hooks get the plain
+compositions, which tests/test_fast_layers.py checks them against, values and gradients.
 """
 import torch
 import torch.nn as nn
@@ -242,7 +246,7 @@ def relation(delta, key, query, idx):
     The plain form negates the key on the N points before the gather (its sum's backward then
     passes the gradient on without a negated (B, N, k, C) copy)."""
     lib = _native_for(delta, key, query)
-    if lib is not None:
+    if lib is not None and idx.dtype == torch.int64:
         return _Relation.apply(lib, delta, key, query, idx)
     return delta + pointops.gather(-key, idx) + query.unsqueeze(2)
 
@@ -282,7 +286,7 @@ def neighbour_sum(weight, value, delta, idx, share_planes):
     weight (B, N, k, C/s), value = alpha(x) (B, N, C), delta (B, N, k, C), idx (B, N, k)
     -> (B, N, C); channel g C/s + c is weighted by weight[..., c] (shared_weight_sum)."""
     lib = _native_for(value, weight, delta)
-    if lib is not None:
+    if lib is not None and idx.dtype == torch.int64:
         return _Aggregate.apply(lib, weight, value, delta, idx)
     return shared_weight_sum(pointops.gather(value, idx) + delta, weight, share_planes)
 
@@ -300,7 +304,6 @@ class _NeighbourMax(torch.autograd.Function):
                                   _ptr(x), _ptr(out), _ptr(arg))
         ctx.lib, ctx.k = lib, k
         ctx.save_for_backward(arg)
-        ctx.mark_non_differentiable(arg)
         return out
 
     @staticmethod
@@ -320,7 +323,7 @@ def neighbour_max(x):
     share it among ties: they differ only at ties, which follow a ReLU as zeros whose gradient
     the ReLU drops (lib/csrc/neighbour_max.c)."""
     lib = _native_for(x)
-    if lib is not None and x.dim() == 4 and x.shape[2] < 2 ** 31:
+    if lib is not None and x.dim() == 4:
         return _NeighbourMax.apply(lib, x)
     return x.amax(dim=2)
 
