@@ -78,7 +78,8 @@ class PointTransformerLayer(nn.Module):
         # after: k times cheaper than projecting the neighbours.
         delta = fast_layers.mlp(self.delta, xyz.unsqueeze(2) - pointops.gather(xyz, idx))
         relation = fast_layers.relation(delta, self.psi(x), self.phi(x), idx)  # (B, N, k, C)
-        # gamma's BN-ReLU-Linear runs as one op (its (B, N, k, C) intermediates never stored)
+        # gamma's first BN-ReLU-Linear as one op: on the CPU fast path a C kernel that stores
+        # none of its (B, N, k, C) intermediates; elsewhere the three modules
         hidden = fast_layers.norm_relu_linear(self.gamma[0], self.gamma[2], relation)
         w = self.gamma[3:](hidden).softmax(dim=2)  # (B, N, k, C/s)
         return fast_layers.neighbour_sum(w, self.alpha(x), delta, idx, self.share_planes)

@@ -104,10 +104,13 @@ int fps(int threads, int64_t B, int64_t N, int64_t m, const float *xyz, const in
 
 /* ---- k nearest neighbours on a uniform grid --------------------------------------------- */
 
-/* Each cloud's support points are bucketed into cubic cells (a counting sort by cell); a query
- * visits the cells in shells of growing Chebyshev radius r around its own cell and stops once
- * it holds k points and no point outside the shells searched can be closer than its k-th:
- * an exact search, like the reference's brute force, that reads a few dozen points a query. */
+/* Each cloud's support points are bucketed into cubic cells (a counting sort by cell). The
+ * queries, sorted by cell too, rank the points of the 27 cells around their own at once
+ * (query_block); a query whose k-th distance reaches past those cells, or whose cells hold too
+ * few or too many points, visits the cells in shells of growing Chebyshev radius r around its
+ * own (query_point) and stops once it holds k points and no point outside the shells searched
+ * can be closer than its k-th. Both are exact, like the reference's brute force, and read a few
+ * dozen points a query. */
 
 typedef struct {
     float lo[3], inv_h, h;
@@ -129,13 +132,16 @@ typedef struct {
 /* Cells hold about k / 4 support points (at least one) per cell of the bounding box, so that
  * the 27 cells around a query hold its k nearest in most cases (query_block). Object clouds
  * lie on surfaces, which leaves most cells empty and a few times more points in the others.
- * Chosen by timing 2 to 6 points a cell for k = 3, 8 and 16 on synthetic part clouds and an
- * 80k-point room. */
+ * Chosen by timing 1 to 10 points a cell for k = 3, 8 and 16 on synthetic part clouds and an
+ * 80k-point room (bench/RESULTS.md). */
 static double points_per_cell(int64_t k) { return k < 4 ? 1.0 : 0.25 * (double)k; }
 
+/* The cell of p along one axis, clamped to the grid (a query may lie outside it; a NaN query
+ * goes to cell 0 and finds NaN distances, as the reference does). */
 static int64_t cell_of(const grid_t *g, const float *p, int axis) {
-    int64_t c = (int64_t)((p[axis] - g->lo[axis]) * g->inv_h);
-    return c < 0 ? 0 : (c >= g->g[axis] ? g->g[axis] - 1 : c);
+    const float at = (p[axis] - g->lo[axis]) * g->inv_h;
+    if (!(at > 0)) return 0;
+    return at >= (float)g->g[axis] ? g->g[axis] - 1 : (int64_t)at;
 }
 
 static void build_grid(const void *p, int64_t b) {
