@@ -202,6 +202,10 @@ def test_knn_grid_search_on_awkward_clouds():
     broken[1, 7] = float("nan")  # no grid for it: the kd-tree answers, as without the C library
     fast = po.knn_query_cpu(4, broken, broken[:, :10])
     assert_same_knn([t[:1] for t in fast], po.knn_query_reference(4, broken[:1], broken[:1, :10]))
+    crowded = torch.rand(1, 2000, 3, generator=gen)
+    crowded[0, 500:] = 0.5  # 1,500 points in one cell: more than query_block ranks at once
+    fast = po.knn_query_cpu(8, crowded, crowded)
+    assert torch.allclose(fast[1], po.knn_query_reference(8, crowded, crowded)[1], atol=1e-6)
     point = torch.zeros(1, 20, 3)
     idx, dist2 = po.knn_query_cpu(20, point, torch.ones(1, 3, 3))
     assert torch.equal(idx.sort(-1).values, torch.arange(20).expand(1, 3, 20))
