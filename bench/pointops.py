@@ -6,7 +6,8 @@ Median wall time (ms) of FPS, kNN and 3-NN interpolation on object batches (B=16
 a room-sized cloud (80k points) under both backends of lib/pointops.py; a Point Transformer
 part-segmentation training step (B=16 x 2048) under both backends; and a grouping-heavy
 forward+backward and that training step in fresh processes under GLIBC_TUNABLES variants
-(none, run/setup_env.sh's, and two candidates).
+(none, run/setup_env.sh's, and two candidates); and the FPS of lib/csrc/geometry.c against
+fpsample's over cloud sizes, which sets pointops.NATIVE_FPS_MAX_POINTS.
 Prints tables and writes everything to OUT as JSON. The slow reference cases run once.
 """
 import argparse
@@ -29,7 +30,9 @@ from lib.cli import resolve_device  # noqa: E402
 # The issue's targets for the fast path on the 2-core development machine (ms).
 TARGETS_MS = {"fps_b16_2048_512": 10, "fps_80000_20000": 100,
               "knn16_b16_2048": 25, "knn16_80000": 80}
-SECTIONS = ("ops", "train", "malloc")
+SECTIONS = ("ops", "train", "malloc", "fps_sizes")
+# (B, N) of the fps_sizes section, sampling N / 4
+FPS_SIZES = [(16, 2048), (16, 4096), (4, 8192), (1, 16384), (1, 32768)]
 # The mmap/trim thresholds, the first part of what run/setup_env.sh exports
 THRESHOLDS = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
 # What run/setup_env.sh exports; used when this runs without it.
@@ -86,6 +89,31 @@ def bench_ops(device):
                      "target_ms": TARGETS_MS.get(key) if device.type == "cpu" else None,
                      "repeats": {"reference": reference_repeats, "fast": fast_repeats}})
         print_op_row(rows[-1])
+    return rows
+
+
+def bench_fps_sizes():
+    """FPS of N / 4 points: lib/csrc/geometry.c's O(N m) loop against fpsample's bucket FPS, on
+    uniform random clouds, by forcing pointops' size threshold either way."""
+    from lib import native
+    if native.library() is None:
+        print("fps_sizes: no C library (no C compiler); skipped")
+        return []
+    threshold, rows = pointops.NATIVE_FPS_MAX_POINTS, []
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for b, n in FPS_SIZES:
+            xyz = torch.rand(b, n, 3, generator=gen)
+            times = {}
+            for form, limit in (("native", n), ("fpsample", 0)):
+                pointops.NATIVE_FPS_MAX_POINTS = limit
+                times[form] = median_ms(lambda: pointops.farthest_point_sample_cpu(xyz, n // 4), 3)
+            rows.append({"b": b, "n": n, "native_ms": round(times["native"], 2),
+                         "fpsample_ms": round(times["fpsample"], 2)})
+            print(f"FPS B={b} {n}->{n // 4}: C {times['native']:.1f} ms, fpsample "
+                  f"{times['fpsample']:.1f} ms")
+    finally:
+        pointops.NATIVE_FPS_MAX_POINTS = threshold
     return rows
 
 
@@ -237,6 +265,8 @@ def main(args):
         results["train_step"] = bench_train_step(args.steps)
     if "malloc" in args.sections:
         results["malloc"] = bench_malloc(args.malloc_rounds, args.tunables, args.steps)
+    if "fps_sizes" in args.sections:
+        results["fps_sizes"] = bench_fps_sizes()
     results["machine"]["loadavg_end"] = os.getloadavg()
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
