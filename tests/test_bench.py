@@ -49,3 +49,20 @@ def test_quick_run_writes_every_figure(tmp_path):
 def test_json_flag_is_required():
     done = run_bench("--quick")
     assert done.returncode != 0 and "bench/run.py: --json OUT is required" in done.stderr
+
+
+def test_step_breakdown_splits_a_small_step(tmp_path):
+    """bench/step_breakdown.py at a small size: every part of the step timed, the geometry
+    calls found, and a peak memory for both paths."""
+    out = tmp_path / "breakdown.json"
+    done = subprocess.run([sys.executable, os.path.join("bench", "step_breakdown.py"),
+                           "--batch-size", "2", "--num-points", "512", "--steps", "1",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    for label in ("live", "geometry_replayed"):
+        assert all(results[label][part] > 0 for part in ("forward_ms", "backward_ms"))
+    # the tiny PT samples in each of its 3 TransitionDowns (distinct shapes, so 3 keys)
+    assert sum(key.startswith("farthest") for key in results["geometry_ms"]) == 3
+    assert results["peak_gib_reference"] > 0 and results["peak_gib_auto"] > 0
