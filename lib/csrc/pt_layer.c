@@ -129,7 +129,8 @@ aggregate_bwd_##S(const pt_args *a, int64_t b, const int64_t C, const int64_t W)
 DEFINE_BODIES(float, f32)
 DEFINE_BODIES(double, f64)
 
-/* Entry points over units: body_<kernel>_<S>_<C> (C, W constants) or _any (from args). */
+/* Per-unit functions for for_each: <kernel>_<S>_<C> with C and W constants, or <kernel>_<S>_any
+ * reading them from the arguments. */
 #define DEFINE_UNIT_FNS(S, C, W)                                                              \
 static void relation_fwd_##S##_##C(const void *a, int64_t u) { relation_fwd_##S(a, u, C); }   \
 static void relation_bwd_##S##_##C(const void *a, int64_t u) { relation_bwd_##S(a, u, C); }   \
