@@ -8,7 +8,6 @@ their fast column times the PyTorch forms.
     python bench/fast_layers.py --json /tmp/fast_layers.json    # about 30 s on a 2-core CPU
 """
 import argparse
-import copy
 import json
 import os
 import statistics
