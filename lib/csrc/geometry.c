@@ -240,6 +240,29 @@ static void scan_cell(const grid_t *g, int64_t i, int64_t j, int64_t l, const fl
     }
 }
 
+/* Whether the k best held (count of them, best_d sorted) are final once the cells of the block
+ * [lo, hi] (per axis, clipped to the grid) have been searched: the block covers the grid, or
+ * no point beyond it can be closer than the k-th. The nearest such a point can be is the
+ * distance from q to the nearest face of the block with cells beyond it, less a hundredth of a
+ * cell (a point on a face may round into the cell beyond). */
+static int block_settles(const grid_t *g, const float *q, const int64_t lo[3],
+                         const int64_t hi[3], const float *best_d, int64_t count, int64_t k) {
+    double bound = INFINITY;
+    for (int d = 0; d < 3; ++d) {
+        if (lo[d] > 0) {
+            const double gap = q[d] - ((double)g->lo[d] + (double)lo[d] * g->h);
+            bound = gap < bound ? gap : bound;
+        }
+        if (hi[d] < g->g[d] - 1) {
+            const double gap = ((double)g->lo[d] + (double)(hi[d] + 1) * g->h) - q[d];
+            bound = gap < bound ? gap : bound;
+        }
+    }
+    if (bound == INFINITY) return 1;
+    bound -= 0.01 * g->h;
+    return count == k && bound > 0 && (double)best_d[k - 1] < bound * bound;
+}
+
 static void query_point(const void *p, int64_t unit) {
     const knn_args *a = (const knn_args *)p;
     const int64_t b = unit / a->M, k = a->k;
@@ -263,23 +286,7 @@ static void query_point(const void *p, int64_t unit) {
                     if (hi[2] < g->g[2]) scan_cell(g, i, j, hi[2], q, k, best_d, best_i, &count);
                 }
             }
-        /* The nearest a point beyond shell r can be: the distance from q to the nearest face
-         * of the searched block that has cells beyond it. No such face: all cells searched. */
-        double bound = INFINITY;
-        for (int d = 0; d < 3; ++d) {
-            if (lo[d] > 0) {
-                const double gap = q[d] - ((double)g->lo[d] + (double)lo[d] * g->h);
-                bound = gap < bound ? gap : bound;
-            }
-            if (hi[d] < g->g[d] - 1) {
-                const double gap = ((double)g->lo[d] + (double)(hi[d] + 1) * g->h) - q[d];
-                bound = gap < bound ? gap : bound;
-            }
-        }
-        if (bound == INFINITY) break;
-        /* less a hundredth of a cell: a point on a face may round into the cell beyond */
-        bound -= 0.01 * g->h;
-        if (count == k && bound > 0 && (double)best_d[k - 1] < bound * bound) break;
+        if (block_settles(g, q, lo, hi, best_d, count, k)) break;
     }
 }
 
@@ -392,21 +399,10 @@ static void query_block(const void *p, int64_t unit) {
         int64_t *best_i = a->idx + unit_q * k, kept = 0;
         for (int64_t s = 0; s < count; ++s)
             if (kept < k || d2[s] < best_d[k - 1]) keep(best_d, best_i, &kept, k, d2[s], cidx[s]);
-        /* as query_point's test after shell 1: nothing outside the 27 cells can be closer */
-        double bound = INFINITY;
-        for (int d = 0; d < 3; ++d) {
-            if (c[d] - 1 > 0) {
-                const double gap = q[d] - ((double)g->lo[d] + (double)(c[d] - 1) * g->h);
-                bound = gap < bound ? gap : bound;
-            }
-            if (c[d] + 1 < g->g[d] - 1) {
-                const double gap = ((double)g->lo[d] + (double)(c[d] + 2) * g->h) - q[d];
-                bound = gap < bound ? gap : bound;
-            }
-        }
-        bound -= 0.01 * g->h;
-        if (bound != INFINITY && !(bound > 0 && (double)best_d[k - 1] < bound * bound))
-            query_point(a, unit_q);
+        /* the 27 cells: query_point's block after shell 1 */
+        const int64_t lo[3] = {c[0] - 1, c[1] - 1, c[2] - 1}, hi[3] = {c[0] + 1, c[1] + 1,
+                                                                       c[2] + 1};
+        if (!block_settles(g, q, lo, hi, best_d, kept, k)) query_point(a, unit_q);
     }
 }
 
