@@ -208,10 +208,9 @@ def _ptr(t):
     return t.data_ptr() if t is not None else None
 
 
-def _dims(idx, channels, dtype):
-    """The leading arguments of every kernel: dtype code, threads, B, N, K, C."""
-    b, n, k = idx.shape
-    return _NATIVE_DTYPES[dtype], torch.get_num_threads(), b, n, k, channels
+def _head(dtype, *sizes):
+    """The leading arguments of every kernel: dtype code, threads, then its sizes."""
+    return (_NATIVE_DTYPES[dtype], torch.get_num_threads(), *sizes)
 
 
 class _Relation(torch.autograd.Function):
@@ -221,7 +220,7 @@ class _Relation(torch.autograd.Function):
     def forward(ctx, lib, delta, key, query, idx):
         delta, key, query, idx = (t.contiguous() for t in (delta, key, query, idx))
         out = torch.empty_like(delta)
-        lib.pt_relation_forward(*_dims(idx, delta.shape[-1], delta.dtype), _ptr(delta),
+        lib.pt_relation_forward(*_head(delta.dtype, *idx.shape, delta.shape[-1]), _ptr(delta),
                                 _ptr(key), _ptr(query), _ptr(idx), _ptr(out))
         ctx.lib = lib
         ctx.save_for_backward(idx)
@@ -235,7 +234,7 @@ class _Relation(torch.autograd.Function):
         grad_key = grad.new_zeros(b, n, c) if ctx.needs_input_grad[2] else None
         grad_query = grad.new_empty(b, n, c) if ctx.needs_input_grad[3] else None
         if grad_key is not None or grad_query is not None:
-            ctx.lib.pt_relation_backward(*_dims(idx, c, grad.dtype), _ptr(grad), _ptr(idx),
+            ctx.lib.pt_relation_backward(*_head(grad.dtype, *idx.shape, c), _ptr(grad), _ptr(idx),
                                          _ptr(grad_key), _ptr(grad_query))
         return None, grad, grad_key, grad_query, None
 
@@ -259,7 +258,7 @@ class _Aggregate(torch.autograd.Function):
         weight, value, delta, idx = (t.contiguous() for t in (weight, value, delta, idx))
         b, n, c = value.shape
         out = value.new_empty(b, n, c)
-        lib.pt_aggregate_forward(*_dims(idx, c, value.dtype), weight.shape[-1], _ptr(weight),
+        lib.pt_aggregate_forward(*_head(value.dtype, *idx.shape, c), weight.shape[-1], _ptr(weight),
                                  _ptr(value), _ptr(delta), _ptr(idx), _ptr(out))
         ctx.lib = lib
         ctx.save_for_backward(weight, value, delta, idx)
@@ -275,7 +274,7 @@ class _Aggregate(torch.autograd.Function):
         grad_delta = torch.empty_like(delta) if need_delta else None
         if need_w or need_v or need_delta:
             ctx.lib.pt_aggregate_backward(
-                *_dims(idx, value.shape[-1], value.dtype), weight.shape[-1], _ptr(grad),
+                *_head(value.dtype, *idx.shape, value.shape[-1]), weight.shape[-1], _ptr(grad),
                 _ptr(weight), _ptr(value), _ptr(delta), _ptr(idx), _ptr(grad_w),
                 _ptr(grad_delta), _ptr(grad_v))
         return None, grad_w, grad_v, grad_delta, None
@@ -300,8 +299,7 @@ class _NeighbourMax(torch.autograd.Function):
         b, m, k, c = x.shape
         out = x.new_empty(b, m, c)
         arg = torch.empty(b, m, c, dtype=torch.int32)
-        lib.neighbour_max_forward(_NATIVE_DTYPES[x.dtype], torch.get_num_threads(), b * m, k, c,
-                                  _ptr(x), _ptr(out), _ptr(arg))
+        lib.neighbour_max_forward(*_head(x.dtype, b * m, k, c), _ptr(x), _ptr(out), _ptr(arg))
         ctx.lib, ctx.k = lib, k
         ctx.save_for_backward(arg)
         return out
@@ -312,8 +310,8 @@ class _NeighbourMax(torch.autograd.Function):
         grad = grad.contiguous()
         b, m, c = grad.shape
         grad_x = grad.new_empty(b, m, ctx.k, c)
-        ctx.lib.neighbour_max_backward(_NATIVE_DTYPES[grad.dtype], torch.get_num_threads(),
-                                       b * m, ctx.k, c, _ptr(grad), _ptr(arg), _ptr(grad_x))
+        ctx.lib.neighbour_max_backward(*_head(grad.dtype, b * m, ctx.k, c), _ptr(grad), _ptr(arg),
+                                       _ptr(grad_x))
         return None, grad_x
 
 
@@ -341,7 +339,7 @@ class _NormReluLinear(torch.autograd.Function):
     def forward(ctx, lib, bn, x, gamma, beta, weight, bias):
         x, weight = x.contiguous(), weight.contiguous()
         (rows, channels), outputs = x.shape, weight.shape[0]
-        head = (_NATIVE_DTYPES[x.dtype], torch.get_num_threads(), rows, channels)
+        head = _head(x.dtype, rows, channels)
         if bn.training:
             sums = torch.empty(2, channels, dtype=torch.float64)
             _check(lib.nrl_stats(*head, _ptr(x), _ptr(sums)))
@@ -366,7 +364,7 @@ class _NormReluLinear(torch.autograd.Function):
         x, gamma, weight, scale, shift, mean, rstd = ctx.saved_tensors
         grad_h = grad_h.contiguous()
         (rows, channels), outputs = x.shape, weight.shape[0]
-        head = (_NATIVE_DTYPES[x.dtype], torch.get_num_threads(), rows, channels, outputs)
+        head = _head(x.dtype, rows, channels, outputs)
         sums = torch.empty(2 + outputs, channels, dtype=torch.float64)
         _check(ctx.lib.nrl_backward_sums(*head, _ptr(x), _ptr(grad_h), _ptr(scale), _ptr(shift),
                                          _ptr(mean), _ptr(rstd), _ptr(weight), _ptr(sums)))
