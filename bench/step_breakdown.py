@@ -8,7 +8,6 @@ import argparse
 import collections
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import machine_info  # noqa: E402
+from bench.common import machine_info, peak_memory_gib  # noqa: E402
 from bench.run import build_pt  # noqa: E402
 from lib import pointops  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
@@ -79,7 +78,7 @@ def peak_probe(args):
     model, batch, optimizer = setup(args.model, args.batch_size, args.num_points)
     for _ in range(3):
         split_step(model, batch, optimizer, None)
-    print(json.dumps({"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
+    print(json.dumps({"peak_gib": peak_memory_gib(torch.device("cpu"))}))
 
 
 def get_args_parser():
