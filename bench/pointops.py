@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import machine_info, peak_memory_gib, synchronize  # noqa: E402
-from lib import pointops  # noqa: E402
+from lib import native, pointops  # noqa: E402
 from lib.cli import resolve_device  # noqa: E402
 
 # The issue's targets for the fast path on the 2-core development machine (ms).
@@ -95,7 +95,6 @@ def bench_ops(device):
 def bench_fps_sizes():
     """FPS of N / 4 points: lib/csrc/geometry.c's O(N m) loop against fpsample's bucket FPS, on
     uniform random clouds, by forcing pointops' size threshold either way."""
-    from lib import native
     if native.library() is None:
         print("fps_sizes: no C library (no C compiler); skipped")
         return []
