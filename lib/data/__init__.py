@@ -126,6 +126,12 @@ def write_atomically(target, write, overwrite=False):
     return result
 
 
+def first_bad_label(labels, start, stop):
+    """Index of the first label that is not an integer in [start, stop), or None."""
+    bad = (labels != np.round(labels)) | (labels < start) | (labels >= stop)
+    return int(np.argmax(bad)) if bad.any() else None
+
+
 def read_point_table(path, num_columns, delimiter=None, max_rows=None):
     """A text file of `num_columns` numbers per line -> float32 (rows, num_columns).
 

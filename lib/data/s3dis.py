@@ -8,8 +8,11 @@ Processed (written once, redone when a room's annotation files are newer):
 released), rgb (N, 3) uint8, label (N,) uint8; points in the order of the annotation files
 sorted by name. "Original points" below means these N points.
 
+Forms already prepared by other repositories (per-room N x 7 .npy, Pointcept's per-room folders)
+are read as they are by lib/data/s3dis_prepared.py, which also tells the forms apart.
+
 Splits: "test" = Area 5; "train" / "val" = Areas 1, 2, 3, 4, 6, with every tenth room (sorted by
-area, then name; the first included) held out as "val".
+area, then name; the first included) held out as "val"; "trainval" = all rooms of those areas.
 
 A sample is a kNN crop of `num_points` points (default 4096, CPU-sized; the paper feeds 80k)
 from one pass of 4 cm grid subsampling (lib/data/grid.py). Training draws a random room
@@ -203,12 +206,36 @@ def preprocess(raw_dir, out_dir, areas=AREAS, skip_malformed=False, workers=1):
 
 # ---------------------------------------------------------------- dataset
 
-class Room:
-    """One processed room in memory, its points sorted by 4 cm grid cell (lib/data/grid.py)."""
+def read_processed_room(path):
+    """xyz, rgb, label of a room converted by `preprocess`."""
+    with np.load(path) as data:
+        return data["xyz"], data["rgb"], data["label"]
 
-    def __init__(self, path, rng=None):
-        with np.load(path) as data:
-            xyz, rgb, label = data["xyz"], data["rgb"], data["label"]
+
+class RawRelease:
+    """Rooms of the raw release, read through the per-room arrays `preprocess` writes once.
+    (lib/data/s3dis_prepared.py reads the already-prepared forms with the same two methods.)"""
+    layout = f"raw release ({RAW_DIRNAME}/Area_N/<room>/Annotations/<class>_<k>.txt)"
+
+    def __init__(self, root, processed_dir=None, skip_malformed=False):
+        self.raw_dir = find_raw_dir(root)
+        self.processed_dir = processed_dir or default_processed_dir(self.raw_dir)
+        self.skip_malformed = skip_malformed
+
+    def list_rooms(self, areas):
+        preprocess(self.raw_dir, self.processed_dir, areas, self.skip_malformed)
+        return list_rooms(self.raw_dir, areas)
+
+    def read_room(self, name):
+        return read_processed_room(os.path.join(self.processed_dir, name + ".npz"))
+
+
+class Room:
+    """One room in memory, its points sorted by 4 cm grid cell (lib/data/grid.py).
+    arrays: xyz (N, 3) float32, rgb (N, 3) uint8, label (N,) uint8."""
+
+    def __init__(self, arrays, rng=None):
+        xyz, rgb, label = arrays
         order, self.starts, self.counts = grid_cells(xyz, GRID_SIZE, rng)
         self.order = order.astype(np.int32)  # (N,) original index of each sorted point; rooms < 2^31 points
         self.xyz, self.rgb, self.label = xyz[order], rgb[order], label[order]
@@ -250,25 +277,26 @@ class S3DISDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, split="train", num_points=None, augment=False, seed=0,
                  samples_per_epoch=None, processed_dir=None, skip_malformed=False):
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"unknown S3DIS split {split!r}; use train, val or test")
+        if split not in ("train", "val", "test", "trainval"):
+            raise ValueError(f"unknown S3DIS split {split!r}; use train, val, test or trainval")
         self.split, self.augment, self.seed = split, augment, seed
+        self.training = split in ("train", "trainval")  # random crops; val/test cover every point
         self.num_points = num_points or DEFAULT_NUM_POINTS
-        raw_dir = find_raw_dir(root)
-        processed_dir = processed_dir or default_processed_dir(raw_dir)
+        from lib.data.s3dis_prepared import open_rooms  # it builds on this module's raw reader
+        source = open_rooms(root, processed_dir, skip_malformed)
+        self.layout = source.layout
         areas = (TEST_AREA,) if split == "test" else tuple(a for a in AREAS if a != TEST_AREA)
-        preprocess(raw_dir, processed_dir, areas, skip_malformed)
-        names = list_rooms(raw_dir, areas)
-        if split != "test":
+        names = source.list_rooms(areas)
+        if split in ("train", "val"):
             held_out = names[::VAL_EVERY]
             names = held_out if split == "val" else [n for n in names if n not in held_out]
         if not names:
-            raise ValueError(f"{raw_dir}: no rooms for the S3DIS {split} split")
+            raise ValueError(f"{root}: no rooms for the S3DIS {split} split")
         self.room_names = names
-        self.rooms = [Room(os.path.join(processed_dir, name + ".npz"),
-                           None if split == "train" else np.random.default_rng([seed, i]))
+        self.rooms = [Room(source.read_room(name),
+                           None if self.training else np.random.default_rng([seed, i]))
                       for i, name in enumerate(names)]
-        if split == "train":
+        if self.training:
             cells = np.array([len(room.counts) for room in self.rooms], dtype=np.float64)
             self.room_weights = cells / cells.sum()
             self.length = samples_per_epoch or max(1, int(cells.sum()) // self.num_points)
@@ -291,11 +319,11 @@ class S3DISDataset(torch.utils.data.Dataset):
 
     def make_voter(self):
         """Val/test crops are scored by voting per original point (lib/train.evaluate)."""
-        return None if self.split == "train" else RoomVoter(self)
+        return None if self.training else RoomVoter(self)
 
     def __getitem__(self, i):
-        rng = sample_rng(self.split == "train", self.seed, i)  # val/test: only pads small rooms
-        if self.split == "train":
+        rng = sample_rng(self.training, self.seed, i)  # val/test: only pads small rooms
+        if self.training:
             r = int(rng.choice(len(self.rooms), p=self.room_weights))
             room = self.rooms[r]
             pass_positions = random_pass(room.starts, room.counts, rng)  # (M,) one point per cell
@@ -307,7 +335,7 @@ class S3DISDataset(torch.utils.data.Dataset):
         crop = knn_crop(room.xyz[pass_positions], centre, self.num_points)
         positions = pass_positions[pad_by_resampling(crop, self.num_points, rng)]  # (num_points,)
         sample = self.make_sample(room, positions, rng)
-        if self.split != "train":
+        if not self.training:
             sample["room"] = torch.tensor(r, dtype=torch.int64)
             sample["index"] = torch.from_numpy(room.order[positions].astype(np.int64))
         return sample

@@ -1,13 +1,19 @@
-"""ShapeNet part (shapenetcore_partanno_segmentation_benchmark_v0_normal), read as released:
+"""ShapeNet part in any of its three released forms, recognised from the folder's contents:
 
+v0_normal (shapenetcore_partanno_segmentation_benchmark_v0_normal):
     synsetoffset2category.txt                    `Name<TAB>synset` per category, in category order
     train_test_split/shuffled_{train,val,test}_file_list.json   ["shape_data/<synset>/<id>", ...]
     <synset>/<id>.txt                            `x y z nx ny nz label`, label = global part id
     part_ranges.json (synthetic data only)       {category: {"range": [start, stop], "parts": [..]}}
+v0 (shapenetcore_partanno_segmentation_benchmark_v0): the same category file and split lists;
+    <synset>/points/<id>.pts `x y z` and <synset>/points_label/<id>.seg, one label per line,
+    numbered 1..k within the category; no normals
+hdf5 (shapenet_part_seg_hdf5_data; the zip unpacks as hdf5_data/): lib/data/shapenet_part_h5.py
 
 A split is exactly its list file: the official lists put 35 shapes in two splits, and such a
-shape belongs to both. Every listed file is parsed once, up front, so a broken file fails at
-construction with its name and line, not inside a DataLoader worker.
+shape belongs to both ("trainval" = train then val, each shape once). Every listed file is
+parsed once, up front, so a broken file fails at construction with its name and line, not
+inside a DataLoader worker. Layouts without normals feed xyz as the features.
 """
 import json
 import re
@@ -16,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import read_point_table
+from lib.data import first_bad_label, read_point_table
+from lib.data.shapenet_part_h5 import CATEGORY_FILE as H5_CATEGORY_FILE, find_h5_folder, read_h5_split
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
 
 CATEGORY_FILE = "synsetoffset2category.txt"
@@ -88,6 +95,27 @@ def read_part_ranges(root, category_names):
     return [r for r, _ in spec], part_names
 
 
+LAYOUTS = {
+    "v0_normal": "shapenetcore_partanno_segmentation_benchmark_v0_normal "
+                 "(<synset>/<id>.txt: x y z nx ny nz label)",
+    "v0": "shapenetcore_partanno_segmentation_benchmark_v0 "
+          "(<synset>/points/<id>.pts + <synset>/points_label/<id>.seg, no normals)",
+    "hdf5": "shapenet_part_seg_hdf5_data (ply_data_*.h5 with data, label, pid; no normals)",
+}
+
+
+def detect_layout(root):
+    """-> (layout, the folder holding its files)."""
+    h5_folder = find_h5_folder(root)
+    if h5_folder is not None:
+        return "hdf5", h5_folder
+    if (root / CATEGORY_FILE).is_file():
+        v0 = any(p.is_dir() for p in root.glob("*/points"))
+        return ("v0" if v0 else "v0_normal"), root
+    raise FileNotFoundError(f"{root}: no ShapeNet part layout found (no {CATEGORY_FILE} or "
+                            f"ply_data_*.h5); supported: {'; '.join(LAYOUTS.values())}")
+
+
 def read_split(path, synsets):
     """-> [(category index, synset, shape id)] in list order."""
     if not path.is_file():
@@ -109,53 +137,90 @@ def read_split(path, synsets):
 
 
 class ShapeNetPartDataset(torch.utils.data.Dataset):
-    """Sample: xyz (N, 3) in the unit sphere, feat = normals (N, 3), label = global part ids (N,),
-    category (). Points are a random subset when augmenting (with replacement if the shape has
-    fewer than N), else a subset fixed by (seed, index)."""
+    """Sample: xyz (N, 3) in the unit sphere, feat = normals (N, 3) (xyz where the layout has
+    none), label = global part ids (N,), category (). Points are a random subset when augmenting
+    (with replacement if the shape has fewer than N), else a subset fixed by (seed, index)."""
     task = "partseg"
     in_channels = 3
 
     def __init__(self, root, split="train", num_points=2048, augment=False, seed=0):
         self.root = Path(root)
         self.split, self.num_points, self.augment, self.seed = split, num_points, augment, seed
-        self.category_names, synsets = read_categories(self.root / CATEGORY_FILE)
-        self.part_ranges, self.class_names = read_part_ranges(self.root, self.category_names)
+        self.layout, folder = detect_layout(self.root)
+        print(f"[shapenet_part] {self.root}: {LAYOUTS[self.layout]}")
+        if self.layout == "hdf5":
+            self.category_names, _ = read_categories(folder / H5_CATEGORY_FILE)
+            self.part_ranges, self.class_names = read_part_ranges(folder, self.category_names)
+            shapes = read_h5_split(folder, split, self.category_names, self.part_ranges)
+        else:
+            self.category_names, synsets = read_categories(self.root / CATEGORY_FILE)
+            self.part_ranges, self.class_names = read_part_ranges(self.root, self.category_names)
+            shapes = self._read_listed(split, synsets)
         self.num_classes = len(self.class_names)
-        split_file = self.root / "train_test_split" / f"shuffled_{split}_file_list.json"
-        self._load(split_file, read_split(split_file, synsets))
+        self.features = "normals" if shapes[0][1].shape[1] == 6 else "xyz"
+        self._store(shapes)
 
-    def _load(self, split_file, entries):
-        """All present shapes concatenated: points (total, 6), labels (total,), offsets (S + 1,)."""
-        points, labels, categories, self.shape_ids = [], [], [], []
-        for category, synset, shape_id in entries:
-            path = self.root / synset / f"{shape_id}.txt"
-            if not path.is_file():
-                continue
-            table = read_point_table(path, 7)
-            labels.append(self._checked_labels(path, table[:, 6], category))
-            points.append(table[:, :6])
-            categories.append(category)
-            self.shape_ids.append(f"{synset}/{shape_id}")
-        missing = len(entries) - len(points)
-        if not points:
+    def _read_listed(self, split, synsets):
+        """-> [(category, points (n, 6 or 3), labels (n,) int16, shape id)] of the listed shapes
+        whose files are present; the missing ones are counted in one line."""
+        split_dir = self.root / "train_test_split"
+        split_files = [split_dir / f"shuffled_{s}_file_list.json"
+                       for s in (("train", "val") if split == "trainval" else (split,))]
+        entries = list(dict.fromkeys(e for f in split_files for e in read_split(f, synsets)))
+        read_shape = self._read_v0_shape if self.layout == "v0" else self._read_v0_normal_shape
+        shapes = [shape for shape in (read_shape(*entry) for entry in entries) if shape]
+        listed = " + ".join(str(f) for f in split_files)
+        if not shapes:
+            wanted = "<synset>/points/<id>.pts" if self.layout == "v0" else "<synset>/<id>.txt"
             raise FileNotFoundError(f"{self.root}: none of the {len(entries)} shapes listed in "
-                                    f"{split_file} has its <synset>/<id>.txt file")
-        if missing:
-            print(f"[shapenet_part] {split_file}: {missing} of {len(entries)} listed shapes have "
-                  f"no file under {self.root}; using the {len(points)} present")
-        self.points = np.concatenate(points)
-        self.labels = np.concatenate(labels)
-        self.offsets = np.cumsum([0] + [len(p) for p in points])
-        self.categories = np.asarray(categories, dtype=np.int64)
+                                    f"{listed} has its {wanted} file")
+        if len(shapes) < len(entries):
+            print(f"[shapenet_part] {listed}: {len(entries) - len(shapes)} of {len(entries)} listed "
+                  f"shapes have no file under {self.root}; using the {len(shapes)} present")
+        return shapes
 
-    def _checked_labels(self, path, labels, category):
+    def _read_v0_normal_shape(self, category, synset, shape_id):
+        path = self.root / synset / f"{shape_id}.txt"
+        if not path.is_file():
+            return None
+        table = read_point_table(path, 7)
+        return (category, table[:, :6], self._checked_labels(path, table[:, 6], category),
+                f"{synset}/{shape_id}")
+
+    def _read_v0_shape(self, category, synset, shape_id):
+        points_path = self.root / synset / "points" / f"{shape_id}.pts"
+        labels_path = self.root / synset / "points_label" / f"{shape_id}.seg"
+        if not points_path.is_file():
+            return None
+        if not labels_path.is_file():
+            raise FileNotFoundError(f"{labels_path}: missing (the labels of {points_path})")
+        points = read_point_table(points_path, 3)
+        labels = read_point_table(labels_path, 1)[:, 0]
+        if len(labels) != len(points):
+            raise ValueError(f"{labels_path}: {len(labels)} labels for the {len(points)} points "
+                             f"of {points_path.name}")
         start, stop = self.part_ranges[category]
-        bad = (labels != np.round(labels)) | (labels < start) | (labels >= stop)
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise ValueError(f"{path}: line {row + 1}: label {labels[row]:g} is not a part of "
-                             f"{self.category_names[category]} ({start}..{stop - 1})")
+        # v0 numbers a category's parts 1..k; the global id is start + label - 1
+        return (category, points, self._checked_labels(labels_path, labels + start - 1, category,
+                                                       shown_offset=1 - start),
+                f"{synset}/{shape_id}")
+
+    def _checked_labels(self, path, labels, category, shown_offset=0):
+        start, stop = self.part_ranges[category]
+        row = first_bad_label(labels, start, stop)
+        if row is not None:
+            raise ValueError(f"{path}: line {row + 1}: label {labels[row] + shown_offset:g} is "
+                             f"not a part of {self.category_names[category]} "
+                             f"({start + shown_offset}..{stop - 1 + shown_offset})")
         return labels.astype(np.int16)
+
+    def _store(self, shapes):
+        """All shapes concatenated: points (total, C), labels (total,), offsets (S + 1,)."""
+        self.points = np.concatenate([points for _, points, _, _ in shapes])
+        self.labels = np.concatenate([labels for _, _, labels, _ in shapes])
+        self.offsets = np.cumsum([0] + [len(points) for _, points, _, _ in shapes])
+        self.categories = np.asarray([c for c, _, _, _ in shapes], dtype=np.int64)
+        self.shape_ids = [shape_id for _, _, _, shape_id in shapes]
 
     def __len__(self):
         return len(self.categories)
@@ -166,10 +231,12 @@ class ShapeNetPartDataset(torch.utils.data.Dataset):
         rng = sample_rng(self.augment, self.seed, index)
         xyz = normalize_unit_sphere(points[:, :3])  # the whole shape's sphere, not the subset's
         choice = sample_indices(stop - start, self.num_points, rng)
-        xyz, normals, labels = xyz[choice], points[choice, 3:6], labels[choice]
+        xyz, labels = xyz[choice], labels[choice]
+        normals = points[choice, 3:6] if self.features == "normals" else None
         if self.augment:
             xyz, normals = augment(xyz, normals, rng, **AUGMENT)
+        feat = xyz if normals is None else normals
         return {"xyz": torch.from_numpy(xyz.astype(np.float32)),
-                "feat": torch.from_numpy(normals.astype(np.float32)),
+                "feat": torch.from_numpy(feat.astype(np.float32)),
                 "label": torch.from_numpy(labels.astype(np.int64)),
                 "category": torch.tensor(self.categories[index])}

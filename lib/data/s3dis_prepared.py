@@ -1,0 +1,153 @@
+"""S3DIS in the forms other repositories prepare it, read as they are, and the choice among all
+forms from a folder's contents (`open_rooms`):
+
+    raw release   Stanford3dDataset_v1.2_Aligned_Version/Area_N/<room>/Annotations/<class>_<k>.txt
+                  (lib/data/s3dis.py; converted once into per-room arrays)
+    N x 7 .npy    Area_N_<room>.npy, one array per room, columns x y z r g b label (float64),
+                  as written by PointNet's collect_indoor3d_data.py (kept in yanx27's
+                  Pointnet_Pointnet2_pytorch: data/stanford_indoor3d/) and used as
+                  trainval_fullarea/ by POSTECH's point-transformer; xyz shifted so that the
+                  room's minimum is the origin, labels in the 13-class order of lib/data/s3dis.py
+    Pointcept     Area_N/<room>/coord.npy (N, 3) float32, color.npy (N, 3) uint8,
+                  segment.npy (N, 1) int16, and normal.npy / instance.npy which are not used
+                  (Pointcept's preprocess_s3dis.py and its s3dis-compressed archive)
+
+Every form yields the same arrays per room, xyz (N, 3) float32, rgb (N, 3) uint8, label (N,)
+uint8, so that crops, splits and metrics do not depend on the form. Each source has
+`list_rooms(areas)` (names `Area_N/<room>`, sorted by area then room) and `read_room(name)`.
+"""
+import os
+import re
+
+import numpy as np
+
+from lib.data.s3dis import AREAS, CLASS_NAMES, RAW_DIRNAME, RawRelease
+
+NPY_ROOM = re.compile(r"Area_(\d)_(.+)\.npy")
+NPY_SUBFOLDERS = ("stanford_indoor3d", "trainval_fullarea")  # the names the two repos use
+POINTCEPT_FILES = ("coord.npy", "color.npy", "segment.npy")
+SUPPORTED = (f"the raw release ({RAW_DIRNAME}/Area_N/<room>/Annotations/), per-room N x 7 "
+             f".npy (Area_N_<room>.npy, also inside {' or '.join(NPY_SUBFOLDERS)}/), or "
+             f"Pointcept's Area_N/<room>/{{coord,color,segment}}.npy")
+
+
+def open_rooms(root, processed_dir=None, skip_malformed=False):
+    """The room source for the S3DIS form found in `root`; prints which one it is."""
+    root = str(root)
+    source = find_source(root, processed_dir, skip_malformed)
+    print(f"[s3dis] {root}: {source.layout}")
+    return source
+
+
+def find_source(root, processed_dir, skip_malformed):
+    if os.path.isdir(os.path.join(root, RAW_DIRNAME)):
+        return RawRelease(root, processed_dir, skip_malformed)
+    for folder in (root,) + tuple(os.path.join(root, f) for f in NPY_SUBFOLDERS):
+        if os.path.isdir(folder) and any(NPY_ROOM.fullmatch(f) for f in os.listdir(folder)):
+            return NpyRooms(folder)
+    room = first_room_dir(root)
+    if room is not None and os.path.isfile(os.path.join(room, "coord.npy")):
+        return PointceptRooms(root)
+    if room is not None and os.path.isdir(os.path.join(room, "Annotations")):
+        return RawRelease(root, processed_dir, skip_malformed)
+    raise FileNotFoundError(f"{root}: no S3DIS layout found; supported: {SUPPORTED}")
+
+
+def first_room_dir(root):
+    for area in AREAS:
+        area_dir = os.path.join(root, f"Area_{area}")
+        if os.path.isdir(area_dir):
+            rooms = sorted(r for r in os.listdir(area_dir) if os.path.isdir(os.path.join(area_dir, r)))
+            if rooms:
+                return os.path.join(area_dir, rooms[0])
+    return None
+
+
+def load_array(path):
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path}: not a readable .npy array ({reason})") from None
+
+
+def checked_room(xyz, rgb, label, paths):
+    """Validates one room's arrays; paths (of xyz, rgb, label) name the file in an error."""
+    xyz_path, rgb_path, label_path = paths
+    if not len(xyz):
+        raise ValueError(f"{xyz_path}: the room has no points")
+    if not np.isfinite(xyz).all():
+        raise ValueError(f"{xyz_path}: point {int(np.argmin(np.isfinite(xyz).all(1)))}: NaN or "
+                         f"infinite coordinates")
+    bad_rgb = ~np.isfinite(rgb).all(1) | (rgb < 0).any(1) | (rgb > 255).any(1)
+    if bad_rgb.any():
+        raise ValueError(f"{rgb_path}: point {int(np.argmax(bad_rgb))}: colour outside 0..255")
+    bad = (label != np.round(label)) | (label < 0) | (label >= len(CLASS_NAMES))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{label_path}: point {i}: label {label[i]:g} is not one of the "
+                         f"{len(CLASS_NAMES)} S3DIS classes (0..{len(CLASS_NAMES) - 1})")
+    return xyz.astype(np.float32), np.round(rgb).astype(np.uint8), label.astype(np.uint8)
+
+
+def rooms_of_areas(names, areas, where):
+    """names of the given areas, sorted by area then room; an area without rooms is an error
+    (as a missing Area_N folder of the raw release is)."""
+    listed = []
+    for area in areas:
+        rooms = sorted(n for n in names if n.startswith(f"Area_{area}/"))
+        if not rooms:
+            raise FileNotFoundError(f"{where}: no rooms of Area_{area} (S3DIS areas {AREAS} are "
+                                    f"expected)")
+        listed += rooms
+    return listed
+
+
+class NpyRooms:
+    layout = "per-room N x 7 .npy (Area_N_<room>.npy: x y z r g b label)"
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.files = {f"Area_{m[1]}/{m[2]}": os.path.join(folder, m[0])
+                      for m in map(NPY_ROOM.fullmatch, sorted(os.listdir(folder))) if m}
+
+    def list_rooms(self, areas):
+        return rooms_of_areas(self.files, areas, self.folder)
+
+    def read_room(self, name):
+        path = self.files[name]
+        table = load_array(path)
+        if table.ndim != 2 or table.shape[1] != 7:
+            raise ValueError(f"{path}: expected an N x 7 array (x y z r g b label), found shape "
+                             f"{table.shape}")
+        return checked_room(table[:, :3], table[:, 3:6], table[:, 6], (path,) * 3)
+
+
+class PointceptRooms:
+    layout = "Pointcept (Area_N/<room>/{coord,color,segment}.npy)"
+
+    def __init__(self, root):
+        self.root = root
+
+    def list_rooms(self, areas):
+        names = []
+        for area in areas:
+            area_dir = os.path.join(self.root, f"Area_{area}")
+            if os.path.isdir(area_dir):
+                names += [f"Area_{area}/{room}" for room in os.listdir(area_dir)
+                          if os.path.isfile(os.path.join(area_dir, room, "coord.npy"))]
+        return rooms_of_areas(names, areas, self.root)
+
+    def read_room(self, name):
+        paths = [os.path.join(self.root, name, f) for f in POINTCEPT_FILES]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: missing (a Pointcept room holds "
+                                        f"{', '.join(POINTCEPT_FILES)})")
+        xyz, rgb, label = (load_array(p) for p in paths)
+        n = xyz.shape[0] if xyz.ndim else 0
+        for path, array, width in zip(paths, (xyz, rgb, label), (3, 3, 1)):
+            if array.shape != (n, width) and not (width == 1 and array.shape == (n,)):
+                raise ValueError(f"{path}: expected shape ({n}, {width}) like coord.npy, found "
+                                 f"{array.shape}")
+        return checked_room(xyz, rgb, label.reshape(-1), paths)
