@@ -84,8 +84,10 @@ def main(args):
     data = fp32_meta["dataset"]
     root = args.data_root or data["root"]
     num_points = args.num_points or data["num_points"]
-    train_set = load_split(data["name"], root, "train", num_points, augment=True, seed=args.seed)
-    val_set = load_split(data["name"], root, "val", num_points, seed=args.seed)
+    train_set = load_split(data["name"], root, "train", num_points, augment=True, seed=args.seed,
+                           val_split=args.val_split)
+    val_set = load_split(data["name"], root, "val", num_points, seed=args.seed,
+                         val_split=args.val_split)
     train_loader = make_loader(train_set, args.batch_size, True, args.seed, args.workers)
     val_loader = make_loader(val_set, args.batch_size, False, workers=args.workers)
     teacher.to(device)
@@ -109,7 +111,8 @@ def main(args):
     loss_fn = (DistillLoss(teacher, data["task"], args.kd_temperature, args.kd_alpha)
                if args.distill else supervised_loss)
 
-    meta = {"model": fp32_meta["model"], "dataset": dict(data, root=root, num_points=num_points),
+    meta = {"model": fp32_meta["model"], "dataset": dict(data, root=root, num_points=num_points,
+                                                   val_source=train_set.val_source),
             "args": vars(args), "quant": quant}
     log = RunLog(out, vars(args))
     if distributed.is_main():

@@ -49,9 +49,11 @@ def main(args):
     epochs = args.epochs if args.epochs is not None else 20
     lr = args.lr if args.lr is not None else (1e-3 if args.optimizer == "adamw" else 0.05)
 
+    val_split = getattr(args, "val_split", "auto")  # runs recorded before the flag existed
     train_set = load_split(args.dataset, args.data_root, "train", args.num_points, augment=True,
-                           seed=args.seed)
-    val_set = load_split(args.dataset, args.data_root, "val", args.num_points, seed=args.seed)
+                           seed=args.seed, val_split=val_split)
+    val_set = load_split(args.dataset, args.data_root, "val", args.num_points, seed=args.seed,
+                         val_split=val_split)
     train_loader = make_loader(train_set, args.batch_size, train=True, seed=args.seed,
                                workers=args.workers)
     val_loader = make_loader(val_set, args.batch_size, train=False, workers=args.workers)

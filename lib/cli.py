@@ -6,11 +6,15 @@ def common_parser():
     """Parent parser: pass as `parents=[common_parser()]` to a script's ArgumentParser."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--dataset", default="synthetic_parts",
-                   choices=["shapenet_part", "s3dis", "modelnet40",
+                   choices=["shapenet_part", "s3dis", "modelnet40", "modelnet10",
                             "synthetic_parts", "synthetic_cls", "synthetic_rooms"])
     p.add_argument("--data-root", default=None,
                    help="dataset folder (default: data/<usual folder name>; synthetic data is "
                         "generated there on first use)")
+    p.add_argument("--val-split", default="auto", choices=["auto", "train-slice", "trainval"],
+                   help="what validates (and picks best.pt): auto = the val split, or a fixed "
+                        "tenth of train where no val file is present; train-slice = that tenth "
+                        "always; trainval = train on train + val (lib/data/val_slice.py)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None)

@@ -13,10 +13,16 @@ def model_task(model_name):
     return MODEL_TASK[model_name.removesuffix("_tiny")]
 
 
-def load_split(dataset_name, root, split, num_points=None, augment=False, seed=0):
-    root = root or default_root(dataset_name)
-    return build_dataset(dataset_name, root, split, num_points=num_points, augment=augment,
-                         seed=seed)
+def load_split(dataset_name, root, split, num_points=None, augment=False, seed=0,
+               val_split="auto"):
+    """One split, with the validation protocol `val_split` (the scripts' --val-split):
+    "auto": the dataset's val split, or, when none of its files is present (a partial
+    download), a fixed slice of train (lib/data/val_slice.py), which "train" then leaves out;
+    "train-slice": that slice whatever is present; "trainval": "train" reads train + val (the
+    protocol some papers train with), "val" stays the val split. Never the test split."""
+    from lib.data.val_slice import split_with_val_protocol
+    return split_with_val_protocol(dataset_name, root or default_root(dataset_name), split,
+                                   val_split, num_points=num_points, augment=augment, seed=seed)
 
 
 def make_loader(dataset, batch_size, train, seed=0, workers=0):
@@ -44,6 +50,8 @@ def dataset_meta(dataset_name, root, dataset, num_points):
     meta = {"name": dataset_name, "root": root or default_root(dataset_name),
             "task": dataset.task, "class_names": list(dataset.class_names),
             "in_channels": dataset.in_channels, "num_points": num_points}
+    if hasattr(dataset, "val_source"):
+        meta["val_source"] = dataset.val_source  # what validated the run (best.pt's choice)
     if dataset.task == "partseg":
         meta["category_names"] = list(dataset.category_names)
         meta["part_ranges"] = [list(r) for r in dataset.part_ranges]

@@ -18,37 +18,54 @@ SYNTHETIC_DIR = DATA_DIR / "synthetic"
 # The synthetic data is part of the repository's definition, not of a run: one fixed seed.
 SYNTHETIC_SEED = 0
 
-DATASET_NAMES = ("shapenet_part", "s3dis", "modelnet40",
+DATASET_NAMES = ("shapenet_part", "s3dis", "modelnet40", "modelnet10",
                  "synthetic_parts", "synthetic_cls", "synthetic_rooms")
 SPLITS = ("train", "val", "test")
+# "trainval" (train + val, for protocols that train on both) is readable, not checked by default.
+READABLE_SPLITS = SPLITS + ("trainval",)
 
+# Where to get each dataset (data/README.md has the details and the sources' sources).
 DOWNLOAD = {
     "shapenet_part": (
-        "https://shapenet.cs.stanford.edu/media/"
-        "shapenetcore_partanno_segmentation_benchmark_v0_normal.zip",
+        "shapenetcore_partanno_segmentation_benchmark_v0_normal.zip (its old host "
+        "shapenet.cs.stanford.edu is gone; see data/README.md for mirrors)",
         "synsetoffset2category.txt, train_test_split/shuffled_{train,val,test}_file_list.json "
-        "and <synset>/<shape id>.txt (x y z nx ny nz label)"),
+        "and <synset>/<shape id>.txt (x y z nx ny nz label); or the v0 or hdf5 forms"),
     "modelnet40": (
-        "https://shapenet.cs.stanford.edu/media/modelnet40_normal_resampled.zip "
-        "(or modelnet40_ply_hdf5_2048.zip)",
+        "modelnet40_normal_resampled.zip (huggingface.co/datasets/Pointcept/"
+        "modelnet40_normal_resampled-compressed) or ModelNet40.zip (modelnet.cs.princeton.edu)",
         "modelnet40_shape_names.txt, modelnet40_{train,test}.txt and <class>/<class>_NNNN.txt "
-        "(x,y,z,nx,ny,nz); or shape_names.txt, {train,test}_files.txt and ply_data_*.h5"),
+        "(x,y,z,nx,ny,nz); or shape_names.txt, {train,test}_files.txt and ply_data_*.h5; or "
+        "<class>/{train,test}/*.off"),
     "s3dis": (
-        "http://buildingparser.stanford.edu/dataset.html "
-        "(Stanford3dDataset_v1.2_Aligned_Version.zip)",
-        "Area_N/<room>/Annotations/<class>_<k>.txt (x y z r g b)"),
+        "Stanford3dDataset_v1.2_Aligned_Version.zip (http://buildingparser.stanford.edu/"
+        "dataset.html) or Pointcept's huggingface.co/datasets/Pointcept/s3dis-compressed",
+        "Area_N/<room>/Annotations/<class>_<k>.txt (x y z r g b), Area_N_<room>.npy, or "
+        "Area_N/<room>/{coord,color,segment}.npy"),
+}
+DOWNLOAD["modelnet10"] = (
+    "modelnet40_normal_resampled.zip (it ships the ModelNet10 lists) or ModelNet10.zip "
+    "(modelnet.cs.princeton.edu)",
+    "modelnet10_shape_names.txt, modelnet10_{train,test}.txt and <class>/<class>_NNNN.txt; or "
+    "<class>/{train,test}/*.off")
+
+# The folders each dataset is looked for in under data/, in order: the first present is used.
+DEFAULT_FOLDERS = {
+    "shapenet_part": ("shapenetcore_partanno_segmentation_benchmark_v0_normal",
+                      "shapenet_part_seg_hdf5_data", "hdf5_data",
+                      "shapenetcore_partanno_segmentation_benchmark_v0"),
+    "modelnet40": ("modelnet40_normal_resampled", "modelnet40_ply_hdf5_2048", "ModelNet40"),
+    "modelnet10": ("modelnet40_normal_resampled", "ModelNet10"),
+    "s3dis": ("Stanford3dDataset_v1.2_Aligned_Version", "s3dis", "stanford_indoor3d",
+              "trainval_fullarea"),
 }
 
 
 def default_root(name):
     """The folder `name` is read from when no --data-root is given (under <repo>/data)."""
-    if name == "shapenet_part":
-        return str(DATA_DIR / "shapenetcore_partanno_segmentation_benchmark_v0_normal")
-    if name == "modelnet40":
-        txt, h5 = DATA_DIR / "modelnet40_normal_resampled", DATA_DIR / "modelnet40_ply_hdf5_2048"
-        return str(h5 if h5.is_dir() and not txt.is_dir() else txt)
-    if name == "s3dis":
-        return str(DATA_DIR / "Stanford3dDataset_v1.2_Aligned_Version")
+    if name in DEFAULT_FOLDERS:
+        folders = [DATA_DIR / folder for folder in DEFAULT_FOLDERS[name]]
+        return str(next((folder for folder in folders if folder.is_dir()), folders[0]))
     if name == "synthetic_parts":
         return str(SYNTHETIC_DIR / "parts")
     if name == "synthetic_cls":
@@ -64,8 +81,8 @@ def build_dataset(name, root=None, split="train", num_points=None, augment=False
     num_points=None takes the dataset's usual size. Synthetic data missing at `root` is generated
     there first; a real dataset missing is a FileNotFoundError saying where to get it.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if split not in READABLE_SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(READABLE_SPLITS)}")
     root = Path(root or default_root(name))
     if name.startswith("synthetic_"):
         _generate_if_missing(name, root)
@@ -79,9 +96,9 @@ def build_dataset(name, root=None, split="train", num_points=None, augment=False
     if name in ("shapenet_part", "synthetic_parts"):
         from lib.data.shapenet_part import ShapeNetPartDataset
         return ShapeNetPartDataset(root, **kwargs)
-    if name in ("modelnet40", "synthetic_cls"):
+    if name in ("modelnet40", "modelnet10", "synthetic_cls"):
         from lib.data.modelnet40 import ModelNet40Dataset
-        return ModelNet40Dataset(root, **kwargs)
+        return ModelNet40Dataset(root, variant=10 if name == "modelnet10" else 40, **kwargs)
     if name in ("s3dis", "synthetic_rooms"):
         from lib.data.s3dis import S3DISDataset
         return S3DISDataset(root, **kwargs)

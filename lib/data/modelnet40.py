@@ -1,21 +1,31 @@
-"""ModelNet40 in either released layout, recognised from the folder's contents:
+"""ModelNet40 (and ModelNet10) in any of three released layouts, recognised from the folder's
+contents:
 
     modelnet40_normal_resampled/   modelnet40_shape_names.txt, modelnet40_{train,test}.txt
                                    (entries like `chair_0391`), <class>/<entry>.txt with
-                                   10,000 lines `x,y,z,nx,ny,nz`
+                                   10,000 lines `x,y,z,nx,ny,nz`; the same folder ships
+                                   modelnet10_{shape_names,train,test}.txt for ModelNet10
     modelnet40_ply_hdf5_2048/      shape_names.txt, {train,test}_files.txt listing
                                    ply_data_*.h5 (keys `data` (S, 2048, 3) float32,
-                                   `label` (S, 1) uint8); list paths are resolved by basename
+                                   `label` (S, 1) uint8); list paths are resolved by basename;
+                                   ModelNet40 only
+    ModelNet40/ or ModelNet10/     the meshes: <class>/{train,test}/<class>_NNNN.off, classes in
+                                   name order; points are sampled on the surface once
+                                   (lib/data/off_mesh.py) and cached beside the folder
 
-ModelNet40 has no validation split: "val" is every 10th entry of the training list and "train"
-is the other nine tenths, a slice fixed by list position so that it never moves.
+ModelNet has no validation split: "val" is every 10th entry of the training list and "train"
+is the other nine tenths, a slice fixed by list position so that it never moves; "trainval" is
+the whole training list.
 """
+import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lib.data import read_point_table
+from lib.data import DATA_DIR, read_point_table
+from lib.data.off_mesh import read_off, sample_surface
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
 
 VAL_EVERY = 10
@@ -24,14 +34,28 @@ AUGMENT = dict(scale=(2 / 3, 3 / 2), shift=0.2)
 JITTER = dict(jitter_sigma=0.01, jitter_clip=0.05)
 
 
+MODELNET10_CLASSES = ("bathtub", "bed", "chair", "desk", "dresser", "monitor", "night_stand",
+                      "sofa", "table", "toilet")
+LAYOUTS = {
+    "normal_resampled": "modelnet40_normal_resampled (<class>/<entry>.txt: x,y,z,nx,ny,nz)",
+    "hdf5": "modelnet40_ply_hdf5_2048 (ply_data_*.h5 with data, label)",
+    "off": "ModelNet40.zip / ModelNet10.zip meshes (<class>/{train,test}/*.off)",
+}
+# Points sampled per mesh and cached; the resampled release has 10,000, 2,048 keep the cache
+# near the hdf5 release's size. A larger --num-points samples (and caches) that many.
+OFF_POINTS = 2048
+OFF_SEED = 0  # the sampling is part of the data's definition, like the resampled release's
+
+
 def detect_layout(root):
     if (root / "modelnet40_shape_names.txt").is_file():
         return "normal_resampled"
     if (root / "shape_names.txt").is_file():
         return "hdf5"
-    raise FileNotFoundError(f"{root}: not a ModelNet40 folder (expected modelnet40_shape_names.txt "
-                            f"of modelnet40_normal_resampled or shape_names.txt of "
-                            f"modelnet40_ply_hdf5_2048)")
+    if any(root.glob("*/train/*.off")) or any(root.glob("*/test/*.off")):
+        return "off"
+    raise FileNotFoundError(f"{root}: not a ModelNet40 folder; supported: "
+                            f"{'; '.join(LAYOUTS.values())}")
 
 
 def read_lines(path):
@@ -48,18 +72,18 @@ def report_missing(list_file, missing, listed, what):
               f"using the {listed - missing} present")
 
 
-def read_normal_resampled(root, list_split, num_points):
+def read_normal_resampled(root, list_split, num_points, variant=40):
     """-> (class names, clouds [(n <= num_points, 6)], labels, list positions). Only the first
     num_points lines of each file are read: the file order is already a random resampling."""
-    names = read_lines(root / "modelnet40_shape_names.txt")
-    list_file = root / f"modelnet40_{list_split}.txt"
+    names = read_lines(root / f"modelnet{variant}_shape_names.txt")
+    list_file = root / f"modelnet{variant}_{list_split}.txt"
     clouds, labels, positions = [], [], []
     entries = read_lines(list_file)
     for position, entry in enumerate(entries):
         name = entry.rsplit("_", 1)[0]  # night_stand_0001 -> night_stand
         if name not in names:
             raise ValueError(f"{list_file}: entry {entry!r}: class {name!r} is not in "
-                             f"modelnet40_shape_names.txt")
+                             f"modelnet{variant}_shape_names.txt")
         path = root / name / f"{entry}.txt"
         if path.is_file():
             clouds.append(read_point_table(path, 6, delimiter=",", max_rows=num_points))
@@ -69,9 +93,13 @@ def read_normal_resampled(root, list_split, num_points):
     return names, clouds, labels, positions
 
 
-def read_hdf5(root, list_split, num_points):
+def read_hdf5(root, list_split, num_points, variant=40):
     """-> (class names, clouds (S, <= num_points, 3), labels, positions in the concatenation)."""
     import h5py
+    if variant != 40:
+        raise FileNotFoundError(f"{root}: modelnet40_ply_hdf5_2048 holds no ModelNet{variant}; "
+                                f"use modelnet40_normal_resampled (it ships modelnet10 lists) "
+                                f"or ModelNet10.zip")
     names = read_lines(root / "shape_names.txt")
     list_file = root / f"{list_split}_files.txt"
     listed = read_lines(list_file)
@@ -101,6 +129,50 @@ def read_hdf5(root, list_split, num_points):
     return names, np.concatenate(clouds), np.concatenate(labels), np.concatenate(positions)
 
 
+def read_off_meshes(root, list_split, num_points, variant=40, cache_dir=None):
+    """-> (class names, clouds [(P, 6)], labels, list positions) of the meshes of a split, each
+    sampled once with OFF_POINTS (or num_points, if more) points and cached as .npy."""
+    names = sorted(p.name for p in root.iterdir() if (p / "train").is_dir() or (p / "test").is_dir())
+    if variant == 10 and len(names) != 10:
+        names = [name for name in names if name in MODELNET10_CLASSES]
+    count = max(num_points, OFF_POINTS)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir(root, count)
+    meshes = [(label, path) for label, name in enumerate(names)
+              for path in sorted((root / name / list_split).glob("*.off"))]
+    if not meshes:
+        raise FileNotFoundError(f"{root}: no <class>/{list_split}/*.off meshes")
+    clouds = []
+    for label, path in meshes:
+        cached = cache / names[label] / list_split / f"{path.stem}.npy"
+        if cached.is_file() and cached.stat().st_mtime >= path.stat().st_mtime:
+            clouds.append(np.load(cached))
+            continue
+        if not clouds or len(clouds) % 1000 == 0:
+            print(f"[modelnet] sampling {count} points on the meshes of {root} into {cache} "
+                  f"(once; {len(clouds)} of {len(meshes)} {list_split} meshes done)", flush=True)
+        # One stream per mesh, fixed by its name: the cache can be rebuilt in any order.
+        rng = np.random.default_rng([OFF_SEED, zlib.crc32(f"{names[label]}/{path.name}".encode())])
+        cloud = sample_surface(path, *read_off(path), count, rng)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, cloud)
+        os.replace(tmp, cached)  # atomic: a parallel rank or an interrupted run leaves no half file
+        clouds.append(cloud)
+    return names, clouds, [label for label, _ in meshes], list(range(len(meshes)))
+
+
+def default_cache_dir(root, count):
+    """<root>_sampled<count>/ beside the meshes, or under data/cache/ where that is read-only."""
+    beside = root.parent / f"{root.name}_sampled{count}"
+    if os.access(root.parent, os.W_OK):
+        return beside
+    return DATA_DIR / "cache" / beside.name
+
+
+READERS = {"normal_resampled": read_normal_resampled, "hdf5": read_hdf5, "off": read_off_meshes}
+
+
 class ModelNet40Dataset(torch.utils.data.Dataset):
     """Sample: xyz (N, 3) in the unit sphere, feat = normals (N, 3) where the layout has them,
     else xyz, label (). The first N points of each shape (the usual choice for both layouts);
@@ -108,16 +180,18 @@ class ModelNet40Dataset(torch.utils.data.Dataset):
     task = "cls"
     in_channels = 3
 
-    def __init__(self, root, split="train", num_points=1024, augment=False, seed=0, jitter=False):
+    def __init__(self, root, split="train", num_points=1024, augment=False, seed=0, jitter=False,
+                 variant=40):
         self.root = Path(root)
         self.num_points, self.augment, self.seed = num_points, augment, seed
         self.augmentation = dict(AUGMENT, **(JITTER if jitter else {}))
         self.layout = detect_layout(self.root)
-        reader = read_normal_resampled if self.layout == "normal_resampled" else read_hdf5
+        print(f"[modelnet] {self.root}: {LAYOUTS[self.layout]}, ModelNet{variant}")
         list_split = "test" if split == "test" else "train"
-        self.class_names, clouds, labels, positions = reader(self.root, list_split, num_points)
+        self.class_names, clouds, labels, positions = READERS[self.layout](
+            self.root, list_split, num_points, variant)
         self.num_classes = len(self.class_names)
-        if split == "test":
+        if split in ("test", "trainval"):
             keep = np.ones(len(labels), dtype=bool)
         else:
             keep = (np.asarray(positions) % VAL_EVERY == VAL_EVERY - 1) == (split == "val")
