@@ -6,6 +6,8 @@ the very readers real data goes through:
     cls/     ModelNet40 in both layouts (modelnet40_normal_resampled/, modelnet40_ply_hdf5_2048/),
              10 classes: the 6 part categories as whole objects plus bottle, guitar, stool, vase
     rooms/   S3DIS layout, written by lib.data.synthetic_rooms
+    and on request (--only) the other released forms: parts_v0/, parts_hdf5/, cls_off/,
+    rooms_npy/, rooms_pointcept/ (lib/data/synthetic_layouts.py)
 
 The shapes come from lib/data/synthetic_shapes.py (parts made of area-uniformly sampled
 surfaces, random proportions, pose and noise). Part sizes vary enough that predicting a
@@ -18,13 +20,14 @@ bytes.
 import argparse
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lib.data import SYNTHETIC_DIR, write_atomically
+from lib.data import SYNTHETIC_DIR, synthetic_layouts, write_atomically
 from lib.data.synthetic_shapes import CLASSES, PART_CATEGORIES, sample_shape
 
 PART_POINTS = (2400, 2800)  # points per ShapeNet-layout file, like the release's ~2.7k
@@ -145,7 +148,26 @@ def write_rooms(out_dir, seed=0):
     return write_room_layout(out_dir, seed=seed)
 
 
+def converted(write_source, convert, layout):
+    """A writer of another form of a family: the source form into a scratch folder, converted
+    into out_dir (lib/data/synthetic_layouts.py), the scratch removed."""
+    def write(out_dir, seed=0, **sizes):
+        scratch = Path(out_dir) / "_source"
+        write_source(scratch, seed=seed, **sizes)
+        convert(scratch, out_dir, layout)
+        shutil.rmtree(scratch)
+    return write
+
+
 WRITERS = {"parts": write_parts, "cls": write_cls, "rooms": write_rooms}
+# The other released forms, written on request only (tests, checking a reader by hand).
+LAYOUT_WRITERS = {
+    "parts_v0": converted(write_parts, synthetic_layouts.parts_as, "v0"),
+    "parts_hdf5": converted(write_parts, synthetic_layouts.parts_as, "hdf5"),
+    "cls_off": synthetic_layouts.write_cls_off,
+    "rooms_npy": converted(write_rooms, synthetic_layouts.rooms_as, "npy"),
+    "rooms_pointcept": converted(write_rooms, synthetic_layouts.rooms_as, "pointcept"),
+}
 
 
 def get_args_parser():
@@ -153,7 +175,11 @@ def get_args_parser():
     p.add_argument("--out", default=str(SYNTHETIC_DIR),
                    help="folder that receives parts/, cls/ and rooms/ (replaced if present)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="+", choices=list(WRITERS), default=list(WRITERS))
+    p.add_argument("--only", nargs="+", choices=list(WRITERS) + list(LAYOUT_WRITERS),
+                   default=list(WRITERS),
+                   help="families to write (default: the three the datasets read); parts_v0, "
+                        "parts_hdf5, cls_off, rooms_npy, rooms_pointcept write the other "
+                        "released forms")
     p.add_argument("--train-shapes", type=int, default=None,
                    help="training shapes per part category / class (default 96 / 80)")
     p.add_argument("--eval-shapes", type=int, default=None,
@@ -166,8 +192,9 @@ def main(args):
                                ("eval_shapes", args.eval_shapes)) if v is not None}
     for family in args.only:
         start, target = time.perf_counter(), Path(args.out) / family
-        kwargs = dict(seed=args.seed, **(sizes if family != "rooms" else {}))
-        write_atomically(target, lambda out: WRITERS[family](out, **kwargs), overwrite=True)
+        kwargs = dict(seed=args.seed, **(sizes if not family.startswith("rooms") else {}))
+        writer = {**WRITERS, **LAYOUT_WRITERS}[family]
+        write_atomically(target, lambda out: writer(out, **kwargs), overwrite=True)
         print(f"[synthetic] {family}: written to {target} in {time.perf_counter() - start:.1f} s")
 
 
