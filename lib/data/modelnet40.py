@@ -181,15 +181,16 @@ class ModelNet40Dataset(torch.utils.data.Dataset):
     in_channels = 3
 
     def __init__(self, root, split="train", num_points=1024, augment=False, seed=0, jitter=False,
-                 variant=40):
+                 variant=40, cache_dir=None):
         self.root = Path(root)
         self.num_points, self.augment, self.seed = num_points, augment, seed
         self.augmentation = dict(AUGMENT, **(JITTER if jitter else {}))
         self.layout = detect_layout(self.root)
         print(f"[modelnet] {self.root}: {LAYOUTS[self.layout]}, ModelNet{variant}")
         list_split = "test" if split == "test" else "train"
+        cache = {"cache_dir": cache_dir} if self.layout == "off" else {}  # where samples go
         self.class_names, clouds, labels, positions = READERS[self.layout](
-            self.root, list_split, num_points, variant)
+            self.root, list_split, num_points, variant, **cache)
         self.num_classes = len(self.class_names)
         if split in ("test", "trainval"):
             keep = np.ones(len(labels), dtype=bool)
