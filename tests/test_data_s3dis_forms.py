@@ -1,0 +1,113 @@
+"""S3DIS as other repositories prepare it (per-room N x 7 .npy; Pointcept's per-room folders):
+read back with the raw release's points and labels, told apart from the raw release, and bad
+files refused in one line naming the file."""
+import shutil
+
+import numpy as np
+import pytest
+
+from lib.data.s3dis import S3DISDataset
+from lib.data.synthetic_layouts import rooms_as
+from lib.data.synthetic_rooms import write_rooms
+
+
+@pytest.fixture(scope="module")
+def forms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rooms")
+    write_rooms(str(root / "raw"), seed=0, rooms_per_area=2, points_per_m2=30.0)
+    for layout in ("npy", "pointcept"):
+        rooms_as(root / "raw", root / layout, layout)
+    return root
+
+
+def original_order(room):
+    """xyz, rgb, label of a Room in the order its file holds them."""
+    arrays = []
+    for sorted_values in (room.xyz, room.rgb, room.label):
+        values = np.empty_like(sorted_values)
+        values[room.order] = sorted_values
+        arrays.append(values)
+    return arrays
+
+
+@pytest.mark.parametrize("layout, expected", [("npy", "per-room N x 7 .npy"),
+                                              ("pointcept", "Pointcept")])
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_form_reads_back_the_raw_rooms(forms, layout, expected, split, tmp_path):
+    raw = S3DISDataset(str(forms / "raw"), split, processed_dir=str(tmp_path))
+    other = S3DISDataset(str(forms / layout), split)
+    assert other.layout.startswith(expected) and raw.layout.startswith("raw release")
+    assert other.room_names == raw.room_names and len(other) == len(raw)
+    for room, raw_room in zip(other.rooms, raw.rooms):
+        xyz, rgb, label = original_order(room)
+        raw_xyz, raw_rgb, raw_label = original_order(raw_room)
+        np.testing.assert_array_equal(label, raw_label)
+        np.testing.assert_array_equal(rgb, raw_rgb)
+        if layout == "npy":  # PointNet's files move the room's minimum to the origin
+            np.testing.assert_allclose(xyz, raw_xyz - raw_xyz.min(0), atol=1e-5)
+        else:
+            np.testing.assert_array_equal(xyz, raw_xyz)
+
+
+def test_npy_rooms_are_found_in_the_folders_the_repos_name(forms, tmp_path):
+    shutil.copytree(forms / "npy", tmp_path / "stanford_indoor3d")
+    assert S3DISDataset(str(tmp_path), "test").layout.startswith("per-room N x 7 .npy")
+
+
+def test_unknown_folder_names_the_supported_layouts(tmp_path):
+    (tmp_path / "Area_1" / "office_1").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no S3DIS layout found; supported: the raw "
+                                                "release.*Area_N_<room>.npy.*Pointcept"):
+        S3DISDataset(str(tmp_path), "test")
+
+
+def area5_npy(forms, tmp_path):
+    root = shutil.copytree(forms / "npy", tmp_path / "npy")
+    return root, sorted(root.glob("Area_5_*.npy"))[0]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t[:, :6], r"expected an N x 7 array \(x y z r g b label\), found shape \(\d+, 6\)"),
+    (lambda t: np.column_stack([t[:, :6], np.full(len(t), 13.0)]),
+     r"point 0: label 13 is not one of the 13 S3DIS classes \(0\.\.12\)"),
+    (lambda t: np.column_stack([t[:, :6], np.full(len(t), 2.5)]), r"point 0: label 2\.5"),
+    (lambda t: np.column_stack([t[:, :3], np.full((len(t), 3), 300.0), t[:, 6]]),
+     r"point 0: colour outside 0\.\.255"),
+    (lambda t: np.where(np.arange(7) == 0, np.nan, t), r"point 0: NaN or infinite coordinates"),
+    (lambda t: t[:0], "the room has no points"),
+])
+def test_bad_npy_room_is_one_line_naming_the_file(forms, tmp_path, change, message):
+    root, path = area5_npy(forms, tmp_path)
+    np.save(path, change(np.load(path)))
+    with pytest.raises(ValueError, match=rf"{path.name}: {message}") as err:
+        S3DISDataset(str(root), "test")
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_npy_room_is_named(forms, tmp_path):
+    root, path = area5_npy(forms, tmp_path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"{path.name}: not a readable \.npy array") as err:
+        S3DISDataset(str(root), "test")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("segment.npy", lambda a: a[1:], r"expected shape \(\d+, 1\) like coord\.npy"),
+    ("color.npy", lambda a: a[:, :2], r"expected shape \(\d+, 3\) like coord\.npy"),
+    ("segment.npy", lambda a: np.full_like(a, -1), r"label -1 is not one of the 13"),
+])
+def test_bad_pointcept_room_is_one_line_naming_the_file(forms, tmp_path, name, change, message):
+    root = shutil.copytree(forms / "pointcept", tmp_path / "pointcept")
+    path = sorted(root.glob(f"Area_5/*/{name}"))[0]
+    np.save(path, change(np.load(path)))
+    with pytest.raises(ValueError, match=rf"{name}: .*{message}") as err:
+        S3DISDataset(str(root), "test")
+    assert "\n" not in str(err.value)
+
+
+def test_missing_area_is_an_error(forms, tmp_path):
+    root = shutil.copytree(forms / "pointcept", tmp_path / "pointcept")
+    shutil.rmtree(root / "Area_6")
+    with pytest.raises(FileNotFoundError, match="no rooms of Area_6"):
+        S3DISDataset(str(root), "train")

@@ -1,0 +1,99 @@
+"""The validation protocol (--val-split): a fixed tenth of train stands in for a val split with no
+file present (a partial download), on request, and trainval trains on train + val."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lib.checkpoint import load_checkpoint
+from lib.data import synthetic
+from lib.data.val_slice import SLICE_EVERY, val_slice
+from lib.experiment import dataset_meta, load_split
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parts") / "parts"
+    synthetic.write_parts(root, seed=0, train_shapes=4, eval_shapes=2)
+    return root
+
+
+@pytest.fixture
+def partial(parts, tmp_path):
+    """The parts folder with every val shape's file missing, as after a partial download."""
+    root = shutil.copytree(parts, tmp_path / "partial")
+    for entry in json.loads((root / "train_test_split" / "shuffled_val_file_list.json").read_text()):
+        (root / entry.removeprefix("shape_data/")).with_suffix(".txt").unlink()
+    return root
+
+
+def ids(data):
+    return [data.shape_ids[i] for i in data.indices]
+
+
+def test_slice_is_a_fixed_tenth_disjoint_from_the_rest():
+    held_out, kept = val_slice(95)
+    assert len(held_out) == 95 // SLICE_EVERY
+    assert sorted(np.concatenate([held_out, kept]).tolist()) == list(range(95))
+    assert np.array_equal(held_out, val_slice(95)[0])  # fixed: the same on every call
+    with pytest.raises(ValueError, match="too few to hold out"):
+        val_slice(1)
+
+
+def test_missing_val_files_fall_back_to_a_slice_of_train(partial, capsys):
+    train = load_split("synthetic_parts", str(partial), "train", 64, augment=True)
+    val = load_split("synthetic_parts", str(partial), "val", 64)
+    assert "validating on a fixed tenth of the training split" in capsys.readouterr().out
+    test = load_split("synthetic_parts", str(partial), "test", 64)
+    assert len(test) == 12 and not hasattr(test, "indices")  # the test split is never sliced
+    assert len(val) == 24 // SLICE_EVERY and len(train) == 24 - len(val)
+    assert not set(ids(val)) & set(ids(train))
+    assert torch.equal(val[0]["xyz"], val[0]["xyz"])  # val is not augmented
+    assert not torch.equal(train[0]["xyz"], train[0]["xyz"])
+    meta = dataset_meta("synthetic_parts", str(partial), train, 64)
+    assert "tenth of the training split" in meta["val_source"] and meta["task"] == "partseg"
+
+
+def test_val_split_is_used_when_present_and_the_slice_on_request(parts):
+    val = load_split("synthetic_parts", str(parts), "val", 64)
+    assert len(val) == 12 and not hasattr(val, "indices")
+    train = load_split("synthetic_parts", str(parts), "train", 64)
+    assert train.val_source == "the dataset's val split" and len(train) == 24
+    sliced_val = load_split("synthetic_parts", str(parts), "val", 64, val_split="train-slice")
+    sliced_train = load_split("synthetic_parts", str(parts), "train", 64, val_split="train-slice")
+    assert len(sliced_val) + len(sliced_train) == 24
+    assert not set(ids(sliced_val)) & set(ids(sliced_train))
+
+
+def test_trainval_trains_on_train_and_val(parts, tmp_path):
+    train = load_split("synthetic_parts", str(parts), "train", 64, val_split="trainval")
+    assert len(train) == 24 + 12 and "trainval" in train.val_source
+    cls_root = tmp_path / "cls"
+    synthetic.write_cls(cls_root, seed=0, train_shapes=10, eval_shapes=1)
+    root = str(cls_root / "modelnet40_normal_resampled")
+    whole = load_split("synthetic_cls", root, "train", 64, val_split="trainval")
+    held_out = load_split("synthetic_cls", root, "val", 64, val_split="trainval")
+    assert len(whole) == 100 and len(held_out) == 10  # ModelNet's own held-out tenth
+    with pytest.raises(ValueError, match="unknown --val-split"):
+        load_split("synthetic_cls", root, "train", 64, val_split="test")
+
+
+def test_a_partial_download_trains(partial, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "pretrain.py", "--model", "pt_seg_tiny", "--dataset", "synthetic_parts",
+         "--data-root", str(partial), "--epochs", "1", "--num-points", "128", "--batch-size", "8",
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "validating on a fixed tenth of the training split" in result.stdout
+    meta, _, _ = load_checkpoint(str(out / "best.pt"))
+    assert "tenth of the training split" in meta["dataset"]["val_source"]
+    assert meta["args"]["val_split"] == "auto"
