@@ -73,11 +73,13 @@ def write_h5_split(out, split, shapes, points):
     if short:
         raise ValueError(f"shapes {short[:3]} have fewer than {points} points")
     name = f"ply_data_{split}0.h5"
+    (out / f"{split}_hdf5_file_list.txt").write_text(f"{name}\n")
+    if not shapes:  # listed but absent, as in a partial download
+        return
     with h5py.File(out / name, "w") as f:
         f.create_dataset("data", data=np.stack([t[:points, :3] for *_, t in shapes]))
         f.create_dataset("label", data=np.array([[c] for c, *_ in shapes], dtype=np.uint8))
         f.create_dataset("pid", data=np.stack([t[:points, 6] for *_, t in shapes]).astype(np.uint8))
-    (out / f"{split}_hdf5_file_list.txt").write_text(f"{name}\n")
 
 
 # ---------------------------------------------------------------- ModelNet meshes
