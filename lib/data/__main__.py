@@ -1,5 +1,6 @@
-"""python -m lib.data --dataset NAME [--data-root DIR]: what a dataset's splits hold, to check a
-download (or the synthetic data) before training on it."""
+"""python -m lib.data --dataset NAME [--data-root DIR]: which form of the dataset the folder
+holds and what its splits hold, to check a download (or the synthetic data) before training on
+it (data/README.md lists the forms and where to get them)."""
 import argparse
 
 from lib.data import DATASET_NAMES, SPLITS, build_dataset, default_root

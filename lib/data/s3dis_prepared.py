@@ -21,6 +21,7 @@ import re
 
 import numpy as np
 
+from lib.data import first_bad_label
 from lib.data.s3dis import AREAS, CLASS_NAMES, RAW_DIRNAME, RawRelease
 
 NPY_ROOM = re.compile(r"Area_(\d)_(.+)\.npy")
@@ -82,9 +83,8 @@ def checked_room(xyz, rgb, label, paths):
     bad_rgb = ~np.isfinite(rgb).all(1) | (rgb < 0).any(1) | (rgb > 255).any(1)
     if bad_rgb.any():
         raise ValueError(f"{rgb_path}: point {int(np.argmax(bad_rgb))}: colour outside 0..255")
-    bad = (label != np.round(label)) | (label < 0) | (label >= len(CLASS_NAMES))
-    if bad.any():
-        i = int(np.argmax(bad))
+    i = first_bad_label(label, 0, len(CLASS_NAMES))
+    if i is not None:
         raise ValueError(f"{label_path}: point {i}: label {label[i]:g} is not one of the "
                          f"{len(CLASS_NAMES)} S3DIS classes (0..{len(CLASS_NAMES) - 1})")
     return xyz.astype(np.float32), np.round(rgb).astype(np.uint8), label.astype(np.uint8)
