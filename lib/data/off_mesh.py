@@ -8,6 +8,8 @@ skipped. A malformed file, an empty mesh or one whose faces all have zero area i
 error naming the file. Zero-area faces among others get no points (their area is zero), and
 non-manifold meshes are read as they are: sampling needs neither orientation nor closedness.
 """
+import warnings
+
 import numpy as np
 
 from lib.data.transforms import normalize_unit_sphere
@@ -16,17 +18,15 @@ from lib.data.transforms import normalize_unit_sphere
 def read_off(path):
     """-> vertices (V, 3) float64, triangles (T, 3) int64."""
     with open(path, errors="replace") as f:
-        lines = [(number, line.split("#", 1)[0].split()) for number, line in enumerate(f, 1)]
-    lines = [(number, fields) for number, fields in lines if fields]
-    if not lines or not lines[0][1][0].startswith("OFF"):
+        lines = [(number, line.split("#", 1)[0].strip()) for number, line in enumerate(f, 1)]
+    lines = [(number, text) for number, text in lines if text]  # (line number, text)
+    if not lines or not lines[0][1].startswith("OFF"):
         raise ValueError(f"{path}: not an OFF file (no `OFF` header)")
-    first = lines[0][1]
-    joined = first[0][len("OFF"):]  # "490" of "OFF490 518 0"
-    counts, body = ([joined] if joined else []) + first[1:], lines[1:]
+    counts, body = lines[0][1][len("OFF"):].split(), lines[1:]  # "OFF490 518 0" joins them
     if not counts:  # the usual form: the counts on a line of their own
         if not body:
             raise ValueError(f"{path}: empty mesh (no vertex and face counts)")
-        (_, counts), body = body[0], body[1:]
+        counts, body = body[0][1].split(), body[1:]
     try:
         num_vertices, num_faces = int(counts[0]), int(counts[1])
     except (ValueError, IndexError):
@@ -41,43 +41,47 @@ def read_off(path):
     return vertices, parse_faces(path, body[num_vertices:num_vertices + num_faces], num_vertices)
 
 
-def parse_vertices(path, lines):
+def fast_table(lines, dtype, usecols=None):
+    """numpy's C parser over the lines' texts, or None where it refuses them."""
     try:
-        vertices = np.array([fields[:3] for _, fields in lines], dtype=np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.loadtxt([text for _, text in lines], dtype=dtype, ndmin=2, usecols=usecols,
+                              comments=None)
     except ValueError:
-        vertices = None
-    if vertices is None or vertices.shape[1:] != (3,) or not np.isfinite(vertices).all():
-        for number, fields in lines:
+        return None
+
+
+def parse_vertices(path, lines):
+    vertices = fast_table(lines, np.float64, usecols=(0, 1, 2))
+    if vertices is None or not np.isfinite(vertices).all():
+        for number, text in lines:  # name the first bad line
+            fields = text.split()
             try:
                 ok = len(fields) >= 3 and np.isfinite([float(v) for v in fields[:3]]).all()
             except ValueError:
                 ok = False
             if not ok:
-                raise ValueError(f"{path}: line {number}: not a vertex `x y z`: "
-                                 f"{' '.join(fields)!r}")
+                raise ValueError(f"{path}: line {number}: not a vertex `x y z`: {text!r}")
     return vertices
 
 
 def parse_faces(path, lines, num_vertices):
-    if all(len(fields) == 4 and fields[0] == "3" for _, fields in lines):
-        # All triangles, the usual ModelNet file: one array conversion instead of a loop.
+    table = fast_table(lines, np.int64)
+    if (table is not None and table.shape[1] == 4 and (table[:, 0] == 3).all()
+            and table[:, 1:].min() >= 0 and table[:, 1:].max() < num_vertices):
+        return table[:, 1:]  # all triangles, the usual ModelNet file
+    triangles = []  # polygons (fanned into triangles), or a bad line to name
+    for number, text in lines:
         try:
-            triangles = np.array([fields[1:] for _, fields in lines], dtype=np.int64)
-        except ValueError:
-            triangles = None
-        if triangles is not None and 0 <= triangles.min() and triangles.max() < num_vertices:
-            return triangles
-    triangles = []  # polygons, or a bad line to name
-    for number, fields in lines:
-        try:
-            indices = [int(v) for v in fields]
+            indices = [int(v) for v in text.split()]
         except ValueError:
             raise ValueError(f"{path}: line {number}: not a face `k i_1 .. i_k`: "
-                             f"{' '.join(fields)!r}") from None
+                             f"{text!r}") from None
         k, polygon = indices[0], indices[1:1 + indices[0]]
         if k < 3 or len(polygon) != k:
             raise ValueError(f"{path}: line {number}: degenerate face (a face needs k >= 3 "
-                             f"vertex indices, found {' '.join(fields)!r})")
+                             f"vertex indices, found {text!r})")
         if min(polygon) < 0 or max(polygon) >= num_vertices:
             raise ValueError(f"{path}: line {number}: face refers to a vertex outside "
                              f"0..{num_vertices - 1}")
