@@ -160,3 +160,17 @@ def test_command_line_replaces_the_output(tmp_path):
     assert not (tmp_path / "parts" / "stale.txt").exists()
     test_split = ShapeNetPartDataset(tmp_path / "parts", "test")
     assert len(test_split) == len(synthetic_shapes.PART_CATEGORIES)
+
+
+def test_command_line_writes_the_other_forms_on_request_only(tmp_path):
+    args = synthetic.get_args_parser().parse_args(
+        ["--out", str(tmp_path), "--only", "parts_hdf5", "cls_off", "--train-shapes", "1",
+         "--eval-shapes", "1"])
+    synthetic.main(args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cls_off", "parts_hdf5"]
+    assert not (tmp_path / "parts_hdf5" / "_source").exists()  # the scratch source is gone
+    h5 = ShapeNetPartDataset(tmp_path / "parts_hdf5", "test")
+    assert h5.layout == "hdf5" and len(h5) == len(synthetic_shapes.PART_CATEGORIES)
+    meshes = ModelNet40Dataset(tmp_path / "cls_off", "test")
+    assert meshes.layout == "off" and len(meshes) == len(meshes.class_names)
+    assert synthetic.get_args_parser().parse_args([]).only == ["parts", "cls", "rooms"]
