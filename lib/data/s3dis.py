@@ -9,7 +9,7 @@ released), rgb (N, 3) uint8, label (N,) uint8; points in the order of the annota
 sorted by name. "Original points" below means these N points.
 
 Forms already prepared by other repositories (per-room N x 7 .npy, Pointcept's per-room folders)
-are read as they are by lib/data/s3dis_prepared.py, which also tells the forms apart.
+are read as they are by lib/data/s3dis_forms.py, which also tells the forms apart.
 
 Splits: "test" = Area 5; "train" / "val" = Areas 1, 2, 3, 4, 6, with every tenth room (sorted by
 area, then name; the first included) held out as "val"; "trainval" = all rooms of those areas.
@@ -206,30 +206,6 @@ def preprocess(raw_dir, out_dir, areas=AREAS, skip_malformed=False, workers=1):
 
 # ---------------------------------------------------------------- dataset
 
-def read_processed_room(path):
-    """xyz, rgb, label of a room converted by `preprocess`."""
-    with np.load(path) as data:
-        return data["xyz"], data["rgb"], data["label"]
-
-
-class RawRelease:
-    """Rooms of the raw release, read through the per-room arrays `preprocess` writes once.
-    (lib/data/s3dis_prepared.py reads the already-prepared forms with the same two methods.)"""
-    layout = f"raw release ({RAW_DIRNAME}/Area_N/<room>/Annotations/<class>_<k>.txt)"
-
-    def __init__(self, root, processed_dir=None, skip_malformed=False):
-        self.raw_dir = find_raw_dir(root)
-        self.processed_dir = processed_dir or default_processed_dir(self.raw_dir)
-        self.skip_malformed = skip_malformed
-
-    def list_rooms(self, areas):
-        preprocess(self.raw_dir, self.processed_dir, areas, self.skip_malformed)
-        return list_rooms(self.raw_dir, areas)
-
-    def read_room(self, name):
-        return read_processed_room(os.path.join(self.processed_dir, name + ".npz"))
-
-
 class Room:
     """One room in memory, its points sorted by 4 cm grid cell (lib/data/grid.py).
     arrays: xyz (N, 3) float32, rgb (N, 3) uint8, label (N,) uint8."""
@@ -282,7 +258,7 @@ class S3DISDataset(torch.utils.data.Dataset):
         self.split, self.augment, self.seed = split, augment, seed
         self.training = split in ("train", "trainval")  # random crops; val/test cover every point
         self.num_points = num_points or DEFAULT_NUM_POINTS
-        from lib.data.s3dis_prepared import open_rooms  # it builds on this module's raw reader
+        from lib.data.s3dis_forms import open_rooms  # it builds on this module's raw reader
         source = open_rooms(root, processed_dir, skip_malformed)
         self.layout = source.layout
         areas = (TEST_AREA,) if split == "test" else tuple(a for a in AREAS if a != TEST_AREA)

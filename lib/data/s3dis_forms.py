@@ -1,5 +1,5 @@
-"""S3DIS in the forms other repositories prepare it, read as they are, and the choice among all
-forms from a folder's contents (`open_rooms`):
+"""S3DIS in each of its forms, and the choice among them from a folder's contents
+(`open_rooms`); the forms other repositories prepare are read as they are:
 
     raw release   Stanford3dDataset_v1.2_Aligned_Version/Area_N/<room>/Annotations/<class>_<k>.txt
                   (lib/data/s3dis.py; converted once into per-room arrays)
@@ -22,7 +22,8 @@ import re
 import numpy as np
 
 from lib.data import first_bad_label
-from lib.data.s3dis import AREAS, CLASS_NAMES, RAW_DIRNAME, RawRelease
+from lib.data.s3dis import (AREAS, CLASS_NAMES, RAW_DIRNAME, default_processed_dir, find_raw_dir,
+                            list_rooms, preprocess)
 
 NPY_ROOM = re.compile(r"Area_(\d)_(.+)\.npy")
 NPY_SUBFOLDERS = ("stanford_indoor3d", "trainval_fullarea")  # the names the two repos use
@@ -52,6 +53,29 @@ def find_source(root, processed_dir, skip_malformed):
     if room is not None and os.path.isdir(os.path.join(room, "Annotations")):
         return RawRelease(root, processed_dir, skip_malformed)
     raise FileNotFoundError(f"{root}: no S3DIS layout found; supported: {SUPPORTED}")
+
+
+def read_processed_room(path):
+    """xyz, rgb, label of a room converted by `preprocess`."""
+    with np.load(path) as data:
+        return data["xyz"], data["rgb"], data["label"]
+
+
+class RawRelease:
+    """Rooms of the raw release, read through the per-room arrays `preprocess` writes once."""
+    layout = f"raw release ({RAW_DIRNAME}/Area_N/<room>/Annotations/<class>_<k>.txt)"
+
+    def __init__(self, root, processed_dir=None, skip_malformed=False):
+        self.raw_dir = find_raw_dir(root)
+        self.processed_dir = processed_dir or default_processed_dir(self.raw_dir)
+        self.skip_malformed = skip_malformed
+
+    def list_rooms(self, areas):
+        preprocess(self.raw_dir, self.processed_dir, areas, self.skip_malformed)
+        return list_rooms(self.raw_dir, areas)
+
+    def read_room(self, name):
+        return read_processed_room(os.path.join(self.processed_dir, name + ".npz"))
 
 
 def first_room_dir(root):
