@@ -50,6 +50,8 @@ def dataset_meta(dataset_name, root, dataset, num_points):
     meta = {"name": dataset_name, "root": root or default_root(dataset_name),
             "task": dataset.task, "class_names": list(dataset.class_names),
             "in_channels": dataset.in_channels, "num_points": num_points}
+    if hasattr(dataset, "features"):  # normals or xyz: a form without normals feeds xyz
+        meta["features"] = dataset.features
     if hasattr(dataset, "val_source"):
         meta["val_source"] = dataset.val_source  # what validated the run (best.pt's choice)
     if dataset.task == "partseg":
@@ -72,6 +74,10 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
     if list(dataset.class_names) != data["class_names"]:
         raise ValueError(f"{path}: the data at {data_root or data['root']} has other classes "
                          f"than the checkpoint was trained on")
+    features = getattr(dataset, "features", None)
+    if data.get("features", features) != features:
+        raise ValueError(f"{path}: trained with {data['features']} as point features, but the "
+                         f"data at {data_root or data['root']} ({dataset.layout}) has {features}")
     device = device or torch.device("cpu")
     model.to(device)
     results = evaluate(model, make_loader(dataset, batch_size, train=False, workers=workers),

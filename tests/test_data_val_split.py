@@ -97,3 +97,23 @@ def test_a_partial_download_trains(partial, tmp_path):
     meta, _, _ = load_checkpoint(str(out / "best.pt"))
     assert "tenth of the training split" in meta["dataset"]["val_source"]
     assert meta["args"]["val_split"] == "auto"
+
+
+def test_checkpoint_records_the_features_and_refuses_a_form_without_them(parts, tmp_path):
+    """A model trained on normals must not be scored on a form that feeds xyz instead."""
+    from lib.checkpoint import save_checkpoint
+    from lib.data.synthetic_layouts import parts_as
+    from lib.experiment import evaluate_checkpoint, model_kwargs
+    from models import build_model
+    train = load_split("synthetic_parts", str(parts), "train", 64)
+    model = build_model("pt_seg_tiny", **model_kwargs("pt_seg_tiny", train))
+    meta = {"model": {"name": "pt_seg_tiny", "kwargs": model_kwargs("pt_seg_tiny", train)},
+            "dataset": dataset_meta("synthetic_parts", str(parts), train, 64), "args": {},
+            "quant": None, "metrics": {}, "epoch": 0}
+    assert meta["dataset"]["features"] == "normals"
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(path, model, meta)
+    parts_as(parts, tmp_path / "h5", "hdf5")
+    with pytest.raises(ValueError, match="trained with normals as point features, but the data "
+                                         r".*h5 \(hdf5\) has xyz"):
+        evaluate_checkpoint(path, str(tmp_path / "h5"))

@@ -192,6 +192,7 @@ class ModelNet40Dataset(torch.utils.data.Dataset):
         self.class_names, clouds, labels, positions = READERS[self.layout](
             self.root, list_split, num_points, variant, **cache)
         self.num_classes = len(self.class_names)
+        self.features = "xyz" if self.layout == "hdf5" else "normals"
         if split in ("test", "trainval"):
             keep = np.ones(len(labels), dtype=bool)
         else:
