@@ -126,7 +126,7 @@ def test_v0_points_without_labels_is_named(forms, tmp_path):
     root = copy_form(forms, "v0", tmp_path)
     seg = next(root.glob("*/points_label/*.seg"))
     seg.unlink()
-    with pytest.raises(FileNotFoundError, match=rf"{seg.name}: missing"):
+    with pytest.raises(ValueError, match=rf"{seg.name}: missing"):
         for split in ("train", "val", "test"):
             ShapeNetPartDataset(root, split)
 

@@ -193,7 +193,7 @@ class ShapeNetPartDataset(torch.utils.data.Dataset):
         if not points_path.is_file():
             return None
         if not labels_path.is_file():
-            raise FileNotFoundError(f"{labels_path}: missing (the labels of {points_path})")
+            raise ValueError(f"{labels_path}: missing (the labels of {points_path.name})")
         points = read_point_table(points_path, 3)
         labels = read_point_table(labels_path, 1)[:, 0]
         if len(labels) != len(points):
