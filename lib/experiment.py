@@ -2,7 +2,8 @@
 a dataset, and the metadata a checkpoint records about both."""
 import torch
 
-from lib.data import build_dataset, default_root
+from lib.data import default_root
+from lib.data.val_slice import split_with_val_protocol
 from lib.distributed import ShardedSampler
 
 MODEL_TASK = {"pt_seg": "partseg", "pt_semseg": "semseg", "pt_cls": "cls", "pct_cls": "cls"}
@@ -20,7 +21,6 @@ def load_split(dataset_name, root, split, num_points=None, augment=False, seed=0
     download), a fixed slice of train (lib/data/val_slice.py), which "train" then leaves out;
     "train-slice": that slice whatever is present; "trainval": "train" reads train + val (the
     protocol some papers train with), "val" stays the val split. Never the test split."""
-    from lib.data.val_slice import split_with_val_protocol
     return split_with_val_protocol(dataset_name, root or default_root(dataset_name), split,
                                    val_split, num_points=num_points, augment=augment, seed=seed)
 
