@@ -2,6 +2,7 @@
 file present (a partial download), on request, and trainval trains on train + val."""
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,8 @@ def test_missing_val_files_fall_back_to_a_slice_of_train(partial, capsys):
     assert len(val) == 24 // SLICE_EVERY and len(train) == 24 - len(val)
     assert not set(ids(val)) & set(ids(train))
     assert torch.equal(val[0]["xyz"], val[0]["xyz"])  # val is not augmented
+    copy = pickle.loads(pickle.dumps(val))  # as DataLoader workers started by spawn get it
+    assert ids(copy) == ids(val) and torch.equal(copy[0]["xyz"], val[0]["xyz"])
     assert not torch.equal(train[0]["xyz"], train[0]["xyz"])
     meta = dataset_meta("synthetic_parts", str(partial), train, 64)
     assert "tenth of the training split" in meta["val_source"] and meta["task"] == "partseg"
