@@ -1,0 +1,150 @@
+"""eval.py --save-pred / --render on every task, fp32 and packed quantized: the written PLY files
+hold exactly the predictions the metric scored (the metric recomputed from the files matches),
+and the figures are PNGs of the size lib/render.py promises."""
+import csv
+import glob
+import importlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lib.checkpoint import save_checkpoint
+from lib.data import s3dis
+from lib.data.synthetic import write_cls, write_parts
+from lib.data.synthetic_rooms import write_rooms
+from lib.experiment import dataset_meta, load_split, model_kwargs
+from lib.metrics import ClsMetric, PartSegMetric, SemSegMetric
+from lib.ply import read_ply
+from lib.quant import list_quantizable, quantize_model, uniform_policy
+from lib.render import CHART_SIZE, CLS_SIZE, CONFUSION_SIZE, ROOM_SIZE, SHAPE_SIZE, pixel_size
+from models import build_model
+
+eval_script = importlib.import_module("eval")
+
+# dataset name, root below the data folder, model, points per sample
+TASKS = {"partseg": ("synthetic_parts", "parts", "pt_seg_tiny", 256),
+         "semseg": ("synthetic_rooms", "rooms", "pt_semseg_tiny", 512),
+         "cls": ("synthetic_cls", "cls/modelnet40_normal_resampled", "pt_cls_tiny", 256)}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_parts(root / "parts", seed=0, train_shapes=1, eval_shapes=2)
+    write_cls(root / "cls", seed=0, train_shapes=1, eval_shapes=2)
+    write_rooms(str(root / "rooms"), seed=0, areas=(5,), rooms_per_area=2, points_per_m2=40.0)
+    return root
+
+
+def make_checkpoint(path, task, data_root, packed=False):
+    """An untrained model of the task saved as eval.py finds it (its predictions are arbitrary,
+    which is all a round trip needs), optionally quantized to 3 bits and packed."""
+    name, sub, model_name, num_points = TASKS[task]
+    root = str(data_root / sub)
+    dataset = load_split(name, root, "test", num_points)
+    torch.manual_seed(0)
+    model = build_model(model_name, **model_kwargs(model_name, dataset))
+    quant = None
+    if packed:
+        batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+        inputs = (batch["xyz"], batch["feat"]) + ((batch["category"],) if task == "partseg" else ())
+        quantize_model(model, uniform_policy(list_quantizable(model, inputs), 3))
+        quant = {"bits": 3}
+    meta = {"model": {"name": model_name, "kwargs": model_kwargs(model_name, dataset)},
+            "dataset": dataset_meta(name, root, dataset, num_points), "args": {}, "quant": quant}
+    save_checkpoint(str(path), model.eval(), meta)
+    return str(path)
+
+
+def run_eval(*argv):
+    eval_script.main(eval_script.get_args_parser().parse_args(list(argv)))
+
+
+def check_figures(folder, sample_size, samples=1):
+    """`samples` prediction figures of sample_size and the two charts, none of them blank."""
+    pngs = sorted(p.name for p in folder.glob("*.png"))
+    charts = {"per_class_iou.png": CHART_SIZE, "confusion.png": CONFUSION_SIZE}
+    assert len(pngs) == samples + len(charts) and set(charts) <= set(pngs)
+    for name in pngs:
+        with Image.open(folder / name) as image:
+            assert image.size == pixel_size(charts.get(name, sample_size)), name
+            pixels = np.asarray(image.convert("RGB"))
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20, f"{name} is (nearly) blank"
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["fp32", "packed"])
+def test_save_pred_round_trips_part_segmentation(data_root, tmp_path, packed):
+    ckpt = make_checkpoint(tmp_path / "seg.pt", "partseg", data_root, packed)
+    run_eval("--ckpt", ckpt, "--json", str(tmp_path / "r.json"), "--save-pred", str(tmp_path / "pred"),
+             *(["--render", "1", "--render-dir", str(tmp_path / "figures")] if packed else []))
+    results = json.loads((tmp_path / "r.json").read_text())
+    dataset = load_split("synthetic_parts", str(data_root / "parts"), "test", 256)
+    files = sorted(glob.glob(str(tmp_path / "pred" / "*.ply")))
+    assert len(files) == len(dataset) == results["num_shapes"]
+    metric = PartSegMetric(dataset.part_ranges, dataset.category_names)
+    for i, path in enumerate(files):
+        fields, comments = read_ply(path)
+        sample = dataset[i]
+        category = dataset.category_names[int(sample["category"])]
+        assert os.path.basename(path) == f"{i:05d}_{category}.ply"
+        assert f"category {category}" in comments
+        xyz = np.stack([fields["x"], fields["y"], fields["z"]], 1)
+        np.testing.assert_array_equal(xyz, sample["xyz"].numpy())
+        np.testing.assert_array_equal(fields["label"], sample["label"].numpy())
+        start, stop = dataset.part_ranges[int(sample["category"])]
+        assert ((fields["pred"] >= start) & (fields["pred"] < stop)).all()  # category's parts only
+        metric.update_predictions(torch.from_numpy(fields["pred"].astype(np.int64))[None],
+                                  sample["label"][None], sample["category"][None])
+    again = metric.compute()
+    assert again["ins_miou"] == results["ins_miou"] and again["accuracy"] == results["accuracy"]
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["file"] for row in rows] == [os.path.basename(p) for p in files]
+    assert (tmp_path / "pred" / "README.txt").read_text().startswith("Predictions of")
+    if packed:
+        check_figures(tmp_path / "figures", SHAPE_SIZE)
+
+
+def test_save_pred_round_trips_voted_rooms_at_full_resolution(data_root, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "semseg.pt", "semseg", data_root)
+    run_eval("--ckpt", ckpt, "--json", str(tmp_path / "r.json"), "--save-pred", str(tmp_path / "pred"),
+             "--render", "1", "--render-dir", str(tmp_path / "figures"))
+    results = json.loads((tmp_path / "r.json").read_text())
+    raw = os.path.join(data_root / "rooms", s3dis.RAW_DIRNAME)
+    names = s3dis.list_rooms(raw, (5,))
+    metric = SemSegMetric(s3dis.CLASS_NAMES)
+    for name in names:
+        fields, _ = read_ply(str(tmp_path / "pred" / f"{name}.ply"))
+        original = np.load(os.path.join(s3dis.default_processed_dir(raw), name + ".npz"))
+        # every original point, in the processed room's order, with its own label
+        np.testing.assert_array_equal(np.stack([fields["x"], fields["y"], fields["z"]], 1),
+                                      original["xyz"])
+        np.testing.assert_array_equal(fields["label"], original["label"])
+        metric.update(torch.from_numpy(fields["pred"].astype(np.int64)),
+                      torch.from_numpy(fields["label"].astype(np.int64)))
+    again = metric.compute()
+    assert again["confusion"] == results["confusion"] and again["miou"] == results["miou"]
+    check_figures(tmp_path / "figures", ROOM_SIZE)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["fp32", "packed"])
+def test_save_pred_round_trips_classification(data_root, tmp_path, packed):
+    ckpt = make_checkpoint(tmp_path / "cls.pt", "cls", data_root, packed)
+    run_eval("--ckpt", ckpt, "--json", str(tmp_path / "r.json"), "--save-pred", str(tmp_path / "pred"),
+             *(["--render", "1", "--render-dir", str(tmp_path / "figures")] if packed else []))
+    results = json.loads((tmp_path / "r.json").read_text())
+    dataset = load_split("synthetic_cls", str(data_root / TASKS["cls"][1]), "test", 256)
+    metric = ClsMetric(dataset.class_names)
+    files = sorted(glob.glob(str(tmp_path / "pred" / "*.ply")))
+    assert len(files) == len(dataset)
+    for i, path in enumerate(files):
+        fields, _ = read_ply(path)
+        assert len(set(fields["pred"])) == 1 and (fields["label"] == int(dataset[i]["label"])).all()
+        metric.update(torch.tensor([int(fields["pred"][0])]), torch.tensor([int(fields["label"][0])]))
+    assert metric.compute()["oa"] == results["oa"]
+    if packed:
+        check_figures(tmp_path / "figures", CLS_SIZE)
