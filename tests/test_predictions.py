@@ -12,52 +12,19 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.checkpoint import save_checkpoint
 from lib.data import s3dis
-from lib.data.synthetic import write_cls, write_parts
-from lib.data.synthetic_rooms import write_rooms
-from lib.experiment import dataset_meta, load_split, model_kwargs
+from lib.experiment import load_split
 from lib.metrics import ClsMetric, PartSegMetric, SemSegMetric
 from lib.ply import read_ply
-from lib.quant import list_quantizable, quantize_model, uniform_policy
 from lib.render import CHART_SIZE, CLS_SIZE, CONFUSION_SIZE, ROOM_SIZE, SHAPE_SIZE, pixel_size
-from models import build_model
+from tiny_checkpoints import TASKS, make_checkpoint, write_tiny_data
 
 eval_script = importlib.import_module("eval")
-
-# dataset name, root below the data folder, model, points per sample
-TASKS = {"partseg": ("synthetic_parts", "parts", "pt_seg_tiny", 256),
-         "semseg": ("synthetic_rooms", "rooms", "pt_semseg_tiny", 512),
-         "cls": ("synthetic_cls", "cls/modelnet40_normal_resampled", "pt_cls_tiny", 256)}
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_parts(root / "parts", seed=0, train_shapes=1, eval_shapes=2)
-    write_cls(root / "cls", seed=0, train_shapes=1, eval_shapes=2)
-    write_rooms(str(root / "rooms"), seed=0, areas=(5,), rooms_per_area=2, points_per_m2=40.0)
-    return root
-
-
-def make_checkpoint(path, task, data_root, packed=False):
-    """An untrained model of the task saved as eval.py finds it (its predictions are arbitrary,
-    which is all a round trip needs), optionally quantized to 3 bits and packed."""
-    name, sub, model_name, num_points = TASKS[task]
-    root = str(data_root / sub)
-    dataset = load_split(name, root, "test", num_points)
-    torch.manual_seed(0)
-    model = build_model(model_name, **model_kwargs(model_name, dataset))
-    quant = None
-    if packed:
-        batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
-        inputs = (batch["xyz"], batch["feat"]) + ((batch["category"],) if task == "partseg" else ())
-        quantize_model(model, uniform_policy(list_quantizable(model, inputs), 3))
-        quant = {"bits": 3}
-    meta = {"model": {"name": model_name, "kwargs": model_kwargs(model_name, dataset)},
-            "dataset": dataset_meta(name, root, dataset, num_points), "args": {}, "quant": quant}
-    save_checkpoint(str(path), model.eval(), meta)
-    return str(path)
+    return write_tiny_data(tmp_path_factory.mktemp("data"))
 
 
 def run_eval(*argv):
