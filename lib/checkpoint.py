@@ -1,9 +1,10 @@
 """Self-describing checkpoints: written atomically, loaded with weights_only=True.
 
 An fp32 checkpoint is one torch file holding everything (lib/DESIGN.md "Checkpoints"). A
-quantized model is stored packed (lib/quant/pack.py: bit-packed indices + codebooks + fp32 rest) with the
-same metadata in its header, and what only a resume needs (optimizer, scheduler, RNG) goes to a
-sidecar `<name>.resume.pt`, so the packed file keeps exactly the honest size.
+quantized model is stored packed (lib/quant/pack.py: bit-packed indices + codebooks + fp32
+rest) with the same metadata in its header, and what only a resume needs (optimizer,
+scheduler, RNG) goes to a sidecar `<name>.resume.pt`, so the packed file keeps exactly the
+honest size.
 """
 import os
 import random
