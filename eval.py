@@ -37,12 +37,14 @@ def add_prediction_flags(p):
     g.add_argument("--save-pred", metavar="DIR", default=None,
                    help="write one PLY per shape / room (x y z, colour of the prediction, integer "
                         "fields label and pred; S3DIS rooms at full resolution, voted) with "
-                        "predictions.csv and README.txt into DIR (default: none)")
+                        "predictions.csv and README.txt into DIR (default: %(default)s)")
     g.add_argument("--render", metavar="N", type=int, default=0,
                    help="PNG figures of the first N shapes / rooms (ground truth beside "
-                        "prediction), plus per_class_iou.png and confusion.png (default: 0, none)")
+                        "prediction), plus per_class_iou.png and confusion.png "
+                        "(default: %(default)s)")
     g.add_argument("--render-dir", metavar="DIR", default=None,
-                   help="where --render writes (default: <checkpoint folder>/render_<split>)")
+                   help="where --render writes (default: %(default)s, i.e. "
+                        "<checkpoint folder>/render_<split>)")
 
 
 def main(args):

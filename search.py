@@ -177,9 +177,9 @@ def main(args):
         f.write(table + "\n")
     with open(os.path.join(out, "baselines.json"), "w") as f:
         json.dump(rows, f, indent=2)
-    log.close()
     print(table)
     print(f"best policy (episode {best['episode']}) in {out}/policy.json, chart in {out}/policy.png")
+    log.close()  # last: log.txt copies the console until here
 
 
 if __name__ == "__main__":

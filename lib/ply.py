@@ -16,8 +16,11 @@ NUMPY_TYPES = {name: dtype for dtype, name in PLY_TYPES.items()}
 
 
 def label_dtype(num_classes):
-    """The smallest PLY integer type holding ids 0..num_classes-1 (a room has millions of points)."""
-    return np.dtype("u1") if num_classes <= 256 else np.dtype("<u2") if num_classes <= 65536 else np.dtype("<i4")
+    """The smallest PLY integer type holding ids 0..num_classes-1 (a room has millions of
+    points, so the type matters)."""
+    if num_classes <= 256:
+        return np.dtype("u1")
+    return np.dtype("<u2") if num_classes <= 65536 else np.dtype("<i4")
 
 
 def write_ply(path, xyz, rgb=None, fields=None, comments=()):
@@ -73,5 +76,6 @@ def read_ply(path):
             if words[1] not in NUMPY_TYPES:
                 raise ValueError(f"{path}: unsupported property line {line!r}")
             columns.append((words[2], NUMPY_TYPES[words[1]]))
-    table = np.frombuffer(data, dtype=np.dtype(columns), count=count, offset=end + len(b"end_header\n"))
+    table = np.frombuffer(data, dtype=np.dtype(columns), count=count,
+                          offset=end + len(b"end_header\n"))
     return {name: table[name].copy() for name, _ in columns}, comments

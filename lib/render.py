@@ -140,7 +140,8 @@ def per_class_figure(names, values, ylabel, title=""):
         ax.text(i, (0 if np.isnan(h) else h) + 1, "-" if np.isnan(h) else f"{h:.1f}",
                 ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=45 if len(names) > 8 else 0, ha="right" if len(names) > 8 else "center",
+    slanted = len(names) > 8
+    ax.set_xticklabels(names, rotation=45 if slanted else 0, ha="right" if slanted else "center",
                        fontsize=8)
     ax.set_ylim(0, 110)
     ax.set_ylabel(f"{ylabel} (%)")

@@ -27,8 +27,14 @@ def data_root(tmp_path_factory):
     return write_tiny_data(tmp_path_factory.mktemp("data"))
 
 
-def run_eval(*argv):
-    eval_script.main(eval_script.get_args_parser().parse_args(list(argv)))
+def run_eval(tmp_path, ckpt, render):
+    """eval.py --save-pred tmp_path/pred (and --render 1 into tmp_path/figures) -> its metrics."""
+    argv = ["--ckpt", ckpt, "--json", str(tmp_path / "r.json"),
+            "--save-pred", str(tmp_path / "pred")]
+    if render:
+        argv += ["--render", "1", "--render-dir", str(tmp_path / "figures")]
+    eval_script.main(eval_script.get_args_parser().parse_args(argv))
+    return json.loads((tmp_path / "r.json").read_text())
 
 
 def check_figures(folder, sample_size, samples=1):
@@ -46,9 +52,7 @@ def check_figures(folder, sample_size, samples=1):
 @pytest.mark.parametrize("packed", [False, True], ids=["fp32", "packed"])
 def test_save_pred_round_trips_part_segmentation(data_root, tmp_path, packed):
     ckpt = make_checkpoint(tmp_path / "seg.pt", "partseg", data_root, packed)
-    run_eval("--ckpt", ckpt, "--json", str(tmp_path / "r.json"), "--save-pred", str(tmp_path / "pred"),
-             *(["--render", "1", "--render-dir", str(tmp_path / "figures")] if packed else []))
-    results = json.loads((tmp_path / "r.json").read_text())
+    results = run_eval(tmp_path, ckpt, render=packed)
     dataset = load_split("synthetic_parts", str(data_root / "parts"), "test", 256)
     files = sorted(glob.glob(str(tmp_path / "pred" / "*.ply")))
     assert len(files) == len(dataset) == results["num_shapes"]
@@ -78,9 +82,7 @@ def test_save_pred_round_trips_part_segmentation(data_root, tmp_path, packed):
 
 def test_save_pred_round_trips_voted_rooms_at_full_resolution(data_root, tmp_path):
     ckpt = make_checkpoint(tmp_path / "semseg.pt", "semseg", data_root)
-    run_eval("--ckpt", ckpt, "--json", str(tmp_path / "r.json"), "--save-pred", str(tmp_path / "pred"),
-             "--render", "1", "--render-dir", str(tmp_path / "figures"))
-    results = json.loads((tmp_path / "r.json").read_text())
+    results = run_eval(tmp_path, ckpt, render=True)
     raw = os.path.join(data_root / "rooms", s3dis.RAW_DIRNAME)
     names = s3dis.list_rooms(raw, (5,))
     metric = SemSegMetric(s3dis.CLASS_NAMES)
@@ -101,9 +103,7 @@ def test_save_pred_round_trips_voted_rooms_at_full_resolution(data_root, tmp_pat
 @pytest.mark.parametrize("packed", [False, True], ids=["fp32", "packed"])
 def test_save_pred_round_trips_classification(data_root, tmp_path, packed):
     ckpt = make_checkpoint(tmp_path / "cls.pt", "cls", data_root, packed)
-    run_eval("--ckpt", ckpt, "--json", str(tmp_path / "r.json"), "--save-pred", str(tmp_path / "pred"),
-             *(["--render", "1", "--render-dir", str(tmp_path / "figures")] if packed else []))
-    results = json.loads((tmp_path / "r.json").read_text())
+    results = run_eval(tmp_path, ckpt, render=packed)
     dataset = load_split("synthetic_cls", str(data_root / TASKS["cls"][1]), "test", 256)
     metric = ClsMetric(dataset.class_names)
     files = sorted(glob.glob(str(tmp_path / "pred" / "*.ply")))
@@ -111,7 +111,8 @@ def test_save_pred_round_trips_classification(data_root, tmp_path, packed):
     for i, path in enumerate(files):
         fields, _ = read_ply(path)
         assert len(set(fields["pred"])) == 1 and (fields["label"] == int(dataset[i]["label"])).all()
-        metric.update(torch.tensor([int(fields["pred"][0])]), torch.tensor([int(fields["label"][0])]))
+        metric.update(torch.from_numpy(fields["pred"][:1].astype(np.int64)),
+                      torch.from_numpy(fields["label"][:1].astype(np.int64)))
     assert metric.compute()["oa"] == results["oa"]
     if packed:
         check_figures(tmp_path / "figures", CLS_SIZE)

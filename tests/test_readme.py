@@ -1,5 +1,6 @@
 """The README's Python example runs as written, against a packed quantized checkpoint placed
-where the demo leaves its own (checkpoints/demo/finetune/best.pt, relative to the working folder)."""
+where the demo leaves its own (checkpoints/demo/finetune/best.pt, relative to the working
+folder)."""
 import os
 import re
 
