@@ -143,7 +143,8 @@ def main(args):
         log.record(record)
         log.scalars("search", {k: record[k] for k in ("reward", "metric", "budget_ratio")},
                     record["episode"])
-        log.scalars("search_best", {"reward": search_state["best"]["reward"]}, record["episode"])
+        log.scalars("search_best", {k: search_state["best"][k] for k in ("reward", "metric")},
+                    record["episode"])
         log.scalars("search_bits", record["bits"], record["episode"])
         if search_state["best"]["episode"] == record["episode"]:  # a new best policy: draw it
             log.figure("search_best/policy", policy_figure(
