@@ -10,10 +10,10 @@ import argparse
 import json
 import os
 
+from lib import distributed
 from lib.cli import resolve_device, run_script
 from lib.experiment import evaluate_checkpoint
 from lib.predictions import PredictionSink
-from lib.render import save_figure
 from lib.report import format_results, format_size
 
 
@@ -67,11 +67,10 @@ def main(args):
         sink.finish(args.split)
         if args.save_pred:
             print(f"predictions: {len(sink.rows)} files in {args.save_pred}")
-    if args.render:
+    if args.render and distributed.is_main():  # under torchrun every rank holds the figures
         folder = args.render_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
                                                  f"render_{args.split}")
-        written = [save_figure(fig, os.path.join(folder, f"{stem}.png"))
-                   for stem, fig in sink.sample_figures() + sink.metric_figures(results)]
+        written = sink.save_figures(folder, results)
         print(f"figures: {len(written)} PNG files in {folder}")
 
 

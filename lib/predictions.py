@@ -22,7 +22,7 @@ from lib import distributed
 from lib.metrics import SemSegMetric
 from lib.ply import label_dtype, write_ply
 from lib.render import (MAX_DRAWN_POINTS, cls_figure, confusion_figure, palette, per_class_figure,
-                        room_figure, shape_figure)
+                        room_figure, save_figure, shape_figure)
 
 README = """Predictions of {ckpt} on the {split} split of {dataset} ({task}).
 
@@ -190,6 +190,11 @@ class PredictionSink:
                 fig = shape_figure(xyz, label, pred, self.names, title)
             figures.append((stem, fig))
         return figures
+
+    def save_figures(self, folder, results):
+        """sample_figures() and metric_figures(results) as PNG files in folder; their paths."""
+        return [save_figure(fig, os.path.join(folder, f"{stem}.png"))
+                for stem, fig in self.sample_figures() + self.metric_figures(results)]
 
     def metric_figures(self, results):
         """[(file stem, Figure)]: the per-category / per-class IoU chart and the confusion
