@@ -30,7 +30,8 @@ One binary little-endian PLY (CloudCompare, MeshLab, Open3D open it) per {unit}:
   x y z            float32, {coordinates}
   red green blue   uchar, the colour of the predicted {kind}
   label, pred      {int_type}, ground truth and prediction ({ids}; names in each file's comments)
-predictions.csv lists every file with its ground truth, prediction and point accuracy.
+predictions.csv lists every file with its category (part segmentation), its true and predicted
+class (classification; "per point" otherwise) and the fraction of its points predicted right.
 Read one back in Python: `from lib.ply import read_ply; fields, comments = read_ply(path)`.
 """
 
@@ -94,8 +95,10 @@ class PredictionSink:
             self._write(name, xyz, label, pred, category)
         accuracy = float(np.mean(label == pred))
         self.rows.append({"file": name, "sample": sample,
-                          "ground_truth": self._describe(label, category),
-                          "prediction": self._describe(pred, category),
+                          "category": "" if category is None else
+                          self.dataset.category_names[category],
+                          "ground_truth": self._describe(label),
+                          "prediction": self._describe(pred),
                           "point_accuracy": f"{accuracy:.4f}"})
         if len(self.kept) < self.keep:
             keep = np.sort(np.random.default_rng(0).permutation(len(xyz))[:MAX_DRAWN_POINTS])
@@ -110,12 +113,9 @@ class PredictionSink:
             return f"{sample:05d}_{self.names[int(label)]}.ply"
         return f"{sample}.ply" if isinstance(sample, str) else f"{sample:05d}.ply"
 
-    def _describe(self, ids, category):
-        if self.task == "partseg":
-            return self.dataset.category_names[category]
-        if np.ndim(ids) == 0:
-            return self.names[int(ids)]
-        return "per point"
+    def _describe(self, ids):
+        """A classified shape's class name; segmentations are per point (in the file)."""
+        return self.names[int(ids)] if np.ndim(ids) == 0 else "per point"
 
     def _write(self, name, xyz, label, pred, category):
         n = len(xyz)
@@ -155,8 +155,8 @@ class PredictionSink:
         if not self.save_dir or not distributed.is_main():
             return
         with open(os.path.join(self.save_dir, "predictions.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["file", "sample", "ground_truth", "prediction",
-                                                   "point_accuracy"])
+            writer = csv.DictWriter(f, fieldnames=["file", "sample", "category", "ground_truth",
+                                                   "prediction", "point_accuracy"])
             writer.writeheader()
             writer.writerows(self.rows)
         rooms = self.task == "semseg" and hasattr(self.dataset, "make_voter") and split != "train"

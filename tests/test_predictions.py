@@ -114,5 +114,10 @@ def test_save_pred_round_trips_classification(data_root, tmp_path, packed):
         metric.update(torch.from_numpy(fields["pred"][:1].astype(np.int64)),
                       torch.from_numpy(fields["label"][:1].astype(np.int64)))
     assert metric.compute()["oa"] == results["oa"]
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    names, written = dataset.class_names, [read_ply(path)[0] for path in files]
+    assert [(row["ground_truth"], row["prediction"]) for row in rows] == [
+        (names[int(fields["label"][0])], names[int(fields["pred"][0])]) for fields in written]
     if packed:
         check_figures(tmp_path / "figures", CLS_SIZE)
