@@ -68,6 +68,7 @@ class PredictionSink:
         # keep none for part segmentation and classification, and the figures need one.
         self.confusion = SemSegMetric(self.names)
         self.kept, self.rows = [], []
+        self.voted = False  # rooms rather than samples (S3DIS val / test)
 
     # ------------------------------------------------------------ fed by evaluate
 
@@ -85,6 +86,7 @@ class PredictionSink:
         votes every room, so only the main rank keeps and writes them."""
         if not distributed.is_main():
             return
+        self.voted = True
         self.confusion.update(pred, label)
         name = self.dataset.room_names[r]
         self._add(name, _room_points(self.dataset, r), label.numpy(), pred.numpy(), None)
@@ -159,13 +161,12 @@ class PredictionSink:
                                                    "prediction", "point_accuracy"])
             writer.writeheader()
             writer.writerows(self.rows)
-        rooms = self.task == "semseg" and hasattr(self.dataset, "make_voter") and split != "train"
         with open(os.path.join(self.save_dir, "README.txt"), "w") as f:
             f.write(README.format(
                 ckpt=self.source, split=split, dataset=type(self.dataset).__name__, task=self.task,
-                unit="room (every original point, voted over the crops that hold it)" if rooms
-                else "evaluated sample (the points the model saw)",
-                coordinates="as in the room's files" if rooms else "as fed to the model "
+                unit="room (every original point, voted over the crops that hold it)"
+                if self.voted else "evaluated sample (the points the model saw)",
+                coordinates="as in the room's files" if self.voted else "as fed to the model "
                 "(normalised)", kind="part" if self.task == "partseg" else "class",
                 int_type=label_dtype(len(self.names)).name,
                 ids="global part ids" if self.task == "partseg" else "class ids"))
