@@ -2,7 +2,7 @@
 
     python eval.py --ckpt checkpoints/demo/pretrain/best.pt
 
-Prints the per-category (or per-class) table and the summary table; --json writes the figures.
+Prints the per-category (or per-class) table and the summary table; --json writes the metrics.
 --save-pred DIR writes each shape's / room's points with label and prediction (PLY);
 --render N draws N of them, ground truth beside prediction, and the per-class and confusion charts.
 """
