@@ -2,13 +2,18 @@
 
     python eval.py --ckpt checkpoints/demo/pretrain/best.pt
 
-Prints the per-category (or per-class) table and the summary table; --json writes the figures.
+Prints the per-category (or per-class) table and the summary table; --json writes the metrics.
+--save-pred DIR writes each shape's / room's points with label and prediction (PLY);
+--render N draws N of them, ground truth beside prediction, and the per-class and confusion charts.
 """
 import argparse
 import json
+import os
 
+from lib import distributed
 from lib.cli import resolve_device, run_script
 from lib.experiment import evaluate_checkpoint
+from lib.predictions import PredictionSink
 from lib.report import format_results, format_size
 
 
@@ -22,12 +27,34 @@ def get_args_parser():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    add_prediction_flags(p)
     return p
 
 
+def add_prediction_flags(p):
+    """What to keep of the predictions (lib/predictions.py, lib/render.py)."""
+    g = p.add_argument_group("predictions")
+    g.add_argument("--save-pred", metavar="DIR", default=None,
+                   help="write one PLY per shape / room (x y z, colour of the prediction, integer "
+                        "fields label and pred; S3DIS rooms at full resolution, voted) with "
+                        "predictions.csv and README.txt into DIR (default: %(default)s)")
+    g.add_argument("--render", metavar="N", type=int, default=0,
+                   help="PNG figures of the first N shapes / rooms (ground truth beside "
+                        "prediction), plus per_class_iou.png and confusion.png "
+                        "(default: %(default)s)")
+    g.add_argument("--render-dir", metavar="DIR", default=None,
+                   help="where --render writes (default: %(default)s, i.e. "
+                        "<checkpoint folder>/render_<split>)")
+
+
 def main(args):
+    if args.render < 0:
+        raise ValueError(f"--render {args.render}: give a number of figures >= 0")
+    sink = None
+    if args.save_pred or args.render:
+        sink = PredictionSink(args.save_pred, keep=args.render, source=args.ckpt)
     meta, results = evaluate_checkpoint(args.ckpt, args.data_root, args.split, args.batch_size,
-                                        resolve_device(args.device), args.workers)
+                                        resolve_device(args.device), args.workers, sink=sink)
     quant = meta.get("quant")
     print(f"{args.ckpt}: {meta['model']['name']} on {meta['dataset']['name']} ({args.split}), "
           f"{'quantized' if quant else 'fp32'}")
@@ -36,6 +63,15 @@ def main(args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    if sink is not None:
+        sink.finish(args.split)
+        if args.save_pred:
+            print(f"predictions: {len(sink.rows)} files in {args.save_pred}")
+    if args.render and distributed.is_main():  # under torchrun every rank holds the figures
+        folder = args.render_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+                                                 f"render_{args.split}")
+        written = sink.save_figures(folder, results)
+        print(f"figures: {len(written)} PNG files in {folder}")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,6 @@ def main(args):
     else:
         fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, epochs, out,
             meta, log, start_epoch, best, args.amp)
-    log.close()
     if distributed.is_main():
         # Score the file as written, through the same path eval.py takes.
         best_path = os.path.join(out, "best.pt")
@@ -141,6 +140,7 @@ def main(args):
         with open(os.path.join(out, "best_test.json"), "w") as f:
             json.dump(results, f, indent=2)
         print(format_size(results))
+    log.close()  # last: log.txt copies the console until here
     distributed.cleanup()
 
 

@@ -84,9 +84,9 @@ def main(args):
               f"val samples; {world} process(es) on {device}; run folder {out}", flush=True)
     best, _ = fit(model, train_loader, val_loader, optimizer, scheduler, supervised_loss, device,
                   epochs, out, meta, log, start_epoch, best, args.amp)
-    log.close()
     if distributed.is_main():
         print(f"best val {best:.4f}; checkpoints in {out}/best.pt and {out}/last.pt")
+    log.close()  # last: log.txt copies the console until here
     distributed.cleanup()
 
 

@@ -17,7 +17,7 @@ from lib.cli import resolve_device, run_script
 from lib.experiment import example_inputs, load_split
 from lib.haq.ddpg import DDPG
 from lib.haq.env import QuantEnv
-from lib.haq.plot import plot_policy
+from lib.haq.plot import plot_policy, policy_figure
 from lib.haq.policy_eval import PolicyEvaluator, cached_batches
 from lib.haq.search_loop import run_search
 from lib.policy_file import parse_keep, write_policy
@@ -136,13 +136,21 @@ def main(args):
     log = RunLog(out, vars(args), log_name="episodes.jsonl")
     start = state["episode"] if state else 0
     bar = tqdm(total=args.episodes, initial=start, desc="search", dynamic_ncols=True)
+    names = [layer.name for layer in layers]
 
     def on_episode(record, search_state):
         torch_save_atomic(search_state, state_path)
         log.record(record)
         log.scalars("search", {k: record[k] for k in ("reward", "metric", "budget_ratio")},
                     record["episode"])
-        log.scalars("search_best", {"reward": search_state["best"]["reward"]}, record["episode"])
+        log.scalars("search_best", {k: search_state["best"][k] for k in ("reward", "metric")},
+                    record["episode"])
+        log.scalars("search_bits", record["bits"], record["episode"])
+        if search_state["best"]["episode"] == record["episode"]:  # a new best policy: draw it
+            log.figure("search_best/policy", policy_figure(
+                names, [record["bits"][n] for n in names], [layer.n_weights for layer in layers],
+                fixed_names=tuple(fixed), title=f"best policy at episode {record['episode']}"),
+                record["episode"])
         bits = [b for b in record["bits"].values() if b is not None]
         bar.set_postfix(ratio=f"{record['budget_ratio']:.3f}", metric=f"{record['metric']:.4f}",
                         reward=f"{record['reward']:+.4f}",
@@ -170,9 +178,9 @@ def main(args):
         f.write(table + "\n")
     with open(os.path.join(out, "baselines.json"), "w") as f:
         json.dump(rows, f, indent=2)
-    log.close()
     print(table)
     print(f"best policy (episode {best['episode']}) in {out}/policy.json, chart in {out}/policy.png")
+    log.close()  # last: log.txt copies the console until here
 
 
 if __name__ == "__main__":

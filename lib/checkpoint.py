@@ -1,9 +1,10 @@
 """Self-describing checkpoints: written atomically, loaded with weights_only=True.
 
-An fp32 checkpoint is one torch file holding everything (DESIGN.md "Checkpoints"). A quantized
-model is stored packed (lib/quant/pack.py: bit-packed indices + codebooks + fp32 rest) with the
-same metadata in its header, and what only a resume needs (optimizer, scheduler, RNG) goes to a
-sidecar `<name>.resume.pt`, so the packed file keeps exactly the honest size.
+An fp32 checkpoint is one torch file holding everything (lib/DESIGN.md "Checkpoints"). A
+quantized model is stored packed (lib/quant/pack.py: bit-packed indices + codebooks + fp32
+rest) with the same metadata in its header, and what only a resume needs (optimizer,
+scheduler, RNG) goes to a sidecar `<name>.resume.pt`, so the packed file keeps exactly the
+honest size.
 """
 import os
 import random
@@ -23,12 +24,19 @@ def atomic_write(path, write_fn):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the result private
         write_fn(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def torch_save_atomic(obj, path):

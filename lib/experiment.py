@@ -61,9 +61,10 @@ def dataset_meta(dataset_name, root, dataset, num_points):
 
 
 def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, device=None,
-                        workers=0, amp=None):
+                        workers=0, amp=None, sink=None):
     """Load any checkpoint (fp32 or packed quantized) and score it on a split of the data it
-    records. Returns (meta, results): the task's metrics plus the model's honest size."""
+    records. Returns (meta, results): the task's metrics plus the model's honest size.
+    sink: a lib.predictions.PredictionSink to hand the predictions to."""
     from lib.checkpoint import load_checkpoint
     from lib.quant.size import budget_ratio, fp32_size_bytes, honest_size_bytes
     from lib.train import evaluate
@@ -81,7 +82,7 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
     device = device or torch.device("cpu")
     model.to(device)
     results = evaluate(model, make_loader(dataset, batch_size, train=False, workers=workers),
-                       device, amp, desc=f"eval {split}")
+                       device, amp, desc=f"eval {split}", sink=sink)
     results["honest_bytes"] = honest_size_bytes(model)
     results["fp32_bytes"] = fp32_size_bytes(model)
     results["budget_ratio"] = budget_ratio(model)

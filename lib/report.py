@@ -39,7 +39,8 @@ def format_results(task, results):
                                        "mIoU": results["miou"]},
                                       results["per_class"])
     if task == "cls":
-        return markdown_table(["OA", "mAcc"], [[percent(results["oa"]), percent(results["macc"])]])
+        return _summary_and_breakdown({"OA": results["oa"], "mAcc": results["macc"]},
+                                      results["per_class"])
     raise ValueError(f"report: unknown task {task!r}; expected partseg, semseg or cls")
 
 

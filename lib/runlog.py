@@ -1,18 +1,27 @@
-"""What every run folder gets: args.json (with the git commit), a JSON-lines log, and
-tensorboard events. Only the main DDP rank writes."""
+"""What every run folder gets: args.json (with the git commit), a JSON-lines log, tensorboard
+events (scalars, per-category / per-class values, figures) and log.txt, a copy of the console
+output. Only the main DDP rank writes."""
 import json
 import os
+import sys
 import time
 
 from lib.checkpoint import git_commit
 from lib.distributed import is_main
 
 
+FIGURES_PER_EVAL = 2  # predictions drawn into tensorboard at each evaluation (fit)
+
+
 class RunLog:
-    def __init__(self, out_dir, args_dict, log_name="log.jsonl"):
+    def __init__(self, out_dir, args_dict, log_name="log.jsonl", figures=FIGURES_PER_EVAL):
+        """figures: how many validation predictions fit() draws into tensorboard per epoch;
+        the same on every rank (the sink it asks for takes part in a collective)."""
         self.out_dir = out_dir
         self.enabled = is_main()
         self.writer = None
+        self.figures = figures
+        self.tees = []
         if not self.enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -21,14 +30,39 @@ class RunLog:
         self.log_path = os.path.join(out_dir, log_name)
         from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is slow to import
         self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
+        self.console = open(os.path.join(out_dir, "log.txt"), "a")
+        self.tees = [_Tee(sys, name, self.console) for name in ("stdout", "stderr")]
 
     def scalars(self, prefix, values, step):
-        """Every numeric entry of `values` as `prefix/name` in tensorboard."""
+        """Every numeric entry of `values` as `prefix/name` in tensorboard; a dict entry (the
+        per-category / per-class metrics) as its own group `prefix_name/key`."""
         if self.writer is None:
             return
         for name, value in values.items():
-            if isinstance(value, (int, float)) and value == value:  # skip None and NaN
+            if isinstance(value, dict):
+                self.scalars(f"{prefix}_{name}", value, step)
+            elif isinstance(value, (int, float)) and value == value:  # skip None and NaN
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def figure(self, tag, fig, step):
+        """A matplotlib Figure as an image in tensorboard."""
+        if self.writer is not None:
+            from lib.render import figure_image
+            self.writer.add_image(tag, figure_image(fig), step, dataformats="HWC")
+
+    def prediction_sink(self):
+        """A sink for lib.train.evaluate that keeps the first `figures` predictions (on every
+        rank, or on none), or None."""
+        if not self.figures:
+            return None
+        from lib.predictions import PredictionSink
+        return PredictionSink(keep=self.figures, source=os.path.basename(self.out_dir))
+
+    def predictions(self, prefix, sink, step):
+        """The kept predictions of `sink` as images `prefix_predictions/<sample>`."""
+        if self.writer is not None and sink is not None:
+            for stem, fig in sink.sample_figures():
+                self.figure(f"{prefix}_predictions/{stem}", fig, step)
 
     def record(self, entry):
         """One JSON line (an epoch or an episode)."""
@@ -40,3 +74,46 @@ class RunLog:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+            for tee in self.tees:
+                tee.restore()
+            self.console.close()
+
+
+class _Tee:
+    """Replaces sys.<name> with itself and copies what is written to `file` as a terminal would
+    finally show it: a progress bar redrawn after carriage returns keeps only its last state,
+    and a bar that is erased (tqdm's leave=False) leaves nothing."""
+
+    def __init__(self, module, name, file):
+        self.module, self.name, self.file = module, name, file
+        self.stream = getattr(module, name)
+        self.pending = ""  # the current line, up to its last carriage return dropped
+        setattr(module, name, self)
+
+    def write(self, text):
+        self.stream.write(text)
+        if self.file.closed:  # a stream kept by someone after the run log was closed
+            return len(text)
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            shown = line.rsplit("\r", 1)[-1]
+            if shown.strip() or "\r" not in line:
+                self.file.write(shown + "\n")
+        self.pending = self.pending.rsplit("\r", 1)[-1]
+        if lines:
+            self.file.flush()
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+        if not self.file.closed:
+            self.file.flush()
+
+    def restore(self):
+        if self.pending.strip():
+            self.file.write(self.pending + "\n")
+        if getattr(self.module, self.name) is self:
+            setattr(self.module, self.name, self.stream)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding ... of the real stream
+        return getattr(self.stream, name)

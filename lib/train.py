@@ -98,15 +98,18 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp=None, desc="eval", dataset=None):
+def evaluate(model, loader, device, amp=None, desc="eval", dataset=None, sink=None):
     """Metrics of `model` over the whole split of `loader` (never averaged per batch). Under
     DDP each rank sees its own shard and the accumulators are merged. S3DIS test crops (samples
     with "room"/"index") vote per original point before anything is scored. `loader` may be any
-    iterable of batches (e.g. batches cached on the device) when `dataset` describes them."""
+    iterable of batches (e.g. batches cached on the device) when `dataset` describes them.
+    sink: a lib.predictions.PredictionSink that receives the very predictions scored here."""
     dataset = loader.dataset if dataset is None else dataset
     model.eval()
     metric = make_metric(dataset)
     voter = dataset.make_voter() if hasattr(dataset, "make_voter") else None  # S3DIS val/test
+    if sink is not None:
+        sink.begin(dataset, getattr(loader, "sampler", range(len(dataset))))
     # On a GPU the predictions wait there until the loop ends: scoring a batch on the host
     # would make the host wait for the GPU after every batch instead of queueing the next one.
     pending = []
@@ -118,12 +121,16 @@ def evaluate(model, loader, device, amp=None, desc="eval", dataset=None):
         logits = logits.float()
         if voter is not None:
             voter.add(batch["room"], batch["index"], logits)
-        elif dataset.task == "partseg":
-            pending.append(partial(metric.update_predictions,
-                                   metric.predict(logits, batch["category"]), batch["label"],
-                                   batch["category"]))
         else:
-            pending.append(partial(metric.update, logits.argmax(-1), batch["label"]))
+            if dataset.task == "partseg":
+                pred = metric.predict(logits, batch["category"])
+                pending.append(partial(metric.update_predictions, pred, batch["label"],
+                                       batch["category"]))
+            else:
+                pred = logits.argmax(-1)
+                pending.append(partial(metric.update, pred, batch["label"]))
+            if sink is not None:
+                pending.append(partial(sink.add_batch, batch, pred))
         if device.type != "cuda":
             _score(pending)
     _score(pending)
@@ -133,9 +140,13 @@ def evaluate(model, loader, device, amp=None, desc="eval", dataset=None):
         voter.scores = {}
         for scores in rank_scores:
             voter.merge(SimpleNamespace(scores=scores))
-        for pred, label in voter.finish():
+        for room, (pred, label) in enumerate(voter.finish()):
             metric.update(pred, label)
+            if sink is not None:
+                sink.add_room(room, pred, label)
         return metric.compute()
+    if sink is not None:
+        sink.gather()
     return _merge_all(distributed.gather_objects(metric)).compute()
 
 
@@ -167,12 +178,14 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
             train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, task,
                                       device, epoch, amp, log, step_offset=epoch * len(train_loader))
-        val_metrics = evaluate(model, val_loader, device, amp, desc=f"val {epoch}")
+        sink = log.prediction_sink()
+        val_metrics = evaluate(model, val_loader, device, amp, desc=f"val {epoch}", sink=sink)
         score = val_metrics[key]
         improved = best is None or score > best
         best = score if improved else best
         log.scalars("train", train_stats, epoch + 1)
-        log.scalars("val", val_metrics, epoch + 1)
+        log.scalars("val", dict(val_metrics, **{f"best_{key}": best}), epoch + 1)
+        log.predictions("val", sink, epoch + 1)
         log.record({"epoch": epoch + 1, "train": train_stats, "val": val_metrics, "best": best})
         if distributed.is_main():
             print(f"epoch {epoch + 1}/{epochs}  loss {train_stats['loss']:.4f}  "

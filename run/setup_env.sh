@@ -1,18 +1,23 @@
-# Sourced by the run scripts: create .venv on first use, reinstall when requirements.txt changes,
-# and set the process environment every stage shares.
+# Sourced by the run scripts: create .venv on first use, install each requirements file when it
+# changes, and set the process environment every stage shares. requirements.txt is what running
+# needs; a script may name more files in EXTRA_REQUIREMENTS first (run/test.sh: the test tools of
+# tests/requirements.txt). Each file has its own stamp, so the demo and the tests do not undo
+# each other's.
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv"
     python3 -m venv .venv
 fi
-stamp=".venv/.requirements.sha"
-want="$(sha256sum requirements.txt | cut -d' ' -f1)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "[setup] installing requirements into .venv"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-    echo "$want" > "$stamp"
-fi
+for requirements in requirements.txt ${EXTRA_REQUIREMENTS:-}; do
+    stamp=".venv/.$(echo "${requirements%.txt}" | tr / _).sha"  # .requirements.sha, ...
+    want="$(sha256sum "$requirements" | cut -d' ' -f1)"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        echo "[setup] installing $requirements into .venv"
+        .venv/bin/python -m pip install -q --disable-pip-version-check -r "$requirements"
+        echo "$want" > "$stamp"
+    fi
+done
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lib.checkpoint import load_checkpoint
 
@@ -31,7 +32,7 @@ def test_pretrain_search_finetune_eval(tiny_parts, tmp_path):
     pre, search, fine = (str(tmp_path / d) for d in ("pretrain", "search", "finetune"))
     run("pretrain.py", "--model", "pt_seg_tiny", "--dataset", "synthetic_parts", "--data-root",
         tiny_parts, "--num-points", "256", "--epochs", "1", "--batch-size", "8", "--out", pre)
-    for name in ("best.pt", "last.pt", "args.json", "log.jsonl"):
+    for name in ("best.pt", "last.pt", "args.json", "log.jsonl", "log.txt"):
         assert os.path.isfile(os.path.join(pre, name)), name
     meta, _, resume = load_checkpoint(os.path.join(pre, "last.pt"))
     assert meta["model"]["name"] == "pt_seg_tiny" and resume["epoch"] == 1
@@ -42,8 +43,14 @@ def test_pretrain_search_finetune_eval(tiny_parts, tmp_path):
         policy = json.load(f)
     assert policy["budget_ratio"] <= 0.1 + 1e-9
     assert set(policy) >= {"bits", "budget_ratio", "honest_bytes", "metric", "metric_fp32"}
-    for name in ("policy.png", "episodes.jsonl", "search_state.pt", "baselines.md"):
+    for name in ("policy.png", "episodes.jsonl", "search_state.pt", "baselines.md", "log.txt"):
         assert os.path.isfile(os.path.join(search, name)), name
+    with open(os.path.join(search, "log.txt")) as f:
+        assert "best policy (episode" in f.read()  # the console's last line
+    tb = EventAccumulator(os.path.join(search, "tb"), size_guidance={"images": 0})
+    tb.Reload()
+    assert {f"search_bits/{name}" for name in policy["bits"]} <= set(tb.Tags()["scalars"])
+    assert tb.Tags()["images"] == ["search_best/policy"]
 
     printed = run("finetune.py", "--ckpt", os.path.join(pre, "best.pt"), "--policy",
                   os.path.join(search, "policy.json"), "--keep-first-last", "8", "--distill",

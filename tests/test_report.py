@@ -35,9 +35,11 @@ def test_semseg_summary_and_per_class_tables():
     assert classes == [["ceiling", "floor", "clutter"], ["66.67", "33.33", "-"]]
 
 
-def test_cls_table():
-    (table,) = tables_of(format_results("cls", {"oa": 0.8, "macc": 0.5, "per_class": {}}))
-    assert table == [["OA", "mAcc"], ["80.00", "50.00"]]
+def test_cls_summary_and_per_class_tables():
+    results = {"oa": 0.8, "macc": 0.5, "per_class": {"chair": 1.0, "lamp": 0.0, "mug": None}}
+    summary, classes = tables_of(format_results("cls", results))
+    assert summary == [["OA", "mAcc"], ["80.00", "50.00"]]
+    assert classes == [["chair", "lamp", "mug"], ["100.00", "0.00", "-"]]
 
 
 def test_unknown_task_is_an_error():

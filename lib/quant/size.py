@@ -1,4 +1,4 @@
-"""Model size under a bit policy (DESIGN.md "Quantization"), in two ways:
+"""Model size under a bit policy (lib/DESIGN.md "Model size"), in two ways:
 
 - HAQ's budget: sum_l n_l * b_l bits over the quantizable layers, against 32 * sum_l n_l
   (layers kept fp32 count 32 bits); what `--preserve-ratio` constrains.

@@ -1,0 +1,71 @@
+"""The run folder's log.txt (console copy) and tensorboard contents: per-category scalars,
+images; and fit() logging its best metric and predictions at each evaluation."""
+import os
+import sys
+
+import numpy as np
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lib.runlog import RunLog
+from lib.tasks import supervised_loss
+from lib.train import build_optimizer, build_scheduler, fit
+from toy import PointMLP, ToyPoints
+
+
+def events(folder):
+    accumulator = EventAccumulator(os.path.join(folder, "tb"), size_guidance={"images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_log_txt_holds_the_console_as_a_terminal_shows_it(tmp_path):
+    stdout, stderr = sys.stdout, sys.stderr
+    log = RunLog(str(tmp_path), {})
+    print("epoch 1/2  loss 0.5")
+    sys.stderr.write("\rtrain 1:  50%|#####     |\rtrain 1: 100%|##########|")  # a bar redrawn
+    sys.stderr.write("\r                    \r")                                # and erased
+    sys.stderr.write("\rsearch: 100%|##########| 3/3\n")                        # a bar that stays
+    print("")
+    print("done")
+    log.close()
+    assert sys.stdout is stdout and sys.stderr is stderr  # closing puts the streams back
+    print("after close")
+    text = (tmp_path / "log.txt").read_text()
+    assert text == "epoch 1/2  loss 0.5\nsearch: 100%|##########| 3/3\n\ndone\n"
+
+
+def test_nested_metrics_become_their_own_scalar_groups_and_figures_images(tmp_path):
+    from matplotlib.figure import Figure
+    log = RunLog(str(tmp_path), {})
+    log.scalars("val", {"ins_miou": 0.5, "per_category": {"Airplane": 0.25, "Bag": None},
+                        "confusion": [[1, 0], [0, 1]]}, 3)
+    fig = Figure(figsize=(2, 1), dpi=50)
+    fig.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
+    log.figure("val_predictions/first", fig, 3)
+    log.close()
+    tb = events(str(tmp_path))
+    assert set(tb.Tags()["scalars"]) == {"val/ins_miou", "val_per_category/Airplane"}
+    assert [(e.step, e.value) for e in tb.Scalars("val_per_category/Airplane")] == [(3, 0.25)]
+    (image,) = tb.Images("val_predictions/first")
+    assert (image.width, image.height) == (100, 50)
+
+
+def test_fit_logs_best_metric_and_prediction_images_every_epoch(tmp_path):
+    torch.manual_seed(0)
+    train = torch.utils.data.DataLoader(ToyPoints(16), batch_size=4, shuffle=True)
+    val = torch.utils.data.DataLoader(ToyPoints(8, seed=1), batch_size=4)
+    model = PointMLP()
+    opt = build_optimizer(model.parameters(), "adamw", 0.05, 0.0)
+    log = RunLog(str(tmp_path), {}, figures=1)
+    best, _ = fit(model, train, val, opt, build_scheduler(opt, "cosine", 2, len(train)),
+                  supervised_loss, torch.device("cpu"), 2, str(tmp_path), {"model": {}}, log)
+    log.close()
+    tb = events(str(tmp_path))
+    best_curve = [e.value for e in tb.Scalars("val/best_miou")]
+    miou = [e.value for e in tb.Scalars("val/miou")]
+    assert best_curve == list(np.maximum.accumulate(miou)) and np.isclose(best_curve[-1], best)
+    assert {"val_per_class/left", "val_per_class/middle"} <= set(tb.Tags()["scalars"])
+    (tag,) = tb.Tags()["images"]  # the first val sample, drawn after each of the 2 epochs
+    assert tag == "val_predictions/00000" and [e.step for e in tb.Images(tag)] == [1, 2]
+    assert "epoch 2/2" in (tmp_path / "log.txt").read_text()
