@@ -299,6 +299,17 @@ def test_quant_state_rebuilds_a_quantized_model_from_a_state_dict():
         assert torch.equal(rebuilt(*example()), model(*example()))
 
 
+def test_a_linear_state_dict_without_grid_entries_loads_as_the_plain_grid():
+    model = quantize_model(conv_net(), POLICY, method="linear").eval()
+    old = {k: v for k, v in model.state_dict().items() if "grid_" not in k}  # an older file
+    rebuilt = prepare_quantized(ConvNet(), quant_state(model)).eval()
+    with torch.no_grad():
+        rebuilt.stem.grid_scale.fill_(3.0)
+    rebuilt.load_state_dict(old, strict=True)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(*example()), model(*example()))
+
+
 def test_cache_serves_repeated_bit_widths():
     cache = KMeansCache()
     fp32 = conv_net()

@@ -65,7 +65,8 @@ class _CodebookLookup(torch.autograd.Function):
             return sums.to(grad.dtype), None, None
         sums = grad.new_zeros(ctx.num_codes).index_add_(0, flat_indices, flat_grad)
         if ctx.mean:
-            counts = torch.zeros_like(sums).index_add_(0, flat_indices, torch.ones_like(flat_grad))
+            counts = torch.zeros_like(sums, dtype=torch.int64).index_add_(
+                0, flat_indices, torch.ones_like(flat_indices))  # exact integer counts
             sums /= counts.clamp_min(1)
         return sums, None, None
 
@@ -103,6 +104,12 @@ class WeightShared:
 
     def extra_repr(self):
         return f"{super().extra_repr()}, bits={self.bits}, clusters={self.codebook.numel()}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.method == "linear":  # files from before the grid trained as one: not moved
+            state_dict.setdefault(prefix + "grid_scale", self.grid_scale.new_ones(()))
+            state_dict.setdefault(prefix + "grid_shift", self.grid_shift.new_zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class WeightSharedLinear(WeightShared, nn.Linear):
