@@ -1,7 +1,8 @@
 """HAQ search (Wang et al., CVPR 2019): a DDPG agent picks a bit width per layer of an fp32
 checkpoint under a model-size budget, rewarded by the quantized model's metric on a held-out
-subset of the training data after HAQ's short fine-tune. Writes policy.json (best policy), policy.png, episodes.jsonl,
-tensorboard events, search_state.pt (for --resume) and a baseline table.
+subset of the training data after HAQ's short fine-tune. Writes policy.json (best policy),
+policy.png, episodes.jsonl, tensorboard events, search_state.pt (for --resume) and a baseline
+table.
 
     python search.py --ckpt checkpoints/demo/pretrain/best.pt --preserve-ratio 0.1 --episodes 100
     torchrun --nproc-per-node 4 search.py ...   # each reward's subset shared by 4 processes
