@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import search as search_script
 from lib.checkpoint import save_checkpoint
 from lib.data.synthetic import write_cls
 from lib.data.synthetic_rooms import write_rooms
@@ -59,12 +60,16 @@ def rooms_search(rooms_ckpt, tmp_path_factory):
 
 
 def search(ckpt, out, *flags, nproc=1):
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    args = [sys.executable, *(launcher if nproc > 1 else []), "search.py", "--ckpt", ckpt,
-            "--episodes", "3", "--warmup", "2", "--batch-size", "2", "--max-bit", "3",
-            "--out", str(out), *flags]
-    done = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    """search.py's episodes and baseline rows: in this process, or under torchrun."""
+    args = ["--ckpt", ckpt, "--episodes", "3", "--warmup", "2", "--batch-size", "2",
+            "--max-bit", "3", "--out", str(out), *flags]
+    if nproc == 1:
+        search_script.main(search_script.get_args_parser().parse_args(args))
+    else:
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        done = subprocess.run([sys.executable, *launcher, "search.py", *args], cwd=REPO, env=ENV,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(os.path.join(out, "episodes.jsonl")) as f:
         episodes = [json.loads(line) for line in f]
     with open(os.path.join(out, "baselines.json")) as f:
