@@ -50,6 +50,24 @@ def gather_objects(obj):
     return out
 
 
+def broadcast_object(obj, src=0):
+    """Rank `src`'s `obj` on every rank (pickled); `obj` itself without DDP."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def broadcast_module(module, src=0):
+    """Every parameter and buffer of `module` set to rank `src`'s, in place."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src)
+
+
 def cleanup():
     if is_distributed():
         dist.destroy_process_group()

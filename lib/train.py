@@ -98,16 +98,17 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp=None, desc="eval", dataset=None, sink=None):
+def evaluate(model, loader, device, amp=None, desc="eval", dataset=None, vote=True, sink=None):
     """Metrics of `model` over the whole split of `loader` (never averaged per batch). Under
     DDP each rank sees its own shard and the accumulators are merged. S3DIS test crops (samples
-    with "room"/"index") vote per original point before anything is scored. `loader` may be any
+    with "room"/"index") vote per original point before anything is scored, unless vote=False
+    (a subset of the crops: each crop point is scored as it is). `loader` may be any
     iterable of batches (e.g. batches cached on the device) when `dataset` describes them.
     sink: a lib.predictions.PredictionSink that receives the very predictions scored here."""
     dataset = loader.dataset if dataset is None else dataset
     model.eval()
     metric = make_metric(dataset)
-    voter = dataset.make_voter() if hasattr(dataset, "make_voter") else None  # S3DIS val/test
+    voter = dataset.make_voter() if vote and hasattr(dataset, "make_voter") else None  # S3DIS val/test
     if sink is not None:
         sink.begin(dataset, getattr(loader, "sampler", range(len(dataset))))
     # On a GPU the predictions wait there until the loop ends: scoring a batch on the host
