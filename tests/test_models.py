@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lib import pointops
+from lib import ops
+from lib.ops import geometry
 from models import MODELS, build_model
 from models.pct import OffsetAttention
 from models.point_transformer import PointTransformerLayer
@@ -86,7 +87,7 @@ def test_point_transformer_layer_matches_the_paper_equation_point_by_point():
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
     xyz, x = torch.rand(1, n, 3), torch.randn(1, n, c)
-    idx = pointops.knn_query(k, xyz, xyz)[0]
+    idx = ops.knn_query(k, xyz, xyz)[0]
     with torch.no_grad():
         y = layer(xyz, x, idx)[0]
         for i in range(n):
@@ -118,9 +119,10 @@ def test_knn_runs_once_per_stage_however_deep_the_stages(monkeypatch):
 
     def counting_knn(k, support, query):
         calls.append(k)
-        return pointops.knn_query_reference(k, support, query)
+        return geometry.knn_query_reference(k, support, query)
 
-    monkeypatch.setattr(pointops, "knn_query", counting_knn)
+    monkeypatch.setattr(ops, "knn_query", counting_knn)  # the model's own calls
+    monkeypatch.setattr(geometry, "knn_query", counting_knn)  # interpolate's
     counts = []
     for depth in (1, 3):
         calls.clear()

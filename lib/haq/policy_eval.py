@@ -1,14 +1,14 @@
 """The reward's measurement: quantize a copy of the fp32 model with a policy, optionally
 fine-tune it for a few steps, and score it on a fixed subset of the held-out training data.
 The subset is collated and moved to the device once, its FPS and kNN are recorded on the
-first pass and replayed after (pointops.GeometryTape: they depend on the points, not on the
+first pass and replayed after (ops.GeometryTape: they depend on the points, not on the
 weights), and k-means results are cached per (layer, bits), so an episode costs one clustering
 per new (layer, bits) and one forward pass of the networks' layers over the subset."""
 import copy
 
 import torch
 
-from lib import pointops
+from lib import ops
 from lib.metrics import metric_key
 from lib.quant import KMeansCache, dequantize, quantize_model
 from lib.tasks import model_inputs, supervised_loss, to_device
@@ -34,7 +34,7 @@ class PolicyEvaluator:
         self.method = method
         self.train_batches, self.finetune_steps, self.finetune_lr = train_batches, finetune_steps, finetune_lr
         self.cache = KMeansCache()
-        self.tapes = [pointops.GeometryTape() for _ in eval_batches]  # one per fixed batch
+        self.tapes = [ops.GeometryTape() for _ in eval_batches]  # one per fixed batch
         self.key = metric_key(dataset.task)
 
     def quantized(self, bits):

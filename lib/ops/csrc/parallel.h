@@ -10,6 +10,13 @@
 
 #include <stdint.h>
 
+/* What the exported functions return; lib/ops turns each into a one-line Python error. */
+enum { STATUS_OK = 0, STATUS_NO_MEMORY = -1, STATUS_NOT_FINITE = -2, STATUS_BAD_SHAPE = -3 };
+
+/* Rows of C channels are kept on the stack (variable-length arrays) by the kernels: a bound on
+ * C keeps that within any thread's stack. lib/ops sends wider rows to the PyTorch forms. */
+enum { MAX_CHANNELS = 4096 };
+
 typedef void (*body_fn)(const void *args, int64_t unit);
 
 /* body(args, u) for u in [0, units), in contiguous spans over up to `threads` threads. */
