@@ -137,6 +137,18 @@ def test_backend_picks_fast_path_only_for_auto_on_cpu(monkeypatch):
         ops.set_backend("cuda")
 
 
+def test_reference_backend_knn_is_the_gemm_form(monkeypatch):
+    """The benchmarks' plain-PyTorch side takes the fastest plain kNN here, not cdist's exact
+    mode (which stays the tests' oracle)."""
+    calls = []
+    matmul = po.knn_query_matmul
+    monkeypatch.setattr(po, "knn_query_matmul", lambda *a: calls.append(1) or matmul(*a))
+    ops.set_backend("reference")
+    support, query = cloud(2, 300, 3), cloud(2, 50, 3, seed=1)
+    assert_same_knn(ops.knn_query(8, support, query), po.knn_query_reference(8, support, query))
+    assert calls == [1]
+
+
 # k nearest neighbours
 
 def assert_same_knn(fast, reference):

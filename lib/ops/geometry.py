@@ -193,7 +193,7 @@ def farthest_point_sample(xyz, m):
 
 
 def knn_query(k, support, query):
-    """See knn_query_reference."""
+    """See knn_query_reference (the same answer, up to ties, from the form dispatch picks)."""
     n = support.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"knn_query: cannot find {k} neighbours among {n} points")
@@ -208,8 +208,7 @@ def _fps_triton(xyz, m):
 # form -> the function's name here (looked up at call time, so tests can replace a form)
 _FPS = {"native": "farthest_point_sample_cpu", "fpsample": "farthest_point_sample_cpu",
         "triton": "_fps_triton", "reference": "farthest_point_sample_reference"}
-_KNN = {"native": "knn_query_cpu", "kdtree": "knn_query_cpu", "matmul": "knn_query_matmul",
-        "reference": "knn_query_reference"}
+_KNN = {"native": "knn_query_cpu", "kdtree": "knn_query_cpu", "matmul": "knn_query_matmul"}
 
 
 _checked_indices = WeakIdKeyDictionary()  # idx tensor -> (its version, N) when last checked

@@ -1,6 +1,6 @@
-/* Farthest point sampling and k-nearest-neighbour search on the CPU, float32, for the object
- * clouds of a training batch (lib/pointops.py picks these or fpsample / pykdtree by size; see
- * there). Built with lib/csrc/pt_layer.c by lib/native.py.
+/* Farthest point sampling and k-nearest-neighbour search on the CPU, float32, for the clouds
+ * of a training batch and for rooms (lib/ops/dispatch.py says when these run). Built with the
+ * other kernels here by lib/ops/native.py.
  *
  * Clouds are (B, N, 3) float32, contiguous; indices int64 within a cloud.
  */
@@ -38,7 +38,7 @@ static inline vfloat pick(vint mask, vfloat yes, vfloat no) {
     return (vfloat)(((vint)yes & mask) | ((vint)no & ~mask));
 }
 
-/* The same steps as pointops.farthest_point_sample_reference, so the same picks: squared
+/* The same steps as geometry.farthest_point_sample_reference, so the same picks: squared
  * distances summed as ((dx dx + dy dy) + dz dz) in float32 without fused multiply-adds (this
  * file is compiled with -ffp-contract=off), dist = min(dist, d), and the first index of the
  * largest dist. The search for it keeps, per lane, the largest value and its first index. */

@@ -7,7 +7,7 @@
  * an equality mask and a sum over it: several passes over (R, K, C). The two differ only at
  * ties; after the ReLU that precedes the pooling the ties are zeros, whose gradient the
  * ReLU's backward drops either way. A NaN is the maximum, as in torch.max.
- * Built with the other kernels here by lib/native.py. */
+ * Built with the other kernels here by lib/ops/native.py. */
 #include <stdint.h>
 #include <string.h>
 

@@ -1,7 +1,7 @@
 /* BatchNorm, ReLU, Linear over (M, C) rows in few passes: the first half of the Point
  * Transformer's gamma (models/point_transformer.py), applied to the (B, N, k, C) relation.
- * lib/fast_layers.py's _NormReluLinear drives these steps and keeps BatchNorm's running
- * statistics; lib/native.py builds this file with the others here.
+ * lib/ops/layers.py's _NormReluLinear drives these steps and keeps BatchNorm's running
+ * statistics; lib/ops/native.py builds this file with the others here.
  *
  *   y = x scale + shift (per channel: scale = gamma rstd, shift = beta - mean scale)
  *   a = max(y, 0)

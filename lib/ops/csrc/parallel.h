@@ -1,10 +1,12 @@
 /* A parallel for over independent units (points, clouds), shared by the kernels in this folder.
  *
- * OpenMP, because torch's CPU build runs its own intra-op threads on GNU OpenMP: lib/native.py
- * links this library to the libgomp.so.1 that torch has already loaded, so these loops run on
- * torch's thread pool. Threads of their own would compete for the cores with torch's idle
- * threads, which spin for a while after each parallel op: on 2 cores that doubled the time of
- * the kNN calls inside a training step. Compiled without OpenMP, the loops run serially. */
+ * OpenMP, because torch's Linux wheels run their intra-op threads on GNU OpenMP: this library's
+ * libgomp.so.1 (built with -fopenmp by lib/ops/native.py) resolves to the one torch has already
+ * loaded, so these loops run on torch's thread pool. Threads of their own would compete for the
+ * cores with torch's idle threads, which spin for a while after each parallel op: on 2 cores
+ * that doubled the time of the kNN calls inside a training step. A torch built on another
+ * OpenMP (Intel's libiomp5, LLVM's libomp) gets a second pool here, correct but slower on few
+ * cores. Compiled without OpenMP, the loops run serially. */
 #ifndef POINT_HAQ_PARALLEL_H
 #define POINT_HAQ_PARALLEL_H
 

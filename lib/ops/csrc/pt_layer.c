@@ -1,5 +1,5 @@
-/* Fused CPU kernels for the Point Transformer layer's per-neighbour tensors (lib/native.py
- * builds this file and loads it with ctypes; lib/fast_layers.py wraps it in autograd Functions).
+/* Fused CPU kernels for the Point Transformer layer's per-neighbour tensors (lib/ops/native.py
+ * builds this file and loads it with ctypes; lib/ops/layers.py wraps it in autograd Functions).
  *
  * Shapes, all contiguous, per cloud b of B, point i of N, neighbour j of K, channel c of C:
  *   idx (B, N, K) int64, neighbour indices within the cloud;
