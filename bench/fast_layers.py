@@ -1,7 +1,7 @@
-"""lib/ops/layers.py and lib/ops/geometry.py's sparse gather backward against the plain PyTorch
-forms, one operation at a time, forward + backward (eval-mode BatchNorm: forward only), at the
-sizes of a B=16 x 2048 Point Transformer step. The thresholds in lib/ops/layers.py come from
-this table. The fused C kernels (lib/ops/csrc/, "relation", "neighbour_sum", "norm_relu_linear",
+"""lib/ops/layers.py, lib/ops/fused.py and geometry.py's sparse gather backward against the
+plain PyTorch forms, one operation at a time, forward + backward (eval-mode BatchNorm: forward
+only), at the sizes of a B=16 x 2048 Point Transformer step. The thresholds in lib/ops/layers.py
+and lib/ops/fused.py come from this table. The fused C kernels (lib/ops/csrc/, "relation", "neighbour_sum", "norm_relu_linear",
 "neighbour_max") are timed where they replace several PyTorch operations; without a C compiler
 their fast column times the PyTorch forms.
 
@@ -82,8 +82,8 @@ def attention_case(b, n, k, c):
     grads = torch.randn(b, n, k, c), torch.randn(b, n, c)
 
     def run(_amp):
-        relation = fast_layers.relation(delta, key, query, idx)
-        out = fast_layers.neighbour_sum(weight, value, delta, idx, 8)
+        relation = ops.relation(delta, key, query, idx)
+        out = ops.neighbour_sum(weight, value, delta, idx, 8)
         torch.autograd.backward((relation, out), grads)
     return run
 
@@ -93,13 +93,13 @@ def norm_relu_linear_case(b, n, k, c):
     norm, linear = PointBatchNorm(c), nn.Linear(c, c // 8)
     x = torch.randn(b, n, k, c, requires_grad=True)
     grad = torch.randn(b, n, k, c // 8)
-    return lambda _amp: fast_layers.norm_relu_linear(norm.bn, linear, x).backward(grad)
+    return lambda _amp: ops.norm_relu_linear(norm.bn, linear, x).backward(grad)
 
 
 def neighbour_max_case(b, m, k, c):
     x = torch.relu(torch.randn(b, m, k, c)).requires_grad_()
     grad = torch.randn(b, m, c)
-    return lambda _amp: fast_layers.neighbour_max(x).backward(grad)
+    return lambda _amp: ops.neighbour_max(x).backward(grad)
 
 
 def cases():

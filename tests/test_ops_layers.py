@@ -1,5 +1,5 @@
-"""lib/ops/layers.py (and lib/ops/geometry.py's sparse gather backward): the same values and
-gradients as the plain PyTorch compositions the reference path runs."""
+"""lib/ops/layers.py, lib/ops/fused.py (and lib/ops/geometry.py's sparse gather backward): the
+same values and gradients as the plain PyTorch compositions the reference path runs."""
 import copy
 
 import pytest
@@ -107,8 +107,8 @@ def attention_inputs(b, n, k, channels, share, dtype, seed=0):
 
 def attention_outputs(share, delta, key, query, value, weight, idx):
     """relation and neighbour_sum, and the gradients of a fixed random loss on both."""
-    relation = fast_layers.relation(delta, key, query, idx)
-    out = fast_layers.neighbour_sum(weight, value, delta, idx, share)
+    relation = ops.relation(delta, key, query, idx)
+    out = ops.neighbour_sum(weight, value, delta, idx, share)
     gen = torch.Generator().manual_seed(1)
     loss = ((relation * torch.randn(relation.shape, generator=gen, dtype=relation.dtype)).sum()
             + (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum())
@@ -174,7 +174,7 @@ def test_neighbour_max_matches_amax_and_its_gradient_after_a_relu(dtype):
     results = []
     for backend in ("auto", "reference"):
         ops.set_backend(backend)
-        out = fast_layers.neighbour_max(torch.relu(x))
+        out = ops.neighbour_max(torch.relu(x))
         results.append((out, *torch.autograd.grad(out, x, grad)))
     assert results[0][0].grad_fn.name() == "_NeighbourMaxBackward"
     for fast, reference in zip(*results):
@@ -182,7 +182,7 @@ def test_neighbour_max_matches_amax_and_its_gradient_after_a_relu(dtype):
     assert results[0][0][0, 0, 0] == 0 and (results[0][1][0, 0, :, 0] == 0).all()
     with_nan = torch.zeros(1, 1, 4, 2, dtype=dtype)
     with_nan[0, 0, 1, 0] = float("nan")
-    assert torch.isnan(fast_layers.neighbour_max(with_nan)[0, 0, 0])
+    assert torch.isnan(ops.neighbour_max(with_nan)[0, 0, 0])
 
 
 @pytest.mark.usefixtures("needs_compiler")
@@ -211,7 +211,7 @@ def test_norm_relu_linear_matches_the_modules(dtype, channels, outputs, momentum
         steps = []
         for training in (True, True, False):
             modules.train(training)
-            out = fast_layers.norm_relu_linear(modules[0].bn, modules[1], x)
+            out = ops.norm_relu_linear(modules[0].bn, modules[1], x)
             steps += [out, *torch.autograd.grad(out, params, grad)]
         steps += [modules[0].bn.running_mean, modules[0].bn.running_var]
         results.append(steps)
@@ -227,7 +227,7 @@ def test_fused_forms_step_aside_for_modules_with_hooks():
     norm, linear = PointBatchNorm(16), nn.Linear(16, 2)
     seen = []
     linear.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
-    fast_layers.norm_relu_linear(norm.bn, linear, torch.randn(2, 30, 8, 16))
+    ops.norm_relu_linear(norm.bn, linear, torch.randn(2, 30, 8, 16))
     assert seen == [(2, 30, 8, 16)]
     few = nn.Sequential(nn.Linear(3, 32))
     few[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
@@ -241,7 +241,7 @@ def test_native_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(native, "_library", native._UNSET)
     assert native.library() is None
     delta, key, query, _, _, idx = attention_inputs(2, 20, 4, 16, 8, torch.float32)
-    relation = fast_layers.relation(delta, key, query, idx)
+    relation = ops.relation(delta, key, query, idx)
     assert relation.grad_fn.name() == "AddBackward0"
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lib import ops
-from lib.ops import layers, native
+from lib.ops import fused, native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = """
@@ -152,7 +152,7 @@ def _kernel_calls(path):
             yield args[0].value, keywords
 
 
-@pytest.mark.parametrize("module", ["layers.py", "geometry.py"])
+@pytest.mark.parametrize("module", ["fused.py", "geometry.py"])
 def test_every_kernel_call_names_exactly_the_c_parameters(module):
     """The Python side of each call, checked against the C definitions without compiling: a
     parameter added, renamed or dropped in C fails here (and at run time, in Kernels.call)."""
@@ -237,7 +237,7 @@ def test_the_kernels_refuse_bad_shapes_before_touching_memory():
     assert lib.call("knn", B=1, N=4, M=4, k=5, support=None, query=None, idx=None,
                     dist2=None) == -3
     with pytest.raises(ValueError, match="shapes outside what the kernel takes") as err:
-        layers._run(lib, "nrl_forward", dtype=torch.float32, M=4, C=0, O=2, x=None, scale=None,
+        fused._run(lib, "nrl_forward", dtype=torch.float32, M=4, C=0, O=2, x=None, scale=None,
                     shift=None, weight=None, bias=None, out=None)
     assert "\n" not in str(err.value)
 

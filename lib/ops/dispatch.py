@@ -17,7 +17,7 @@ kNN here (cdist's exact mode, geometry.knn_query_reference, is the tests' oracle
 room it took seconds where the GEMM form takes milliseconds, bench/RESULTS.md). The C kernels take float32 and float64 CPU tensors of one dtype
 with at most MAX_CHANNELS channels; bf16, autocast, modules with forward hooks (HAQ's recorder)
 and non-plain modules (quantized, SyncBatchNorm) get the plain forms. Every fast form gives the
-plain form's values and gradients up to rounding (tests/test_ops_*.py); FPS and kNN give the
+plain form's values and gradients up to rounding (tests/test_ops_layers.py, tests/test_ops_geometry.py); FPS and kNN give the
 same indices up to ties. `python -m lib.ops` prints what runs on this machine.
 """
 import torch
