@@ -1,24 +1,27 @@
 """Which form of each operation runs, and why: the one place that decides.
 
-| operation                    | CPU ("auto")                                    | CUDA ("auto")          | else      |
-|------------------------------|-------------------------------------------------|------------------------|-----------|
-| farthest_point_sample        | C (csrc/geometry.c); no C: fpsample's plain FPS | Triton (fps_triton.py) | torch loop|
-| knn_query                    | float32: C grid; float64 or no C: pykdtree      | GEMM-ranked            | GEMM      |
-| gather (with a gradient)     | sparse-matrix backward                          | index_select           | same      |
-| relation, neighbour_sum      | C (csrc/pt_layer.c)                             | plain composition      | same      |
-| norm_relu_linear (C <= 64)   | C (csrc/norm_relu_linear.c)                     | the three modules      | same      |
-| neighbour_max                | C (csrc/neighbour_max.c)                        | amax                   | same      |
-| batch_norm (<= 8 channels)   | folded PyTorch form                             | nn.BatchNorm1d         | same      |
-| mlp (Linear with few inputs) | one-GEMM backward                               | the modules            | same      |
+operation                CPU, "auto" backend                 CUDA, "auto"     else
+farthest_point_sample    C (csrc/geometry.c);                Triton           torch loop
+                         no C compiler: fpsample's FPS       (fps_triton.py)
+knn_query                float32: C grid; float64 or         GEMM-ranked      GEMM-ranked
+                         no C compiler: pykdtree
+gather with a gradient   sparse-matrix backward              index_select     index_select
+relation, neighbour_sum  C (csrc/pt_layer.c)                 plain            plain
+norm_relu_linear         C (csrc/norm_relu_linear.c),        the modules      the modules
+                         up to 64 channels
+neighbour_max            C (csrc/neighbour_max.c)            amax             amax
+batch_norm               folded form up to 8 channels        BatchNorm1d      BatchNorm1d
+mlp                      one-GEMM backward for Linear(3, C)  the modules      the modules
 
 "else" is the "reference" backend (`set_backend("reference")`, the benchmarks' plain-PyTorch
-side) and any other device: there kNN is the GEMM-ranked form too, the fastest plain-PyTorch
-kNN here (cdist's exact mode, geometry.knn_query_reference, is the tests' oracle; on an 80k
-room it took seconds where the GEMM form takes milliseconds, bench/RESULTS.md). The C kernels take float32 and float64 CPU tensors of one dtype
-with at most MAX_CHANNELS channels; bf16, autocast, modules with forward hooks (HAQ's recorder)
-and non-plain modules (quantized, SyncBatchNorm) get the plain forms. Every fast form gives the
-plain form's values and gradients up to rounding (tests/test_ops_layers.py, tests/test_ops_geometry.py); FPS and kNN give the
-same indices up to ties. `python -m lib.ops` prints what runs on this machine.
+side) and any other device. There kNN is the GEMM-ranked form too, the fastest plain-PyTorch
+kNN here: cdist's exact mode (geometry.knn_query_reference) is the tests' oracle, and took 8 s
+for an 80k-point room on an H100 (geometry.knn_query_matmul). The C kernels take float32 and
+float64 CPU tensors of one dtype with at most MAX_CHANNELS channels; bf16, autocast, modules
+with forward hooks (HAQ's recorder) and non-plain modules (quantized, SyncBatchNorm) get the
+plain forms. Every fast form gives the plain form's values and gradients up to rounding
+(tests/test_ops_layers.py, tests/test_ops_geometry.py); FPS and kNN give the same indices up
+to ties. `python -m lib.ops` prints what runs on this machine.
 """
 import torch
 

@@ -24,8 +24,8 @@ def _run(lib, name, **arguments):
     if status == -1:
         raise MemoryError(f"lib/ops/csrc: {name}: out of memory for its partial sums")
     if status:
-        raise ValueError(f"lib/ops/csrc: {name}: shapes outside what the kernel takes "
-                         f"({', '.join(f'{k}={v}' for k, v in arguments.items() if isinstance(v, int))})")
+        sizes = ", ".join(f"{k}={v}" for k, v in arguments.items() if isinstance(v, int))
+        raise ValueError(f"lib/ops/csrc: {name}: shapes outside what the kernel takes ({sizes})")
 
 
 class _Relation(torch.autograd.Function):
