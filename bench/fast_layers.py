@@ -2,8 +2,8 @@
 plain PyTorch forms, one operation at a time, forward + backward (eval-mode BatchNorm: forward
 only), at the sizes of a B=16 x 2048 Point Transformer step. The thresholds in lib/ops/layers.py
 and lib/ops/fused.py come from this table. The fused C kernels (lib/ops/csrc/: "relation",
-"neighbour_sum", "norm_relu_linear", "neighbour_max") are timed where they replace several PyTorch operations; without a C compiler
-their fast column times the PyTorch forms.
+"neighbour_sum", "norm_relu_linear", "neighbour_max") are timed where they replace several
+PyTorch operations; without a C compiler their fast column times the PyTorch forms.
 
     python bench/fast_layers.py --json /tmp/fast_layers.json    # about 30 s on a 2-core CPU
 """

@@ -257,7 +257,8 @@ class PointTransformerCls(nn.Module):
 
 
 # Presets (the networks take every size explicitly). `enc_blocks` counts PT blocks after each
-# stage's TransitionDown: the official PointTransformerSeg50 depths [2, 3, 4, 6, 3] count the TransitionDown as the first unit.
+# stage's TransitionDown: the official PointTransformerSeg50 depths [2, 3, 4, 6, 3] count the
+# TransitionDown as the first unit.
 # Parameter counts with in_channels=3 (python -m models; tests/test_models.py derives the
 # paper ones by hand):
 #   pt_seg (50 parts, 16 categories)  7,777,142    pt_seg_tiny     312,970
