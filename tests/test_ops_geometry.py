@@ -43,7 +43,9 @@ def use_form(form, monkeypatch):
 # Farthest point sampling
 
 @pytest.mark.parametrize("form", CPU_FORMS)
-@pytest.mark.parametrize("b, n, m", [(4, 2048, 512), (1, 8192, 1024), (3, 100, 1), (2, 37, 37)])
+# 20000: a room-sized cloud, which fpsample's bucket FPS used to take
+@pytest.mark.parametrize("b, n, m", [(4, 2048, 512), (1, 8192, 1024), (3, 100, 1), (2, 37, 37),
+                                     (1, 20000, 300)])
 def test_fps_fast_path_matches_reference(b, n, m, form, monkeypatch):
     use_form(form, monkeypatch)
     xyz = cloud(b, n, 3)
