@@ -95,6 +95,23 @@ def test_two_processes_building_at_once_compile_once(probe, tmp_path):
     assert log.read_text().split() == ["compile"]
 
 
+def test_collecting_the_tests_compiles_nothing(tmp_path):
+    """Tests ask for the kernels when they run, never at collection (a skipif that built them
+    made `pytest --collect-only` compile, and every xdist worker with it)."""
+    log = tmp_path / "compiles.log"
+    compiler = tmp_path / "logging-cc"
+    compiler.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec cc "$@"\n')
+    compiler.chmod(0o755)
+    env = dict(os.environ, CC=str(compiler), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               OMP_NUM_THREADS="1")
+    env.pop("POINT_HAQ_NATIVE", None)
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                          "-p", "no:cacheprovider", "tests"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert not log.exists(), log.read_text()
+
+
 def test_an_unwritable_cache_falls_back_to_the_temporary_folder(probe, tmp_path, monkeypatch):
     needs_cc()
     blocker = tmp_path / "not-a-folder"
