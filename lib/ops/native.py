@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import warnings
@@ -103,20 +104,32 @@ def _locked(path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _run(command):
+    """(exit status, stderr) of `command`, killed with all its children (a compiler driver's cc1
+    and as) after COMPILE_TIMEOUT_S: raises subprocess.TimeoutExpired then."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            _, stderr = process.communicate(timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return process.returncode, stderr
+
+
 def _compile(compiler, sources, path):
     """Compiles `sources` into `path` and records its digest beside it, both atomically."""
     work = tempfile.mkdtemp(dir=os.path.dirname(path))
     try:
         out = os.path.join(work, "kernels.so")  # created by the compiler: the umask's mode
         for openmp in (OPENMP, []):  # a compiler without OpenMP: serial loops
-            result = subprocess.run([compiler, *FLAGS, *openmp, *sources, "-o", out, "-lm"],
-                                    capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-            if result.returncode == 0:
+            status, stderr = _run([compiler, *FLAGS, *openmp, *sources, "-o", out, "-lm"])
+            if status == 0:
                 break
-        if result.returncode:
-            lines = result.stderr.strip().splitlines()
-            raise RuntimeError(lines[-1] if lines else f"{compiler} exited with "
-                               f"{result.returncode}")
+        if status:
+            lines = stderr.strip().splitlines()
+            raise RuntimeError(lines[-1] if lines else f"{compiler} exited with {status}")
         record = os.path.join(work, "kernels.sha256")
         with open(record, "w") as f:
             f.write(_digest(out) + "\n")
