@@ -219,8 +219,9 @@ def check_index(idx, n):
     [0, n): the C kernels and the flattened gather below would otherwise read (or scatter into)
     memory outside the cloud. One min/max pass, done once per index tensor and n (a stage's kNN
     serves all its blocks) until the tensor is modified. CUDA tensors are left to the device's
-    own bounds checks (a host synchronisation per call would stall the GPU)."""
-    if idx.device.type != "cpu" or idx.numel() == 0:
+    own bounds checks (a host synchronisation per call would stall the GPU), and so are graphs
+    under torch.compile (a data-dependent branch would split them)."""
+    if idx.device.type != "cpu" or idx.numel() == 0 or torch.compiler.is_compiling():
         return
     if _checked_indices.get(idx) == (idx._version, n):
         return
