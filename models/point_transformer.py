@@ -80,6 +80,7 @@ class PointTransformerLayer(nn.Module):
         weights = channels // share_planes
         self.gamma = nn.Sequential(NormReluLinear(channels, weights), PointBatchNorm(weights),
                                    nn.ReLU(inplace=True), nn.Linear(weights, weights))
+        self.register_load_state_dict_pre_hook(_rename_gamma_keys)
 
     def forward(self, xyz, x, idx):
         """xyz (B, N, 3), x (B, N, C), idx (B, N, k) neighbours of each point -> (B, N, C)."""
@@ -89,6 +90,21 @@ class PointTransformerLayer(nn.Module):
         relation = ops.relation(delta, self.psi(x), self.phi(x), idx)  # (B, N, k, C)
         w = self.gamma(relation).softmax(dim=2)  # (B, N, k, C/s)
         return ops.neighbour_sum(w, self.alpha(x), delta, idx, self.share_planes)
+
+
+# gamma's parameters as checkpoints written before gamma.0 became a NormReluLinear name them
+_OLD_GAMMA_KEYS = {"gamma.0.": "gamma.0.norm.", "gamma.2.": "gamma.0.linear.",
+                   "gamma.3.": "gamma.1.", "gamma.5.": "gamma.3."}
+
+
+def _rename_gamma_keys(module, state_dict, prefix, *_):
+    """Loads such checkpoints (their gamma.2 is a Linear; here it is the ReLU, with no keys)."""
+    if prefix + "gamma.2.weight" not in state_dict:
+        return
+    for key in [k for k in state_dict if k.startswith(prefix + "gamma.")]:
+        rest = key[len(prefix):]
+        old = next(o for o in _OLD_GAMMA_KEYS if rest.startswith(o))
+        state_dict[prefix + _OLD_GAMMA_KEYS[old] + rest[len(old):]] = state_dict.pop(key)
 
 
 class PointTransformerBlock(nn.Module):

@@ -228,3 +228,25 @@ def test_pct_cls_parameter_count_matches_the_architecture():
     head = lbr(2 * 1024, 512) + lbr(512, 256) + linear(256, 40)
     expected = embed + neighbour_embedding + 4 * offset_attention + fuse + head
     assert sum(p.numel() for p in make("pct_cls").parameters()) == expected
+
+
+def test_point_transformer_loads_checkpoints_with_the_old_gamma_names():
+    """State dicts written before gamma's first BatchNorm-ReLU-Linear became a named module
+    (gamma.0 BatchNorm, gamma.2 Linear, gamma.3 BatchNorm, gamma.5 Linear) load strictly."""
+    torch.manual_seed(0)
+    model = build_model("pt_seg_tiny", in_channels=3, num_classes=6, num_categories=2)
+    new_names = {".gamma.0.norm.": ".gamma.0.", ".gamma.0.linear.": ".gamma.2.",
+                 ".gamma.1.": ".gamma.3.", ".gamma.3.": ".gamma.5."}
+    old_state = {}
+    for key, value in model.state_dict().items():
+        for new, old in new_names.items():
+            if new in key:
+                key = key.replace(new, old)
+                break
+        old_state[key] = value + 1 if value.is_floating_point() else value
+    assert any(".gamma.2.weight" in key for key in old_state)
+    fresh = build_model("pt_seg_tiny", in_channels=3, num_classes=6, num_categories=2)
+    fresh.load_state_dict(old_state, strict=True)
+    for key, value in model.state_dict().items():
+        expected = value + 1 if value.is_floating_point() else value
+        assert torch.equal(fresh.state_dict()[key], expected), key
