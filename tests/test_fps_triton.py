@@ -68,13 +68,13 @@ CASES = [(4, 2048, 512, "float32", 8192), (3, 100, 1, "float32", 8192),
 
 CHECK = textwrap.dedent("""
     import torch
-    from lib.ops import fps_triton, geometry as pointops
+    from lib.ops import fps_triton, geometry
     def check(device, b, n, m, dtype, resident_max):
         fps_triton.RESIDENT_MAX = resident_max
         gen = torch.Generator().manual_seed(n + m)
         xyz = torch.randn(b, n, 3, generator=gen, dtype=getattr(torch, dtype)).to(device)
-        picks = fps_triton.farthest_point_sample(xyz, m, pointops.start_index(xyz))
-        reference = pointops.farthest_point_sample_reference(xyz, m)
+        picks = fps_triton.farthest_point_sample(xyz, m, geometry.start_index(xyz))
+        reference = geometry.farthest_point_sample_reference(xyz, m)
         assert picks.dtype == torch.long and picks.device == xyz.device
         assert torch.equal(picks, reference), (b, n, m, dtype, resident_max)
 """)
