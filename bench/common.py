@@ -1,7 +1,9 @@
 """Timing, memory and machine facts shared by bench/run.py's sections.
 
-The two paths of a comparison are timed in turn, call after call, so that load from other
-processes on a shared machine hits both alike; each figure is the median of its calls.
+The paths of a comparison are timed in turn, call after call, so that load from other
+processes on a shared machine hits them alike; each figure is the median of its calls. A
+speedup always compares like with like: the fast path against the plain-PyTorch reference in
+the same dtype (fp32 with fp32, bf16 autocast with bf16 autocast).
 """
 import datetime
 import os
@@ -12,12 +14,11 @@ import time
 
 import torch
 
-from lib import pointops
+from lib import ops
 
-# path -> (pointops backend, `amp` as lib.train.autocast takes it: None = bf16 on CUDA only)
-PATHS = {"fast": ("auto", None), "reference": ("reference", False)}
-# measured beside them on the CPU: the fast path with bf16 autocast there too (--amp)
-EXTRA_PATHS = {"fast_bf16": ("auto", True)}
+# path -> (lib.ops backend, bf16 autocast): the fp32 pair, and the bf16 pair beside it
+PATHS = {"fast": ("auto", False), "reference": ("reference", False)}
+BF16_PATHS = {"fast_bf16": ("auto", True), "reference_bf16": ("reference", True)}
 
 
 def synchronize(device):
@@ -35,13 +36,13 @@ def timed(fn, device):
 
 
 def on_path(path, fn):
-    """fn(amp) under the path's pointops backend; the backend is "auto" again afterwards."""
-    backend, amp = {**PATHS, **EXTRA_PATHS}[path]
-    pointops.set_backend(backend)
+    """fn(amp) under the path's lib.ops backend; the backend is "auto" again afterwards."""
+    backend, amp = {**PATHS, **BF16_PATHS}[path]
+    ops.set_backend(backend)
     try:
         return fn(amp)
     finally:
-        pointops.set_backend("auto")
+        ops.set_backend("auto")
 
 
 def compare(runs, repeats, device, warmup=1):
@@ -59,12 +60,18 @@ def compare(runs, repeats, device, warmup=1):
     return samples
 
 
-def speed_figures(prefix, items, samples):
-    """Throughput of both paths (items per second, from the median call) and their ratio."""
-    fast, reference = (statistics.median(samples[path]) for path in PATHS)
-    return {f"{prefix}_shapes_per_s": items / fast,
-            f"{prefix}_reference_shapes_per_s": items / reference,
-            f"{prefix}_speedup": reference / fast}
+def speed_figures(prefix, items, samples, suffix=""):
+    """Throughput of a fast / reference pair (items per second, from the median call) and
+    their ratio; suffix "_bf16" for the bf16 pair."""
+    fast, reference = (statistics.median(samples[path + suffix]) for path in PATHS)
+    return {f"{prefix}{suffix}_shapes_per_s": items / fast,
+            f"{prefix}{suffix}_reference_shapes_per_s": items / reference,
+            f"{prefix}{suffix}_speedup": reference / fast}
+
+
+def settings(batch, points, threads, dtypes, **extra):
+    """What a figure was measured at, so that other implementations can be timed alike."""
+    return {"batch": batch, "points": points, "threads": threads, "dtypes": dtypes, **extra}
 
 
 def peak_memory_gib(device):

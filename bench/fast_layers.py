@@ -1,9 +1,9 @@
-"""lib/fast_layers.py and pointops' sparse gather backward against the plain PyTorch forms, one
-operation at a time, forward + backward (eval-mode BatchNorm: forward only), at the sizes of a
-B=16 x 2048 Point Transformer step. The thresholds in lib/fast_layers.py come from this table.
-The fused C kernels (lib/csrc/, "relation", "neighbour_sum", "norm_relu_linear",
-"neighbour_max") are timed where they replace several PyTorch operations; without a C compiler
-their fast column times the PyTorch forms.
+"""lib/ops/layers.py, lib/ops/fused.py and geometry.py's sparse gather backward against the
+plain PyTorch forms, one operation at a time, forward + backward (eval-mode BatchNorm: forward
+only), at the sizes of a B=16 x 2048 Point Transformer step. The thresholds in lib/ops/layers.py
+and lib/ops/fused.py come from this table. The fused C kernels (lib/ops/csrc/: "relation",
+"neighbour_sum", "norm_relu_linear", "neighbour_max") are timed where they replace several
+PyTorch operations; without a C compiler their fast column times the PyTorch forms.
 
     python bench/fast_layers.py --json /tmp/fast_layers.json    # about 30 s on a 2-core CPU
 """
@@ -18,7 +18,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import compare, machine_info, on_path  # noqa: E402
-from lib import fast_layers, pointops  # noqa: E402
+from lib import ops  # noqa: E402
+from lib.ops import layers as fast_layers  # noqa: E402
 
 # (rows M = B N k, channels): delta's BN(3), gamma's BN(C/8) and BN(C) of the tiny/default nets
 BN_SHAPES = [(262144, 2), (262144, 3), (131072, 4), (262144, 8), (262144, 16), (131072, 32),
@@ -70,7 +71,7 @@ def gather_case(b, n, k, c):
     features = torch.randn(b, n, c, requires_grad=True)
     idx = torch.randint(0, n, (b, n, k))
     grad = torch.randn(b, n, k, c)
-    return lambda _amp: pointops.gather(features, idx).backward(grad)
+    return lambda _amp: ops.gather(features, idx).backward(grad)
 
 
 def attention_case(b, n, k, c):
@@ -81,8 +82,8 @@ def attention_case(b, n, k, c):
     grads = torch.randn(b, n, k, c), torch.randn(b, n, c)
 
     def run(_amp):
-        relation = fast_layers.relation(delta, key, query, idx)
-        out = fast_layers.neighbour_sum(weight, value, delta, idx, 8)
+        relation = ops.relation(delta, key, query, idx)
+        out = ops.neighbour_sum(weight, value, delta, idx, 8)
         torch.autograd.backward((relation, out), grads)
     return run
 
@@ -92,13 +93,13 @@ def norm_relu_linear_case(b, n, k, c):
     norm, linear = PointBatchNorm(c), nn.Linear(c, c // 8)
     x = torch.randn(b, n, k, c, requires_grad=True)
     grad = torch.randn(b, n, k, c // 8)
-    return lambda _amp: fast_layers.norm_relu_linear(norm, linear, x).backward(grad)
+    return lambda _amp: ops.norm_relu_linear(norm.bn, linear, x).backward(grad)
 
 
 def neighbour_max_case(b, m, k, c):
     x = torch.relu(torch.randn(b, m, k, c)).requires_grad_()
     grad = torch.randn(b, m, c)
-    return lambda _amp: fast_layers.neighbour_max(x).backward(grad)
+    return lambda _amp: ops.neighbour_max(x).backward(grad)
 
 
 def cases():

@@ -1,6 +1,6 @@
-"""FPS on a CUDA device: the torch loop (pointops' reference) against lib/fps_triton.py's one
+"""FPS on a CUDA device: the torch loop (lib.ops' reference) against lib/ops/fps_triton.py's one
 launch, at a few launch shapes, each checked against the loop's picks; where they differ, the
-first difference (a near tie?) and pointops.fps_shortfall of both.
+first difference (a near tie?) and geometry.fps_shortfall of both.
 
     python bench/fps_gpu.py --json OUT
 
@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import machine_info  # noqa: E402
-from lib import fps_triton, pointops  # noqa: E402
+from lib.ops import fps_triton  # noqa: E402
+from lib.ops import geometry  # noqa: E402
 
 # (key, B, N, m): an object batch, a room, and a room-sized stage of the semseg network
 CASES = [("fps_b16_2048_512", 16, 2048, 512), ("fps_b16_8192_2048", 16, 8192, 2048),
@@ -80,9 +81,9 @@ def first_divergence(xyz, picks, reference):
 def bench_case(b, n, m, repeats):
     gen = torch.Generator().manual_seed(n)
     xyz = (torch.rand(b, n, 3, generator=gen) * torch.tensor([10.0, 10.0, 3.0])).cuda()
-    start = pointops.start_index(xyz)
-    reference = pointops.farthest_point_sample_reference(xyz, m)
-    row = {"reference_ms": median_ms(lambda: pointops.farthest_point_sample_reference(xyz, m),
+    start = geometry.start_index(xyz)
+    reference = geometry.farthest_point_sample_reference(xyz, m)
+    row = {"reference_ms": median_ms(lambda: geometry.farthest_point_sample_reference(xyz, m),
                                      max(1, repeats // 4))}
     for name, settings in variants(n).items():
         def run():
@@ -92,8 +93,8 @@ def bench_case(b, n, m, repeats):
         row[f"{name}_matches_reference"] = bool(torch.equal(picks, reference))
         if not row[f"{name}_matches_reference"]:
             row[f"{name}_divergence"] = first_divergence(xyz, picks, reference)
-            row[f"{name}_shortfall"] = pointops.fps_shortfall(xyz, picks)
-    row["reference_shortfall"] = pointops.fps_shortfall(xyz, reference)
+            row[f"{name}_shortfall"] = geometry.fps_shortfall(xyz, picks)
+    row["reference_shortfall"] = geometry.fps_shortfall(xyz, reference)
     fastest = min((v for k, v in row.items() if k.endswith("_ms") and k != "reference_ms"
                    and row.get(k[:-3] + "_shortfall", 0) < 1e-6), default=None)
     row["speedup"] = row["reference_ms"] / fastest if fastest else None  # of the valid ones

@@ -38,7 +38,7 @@ for stage in "$@"; do
         step tests python3 -m pytest -q -p no:cacheprovider -rs tests ;;
     tests-gpu)  # the tests whose code differs on CUDA
         step tests_gpu python3 -m pytest -q -p no:cacheprovider -rs tests/test_fps_triton.py \
-            tests/test_bench.py tests/test_pipeline.py tests/test_pointops.py ;;
+            tests/test_bench.py tests/test_pipeline.py tests/test_ops_geometry.py tests/test_ops_native.py tests/test_ops_layers.py ;;
     fps)
         STEP_TIMEOUT=240 step fps python3 bench/fps_gpu.py --json "$OUT/fps_gpu.json" ;;
     ops)

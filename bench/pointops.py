@@ -3,11 +3,12 @@
     python bench/pointops.py --json OUT
 
 Median wall time (ms) of FPS, kNN and 3-NN interpolation on object batches (B=16 x 2048) and on
-a room-sized cloud (80k points) under both backends of lib/pointops.py; a Point Transformer
+a room-sized cloud (80k points) under both backends of lib/ops (geometry.py); a Point Transformer
 part-segmentation training step (B=16 x 2048) under both backends; and a grouping-heavy
 forward+backward and that training step in fresh processes under GLIBC_TUNABLES variants
-(none, run/setup_env.sh's, and two candidates); and the FPS of lib/csrc/geometry.c against
-fpsample's over cloud sizes, which sets pointops.NATIVE_FPS_MAX_POINTS.
+(none, run/setup_env.sh's, and two candidates); and the FPS of lib/ops/csrc/geometry.c against
+fpsample's bucket FPS over cloud sizes (for the record: lib.ops runs the C FPS at every size,
+as fpsample's bucket FPS cannot start from a given point).
 Prints tables and writes everything to OUT as JSON. The slow reference cases run once.
 """
 import argparse
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import machine_info, peak_memory_gib, synchronize  # noqa: E402
-from lib import native, pointops  # noqa: E402
+from lib import ops  # noqa: E402
+from lib.ops import geometry, native  # noqa: E402
 from lib.cli import resolve_device  # noqa: E402
 
 # The issue's targets for the fast path on the 2-core development machine (ms).
@@ -63,8 +65,7 @@ def op_cases(device):
     room_feat = torch.randn(1, 20000, 64, generator=gen)
     objects, object_feat, room, room_feat = (t.to(device) for t in (objects, object_feat, room,
                                                                       room_feat))
-    fps, knn, interpolate = (pointops.farthest_point_sample, pointops.knn_query,
-                             pointops.interpolate)
+    fps, knn, interpolate = ops.farthest_point_sample, ops.knn_query, ops.interpolate
     return [
         ("fps_b16_2048_512", "FPS B=16 2048->512", lambda: fps(objects, 512), 5, 20),
         ("fps_80000_20000", "FPS 80000->20000", lambda: fps(room, 20000), 1, 5),
@@ -80,9 +81,9 @@ def op_cases(device):
 def bench_ops(device):
     rows = []
     for key, what, call, reference_repeats, fast_repeats in op_cases(device):
-        pointops.set_backend("reference")
+        ops.set_backend("reference")
         reference = median_ms(call, reference_repeats, device)
-        pointops.set_backend("auto")
+        ops.set_backend("auto")
         fast = median_ms(call, fast_repeats, device)
         rows.append({"key": key, "what": what, "reference_ms": round(reference, 2),
                      "fast_ms": round(fast, 2), "speedup": round(reference / fast, 1),
@@ -93,26 +94,26 @@ def bench_ops(device):
 
 
 def bench_fps_sizes():
-    """FPS of N / 4 points: lib/csrc/geometry.c's O(N m) loop against fpsample's bucket FPS, on
-    uniform random clouds, by forcing pointops' size threshold either way."""
+    """FPS of N / 4 points: lib/ops/csrc/geometry.c's O(N m) loop against fpsample's bucket FPS
+    (QuickFPS, kd-tree height as fpsample suggests for N: log2(N) / 2 - 1), uniform random
+    clouds, one cloud at a time for fpsample."""
     if native.library() is None:
         print("fps_sizes: no C library (no C compiler); skipped")
         return []
-    threshold, rows = pointops.NATIVE_FPS_MAX_POINTS, []
+    import fpsample
+    rows = []
     gen = torch.Generator().manual_seed(0)
-    try:
-        for b, n in FPS_SIZES:
-            xyz = torch.rand(b, n, 3, generator=gen)
-            times = {}
-            for form, limit in (("native", n), ("fpsample", 0)):
-                pointops.NATIVE_FPS_MAX_POINTS = limit
-                times[form] = median_ms(lambda: pointops.farthest_point_sample_cpu(xyz, n // 4), 3)
-            rows.append({"b": b, "n": n, "native_ms": round(times["native"], 2),
-                         "fpsample_ms": round(times["fpsample"], 2)})
-            print(f"FPS B={b} {n}->{n // 4}: C {times['native']:.1f} ms, fpsample "
-                  f"{times['fpsample']:.1f} ms")
-    finally:
-        pointops.NATIVE_FPS_MAX_POINTS = threshold
+    for b, n in FPS_SIZES:
+        xyz = torch.rand(b, n, 3, generator=gen)
+        clouds = xyz.numpy()
+        height = max(1, (n.bit_length() - 1) // 2 - 1)
+        times = {"native": median_ms(lambda: geometry.farthest_point_sample_cpu(xyz, n // 4), 3),
+                 "fpsample": median_ms(lambda: [fpsample.bucket_fps_kdline_sampling(
+                     cloud, n // 4, height) for cloud in clouds], 3)}
+        rows.append({"b": b, "n": n, "native_ms": round(times["native"], 2),
+                     "fpsample_ms": round(times["fpsample"], 2)})
+        print(f"FPS B={b} {n}->{n // 4}: C {times['native']:.1f} ms, fpsample "
+              f"{times['fpsample']:.1f} ms")
     return rows
 
 
@@ -150,10 +151,10 @@ def grouping_step():
     """Forward+backward dominated by neighbour tensors: gather (16, 2048, 16, 64), Linear, sum."""
     gen = torch.Generator().manual_seed(0)
     xyz = torch.randn(16, 2048, 3, generator=gen)
-    idx, _ = pointops.knn_query(16, xyz, xyz)  # (B, N, k)
+    idx, _ = ops.knn_query(16, xyz, xyz)  # (B, N, k)
     features = torch.randn(16, 2048, 64, generator=gen, requires_grad=True)
     linear = torch.nn.Linear(64, 64)
-    return lambda: linear(pointops.gather(features, idx)).sum().backward()
+    return lambda: linear(ops.gather(features, idx)).sum().backward()
 
 
 def bench_train_step(steps):
@@ -164,7 +165,7 @@ def bench_train_step(steps):
         step = train_step(name)
         row = {"model": name, "steps": steps}
         for backend, key in (("reference", "reference_ms"), ("auto", "fast_ms")):
-            pointops.set_backend(backend)
+            ops.set_backend(backend)
             row[key] = round(median_ms(step, steps), 1)
         row["speedup"] = round(row["reference_ms"] / row["fast_ms"], 2)
         rows.append(row)

@@ -15,13 +15,15 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import numpy as np
 import torch
 
-from lib.quant.kmeans import kmeans_1d
-from lib.quant.layers import named_quantizable
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lib.quant.kmeans import kmeans_1d  # noqa: E402
+from lib.quant.layers import named_quantizable  # noqa: E402
 
 
 def get_args_parser():

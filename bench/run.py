@@ -1,28 +1,31 @@
 """Speed of training, evaluation, HAQ search and room inference: the fast path beside the
-reference path, both measured in the same run (issue #7).
+best plain-PyTorch path the repository has, both measured in the same run.
 
-    python bench/run.py --json /tmp/bench.json             # about 4 minutes on a 2-core CPU
+    python bench/run.py --json /tmp/bench.json             # about 6 minutes on a quiet 2-core CPU
     python bench/run.py --json /tmp/quick.json --quick     # tiny sizes: a smoke test
 
-Fast path: lib/pointops' "auto" backend (C++ FPS and kd-tree kNN for CPU tensors; Triton FPS
-and GEMM-ranked kNN for CUDA tensors) and lib/fast_layers' CPU forms of the PT layer's
-small-channel operations; in the HAQ episode the search subset's FPS/kNN replayed from geometry
-tapes and k-means results cached across episodes; bf16 autocast on CUDA. Reference path:
-pointops' pure-torch operations and the plain layer compositions (set_backend("reference"), on
-any device), fp32, no caches. On the CPU the train/eval/pct sections also time the fast path
-under bf16 autocast (`--amp` on the CPU: `*_bf16_speedup`), which pays on CPUs with native
-bf16. Sections:
+Fast path: lib.ops' "auto" backend (C kernels for CPU tensors: FPS, grid kNN and the PT layer's
+fused operations; Triton FPS and GEMM-ranked kNN for CUDA tensors); in the HAQ episode the
+search subset's FPS/kNN replayed from geometry tapes and k-means results cached across
+episodes. Reference path: lib.ops' "reference" backend, the plain-PyTorch forms (the torch FPS
+loop, the GEMM-ranked kNN rather than cdist's slower exact mode, the plain layer compositions),
+no caches. Every speedup compares like with like: fp32 fast against fp32 reference
+(`*_speedup`), bf16 autocast against bf16 autocast (`*_bf16_speedup`, on both devices), and
+`*_bf16_vs_fp32` is what bf16 buys the fast path. The HAQ speedup compares warm episodes on
+both sides. No environment setting is made here: the threads and OpenMP settings are the
+caller's, as in training, and are recorded under "machine". Each section's `details` holds
+`settings`: the batch, points, widths, threads and dtypes of its figures. Sections:
   train  Point Transformer part-segmentation SGD step, B=16 x 2048, tiny and default configs
   eval   the same networks' forward pass in eval mode
   pct    PCT classification (default config), train step and forward, B=32 x 1024
   haq    one HAQ episode (quantize every layer with a random 2..8-bit policy, score the 200-shape
          search subset) for the tiny and default PT: the cold first episode and warm ones
-  room   pt_semseg (default) on one 80k-point synthetic room, B=1, no_grad: wall time and peak
-         memory, each path in a fresh process
+  room   pt_semseg (default) on one 80k-point synthetic room, B=1, no_grad, fp32: wall time and
+         peak memory, each path in a fresh process
   compile  (only when asked) torch.compile of the tiny PT training step against eager
 Clouds are synthetic ShapeNet-layout shapes (lib/data/synthetic.py; generated on first use).
 Writes flat figures (`pt_tiny_train_speedup`, `haq_episode_tiny_s`, `s3dis_room_peak_gib`, ...),
-the samples behind them, the targets of issue #7 and the machine to OUT as JSON.
+the samples behind them, their settings, the targets and the machine to OUT as JSON.
 """
 import argparse
 import copy
@@ -35,18 +38,14 @@ import statistics
 import subprocess
 import sys
 
-# OpenMP threads spin while they wait by default. On a shared 2-core machine a spinning thread
-# holds a core the other thread needs: under load 5 the tiny PT step took 7-17 s spinning
-# and about 1 s passive (bench/RESULTS.md). An explicit setting is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (PATHS, compare, machine_info, on_path, peak_memory_gib,  # noqa: E402
-                          speed_figures, timed)
-from lib import pointops  # noqa: E402
+from bench.common import (BF16_PATHS, PATHS, compare, machine_info, on_path,  # noqa: E402
+                          peak_memory_gib, settings, speed_figures, timed)
+from lib import ops  # noqa: E402
+from lib.ops import geometry  # noqa: E402
 from lib.cli import resolve_device  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
 from lib.haq.policy_eval import PolicyEvaluator, cached_batches  # noqa: E402
@@ -54,10 +53,12 @@ from lib.quant import list_quantizable, quantize_model  # noqa: E402
 from lib.tasks import model_inputs, supervised_loss  # noqa: E402
 from lib.train import autocast, evaluate  # noqa: E402
 from models import build_model  # noqa: E402
+from models.point_transformer import SEG_PAPER, SEG_TINY  # noqa: E402
 
 SECTIONS = ("train", "eval", "pct", "haq", "room", "compile")
 DEFAULT_SECTIONS = SECTIONS[:-1]
 PT_MODELS = {"tiny": "pt_seg_tiny", "default": "pt_seg"}
+PT_WIDTHS = {"tiny": list(SEG_TINY["widths"]), "default": list(SEG_PAPER["widths"])}
 # Problem sizes; quick keeps every section and key, at sizes a test runs in seconds.
 SIZES = {
     "full": dict(points=2048, batch=16, pct_points=1024, pct_batch=32, haq_shapes=200,
@@ -115,27 +116,25 @@ def forward(model, batch, task):
 
 
 def measure(prefix, run, items, repeats, device):
-    """fn(amp) on both paths, and on the fast path with its FPS and kNN replayed from a tape,
-    i.e. free: how fast the step could get from faster point operations alone.
-    Returns (figures, samples)."""
-    tape = pointops.GeometryTape()
+    """fn(amp) on the fp32 and the bf16 pair of paths, and on the fast fp32 path with its FPS
+    and kNN replayed from a tape, i.e. free: how fast the step could get from faster point
+    operations alone. Returns (figures, samples)."""
+    tape = ops.GeometryTape()
     with tape:
         on_path("fast", run)
-    runs = {path: functools.partial(on_path, path, run) for path in PATHS}
+    runs = {path: functools.partial(on_path, path, run) for path in {**PATHS, **BF16_PATHS}}
     runs["free_geometry"] = functools.partial(replay, tape, run)
-    if device.type == "cpu":  # on CUDA the fast path is the bf16 one already
-        runs["fast_bf16"] = functools.partial(on_path, "fast_bf16", run)
     samples = compare(runs, dict(repeats, free_geometry=repeats["fast"],
-                                 fast_bf16=repeats["fast"]), device)
-    figures = speed_figures(prefix, items, samples)
+                                 fast_bf16=repeats["fast"],
+                                 reference_bf16=repeats["reference"]), device)
+    figures = {**speed_figures(prefix, items, samples),
+               **speed_figures(prefix, items, samples, "_bf16")}
     reference = statistics.median(samples["reference"])
     free = statistics.median(samples["free_geometry"])
     figures[f"{prefix}_free_geometry_shapes_per_s"] = items / free
     figures[f"{prefix}_speedup_bound"] = reference / free
-    if "fast_bf16" in samples:
-        bf16 = statistics.median(samples["fast_bf16"])
-        figures[f"{prefix}_bf16_shapes_per_s"] = items / bf16
-        figures[f"{prefix}_bf16_speedup"] = reference / bf16
+    figures[f"{prefix}_bf16_vs_fp32"] = (statistics.median(samples["fast"])
+                                         / statistics.median(samples["fast_bf16"]))
     report(figures, prefix)
     return figures, samples
 
@@ -149,7 +148,7 @@ def bench_pt(kind, args, sizes, device):
     """Training step and forward pass of the tiny and default PT part segmentation."""
     dataset = part_shapes(args, sizes["points"])
     batch = cached_batches(dataset, list(range(sizes["batch"])), sizes["batch"], device)[0]
-    figures, samples = {}, {}
+    figures, samples, used = {}, {}, {}
     for config, name in PT_MODELS.items():
         model = build_pt(name, dataset, device)
         make_run = train_step if kind == "train" else forward
@@ -157,7 +156,10 @@ def bench_pt(kind, args, sizes, device):
         config_figures, samples[config] = measure(f"pt_{config}_{kind}", run, sizes["batch"],
                                                   REPEATS[config], device)
         figures.update(config_figures)
-    return figures, {"batch": [sizes["batch"], sizes["points"]], "seconds": samples}
+        used[f"pt_{config}_{kind}"] = settings(sizes["batch"], sizes["points"],
+                                               torch.get_num_threads(), ["fp32", "bf16"],
+                                               model=name, widths=PT_WIDTHS[config])
+    return figures, {"settings": used, "seconds": samples}
 
 
 def bench_pct(args, sizes, device):
@@ -168,17 +170,23 @@ def bench_pct(args, sizes, device):
     torch.manual_seed(0)
     model = build_model("pct_cls", in_channels=dataset.in_channels,
                         num_classes=len(dataset.category_names)).to(device)
-    figures, samples = {}, {}
+    figures, samples, used = {}, {}, {}
     for kind, make_run in (("train", train_step), ("eval", forward)):
         kind_figures, samples[kind] = measure(f"pct_{kind}", make_run(model, batch, "cls"),
                                               sizes["pct_batch"], REPEATS["pct"], device)
         figures.update(kind_figures)
-    return figures, {"batch": [sizes["pct_batch"], sizes["pct_points"]], "seconds": samples}
+        used[f"pct_{kind}"] = settings(sizes["pct_batch"], sizes["pct_points"],
+                                       torch.get_num_threads(), ["fp32", "bf16"],
+                                       model="pct_cls", widths="models/pct.py defaults")
+    return figures, {"settings": used, "seconds": samples}
 
 
 def bench_haq(args, sizes, device):
     """HAQ episodes: PolicyEvaluator (fast path) against quantizing a copy without a cache and
-    scoring it with the reference point ops (reference path), on the same random policies."""
+    scoring it with the reference point ops (reference path), on the same random policies,
+    both in the search's own precision (lib.train.evaluate's default: fp32 on the CPU, bf16
+    autocast on CUDA). Warm against warm: the fast episodes after every clustering is cached,
+    the reference episode after an untimed first run of it (allocator and lazy set-up)."""
     dataset = part_shapes(args, sizes["points"])
     subset = list(range(sizes["haq_shapes"]))
     eval_batch = args.haq_batch or sizes["haq_batch"]
@@ -198,16 +206,21 @@ def bench_haq(args, sizes, device):
         warm = [timed(lambda: evaluator(policy), device) for policy in policies]
         faults = (minor_page_faults() - faults) // len(policies)
 
-        def reference_episode(amp):
+        def reference_episode(_amp):
             quantized = quantize_model(copy.deepcopy(model), policies[0])
-            return evaluate(quantized, batches, device, amp=amp, dataset=dataset)[evaluator.key]
+            return evaluate(quantized, batches, device, dataset=dataset)[evaluator.key]
+        reference_cold = timed(lambda: on_path("reference", reference_episode), device)
         reference = timed(lambda: on_path("reference", reference_episode), device)
         warm_s = statistics.median(seconds for seconds, _ in warm)
         figures.update({f"haq_episode_{config}_s": warm_s,
                         f"haq_episode_{config}_cold_s": first[0][0],
                         f"haq_episode_{config}_reference_s": reference[0],
+                        f"haq_episode_{config}_reference_cold_s": reference_cold[0],
                         f"haq_episode_{config}_speedup": reference[0] / warm_s})
         details[config] = {
+            "settings": settings(eval_batch, sizes["points"], torch.get_num_threads(),
+                                 ["search default"], model=PT_MODELS[config],
+                                 widths=PT_WIDTHS[config], shapes=len(subset)),
             "layers": len(layers), "first_pass_s": [s for s, _ in first],
             "warm_s": [s for s, _ in warm], "reference_s": reference[0],
             # temporaries over glibc's 32 MiB mmap threshold fault in page by page
@@ -274,7 +287,9 @@ def bench_room(args, sizes, device):
                "s3dis_room_reference_peak_gib": reference["peak_gib"],
                "s3dis_room_speedup": reference["seconds"] / fast["seconds"]}
     report(figures, "s3dis_room")
-    return figures, {"points": sizes["room_points"], "model": "pt_semseg", "runs": runs}
+    return figures, {"settings": settings(1, sizes["room_points"], torch.get_num_threads(),
+                                          ["fp32"], model="pt_semseg",
+                                          widths=list(SEG_PAPER["widths"])), "runs": runs}
 
 
 def bench_compile(args, sizes, device):
@@ -284,24 +299,29 @@ def bench_compile(args, sizes, device):
     model = build_pt(PT_MODELS["tiny"], dataset, device)
     eager = train_step(model, batch, "partseg")
     compiled = train_step(torch.compile(model, dynamic=False), batch, "partseg")
-    # Dynamo would trace into the fast path's numpy code: FPS and kNN stay outside the graphs.
-    dispatch = {name: getattr(pointops, name) for name in ("farthest_point_sample", "knn_query")}
+    # Dynamo would trace into the fast path's numpy code: FPS and kNN stay outside the graphs
+    # (the model's calls through lib.ops, interpolate's inside lib/ops/geometry.py).
+    dispatch = {(module, name): getattr(module, name) for module in (ops, geometry)
+                for name in ("farthest_point_sample", "knn_query")}
     try:
-        for name, fn in dispatch.items():
-            setattr(pointops, name, torch.compiler.disable(fn))
+        for (module, name), fn in dispatch.items():
+            setattr(module, name, torch.compiler.disable(fn))
         compile_s, _ = timed(lambda: compiled(True), device)  # the first call compiles
         runs = {"eager": functools.partial(eager, True),
                 "compiled": functools.partial(compiled, True)}
         samples = compare(runs, dict.fromkeys(runs, REPEATS["tiny"]["fast"]), device)
     finally:
-        for name, fn in dispatch.items():
-            setattr(pointops, name, fn)
+        for (module, name), fn in dispatch.items():
+            setattr(module, name, fn)
     eager_s, compiled_s = (statistics.median(samples[k]) for k in ("eager", "compiled"))
     figures = {"pt_tiny_compile_s": compile_s,
                "pt_tiny_train_compiled_shapes_per_s": sizes["batch"] / compiled_s,
                "pt_tiny_train_compiled_vs_eager": eager_s / compiled_s}
     report(figures, "pt_tiny_")
-    return figures, {"seconds": samples}
+    return figures, {"settings": settings(sizes["batch"], sizes["points"],
+                                          torch.get_num_threads(), ["bf16"],
+                                          model="pt_seg_tiny", widths=PT_WIDTHS["tiny"]),
+                     "seconds": samples}
 
 
 def report(figures, prefix):

@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import machine_info, peak_memory_gib  # noqa: E402
 from bench.run import build_pt  # noqa: E402
-from lib import pointops  # noqa: E402
+from lib import ops  # noqa: E402
+from lib.ops import geometry  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
 from lib.haq.policy_eval import cached_batches  # noqa: E402
 from lib.tasks import model_inputs, supervised_loss  # noqa: E402
@@ -50,7 +51,7 @@ def split_step(model, batch, optimizer, tape):
 def geometry_calls(model, batch, optimizer, steps):
     """Mean ms per step of each distinct FPS / kNN call (by operation and shapes)."""
     spent = collections.defaultdict(float)
-    originals = {name: getattr(pointops, name)
+    originals = {name: getattr(geometry, name)
                  for name in ("farthest_point_sample_cpu", "knn_query_cpu")}
 
     def timed(name, fn):
@@ -63,18 +64,18 @@ def geometry_calls(model, batch, optimizer, steps):
         return call
     try:
         for name, fn in originals.items():
-            setattr(pointops, name, timed(name, fn))
+            setattr(geometry, name, timed(name, fn))
         for _ in range(steps):
             split_step(model, batch, optimizer, None)
     finally:
         for name, fn in originals.items():
-            setattr(pointops, name, fn)
+            setattr(geometry, name, fn)
     return {key: 1e3 * total / steps for key, total in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
 def peak_probe(args):
     """Run in a fresh process: a few steps on one backend, then VmHWM."""
-    pointops.set_backend(args.peak_probe)
+    ops.set_backend(args.peak_probe)
     model, batch, optimizer = setup(args.model, args.batch_size, args.num_points)
     for _ in range(3):
         split_step(model, batch, optimizer, None)
@@ -100,7 +101,7 @@ def main(args):
         raise SystemExit("bench/step_breakdown.py: --json OUT is required")
     results = {"machine": machine_info(torch.device("cpu")), "model": args.model}
     model, batch, optimizer = setup(args.model, args.batch_size, args.num_points)
-    tape = pointops.GeometryTape()
+    tape = ops.GeometryTape()
     for label, step_tape in (("live", None), ("geometry_replayed", tape)):
         for _ in range(2):  # warm-up (and the tape's recording)
             split_step(model, batch, optimizer, step_tape)

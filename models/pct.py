@@ -7,7 +7,7 @@ an nn.Linear. The input embedding reads concat(xyz, feat).
 import torch
 import torch.nn as nn
 
-from lib import pointops
+from lib import ops
 from models.point_transformer import linear_bn_relu, mlp_head
 
 
@@ -26,11 +26,11 @@ class SampleAndGroup(nn.Module):
         if xyz.shape[1] < max(self.num_points, self.k):
             raise ValueError(f"pct.py: a cloud of {xyz.shape[1]} points is smaller than the "
                              f"{max(self.num_points, self.k)} a sample-and-group layer needs")
-        centres = pointops.farthest_point_sample(xyz, self.num_points)  # (B, M)
-        new_xyz = pointops.gather(xyz, centres)
-        idx = pointops.knn_query(self.k, xyz, new_xyz)[0]  # (B, M, k)
-        centre_x = pointops.gather(x, centres).unsqueeze(2)  # (B, M, 1, C)
-        neighbours = pointops.gather(x, idx)  # (B, M, k, C)
+        centres = ops.farthest_point_sample(xyz, self.num_points)  # (B, M)
+        new_xyz = ops.gather(xyz, centres)
+        idx = ops.knn_query(self.k, xyz, new_xyz)[0]  # (B, M, k)
+        centre_x = ops.gather(x, centres).unsqueeze(2)  # (B, M, 1, C)
+        neighbours = ops.gather(x, idx)  # (B, M, k, C)
         grouped = torch.cat([neighbours - centre_x, centre_x.expand_as(neighbours)], dim=-1)
         return new_xyz, self.mlp(grouped).amax(dim=2)
 

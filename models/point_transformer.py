@@ -9,23 +9,33 @@ is concat(xyz, feat), as the official code feeds concat(p, x) to its first layer
 import torch
 import torch.nn as nn
 
-from lib import fast_layers, pointops
+from lib import ops
 
 
 class PointBatchNorm(nn.Module):
     """BatchNorm over the last (channel) axis of (..., C) tensors: (B, N, C), (B, N, k, C), (B, C).
-    Flattening to (M, C) hits PyTorch's channels-last BN kernel without a transpose copy. The
-    BatchNorm1d is a child (not a base class) so `convert_sync_batchnorm` can swap it under DDP."""
+    The BatchNorm1d is a child (not a base class) so `convert_sync_batchnorm` can swap it under
+    DDP."""
 
     def __init__(self, channels):
         super().__init__()
         self.bn = nn.BatchNorm1d(channels)
 
     def forward(self, x):
-        y = fast_layers.batch_norm_rows(x.reshape(-1, x.shape[-1]), self.bn)
-        # Not a view of y: an in-place ReLU on a view makes autograd copy the whole base in the
-        # backward (CopySlices), and BatchNorm's backward does not need its output.
-        return torch.ops.aten._unsafe_view(y, x.shape)
+        return ops.batch_norm(self.bn, x)
+
+
+class NormReluLinear(nn.Module):
+    """BatchNorm, ReLU, Linear on (..., C) -> (..., O), as one operation: on the PT layer's
+    (B, N, k, C) relation, ops.norm_relu_linear keeps none of the intermediates."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.norm = PointBatchNorm(in_channels)
+        self.linear = nn.Linear(in_channels, out_channels)
+
+    def forward(self, x):
+        return ops.norm_relu_linear(self.norm.bn, self.linear, x)
 
 
 def linear_bn_relu(in_channels, out_channels, bias=False):
@@ -45,7 +55,7 @@ def mlp_head(in_channels, hidden, num_classes, dropout):
 
 def knn(k, support, query):
     """Neighbour indices (B, M, min(k, N)): a stage with fewer than k points uses all of them."""
-    return pointops.knn_query(min(k, support.shape[1]), support, query)[0]
+    return ops.knn_query(min(k, support.shape[1]), support, query)[0]
 
 
 class PointTransformerLayer(nn.Module):
@@ -68,21 +78,33 @@ class PointTransformerLayer(nn.Module):
                                    nn.Linear(3, channels))
         # gamma: BN-ReLU on the relation, then an MLP that reduces to C / share_planes weights
         weights = channels // share_planes
-        self.gamma = nn.Sequential(PointBatchNorm(channels), nn.ReLU(inplace=True),
-                                   nn.Linear(channels, weights), PointBatchNorm(weights),
+        self.gamma = nn.Sequential(NormReluLinear(channels, weights), PointBatchNorm(weights),
                                    nn.ReLU(inplace=True), nn.Linear(weights, weights))
+        self.register_load_state_dict_pre_hook(_rename_gamma_keys)
 
     def forward(self, xyz, x, idx):
         """xyz (B, N, 3), x (B, N, C), idx (B, N, k) neighbours of each point -> (B, N, C)."""
         # phi, psi and alpha project the N points, and the neighbours' rows are gathered
         # after: k times cheaper than projecting the neighbours.
-        delta = fast_layers.mlp(self.delta, xyz.unsqueeze(2) - pointops.gather(xyz, idx))
-        relation = fast_layers.relation(delta, self.psi(x), self.phi(x), idx)  # (B, N, k, C)
-        # gamma's first BN-ReLU-Linear as one op: on the CPU fast path a C kernel that stores
-        # none of its (B, N, k, C) intermediates; elsewhere the three modules
-        hidden = fast_layers.norm_relu_linear(self.gamma[0], self.gamma[2], relation)
-        w = self.gamma[3:](hidden).softmax(dim=2)  # (B, N, k, C/s)
-        return fast_layers.neighbour_sum(w, self.alpha(x), delta, idx, self.share_planes)
+        delta = ops.mlp(self.delta, xyz.unsqueeze(2) - ops.gather(xyz, idx))  # (B, N, k, C)
+        relation = ops.relation(delta, self.psi(x), self.phi(x), idx)  # (B, N, k, C)
+        w = self.gamma(relation).softmax(dim=2)  # (B, N, k, C/s)
+        return ops.neighbour_sum(w, self.alpha(x), delta, idx, self.share_planes)
+
+
+# gamma's parameters as checkpoints written before gamma.0 became a NormReluLinear name them
+_OLD_GAMMA_KEYS = {"gamma.0.": "gamma.0.norm.", "gamma.2.": "gamma.0.linear.",
+                   "gamma.3.": "gamma.1.", "gamma.5.": "gamma.3."}
+
+
+def _rename_gamma_keys(module, state_dict, prefix, *_):
+    """Loads such checkpoints (their gamma.2 is a Linear; here it is the ReLU, with no keys)."""
+    if prefix + "gamma.2.weight" not in state_dict:
+        return
+    for key in [k for k in state_dict if k.startswith(prefix + "gamma.")]:
+        rest = key[len(prefix):]
+        old = next(o for o in _OLD_GAMMA_KEYS if rest.startswith(o))
+        state_dict[prefix + _OLD_GAMMA_KEYS[old] + rest[len(old):]] = state_dict.pop(key)
 
 
 class PointTransformerBlock(nn.Module):
@@ -117,9 +139,9 @@ class TransitionDown(nn.Module):
         if self.stride == 1:
             return xyz, self.mlp(x)
         m = max(1, xyz.shape[1] // self.stride)
-        new_xyz = pointops.gather(xyz, pointops.farthest_point_sample(xyz, m))
-        grouped = pointops.group(xyz, x, new_xyz, knn(self.k, xyz, new_xyz))  # (B, M, k, 3+C)
-        return new_xyz, fast_layers.neighbour_max(self.mlp(grouped))
+        new_xyz = ops.gather(xyz, ops.farthest_point_sample(xyz, m))
+        grouped = ops.group(xyz, x, new_xyz, knn(self.k, xyz, new_xyz))  # (B, M, k, 3+C)
+        return new_xyz, ops.neighbour_max(self.mlp(grouped))
 
 
 class TransitionUp(nn.Module):
@@ -133,7 +155,7 @@ class TransitionUp(nn.Module):
 
     def forward(self, xyz, x, coarse_xyz, coarse_x):
         k = min(3, coarse_xyz.shape[1])  # the coarsest level of a small cloud may hold < 3
-        up = pointops.interpolate(coarse_xyz, xyz, self.coarse(coarse_x), k=k)  # (B, N, C_out)
+        up = ops.interpolate(coarse_xyz, xyz, self.coarse(coarse_x), k=k)  # (B, N, C_out)
         return self.skip(x) + up
 
 
@@ -250,8 +272,9 @@ class PointTransformerCls(nn.Module):
         return self.head(x.mean(dim=1))
 
 
-# Presets (the networks take every size explicitly). `enc_blocks` counts PT blocks after each stage's TransitionDown: the official
-# PointTransformerSeg50 depths [2, 3, 4, 6, 3] count the TransitionDown as the first unit.
+# Presets (the networks take every size explicitly). `enc_blocks` counts PT blocks after each
+# stage's TransitionDown: the official PointTransformerSeg50 depths [2, 3, 4, 6, 3] count the
+# TransitionDown as the first unit.
 # Parameter counts with in_channels=3 (python -m models; tests/test_models.py derives the
 # paper ones by hand):
 #   pt_seg (50 parts, 16 categories)  7,777,142    pt_seg_tiny     312,970

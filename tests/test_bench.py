@@ -1,5 +1,6 @@
 """bench/run.py --quick: every section runs at tiny sizes and writes positive figures under the
-keys issue #7 names, and the HAQ episode's fast path scores a policy as the reference does."""
+keys it documents, with the settings behind them; the HAQ episode's fast path scores a policy
+as the reference does; the bench sets no environment of its own."""
 import json
 import os
 import subprocess
@@ -12,31 +13,37 @@ FIGURES = [f"{prefix}_{suffix}"
            for prefix in ("pt_tiny_train", "pt_default_train", "pt_tiny_eval", "pt_default_eval",
                           "pct_train", "pct_eval")
            for suffix in ("shapes_per_s", "reference_shapes_per_s", "speedup",
-                          "bf16_speedup")]
+                          "bf16_shapes_per_s", "bf16_reference_shapes_per_s", "bf16_speedup",
+                          "bf16_vs_fp32")]
 FIGURES += ["haq_episode_tiny_s", "haq_episode_tiny_cold_s", "haq_episode_tiny_reference_s",
-            "haq_episode_tiny_speedup", "s3dis_room_s", "s3dis_room_peak_gib",
+            "haq_episode_tiny_reference_cold_s", "haq_episode_tiny_speedup", "s3dis_room_s", "s3dis_room_peak_gib",
             "s3dis_room_reference_s", "s3dis_room_reference_peak_gib", "s3dis_room_speedup"]
 
 
-def run_bench(*flags):
+def run_bench(*flags, env=None):
     return subprocess.run([sys.executable, os.path.join("bench", "run.py"), *flags], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_quick_run_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    done = run_bench("--quick", "--json", str(out), "--data-root", str(tmp_path / "parts"))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = run_bench("--quick", "--json", str(out), "--data-root", str(tmp_path / "parts"),
+                     env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
     on_cpu = results["machine"]["device"] == "cpu"
     for key in FIGURES:
-        if key.endswith("bf16_speedup") and not on_cpu:
-            continue  # bf16 beside fp32 is timed on CPU runs; on CUDA the fast path is bf16
         assert isinstance(results[key], float) and results[key] > 0, key
+    # the settings of every figure, for timing other implementations alike
+    pt = results["details"]["train"]["settings"]["pt_tiny_train"]
+    assert pt["batch"] == 2 and pt["points"] == 256 and pt["widths"] == [16, 32, 64, 128]
+    assert pt["threads"] >= 1 and pt["dtypes"] == ["fp32", "bf16"]
+    assert results["details"]["room"]["settings"]["points"] == 4096
     assert set(results["targets"]) == {"pt_tiny_train_speedup", "pt_default_train_speedup",
                                        "haq_episode_tiny_s", "s3dis_room_peak_gib"}
     assert results["command"].startswith(os.path.join("bench", "run.py") + " --quick")
-    assert results["machine"]["env"]["OMP_WAIT_POLICY"]
+    assert results["machine"]["env"]["OMP_WAIT_POLICY"] is None  # training's setting: none
     haq = results["details"]["haq"]["tiny"]
     assert len(haq["warm_s"]) == 3 and haq["kmeans_cache"]["hits"] >= 3 * haq["layers"]
     if on_cpu:  # same arithmetic; on CUDA the fast path's bf16 may move the score

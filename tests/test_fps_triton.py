@@ -1,4 +1,4 @@
-"""lib/fps_triton.py: the one-launch GPU FPS picks what the torch loop picks.
+"""lib/ops/fps_triton.py: the one-launch GPU FPS picks what the torch loop picks.
 
 It runs where triton runs: on a CUDA device, or on the CPU in Triton's interpreter (a subprocess
 with TRITON_INTERPRET=1), and wherever triton is installed its kernels are compiled for an H100.
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib import fps_triton
-from lib import pointops as po
+from lib import ops
+from lib.ops import dispatch, fps_triton
+from lib.ops import geometry as po
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_cuda_triton = pytest.mark.skipif(
@@ -23,21 +24,21 @@ needs_cuda_triton = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def auto_backend():
-    po.set_backend("auto")
+    ops.set_backend("auto")
     yield
-    po.set_backend("auto")
+    ops.set_backend("auto")
 
 
 def test_auto_backend_sends_non_cpu_clouds_to_triton(monkeypatch):
     calls = []
-    monkeypatch.setattr(po, "_use_fast_path", lambda *tensors: False)  # as for a CUDA tensor
+    monkeypatch.setattr(dispatch, "fast_cpu", lambda *tensors: False)  # as for a CUDA tensor
     monkeypatch.setattr(fps_triton, "available", lambda xyz: True)
     monkeypatch.setattr(fps_triton, "farthest_point_sample",
                         lambda xyz, m, start: calls.append(start) or torch.zeros(1, m).long())
     xyz = torch.randn(1, 50, 3)
     assert po.farthest_point_sample(xyz, 5).shape == (1, 5)
     assert len(calls) == 1 and torch.equal(calls[0], po.start_index(xyz))
-    po.set_backend("reference")
+    ops.set_backend("reference")
     assert torch.equal(po.farthest_point_sample(xyz, 5), po.farthest_point_sample_reference(xyz, 5))
     assert len(calls) == 1
 
@@ -67,13 +68,13 @@ CASES = [(4, 2048, 512, "float32", 8192), (3, 100, 1, "float32", 8192),
 
 CHECK = textwrap.dedent("""
     import torch
-    from lib import fps_triton, pointops
+    from lib.ops import fps_triton, geometry
     def check(device, b, n, m, dtype, resident_max):
         fps_triton.RESIDENT_MAX = resident_max
         gen = torch.Generator().manual_seed(n + m)
         xyz = torch.randn(b, n, 3, generator=gen, dtype=getattr(torch, dtype)).to(device)
-        picks = fps_triton.farthest_point_sample(xyz, m, pointops.start_index(xyz))
-        reference = pointops.farthest_point_sample_reference(xyz, m)
+        picks = fps_triton.farthest_point_sample(xyz, m, geometry.start_index(xyz))
+        reference = geometry.farthest_point_sample_reference(xyz, m)
         assert picks.dtype == torch.long and picks.device == xyz.device
         assert torch.equal(picks, reference), (b, n, m, dtype, resident_max)
 """)

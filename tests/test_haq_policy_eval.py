@@ -7,7 +7,7 @@ import pytest
 import torch
 from toy import ToyPoints
 
-from lib import pointops
+from lib.ops import geometry
 from lib.haq.policy_eval import (PolicyEvaluator, cached_batches, finetune_batches,
                                  haq_finetune_steps)
 from lib.quant import list_quantizable, quantize_model
@@ -39,7 +39,7 @@ def test_episodes_replay_geometry_and_score_like_a_fresh_evaluation(monkeypatch)
         raise AssertionError("the geometry of a cached batch was computed again")
     for name in ("farthest_point_sample_cpu", "farthest_point_sample_reference",
                  "knn_query_cpu", "knn_query_reference"):
-        monkeypatch.setattr(pointops, name, computed)
+        monkeypatch.setattr(geometry, name, computed)
     assert evaluator(policy) == pytest.approx(expected, abs=1e-12)
     assert evaluator.cache.misses == len(layers) and evaluator.cache.hits == len(layers)
     # the episodes read the fp32 model's own parameters: each was hashed (copied to the
@@ -85,7 +85,7 @@ def test_finetune_before_the_reward_is_haqs_sgd_and_replays_its_geometry(monkeyp
         raise AssertionError("the geometry of a cached batch was computed again")
     for name in ("farthest_point_sample_cpu", "farthest_point_sample_reference",
                  "knn_query_cpu", "knn_query_reference"):
-        monkeypatch.setattr(pointops, name, computed)
+        monkeypatch.setattr(geometry, name, computed)
     assert evaluator(policy) == pytest.approx(expected, abs=1e-12)  # same reward every time
     for key, value in model.state_dict().items():  # the fp32 model is never touched
         assert torch.equal(value, fp32_state[key]), key

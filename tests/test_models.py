@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lib import pointops
+from lib import ops
+from lib.ops import geometry
 from models import MODELS, build_model
 from models.pct import OffsetAttention
 from models.point_transformer import PointTransformerLayer
@@ -86,7 +87,7 @@ def test_point_transformer_layer_matches_the_paper_equation_point_by_point():
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
     xyz, x = torch.rand(1, n, 3), torch.randn(1, n, c)
-    idx = pointops.knn_query(k, xyz, xyz)[0]
+    idx = ops.knn_query(k, xyz, xyz)[0]
     with torch.no_grad():
         y = layer(xyz, x, idx)[0]
         for i in range(n):
@@ -118,9 +119,10 @@ def test_knn_runs_once_per_stage_however_deep_the_stages(monkeypatch):
 
     def counting_knn(k, support, query):
         calls.append(k)
-        return pointops.knn_query_reference(k, support, query)
+        return geometry.knn_query_reference(k, support, query)
 
-    monkeypatch.setattr(pointops, "knn_query", counting_knn)
+    monkeypatch.setattr(ops, "knn_query", counting_knn)  # the model's own calls
+    monkeypatch.setattr(geometry, "knn_query", counting_knn)  # interpolate's
     counts = []
     for depth in (1, 3):
         calls.clear()
@@ -226,3 +228,25 @@ def test_pct_cls_parameter_count_matches_the_architecture():
     head = lbr(2 * 1024, 512) + lbr(512, 256) + linear(256, 40)
     expected = embed + neighbour_embedding + 4 * offset_attention + fuse + head
     assert sum(p.numel() for p in make("pct_cls").parameters()) == expected
+
+
+def test_point_transformer_loads_checkpoints_with_the_old_gamma_names():
+    """State dicts written before gamma's first BatchNorm-ReLU-Linear became a named module
+    (gamma.0 BatchNorm, gamma.2 Linear, gamma.3 BatchNorm, gamma.5 Linear) load strictly."""
+    torch.manual_seed(0)
+    model = build_model("pt_seg_tiny", in_channels=3, num_classes=6, num_categories=2)
+    new_names = {".gamma.0.norm.": ".gamma.0.", ".gamma.0.linear.": ".gamma.2.",
+                 ".gamma.1.": ".gamma.3.", ".gamma.3.": ".gamma.5."}
+    old_state = {}
+    for key, value in model.state_dict().items():
+        for new, old in new_names.items():
+            if new in key:
+                key = key.replace(new, old)
+                break
+        old_state[key] = value + 1 if value.is_floating_point() else value
+    assert any(".gamma.2.weight" in key for key in old_state)
+    fresh = build_model("pt_seg_tiny", in_channels=3, num_classes=6, num_categories=2)
+    fresh.load_state_dict(old_state, strict=True)
+    for key, value in model.state_dict().items():
+        expected = value + 1 if value.is_floating_point() else value
+        assert torch.equal(fresh.state_dict()[key], expected), key

@@ -3,7 +3,7 @@ lib/env/quantize_env.py): quantize a copy of the fp32 model with a policy, fine-
 as HAQ does before every reward, and score it on a fixed subset of the held-out training data.
 
 Made fast: the subsets are collated and moved to the device once; their FPS and kNN are recorded
-on the first pass and replayed after (pointops.GeometryTape: they depend on the points, not on
+on the first pass and replayed after (ops.GeometryTape: they depend on the points, not on
 the weights), for the fine-tune's batches as for the scored ones; k-means results are cached per
 (layer, bits). An episode then costs one clustering per new (layer, bits), the fine-tune's steps
 and one forward pass over the scored subset.
@@ -20,7 +20,7 @@ import copy
 
 import torch
 
-from lib import distributed, pointops
+from lib import distributed, ops
 from lib.metrics import metric_key
 from lib.quant import KMeansCache, dequantize, quantize_model
 from lib.tasks import model_inputs, supervised_loss, to_device
@@ -81,8 +81,8 @@ class PolicyEvaluator:
         if finetune_steps and not train_batches:
             raise ValueError("PolicyEvaluator: finetune_steps needs train_batches")
         self.cache = KMeansCache()
-        self.tapes = [pointops.GeometryTape() for _ in eval_batches]  # one per fixed batch
-        self.train_tapes = [pointops.GeometryTape() for _ in train_batches]
+        self.tapes = [ops.GeometryTape() for _ in eval_batches]  # one per fixed batch
+        self.train_tapes = [ops.GeometryTape() for _ in train_batches]
         self.key = metric_key(dataset.task)
 
     def quantized(self, bits):

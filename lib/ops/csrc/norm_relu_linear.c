@@ -1,7 +1,7 @@
 /* BatchNorm, ReLU, Linear over (M, C) rows in few passes: the first half of the Point
  * Transformer's gamma (models/point_transformer.py), applied to the (B, N, k, C) relation.
- * lib/fast_layers.py's _NormReluLinear drives these steps and keeps BatchNorm's running
- * statistics; lib/native.py builds this file with the others here.
+ * lib/ops/layers.py's _NormReluLinear drives these steps and keeps BatchNorm's running
+ * statistics; lib/ops/native.py builds this file with the others here.
  *
  *   y = x scale + shift (per channel: scale = gamma rstd, shift = beta - mean scale)
  *   a = max(y, 0)
@@ -184,20 +184,25 @@ static int chunked_sums(body_fn body, nrl_args *a, int64_t width, int threads, d
     return 0;
 }
 
-/* Exported: dtype 0 = float32, 1 = float64; per-channel vectors in the dtype of x. */
+/* Exported: dtype 0 = float32, 1 = float64; per-channel vectors in the dtype of x. Each returns
+ * STATUS_OK, STATUS_NO_MEMORY, or STATUS_BAD_SHAPE (rows of C values live on the stack). */
+static int bad_shape(int64_t C, int64_t O) { return C < 1 || C > MAX_CHANNELS || O < 1; }
 
 /* sums (2, C) double: sum x and sum x^2 per channel. */
 int nrl_stats(int dtype, int threads, int64_t M, int64_t C, const void *x, double *sums) {
     nrl_args a = {.x = x, .M = M, .C = C};
+    if (bad_shape(C, 1)) return STATUS_BAD_SHAPE;
     return chunked_sums(dtype ? stats_f64 : stats_f32, &a, 2 * C, threads, sums);
 }
 
-void nrl_forward(int dtype, int threads, int64_t M, int64_t C, int64_t O, const void *x,
+int nrl_forward(int dtype, int threads, int64_t M, int64_t C, int64_t O, const void *x,
                  const void *scale, const void *shift, const void *weight, const void *bias,
                  void *out) {
     nrl_args a = {.x = x, .scale = scale, .shift = shift, .weight = weight, .bias = bias,
                   .out = out, .M = M, .C = C, .O = O};
+    if (bad_shape(C, O)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, O).forward, &a, M, threads);
+    return STATUS_OK;
 }
 
 /* sums (2 + O, C) double: sum gy, sum gy x_hat, then grad_h^T a (the weight's gradient). */
@@ -206,16 +211,19 @@ int nrl_backward_sums(int dtype, int threads, int64_t M, int64_t C, int64_t O, c
                       const void *mean, const void *rstd, const void *weight, double *sums) {
     nrl_args a = {.x = x, .grad_h = grad_h, .scale = scale, .shift = shift, .mean = mean,
                   .rstd = rstd, .weight = weight, .M = M, .C = C, .O = O};
+    if (bad_shape(C, O)) return STATUS_BAD_SHAPE;
     return chunked_sums(select_kernels(dtype, C, O).backward_sums, &a, (2 + O) * C, threads,
                         sums);
 }
 
-void nrl_backward_input(int dtype, int threads, int64_t M, int64_t C, int64_t O, const void *x,
+int nrl_backward_input(int dtype, int threads, int64_t M, int64_t C, int64_t O, const void *x,
                         const void *grad_h, const void *scale, const void *shift,
                         const void *mean, const void *rstd, const void *weight, const void *k1,
                         const void *k2, const void *k3, void *grad_x) {
     nrl_args a = {.x = x, .grad_h = grad_h, .scale = scale, .shift = shift, .mean = mean,
                   .rstd = rstd, .weight = weight, .k1 = k1, .k2 = k2, .k3 = k3,
                   .grad_x = grad_x, .M = M, .C = C, .O = O};
+    if (bad_shape(C, O)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, O).backward_input, &a, M, threads);
+    return STATUS_OK;
 }

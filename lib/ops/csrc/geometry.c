@@ -1,6 +1,6 @@
-/* Farthest point sampling and k-nearest-neighbour search on the CPU, float32, for the object
- * clouds of a training batch (lib/pointops.py picks these or fpsample / pykdtree by size; see
- * there). Built with lib/csrc/pt_layer.c by lib/native.py.
+/* Farthest point sampling and k-nearest-neighbour search on the CPU, float32, for the clouds
+ * of a training batch and for rooms (lib/ops/dispatch.py says when these run). Built with the
+ * other kernels here by lib/ops/native.py.
  *
  * Clouds are (B, N, 3) float32, contiguous; indices int64 within a cloud.
  */
@@ -38,7 +38,7 @@ static inline vfloat pick(vint mask, vfloat yes, vfloat no) {
     return (vfloat)(((vint)yes & mask) | ((vint)no & ~mask));
 }
 
-/* The same steps as pointops.farthest_point_sample_reference, so the same picks: squared
+/* The same steps as geometry.farthest_point_sample_reference, so the same picks: squared
  * distances summed as ((dx dx + dy dy) + dz dz) in float32 without fused multiply-adds (this
  * file is compiled with -ffp-contract=off), dist = min(dist, d), and the first index of the
  * largest dist. The search for it keeps, per lane, the largest value and its first index. */
@@ -92,14 +92,18 @@ static void fps_cloud(const void *p, int64_t b) {
     }
 }
 
-/* Returns 0, or -1 when memory for the scratch rows could not be had. */
+/* Returns STATUS_OK, STATUS_NO_MEMORY, or STATUS_BAD_SHAPE for clouds of 2^31 points or more
+ * (the lanes above carry int32 indices) and m outside [1, N]. */
 int fps(int threads, int64_t B, int64_t N, int64_t m, const float *xyz, const int64_t *start,
         int64_t *out) {
+    if (N > INT32_MAX || m < 1 || m > N) return STATUS_BAD_SHAPE;
+    for (int64_t b = 0; b < B; ++b)
+        if (start[b] < 0 || start[b] >= N) return STATUS_BAD_SHAPE;
     fps_args a = {xyz, start, out, N, m, malloc(sizeof(float) * 4 * N * B)};
-    if (!a.scratch) return -1;
+    if (!a.scratch) return STATUS_NO_MEMORY;
     for_each(fps_cloud, &a, B, threads);
     free(a.scratch);
-    return 0;
+    return STATUS_OK;
 }
 
 /* ---- k nearest neighbours on a uniform grid --------------------------------------------- */
@@ -126,8 +130,12 @@ typedef struct {
     float *dist2;
     int64_t N, M, k;
     grid_t *grids;
-    int failed; /* 1: out of memory, 2: a coordinate is not finite */
+    int failed; /* bits, set by any thread (atomically): FAILED_MEMORY, FAILED_NOT_FINITE */
 } knn_args;
+
+enum { FAILED_MEMORY = 1, FAILED_NOT_FINITE = 2 };
+
+static void fail(int *flags, int bit) { __atomic_fetch_or(flags, bit, __ATOMIC_RELAXED); }
 
 /* Cells hold about k / 4 support points (at least one) per cell of the bounding box, so that
  * the 27 cells around a query hold its k nearest in most cases (query_block). Object clouds
@@ -159,7 +167,7 @@ static void build_grid(const void *p, int64_t b) {
     for (int d = 0; d < 3; ++d) {
         extent[d] = (double)hi[d] - lo[d];
         if (!isfinite(extent[d])) { /* NaN or infinite coordinates: no grid to be had */
-            a->failed = 2;
+            fail(&a->failed, FAILED_NOT_FINITE);
             return;
         }
         largest = extent[d] > largest ? extent[d] : largest;
@@ -181,7 +189,7 @@ static void build_grid(const void *p, int64_t b) {
     g->sorted_idx = malloc(sizeof(int64_t) * N);
     int64_t *cell = malloc(sizeof(int64_t) * N);
     if (!g->cell_start || !g->sorted || !g->sorted_idx || !cell) {
-        a->failed = 1;
+        fail(&a->failed, FAILED_MEMORY);
         free(cell);
         return;
     }
@@ -305,7 +313,7 @@ static void sort_queries(const void *p, int64_t b) {
     const int64_t M = a->M, cells = g->g[0] * g->g[1] * g->g[2];
     int64_t *count = calloc(cells + 1, sizeof(int64_t)), *own = malloc(sizeof(int64_t) * M);
     if (!count || !own) {
-        qc->failed = 1;
+        fail(&qc->failed, FAILED_MEMORY);
         free(count);
         free(own);
         return;
@@ -407,10 +415,11 @@ static void query_block(const void *p, int64_t unit) {
 }
 
 /* k <= N nearest support points of each query point, nearest first: idx (B, M, k) int64 and
- * squared distances (B, M, k) float32. Returns 0; -1 when memory could not be had; -2 when a
- * support coordinate is NaN or infinite. */
+ * squared distances (B, M, k) float32. Returns STATUS_OK; STATUS_NO_MEMORY; STATUS_NOT_FINITE
+ * when a support coordinate is NaN or infinite; STATUS_BAD_SHAPE for k outside [1, N]. */
 int knn(int threads, int64_t B, int64_t N, int64_t M, int64_t k, const float *support,
         const float *query, int64_t *idx, float *dist2) {
+    if (k < 1 || k > N) return STATUS_BAD_SHAPE;
     knn_args a = {support, query, idx, dist2, N, M, k, calloc(B, sizeof(grid_t)), 0};
     query_cells qc = {&a, malloc(sizeof(int64_t) * B * M), malloc(sizeof(int64_t) * B * M), 0};
     if (a.grids && qc.order && qc.cell) {
@@ -419,8 +428,10 @@ int knn(int threads, int64_t B, int64_t N, int64_t M, int64_t k, const float *su
         if (!a.failed && !qc.failed)
             for_each(query_block, &qc, B * ((M + QUERY_BLOCK - 1) / QUERY_BLOCK), threads);
     }
-    const int failed = a.failed == 2 ? -2 : (!a.grids || !qc.order || !qc.cell || a.failed
-                                             || qc.failed) ? -1 : 0;
+    /* read after the parallel loops have joined */
+    const int failed = a.failed & FAILED_NOT_FINITE ? STATUS_NOT_FINITE
+                       : (!a.grids || !qc.order || !qc.cell || a.failed || qc.failed)
+                       ? STATUS_NO_MEMORY : STATUS_OK;
     for (int64_t b = 0; a.grids && b < B; ++b) {
         free(a.grids[b].cell_start);
         free(a.grids[b].sorted);

@@ -1,51 +1,53 @@
-"""lib/pointops.py: the fast CPU path gives the reference's answers; the ops do what they say.
+"""lib/ops/geometry.py: the fast CPU forms give the reference's answers; the ops do what they say.
 
 Random float clouds have no exact distance ties, so FPS sequences and kNN sets are unique.
 """
 import pytest
 import torch
 
-from lib import native
-from lib import pointops as po
+from lib import ops
+from lib.ops import geometry as po
+from lib.ops import native
 
 
 @pytest.fixture(autouse=True)
 def auto_backend():
-    po.set_backend("auto")
+    ops.set_backend("auto")
     yield
-    po.set_backend("auto")
+    ops.set_backend("auto")
 
 
 def cloud(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-# The CPU fast path has two forms of each op: lib/csrc/geometry.c's, and fpsample's FPS /
-# pykdtree's kNN (larger clouds, float64, or no C compiler). Tests of the fast path run both.
-needs_compiler = pytest.mark.skipif(native.library() is None,
-                                    reason="no C compiler for lib/csrc/geometry.c")
-CPU_FORMS = [pytest.param("native", marks=needs_compiler), "python"]
+def require_native():
+    """Skips the test without the C kernels (checked when it runs, not at collection: building
+    them then would compile during collection)."""
+    if native.library() is None:
+        pytest.skip("no C compiler for lib/ops/csrc/geometry.c")
+
+
+# The CPU fast path has two forms of each op: lib/ops/csrc/geometry.c's, and fpsample's FPS /
+# pykdtree's kNN (float64, or no C compiler). Tests of the fast path run both.
+CPU_FORMS = ["native", "python"]
 
 
 def use_form(form, monkeypatch):
     if form == "python":
         monkeypatch.setattr(native, "_library", None)
+    else:
+        require_native()
 
 
 # Farthest point sampling
 
-def no_fallback(monkeypatch):
-    """Fail if fpsample's bucket FPS did not start at start_index (see _kdline_start_slot)."""
-    def fallback(*args, **kwargs):
-        raise AssertionError("fell back to the O(N m) FPS")
-    monkeypatch.setattr(po.fpsample, "fps_sampling", fallback)
-
-
 @pytest.mark.parametrize("form", CPU_FORMS)
-@pytest.mark.parametrize("b, n, m", [(4, 2048, 512), (1, 8192, 1024), (3, 100, 1), (2, 37, 37)])
+# 20000: a room-sized cloud, which fpsample's bucket FPS used to take
+@pytest.mark.parametrize("b, n, m", [(4, 2048, 512), (1, 8192, 1024), (3, 100, 1), (2, 37, 37),
+                                     (1, 20000, 300)])
 def test_fps_fast_path_matches_reference(b, n, m, form, monkeypatch):
     use_form(form, monkeypatch)
-    no_fallback(monkeypatch)
     xyz = cloud(b, n, 3)
     fast = po.farthest_point_sample_cpu(xyz, m)
     assert fast.dtype == torch.long and fast.shape == (b, m)
@@ -66,10 +68,9 @@ def test_fps_non_contiguous_float64_and_grad_inputs():
 
 @pytest.mark.parametrize("form", CPU_FORMS)
 def test_fps_on_duplicate_points_is_a_farthest_point_sample(form, monkeypatch):
-    # Ties make the sample non-unique; it must still start at start_index without the slow
-    # fallback, never repeat a point, and pick points ever closer to those already picked.
+    # Ties make the sample non-unique; it must still start at start_index, never repeat a
+    # point, and pick points ever closer to those already picked.
     use_form(form, monkeypatch)
-    no_fallback(monkeypatch)
     xyz = (torch.rand(1, 4096, 3, generator=torch.Generator().manual_seed(0)) * 12).round() / 12
     idx = po.farthest_point_sample(xyz, 512)[0]
     if form == "native":  # the reference's steps: the reference's choice among ties as well
@@ -82,38 +83,21 @@ def test_fps_on_duplicate_points_is_a_farthest_point_sample(form, monkeypatch):
     assert (gap_to_earlier[2:] <= gap_to_earlier[1:-1] + 1e-6).all()
 
 
-def test_fps_takes_fpsample_beyond_the_native_size(monkeypatch):
-    calls = []
-    bucket_fps = po.fpsample.bucket_fps_kdline_sampling
-    monkeypatch.setattr(po.fpsample, "bucket_fps_kdline_sampling",
-                        lambda *args, **kwargs: calls.append(1) or bucket_fps(*args, **kwargs))
-    xyz = cloud(1, 600, 3)
-    expected = 0 if native.library() is not None else 1
-    po.farthest_point_sample(xyz, 50)
-    assert len(calls) == expected
-    monkeypatch.setattr(po, "NATIVE_FPS_MAX_POINTS", 599)
-    assert torch.equal(po.farthest_point_sample(xyz, 50),
-                       po.farthest_point_sample_reference(xyz, 50))
-    assert len(calls) == expected + 1
-
-
-def test_fps_falls_back_when_fpsample_starts_elsewhere(monkeypatch):
-    # A wrong slot makes fpsample start from another point; the exact O(N m) FPS takes over.
+def test_fps_without_the_c_library_runs_fpsample_from_start_index(monkeypatch):
     use_form("python", monkeypatch)
-    xyz = cloud(2, 512, 3)
     calls = []
     plain_fps = po.fpsample.fps_sampling
-    monkeypatch.setattr(po, "_kdline_start_slot", lambda points, start, height: (start + 7) % 512)
     monkeypatch.setattr(po.fpsample, "fps_sampling",
                         lambda *args, **kwargs: calls.append(1) or plain_fps(*args, **kwargs))
-    assert torch.equal(po.farthest_point_sample(xyz, 128),
-                       po.farthest_point_sample_reference(xyz, 128))
-    assert len(calls) == 2
+    xyz = cloud(2, 600, 3)
+    assert torch.equal(ops.farthest_point_sample(xyz, 50),
+                       po.farthest_point_sample_reference(xyz, 50))
+    assert len(calls) == 2  # one per cloud
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_fps_sample_does_not_depend_on_point_order(backend):
-    po.set_backend(backend)
+    ops.set_backend(backend)
     xyz = cloud(2, 1024, 3)
     perm = torch.randperm(1024, generator=torch.Generator().manual_seed(3))
     sampled = po.gather(xyz, po.farthest_point_sample(xyz, 200))  # (B, m, 3)
@@ -147,12 +131,24 @@ def test_backend_picks_fast_path_only_for_auto_on_cpu(monkeypatch):
         po.farthest_point_sample(xyz, 8)
     with pytest.raises(AssertionError, match="fast path called"):
         po.knn_query(4, xyz, xyz)
-    po.set_backend("reference")
-    assert po.get_backend() == "reference"
+    ops.set_backend("reference")
+    assert ops.get_backend() == "reference"
     assert po.farthest_point_sample(xyz, 8).shape == (1, 8)
     assert po.knn_query(4, xyz, xyz)[0].shape == (1, 64, 4)
-    with pytest.raises(ValueError, match="unknown pointops backend"):
-        po.set_backend("cuda")
+    with pytest.raises(ValueError, match="unknown lib.ops backend"):
+        ops.set_backend("cuda")
+
+
+def test_reference_backend_knn_is_the_gemm_form(monkeypatch):
+    """The benchmarks' plain-PyTorch side takes the fastest plain kNN here, not cdist's exact
+    mode (which stays the tests' oracle)."""
+    calls = []
+    matmul = po.knn_query_matmul
+    monkeypatch.setattr(po, "knn_query_matmul", lambda *a: calls.append(1) or matmul(*a))
+    ops.set_backend("reference")
+    support, query = cloud(2, 300, 3), cloud(2, 50, 3, seed=1)
+    assert_same_knn(ops.knn_query(8, support, query), po.knn_query_reference(8, support, query))
+    assert calls == [1]
 
 
 # k nearest neighbours
@@ -177,11 +173,11 @@ def test_knn_fast_path_matches_reference(b, n, m, k, form, monkeypatch):
     assert_same_knn(po.knn_query_cpu(k, support, query), po.knn_query_reference(k, support, query))
 
 
-@needs_compiler
 def test_knn_grid_search_on_awkward_clouds():
-    """The grid search of lib/csrc/geometry.c where its cells are awkward: a flat cloud (one
+    """The grid search of lib/ops/csrc/geometry.c where its cells are awkward: a flat cloud (one
     cell thick), a stretched one, points on cell faces and duplicated, queries far outside the
     support's bounding box, and a point-like cloud."""
+    require_native()
     gen = torch.Generator().manual_seed(0)
     flat = torch.rand(2, 700, 3, generator=gen)
     flat[..., 2] = 0.5
@@ -267,7 +263,7 @@ def test_group_puts_relative_xyz_before_features():
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_interpolate_is_exact_at_source_points_and_keeps_constants(backend):
-    po.set_backend(backend)
+    ops.set_backend(backend)
     src, features = cloud(2, 512, 3), cloud(2, 512, 6, seed=1)
     assert torch.allclose(po.interpolate(src, src, features), features, atol=1e-5)
     dst = cloud(2, 2048, 3, seed=2)
@@ -287,7 +283,7 @@ def test_interpolate_linear_field_and_backends_agree():
     assert (out[..., 0] >= near.min(-1).values - 1e-6).all()
     assert (out[..., 0] <= near.max(-1).values + 1e-6).all()
     assert (out[..., 0] - dst @ slope).abs().mean() < 0.05
-    po.set_backend("reference")
+    ops.set_backend("reference")
     assert torch.allclose(po.interpolate(src, dst, field), out, atol=1e-5)
 
 
@@ -302,7 +298,7 @@ def geometry(xyz):
 
 def test_geometry_tape_replays_without_computing(monkeypatch):
     xyz = cloud(2, 256, 3)
-    tape = po.GeometryTape()
+    tape = ops.GeometryTape()
     with tape:
         recorded = geometry(xyz)
     assert tape.recorded and [s[0] for s, _ in tape.entries] == ["farthest_point_sample",
@@ -324,7 +320,7 @@ def test_geometry_tape_replays_without_computing(monkeypatch):
 
 def test_geometry_tape_rejects_another_call_sequence():
     xyz = cloud(1, 128, 3)
-    tape = po.GeometryTape()
+    tape = ops.GeometryTape()
     with tape:
         po.knn_query(8, xyz, xyz)
     with pytest.raises(ValueError, match="diverged at call 0"):
@@ -334,13 +330,13 @@ def test_geometry_tape_rejects_another_call_sequence():
         with tape:
             pass
     with pytest.raises(RuntimeError, match="do not nest"):
-        with tape, po.GeometryTape():
+        with tape, ops.GeometryTape():
             pass
 
 
 def test_geometry_tape_forgets_an_interrupted_recording():
     xyz = cloud(1, 128, 3)
-    tape = po.GeometryTape()
+    tape = ops.GeometryTape()
     with pytest.raises(KeyError):
         with tape:
             po.knn_query(8, xyz, xyz)

@@ -1,5 +1,5 @@
-/* Fused CPU kernels for the Point Transformer layer's per-neighbour tensors (lib/native.py
- * builds this file and loads it with ctypes; lib/fast_layers.py wraps it in autograd Functions).
+/* Fused CPU kernels for the Point Transformer layer's per-neighbour tensors (lib/ops/native.py
+ * builds this file and loads it with ctypes; lib/ops/layers.py wraps it in autograd Functions).
  *
  * Shapes, all contiguous, per cloud b of B, point i of N, neighbour j of K, channel c of C:
  *   idx (B, N, K) int64, neighbour indices within the cloud;
@@ -173,37 +173,53 @@ static kernels_t select_kernels(int dtype, int64_t C, int64_t W) {
     return f32;
 }
 
-/* Exported entry points: dtype 0 = float32, 1 = float64; W = 0 where a kernel has no w. */
-void pt_relation_forward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
+/* The shapes the bodies assume: 1 <= C <= MAX_CHANNELS, and W dividing C (the group loops step
+ * by W up to C, so a W that does not divide C would write past the stack row). */
+static int bad_shape(int64_t C, int64_t W) {
+    return C < 1 || C > MAX_CHANNELS || W < 0 || (W > 0 && C % W != 0);
+}
+
+/* Exported entry points: dtype 0 = float32, 1 = float64; W = 0 where a kernel has no w.
+ * Each returns STATUS_OK, or STATUS_BAD_SHAPE without touching memory. Neighbour indices must
+ * lie in [0, N): lib/ops checks them before the call. */
+int pt_relation_forward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
                          const void *delta, const void *key, const void *q,
                          const int64_t *idx, void *rel) {
     pt_args a = {.delta = delta, .key = key, .q = q, .idx = idx, .out = rel,
                  .N = N, .K = K, .C = C};
+    if (bad_shape(C, 0)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, 0).relation_fwd, &a, B * N, threads);
+    return STATUS_OK;
 }
 
-void pt_relation_backward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
+int pt_relation_backward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
                           const void *grad_rel, const int64_t *idx, void *grad_key,
                           void *grad_q) {
     pt_args a = {.grad_out = grad_rel, .idx = idx, .grad_key = grad_key, .grad_q = grad_q,
                  .N = N, .K = K, .C = C};
+    if (bad_shape(C, 0)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, 0).relation_bwd, &a, B, threads);
+    return STATUS_OK;
 }
 
-void pt_aggregate_forward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
+int pt_aggregate_forward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
                           int64_t W, const void *w, const void *v, const void *delta,
                           const int64_t *idx, void *out) {
     pt_args a = {.w = w, .v = v, .delta = delta, .idx = idx, .out = out,
                  .N = N, .K = K, .C = C, .W = W};
+    if (W < 1 || bad_shape(C, W)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, W).aggregate_fwd, &a, B * N, threads);
+    return STATUS_OK;
 }
 
-void pt_aggregate_backward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
+int pt_aggregate_backward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
                            int64_t W, const void *grad_out, const void *w, const void *v,
                            const void *delta, const int64_t *idx, void *grad_w,
                            void *grad_delta, void *grad_v) {
     pt_args a = {.grad_out = grad_out, .w = w, .v = v, .delta = delta, .idx = idx,
                  .grad_w = grad_w, .grad_delta = grad_delta, .grad_v = grad_v,
                  .N = N, .K = K, .C = C, .W = W};
+    if (W < 1 || bad_shape(C, W)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, W).aggregate_bwd, &a, B, threads);
+    return STATUS_OK;
 }

@@ -1,18 +1,13 @@
-"""Geometry operations on batched point clouds.
+"""Geometry operations on batched point clouds: FPS, kNN, gathering, grouping, interpolation.
 
 Convention used everywhere in this repository: a batch of clouds is dense, `xyz` is (B, N, 3)
 and features are (B, N, C), channels last. A single large cloud (an S3DIS room) is B = 1.
 Index tensors are int64 and index the N axis of their own batch element.
 
-Every operation has a pure-torch reference (runs on any device). Unless `set_backend("reference")`,
-CPU tensors take a fast path and CUDA tensors another (a one-launch Triton FPS from
-lib/fps_triton.py, kNN ranked by a matrix product). On the CPU: FPS of clouds up to 8,192 points
-and float32 kNN from lib/csrc/geometry.c (built by lib/native.py), larger FPS from fpsample's
-bucket FPS, float64 kNN (and everything, where no C compiler is at hand) from pykdtree. The
-fast paths return the same indices as the reference up to ties and float32 rounding: a near
+Every operation has a pure-torch reference (any device); lib/ops/dispatch.py chooses the form
+that runs. The fast forms return the reference's indices up to ties and float32 rounding: a near
 tie may be broken the other way (bench/RESULTS.md). bench/pointops.py and bench/fps_gpu.py
 compare them.
-A GeometryTape replays the FPS and kNN of a fixed batch (HAQ's search subset) without recomputing.
 """
 import warnings
 
@@ -22,20 +17,8 @@ import torch
 from pykdtree.kdtree import KDTree
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lib import fps_triton, native
-
-_BACKEND = "auto"  # "auto": fast path for CPU tensors where one exists; "reference": pure torch
-
-
-def set_backend(name):
-    global _BACKEND
-    if name not in ("auto", "reference"):
-        raise ValueError(f"unknown pointops backend {name!r}; use 'auto' or 'reference'")
-    _BACKEND = name
-
-
-def get_backend():
-    return _BACKEND
+from lib.ops import dispatch, fps_triton, native
+from lib.ops.tape import taped
 
 
 def start_index(xyz):
@@ -138,88 +121,39 @@ def _to_numpy(xyz, dtype):
     return np.ascontiguousarray(xyz.detach().to(dtype).numpy())
 
 
-def _kdline_height(n):
-    """Tree height for fpsample's bucket FPS: buckets of about 2 sqrt(N) points were the
-    fastest when sampling N/4 of N = 512 ... 80k points (h=4 at 2048, h=7 at 80k)."""
-    return max(1, (n.bit_length() - 1) // 2 - 1)
-
-
-def _kdline_start_slot(points, start, height):
-    """Array slot from which fpsample 1.0.2 starts at `start`.
-
-    `bucket_fps_kdline_sampling` builds its kd-tree by partitioning the point array in place and
-    then starts from the point found at `start_idx` *after* that reordering, not from the
-    caller's point. Its partition (split the widest bounding-box axis at the mean, `< mean`
-    first) only moves points lying on the wrong side of a split, so a point placed inside the
-    slot range of its own leaf is never moved. Follow the splits containing `start` and return
-    the middle of its leaf's range; the middle leaves room for the rounding of fpsample's
-    float32 mean, and the caller checks the result. points: (N, 3)."""
-    coords = np.ascontiguousarray(points.T)  # (3, N): reductions over contiguous rows are fast
-    members = np.arange(len(points))
-    left, right = 0, len(points)
-    for _ in range(height):
-        node = coords.take(members, axis=1)  # (3, n_node)
-        axis = np.argmax(node.max(1) - node.min(1))
-        split = node[axis].mean()
-        low = node[axis] < split
-        n_low = np.count_nonzero(low)
-        if n_low in (0, len(members)):  # duplicate points: fpsample splits by position here
-            break
-        if coords[axis, start] < split:
-            members, right = members[low], left + n_low
-        else:
-            members, left = members[~low], left + n_low
-    return int(left + right) // 2
-
-
-def _fps_one(points, m, start):
-    """Exact FPS of one cloud from `start`: (N, 3) float32 -> (m,) int64."""
-    if m == 1:  # fpsample needs a tree of at least two points
-        return np.array([start])
-    height = _kdline_height(len(points))
-    slot = _kdline_start_slot(points, start, height)
-    order = np.arange(len(points))
-    order[[start, slot]] = order[[slot, start]]
-    picked = order[fpsample.bucket_fps_kdline_sampling(points[order], m, height, start_idx=slot)]
-    if picked[0] != start:  # the slot guess failed (duplicate points on a split): plain O(N m) FPS
-        picked = fpsample.fps_sampling(points, m, start_idx=start)
-    return picked.astype(np.int64)
-
-
-# lib/csrc/geometry.c's FPS is O(N m) like the reference, vectorised: faster than fpsample's
-# bucket FPS up to about 8k points a cloud, slower beyond (bench/RESULTS.md).
-NATIVE_FPS_MAX_POINTS = 8192
-
-
-def _native_call(fn, *args):
-    """fn(threads, *args) from lib/csrc/geometry.c; False when the clouds hold NaN or infinite
-    coordinates, which its grid cannot bucket."""
-    status = fn(torch.get_num_threads(), *args)
+def _check_status(status, where):
+    """Raises for a C kernel's failure status (lib/ops/csrc/parallel.h); True when it ran, False
+    when the clouds hold NaN or infinite coordinates, which the kNN grid cannot bucket."""
     if status == -1:
-        raise MemoryError("lib/csrc/geometry.c: out of memory")
+        raise MemoryError(f"lib/ops/csrc/{where}: out of memory")
+    if status == -3:
+        raise ValueError(f"lib/ops/csrc/{where}: shape outside what the kernel takes")
     return status == 0
 
 
 def farthest_point_sample_cpu(xyz, m):
-    """Exact FPS from start_index in float32: lib/csrc/geometry.c's (the reference's steps,
-    so the reference's picks when xyz is float32) for clouds of up to NATIVE_FPS_MAX_POINTS,
-    else fpsample's bucket FPS (QuickFPS), one cloud at a time.
-    xyz: (B, N, 3) CPU tensor -> (B, m) int64."""
+    """Exact FPS from start_index in float32, one call for all clouds: lib/ops/csrc/geometry.c's
+    (the reference's steps, so the reference's picks when xyz is float32), or without the C
+    library fpsample's plain FPS, one cloud at a time. xyz: (B, N, 3) CPU tensor -> (B, m)
+    int64. The C lanes carry int32 indices: a cloud of 2^31 points or more takes the torch loop."""
     b, n, _ = xyz.shape
+    if n >= 2 ** 31:
+        return farthest_point_sample_reference(xyz, m)
     lib = native.library()
-    if lib is not None and n <= NATIVE_FPS_MAX_POINTS:
-        points = xyz.detach().to(torch.float32).contiguous()
-        starts = start_index(points).contiguous()
+    points = xyz.detach().to(torch.float32).contiguous()
+    starts = start_index(points).contiguous()
+    if lib is not None:
         out = torch.empty(b, m, dtype=torch.int64)
-        _native_call(lib.fps, b, n, m, points.data_ptr(), starts.data_ptr(), out.data_ptr())
+        _check_status(lib.call("fps", B=b, N=n, m=m, xyz=points, start=starts, out=out),
+                      "geometry.c")
         return out
-    points = _to_numpy(xyz, torch.float32)  # fpsample computes in float32
-    starts = start_index(xyz.detach()).tolist()
-    return torch.from_numpy(np.stack([_fps_one(p, m, s) for p, s in zip(points, starts)]))
+    return torch.from_numpy(np.stack([
+        fpsample.fps_sampling(cloud, m, start_idx=start).astype(np.int64)
+        for cloud, start in zip(points.numpy(), starts.tolist())]))
 
 
 def knn_query_cpu(k, support, query):
-    """knn_query_reference on the CPU: float32 clouds on lib/csrc/geometry.c's grid search
+    """knn_query_reference on the CPU: float32 clouds on lib/ops/csrc/geometry.c's grid search
     (all clouds in one call, over torch's threads), float64 ones (or all, without the C
     library) on a pykdtree kd-tree, one cloud at a time.
     support: (B, N, 3), query: (B, M, 3) CPU tensors -> (idx (B, M, k) int64, dist2 (B, M, k))."""
@@ -230,8 +164,8 @@ def knn_query_cpu(k, support, query):
         (b, n, _), m = support.shape, query.shape[1]
         idx = torch.empty(b, m, k, dtype=torch.int64)
         dist2 = torch.empty(b, m, k, dtype=torch.float32)
-        if _native_call(lib.knn, b, n, m, k, support.data_ptr(), query.data_ptr(),
-                        idx.data_ptr(), dist2.data_ptr()):
+        if _check_status(lib.call("knn", B=b, N=n, M=m, k=k, support=support, query=query,
+                                  idx=idx, dist2=dist2), "geometry.c"):
             return idx, dist2
     # pykdtree takes float32 or float64 (the same for both arrays)
     np_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -247,99 +181,57 @@ def knn_query_cpu(k, support, query):
     return torch.from_numpy(idx), torch.from_numpy(dist2).to(dtype)
 
 
-# Replaying the geometry of a fixed batch.
-
-class GeometryTape:
-    """The FPS and kNN results of one forward pass over a fixed batch, replayed by later passes.
-
-    A network's geometry depends on the clouds only, never on its weights, and HAQ scores
-    hundreds of weight settings on one fixed subset: each batch of it needs its FPS and kNN once.
-    Inside `with tape:` the first pass records every farthest_point_sample / knn_query result in
-    call order; later passes get them back in that order, with no computation and no host-device
-    copy. Each replayed call must match its recording (operation, m or k, input shapes, dtypes
-    and devices), so a tape replayed through another network raises instead of returning wrong
-    neighbours; the clouds are not compared, so keep one tape per batch.
-    """
-
-    def __init__(self):
-        self.entries = []  # [(call signature, result)] in call order
-        self.recorded = False
-        self._position = None
-
-    def __enter__(self):
-        global _TAPE
-        if _TAPE is not None:
-            raise RuntimeError("pointops.py: geometry tapes do not nest")
-        _TAPE, self._position = self, 0
-        return self
-
-    def __exit__(self, exc_type, exc, traceback):
-        global _TAPE
-        _TAPE = None
-        if exc_type is not None:
-            if not self.recorded:  # an interrupted recording is incomplete
-                self.entries = []
-            return
-        if self.recorded and self._position != len(self.entries):
-            raise ValueError(f"pointops.py: geometry tape replayed {self._position} of its "
-                             f"{len(self.entries)} calls")
-        self.recorded = True
-
-    def run(self, signature, compute):
-        if not self.recorded:
-            self.entries.append((signature, compute()))
-            return self.entries[-1][1]
-        if self._position >= len(self.entries) or self.entries[self._position][0] != signature:
-            raise ValueError(f"pointops.py: geometry tape replay diverged at call "
-                             f"{self._position}: {signature}")
-        self._position += 1
-        return self.entries[self._position - 1][1]
-
-
-_TAPE = None  # the GeometryTape of the enclosing `with`, if any
-
-
-def _taped(name, number, tensors, compute):
-    if _TAPE is None:
-        return compute()
-    signature = (name, number) + tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
-    return _TAPE.run(signature, compute)
-
-
-# Dispatch: the fast path for CPU tensors under the "auto" backend.
+# Dispatch (lib/ops/dispatch.py decides the form).
 
 def farthest_point_sample(xyz, m):
     """(B, N, 3) -> (B, m) int64 indices of an exact FPS starting at start_index."""
     n = xyz.shape[1]
     if not 1 <= m <= n:
         raise ValueError(f"farthest_point_sample: cannot sample {m} of {n} points")
-    return _taped("farthest_point_sample", m, (xyz,), lambda: _fps_for(xyz)(xyz, m))
-
-
-def _fps_for(xyz):
-    if _use_fast_path(xyz):
-        return farthest_point_sample_cpu
-    if _BACKEND == "auto" and fps_triton.available(xyz):
-        return lambda xyz, m: fps_triton.farthest_point_sample(xyz, m, start_index(xyz.detach()))
-    return farthest_point_sample_reference
+    fps = globals()[_FPS[dispatch.fps_form(xyz)]]
+    return taped("farthest_point_sample", m, (xyz,), lambda: fps(xyz, m))
 
 
 def knn_query(k, support, query):
-    """See knn_query_reference."""
+    """See knn_query_reference (the same answer, up to ties, from the form dispatch picks)."""
     n = support.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"knn_query: cannot find {k} neighbours among {n} points")
-    if _use_fast_path(support, query):
-        knn = knn_query_cpu
-    elif _BACKEND == "auto" and support.is_cuda and query.is_cuda:
-        knn = knn_query_matmul
-    else:
-        knn = knn_query_reference
-    return _taped("knn_query", k, (support, query), lambda: knn(k, support, query))
+    knn = globals()[_KNN[dispatch.knn_form(support, query)]]
+    return taped("knn_query", k, (support, query), lambda: knn(k, support, query))
 
 
-def _use_fast_path(*tensors):
-    return _BACKEND == "auto" and all(t.device.type == "cpu" for t in tensors)
+def _fps_triton(xyz, m):
+    return fps_triton.farthest_point_sample(xyz, m, start_index(xyz.detach()))
+
+
+# form -> the function's name here (looked up at call time, so tests can replace a form)
+_FPS = {"native": "farthest_point_sample_cpu", "fpsample": "farthest_point_sample_cpu",
+        "triton": "_fps_triton", "reference": "farthest_point_sample_reference"}
+_KNN = {"native": "knn_query_cpu", "kdtree": "knn_query_cpu", "matmul": "knn_query_matmul"}
+
+
+_checked_indices = WeakIdKeyDictionary()  # idx tensor -> (its version, N) when last checked
+
+
+def check_index(idx, n):
+    """Raises a one-line ValueError unless every entry of the CPU index tensor `idx` lies in
+    [0, n): the C kernels and the flattened gather below would otherwise read (or scatter into)
+    memory outside the cloud. One min/max pass, done once per index tensor and n (a stage's kNN
+    serves all its blocks) until the tensor is modified. CUDA tensors are left to the device's
+    own bounds checks (a host synchronisation per call would stall the GPU), and so are graphs
+    under torch.compile (a data-dependent branch would split them)."""
+    if idx.device.type != "cpu" or idx.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if _checked_indices.get(idx) == (idx._version, n):
+        return
+    if idx.dtype != torch.int64:
+        raise ValueError(f"lib/ops: neighbour indices must be int64, not {idx.dtype}")
+    low, high = idx.aminmax()
+    if low < 0 or high >= n:
+        raise ValueError(f"lib/ops: neighbour index out of range: [{int(low)}, {int(high)}] "
+                         f"for clouds of {n} points")
+    _checked_indices[idx] = (idx._version, n)
 
 
 def gather(features, idx):
@@ -349,10 +241,11 @@ def gather(features, idx):
     the fast path a gather that needs a gradient sums it with a sparse matrix instead
     (_GatherRows)."""
     b, n, c = features.shape
+    check_index(idx, n)
     offset = (torch.arange(b, device=idx.device) * n).view(b, *([1] * (idx.dim() - 1)))
     flat = (idx + offset).reshape(-1)
     rows = features.reshape(b * n, c)
-    if (features.requires_grad and torch.is_grad_enabled() and _use_fast_path(features)
+    if (features.requires_grad and torch.is_grad_enabled() and dispatch.fast_cpu(features)
             and features.dtype in (torch.float32, torch.float64)):
         return _GatherRows.apply(rows, flat, idx).view(*idx.shape, c)
     return rows.index_select(0, flat).view(*idx.shape, c)

@@ -1,6 +1,6 @@
 """Farthest point sampling on the GPU in one Triton kernel launch.
 
-The pure-torch FPS (pointops.farthest_point_sample_reference) queues six small kernels per
+The pure-torch FPS (lib.ops.geometry.farthest_point_sample_reference) queues six small kernels per
 sampled point from a Python loop: about 3,000 launches for 2048 -> 512, 120,000 for a room's
 80k -> 20k, and the GPU waits on Python between them. Here one launch runs the whole m-step
 loop. Clouds of up to RESIDENT_MAX points get one program each (the layout of the original Point
@@ -10,11 +10,11 @@ programs, each holding a span of about SPLIT_SPAN points (distances in a scratch
 stays in its multiprocessor's L1), which agree on every step's farthest point through global
 atomics; one program per cloud streaming all of its points was 19x slower at 80k points.
 
-The answer is the reference's: it starts at pointops.start_index, takes the first index among
+The answer is the reference's: it starts at geometry.start_index, takes the first index among
 equal distances (like argmax), and sums the squared coordinate differences in the same order
 without fused multiply-adds (`enable_fp_fusion=False`), so the distances round alike.
 
-Without triton (CPU-only installs) `available` is False and pointops keeps the torch loop.
+Without triton (CPU-only installs) `available` is False and lib.ops keeps the torch loop.
 With TRITON_INTERPRET=1 set before import, the kernels run on CPU tensors in Triton's
 interpreter: that is how tests check them on a machine without a GPU.
 """

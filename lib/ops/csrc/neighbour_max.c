@@ -7,7 +7,7 @@
  * an equality mask and a sum over it: several passes over (R, K, C). The two differ only at
  * ties; after the ReLU that precedes the pooling the ties are zeros, whose gradient the
  * ReLU's backward drops either way. A NaN is the maximum, as in torch.max.
- * Built with the other kernels here by lib/native.py. */
+ * Built with the other kernels here by lib/ops/native.py. */
 #include <stdint.h>
 #include <string.h>
 
@@ -52,16 +52,21 @@ static void max_bwd_##S(const void *p, int64_t r) {                             
 DEFINE_MAX(float, f32)
 DEFINE_MAX(double, f64)
 
-/* dtype 0 = float32, 1 = float64 */
-void neighbour_max_forward(int dtype, int threads, int64_t R, int64_t K, int64_t C,
+/* dtype 0 = float32, 1 = float64. STATUS_BAD_SHAPE where the neighbour index would not fit the
+ * int32 `arg`. */
+int neighbour_max_forward(int dtype, int threads, int64_t R, int64_t K, int64_t C,
                            const void *x, void *out, int32_t *arg) {
     max_args a = {.x = x, .out = out, .arg = arg, .K = K, .C = C};
+    if (K < 1 || K > INT32_MAX) return STATUS_BAD_SHAPE;
     for_each(dtype ? max_fwd_f64 : max_fwd_f32, &a, R, threads);
+    return STATUS_OK;
 }
 
-void neighbour_max_backward(int dtype, int threads, int64_t R, int64_t K, int64_t C,
+int neighbour_max_backward(int dtype, int threads, int64_t R, int64_t K, int64_t C,
                             const void *grad_out, const int32_t *arg, void *grad_x) {
     max_args a = {.grad_out = grad_out, .grad_x = grad_x, .arg = (int32_t *)arg, .K = K,
                   .C = C};
+    if (K < 1 || K > INT32_MAX) return STATUS_BAD_SHAPE;
     for_each(dtype ? max_bwd_f64 : max_bwd_f32, &a, R, threads);
+    return STATUS_OK;
 }

@@ -1,0 +1,32 @@
+/* A parallel for over independent units (points, clouds), shared by the kernels in this folder.
+ *
+ * OpenMP, because torch's Linux wheels run their intra-op threads on GNU OpenMP: this library's
+ * libgomp.so.1 (built with -fopenmp by lib/ops/native.py) resolves to the one torch has already
+ * loaded, so these loops run on torch's thread pool. Threads of their own would compete for the
+ * cores with torch's idle threads, which spin for a while after each parallel op: on 2 cores
+ * that doubled the time of the kNN calls inside a training step. A torch built on another
+ * OpenMP (Intel's libiomp5, LLVM's libomp) gets a second pool here, correct but slower on few
+ * cores. Compiled without OpenMP, the loops run serially. */
+#ifndef POINT_HAQ_PARALLEL_H
+#define POINT_HAQ_PARALLEL_H
+
+#include <stdint.h>
+
+/* What the exported functions return; lib/ops turns each into a one-line Python error. */
+enum { STATUS_OK = 0, STATUS_NO_MEMORY = -1, STATUS_NOT_FINITE = -2, STATUS_BAD_SHAPE = -3 };
+
+/* Rows of C channels are kept on the stack (variable-length arrays) by the kernels: a bound on
+ * C keeps that within any thread's stack. lib/ops sends wider rows to the PyTorch forms. */
+enum { MAX_CHANNELS = 4096 };
+
+typedef void (*body_fn)(const void *args, int64_t unit);
+
+/* body(args, u) for u in [0, units), in contiguous spans over up to `threads` threads. */
+static void for_each(body_fn body, const void *args, int64_t units, int threads) {
+    if (threads > units) threads = (int)units;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t u = 0; u < units; ++u) body(args, u);
+}
+
+#endif

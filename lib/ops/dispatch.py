@@ -1,0 +1,78 @@
+"""Which form of each operation runs, and why: the one place that decides.
+
+operation                CPU, "auto" backend                 CUDA, "auto"     else
+farthest_point_sample    C (csrc/geometry.c);                Triton           torch loop
+                         no C compiler: fpsample's FPS       (fps_triton.py)
+knn_query                float32: C grid; float64 or         GEMM-ranked      GEMM-ranked
+                         no C compiler: pykdtree
+gather with a gradient   sparse-matrix backward              index_select     index_select
+relation, neighbour_sum  C (csrc/pt_layer.c)                 plain            plain
+norm_relu_linear         C (csrc/norm_relu_linear.c),        the modules      the modules
+                         up to 64 channels
+neighbour_max            C (csrc/neighbour_max.c)            amax             amax
+batch_norm               folded form up to 8 channels        BatchNorm1d      BatchNorm1d
+mlp                      one-GEMM backward for Linear(3, C)  the modules      the modules
+
+"else" is the "reference" backend (`set_backend("reference")`, the benchmarks' plain-PyTorch
+side) and any other device. There kNN is the GEMM-ranked form too, the fastest plain-PyTorch
+kNN here: cdist's exact mode (geometry.knn_query_reference) is the tests' oracle, and took 8 s
+for an 80k-point room on an H100 (geometry.knn_query_matmul). The C kernels take float32 and
+float64 CPU tensors of one dtype with at most MAX_CHANNELS channels; bf16, autocast, modules
+with forward hooks (HAQ's recorder) and non-plain modules (quantized, SyncBatchNorm) get the
+plain forms. Every fast form gives the plain form's values and gradients up to rounding
+(tests/test_ops_layers.py, tests/test_ops_geometry.py); FPS and kNN give the same indices up
+to ties. `python -m lib.ops` prints what runs on this machine.
+"""
+import torch
+
+from lib.ops import fps_triton, native
+
+MAX_CHANNELS = 4096  # csrc/parallel.h: rows of C values live on the kernels' stacks
+NATIVE_DTYPES = {torch.float32: 0, torch.float64: 1}
+_BACKEND = "auto"
+
+
+def set_backend(name):
+    """"auto": the fast forms above; "reference": pure PyTorch everywhere."""
+    global _BACKEND
+    if name not in ("auto", "reference"):
+        raise ValueError(f"unknown lib.ops backend {name!r}; use 'auto' or 'reference'")
+    _BACKEND = name
+
+
+def get_backend():
+    return _BACKEND
+
+
+def fast_cpu(*tensors):
+    """The "auto" backend and every tensor on the CPU."""
+    return _BACKEND == "auto" and all(t.device.type == "cpu" for t in tensors)
+
+
+def fast_cuda(*tensors):
+    return _BACKEND == "auto" and all(t.is_cuda for t in tensors)
+
+
+def native_for(*tensors):
+    """The C kernels when they can take these tensors (fast CPU path, one float dtype they
+    know, few enough channels), else None."""
+    x = tensors[0]
+    if (not fast_cpu(*tensors) or x.dtype not in NATIVE_DTYPES or x.shape[-1] > MAX_CHANNELS
+            or any(t.dtype != x.dtype for t in tensors)):
+        return None
+    return native.library()
+
+
+def fps_form(xyz):
+    if fast_cpu(xyz):
+        return "native" if native.library() is not None else "fpsample"
+    if _BACKEND == "auto" and fps_triton.available(xyz):
+        return "triton"
+    return "reference"
+
+
+def knn_form(support, query):
+    if fast_cpu(support, query):
+        dtype = torch.promote_types(support.dtype, query.dtype)
+        return "native" if native.library() is not None and dtype == torch.float32 else "kdtree"
+    return "matmul"

@@ -1,0 +1,239 @@
+"""The Point Transformer layer's fused operations: C kernels (lib/ops/csrc/, loaded by
+lib/ops/native.py) wrapped in autograd Functions, each with its plain PyTorch form.
+
+Eager PyTorch runs the layer's per-neighbour chains (gather, add, multiply, sum, BatchNorm,
+ReLU, GEMM) one memory-bound pass per operation over (B, N, k, C) tensors; the kernels read
+and write each tensor once: the relation and the aggregation of paper Eq. 3, gamma's
+BatchNorm-ReLU-Linear, TransitionDown's max-pool. lib/ops/dispatch.py says when they run.
+Shapes are checked here before any C call: neighbour indices against the cloud size
+(geometry.check_index), channel counts against the attention weights' (a kernel would
+otherwise write past a row); the kernels check their own shapes again and return a status.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lib.ops.dispatch import NATIVE_DTYPES, native_for
+from lib.ops.geometry import check_index, gather
+from lib.ops.layers import _unhooked, _update_running_stats, batch_norm, shared_weight_sum
+
+
+def _run(lib, name, **arguments):
+    """A C kernel's call; its failure status as a one-line error."""
+    status = lib.call(name, dtype=NATIVE_DTYPES[arguments.pop("dtype")], **arguments)
+    if status == -1:
+        raise MemoryError(f"lib/ops/csrc: {name}: out of memory for its partial sums")
+    if status:
+        sizes = ", ".join(f"{k}={v}" for k, v in arguments.items() if isinstance(v, int))
+        raise ValueError(f"lib/ops/csrc: {name}: shapes outside what the kernel takes ({sizes})")
+
+
+class _Relation(torch.autograd.Function):
+    """delta (B, N, k, C) - key[idx] + query (B, N, C) per neighbour, in one pass (C kernel)."""
+
+    @staticmethod
+    def forward(ctx, lib, delta, key, query, idx):
+        delta, key, query, idx = (t.contiguous() for t in (delta, key, query, idx))
+        out = torch.empty_like(delta)
+        (b, n, k), c = idx.shape, delta.shape[-1]
+        _run(lib, "pt_relation_forward", dtype=delta.dtype, B=b, N=n, K=k, C=c, delta=delta,
+             key=key, q=query, idx=idx, rel=out)
+        ctx.lib = lib
+        ctx.save_for_backward(idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        b, n, k, c = grad.shape
+        grad_key = grad.new_zeros(b, n, c) if ctx.needs_input_grad[2] else None
+        grad_query = grad.new_empty(b, n, c) if ctx.needs_input_grad[3] else None
+        if grad_key is not None or grad_query is not None:
+            _run(ctx.lib, "pt_relation_backward", dtype=grad.dtype, B=b, N=n, K=k, C=c,
+                 grad_rel=grad, idx=idx, grad_key=grad_key, grad_q=grad_query)
+        return None, grad, grad_key, grad_query, None
+
+
+def _check_neighbours(rows, idx, neighbour_rows):
+    """The shapes the PT layer's kernels assume: rows (B, N, C), idx (B, N, k) within [0, N),
+    neighbour_rows (B, N, k, *)."""
+    b, n = rows.shape[:2]
+    if idx.dim() != 3 or tuple(idx.shape[:2]) != (b, n) or \
+            tuple(neighbour_rows.shape[:3]) != tuple(idx.shape):
+        raise ValueError(f"lib/ops: neighbour shapes disagree: rows {tuple(rows.shape)}, idx "
+                         f"{tuple(idx.shape)}, per-neighbour {tuple(neighbour_rows.shape)}")
+    check_index(idx, n)
+
+
+def relation(delta, key, query, idx):
+    """Paper Eq. 3's relation phi(x_i) - psi(x_j) + delta_ij for each point i and neighbour j:
+    delta (B, N, k, C), key = psi(x) and query = phi(x) (B, N, C), idx (B, N, k) -> (B, N, k, C).
+    The plain form negates the key on the N points before the gather (its sum's backward then
+    passes the gradient on without a negated (B, N, k, C) copy)."""
+    lib = native_for(delta, key, query)
+    if lib is not None and idx.dtype == torch.int64:
+        _check_neighbours(key, idx, delta)
+        return _Relation.apply(lib, delta, key, query, idx)
+    return delta + gather(-key, idx) + query.unsqueeze(2)
+
+
+class _Aggregate(torch.autograd.Function):
+    """sum_j w (tiled to C) * (value[idx] + delta) in one pass (C kernel)."""
+
+    @staticmethod
+    def forward(ctx, lib, weight, value, delta, idx):
+        weight, value, delta, idx = (t.contiguous() for t in (weight, value, delta, idx))
+        b, n, c = value.shape
+        out = value.new_empty(b, n, c)
+        _run(lib, "pt_aggregate_forward", dtype=value.dtype, B=b, N=n, K=idx.shape[-1], C=c,
+             W=weight.shape[-1], w=weight, v=value, delta=delta, idx=idx, out=out)
+        ctx.lib = lib
+        ctx.save_for_backward(weight, value, delta, idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, value, delta, idx = ctx.saved_tensors
+        grad = grad.contiguous()
+        _, need_w, need_v, need_delta, _ = ctx.needs_input_grad
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_v = torch.zeros_like(value) if need_v else None
+        grad_delta = torch.empty_like(delta) if need_delta else None
+        if need_w or need_v or need_delta:
+            b, n, c = value.shape
+            _run(ctx.lib, "pt_aggregate_backward", dtype=value.dtype, B=b, N=n,
+                 K=idx.shape[-1], C=c, W=weight.shape[-1], grad_out=grad, w=weight, v=value,
+                 delta=delta, idx=idx, grad_w=grad_w, grad_delta=grad_delta, grad_v=grad_v)
+        return None, grad_w, grad_v, grad_delta, None
+
+
+def neighbour_sum(weight, value, delta, idx, share_planes):
+    """Paper Eq. 3's aggregation sum_j w_ij * (alpha(x_j) + delta_ij) with shared weights:
+    weight (B, N, k, C/s), value = alpha(x) (B, N, C), delta (B, N, k, C), idx (B, N, k)
+    -> (B, N, C); channel g C/s + c is weighted by weight[..., c] (shared_weight_sum)."""
+    channels, width = value.shape[-1], weight.shape[-1]
+    if width * share_planes != channels or delta.shape[-1] != channels:
+        raise ValueError(f"lib/ops: neighbour_sum of {channels} channels needs {channels} delta "
+                         f"channels and {channels} / {share_planes} attention weights, got "
+                         f"{delta.shape[-1]} and {width}")
+    lib = native_for(value, weight, delta)
+    if lib is not None and idx.dtype == torch.int64:
+        _check_neighbours(value, idx, delta)
+        _check_neighbours(value, idx, weight)
+        return _Aggregate.apply(lib, weight, value, delta, idx)
+    return shared_weight_sum(gather(value, idx) + delta, weight, share_planes)
+
+
+class _NeighbourMax(torch.autograd.Function):
+    """x.amax(dim=2) over (B, M, k, C), its gradient routed to the first maximum (C kernel)."""
+
+    @staticmethod
+    def forward(ctx, lib, x):
+        x = x.contiguous()
+        b, m, k, c = x.shape
+        out = x.new_empty(b, m, c)
+        arg = torch.empty(b, m, c, dtype=torch.int32)
+        _run(lib, "neighbour_max_forward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, out=out,
+             arg=arg)
+        ctx.lib, ctx.k = lib, k
+        ctx.save_for_backward(arg)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (arg,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        b, m, c = grad.shape
+        grad_x = grad.new_empty(b, m, ctx.k, c)
+        _run(ctx.lib, "neighbour_max_backward", dtype=grad.dtype, R=b * m, K=ctx.k, C=c,
+             grad_out=grad, arg=arg, grad_x=grad_x)
+        return None, grad_x
+
+
+def neighbour_max(x):
+    """Max-pooling over the neighbour axis, (B, M, k, C) -> (B, M, C) (paper Fig. 4b). The C
+    kernel's backward sends the gradient to the first maximal neighbour where amax's would
+    share it among ties: they differ only at ties, which follow a ReLU as zeros whose gradient
+    the ReLU drops (lib/ops/csrc/neighbour_max.c)."""
+    lib = native_for(x)
+    if lib is not None and x.dim() == 4 and x.shape[2] < 2 ** 31:  # int32 argmax
+        return _NeighbourMax.apply(lib, x)
+    return x.amax(dim=2)
+
+
+# norm_relu_linear's C kernels beat BatchNorm + ReLU + GEMM up to this many channels; above,
+# the per-row products (C x C / share_planes) are better left to the GEMM.
+_NORM_RELU_LINEAR_MAX_CHANNELS = 64
+
+
+class _NormReluLinear(torch.autograd.Function):
+    """linear(relu(bn(x))) on (M, C) rows in two passes forward and two backward (C kernels,
+    lib/ops/csrc/norm_relu_linear.c); keeps `bn`'s running statistics as bn(x) would."""
+
+    @staticmethod
+    def forward(ctx, lib, bn, x, gamma, beta, weight, bias):
+        x, weight = x.contiguous(), weight.contiguous()
+        (rows, channels), outputs = x.shape, weight.shape[0]
+        if bn.training:
+            sums = torch.empty(2, channels, dtype=torch.float64)
+            _run(lib, "nrl_stats", dtype=x.dtype, M=rows, C=channels, x=x, sums=sums)
+            mean = sums[0] / rows
+            var = (sums[1] / rows - mean * mean).clamp_min(0)  # float64: no cancellation here
+            _update_running_stats(bn, mean, var, rows)
+        else:
+            mean, var = bn.running_mean.double(), bn.running_var.double()
+        rstd = torch.rsqrt(var + bn.eps)
+        scale = gamma.detach().double() * rstd
+        shift = beta.detach().double() - mean * scale
+        mean, rstd, scale, shift = (t.to(x.dtype) for t in (mean, rstd, scale, shift))
+        out = x.new_empty(rows, outputs)
+        _run(lib, "nrl_forward", dtype=x.dtype, M=rows, C=channels, O=outputs, x=x, scale=scale,
+             shift=shift, weight=weight, bias=bias.contiguous(), out=out)
+        ctx.lib, ctx.training = lib, bn.training
+        ctx.save_for_backward(x, gamma, weight, scale, shift, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, gamma, weight, scale, shift, mean, rstd = ctx.saved_tensors
+        grad_h = grad_h.contiguous()
+        (rows, channels), outputs = x.shape, weight.shape[0]
+        given = dict(dtype=x.dtype, M=rows, C=channels, O=outputs, x=x, grad_h=grad_h,
+                     scale=scale, shift=shift, mean=mean, rstd=rstd, weight=weight)
+        sums = torch.empty(2 + outputs, channels, dtype=torch.float64)
+        _run(ctx.lib, "nrl_backward_sums", sums=sums, **given)
+        grad_beta, grad_gamma = sums[0], sums[1]  # sum of dy, sum of dy x_hat
+        grad_x = None
+        if ctx.needs_input_grad[2]:
+            k1 = gamma.detach().double() * rstd.double()
+            if ctx.training:  # the batch statistics' share of the gradient
+                k2, k3 = k1 * grad_beta / rows, k1 * grad_gamma / rows
+            else:
+                k2 = k3 = torch.zeros_like(k1)
+            k1, k2, k3 = (t.to(x.dtype) for t in (k1, k2, k3))
+            grad_x = torch.empty_like(x)
+            _run(ctx.lib, "nrl_backward_input", k1=k1, k2=k2, k3=k3, grad_x=grad_x, **given)
+        return (None, None, grad_x, grad_gamma.to(x.dtype), grad_beta.to(x.dtype),
+                sums[2:].to(x.dtype), grad_h.sum(0))
+
+
+def norm_relu_linear(bn, linear, x):
+    """linear(relu(bn(x))) for `bn` an nn.BatchNorm1d over the last axis and `linear` an
+    nn.Linear, on (..., C) -> (..., O): the start of the PT layer's gamma, on the (B, N, k, C)
+    relation. Fused in C where it pays (CPU, fp32/fp64, C <= 64, plain modules, no autocast);
+    elsewhere batch_norm, ReLU and the Linear (and so the reference's plain forms)."""
+    channels = x.shape[-1]
+    lib = native_for(x)
+    fused = (lib is not None and channels <= _NORM_RELU_LINEAR_MAX_CHANNELS
+             and type(bn) is nn.BatchNorm1d and bn.affine and bn.track_running_stats
+             and type(linear) is nn.Linear and linear.bias is not None
+             and _unhooked(bn, linear)
+             and x.dtype == bn.weight.dtype == linear.weight.dtype
+             and not torch.is_autocast_enabled(x.device.type)
+             and x.numel() // channels >= 2)
+    if not fused:
+        return linear(F.relu(batch_norm(bn, x), inplace=True))
+    rows = x.reshape(-1, channels)
+    out = _NormReluLinear.apply(lib, bn, rows, bn.weight, bn.bias, linear.weight, linear.bias)
+    return out.view(*x.shape[:-1], -1)

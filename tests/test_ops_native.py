@@ -1,0 +1,281 @@
+"""lib/ops/native.py and the checks in front of the C kernels: a bad input, a bad cache or a
+changed C signature is a one-line error or a rebuild, never a crash or silent corruption.
+
+The build tests compile a one-function probe instead of the kernels (the same code path, in
+well under a second)."""
+import ast
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from lib import ops
+from lib.ops import fused, native
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE = """
+#include <stdint.h>
+/* out[i] = x[i] + 1 */
+int add_one(int threads, int64_t n, const float *x, float *out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] + 1.0f;
+    return threads > 0 ? 0 : -3;
+}
+"""
+
+
+@pytest.fixture
+def probe(tmp_path, monkeypatch):
+    """A probe source, and a private cache folder for its builds."""
+    source = tmp_path / "probe.c"
+    source.write_text(PROBE)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return str(source)
+
+
+def needs_cc():
+    if subprocess.run(["sh", "-c", "command -v cc"], capture_output=True).returncode:
+        pytest.skip("no C compiler")
+
+
+def load_probe(path, source):
+    kernels = native.Kernels(path, sources=[source])
+    x = torch.arange(5, dtype=torch.float32)
+    out = torch.empty(5)
+    assert kernels.call("add_one", n=5, x=x, out=out) == 0
+    return out
+
+
+def test_a_probe_builds_loads_and_runs_with_the_umasks_permissions(probe):
+    needs_cc()
+    path = native.build("cc", sources=[probe], headers=[], name="probe")
+    assert torch.equal(load_probe(path, probe), torch.arange(1, 6, dtype=torch.float32))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o777 & ~umask  # not mkstemp's 0600
+    assert stat.S_IMODE(os.stat(path + ".sha256").st_mode) == 0o666 & ~umask
+
+
+def test_a_truncated_cached_library_is_rebuilt_with_one_warning(probe):
+    needs_cc()
+    path = native.build("cc", sources=[probe], headers=[], name="probe")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)  # what a full disk or a killed copy leaves
+    with pytest.warns(UserWarning) as caught:
+        assert native.build("cc", sources=[probe], headers=[], name="probe") == path
+    assert len(caught) == 1 and "incomplete or changed" in str(caught[0].message)
+    assert "\n" not in str(caught[0].message)
+    assert os.path.getsize(path) == size
+    assert torch.equal(load_probe(path, probe), torch.arange(1, 6, dtype=torch.float32))
+
+
+def test_two_processes_building_at_once_compile_once(probe, tmp_path):
+    needs_cc()
+    log = tmp_path / "compiles.log"
+    compiler = tmp_path / "slow-cc"
+    # a compiler that logs each compilation and takes a second over it, so the two overlap
+    compiler.write_text(f'#!/bin/sh\ncase "$1" in --version) exec cc "$@";; esac\n'
+                        f'echo compile >> {log}\nsleep 1\nexec cc "$@"\n')
+    compiler.chmod(0o755)
+    script = ("import sys; from lib.ops import native; "
+              f"print(native.build({str(compiler)!r}, sources=[{probe!r}], headers=[], "
+              "name='probe'))")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    paths = {out.strip() for out, _ in outputs}
+    assert len(paths) == 1 and native._verified(paths.pop())
+    assert log.read_text().split() == ["compile"]
+
+
+def test_collecting_the_tests_compiles_nothing(tmp_path):
+    """Tests ask for the kernels when they run, never at collection (a skipif that built them
+    made `pytest --collect-only` compile, and every xdist worker with it)."""
+    log = tmp_path / "compiles.log"
+    compiler = tmp_path / "logging-cc"
+    compiler.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec cc "$@"\n')
+    compiler.chmod(0o755)
+    env = dict(os.environ, CC=str(compiler), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               OMP_NUM_THREADS="1")
+    env.pop("POINT_HAQ_NATIVE", None)
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                          "-p", "no:cacheprovider", "tests"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert not log.exists(), log.read_text()
+
+
+def test_an_unwritable_cache_falls_back_to_the_temporary_folder(probe, tmp_path, monkeypatch):
+    needs_cc()
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # makedirs below a file fails
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    path = native.build("cc", sources=[probe], headers=[], name="probe")
+    assert path.startswith(str(tmp_path / "tmp")) and native._verified(path)
+
+
+def test_a_hanging_compiler_times_out_and_the_pytorch_forms_serve(tmp_path, monkeypatch):
+    """The compiler and its children are killed (a driver's hung cc1 holds the pipes open)."""
+    compiler = tmp_path / "hanging-cc"
+    compiler.write_text('#!/bin/sh\ncase "$1" in --version) echo hang;; *) sleep 60;; esac\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.delenv("POINT_HAQ_NATIVE", raising=False)  # the suite may run with it at 0
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "COMPILE_TIMEOUT_S", 1)
+    monkeypatch.setattr(native, "_library", native._UNSET)
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match="timed out"):
+        assert native.library() is None
+    assert time.monotonic() - start < 30
+    assert list((tmp_path / "cache").rglob("*.so")) == []
+
+
+def test_prototypes_are_read_from_every_exported_c_function():
+    found = native.prototypes()
+    assert set(found) == {"pt_relation_forward", "pt_relation_backward", "pt_aggregate_forward",
+                          "pt_aggregate_backward", "nrl_stats", "nrl_forward",
+                          "nrl_backward_sums", "nrl_backward_input", "neighbour_max_forward",
+                          "neighbour_max_backward", "fps", "knn"}
+    restype, params = found["pt_aggregate_forward"]
+    assert [name for name, _ in params] == ["dtype", "threads", "B", "N", "K", "C", "W", "w", "v",
+                                            "delta", "idx", "out"]
+    assert restype is not None  # every kernel returns a status
+
+
+def _kernel_calls(path):
+    """(kernel name, keyword names) of every `_run(lib, "name", ...)` / `.call("name", ...)`,
+    a `**given` resolved through the module's `given = dict(...)`."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    dicts = {node.targets[0].id: {k.arg for k in node.value.keywords}
+             for node in ast.walk(tree)
+             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+             and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", "") == "dict"}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+        args = [a for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        if name in ("_run", "call") and args:
+            keywords = set()
+            for k in node.keywords:
+                keywords |= {k.arg} if k.arg is not None else dicts[k.value.id]
+            yield args[0].value, keywords
+
+
+@pytest.mark.parametrize("module", ["fused.py", "geometry.py"])
+def test_every_kernel_call_names_exactly_the_c_parameters(module):
+    """The Python side of each call, checked against the C definitions without compiling: a
+    parameter added, renamed or dropped in C fails here (and at run time, in Kernels.call)."""
+    found = native.prototypes()
+    calls = list(_kernel_calls(os.path.join(ROOT, "lib", "ops", module)))
+    assert len(calls) >= 2
+    for kernel, keywords in calls:
+        params = {name for name, _ in found[kernel][1]} - {"threads"}
+        assert keywords - {"threads"} == params, (kernel, sorted(keywords ^ params))
+
+
+def test_a_call_with_wrong_parameter_names_is_a_one_line_error(probe):
+    needs_cc()
+    path = native.build("cc", sources=[probe], headers=[], name="probe")
+    kernels = native.Kernels(path, sources=[probe])
+    with pytest.raises(TypeError, match=r"add_one\(threads, n, x, out\) called with") as err:
+        kernels.call("add_one", n=5, x=torch.zeros(5), output=torch.zeros(5))
+    assert "\n" not in str(err.value)
+
+
+# The checks in front of the kernels
+
+def needs_kernels():
+    lib = native.library()
+    if lib is None:
+        pytest.skip("no C kernels")
+    return lib
+
+
+def attention(b=2, n=20, k=4, channels=16, width=2):
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(b, n, k, channels, generator=gen)
+    rows = [torch.randn(b, n, channels, generator=gen) for _ in range(3)]
+    weight = torch.randn(b, n, k, width, generator=gen)
+    return delta, rows, weight, torch.randint(0, n, (b, n, k), generator=gen)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("bad", [20, -1, 39])  # 39: inside the batch's rows, not the cloud's
+def test_a_corrupt_neighbour_index_is_a_one_line_error(backend, bad):
+    ops.set_backend(backend)
+    try:
+        delta, (key, query, value), weight, idx = attention()
+        idx[1, 3, 2] = bad
+        for op in (lambda: ops.relation(delta, key, query, idx),
+                   lambda: ops.neighbour_sum(weight, value, delta, idx, 8),
+                   lambda: ops.gather(value, idx)):
+            with pytest.raises(ValueError, match="neighbour index out of range") as err:
+                op()
+            assert "\n" not in str(err.value)
+    finally:
+        ops.set_backend("auto")
+
+
+def test_an_index_modified_in_place_is_checked_again():
+    delta, (key, query, _), _, idx = attention()
+    ops.relation(delta, key, query, idx)  # checked and remembered
+    idx[0, 0, 0] = 1000
+    with pytest.raises(ValueError, match="out of range"):
+        ops.relation(delta, key, query, idx)
+
+
+def test_a_bad_channel_count_is_a_one_line_error():
+    delta, (_, _, value), _, idx = attention()
+    for width in (3, 4):  # 3 does not divide 16; 4 is not 16 / share_planes
+        weight = torch.randn(2, 20, 4, width)
+        with pytest.raises(ValueError, match="neighbour_sum of 16 channels") as err:
+            ops.neighbour_sum(weight, value, delta, idx, 8)
+        assert "\n" not in str(err.value)
+
+
+def test_the_kernels_refuse_bad_shapes_before_touching_memory():
+    """Null pointers everywhere: a kernel that read or wrote anything would crash the test."""
+    lib = needs_kernels()
+    sizes = dict(dtype=0, B=1, N=4, K=2, C=16)
+    nulls = dict(w=None, v=None, delta=None, idx=None, out=None)
+    assert lib.call("pt_aggregate_forward", W=3, **sizes, **nulls) == -3  # 3 does not divide 16
+    assert lib.call("pt_aggregate_forward", W=0, **sizes, **nulls) == -3
+    assert lib.call("pt_relation_forward", **dict(sizes, C=5000), delta=None, key=None, q=None,
+                    idx=None, rel=None) == -3  # wider than the stack rows
+    assert lib.call("fps", B=1, N=2 ** 31, m=4, xyz=None, start=None, out=None) == -3
+    assert lib.call("knn", B=1, N=4, M=4, k=5, support=None, query=None, idx=None,
+                    dist2=None) == -3
+    with pytest.raises(ValueError, match="shapes outside what the kernel takes") as err:
+        fused._run(lib, "nrl_forward", dtype=torch.float32, M=4, C=0, O=2, x=None, scale=None,
+                    shift=None, weight=None, bias=None, out=None)
+    assert "\n" not in str(err.value)
+
+
+def test_the_suite_runs_without_a_compiler():
+    """POINT_HAQ_NATIVE=0 in a fresh process: no build, and a PT training step on the PyTorch
+    forms (CI without a C compiler gets the same)."""
+    script = textwrap.dedent("""
+        import torch
+        from lib.ops import native
+        from models import build_model
+        model = build_model("pt_seg_tiny", in_channels=3, num_classes=4, num_categories=2)
+        model(torch.randn(2, 128, 3), torch.randn(2, 128, 3), torch.tensor([0, 1])).sum().backward()
+        assert native.library() is None
+        print("ok")
+    """)
+    env = dict(os.environ, POINT_HAQ_NATIVE="0", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
