@@ -4,30 +4,28 @@
 
 Prints the per-category (or per-class) table and the summary table; --json writes the figures.
 """
-import argparse
 import json
 
-from lib.cli import resolve_device, run_script
+from lib.cli import add_flags, make_parser, path_arg, resolve_device, run_script
 from lib.experiment import evaluate_checkpoint
 from lib.report import format_results, format_size
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint file (best.pt, last.pt, packed)")
-    p.add_argument("--data-root", default=None, help="overrides the data root the checkpoint records")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p = make_parser(__doc__)
+    p.add_argument("--ckpt", type=path_arg, required=True,
+                   help="checkpoint file (best.pt, last.pt, fp32 or packed)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="the split to score")
+    p.add_argument("--json", type=path_arg, default=None,
+                   help="also write the figures to this JSON file")
+    add_flags(p, "data_root", "batch_size", "device", "workers", "amp")
     return p
 
 
 def main(args):
     meta, results = evaluate_checkpoint(args.ckpt, args.data_root, args.split, args.batch_size,
-                                        resolve_device(args.device), args.workers)
+                                        resolve_device(args.device), args.workers, args.amp)
     quant = meta.get("quant")
     print(f"{args.ckpt}: {meta['model']['name']} on {meta['dataset']['name']} ({args.split}), "
           f"{'quantized' if quant else 'fp32'}")

@@ -4,8 +4,9 @@ subset of the training data. Writes policy.json (best policy), policy.png, episo
 tensorboard events, search_state.pt (for --resume) and a baseline table.
 
     python search.py --ckpt checkpoints/demo/pretrain/best.pt --preserve-ratio 0.1 --episodes 100
+
+The search folder (--out) defaults to the search/ subfolder of the checkpoint's folder.
 """
-import argparse
 import json
 import os
 
@@ -13,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from lib.checkpoint import load_checkpoint, torch_load, torch_save_atomic
-from lib.cli import resolve_device, run_script
+from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, path_arg,
+                     positive_fraction, positive_int, resolve_device, run_script)
 from lib.experiment import example_inputs, load_split
 from lib.haq.ddpg import DDPG
 from lib.haq.env import QuantEnv
@@ -24,38 +26,30 @@ from lib.policy_file import parse_keep, write_policy
 from lib.quant import keep_first_last, list_quantizable, uniform_policy
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import format_baseline_table
+from lib.rundir import claim
 from lib.runlog import RunLog
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="fp32 checkpoint (pretrain.py)")
-    p.add_argument("--preserve-ratio", type=float, default=0.1,
+    p = make_parser(__doc__)
+    p.add_argument("--ckpt", type=path_arg, default=None,
+                   help="fp32 checkpoint (pretrain.py); required for a new search")
+    p.add_argument("--preserve-ratio", type=positive_fraction, default=0.1,
                    help="budget: this fraction of the fp32 weight bits")
-    p.add_argument("--min-bit", type=int, default=2)
-    p.add_argument("--max-bit", type=int, default=8)
-    p.add_argument("--episodes", type=int, default=600)
-    p.add_argument("--warmup", type=int, default=100, help="episodes of random actions first")
-    p.add_argument("--sigma-decay", type=float, default=0.99,
+    p.add_argument("--min-bit", type=bit_width, default=2, help="smallest bit width searched")
+    p.add_argument("--max-bit", type=bit_width, default=8, help="largest bit width searched")
+    p.add_argument("--episodes", type=positive_int, default=600, help="search episodes")
+    p.add_argument("--warmup", type=nonneg_int, default=100, help="episodes of random actions first")
+    p.add_argument("--sigma-decay", type=fraction, default=0.99,
                    help="exploration decay per episode after the warm-up (HAQ: 0.99 over 600 "
                         "episodes; a short search needs a faster decay to exploit what it learnt)")
-    p.add_argument("--val-size", type=int, default=200,
+    p.add_argument("--val-size", type=positive_int, default=200,
                    help="held-out training samples the reward is measured on")
-    p.add_argument("--keep-first-last", default="",
-                   help="keep the first layer and the final classifier at BITS or fp32, outside the search")
-    p.add_argument("--method", default="kmeans", choices=["kmeans", "linear"])
-    p.add_argument("--finetune-steps", type=int, default=0,
+    add_flags(p, "keep_first_last", "method")
+    p.add_argument("--finetune-steps", type=nonneg_int, default=0,
                    help="short fine-tune of each candidate before its reward (0 = none)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="batch of the reward's evaluation (16: at 32 the default PT's neighbour "
-                        "tensors pass glibc's 32 MiB mmap threshold and fault in every episode)")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="search folder (default: <ckpt folder>/search)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the search saved in --out/search_state.pt")
+    add_flags(p, "data_root", "batch_size", "device", "seed", "workers", "amp", "out", "resume",
+              "overwrite")
     return p
 
 
@@ -68,17 +62,18 @@ def build_evaluator(args, device):
     # The reward never sees the test split: it is measured on held-out training data.
     held_out = load_split(data["name"], root, "val", data["num_points"], seed=args.seed)
     order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(args.seed))
-    eval_batches = cached_batches(held_out, order[:args.val_size].tolist(), args.batch_size, device)
+    eval_batches = cached_batches(held_out, order[:args.val_size].tolist(), args.batch_size, device,
+                                  args.workers)
     train_batches = ()
     if args.finetune_steps:
         train = load_split(data["name"], root, "train", data["num_points"], seed=args.seed)
         picks = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
         train_batches = cached_batches(train, picks[:args.finetune_steps * args.batch_size].tolist(),
-                                       args.batch_size, device)
+                                       args.batch_size, device, args.workers)
     model.to(device)
     layers = list_quantizable(model, example_inputs(held_out, device))
     evaluator = PolicyEvaluator(model, held_out, eval_batches, device, args.method, train_batches,
-                                args.finetune_steps)
+                                args.finetune_steps, amp=args.amp)
     return meta, layers, evaluator
 
 
@@ -112,14 +107,18 @@ def baselines(args, evaluator, layers, fixed, searched):
 
 
 def main(args):
+    if not args.ckpt:
+        raise ValueError("give --ckpt (an fp32 checkpoint from pretrain.py)")
+    if args.min_bit > args.max_bit:
+        raise ValueError(f"--min-bit {args.min_bit} is above --max-bit {args.max_bit}")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "search")
-    os.makedirs(out, exist_ok=True)
+    args.out = out = claim(args.out or os.path.join(os.path.dirname(args.ckpt), "search"),
+                           resume=bool(args.resume), overwrite=args.overwrite)
     state_path = os.path.join(out, "search_state.pt")
     state = None
     if args.resume:
-        state = torch_load(state_path)
+        state = torch_load(args.resume)
         print(f"resuming the search at episode {state['episode']} of {args.episodes}")
 
     meta, layers, evaluator = build_evaluator(args, device)
@@ -135,10 +134,11 @@ def main(args):
 
     log = RunLog(out, vars(args), log_name="episodes.jsonl")
     start = state["episode"] if state else 0
+    log.keep_records(start)
     bar = tqdm(total=args.episodes, initial=start, desc="search", dynamic_ncols=True)
 
     def on_episode(record, search_state):
-        torch_save_atomic(search_state, state_path)
+        torch_save_atomic(dict(search_state, args=vars(args)), state_path)
         log.record(record)
         log.scalars("search", {k: record[k] for k in ("reward", "metric", "budget_ratio")},
                     record["episode"])
@@ -176,4 +176,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_script(main, get_args_parser())
+    run_script(main, get_args_parser(), kind="search")

@@ -3,7 +3,9 @@
 An fp32 checkpoint is one torch file holding everything (DESIGN.md "Checkpoints"). A quantized
 model is stored packed (lib/quant/pack.py: bit-packed indices + codebooks + fp32 rest) with the
 same metadata in its header, and what only a resume needs (optimizer, scheduler, RNG) goes to a
-sidecar `<name>.resume.pt`, so the packed file keeps exactly the honest size.
+sidecar `<name>.resume.pt`, so the packed file keeps exactly the honest size. The sidecar also
+holds the model's state and is written first: it is the resume point on its own, so a crash
+between the two writes never pairs the weights of one epoch with the optimizer of another.
 """
 import os
 import random
@@ -24,11 +26,20 @@ def atomic_write(path, write_fn):
     os.close(fd)
     try:
         write_fn(tmp)
+        # mkstemp creates the file private (0600); a checkpoint gets the permissions of any
+        # file the user creates, so a lab's group can read it.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def torch_save_atomic(obj, path):
@@ -42,8 +53,9 @@ def torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip errors, unpickling errors, EOF: all mean "not a checkpoint of ours"
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a readable checkpoint ({first_line[:160]})") from None
+        # torch's first line says what failed; its further paragraphs are advice for torch users
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
 
 
 def unwrap(model):
@@ -93,14 +105,15 @@ def is_quantized(model):
 
 def save_checkpoint(path, model, meta, resume_state=None):
     """Write model + metadata to `path`; `resume_state` (optimizer, scheduler, epoch, RNG ...)
-    goes into the same file for fp32 models and into `<path>.resume.pt` for packed ones."""
+    goes into the same file for fp32 models and, with the model's state, into `<path>.resume.pt`
+    (written first) for packed ones."""
     model = unwrap(model)
     meta = dict(meta, format_version=FORMAT_VERSION)
     if is_quantized(model):
         from lib.quant.pack import save_packed
-        save_packed(path, model, meta)
         if resume_state is not None:
-            torch_save_atomic(resume_state, resume_path(path))
+            torch_save_atomic(dict(resume_state, state_dict=model.state_dict()), resume_path(path))
+        save_packed(path, model, meta)
     else:
         obj = {"meta": meta, "state_dict": model.state_dict()}
         if resume_state is not None:
@@ -112,9 +125,17 @@ def resume_path(path):
     return path + ".resume.pt"
 
 
+def checkpoint_epoch(path):
+    """The epoch a checkpoint records, read without building its model."""
+    from lib.quant.pack import is_packed, read_header
+    meta = read_header(path)[0]["meta"] if is_packed(path) else torch_load(path).get("meta", {})
+    return meta.get("epoch")
+
+
 def load_checkpoint(path):
     """-> (meta, model, resume_state or None). The model is rebuilt from the recorded name and
-    constructor arguments; loads are strict."""
+    constructor arguments; loads are strict; weights that are not finite are refused. A packed
+    checkpoint with a resume sidecar gets the sidecar's weights (the resume point)."""
     from lib.quant.pack import is_packed, load_packed
     from models import build_model
 
@@ -129,7 +150,9 @@ def load_checkpoint(path):
     if is_packed(path):
         meta, model = load_packed(path, build)
         resume = torch_load(resume_path(path)) if os.path.isfile(resume_path(path)) else None
-        return meta, model, resume
+        if resume is not None and "state_dict" in resume:
+            _load_state(model, resume.pop("state_dict"), resume_path(path))
+        return meta, _finite(model, path), resume
     obj = torch_load(path)
     if not isinstance(obj, dict) or "meta" not in obj or "state_dict" not in obj:
         raise ValueError(f"{path}: not a checkpoint of this repository (no 'meta'/'state_dict')")
@@ -138,9 +161,23 @@ def load_checkpoint(path):
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} "
                          f"is not the supported {FORMAT_VERSION}")
     model = build(meta)
+    _load_state(model, obj["state_dict"], path)
+    return meta, _finite(model, path), obj.get("resume")
+
+
+def _load_state(model, state_dict, path):
     try:
-        model.load_state_dict(obj["state_dict"], strict=True)
+        model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the recorded model "
-                         f"({str(e).splitlines()[0][:160]})") from None
-    return meta, model, obj.get("resume")
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ValueError(f"{path}: weights do not match the recorded model ({reason})") from None
+
+
+def _finite(model, path):
+    """The model, unless a weight or buffer holds NaN or inf (a diverged run): scoring such a
+    model gives a believable but meaningless number."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: {name} holds NaN or infinite values; the run that wrote "
+                             f"it had diverged")
+    return model

@@ -9,8 +9,7 @@ from lib.checkpoint import torch_load
 from lib.experiment import make_loader
 from lib.runlog import RunLog
 from lib.tasks import supervised_loss
-from lib.train import (autocast, build_optimizer, build_scheduler, evaluate, fit,
-                       restore_resume_state)
+from lib.train import autocast, build_optimizer, build_scheduler, evaluate, fit
 from toy import PointMLP, ToyPoints
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,11 +27,11 @@ def train_toy(out, epochs=4, interrupt_at_step=None, resume=None):
     val = make_loader(ToyPoints(10, seed=1), 4, train=False)
     opt = build_optimizer(model.parameters(), "sgd", 0.1, 1e-4)
     sched = build_scheduler(opt, "cosine", epochs, len(train))
-    start, best = 0, None
+    state = None
     if resume:
         ckpt = torch_load(resume)
         model.load_state_dict(ckpt["state_dict"])
-        start, best = restore_resume_state(ckpt["resume"], opt, sched)
+        state = ckpt["resume"]
     steps = [0]
 
     def loss_fn(logits, batch):
@@ -42,7 +41,7 @@ def train_toy(out, epochs=4, interrupt_at_step=None, resume=None):
         return supervised_loss(logits, batch)
 
     fit(model, train, val, opt, sched, loss_fn, torch.device("cpu"), epochs, out,
-        {"model": {}}, RunLog(out, {}), start, best)
+        {"model": {}}, RunLog(out, {}), resume=state)
     return model
 
 

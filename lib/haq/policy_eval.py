@@ -15,23 +15,22 @@ from lib.tasks import model_inputs, supervised_loss, to_device
 from lib.train import evaluate
 
 
-def cached_batches(dataset, indices, batch_size, device):
-    """The samples at `indices`, collated into batches already on `device`."""
-    batches = []
-    for start in range(0, len(indices), batch_size):
-        samples = [dataset[i] for i in indices[start:start + batch_size]]
-        batches.append(to_device(torch.utils.data.default_collate(samples), device))
-    return batches
+def cached_batches(dataset, indices, batch_size, device, workers=0):
+    """The samples at `indices`, collated into batches already on `device` (read by `workers`
+    DataLoader processes)."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
+                                         batch_size=batch_size, num_workers=workers)
+    return [to_device(batch, device) for batch in loader]
 
 
 class PolicyEvaluator:
     """evaluate_policy(bits) -> metric, for lib.haq.env.QuantEnv."""
 
     def __init__(self, fp32_model, dataset, eval_batches, device, method="kmeans",
-                 train_batches=(), finetune_steps=0, finetune_lr=1e-4):
+                 train_batches=(), finetune_steps=0, finetune_lr=1e-4, amp=None):
         self.fp32_model = fp32_model.eval()
         self.dataset, self.eval_batches, self.device = dataset, eval_batches, device
-        self.method = method
+        self.method, self.amp = method, amp
         self.train_batches, self.finetune_steps, self.finetune_lr = train_batches, finetune_steps, finetune_lr
         self.cache = KMeansCache()
         self.tapes = [pointops.GeometryTape() for _ in eval_batches]  # one per fixed batch
@@ -46,7 +45,7 @@ class PolicyEvaluator:
                               cache=self.cache)
 
     def score(self, model):
-        return evaluate(model, self._taped_batches(), self.device, desc="search eval",
+        return evaluate(model, self._taped_batches(), self.device, self.amp, desc="search eval",
                         dataset=self.dataset)
 
     def _taped_batches(self):

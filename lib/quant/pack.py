@@ -173,7 +173,7 @@ def load_packed(path, build_model_fn):
         state = {entry["key"]: _decode(entry, payload) for entry in header["tensors"]}
         unwrap(model).load_state_dict(state, strict=True)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise ValueError(f"{path}: stored weights do not fit the model built from its meta "
-                         f"({first_line[:200]})") from None
+                         f"({reason or type(e).__name__})") from None
     return header["meta"], model
