@@ -138,8 +138,10 @@ def main(args):
     bar = tqdm(total=args.episodes, initial=start, desc="search", dynamic_ncols=True)
 
     def on_episode(record, search_state):
-        torch_save_atomic(dict(search_state, args=vars(args)), state_path)
+        # The log line first: a crash before the state lands leaves one line too many, which
+        # the resume drops (keep_records); the other order would lose a line.
         log.record(record)
+        torch_save_atomic(dict(search_state, args=vars(args)), state_path)
         log.scalars("search", {k: record[k] for k in ("reward", "metric", "budget_ratio")},
                     record["episode"])
         log.scalars("search_best", {"reward": search_state["best"]["reward"]}, record["episode"])

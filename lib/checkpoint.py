@@ -1,11 +1,11 @@
 """Self-describing checkpoints: written atomically, loaded with weights_only=True.
 
-An fp32 checkpoint is one torch file holding everything (DESIGN.md "Checkpoints"). A quantized
-model is stored packed (lib/quant/pack.py: bit-packed indices + codebooks + fp32 rest) with the
-same metadata in its header, and what only a resume needs (optimizer, scheduler, RNG) goes to a
-sidecar `<name>.resume.pt`, so the packed file keeps exactly the honest size. The sidecar also
-holds the model's state and is written first: it is the resume point on its own, so a crash
-between the two writes never pairs the weights of one epoch with the optimizer of another.
+A checkpoint is one file, written in one atomic step, so a crash leaves either the old or the
+new one. A checkpoint that carries a resume state (last.pt: optimizer, scheduler, RNG) is one
+torch file holding everything; for a quantized model it also records the quantized layers
+(`quant`), so they are rebuilt before the strict load. A quantized model without a resume state
+(best.pt) is stored packed (lib/quant/pack.py: bit-packed indices + codebooks + fp32 rest) with
+the same metadata in its header, so its file has exactly the honest size.
 """
 import os
 import random
@@ -104,25 +104,21 @@ def is_quantized(model):
 
 
 def save_checkpoint(path, model, meta, resume_state=None):
-    """Write model + metadata to `path`; `resume_state` (optimizer, scheduler, epoch, RNG ...)
-    goes into the same file for fp32 models and, with the model's state, into `<path>.resume.pt`
-    (written first) for packed ones."""
+    """Write model + metadata (+ `resume_state`: optimizer, scheduler, epoch, RNG ...) to `path`:
+    packed for a quantized model without a resume state, one torch file otherwise."""
     model = unwrap(model)
     meta = dict(meta, format_version=FORMAT_VERSION)
-    if is_quantized(model):
+    if is_quantized(model) and resume_state is None:
         from lib.quant.pack import save_packed
-        if resume_state is not None:
-            torch_save_atomic(dict(resume_state, state_dict=model.state_dict()), resume_path(path))
         save_packed(path, model, meta)
-    else:
-        obj = {"meta": meta, "state_dict": model.state_dict()}
-        if resume_state is not None:
-            obj["resume"] = resume_state
-        torch_save_atomic(obj, path)
-
-
-def resume_path(path):
-    return path + ".resume.pt"
+        return
+    obj = {"meta": meta, "state_dict": model.state_dict()}
+    if is_quantized(model):
+        from lib.quant.layers import quant_state
+        obj["quant"] = quant_state(model)
+    if resume_state is not None:
+        obj["resume"] = resume_state
+    torch_save_atomic(obj, path)
 
 
 def checkpoint_epoch(path):
@@ -134,8 +130,8 @@ def checkpoint_epoch(path):
 
 def load_checkpoint(path):
     """-> (meta, model, resume_state or None). The model is rebuilt from the recorded name and
-    constructor arguments; loads are strict; weights that are not finite are refused. A packed
-    checkpoint with a resume sidecar gets the sidecar's weights (the resume point)."""
+    constructor arguments; loads are strict; weights that are not finite are refused."""
+    from lib.quant.layers import prepare_quantized
     from lib.quant.pack import is_packed, load_packed
     from models import build_model
 
@@ -149,10 +145,7 @@ def load_checkpoint(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if is_packed(path):
         meta, model = load_packed(path, build)
-        resume = torch_load(resume_path(path)) if os.path.isfile(resume_path(path)) else None
-        if resume is not None and "state_dict" in resume:
-            _load_state(model, resume.pop("state_dict"), resume_path(path))
-        return meta, _finite(model, path), resume
+        return meta, _finite(model, path), None
     obj = torch_load(path)
     if not isinstance(obj, dict) or "meta" not in obj or "state_dict" not in obj:
         raise ValueError(f"{path}: not a checkpoint of this repository (no 'meta'/'state_dict')")
@@ -161,6 +154,8 @@ def load_checkpoint(path):
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} "
                          f"is not the supported {FORMAT_VERSION}")
     model = build(meta)
+    if obj.get("quant"):
+        prepare_quantized(model, obj["quant"])
     _load_state(model, obj["state_dict"], path)
     return meta, _finite(model, path), obj.get("resume")
 

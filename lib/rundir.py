@@ -20,8 +20,8 @@ from lib import distributed
 LOCK_NAME = ".lock"
 # What the scripts write into a run folder; any of the first group means "a run lives here".
 RUN_MARKERS = ("args.json", "last.pt", "best.pt", "search_state.pt", "policy.json")
-RUN_FILES = RUN_MARKERS + ("log.jsonl", "episodes.jsonl", "log.txt", "last.pt.resume.pt",
-                           "best_test.json", "policy.png", "baselines.md", "baselines.json")
+RUN_FILES = RUN_MARKERS + ("log.jsonl", "episodes.jsonl", "log.txt", "best_test.json",
+                           "policy.png", "baselines.md", "baselines.json")
 RUN_DIRS = ("tb",)
 
 _held = {}  # folder -> open lock file, kept open (and so locked) until the process ends
@@ -100,8 +100,8 @@ def recorded_run(path):
     """What `--resume path` continues: (kind, recorded settings, resolved path), kind being
     "pretrain" or "finetune" (a last.pt) or "search" (search_state.pt); a run folder stands for
     the file in it. One-line errors for anything that cannot be resumed."""
-    from lib.checkpoint import resume_path, torch_load
-    from lib.quant.pack import is_packed, read_header
+    from lib.checkpoint import torch_load
+    from lib.quant.pack import is_packed
     if os.path.isdir(path):
         for name in ("search_state.pt", "last.pt"):
             if os.path.isfile(os.path.join(path, name)):
@@ -112,19 +112,14 @@ def recorded_run(path):
                                     f"resume")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if is_packed(path):
-        meta, resumable = read_header(path)[0]["meta"], os.path.isfile(resume_path(path))
-    else:
-        obj = torch_load(path)
-        if isinstance(obj, dict) and "agent" in obj:
-            if "args" not in obj:
-                raise ValueError(f"{path}: a search state without its recorded settings "
-                                 f"(written by an older search.py); it cannot be resumed")
-            return "search", obj["args"], path
-        if not isinstance(obj, dict) or "meta" not in obj:
-            raise ValueError(f"{path}: not a checkpoint of this repository")
-        meta, resumable = obj["meta"], "resume" in obj
-    if not resumable:
+    obj = None if is_packed(path) else torch_load(path)
+    if isinstance(obj, dict) and "agent" in obj:
+        if "args" not in obj:
+            raise ValueError(f"{path}: a search state without its recorded settings (written by "
+                             f"an older search.py); it cannot be resumed")
+        return "search", obj["args"], path
+    if not isinstance(obj, dict) or "resume" not in obj or "meta" not in obj:
         raise ValueError(f"{path}: holds no optimizer state to resume from (resume from a "
                          f"last.pt)")
+    meta = obj["meta"]
     return ("finetune" if meta.get("quant") else "pretrain"), meta.get("args", {}), path

@@ -149,7 +149,15 @@ def read_point_table(path, num_columns, delimiter=None, max_rows=None):
 
 
 def _raise_first_bad_line(path, num_columns, delimiter, max_rows):
-    with open(path) as f:
+    try:
+        _scan_lines(path, num_columns, delimiter, max_rows)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file of points (byte {e.start} of a line is not "
+                         f"UTF-8)") from None
+
+
+def _scan_lines(path, num_columns, delimiter, max_rows):
+    with open(path, encoding="utf-8") as f:
         for number, line in enumerate(itertools.islice(f, max_rows), start=1):
             if not line.strip():
                 continue  # loadtxt skips blank lines too
