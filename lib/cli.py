@@ -20,16 +20,19 @@ def path_arg(value):
 
 
 def _bounded(kind, low, high=None, low_open=False):
+    """An argparse type: `kind` within [low, high] ((low, high] with low_open); NaN is refused."""
+    bounds = (f"> {low}" if low_open else f">= {low}") + (f" and <= {high}" if high is not None
+                                                          else "")
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if value != value or (value <= low if low_open else value < low) or \
                 (high is not None and value > high):
-            bound = f"> {low}" if low_open else f">= {low}"
-            raise argparse.ArgumentTypeError(
-                f"{text} is out of range: must be {bound}{f' and <= {high}' if high is not None else ''}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bounds}")
         return value
     return parse
 

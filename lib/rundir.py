@@ -89,13 +89,6 @@ def lock(folder):
     _held[folder] = f
 
 
-def release(folder):
-    """Give the lock back before the process ends (tests running several runs in one process)."""
-    f = _held.pop(os.path.realpath(folder), None)
-    if f is not None:
-        f.close()
-
-
 def recorded_run(path):
     """What `--resume path` continues: (kind, recorded settings, resolved path), kind being
     "pretrain" or "finetune" (a last.pt) or "search" (search_state.pt); a run folder stands for

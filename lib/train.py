@@ -228,9 +228,9 @@ def _repair_best(path, model, meta, resume):
     if best_epoch is None or (os.path.isfile(path) and checkpoint_epoch(path) == best_epoch):
         return
     if best_epoch != resume["epoch"]:
-        raise ValueError(f"{path}: holds epoch {checkpoint_epoch(path) if os.path.isfile(path) else 'nothing'}"
-                         f", but the run's best is epoch {best_epoch}: it was changed outside "
-                         f"the run")
+        found = checkpoint_epoch(path) if os.path.isfile(path) else "nothing"
+        raise ValueError(f"{path}: holds epoch {found}, but the run's best is epoch {best_epoch}: "
+                         f"it was changed outside the run")
     save_checkpoint(path, unwrap(model), dict(meta, metrics=resume["metrics"], epoch=best_epoch))
     print(f"{path}: rewritten from the resumed last.pt (epoch {best_epoch}; the run had stopped "
           f"before writing it)", flush=True)
