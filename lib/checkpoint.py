@@ -168,11 +168,19 @@ def _load_state(model, state_dict, path):
         raise ValueError(f"{path}: weights do not match the recorded model ({reason})") from None
 
 
-def _finite(model, path):
-    """The model, unless a weight or buffer holds NaN or inf (a diverged run): scoring such a
-    model gives a believable but meaningless number."""
-    for name, tensor in model.state_dict().items():
+def non_finite_entry(model):
+    """The name of the first state_dict entry holding NaN or inf (a diverged run), or None."""
+    for name, tensor in unwrap(model).state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{path}: {name} holds NaN or infinite values; the run that wrote "
-                             f"it had diverged")
+            return name
+    return None
+
+
+def _finite(model, path):
+    """The model, unless a weight is not finite: scoring it would give a believable but
+    meaningless number."""
+    name = non_finite_entry(model)
+    if name is not None:
+        raise ValueError(f"{path}: {name} holds NaN or infinite values; the run that wrote it "
+                         f"had diverged")
     return model

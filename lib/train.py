@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from lib import distributed
-from lib.checkpoint import rng_state, save_checkpoint, set_rng_state, unwrap
+from lib.checkpoint import non_finite_entry, rng_state, save_checkpoint, set_rng_state, unwrap
 from lib.metrics import make_metric, metric_key
 from lib.tasks import model_inputs, to_device
 
@@ -237,11 +237,10 @@ def _repair_best(path, model, meta, resume):
 
 
 def check_finite_weights(model, epoch):
-    for name, tensor in unwrap(model).state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise FloatingPointError(f"epoch {epoch + 1}: {name} holds NaN or infinite values "
-                                     f"after training; stopped before writing a checkpoint "
-                                     f"(lower --lr?)")
+    name = non_finite_entry(model)
+    if name is not None:
+        raise FloatingPointError(f"epoch {epoch + 1}: {name} holds NaN or infinite values after "
+                                 f"training; stopped before writing a checkpoint (lower --lr?)")
 
 
 def restore_resume_state(resume, optimizer, scheduler):
