@@ -6,6 +6,8 @@ tensorboard events, search_state.pt (for --resume) and a baseline table.
     python search.py --ckpt checkpoints/demo/pretrain/best.pt --preserve-ratio 0.1 --episodes 100
 
 The search folder (--out) defaults to the search/ subfolder of the checkpoint's folder.
+--batch-size is the reward evaluation's; keep it at 16 on a CPU: at 32 the default PT's
+neighbour tensors pass glibc's 32 MiB mmap threshold and fault in every episode.
 """
 import json
 import os
@@ -39,7 +41,8 @@ def get_args_parser():
     p.add_argument("--min-bit", type=bit_width, default=2, help="smallest bit width searched")
     p.add_argument("--max-bit", type=bit_width, default=8, help="largest bit width searched")
     p.add_argument("--episodes", type=positive_int, default=600, help="search episodes")
-    p.add_argument("--warmup", type=nonneg_int, default=100, help="episodes of random actions first")
+    p.add_argument("--warmup", type=nonneg_int, default=100,
+                   help="episodes of random actions first")
     p.add_argument("--sigma-decay", type=fraction, default=0.99,
                    help="exploration decay per episode after the warm-up (HAQ: 0.99 over 600 "
                         "episodes; a short search needs a faster decay to exploit what it learnt)")
