@@ -113,7 +113,7 @@ def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+        raise ValueError("--device cuda: no CUDA device is available")
     return torch.device(name)
 
 
@@ -134,8 +134,7 @@ def resumed_args(parser, argv, args, kind):
     from lib.rundir import recorded_run
     found, recorded, path = recorded_run(args.resume)
     if found != kind:
-        raise ValueError(f"{path}: a {found} run; {os.path.basename(sys.argv[0]) or kind} "
-                         f"--resume continues a {kind} run")
+        raise ValueError(f"{path}: a {found} run; {kind}.py --resume continues a {kind} run")
     folder = os.path.dirname(path)
     given = given_dests(parser, argv)
     if "overwrite" in given:
@@ -192,4 +191,5 @@ def run_script(main, parser, kind=None, argv=None):
                       f"{args.out}", flush=True)
         main(args)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        raise SystemExit(f"error: {one_line(e)}")
+        # Under torchrun every rank stops; the main one says why.
+        raise SystemExit(f"error: {one_line(e)}" if os.environ.get("RANK", "0") == "0" else 1)
