@@ -81,7 +81,7 @@ def main(args):
         meta, model, resume = load_checkpoint(args.resume)
     fp32_meta, teacher, _ = load_checkpoint(args.ckpt)
     if fp32_meta.get("quant"):
-        raise SystemExit(f"{args.ckpt}: already quantized; fine-tune from the fp32 checkpoint")
+        raise ValueError(f"{args.ckpt}: already quantized; fine-tune from the fp32 checkpoint")
     data = fp32_meta["dataset"]
     root = args.data_root or data["root"]
     num_points = args.num_points or data["num_points"]

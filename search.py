@@ -59,7 +59,7 @@ def get_args_parser():
 def build_evaluator(args, device):
     meta, model, _ = load_checkpoint(args.ckpt)
     if meta.get("quant"):
-        raise SystemExit(f"{args.ckpt}: already quantized; search from the fp32 checkpoint")
+        raise ValueError(f"{args.ckpt}: already quantized; search from the fp32 checkpoint")
     data = meta["dataset"]
     root = args.data_root or data["root"]
     # The reward never sees the test split: it is measured on held-out training data.

@@ -98,3 +98,35 @@ def test_autocast_is_bf16_on_the_cpu_only_when_asked():
     for amp, dtype in ((None, torch.float32), (False, torch.float32), (True, torch.bfloat16)):
         with autocast(cpu, amp):
             assert (a @ b).dtype == dtype, amp
+
+
+def test_non_finite_loss_or_weights_stop_fit_before_any_checkpoint(tmp_path):
+    """A loss that turns NaN, or weights that do while the loss still looks fine, stop the run
+    with the epoch (and step) named; neither reaches last.pt or best.pt."""
+    def run(out, loss_fn):
+        torch.manual_seed(0)
+        model = PointMLP()
+        train = make_loader(ToyPoints(32), 8, train=True, seed=1)
+        opt = build_optimizer(model.parameters(), "sgd", 0.1, 0.0)
+        fit(model, train, make_loader(ToyPoints(10, seed=1), 4, train=False), opt,
+            build_scheduler(opt, "cosine", 2, len(train)),
+            lambda logits, batch: loss_fn(model, logits, batch),
+            torch.device("cpu"), 2, out, {"model": {}}, RunLog(out, {}))
+
+    def nan_loss(model, logits, batch):
+        return supervised_loss(logits, batch) * float("nan")
+
+    calls = []
+
+    def nan_weight(model, logits, batch):  # at the epoch's last step: no later loss shows it
+        calls.append(1)
+        if len(calls) == 4:
+            model.net[2].bias.data[0] = float("inf")
+        return supervised_loss(logits, batch)
+
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step 1 of 4: the training loss"):
+        run(str(tmp_path / "loss"), nan_loss)
+    with pytest.raises(FloatingPointError, match=r"epoch 1: net\.2\.bias holds NaN or infinite"):
+        run(str(tmp_path / "weights"), nan_weight)
+    for folder in ("loss", "weights"):
+        assert not {"last.pt", "best.pt"} & set(os.listdir(tmp_path / folder))
