@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from lib import distributed
-from lib.checkpoint import non_finite_entry, rng_state, save_checkpoint, set_rng_state, unwrap
+from lib.checkpoint import (checkpoint_epoch, non_finite_entry, rng_state, save_checkpoint,
+                            set_rng_state, unwrap)
 from lib.metrics import make_metric, metric_key
 from lib.tasks import model_inputs, to_device
 
@@ -185,8 +186,11 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
         start_epoch, best = restore_resume_state(resume, optimizer, scheduler)
         best_epoch = resume.get("best_epoch")
         log.keep_records(start_epoch)
-        if distributed.is_main():
-            _repair_best(os.path.join(out_dir, "best.pt"), model, meta, resume)
+        problem = (_repair_best(os.path.join(out_dir, "best.pt"), model, meta, resume)
+                   if distributed.is_main() else None)
+        problem = distributed.gather_objects(problem)[0]  # every rank stops, or none
+        if problem:
+            raise ValueError(problem)
     val_metrics = None
     for epoch in range(start_epoch, epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
@@ -222,18 +226,19 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
 def _repair_best(path, model, meta, resume):
     """best.pt as the resumed last.pt says it should be. last.pt is written before best.pt, so
     after a crash between the two best.pt is missing or one improvement behind, and the model
-    that belongs there is last.pt's own (the one being resumed)."""
-    from lib.checkpoint import checkpoint_epoch
+    that belongs there is last.pt's own (the one being resumed). Returns what is wrong if the
+    file cannot be repaired, else None."""
     best_epoch = resume.get("best_epoch")
     if best_epoch is None or (os.path.isfile(path) and checkpoint_epoch(path) == best_epoch):
-        return
+        return None
     if best_epoch != resume["epoch"]:
         found = checkpoint_epoch(path) if os.path.isfile(path) else "nothing"
-        raise ValueError(f"{path}: holds epoch {found}, but the run's best is epoch {best_epoch}: "
-                         f"it was changed outside the run")
+        return (f"{path}: holds epoch {found}, but the run's best is epoch {best_epoch}: it was "
+                f"changed outside the run")
     save_checkpoint(path, unwrap(model), dict(meta, metrics=resume["metrics"], epoch=best_epoch))
     print(f"{path}: rewritten from the resumed last.pt (epoch {best_epoch}; the run had stopped "
           f"before writing it)", flush=True)
+    return None
 
 
 def check_finite_weights(model, epoch):
