@@ -67,6 +67,8 @@ def test_resume_amp_and_workers_wherever_they_apply():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_no_flag_is_accepted_and_ignored(script):
+    """Every flag is read (args.<dest>) in the script that takes it: a script hands lib/ the
+    values, not the whole `args`, so this sees them all."""
     with open(os.path.join(REPO, f"{script}.py")) as f:
         source = f.read()
     unread = [a.dest for a in flags(parsers()[script]) if f"args.{a.dest}" not in source]
