@@ -356,7 +356,7 @@ def test_a_binary_point_file_is_an_error_naming_it(tmp_path):
     from lib.data import read_point_table
     path = tmp_path / "shape.txt"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
-    with pytest.raises(ValueError, match="shape.txt: not a text file"):
+    with pytest.raises(ValueError, match="shape.txt: line 1: not UTF-8 text"):
         read_point_table(str(path), 7)
 
 
