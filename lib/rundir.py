@@ -9,7 +9,8 @@ folders and resuming"):
   process, so a crashed or killed run leaves no stale lock behind;
 - every check comes before anything is written: a refused run touches nothing.
 
-Under torchrun only the main rank checks and holds the lock; the other ranks follow its verdict.
+`recorded_run` reads what a `--resume` path points at; lib/cli.py's `resumed_args` turns it
+into the resumed run's flags. Under torchrun only the main rank checks and holds the lock; the other ranks follow its verdict.
 """
 import fcntl
 import os
