@@ -6,27 +6,25 @@ Prints the per-category (or per-class) table and the summary table; --json write
 --save-pred DIR writes each shape's / room's points with label and prediction (PLY);
 --render N draws N of them, ground truth beside prediction, and the per-class and confusion charts.
 """
-import argparse
 import json
 import os
 
 from lib import distributed
-from lib.cli import resolve_device, run_script
+from lib.cli import add_flags, make_parser, nonneg_int, path_arg, resolve_device, run_script
 from lib.experiment import evaluate_checkpoint
 from lib.predictions import PredictionSink
 from lib.report import format_results, format_size
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint file (best.pt, last.pt, packed)")
-    p.add_argument("--data-root", default=None, help="overrides the data root the checkpoint records")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p = make_parser(__doc__)
+    p.add_argument("--ckpt", type=path_arg, required=True,
+                   help="checkpoint file (best.pt, last.pt, fp32 or packed)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="the split to score")
+    p.add_argument("--json", type=path_arg, default=None,
+                   help="also write the figures to this JSON file")
+    add_flags(p, "data_root", "batch_size", "device", "workers", "amp")
     add_prediction_flags(p)
     return p
 
@@ -34,27 +32,26 @@ def get_args_parser():
 def add_prediction_flags(p):
     """What to keep of the predictions (lib/predictions.py, lib/render.py)."""
     g = p.add_argument_group("predictions")
-    g.add_argument("--save-pred", metavar="DIR", default=None,
+    g.add_argument("--save-pred", metavar="DIR", type=path_arg, default=None,
                    help="write one PLY per shape / room (x y z, colour of the prediction, integer "
                         "fields label and pred; S3DIS rooms at full resolution, voted) with "
                         "predictions.csv and README.txt into DIR (default: %(default)s)")
-    g.add_argument("--render", metavar="N", type=int, default=0,
+    g.add_argument("--render", metavar="N", type=nonneg_int, default=0,
                    help="PNG figures of the first N shapes / rooms (ground truth beside "
                         "prediction), plus per_class_iou.png and confusion.png "
                         "(default: %(default)s)")
-    g.add_argument("--render-dir", metavar="DIR", default=None,
+    g.add_argument("--render-dir", metavar="DIR", type=path_arg, default=None,
                    help="where --render writes (default: %(default)s, i.e. "
                         "<checkpoint folder>/render_<split>)")
 
 
 def main(args):
-    if args.render < 0:
-        raise ValueError(f"--render {args.render}: give a number of figures >= 0")
     sink = None
     if args.save_pred or args.render:
         sink = PredictionSink(args.save_pred, keep=args.render, source=args.ckpt)
     meta, results = evaluate_checkpoint(args.ckpt, args.data_root, args.split, args.batch_size,
-                                        resolve_device(args.device), args.workers, sink=sink)
+                                        resolve_device(args.device), args.workers, args.amp,
+                                        sink=sink)
     quant = meta.get("quant")
     print(f"{args.ckpt}: {meta['model']['name']} on {meta['dataset']['name']} ({args.split}), "
           f"{'quantized' if quant else 'fp32'}")

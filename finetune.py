@@ -4,8 +4,10 @@ optionally distilling from the fp32 model. Checkpoints are written packed.
 
     python finetune.py --ckpt checkpoints/demo/pretrain/best.pt \
         --policy checkpoints/demo/search/policy.json --keep-first-last 8 --distill --epochs 5
+
+--epochs 0 quantizes without fine-tuning. The run folder (--out) defaults to the finetune/
+subfolder of the checkpoint's folder; the checkpoint's own folder is refused.
 """
-import argparse
 import copy
 import json
 import os
@@ -14,34 +16,37 @@ import torch
 
 from lib import distributed
 from lib.checkpoint import load_checkpoint, save_checkpoint
-from lib.cli import common_parser, resolve_device, run_script
+from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, positive_float,
+                     resolve_device, run_script)
 from lib.distill import DistillLoss
 from lib.experiment import evaluate_checkpoint, example_inputs, load_split, make_loader
 from lib.policy_file import parse_keep, read_policy
 from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import format_results, format_size
+from lib.rundir import claim
 from lib.runlog import RunLog
 from lib.tasks import supervised_loss
-from lib.train import build_optimizer, build_scheduler, evaluate, fit, restore_resume_state
+from lib.train import build_optimizer, build_scheduler, evaluate, fit
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, parents=[common_parser()],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=False, help="fp32 checkpoint to quantize (pretrain.py)")
+    p = make_parser(__doc__)
+    p.add_argument("--ckpt", type=path_arg, default=None,
+                   help="fp32 checkpoint to quantize (pretrain.py); required for a new run")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--policy", help="policy.json from search.py")
-    which.add_argument("--bits", type=int, help="uniform bit width for every layer")
-    p.add_argument("--keep-first-last", default="",
-                   help="keep the first layer and the final classifier at BITS or fp32")
-    p.add_argument("--method", default="kmeans", choices=["kmeans", "linear"])
+    which.add_argument("--policy", type=path_arg, default=None, help="policy.json from search.py")
+    which.add_argument("--bits", type=bit_width, default=None,
+                       help="uniform bit width for every layer (32: fp32)")
+    add_flags(p, "keep_first_last", "method")
     p.add_argument("--distill", action="store_true", help="distil from the fp32 model")
-    p.add_argument("--kd-temperature", type=float, default=2.0)
-    p.add_argument("--kd-alpha", type=float, default=0.9)
-    p.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--num-points", type=int, default=None)
+    p.add_argument("--kd-temperature", type=positive_float, default=2.0,
+                   help="distillation temperature T (> 0)")
+    p.add_argument("--kd-alpha", type=fraction, default=0.9,
+                   help="weight of the distillation term; 1 - alpha for the labels")
+    add_flags(p, "data_root", "val_split", "num_points", "epochs", "batch_size", "lr",
+              "optimizer", "weight_decay", "device", "seed", "workers", "amp", "out", "resume", "overwrite")
+    p.set_defaults(epochs=5, lr=1e-4, weight_decay=0.0)
     return p
 
 
@@ -49,12 +54,7 @@ def build_quantized(args, model, dataset, device):
     """The fp32 model with the requested policy applied; returns (model, quant metadata)."""
     layers = list_quantizable(model, example_inputs(dataset, device))
     names = [layer.name for layer in layers]
-    if args.policy:
-        policy = read_policy(args.policy, names)
-    elif args.bits:
-        policy = uniform_policy(layers, args.bits)
-    else:
-        raise SystemExit("give --policy policy.json or --bits N")
+    policy = read_policy(args.policy, names) if args.policy else uniform_policy(layers, args.bits)
     keep = parse_keep(args.keep_first_last)
     if keep != "off":
         policy = keep_first_last(policy, layers, keep)
@@ -66,21 +66,22 @@ def build_quantized(args, model, dataset, device):
 
 
 def main(args):
+    if not args.ckpt:
+        raise ValueError("give --ckpt (an fp32 checkpoint from pretrain.py)")
+    if not (args.policy or args.bits or args.resume):
+        raise ValueError("give --policy policy.json or --bits N")
     device = resolve_device(args.device)
     _, world, device = distributed.init_distributed(device)
+    args.out = out = claim(
+        args.out or os.path.join(os.path.dirname(args.ckpt), "finetune"),
+        resume=bool(args.resume), overwrite=args.overwrite, teacher=args.ckpt)
     torch.manual_seed(args.seed)
     resume = None
     if args.resume:
         meta, model, resume = load_checkpoint(args.resume)
-        if resume is None or meta.get("quant") is None:
-            raise SystemExit(f"{args.resume}: not a fine-tuning checkpoint with resume state")
-        args.ckpt = meta["quant"]["teacher"]
-        args.out = args.out or os.path.dirname(os.path.abspath(args.resume))
-    if not args.ckpt:
-        raise SystemExit("give --ckpt (an fp32 checkpoint from pretrain.py)")
     fp32_meta, teacher, _ = load_checkpoint(args.ckpt)
     if fp32_meta.get("quant"):
-        raise SystemExit(f"{args.ckpt}: already quantized; fine-tune from the fp32 checkpoint")
+        raise ValueError(f"{args.ckpt}: already quantized; fine-tune from the fp32 checkpoint")
     data = fp32_meta["dataset"]
     root = args.data_root or data["root"]
     num_points = args.num_points or data["num_points"]
@@ -98,16 +99,12 @@ def main(args):
     else:
         quant = meta["quant"]
     model.to(device)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "finetune")
-    epochs = args.epochs if args.epochs is not None else 5
-    lr = args.lr if args.lr is not None else 1e-4
+    epochs = args.epochs
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(model.parameters(), args.optimizer, lr, args.weight_decay)
+    optimizer = build_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, "cosine", max(epochs, 1), len(train_loader))
-    start_epoch, best = (restore_resume_state(resume, optimizer, scheduler)
-                         if resume is not None else (0, None))
     loss_fn = (DistillLoss(teacher, data["task"], args.kd_temperature, args.kd_alpha)
                if args.distill else supervised_loss)
 
@@ -129,12 +126,12 @@ def main(args):
                                                                      epoch=0))
     else:
         fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, epochs, out,
-            meta, log, start_epoch, best, args.amp)
+            meta, log, resume=resume, amp=args.amp)
     if distributed.is_main():
         # Score the file as written, through the same path eval.py takes.
         best_path = os.path.join(out, "best.pt")
         _, results = evaluate_checkpoint(best_path, root, "test", args.batch_size, device,
-                                         args.workers)
+                                         args.workers, args.amp)
         print(f"{best_path} (test split):")
         print(format_results(data["task"], results))
         with open(os.path.join(out, "best_test.json"), "w") as f:
@@ -145,4 +142,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_script(main, get_args_parser())
+    run_script(main, get_args_parser(), kind="finetune")

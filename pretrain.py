@@ -2,65 +2,61 @@
 `torchrun --nproc-per-node N pretrain.py ...` (DDP).
 
     python pretrain.py --model pt_seg_tiny --dataset synthetic_parts --epochs 10 --out checkpoints/run
+
+The run folder (--out) defaults to checkpoints/<model>_<dataset>.
 """
-import argparse
 import os
 
 import torch
 
 from lib import distributed
 from lib.checkpoint import load_checkpoint, unwrap
-from lib.cli import common_parser, resolve_device, run_script
+from lib.cli import add_flags, make_parser, nonneg_float, resolve_device, run_script
 from lib.experiment import MODEL_NAMES, dataset_meta, load_split, make_loader, model_kwargs
+from lib.rundir import claim
 from lib.runlog import RunLog
 from lib.tasks import supervised_loss
-from lib.train import build_optimizer, build_scheduler, fit, restore_resume_state
+from lib.train import build_optimizer, build_scheduler, fit
 from models import build_model
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, parents=[common_parser()],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="pt_seg_tiny", choices=MODEL_NAMES)
-    p.add_argument("--num-points", type=int, default=None,
-                   help="points per sample (default: the dataset's usual number)")
-    p.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "step"])
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p = make_parser(__doc__)
+    p.add_argument("--model", default="pt_seg_tiny", choices=MODEL_NAMES,
+                   help="network; the _tiny presets are small enough for a CPU")
+    add_flags(p, "dataset", "data_root", "val_split", "num_points", "epochs", "batch_size", "lr",
+              "optimizer", "weight_decay")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "step"],
+                   help="cosine to 0, or step: x0.1 at 60%% and 80%% of the epochs")
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=0.0,
+                   help="epochs of linear learning-rate warm-up")
+    add_flags(p, "device", "seed", "workers", "amp", "out", "resume", "overwrite")
     return p
 
 
 def main(args):
+    if args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs}: pretraining needs at least one epoch")
     device = resolve_device(args.device)
     _, world, device = distributed.init_distributed(device)
+    args.out = out = claim(args.out or os.path.join("checkpoints", f"{args.model}_{args.dataset}"),
+                           resume=bool(args.resume), overwrite=args.overwrite)
     resume = None
-    if args.resume:  # before the data is loaded: a bad path fails at once
-        recorded, model, resume = load_checkpoint(args.resume)
-        if resume is None:
-            raise SystemExit(f"{args.resume}: holds no optimizer state to resume from "
-                             f"(resume from a last.pt)")
-        # The run continues as it was started; only where it runs may change.
-        given = args
-        args = argparse.Namespace(**recorded["args"])
-        args.resume, args.device, args.workers = given.resume, given.device, given.workers
-        args.out = args.out or os.path.dirname(os.path.abspath(given.resume))
+    if args.resume:  # before the data is loaded: a bad file fails at once
+        _, model, resume = load_checkpoint(args.resume)
     torch.manual_seed(args.seed)
-    epochs = args.epochs if args.epochs is not None else 20
     lr = args.lr if args.lr is not None else (1e-3 if args.optimizer == "adamw" else 0.05)
 
-    val_split = getattr(args, "val_split", "auto")  # runs recorded before the flag existed
     train_set = load_split(args.dataset, args.data_root, "train", args.num_points, augment=True,
-                           seed=args.seed, val_split=val_split)
+                           seed=args.seed, val_split=args.val_split)
     val_set = load_split(args.dataset, args.data_root, "val", args.num_points, seed=args.seed,
-                         val_split=val_split)
+                         val_split=args.val_split)
     train_loader = make_loader(train_set, args.batch_size, train=True, seed=args.seed,
                                workers=args.workers)
     val_loader = make_loader(val_set, args.batch_size, train=False, workers=args.workers)
 
     if resume is None:
         model = build_model(args.model, **model_kwargs(args.model, train_set))
-    out = args.out or os.path.join("checkpoints", f"{args.model}_{args.dataset}")
     model.to(device)
     if world > 1:
         if device.type == "cuda":
@@ -69,10 +65,8 @@ def main(args):
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     optimizer = build_optimizer(model.parameters(), args.optimizer, lr, args.weight_decay)
-    scheduler = build_scheduler(optimizer, args.schedule, epochs, len(train_loader),
+    scheduler = build_scheduler(optimizer, args.schedule, args.epochs, len(train_loader),
                                 args.warmup_epochs)
-    start_epoch, best = (restore_resume_state(resume, optimizer, scheduler)
-                         if resume is not None else (0, None))
 
     meta = {"model": {"name": args.model, "kwargs": model_kwargs(args.model, train_set)},
             "dataset": dataset_meta(args.dataset, args.data_root, train_set, args.num_points),
@@ -83,7 +77,7 @@ def main(args):
         print(f"{args.model}: {n_params:,} parameters; {len(train_set)} train / {len(val_set)} "
               f"val samples; {world} process(es) on {device}; run folder {out}", flush=True)
     best, _ = fit(model, train_loader, val_loader, optimizer, scheduler, supervised_loss, device,
-                  epochs, out, meta, log, start_epoch, best, args.amp)
+                  args.epochs, out, meta, log, resume=resume, amp=args.amp)
     if distributed.is_main():
         print(f"best val {best:.4f}; checkpoints in {out}/best.pt and {out}/last.pt")
     log.close()  # last: log.txt copies the console until here
@@ -91,4 +85,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_script(main, get_args_parser())
+    run_script(main, get_args_parser(), kind="pretrain")

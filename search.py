@@ -6,8 +6,11 @@ table.
 
     python search.py --ckpt checkpoints/demo/pretrain/best.pt --preserve-ratio 0.1 --episodes 100
     torchrun --nproc-per-node 4 search.py ...   # each reward's subset shared by 4 processes
+
+The search folder (--out) defaults to the search/ subfolder of the checkpoint's folder.
+--batch-size is the reward evaluation's; keep it at 16 on a CPU: at 32 the default PT's
+neighbour tensors pass glibc's 32 MiB mmap threshold and fault in every episode.
 """
-import argparse
 import json
 import os
 
@@ -16,7 +19,8 @@ from tqdm import tqdm
 
 from lib import distributed
 from lib.checkpoint import load_checkpoint, torch_load, torch_save_atomic
-from lib.cli import resolve_device, run_script
+from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, path_arg,
+                     positive_float, positive_fraction, positive_int, resolve_device, run_script)
 from lib.experiment import example_inputs, load_split
 from lib.haq.ddpg import DDPG
 from lib.haq.env import QuantEnv
@@ -28,66 +32,59 @@ from lib.policy_file import parse_keep, write_policy
 from lib.quant import keep_first_last, list_quantizable, uniform_policy
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import format_baseline_table
+from lib.rundir import claim
 from lib.runlog import RunLog
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="fp32 checkpoint (pretrain.py)")
-    p.add_argument("--preserve-ratio", type=float, default=0.1,
+    p = make_parser(__doc__)
+    p.add_argument("--ckpt", type=path_arg, default=None,
+                   help="fp32 checkpoint (pretrain.py); required for a new search")
+    p.add_argument("--preserve-ratio", type=positive_fraction, default=0.1,
                    help="budget: this fraction of the fp32 weight bits")
-    p.add_argument("--min-bit", type=int, default=2)
-    p.add_argument("--max-bit", type=int, default=8)
-    p.add_argument("--episodes", type=int, default=600)
-    p.add_argument("--warmup", type=int, default=20,
+    p.add_argument("--min-bit", type=bit_width, default=2, help="smallest bit width searched")
+    p.add_argument("--max-bit", type=bit_width, default=8, help="largest bit width searched")
+    p.add_argument("--episodes", type=positive_int, default=600, help="search episodes")
+    p.add_argument("--warmup", type=nonneg_int, default=20,
                    help="episodes of random actions first (20, as HAQ's code)")
-    p.add_argument("--sigma-decay", type=float, default=0.99,
+    p.add_argument("--sigma-decay", type=fraction, default=0.99,
                    help="exploration decay per episode after the warm-up (HAQ: 0.99 over 600 "
                         "episodes; a short search needs a faster decay to exploit what it learnt)")
-    p.add_argument("--val-size", type=int, default=200,
+    p.add_argument("--val-size", type=positive_int, default=200,
                    help="held-out training samples the reward is measured on")
-    p.add_argument("--keep-first-last", default="",
-                   help="keep the first layer and the final classifier at BITS or fp32, outside the search")
-    p.add_argument("--method", default="kmeans", choices=["kmeans", "linear"])
-    p.add_argument("--finetune-steps", type=int, default=None,
+    add_flags(p, "keep_first_last", "method")
+    p.add_argument("--finetune-steps", type=nonneg_int, default=None,
                    help="SGD steps of HAQ's short fine-tune of each candidate before its reward "
-                        "(default: HAQ's length, one pass over 2 x --val-size training samples; "
+                        "(None: HAQ's length, one pass over 2 x --val-size training samples; "
                         "0 = none)")
-    p.add_argument("--finetune-lr", type=float, default=FINETUNE_LR,
+    p.add_argument("--finetune-lr", type=positive_float, default=FINETUNE_LR,
                    help="learning rate of that fine-tune (HAQ: 1e-3)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="batch of the reward's evaluation (16: at 32 the default PT's neighbour "
-                        "tensors pass glibc's 32 MiB mmap threshold and fault in every episode)")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="search folder (default: <ckpt folder>/search)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the search saved in --out/search_state.pt")
+    add_flags(p, "data_root", "batch_size", "device", "seed", "workers", "amp", "out", "resume",
+              "overwrite")
     return p
 
 
 def build_evaluator(args, device):
     meta, model, _ = load_checkpoint(args.ckpt)
     if meta.get("quant"):
-        raise SystemExit(f"{args.ckpt}: already quantized; search from the fp32 checkpoint")
+        raise ValueError(f"{args.ckpt}: already quantized; search from the fp32 checkpoint")
     data = meta["dataset"]
     root = args.data_root or data["root"]
     # The reward never sees the test split: it is measured on held-out training data.
     held_out = load_split(data["name"], root, "val", data["num_points"], seed=args.seed)
-    eval_batches = reward_batches(held_out, args.val_size, args.batch_size, device, args.seed)
+    eval_batches = reward_batches(held_out, args.val_size, args.batch_size, device, args.seed,
+                                  args.workers)
     if args.finetune_steps is None:
         args.finetune_steps = haq_finetune_steps(min(args.val_size, len(held_out)), args.batch_size)
     train_batches = ()
     if args.finetune_steps:
         train = load_split(data["name"], root, "train", data["num_points"], seed=args.seed)
         train_batches = finetune_batches(train, args.finetune_steps, args.batch_size, device,
-                                         args.seed)
+                                         args.seed, args.workers)
     model.to(device)
     layers = list_quantizable(model, example_inputs(held_out, device))
     evaluator = PolicyEvaluator(model, held_out, eval_batches, device, args.method, train_batches,
-                                args.finetune_steps, args.finetune_lr)
+                                args.finetune_steps, args.finetune_lr, amp=args.amp)
     return meta, layers, evaluator
 
 
@@ -121,18 +118,22 @@ def baselines(args, evaluator, layers, fixed, searched):
 
 
 def main(args):
+    if not args.ckpt:
+        raise ValueError("give --ckpt (an fp32 checkpoint from pretrain.py)")
+    if args.min_bit > args.max_bit:
+        raise ValueError(f"--min-bit {args.min_bit} is above --max-bit {args.max_bit}")
     # Under torchrun every rank scores a share of each reward's subset; rank 0 runs the agent,
     # broadcasts each policy and writes every file.
     _, _, device = distributed.init_distributed(resolve_device(args.device))
     main_rank = distributed.is_main()
     print_main = print if main_rank else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "search")
-    os.makedirs(out, exist_ok=True)
+    args.out = out = claim(args.out or os.path.join(os.path.dirname(args.ckpt), "search"),
+                           resume=bool(args.resume), overwrite=args.overwrite)
     state_path = os.path.join(out, "search_state.pt")
     state = None
     if args.resume:
-        state = torch_load(state_path)
+        state = torch_load(args.resume)
         print_main(f"resuming the search at episode {state['episode']} of {args.episodes}")
 
     meta, layers, evaluator = build_evaluator(args, device)
@@ -149,13 +150,16 @@ def main(args):
 
     log = RunLog(out, vars(args), log_name="episodes.jsonl")
     start = state["episode"] if state else 0
+    log.keep_records(start)
     bar = tqdm(total=args.episodes, initial=start, desc="search", dynamic_ncols=True,
                disable=not main_rank)
     names = [layer.name for layer in layers]
 
     def on_episode(record, search_state):
-        torch_save_atomic(search_state, state_path)
+        # The log line first: a crash before the state lands leaves one line too many, which
+        # the resume drops (keep_records); the other order would lose a line.
         log.record(record)
+        torch_save_atomic(dict(search_state, args=vars(args)), state_path)
         log.scalars("search", {k: record[k] for k in ("reward", "metric", "budget_ratio")},
                     record["episode"])
         log.scalars("search_best", {k: search_state["best"][k] for k in ("reward", "metric")},
@@ -208,4 +212,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_script(main, get_args_parser())
+    run_script(main, get_args_parser(), kind="search")

@@ -1,10 +1,11 @@
 """Self-describing checkpoints: written atomically, loaded with weights_only=True.
 
-An fp32 checkpoint is one torch file holding everything (lib/DESIGN.md "Checkpoints"). A
-quantized model is stored packed (lib/quant/pack.py: bit-packed indices + codebooks + fp32
-rest) with the same metadata in its header, and what only a resume needs (optimizer,
-scheduler, RNG) goes to a sidecar `<name>.resume.pt`, so the packed file keeps exactly the
-honest size.
+A checkpoint (lib/DESIGN.md "Checkpoints") is one file, written in one atomic step, so a crash
+leaves either the old or the new one. A checkpoint that carries a resume state (last.pt: optimizer, scheduler, RNG) is one
+torch file holding everything; for a quantized model it also records the quantized layers
+(`quant`), so they are rebuilt before the strict load. A quantized model without a resume state
+(best.pt) is stored packed (lib/quant/pack.py: bit-packed indices + codebooks + fp32 rest) with
+the same metadata in its header, so its file has exactly the honest size.
 """
 import os
 import random
@@ -24,8 +25,10 @@ def atomic_write(path, write_fn):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the result private
         write_fn(tmp)
+        # mkstemp creates the file private (0600); a checkpoint gets the permissions of any
+        # file the user creates, so a lab's group can read it.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -34,7 +37,7 @@ def atomic_write(path, write_fn):
 
 
 def _umask():
-    mask = os.umask(0)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -50,8 +53,9 @@ def torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip errors, unpickling errors, EOF: all mean "not a checkpoint of ours"
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a readable checkpoint ({first_line[:160]})") from None
+        # torch's first line says what failed; its further paragraphs are advice for torch users
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
 
 
 def unwrap(model):
@@ -100,29 +104,34 @@ def is_quantized(model):
 
 
 def save_checkpoint(path, model, meta, resume_state=None):
-    """Write model + metadata to `path`; `resume_state` (optimizer, scheduler, epoch, RNG ...)
-    goes into the same file for fp32 models and into `<path>.resume.pt` for packed ones."""
+    """Write model + metadata (+ `resume_state`: optimizer, scheduler, epoch, RNG ...) to `path`:
+    packed for a quantized model without a resume state, one torch file otherwise."""
     model = unwrap(model)
     meta = dict(meta, format_version=FORMAT_VERSION)
-    if is_quantized(model):
+    if is_quantized(model) and resume_state is None:
         from lib.quant.pack import save_packed
         save_packed(path, model, meta)
-        if resume_state is not None:
-            torch_save_atomic(resume_state, resume_path(path))
-    else:
-        obj = {"meta": meta, "state_dict": model.state_dict()}
-        if resume_state is not None:
-            obj["resume"] = resume_state
-        torch_save_atomic(obj, path)
+        return
+    obj = {"meta": meta, "state_dict": model.state_dict()}
+    if is_quantized(model):
+        from lib.quant.layers import quant_state
+        obj["quant"] = quant_state(model)
+    if resume_state is not None:
+        obj["resume"] = resume_state
+    torch_save_atomic(obj, path)
 
 
-def resume_path(path):
-    return path + ".resume.pt"
+def checkpoint_epoch(path):
+    """The epoch a checkpoint records, read without building its model."""
+    from lib.quant.pack import is_packed, read_header
+    meta = read_header(path)[0]["meta"] if is_packed(path) else torch_load(path).get("meta", {})
+    return meta.get("epoch")
 
 
 def load_checkpoint(path):
     """-> (meta, model, resume_state or None). The model is rebuilt from the recorded name and
-    constructor arguments; loads are strict."""
+    constructor arguments; loads are strict; weights that are not finite are refused."""
+    from lib.quant.layers import prepare_quantized
     from lib.quant.pack import is_packed, load_packed
     from models import build_model
 
@@ -136,8 +145,7 @@ def load_checkpoint(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if is_packed(path):
         meta, model = load_packed(path, build)
-        resume = torch_load(resume_path(path)) if os.path.isfile(resume_path(path)) else None
-        return meta, model, resume
+        return meta, _finite(model, path), None
     obj = torch_load(path)
     if not isinstance(obj, dict) or "meta" not in obj or "state_dict" not in obj:
         raise ValueError(f"{path}: not a checkpoint of this repository (no 'meta'/'state_dict')")
@@ -146,9 +154,33 @@ def load_checkpoint(path):
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} "
                          f"is not the supported {FORMAT_VERSION}")
     model = build(meta)
+    if obj.get("quant"):
+        prepare_quantized(model, obj["quant"])
+    _load_state(model, obj["state_dict"], path)
+    return meta, _finite(model, path), obj.get("resume")
+
+
+def _load_state(model, state_dict, path):
     try:
-        model.load_state_dict(obj["state_dict"], strict=True)
+        model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the recorded model "
-                         f"({str(e).splitlines()[0][:160]})") from None
-    return meta, model, obj.get("resume")
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ValueError(f"{path}: weights do not match the recorded model ({reason})") from None
+
+
+def non_finite_entry(model):
+    """The name of the first state_dict entry holding NaN or inf (a diverged run), or None."""
+    for name, tensor in unwrap(model).state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def _finite(model, path):
+    """The model, unless a weight is not finite: scoring it would give a believable but
+    meaningless number."""
+    name = non_finite_entry(model)
+    if name is not None:
+        raise ValueError(f"{path}: {name} holds NaN or infinite values; the run that wrote it "
+                         f"had diverged")
+    return model

@@ -1,32 +1,116 @@
-"""Flags every top-level script shares, so they are spelled the same everywhere."""
+"""The command line every top-level script shares: each flag is defined once here (name, type,
+default, help), so it is spelled and checked the same everywhere; a script adds the ones it uses
+with `add_flags`. Also the resume contract (`resumed_args`) and the scripts' entry point
+(`run_script`)."""
 import argparse
+import os
+import re
+import sys
+
+from lib.data import DATASET_NAMES
+
+# What a resumed run may change: how long it goes on and where it runs. Everything else is the
+# run's recorded setting, and a command line that differs is refused.
+MAY_CHANGE_AT_RESUME = ("epochs", "episodes", "workers", "device")
 
 
-def common_parser():
-    """Parent parser: pass as `parents=[common_parser()]` to a script's ArgumentParser."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--dataset", default="synthetic_parts",
-                   choices=["shapenet_part", "s3dis", "modelnet40", "modelnet10",
-                            "synthetic_parts", "synthetic_cls", "synthetic_rooms"])
-    p.add_argument("--data-root", default=None,
-                   help="dataset folder (default: data/<usual folder name>; synthetic data is "
-                        "generated there on first use)")
-    p.add_argument("--val-split", default="auto", choices=["auto", "train-slice", "trainval"],
-                   help="what validates (and picks best.pt): auto = the val split, or a fixed "
-                        "tenth of train where no val file is present; train-slice = that tenth "
-                        "always; trainval = train on train + val (lib/data/val_slice.py)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", default=None, help="run folder (checkpoints, logs)")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast; default: on CUDA only; --amp: on the CPU too (faster "
-                        "where the CPU has native bf16: AVX512-BF16, AMX); --no-amp: never")
-    return p
+def path_arg(value):
+    """Paths are recorded absolute, so a checkpoint means the same from any directory."""
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _bounded(kind, low, high=None, low_open=False):
+    """An argparse type: `kind` within [low, high] ((low, high] with low_open); NaN is refused."""
+    bounds = (f"> {low}" if low_open else f">= {low}") + (f" and <= {high}" if high is not None
+                                                          else "")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or (value <= low if low_open else value < low) or \
+                (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bounds}")
+        return value
+    return parse
+
+
+positive_int = _bounded(int, 1)
+nonneg_int = _bounded(int, 0)
+positive_float = _bounded(float, 0.0, low_open=True)
+nonneg_float = _bounded(float, 0.0)
+fraction = _bounded(float, 0.0, 1.0)
+positive_fraction = _bounded(float, 0.0, 1.0, low_open=True)
+bit_width = _bounded(int, 1, 32)
+
+FLAGS = {
+    "dataset": (("--dataset",), dict(default="synthetic_parts", choices=DATASET_NAMES,
+                                     help="which dataset (reader and label space)")),
+    "data_root": (("--data-root",), dict(
+        type=path_arg, default=None,
+        help="dataset folder; default: the one the checkpoint records, or for pretrain.py "
+             "data/<usual folder name> (synthetic data is generated there on first use)")),
+    "val_split": (("--val-split",), dict(
+        default="auto", choices=["auto", "train-slice", "trainval"],
+        help="what validates (and picks best.pt): auto = the val split, or a fixed tenth of "
+             "train where no val file is present; train-slice = that tenth always; trainval = "
+             "train on train + val (lib/data/val_slice.py)")),
+    "num_points": (("--num-points",), dict(
+        type=positive_int, default=None,
+        help="points per sample; default: the checkpoint's, or the dataset's usual number")),
+    "batch_size": (("--batch-size",), dict(type=positive_int, default=16,
+                                           help="samples per batch (per process under torchrun)")),
+    "epochs": (("--epochs",), dict(type=nonneg_int, default=20, help="training epochs")),
+    "lr": (("--lr",), dict(type=positive_float, default=None,
+                           help="learning rate; None: 1e-3 for adamw, 0.05 for sgd")),
+    "optimizer": (("--optimizer",), dict(default="adamw", choices=["sgd", "adamw"],
+                                         help="sgd (momentum 0.9) or adamw")),
+    "weight_decay": (("--weight-decay",), dict(type=nonneg_float, default=1e-4,
+                                               help="weight decay")),
+    "device": (("--device",), dict(default="auto", choices=["auto", "cpu", "cuda"],
+                                   help="auto: CUDA when available, else the CPU")),
+    "seed": (("--seed",), dict(type=int, default=0, help="random seed (data order, init)")),
+    "workers": (("--workers",), dict(type=nonneg_int, default=0,
+                                     help="DataLoader worker processes (0: load in the main one)")),
+    "amp": (("--amp",), dict(action=argparse.BooleanOptionalAction, default=None,
+                             help="bf16 autocast; None: on CUDA only; --amp: on the CPU too "
+                                  "(faster where the CPU has native bf16: AVX512-BF16, AMX); "
+                                  "--no-amp: never")),
+    "out": (("--out",), dict(type=path_arg, default=None,
+                             help="run folder (checkpoints, logs); None: the script's usual "
+                                  "place, given in its description")),
+    "resume": (("--resume",), dict(
+        type=path_arg, default=None,
+        help="continue a run: its last.pt (pretrain, finetune), its search_state.pt (search) or "
+             "its folder. The run keeps its recorded settings and folder; only "
+             + ", ".join("--" + d for d in MAY_CHANGE_AT_RESUME) + " may change")),
+    "overwrite": (("--overwrite",), dict(action="store_true",
+                                         help="replace the run already in --out (its files only)")),
+    "keep_first_last": (("--keep-first-last",), dict(
+        default="", help="keep the first layer and the final classifier at BITS or fp32, "
+                         "outside the policy ('': not kept)")),
+    "method": (("--method",), dict(default="kmeans", choices=["kmeans", "linear"],
+                                   help="weight sharing: k-means centroids or a linear grid")),
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every flag's default after its help."""
+
+
+def make_parser(description):
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
+def add_flags(parser, *names):
+    """Add the shared flags `names` (keys of FLAGS); a script whose default differs follows with
+    parser.set_defaults(...), which --help then shows."""
+    for name in names:
+        options, kwargs = FLAGS[name]
+        parser.add_argument(*options, **kwargs)
+    return parser
 
 
 def resolve_device(name):
@@ -34,14 +118,83 @@ def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+        raise ValueError("--device cuda: no CUDA device is available")
     return torch.device(name)
 
 
-def run_script(main, parser):
+def given_dests(parser, argv):
+    """The dests of the flags written on the command line (not left at their defaults)."""
+    unset = object()
+    # argparse fills in a default only where the namespace lacks the attribute.
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions
+                                  if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=probe)
+    return {dest for dest, value in vars(probe).items() if value is not unset}
+
+
+def resumed_args(parser, argv, args, kind):
+    """The flags of a resumed run: the recorded settings of the run that `args.resume` points
+    at, with only MAY_CHANGE_AT_RESUME taken from the command line; the folder is the run's own.
+    A different value for any other flag, or a run of another kind, is a one-line ValueError."""
+    from lib.rundir import recorded_run
+    found, recorded, path = recorded_run(args.resume)
+    if found != kind:
+        raise ValueError(f"{path}: a {found} run; {kind}.py --resume continues a {kind} run")
+    folder = os.path.dirname(path)
+    given = given_dests(parser, argv)
+    if "overwrite" in given:
+        raise ValueError("--resume continues the run in its folder; --overwrite would delete it")
+    settings, differences = {}, []
+    for action in parser._actions:
+        dest = action.dest
+        if dest == argparse.SUPPRESS or dest == "help":
+            continue
+        value = getattr(args, dest)
+        recorded_value = recorded.get(dest)
+        if recorded_value is None:  # a flag newer than the run, or a default resolved later
+            recorded_value = action.default
+        if dest == "resume":
+            settings[dest] = path
+        elif dest == "out":
+            if dest in given and os.path.realpath(value) != os.path.realpath(folder):
+                differences.append(f"--out {value} (the run's folder is {folder})")
+            settings[dest] = folder
+        elif dest in given and dest in MAY_CHANGE_AT_RESUME:
+            settings[dest] = value
+        else:
+            if dest in given and value != recorded_value:
+                differences.append(f"{action.option_strings[0]} {value} "
+                                   f"(recorded {recorded_value})")
+            settings[dest] = recorded_value
+    if differences:
+        raise ValueError(f"{path}: a resumed run keeps its recorded settings; refused: "
+                         f"{'; '.join(differences)} (only "
+                         f"{', '.join('--' + d for d in MAY_CHANGE_AT_RESUME)} may change)")
+    return argparse.Namespace(**settings)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def one_line(message):
+    """A message fit for a terminal line: no ANSI escapes, its lines joined, never cut."""
+    return " ".join(line.strip() for line in _ANSI.sub("", str(message)).splitlines()
+                    if line.strip())
+
+
+def run_script(main, parser, kind=None, argv=None):
     """A top-level script's entry point: main(parsed flags), with a missing file or a bad value
-    reported as one line (`error: ...`, exit status 1) instead of a stack trace."""
+    reported as one line (`error: ...`, exit status 1) instead of a stack trace. Scripts that
+    write a run folder give their `kind`, and `--resume` then means the same for all of them."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        main(parser.parse_args())
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        args = parser.parse_args(argv)
+        if kind is not None and args.resume:
+            args = resumed_args(parser, argv, args, kind)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"resuming {args.resume} with its recorded settings; writing into "
+                      f"{args.out}", flush=True)
+        main(args)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        # Under torchrun every rank stops; the main one says why.
+        raise SystemExit(f"error: {one_line(e)}" if os.environ.get("RANK", "0") == "0" else 1)

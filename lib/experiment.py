@@ -1,5 +1,7 @@
 """Pieces every top-level script builds the same way: datasets and loaders, the model that fits
 a dataset, and the metadata a checkpoint records about both."""
+import os
+
 import torch
 
 from lib.data import default_root
@@ -29,6 +31,9 @@ def make_loader(dataset, batch_size, train, seed=0, workers=0):
     """Training loaders shuffle per epoch (seeded) and drop the ragged last batch (BatchNorm
     needs more than one sample); evaluation loaders keep every sample exactly once."""
     sampler = ShardedSampler(len(dataset), shuffle=train, seed=seed)
+    if train and len(sampler) < batch_size:
+        raise ValueError(f"--batch-size {batch_size} is larger than the {len(sampler)} training "
+                         f"samples (per process): no training step would run")
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                        drop_last=train, num_workers=workers,
                                        persistent_workers=workers > 0)
@@ -47,7 +52,7 @@ def model_kwargs(model_name, dataset):
 
 def dataset_meta(dataset_name, root, dataset, num_points):
     """What a checkpoint records about its data: enough to rebuild the test split and label it."""
-    meta = {"name": dataset_name, "root": root or default_root(dataset_name),
+    meta = {"name": dataset_name, "root": os.path.abspath(root or default_root(dataset_name)),
             "task": dataset.task, "class_names": list(dataset.class_names),
             "in_channels": dataset.in_channels, "num_points": num_points}
     if hasattr(dataset, "features"):  # normals or xyz: a form without normals feeds xyz

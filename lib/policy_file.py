@@ -22,12 +22,17 @@ def parse_keep(value):
 
 
 def read_policy(path, layer_names):
-    """{layer: bits} from a policy.json, checked against the model's quantizable layers."""
+    """{layer: bits or None (fp32)} from a policy.json, checked strictly: every quantizable layer
+    of the model is listed, and each width is an integer in 1..32 (32: fp32) or fp32 (null or
+    "fp32"). Anything else (3.7, true, "four", a missing layer) is a one-line ValueError naming
+    the file, never a guess."""
     try:
-        with open(path) as f:
-            policy = json.load(f)
+        with open(path, "rb") as f:
+            policy = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such policy file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (not UTF-8)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     bits = policy.get("bits") if isinstance(policy, dict) else None
@@ -35,9 +40,22 @@ def read_policy(path, layer_names):
         raise ValueError(f"{path}: no 'bits' mapping of layer name to bit width")
     unknown = sorted(set(bits) - set(layer_names))
     if unknown:
-        raise ValueError(f"{path}: layers not in the model: {', '.join(unknown[:5])}"
-                         f"{' ...' if len(unknown) > 5 else ''}")
-    return {name: (None if b is None else int(b)) for name, b in bits.items()}
+        raise ValueError(f"{path}: layers not in the model: {_some(unknown)}")
+    missing = [name for name in layer_names if name not in bits]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} of the model's {len(layer_names)} layers have "
+                         f"no bit width: {_some(missing)}")
+    for name, value in bits.items():
+        valid = value is None or value == "fp32" or (
+            type(value) is int and 1 <= value <= 32)  # bool is an int subclass: not a width
+        if not valid:
+            raise ValueError(f"{path}: layer {name}: bit width {json.dumps(value)} is not an "
+                             f"integer in 1..32 or fp32")
+    return {name: None if value in (None, "fp32") else value for name, value in bits.items()}
+
+
+def _some(names):
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
 
 
 def write_policy(path, record):

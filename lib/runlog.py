@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from lib.checkpoint import git_commit
+from lib.checkpoint import atomic_write, git_commit
 from lib.distributed import is_main
 
 
@@ -70,6 +70,19 @@ class RunLog:
             return
         with open(self.log_path, "a") as f:
             f.write(json.dumps(dict(entry, time=time.time()), default=float) + "\n")
+
+    def keep_records(self, count):
+        """Keep the first `count` JSON lines: at resume, the epochs or episodes the resumed
+        state holds. Lines written after it (before a crash) would otherwise appear twice."""
+        if not self.enabled or not os.path.isfile(self.log_path):
+            return
+        with open(self.log_path) as f:
+            lines = f.readlines()[:count]
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(lines)
+        atomic_write(self.log_path, write)
 
     def close(self):
         if self.writer is not None:

@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from lib import distributed
-from lib.checkpoint import rng_state, save_checkpoint, set_rng_state, unwrap
+from lib.checkpoint import (checkpoint_epoch, non_finite_entry, rng_state, save_checkpoint,
+                            set_rng_state, unwrap)
 from lib.metrics import make_metric, metric_key
 from lib.tasks import model_inputs, to_device
 
@@ -69,6 +70,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
     correct = torch.zeros((), dtype=torch.int64, device=device)
     total = 0
     steps = len(loader)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite loss
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, dynamic_ncols=True,
                disable=not distributed.is_main())
     start = time.perf_counter()
@@ -82,10 +84,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                                    step, first_bad)
             loss_sum += loss.detach().float()
             correct += (logits.argmax(-1) == batch["label"]).sum()
             total += batch["label"].numel()
         if step % LOG_EVERY == 0 or step == steps - 1:
+            _stop_if_not_finite(first_bad, epoch, steps)
             bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.4f}",
                             acc=f"{correct.item() / max(total, 1):.3f}")
             if log is not None:
@@ -95,6 +100,17 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
     elapsed = time.perf_counter() - start
     return {"loss": loss_sum.item() / max(steps, 1), "acc": correct.item() / max(total, 1),
             "steps_per_s": steps / max(elapsed, 1e-9), "lr": optimizer.param_groups[0]["lr"]}
+
+
+def _stop_if_not_finite(first_bad, epoch, steps):
+    """Checked where the loop reads its sums anyway (no extra wait for the GPU); under DDP the
+    ranks agree, so they stop together."""
+    bad = [step for step in distributed.gather_objects(int(first_bad.item())) if step >= 0]
+    if bad:
+        bad = min(bad)
+        raise FloatingPointError(f"epoch {epoch + 1}, step {bad + 1} of {steps}: the training "
+                                 f"loss is not finite; stopped before writing a checkpoint "
+                                 f"(lower --lr?)")
 
 
 @torch.no_grad()
@@ -166,24 +182,40 @@ def _merge_all(parts):
 
 
 def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, epochs, out_dir,
-        meta, log, start_epoch=0, best=None, amp=None):
-    """Train from `start_epoch` to `epochs`, evaluating on the validation split after each epoch.
-    Writes `last.pt` every epoch and `best.pt` when the validation metric improves (main rank).
-    `meta` is the checkpoint metadata (model, dataset, args); metrics and epoch are added here.
+        meta, log, *, resume=None, amp=None):
+    """Train to `epochs`, evaluating on the validation split after each epoch. Writes `last.pt`
+    every epoch and then `best.pt` when the validation metric improved (main rank). `meta` is
+    the checkpoint metadata (model, dataset, args); metrics and epoch are added here.
+    `resume` (a last.pt's resume state) continues that run: optimizer, scheduler and RNG as they
+    were, log lines of unfinished epochs dropped, and best.pt rewritten if a crash came between
+    the last.pt and best.pt writes of its epoch. A non-finite loss or weight stops the run
+    (FloatingPointError) before it reaches a checkpoint.
     Returns (best validation score, last validation metrics)."""
     task = train_loader.dataset.task
     key = metric_key(task)
+    start_epoch, best, best_epoch = 0, None, None
+    if resume is not None:
+        start_epoch, best = restore_resume_state(resume, optimizer, scheduler)
+        best_epoch = resume.get("best_epoch")
+        log.keep_records(start_epoch)
+        problem = (_repair_best(os.path.join(out_dir, "best.pt"), model, meta, resume)
+                   if distributed.is_main() else None)
+        problem = distributed.gather_objects(problem)[0]  # every rank stops, or none
+        if problem:
+            raise ValueError(problem)
     val_metrics = None
     for epoch in range(start_epoch, epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, task,
                                       device, epoch, amp, log, step_offset=epoch * len(train_loader))
+        check_finite_weights(model, epoch)
         sink = log.prediction_sink()
         val_metrics = evaluate(model, val_loader, device, amp, desc=f"val {epoch}", sink=sink)
         score = val_metrics[key]
         improved = best is None or score > best
-        best = score if improved else best
+        if improved:
+            best, best_epoch = score, epoch + 1
         log.scalars("train", train_stats, epoch + 1)
         log.scalars("val", dict(val_metrics, **{f"best_{key}": best}), epoch + 1)
         log.predictions("val", sink, epoch + 1)
@@ -193,13 +225,41 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
                   f"train acc {train_stats['acc']:.4f}  val {key} {score:.4f}  best {best:.4f}  "
                   f"({train_stats['steps_per_s']:.2f} steps/s)", flush=True)
             ckpt_meta = dict(meta, metrics=val_metrics, epoch=epoch + 1)
-            resume = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "epoch": epoch + 1, "best": best, "rng": rng_state()}
-            save_checkpoint(os.path.join(out_dir, "last.pt"), unwrap(model), ckpt_meta, resume)
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
+                     "metrics": val_metrics, "rng": rng_state()}
+            # last.pt first: it records which epoch is the best, so a crash before best.pt is
+            # written is found and repaired on resume (_repair_best).
+            save_checkpoint(os.path.join(out_dir, "last.pt"), unwrap(model), ckpt_meta, state)
             if improved:
                 save_checkpoint(os.path.join(out_dir, "best.pt"), unwrap(model), ckpt_meta)
         distributed.barrier()
     return best, val_metrics
+
+
+def _repair_best(path, model, meta, resume):
+    """best.pt as the resumed last.pt says it should be. last.pt is written before best.pt, so
+    after a crash between the two best.pt is missing or one improvement behind, and the model
+    that belongs there is last.pt's own (the one being resumed). Returns what is wrong if the
+    file cannot be repaired, else None."""
+    best_epoch = resume.get("best_epoch")
+    if best_epoch is None or (os.path.isfile(path) and checkpoint_epoch(path) == best_epoch):
+        return None
+    if best_epoch != resume["epoch"]:
+        found = checkpoint_epoch(path) if os.path.isfile(path) else "nothing"
+        return (f"{path}: holds epoch {found}, but the run's best is epoch {best_epoch}: it was "
+                f"changed outside the run")
+    save_checkpoint(path, unwrap(model), dict(meta, metrics=resume["metrics"], epoch=best_epoch))
+    print(f"{path}: rewritten from the resumed last.pt (epoch {best_epoch}; the run had stopped "
+          f"before writing it)", flush=True)
+    return None
+
+
+def check_finite_weights(model, epoch):
+    name = non_finite_entry(model)
+    if name is not None:
+        raise FloatingPointError(f"epoch {epoch + 1}: {name} holds NaN or infinite values after "
+                                 f"training; stopped before writing a checkpoint (lower --lr?)")
 
 
 def restore_resume_state(resume, optimizer, scheduler):

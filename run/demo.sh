@@ -22,20 +22,20 @@ stage() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
 
 stage "1/6 pretrain pt_seg_tiny on synthetic parts ($EPOCHS epochs)"
 python pretrain.py --model pt_seg_tiny --dataset synthetic_parts --epochs "$EPOCHS" \
-    --lr 0.005 --out "$OUT/pretrain"
+    --lr 0.005 --out "$OUT/pretrain" --overwrite
 FP32="$OUT/pretrain/best.pt"
 
 stage "2/6 HAQ search, preserve 0.1, every layer searched"
 python search.py --ckpt "$FP32" --preserve-ratio 0.1 --episodes "$EPISODES" --warmup "$WARMUP" \
-    --sigma-decay 0.9 --finetune-steps 0 --out "$OUT/search"
+    --sigma-decay 0.9 --finetune-steps 0 --out "$OUT/search" --overwrite
 stage "3/6 HAQ search, preserve 0.1, first layer and classifier kept at $KEEP bits (mix)"
 python search.py --ckpt "$FP32" --preserve-ratio 0.1 --episodes "$EPISODES" --warmup "$WARMUP" \
-    --sigma-decay 0.9 --finetune-steps 0 --keep-first-last "$KEEP" --out "$OUT/search_mix"
+    --sigma-decay 0.9 --finetune-steps 0 --keep-first-last "$KEEP" --out "$OUT/search_mix" --overwrite
 
 stage "4/6 quantize without fine-tuning: searched policies, fp32 mix, uniform 2 and 4 bits"
 quantize() {  # NAME, then finetune.py flags
     local name=$1; shift
-    python finetune.py --ckpt "$FP32" --epochs 0 --out "$OUT/$name" "$@" > "$OUT/$name.log"
+    python finetune.py --ckpt "$FP32" --epochs 0 --out "$OUT/$name" --overwrite "$@" > "$OUT/$name.log"
 }
 quantize fp32_mix --bits 32 --keep-first-last "$KEEP"
 quantize preserve --policy "$OUT/search/policy.json"
@@ -45,9 +45,10 @@ quantize uniform4 --bits 4
 
 stage "5/6 fine-tune the mixed policy's centroids ($FT_EPOCHS epochs), without and with distillation"
 python finetune.py --ckpt "$FP32" --policy "$OUT/search_mix/policy.json" \
-    --keep-first-last "$KEEP" --epochs "$FT_EPOCHS" --lr 1e-3 --out "$OUT/finetune"
+    --keep-first-last "$KEEP" --epochs "$FT_EPOCHS" --lr 1e-3 --out "$OUT/finetune" --overwrite
 python finetune.py --ckpt "$FP32" --policy "$OUT/search_mix/policy.json" \
-    --keep-first-last "$KEEP" --epochs "$FT_EPOCHS" --lr 1e-3 --distill --out "$OUT/finetune_distill"
+    --keep-first-last "$KEEP" --epochs "$FT_EPOCHS" --lr 1e-3 --distill --out "$OUT/finetune_distill" \
+    --overwrite
 
 stage "6/6 evaluate every checkpoint on the test split with eval.py"
 rows=()

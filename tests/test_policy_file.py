@@ -5,8 +5,8 @@ from lib.policy_file import parse_keep, read_policy, write_policy
 
 def test_round_trip_and_keep_flag(tmp_path):
     path = str(tmp_path / "policy.json")
-    write_policy(path, {"bits": {"a": 3, "b": None}, "metric": 0.5})
-    assert read_policy(path, ["a", "b", "c"]) == {"a": 3, "b": None}
+    write_policy(path, {"bits": {"a": 3, "b": None, "c": "fp32", "d": 32}, "metric": 0.5})
+    assert read_policy(path, ["a", "b", "c", "d"]) == {"a": 3, "b": None, "c": None, "d": 32}
     assert parse_keep("") == "off" and parse_keep("fp32") is None and parse_keep("8") == 8
 
 
@@ -14,6 +14,13 @@ def test_round_trip_and_keep_flag(tmp_path):
     ("{not json", "not valid JSON"),
     ('{"metric": 1}', "no 'bits' mapping"),
     ('{"bits": {"ghost": 4}}', "layers not in the model: ghost"),
+    ('{"bits": {}}', "1 of the model's 1 layers have no bit width: a"),
+    ('{"bits": {"a": 3.7}}', "layer a: bit width 3.7 is not an integer"),
+    ('{"bits": {"a": true}}', "layer a: bit width true is not an integer"),
+    ('{"bits": {"a": 33}}', "layer a: bit width 33 is not an integer"),
+    ('{"bits": {"a": 0}}', "layer a: bit width 0 is not an integer"),
+    ('{"bits": {"a": "four"}}', 'layer a: bit width "four" is not an integer'),
+    ('{"bits": {"a": "3"}}', 'layer a: bit width "3" is not an integer'),
 ])
 def test_bad_policy_files_name_the_file_and_the_problem(tmp_path, content, message):
     path = tmp_path / "policy.json"

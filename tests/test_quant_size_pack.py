@@ -171,3 +171,28 @@ def test_meta_must_be_json(tmp_path):
     with pytest.raises(ValueError, match="JSON"):
         save_packed(str(tmp_path / "m.qpack"), quantize_model(net(), POLICY), {"f": object()})
     assert os.listdir(tmp_path) == []
+
+
+def test_checksum_catches_a_flipped_bit_and_version_1_files_still_load(tmp_path):
+    """Every byte is covered (a flip in the header's numbers or in the payload would otherwise
+    load as another model); files written before the checksum (version 1, no trailer) load."""
+    from lib.quant.pack import DIGEST, PREFIX
+    model = quantize_model(net(), POLICY)
+    path = str(tmp_path / "m.qpack")
+    save_packed(path, model, {"model": "Net", "metric": 0.5})
+    data = open(path, "rb").read()
+    for position in (data.index(b"0.5") + 2, len(data) - DIGEST - 3):  # header digit, payload
+        flipped = bytearray(data)
+        flipped[position] ^= 0x01
+        assert "checksum" in one_line_error(variant_file(tmp_path, "flipped.qpack", flipped))
+    magic, _, header_len = PREFIX.unpack_from(data)
+    version_1 = PREFIX.pack(magic, 1, header_len) + data[PREFIX.size:-DIGEST]
+    _, loaded = load_packed(variant_file(tmp_path, "v1.qpack", version_1), build)
+    torch.testing.assert_close(loaded.eval()(X), model(X), rtol=0, atol=0)
+
+
+def variant_file(folder, name, content):
+    path = str(folder / name)
+    with open(path, "wb") as f:
+        f.write(bytes(content))
+    return path

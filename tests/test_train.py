@@ -9,8 +9,7 @@ from lib.checkpoint import torch_load
 from lib.experiment import make_loader
 from lib.runlog import RunLog
 from lib.tasks import supervised_loss
-from lib.train import (autocast, build_optimizer, build_scheduler, evaluate, fit,
-                       restore_resume_state)
+from lib.train import autocast, build_optimizer, build_scheduler, evaluate, fit
 from toy import PointMLP, ToyPoints
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,11 +27,11 @@ def train_toy(out, epochs=4, interrupt_at_step=None, resume=None):
     val = make_loader(ToyPoints(10, seed=1), 4, train=False)
     opt = build_optimizer(model.parameters(), "sgd", 0.1, 1e-4)
     sched = build_scheduler(opt, "cosine", epochs, len(train))
-    start, best = 0, None
+    state = None
     if resume:
         ckpt = torch_load(resume)
         model.load_state_dict(ckpt["state_dict"])
-        start, best = restore_resume_state(ckpt["resume"], opt, sched)
+        state = ckpt["resume"]
     steps = [0]
 
     def loss_fn(logits, batch):
@@ -42,7 +41,7 @@ def train_toy(out, epochs=4, interrupt_at_step=None, resume=None):
         return supervised_loss(logits, batch)
 
     fit(model, train, val, opt, sched, loss_fn, torch.device("cpu"), epochs, out,
-        {"model": {}}, RunLog(out, {}), start, best)
+        {"model": {}}, RunLog(out, {}), resume=state)
     return model
 
 
@@ -99,3 +98,35 @@ def test_autocast_is_bf16_on_the_cpu_only_when_asked():
     for amp, dtype in ((None, torch.float32), (False, torch.float32), (True, torch.bfloat16)):
         with autocast(cpu, amp):
             assert (a @ b).dtype == dtype, amp
+
+
+def test_non_finite_loss_or_weights_stop_fit_before_any_checkpoint(tmp_path):
+    """A loss that turns NaN, or weights that do while the loss still looks fine, stop the run
+    with the epoch (and step) named; neither reaches last.pt or best.pt."""
+    def run(out, loss_fn):
+        torch.manual_seed(0)
+        model = PointMLP()
+        train = make_loader(ToyPoints(32), 8, train=True, seed=1)
+        opt = build_optimizer(model.parameters(), "sgd", 0.1, 0.0)
+        fit(model, train, make_loader(ToyPoints(10, seed=1), 4, train=False), opt,
+            build_scheduler(opt, "cosine", 2, len(train)),
+            lambda logits, batch: loss_fn(model, logits, batch),
+            torch.device("cpu"), 2, out, {"model": {}}, RunLog(out, {}))
+
+    def nan_loss(model, logits, batch):
+        return supervised_loss(logits, batch) * float("nan")
+
+    calls = []
+
+    def nan_weight(model, logits, batch):  # at the epoch's last step: no later loss shows it
+        calls.append(1)
+        if len(calls) == 4:
+            model.net[2].bias.data[0] = float("inf")
+        return supervised_loss(logits, batch)
+
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step 1 of 4: the training loss"):
+        run(str(tmp_path / "loss"), nan_loss)
+    with pytest.raises(FloatingPointError, match=r"epoch 1: net\.2\.bias holds NaN or infinite"):
+        run(str(tmp_path / "weights"), nan_weight)
+    for folder in ("loss", "weights"):
+        assert not {"last.pt", "best.pt"} & set(os.listdir(tmp_path / folder))

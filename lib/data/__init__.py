@@ -172,8 +172,12 @@ def read_point_table(path, num_columns, delimiter=None, max_rows=None):
 
 
 def _raise_first_bad_line(path, num_columns, delimiter, max_rows):
-    with open(path) as f:
-        for number, line in enumerate(itertools.islice(f, max_rows), start=1):
+    with open(path, "rb") as f:  # decoded per line, so a byte that is not text is located too
+        for number, raw in enumerate(itertools.islice(f, max_rows), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {number}: not UTF-8 text ({e})") from None
             if not line.strip():
                 continue  # loadtxt skips blank lines too
             fields = line.split(delimiter)

@@ -24,7 +24,7 @@ from lib import distributed, ops
 from lib.metrics import metric_key
 from lib.quant import KMeansCache, dequantize, quantize_model
 from lib.tasks import model_inputs, supervised_loss, to_device
-from lib.train import evaluate
+from lib.train import autocast, evaluate
 
 # HAQ's fine-tune (rl_quantize.py, quantize_env.py): one epoch over its 20,000-image training
 # subset, twice its 10,000-image reward subset, by SGD at lr 1e-3 with momentum 0.9 and weight
@@ -41,42 +41,41 @@ def haq_finetune_steps(val_size, batch_size):
     return -(-FINETUNE_SAMPLES_PER_SCORED * val_size // batch_size)
 
 
-def cached_batches(dataset, indices, batch_size, device):
-    """The samples at `indices`, collated into batches already on `device`."""
-    batches = []
-    for start in range(0, len(indices), batch_size):
-        samples = [dataset[i] for i in indices[start:start + batch_size]]
-        batches.append(to_device(torch.utils.data.default_collate(samples), device))
-    return batches
+def cached_batches(dataset, indices, batch_size, device, workers=0):
+    """The samples at `indices`, collated into batches already on `device` (read by `workers`
+    DataLoader processes)."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
+                                         batch_size=batch_size, num_workers=workers)
+    return [to_device(batch, device) for batch in loader]
 
 
-def reward_batches(held_out, val_size, batch_size, device, seed=0):
+def reward_batches(held_out, val_size, batch_size, device, seed=0, workers=0):
     """This rank's share of the scored subset: `val_size` samples of `held_out` drawn by `seed`,
     batched, and every world-th batch from this rank's on (whole batches, so each is computed
     exactly as in one process)."""
     order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(seed))
-    batches = cached_batches(held_out, order[:val_size].tolist(), batch_size, device)
+    batches = cached_batches(held_out, order[:val_size].tolist(), batch_size, device, workers)
     return batches[distributed.rank()::distributed.world_size()]
 
 
-def finetune_batches(train, steps, batch_size, device, seed=0):
+def finetune_batches(train, steps, batch_size, device, seed=0, workers=0):
     """The fine-tune's `steps` batches of the training split (drawn by `seed`, without
     augmentation), the same on every rank and in every episode."""
     if not steps:
         return []
     picks = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     picks = picks.repeat(-(-steps * batch_size // len(train)))[:steps * batch_size]
-    return cached_batches(train, picks.tolist(), batch_size, device)
+    return cached_batches(train, picks.tolist(), batch_size, device, workers)
 
 
 class PolicyEvaluator:
     """evaluate_policy(bits) -> metric, for lib.haq.env.QuantEnv."""
 
     def __init__(self, fp32_model, dataset, eval_batches, device, method="kmeans",
-                 train_batches=(), finetune_steps=0, finetune_lr=FINETUNE_LR):
+                 train_batches=(), finetune_steps=0, finetune_lr=FINETUNE_LR, amp=None):
         self.fp32_model = fp32_model.eval()
         self.dataset, self.eval_batches, self.device = dataset, eval_batches, device
-        self.method = method
+        self.method, self.amp = method, amp
         self.train_batches, self.finetune_steps, self.finetune_lr = train_batches, finetune_steps, finetune_lr
         if finetune_steps and not train_batches:
             raise ValueError("PolicyEvaluator: finetune_steps needs train_batches")
@@ -95,7 +94,7 @@ class PolicyEvaluator:
 
     def score(self, model):
         """The metric dict of `model` on the scored subset, per point (no room voting)."""
-        return evaluate(model, self._taped(self.eval_batches, self.tapes), self.device,
+        return evaluate(model, self._taped(self.eval_batches, self.tapes), self.device, self.amp,
                         desc="search eval", dataset=self.dataset, vote=False)
 
     @staticmethod
@@ -115,9 +114,9 @@ class PolicyEvaluator:
         n = len(self.train_batches)
         for step in range(self.finetune_steps):
             batch, tape = self.train_batches[step % n], self.train_tapes[step % n]
-            with tape:
+            with tape, autocast(self.device, self.amp):
                 logits = model(*model_inputs(batch, self.dataset.task))
-            loss = supervised_loss(logits, batch)
+            loss = supervised_loss(logits.float(), batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -12,7 +12,11 @@ Layout (integers little-endian):
               encoding "bits": a quantized layer's indices, exactly `bits` bits each, MSB first,
               the stream zero-padded to a whole byte; "float32": a codebook; "raw": any other
               entry's bytes in its own dtype.
+    32 bytes  SHA-256 of everything before it, checked on every read: a flipped bit anywhere
+              would otherwise load as a slightly different model. (Version 1 files, written
+              before the checksum, have no such trailer.)
 """
+import hashlib
 import json
 import os
 import struct
@@ -26,7 +30,8 @@ from lib.quant.layers import prepare_quantized, quant_state, quantized_keys
 
 # PNG-style: the high byte and CR LF expose copies through 7-bit or newline-translating channels.
 MAGIC = b"\x89QPACK\r\n"
-VERSION = 1
+VERSION = 2
+DIGEST = 32  # SHA-256 trailer
 PREFIX = struct.Struct("<8sIQ")  # magic, version, header length
 
 
@@ -77,8 +82,8 @@ def _encode(model):
 
 def save_packed(path, model, meta):
     """Write `model` (unwrapped from DDP / compile) with `meta` (JSON-serialisable) to `path`
-    atomically. Returns the number of bytes before the payload: the file holds exactly
-    that many plus honest_size_bytes(model)."""
+    atomically. Returns the number of bytes besides the payload (prefix, header, checksum): the
+    file holds exactly that many plus honest_size_bytes(model)."""
     model = unwrap(model)
     encoded = _encode(model)
     offset = 0
@@ -93,14 +98,16 @@ def save_packed(path, model, meta):
         raise ValueError(f"{path}: meta is not JSON-serialisable ({e})") from None
 
     def write(tmp):
+        digest = hashlib.sha256()
         with open(tmp, "wb") as f:
-            f.write(PREFIX.pack(MAGIC, VERSION, len(header_bytes)))
-            f.write(header_bytes)
-            for _, blob in encoded:
-                f.write(blob)
+            for part in [PREFIX.pack(MAGIC, VERSION, len(header_bytes)), header_bytes,
+                         *(blob for _, blob in encoded)]:
+                f.write(part)
+                digest.update(part)
+            f.write(digest.digest())
 
     atomic_write(path, write)
-    return PREFIX.size + len(header_bytes)
+    return PREFIX.size + len(header_bytes) + DIGEST
 
 
 def _plain(value):
@@ -127,8 +134,9 @@ def read_header(path):
     if len(data) < PREFIX.size or data[:len(MAGIC)] != MAGIC:
         raise ValueError(f"{path}: not a packed model file (bad magic bytes)")
     _, version, header_len = PREFIX.unpack_from(data)
-    if version != VERSION:
+    if version not in (1, VERSION):
         raise ValueError(f"{path}: packed format version {version}, this code reads {VERSION}")
+    digest_size = DIGEST if version >= 2 else 0
     if PREFIX.size + header_len > len(data):
         raise ValueError(f"{path}: truncated inside the header ({len(data)} bytes)")
     try:
@@ -139,13 +147,16 @@ def read_header(path):
         expected = sum(entry["nbytes"] for entry in header["tensors"])
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: corrupt header ({type(e).__name__}: {e})") from None
-    payload = data[PREFIX.size + header_len:]
+    payload = data[PREFIX.size + header_len:len(data) - digest_size]
     if len(payload) != expected:
         problem = "truncated" if len(payload) < expected else "has trailing bytes"
         raise ValueError(f"{path}: {problem}: payload is {len(payload)} bytes, the header "
                          f"promises {expected}")
     if header["byteorder"] != sys.byteorder:
         raise ValueError(f"{path}: written on a {header['byteorder']}-endian machine")
+    if digest_size and hashlib.sha256(data[:-digest_size]).digest() != data[-digest_size:]:
+        raise ValueError(f"{path}: checksum mismatch: the file was changed or damaged after "
+                         f"it was written")
     return header, payload
 
 
@@ -173,7 +184,7 @@ def load_packed(path, build_model_fn):
         state = {entry["key"]: _decode(entry, payload) for entry in header["tensors"]}
         unwrap(model).load_state_dict(state, strict=True)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise ValueError(f"{path}: stored weights do not fit the model built from its meta "
-                         f"({first_line[:200]})") from None
+                         f"({reason or type(e).__name__})") from None
     return header["meta"], model

@@ -1,0 +1,119 @@
+"""The run folder contract, the same for pretrain.py, finetune.py and search.py (README, "Run
+folders and resuming"):
+
+- a new run refuses a folder that already holds a run, unless `--overwrite`, which first removes
+  that run's files (RUN_FILES, nothing else), or `--resume`, which continues it;
+- `--out` naming a file, or (finetune) the folder its teacher checkpoint lives in, is refused;
+- the run holds an exclusive lock on `FOLDER/.lock` for its whole life, so a second process
+  writing into the same folder is refused. It is a kernel lock (flock): it goes away with its
+  process, so a crashed or killed run leaves no stale lock behind;
+- every check comes before anything is written: a refused run touches nothing.
+
+`recorded_run` reads what a `--resume` path points at; lib/cli.py's `resumed_args` turns it
+into the resumed run's flags. Under torchrun only the main rank checks and holds the lock; the other ranks follow its verdict.
+"""
+import fcntl
+import os
+import shutil
+
+from lib import distributed
+
+LOCK_NAME = ".lock"
+# What the scripts write into a run folder; any of the first group means "a run lives here".
+RUN_MARKERS = ("args.json", "last.pt", "best.pt", "search_state.pt", "policy.json")
+RUN_FILES = RUN_MARKERS + ("log.jsonl", "episodes.jsonl", "log.txt", "best_test.json",
+                           "policy.png", "baselines.md", "baselines.json")
+RUN_DIRS = ("tb",)
+
+_held = {}  # folder -> open lock file, kept open (and so locked) until the process ends
+
+
+def claim(out, resume=False, overwrite=False, teacher=None):
+    """Check `out` against the contract, take its lock and, with `overwrite`, clear the previous
+    run's files. Returns the folder as an absolute path. A refusal is a one-line ValueError on
+    every rank."""
+    out = os.path.abspath(out)
+    problem = None
+    if distributed.is_main():
+        try:
+            _claim(out, resume, overwrite, teacher)
+        except ValueError as e:
+            problem = str(e)
+    problem = distributed.gather_objects(problem)[0]
+    if problem:
+        raise ValueError(problem)
+    return out
+
+
+def _claim(out, resume, overwrite, teacher):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a file, not a run folder")
+    if teacher is not None and os.path.realpath(os.path.dirname(os.path.abspath(teacher))) \
+            == os.path.realpath(out):
+        raise ValueError(f"--out {out}: holds the teacher checkpoint {os.path.basename(teacher)}; "
+                         f"fine-tune into another folder (default: its finetune/ subfolder)")
+    found = [name for name in RUN_MARKERS if os.path.exists(os.path.join(out, name))]
+    if found and not (resume or overwrite):
+        raise ValueError(f"--out {out}: already holds a run ({', '.join(found)}); continue it "
+                         f"with --resume, choose another --out, or replace it with --overwrite")
+    lock(out)
+    if overwrite and not resume:
+        for name in RUN_FILES:
+            path = os.path.join(out, name)
+            if os.path.isfile(path):
+                os.remove(path)
+        for name in RUN_DIRS:
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
+def lock(folder):
+    """Hold FOLDER/.lock (exclusive, non-blocking) until the process ends; ValueError naming the
+    holder if another process has it."""
+    folder = os.path.realpath(folder)
+    if folder in _held:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{folder}: in use by {holder} (lock {path}); wait for it to end or "
+                         f"choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    _held[folder] = f
+
+
+def recorded_run(path):
+    """What `--resume path` continues: (kind, recorded settings, resolved path), kind being
+    "pretrain" or "finetune" (a last.pt) or "search" (search_state.pt); a run folder stands for
+    the file in it. One-line errors for anything that cannot be resumed."""
+    from lib.checkpoint import torch_load
+    from lib.quant.pack import is_packed
+    if os.path.isdir(path):
+        for name in ("search_state.pt", "last.pt"):
+            if os.path.isfile(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError(f"{path}: a folder without last.pt or search_state.pt to "
+                                    f"resume")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    obj = None if is_packed(path) else torch_load(path)
+    if isinstance(obj, dict) and "agent" in obj:
+        if "args" not in obj:
+            raise ValueError(f"{path}: a search state without its recorded settings (written by "
+                             f"an older search.py); it cannot be resumed")
+        return "search", obj["args"], path
+    if not isinstance(obj, dict) or "resume" not in obj or "meta" not in obj:
+        raise ValueError(f"{path}: holds no optimizer state to resume from (resume from a "
+                         f"last.pt)")
+    meta = obj["meta"]
+    return ("finetune" if meta.get("quant") else "pretrain"), meta.get("args", {}), path

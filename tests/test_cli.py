@@ -1,0 +1,83 @@
+"""One argument vocabulary for the four scripts (lib/cli.py): every flag has help and shows its
+default, a concept is spelled one way everywhere, and no flag is accepted and then ignored."""
+import importlib
+import os
+from collections import defaultdict
+
+import pytest
+
+from lib.cli import FLAGS, HelpFormatter, given_dests
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("pretrain", "finetune", "search", "eval")
+
+
+def parsers():
+    return {name: importlib.import_module(name).get_args_parser() for name in SCRIPTS}
+
+
+def flags(parser):
+    return [a for a in parser._actions if a.dest != "help"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_gives_every_flag_a_text_and_its_default(script):
+    parser = parsers()[script]
+    assert parser.formatter_class is HelpFormatter
+    shown = " ".join(parser.format_help().split())
+    for action in flags(parser):
+        assert action.help, f"{script}: {action.option_strings[0]} has no help"
+        text = " ".join((action.help % {"default": action.default}).split())
+        assert f"{text} (default: {action.default})" in shown, (script, action.dest)
+
+
+def test_defaults_live_in_the_parser():
+    found = parsers()
+    assert found["pretrain"].get_default("epochs") == 20
+    assert found["finetune"].get_default("epochs") == 5
+    assert found["finetune"].get_default("lr") == 1e-4
+
+
+def test_a_concept_is_spelled_one_way_across_the_scripts():
+    spellings, options = defaultdict(set), defaultdict(set)
+    for script, parser in parsers().items():
+        for action in flags(parser):
+            spellings[action.dest].add(tuple(action.option_strings))
+            for option in action.option_strings:
+                options[option.lstrip("-").replace("_", "-").lower()].add(option)
+            if action.dest in FLAGS:  # a shared flag is the shared definition, not a look-alike
+                options_, kwargs = FLAGS[action.dest]
+                assert action.option_strings[0] == options_[0], (script, action.dest)
+                for key in ("type", "choices", "help"):
+                    if key in kwargs:
+                        assert getattr(action, key) == kwargs[key], (script, action.dest, key)
+    assert not {d: s for d, s in spellings.items() if len(s) > 1}
+    assert not {o: s for o, s in options.items() if len(s) > 1}
+    assert not [o for s in options.values() for o in s if "_" in o]
+
+
+def test_resume_amp_and_workers_wherever_they_apply():
+    found = parsers()
+    for script in ("pretrain", "finetune", "search"):
+        assert found[script].get_default("resume") is None
+        assert {"resume", "out", "overwrite"} <= {a.dest for a in flags(found[script])}
+    for script in SCRIPTS:
+        assert {"amp", "workers", "device"} <= {a.dest for a in flags(found[script])}, script
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_no_flag_is_accepted_and_ignored(script):
+    """Every flag is read (args.<dest>) in the script that takes it: a script hands lib/ the
+    values, not the whole `args`, so this sees them all."""
+    with open(os.path.join(REPO, f"{script}.py")) as f:
+        source = f.read()
+    unread = [a.dest for a in flags(parsers()[script]) if f"args.{a.dest}" not in source]
+    assert not unread, f"{script}.py never reads {unread}"
+    if script == "finetune":
+        assert "dataset" not in {a.dest for a in flags(parsers()[script])}
+
+
+def test_given_flags_are_told_from_defaults():
+    parser = parsers()["pretrain"]
+    assert given_dests(parser, ["--epochs", "20", "--lr", "0.1"]) == {"epochs", "lr"}
+    assert given_dests(parser, []) == set()

@@ -1,0 +1,371 @@
+"""Fault drills (issue #14): what a user can do to a run folder by mistake or by bad luck, each
+reproduced here on a tiny synthetic run. The scripts run in this process through their entry
+point (`run_script`, as `python X.py` runs them); a crash is an exception raised right after a
+checkpoint file lands (nothing after it runs, as after kill -9), and one drill kills a real
+process with os._exit."""
+import fcntl
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from unittest import mock
+
+import pytest
+import torch
+
+from lib.checkpoint import load_checkpoint, save_checkpoint
+from lib.cli import one_line, run_script
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KIND = {"pretrain": "pretrain", "finetune": "finetune", "search": "search", "eval": None}
+
+
+def run(script, *argv):
+    module = importlib.import_module(script)
+    run_script(module.main, module.get_args_parser(), KIND[script], [str(a) for a in argv])
+
+
+def refused(script, *argv):
+    """The one-line message a script stops with."""
+    with pytest.raises(SystemExit) as stop:
+        run(script, *argv)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+class Crash(BaseException):
+    """Stands for kill -9 right after a write: not an Exception, so nothing handles it."""
+
+
+@contextmanager
+def writes_into(folder, crash_at=None):
+    """Counts the files atomically written into `folder`; raises Crash right after the
+    `crash_at`-th. Yields the list of written names."""
+    real_replace, written = os.replace, []
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if os.path.dirname(os.path.abspath(dst)) == str(folder):
+            written.append(os.path.basename(dst))
+            if len(written) == crash_at:
+                raise Crash
+    with mock.patch("os.replace", replace):
+        yield written
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from lib.data.synthetic import get_args_parser, main
+    root = tmp_path_factory.mktemp("synthetic")
+    main(get_args_parser().parse_args(["--out", str(root), "--only", "parts",
+                                       "--train-shapes", "2", "--eval-shapes", "1"]))
+    return root / "parts"  # 12 train, 6 val, 6 test shapes
+
+
+def pretrain_args(data, out, *extra):
+    return ("--data-root", data, "--num-points", 64, "--batch-size", 4, "--epochs", 2,
+            "--lr", 0.01, "--out", out, *extra)
+
+
+def finetune_args(teacher, out):
+    return ("--ckpt", teacher, "--bits", 3, "--keep-first-last", 8, "--distill", "--epochs", 2,
+            "--lr", 1e-3, "--batch-size", 4, "--out", out)
+
+
+def search_args(teacher, out):
+    return ("--ckpt", teacher, "--episodes", 2, "--warmup", 1, "--val-size", 4, "--max-bit", 3,
+            "--batch-size", 4, "--out", out)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """Uninterrupted runs of the three scripts, and the files each wrote, in order. pretrain is
+    given a relative --data-root, which must be recorded absolute."""
+    root = tmp_path_factory.mktemp("reference")
+    runs = {name: root / name for name in ("pretrain", "finetune", "search")}
+    here = os.getcwd()
+    os.chdir(data.parent)
+    try:
+        with writes_into(runs["pretrain"]) as written:
+            run("pretrain", *pretrain_args(data.name, runs["pretrain"]))
+    finally:
+        os.chdir(here)
+    writes = {"pretrain": written}
+    teacher = runs["pretrain"] / "best.pt"
+    for name, args in (("finetune", finetune_args), ("search", search_args)):
+        with writes_into(runs[name]) as written:
+            run(name, *args(teacher, runs[name]))
+        writes[name] = written
+    return runs, writes
+
+
+def same_files(a, b, names):
+    for name in names:
+        meta_a, model_a, resume_a = load_checkpoint(str(a / name))
+        meta_b, model_b, resume_b = load_checkpoint(str(b / name))
+        assert meta_a["epoch"] == meta_b["epoch"] and meta_a["metrics"] == meta_b["metrics"], name
+        for (key, x), (_, y) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+            assert torch.equal(x, y), (name, key)
+        assert (resume_a is None) == (resume_b is None)
+
+
+def log_lines(path):
+    """The log's records without their timings."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            record = {k: v for k, v in json.loads(line).items() if k != "time"}
+            if "train" in record:
+                record["train"] = {k: v for k, v in record["train"].items() if k != "steps_per_s"}
+            records.append(record)
+    return records
+
+
+# --- a run folder holds one run ----------------------------------------------------------------
+
+def test_a_new_run_refuses_a_folder_that_holds_one(reference, data):
+    runs, _ = reference
+    before = {p: p.read_bytes() for p in runs["pretrain"].iterdir() if p.is_file()}
+    message = refused("pretrain", *pretrain_args(data, runs["pretrain"]))
+    assert "already holds a run" in message and str(runs["pretrain"]) in message
+    teacher = runs["pretrain"] / "best.pt"
+    assert "already holds a run" in refused("search", *search_args(teacher, runs["pretrain"]))
+    assert before == {p: p.read_bytes() for p in runs["pretrain"].iterdir() if p.is_file()}
+
+
+def test_overwrite_replaces_the_run_instead_of_mixing_two(reference, data, tmp_path):
+    runs, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(runs["pretrain"], out)
+    (out / "notes.txt").write_text("mine")
+    run("pretrain", *pretrain_args(data, out, "--overwrite"), "--epochs", 1)
+    assert len(log_lines(out / "log.jsonl")) == 1  # not the old run's two lines plus one
+    assert load_checkpoint(str(out / "last.pt"))[0]["epoch"] == 1
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files go
+
+
+def test_finetune_refuses_to_write_where_its_teacher_lives(reference):
+    runs, _ = reference
+    teacher = runs["pretrain"] / "best.pt"
+    before = teacher.read_bytes()
+    message = refused("finetune", *finetune_args(teacher, runs["pretrain"]))
+    assert "teacher" in message
+    assert teacher.read_bytes() == before
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_folder(data, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "a") as holder:  # another run, alive
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("process 4242 on elsewhere\n")
+        holder.flush()
+        message = refused("pretrain", *pretrain_args(data, out))
+    assert "in use by process 4242 on elsewhere" in message
+    assert sorted(os.listdir(out)) == [".lock"]
+
+
+def test_out_naming_a_file_is_refused_before_any_work(data, tmp_path):
+    target = tmp_path / "results.txt"
+    target.write_text("keep")
+    with mock.patch("lib.experiment.load_split", side_effect=AssertionError("loaded data")):
+        assert "is a file" in refused("pretrain", *pretrain_args(data, target))
+    assert target.read_text() == "keep"
+
+
+# --- one resume contract -----------------------------------------------------------------------
+
+def test_resume_refuses_changed_settings_and_lists_them(reference):
+    runs, _ = reference
+    message = refused("pretrain", "--resume", runs["pretrain"] / "last.pt", "--lr", 0.5,
+                      "--optimizer", "sgd")
+    assert "--lr 0.5 (recorded 0.01)" in message and "--optimizer sgd (recorded adamw)" in message
+    message = refused("search", "--resume", runs["search"], "--min-bit", 3)
+    assert "--min-bit 3 (recorded 2)" in message
+    message = refused("finetune", "--resume", runs["finetune"] / "last.pt", "--out",
+                      runs["search"])
+    assert "the run's folder is" in message
+
+
+def test_resume_of_another_kind_of_run_is_one_line(reference):
+    runs, _ = reference
+    assert "a finetune run" in refused("pretrain", "--resume", runs["finetune"] / "last.pt")
+    assert "a pretrain run" in refused("finetune", "--resume", runs["pretrain"] / "last.pt")
+    assert "a pretrain run" in refused("search", "--resume", runs["pretrain"])
+    assert "no optimizer state" in refused("pretrain", "--resume", runs["pretrain"] / "best.pt")
+
+
+def test_resume_writes_into_the_checkpoints_folder_and_may_extend(reference, tmp_path, capsys):
+    """An archived copy resumed with more epochs continues in the copy; the original run, whose
+    folder the copy's checkpoint still records, is not touched."""
+    runs, _ = reference
+    archive = tmp_path / "archive"
+    shutil.copytree(runs["pretrain"], archive)
+    before = {p.name: p.read_bytes() for p in runs["pretrain"].iterdir() if p.is_file()}
+    run("pretrain", "--resume", archive, "--epochs", 3)
+    assert f"writing into {archive}" in capsys.readouterr().out
+    assert load_checkpoint(str(archive / "last.pt"))[0]["epoch"] == 3
+    assert [line["epoch"] for line in log_lines(archive / "log.jsonl")] == [1, 2, 3]
+    assert before == {p.name: p.read_bytes() for p in runs["pretrain"].iterdir() if p.is_file()}
+
+
+# --- kill at every checkpoint write --------------------------------------------------------------
+
+@pytest.mark.parametrize("script, points", [
+    ("pretrain", None),
+    ("finetune", [1]),  # after last.pt of epoch 1, before its best.pt
+    ("search", [1]),  # after the first episode's search_state.pt
+    pytest.param("finetune", None, marks=pytest.mark.slow),  # every write: 25 s
+    pytest.param("search", None, marks=pytest.mark.slow),  # every write: 30 s
+])
+def test_killed_at_any_write_then_resumed_ends_as_the_uninterrupted_run(reference, tmp_path,
+                                                                        script, points):
+    """For each file the uninterrupted run writes (or the `points`-th ones), a run killed right
+    after that write and then resumed (with nothing but --resume FOLDER) ends with the same
+    best.pt, last.pt (or policy) and log, bit for bit; finetune's --distill and the search's
+    budget come from the record."""
+    runs, writes = reference
+    teacher = runs["pretrain"] / "best.pt"
+    data_root = load_checkpoint(str(teacher))[0]["args"]["data_root"]
+    args = {"pretrain": lambda out: pretrain_args(data_root, out),
+            "finetune": lambda out: finetune_args(teacher, out),
+            "search": lambda out: search_args(teacher, out)}[script]
+    log = "episodes.jsonl" if script == "search" else "log.jsonl"
+    for k, name in enumerate(writes[script], start=1):
+        if points is not None and k not in points:
+            continue
+        out = tmp_path / f"killed_after_{k}_{name}"
+        with writes_into(out, crash_at=k), pytest.raises(Crash):
+            run(script, *args(out))
+        run(script, "--resume", out)
+        if script == "search":
+            for result in ("policy.json", "baselines.json"):
+                assert (out / result).read_text() == (runs[script] / result).read_text(), result
+        else:
+            same_files(runs[script], out, ("best.pt", "last.pt"))
+        assert log_lines(out / log) == log_lines(runs[script] / log), name
+
+
+def test_a_real_kill_between_last_and_best_is_repaired_on_resume(reference, tmp_path):
+    """os._exit right after last.pt of epoch 1 (best.pt not written yet): the lock dies with the
+    process, and the resumed run writes best.pt before it goes on."""
+    runs, _ = reference
+    data_root = load_checkpoint(str(runs["pretrain"] / "last.pt"))[0]["args"]["data_root"]
+    out = tmp_path / "killed"
+    driver = ("import os, runpy, sys\n"
+              "real = os.replace\n"
+              "def replace(src, dst):\n"
+              "    real(src, dst)\n"
+              "    if dst.endswith('last.pt'):\n"
+              "        os._exit(9)\n"
+              "os.replace = replace\n"
+              "sys.argv = ['pretrain.py'] + sys.argv[1:]\n"
+              "runpy.run_path('pretrain.py', run_name='__main__')\n")
+    killed = subprocess.run([sys.executable, "-c", driver,
+                             *map(str, pretrain_args(data_root, out))], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                            timeout=300)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert (out / "last.pt").is_file() and not (out / "best.pt").exists()
+    run("pretrain", "--resume", out / "last.pt")
+    same_files(runs["pretrain"], out, ("best.pt", "last.pt"))
+
+
+def test_a_relative_data_root_is_recorded_absolute(reference, data):
+    runs, _ = reference
+    meta = load_checkpoint(str(runs["pretrain"] / "best.pt"))[0]
+    assert meta["args"]["data_root"] == meta["dataset"]["root"] == str(data)
+
+
+# --- numbers that are not numbers ----------------------------------------------------------------
+
+def test_a_diverging_run_stops_with_epoch_and_step_and_saves_nothing(data, tmp_path):
+    out = tmp_path / "diverged"
+    message = refused("pretrain", *pretrain_args(data, out, "--optimizer", "sgd"), "--lr", 1e30)
+    assert "epoch 1, step" in message and "not finite" in message
+    assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
+
+
+def test_eval_refuses_a_checkpoint_with_non_finite_weights(reference, tmp_path):
+    runs, _ = reference
+    meta, model, _ = load_checkpoint(str(runs["pretrain"] / "best.pt"))
+    next(model.parameters()).data[0] = float("nan")
+    path = tmp_path / "nan.pt"
+    save_checkpoint(str(path), model, meta)
+    assert "NaN or infinite" in refused("eval", "--ckpt", path)
+
+
+def test_kd_temperature_zero_is_refused(reference, capsys):
+    runs, _ = reference
+    with pytest.raises(SystemExit):
+        run("finetune", *finetune_args(runs["pretrain"] / "best.pt", "x"), "--kd-temperature", 0)
+    assert "--kd-temperature: 0 is out of range" in capsys.readouterr().err
+
+
+# --- settings that would run and save garbage ------------------------------------------------
+
+def test_a_batch_larger_than_the_training_set_is_refused(data, tmp_path):
+    out = tmp_path / "big_batch"
+    message = refused("pretrain", *pretrain_args(data, out), "--batch-size", 64)
+    assert "--batch-size 64 is larger than the 12 training samples" in message
+    assert not (out / "best.pt").exists()
+
+
+@pytest.mark.parametrize("script, flags, expected", [
+    ("pretrain", ("--epochs", "0"), "error: --epochs 0: pretraining needs at least one epoch"),
+    ("pretrain", ("--epochs", "-1"), "argument --epochs: -1 is out of range"),
+    ("search", ("--ckpt", "x.pt", "--episodes", "0"), "argument --episodes: 0 is out of range"),
+    ("search", ("--ckpt", "x.pt", "--min-bit", "6", "--max-bit", "4"), "--min-bit 6 is above"),
+    ("finetune", ("--ckpt", "x.pt", "--bits", "33"), "argument --bits: 33 is out of range"),
+])
+def test_degenerate_settings_are_refused_before_any_work(tmp_path, capsys, script, flags,
+                                                         expected):
+    with mock.patch("lib.experiment.load_split", side_effect=AssertionError("loaded data")):
+        with pytest.raises(SystemExit) as stop:
+            run(script, *flags, "--out", tmp_path / "run")
+    assert expected in str(stop.value.code) + capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def test_a_flipped_byte_in_a_packed_checkpoint_is_refused(reference, tmp_path):
+    runs, _ = reference
+    data = bytearray((runs["finetune"] / "best.pt").read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path = tmp_path / "flipped.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        load_checkpoint(str(path))
+
+
+def test_checkpoints_get_the_usual_file_permissions(reference):
+    runs, _ = reference
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (runs["pretrain"] / "best.pt", runs["finetune"] / "best.pt",
+                 runs["search"] / "search_state.pt", runs["search"] / "policy.json"):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_a_binary_point_file_is_an_error_naming_it(tmp_path):
+    from lib.data import read_point_table
+    path = tmp_path / "shape.txt"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="shape.txt: line 1: not UTF-8 text"):
+        read_point_table(str(path), 7)
+
+
+def test_messages_are_whole_and_plain():
+    long = "x" * 300
+    assert one_line(f"\x1b[31mfailed\x1b[0m: {long}\n  second line") == f"failed: {long} second line"
+
+    def main(args):
+        raise ValueError(f"\x1b[1m{long}\x1b[0m")
+    with pytest.raises(SystemExit) as stop:
+        run_script(main, importlib.import_module("eval").get_args_parser(), argv=["--ckpt", "x"])
+    assert stop.value.code == f"error: {long}"
