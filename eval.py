@@ -35,14 +35,12 @@ def add_prediction_flags(p):
     g.add_argument("--save-pred", metavar="DIR", type=path_arg, default=None,
                    help="write one PLY per shape / room (x y z, colour of the prediction, integer "
                         "fields label and pred; S3DIS rooms at full resolution, voted) with "
-                        "predictions.csv and README.txt into DIR (default: %(default)s)")
+                        "predictions.csv and README.txt into DIR")
     g.add_argument("--render", metavar="N", type=nonneg_int, default=0,
                    help="PNG figures of the first N shapes / rooms (ground truth beside "
-                        "prediction), plus per_class_iou.png and confusion.png "
-                        "(default: %(default)s)")
+                        "prediction), plus per_class_iou.png and confusion.png")
     g.add_argument("--render-dir", metavar="DIR", type=path_arg, default=None,
-                   help="where --render writes (default: %(default)s, i.e. "
-                        "<checkpoint folder>/render_<split>)")
+                   help="where --render writes; None: <checkpoint folder>/render_<split>")
 
 
 def main(args):
