@@ -57,9 +57,11 @@ def get_args_parser():
     p.add_argument("--keep-first-last", default="8",
                    help="first layer and classifier at BITS or fp32, charged to the budget "
                         "('' searches them too)")
-    p.add_argument("--val-size", type=int, default=32, help="held-out samples the searches see")
+    p.add_argument("--val-size", type=int, default=16, help="held-out samples the searches see")
     p.add_argument("--val-seed", type=int, default=0, help="which held-out samples")
     p.add_argument("--ft-epochs", type=int, default=1, help="centroid fine-tune epochs")
+    p.add_argument("--ft-samples", type=int, default=192,
+                   help="training samples the fine-tune sees, drawn per seed (0: the whole split)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune learning rate (AdamW)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--data-root", default=None)
@@ -104,6 +106,15 @@ def run_strategy(name, env, counter, args, seed, drops):
             "budget_ratio": record["budget_ratio"], "evaluations": evaluations, "seconds": seconds}
 
 
+class TrainSubset(torch.utils.data.Subset):
+    """Part of a training split that still answers for it (task, label space) in the loop."""
+
+    def __getattr__(self, name):
+        if name == "dataset":  # not set yet (unpickling): no recursion through __getattr__
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 class Scorer:
     """Test-split scores of a policy before and after the centroid fine-tune."""
 
@@ -139,7 +150,11 @@ class Scorer:
         args = self.args
         torch.manual_seed(seed)
         model = self.quantized(bits).to(self.device)
-        train_loader = make_loader(self.train, args.batch_size, True, seed)
+        train = self.train
+        if args.ft_samples:
+            picks = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+            train = TrainSubset(train, picks[:args.ft_samples].tolist())
+        train_loader = make_loader(train, args.batch_size, True, seed)
         optimizer = build_optimizer(model.parameters(), "adamw", args.lr, 0.0)
         scheduler = build_scheduler(optimizer, "cosine", args.ft_epochs, len(train_loader))
         quant = {"bits": bits, "method": "kmeans", "keep_first_last": args.keep_first_last or None,
@@ -190,7 +205,16 @@ def format_table(summary, metric_name, fp32_test, ft_epochs):
             "mean ± sample std over seeds, in %.")
 
 
+def check_args(args):
+    if args.evaluations < 1 or not 0 <= args.warmup <= args.evaluations:
+        raise ValueError(f"--evaluations {args.evaluations} --warmup {args.warmup}: need "
+                         "evaluations >= 1 and 0 <= warmup <= evaluations")
+    if args.val_size < 1 or args.ft_epochs < 1 or args.ft_samples < 0:
+        raise ValueError("--val-size and --ft-epochs must be >= 1, --ft-samples >= 0")
+
+
 def main(args):
+    check_args(args)
     device = resolve_device(args.device)
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))),
                                    "compare")
