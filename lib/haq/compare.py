@@ -47,6 +47,7 @@ def get_args_parser():
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.0625],
                    help="preserve ratios (fractions of the fp32 weight bits)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     p.add_argument("--evaluations", type=int, default=30,
                    help="policies DDPG and random search each evaluate (DDPG's episodes)")
     p.add_argument("--warmup", type=int, default=10, help="DDPG's random episodes first")
@@ -179,7 +180,7 @@ def summarise(values):
             "max": max(values), "n": len(values)}
 
 
-def aggregate(cells, key):
+def aggregate(cells):
     """{(budget, strategy): summaries over seeds} of the finished cells."""
     groups = {}
     for cell in cells:
@@ -241,17 +242,20 @@ def main(args):
           f"{time.perf_counter() - start:.1f} s (outside every strategy's time)", flush=True)
     envs = {budget: QuantEnv(layers, counter, metric_fp32, budget, args.min_bit, args.max_bit, fixed)
             for budget in args.budgets}
-    calls, start = counter.calls, time.perf_counter()
-    drops = {"drops": strategies.measure_sensitivity(envs[args.budgets[0]], widths)}
-    drops.update(seconds=time.perf_counter() - start, evaluations=counter.calls - calls)
-    print(f"sensitivity: {drops['evaluations']} evaluations in {drops['seconds']:.1f} s", flush=True)
+    drops = None
+    if "sensitivity" in args.strategies:
+        calls, start = counter.calls, time.perf_counter()
+        drops = {"drops": strategies.measure_sensitivity(envs[args.budgets[0]], widths)}
+        drops.update(seconds=time.perf_counter() - start, evaluations=counter.calls - calls)
+        print(f"sensitivity: {drops['evaluations']} evaluations in {drops['seconds']:.1f} s",
+              flush=True)
 
     scorer = Scorer(args, meta, fp32, evaluator, device)
     fp32_test = scorer.test(fp32)[evaluator.key]
     cells = []
     for seed in args.seeds:  # seeds outermost: a cut-short run still has every cell once
         for budget in args.budgets:
-            for name in STRATEGIES:
+            for name in args.strategies:
                 torch.manual_seed(seed)
                 cell = dict(run_strategy(name, envs[budget], counter, args, seed, drops),
                             budget=budget, strategy=name, seed=seed)
@@ -277,14 +281,13 @@ def main(args):
 def write_results(out, args, cells, metric_name, metric_fp32_val, fp32_test, drops):
     """results.json (every cell, the summaries, the settings) and results.md, rewritten after
     every cell so an interrupted comparison leaves what it finished."""
-    summary = aggregate(cells, metric_name)
+    summary = aggregate(cells)
     table = format_table(summary, metric_name, fp32_test, args.ft_epochs)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")
     record = {"args": vars(args), "metric": metric_name, "fp32_val": metric_fp32_val,
               "fp32_test": fp32_test, "summary": summary, "cells": cells,
-              "sensitivity": {"evaluations": drops["evaluations"], "seconds": drops["seconds"],
-                              "drops": drops["drops"]}}
+              "sensitivity": drops}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(record, f, indent=2)
     return table
