@@ -41,6 +41,8 @@ def test_knapsack_matches_brute_force_on_random_problems():
 def test_knapsack_rejects_an_impossible_budget():
     with pytest.raises(ValueError, match="capacity"):
         strategies.best_allocation([[5, 6], [5]], [[0, 0], [0]], 9)
+    with pytest.raises(ValueError, match="capacity"):
+        strategies.best_allocation([[0, 1]], [[0, 0]], -1)
 
 
 def toy_layers(sizes):

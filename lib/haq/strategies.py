@@ -62,6 +62,8 @@ def best_allocation(costs, drops, capacity):
     Dynamic programme over the spent capacity, divided by the gcd of all costs first. best[c] is
     the least total drop of the layers so far within capacity c, so it never rises with c; a tie
     keeps the earlier option (list the cheaper options first to get the smaller model)."""
+    if capacity < 0:
+        raise ValueError(f"knapsack: capacity {capacity} is negative")
     unit = math.gcd(*(int(c) for layer_costs in costs for c in layer_costs)) or 1
     size = int(capacity) // unit + 1
     best = np.zeros(size)
