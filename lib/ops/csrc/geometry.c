@@ -147,21 +147,26 @@ static int64_t leaf_points(int64_t N) {
     return leaf < quantum ? quantum : leaf / quantum * quantum;
 }
 
-/* perm[lo..hi] (inclusive) reordered so that perm[k] holds the point whose coordinate `axis`
- * ranks k-th, none after it lower and none before it higher (Wirth's selection). The
- * coordinates are finite. */
-static void select_rank(const float *pts, int axis, int64_t *perm, int64_t lo, int64_t hi,
-                        int64_t k) {
+/* A point and its index, moved about together while the cloud is split. */
+typedef struct {
+    float c[3];
+    int32_t i;
+} indexed_point;
+
+/* p[lo..hi] (inclusive) reordered so that p[k] holds the point whose coordinate `axis` ranks
+ * k-th, none after it lower and none before it higher (Wirth's selection). The coordinates are
+ * finite. */
+static void select_rank(indexed_point *p, int axis, int64_t lo, int64_t hi, int64_t k) {
     while (lo < hi) {
-        const float pivot = pts[3 * perm[k] + axis];
+        const float pivot = p[k].c[axis];
         int64_t i = lo, j = hi;
         do {
-            while (pts[3 * perm[i] + axis] < pivot) ++i;
-            while (pivot < pts[3 * perm[j] + axis]) --j;
+            while (p[i].c[axis] < pivot) ++i;
+            while (pivot < p[j].c[axis]) --j;
             if (i <= j) {
-                const int64_t t = perm[i];
-                perm[i++] = perm[j];
-                perm[j--] = t;
+                const indexed_point t = p[i];
+                p[i++] = p[j];
+                p[j--] = t;
             }
         } while (i <= j);
         if (j < k) lo = i;
@@ -169,11 +174,11 @@ static void select_rank(const float *pts, int axis, int64_t *perm, int64_t lo, i
     }
 }
 
-/* Splits perm[lo, hi) into leaves, appending each leaf's end to leaf_end. A split falls on a
+/* Splits p[lo, hi) into leaves, appending each leaf's end to leaf_end. A split falls on a
  * multiple of LANES from lo, so that leaves fill whole vectors; both halves are non-empty
  * (hi - lo > leaf >= 2 LANES), hence at most N leaves. Depth: log2(N / leaf) + 1. */
-static void split(const float *pts, int64_t leaf, int64_t *perm, int64_t lo, int64_t hi,
-                  int64_t *leaf_end, int64_t *leaves) {
+static void split(indexed_point *p, int64_t leaf, int64_t lo, int64_t hi, int64_t *leaf_end,
+                  int64_t *leaves) {
     const int64_t n = hi - lo;
     if (n <= leaf) {
         leaf_end[(*leaves)++] = hi;
@@ -182,17 +187,16 @@ static void split(const float *pts, int64_t leaf, int64_t *perm, int64_t lo, int
     float low[3] = {INFINITY, INFINITY, INFINITY}, high[3] = {-INFINITY, -INFINITY, -INFINITY};
     for (int64_t i = lo; i < hi; ++i)
         for (int d = 0; d < 3; ++d) {
-            const float v = pts[3 * perm[i] + d];
-            low[d] = v < low[d] ? v : low[d];
-            high[d] = v > high[d] ? v : high[d];
+            low[d] = p[i].c[d] < low[d] ? p[i].c[d] : low[d];
+            high[d] = p[i].c[d] > high[d] ? p[i].c[d] : high[d];
         }
     int axis = 0;
     for (int d = 1; d < 3; ++d)
         if (high[d] - low[d] > high[axis] - low[axis]) axis = d;
     const int64_t k = lo + (n / 2 + LANES / 2) / LANES * LANES;
-    select_rank(pts, axis, perm, lo, hi - 1, k);
-    split(pts, leaf, perm, lo, k, leaf_end, leaves);
-    split(pts, leaf, perm, k, hi, leaf_end, leaves);
+    select_rank(p, axis, lo, hi - 1, k);
+    split(p, leaf, lo, k, leaf_end, leaves);
+    split(p, leaf, k, hi, leaf_end, leaves);
 }
 
 /* A cloud in leaves. Leaf j's points fill slots [slot_start[j], slot_start[j + 1]), in
@@ -208,31 +212,23 @@ typedef struct {
 } fps_tree_t;
 
 static int build_fps_tree(const float *pts, int64_t N, fps_tree_t *t) {
-    int64_t *perm = malloc(sizeof(int64_t) * N), *leaf_end = malloc(sizeof(int64_t) * N);
-    if (!perm || !leaf_end) {
-        free(perm);
-        free(leaf_end);
-        return 0;
+    indexed_point *perm = malloc(sizeof(indexed_point) * N);
+    int64_t *leaf_end = malloc(sizeof(int64_t) * N), *leaf_of = malloc(sizeof(int64_t) * N);
+    t->floats = t->ints = NULL;
+    if (!perm || !leaf_end || !leaf_of) goto fail;
+    for (int64_t i = 0; i < N; ++i) {
+        perm[i] = (indexed_point){{pts[3 * i], pts[3 * i + 1], pts[3 * i + 2]}, (int32_t)i};
     }
-    for (int64_t i = 0; i < N; ++i) perm[i] = i;
     t->leaves = 0;
-    split(pts, leaf_points(N), perm, 0, N, leaf_end, &t->leaves);
+    split(perm, leaf_points(N), 0, N, leaf_end, &t->leaves);
     const int64_t L = t->leaves, PL = (L + LANES - 1) / LANES * LANES;
     t->padded_leaves = PL;
     int64_t slots = 0;
-    for (int64_t j = 0; j < L; ++j) {
-        const int64_t n = leaf_end[j] - (j ? leaf_end[j - 1] : 0);
-        slots += (n + LANES - 1) / LANES * LANES;
-    }
+    for (int64_t j = 0; j < L; ++j)
+        slots += (leaf_end[j] - (j ? leaf_end[j - 1] : 0) + LANES - 1) / LANES * LANES;
     t->floats = malloc(sizeof(float) * (4 * slots + 7 * PL));
     t->ints = malloc(sizeof(int64_t) * (PL + 1 + slots) + sizeof(int32_t) * PL);
-    if (!t->floats || !t->ints) {
-        free(perm);
-        free(leaf_end);
-        free(t->floats);
-        free(t->ints);
-        return 0;
-    }
+    if (!t->floats || !t->ints) goto fail;
     t->x = t->floats;
     t->y = t->x + slots;
     t->z = t->y + slots;
@@ -245,43 +241,59 @@ static int build_fps_tree(const float *pts, int64_t N, fps_tree_t *t) {
     t->slot_start = t->ints;
     t->idx = t->slot_start + PL + 1;
     t->leaf_arg = (int32_t *)(t->idx + slots);
-    int64_t slot = 0;
+    t->slot_start[0] = 0;
     for (int64_t j = 0; j < PL; ++j) {
-        t->slot_start[j] = slot;
-        t->leaf_max[j] = -1.0f;
-        t->leaf_arg[j] = INT32_MAX;
+        const int64_t n = j < L ? leaf_end[j] - (j ? leaf_end[j - 1] : 0) : 0;
+        t->slot_start[j + 1] = t->slot_start[j] + (n + LANES - 1) / LANES * LANES;
+    }
+    /* the points go to their leaves in increasing index order (a counting sort by leaf:
+     * leaf_of holds each point's leaf, leaf_end then each leaf's next free slot) */
+    for (int64_t j = 0, i = 0; j < L; ++j)
+        for (; i < leaf_end[j]; ++i) leaf_of[perm[i].i] = j;
+    for (int64_t j = 0; j < L; ++j) leaf_end[j] = t->slot_start[j];
+    for (int64_t p = 0; p < N; ++p) {
+        const int64_t s = leaf_end[leaf_of[p]]++;
+        t->x[s] = pts[3 * p];
+        t->y[s] = pts[3 * p + 1];
+        t->z[s] = pts[3 * p + 2];
+        t->idx[s] = p;
+        t->dist[s] = INFINITY;
+    }
+    for (int64_t j = 0; j < PL; ++j) {
+        const int64_t first = t->slot_start[j];
+        t->leaf_max[j] = j < L ? INFINITY : -1.0f;
+        t->leaf_arg[j] = j < L ? (int32_t)t->idx[first] : INT32_MAX;
         for (int d = 0; d < 3; ++d) t->lo[d][j] = t->hi[d][j] = 0.0f;
         if (j >= L) continue;
-        const int64_t from = j ? leaf_end[j - 1] : 0, to = leaf_end[j];
-        for (int64_t i = from + 1; i < to; ++i) { /* insertion sort: increasing index */
-            const int64_t v = perm[i];
-            int64_t at = i;
-            for (; at > from && perm[at - 1] > v; --at) perm[at] = perm[at - 1];
-            perm[at] = v;
+        for (int64_t s = leaf_end[j]; s < t->slot_start[j + 1]; ++s) { /* padding */
+            t->x[s] = t->x[first];
+            t->y[s] = t->y[first];
+            t->z[s] = t->z[first];
+            t->idx[s] = t->idx[first];
+            t->dist[s] = -1.0f;
         }
-        const int64_t end = slot + (to - from + LANES - 1) / LANES * LANES;
-        for (int d = 0; d < 3; ++d) t->lo[d][j] = t->hi[d][j] = pts[3 * perm[from] + d];
-        for (int64_t s = slot; s < end; ++s) {
-            const int64_t p = perm[s - slot + from < to ? s - slot + from : from];
-            const float v[3] = {pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]};
-            t->x[s] = v[0];
-            t->y[s] = v[1];
-            t->z[s] = v[2];
-            t->idx[s] = p;
-            t->dist[s] = s - slot + from < to ? INFINITY : -1.0f;
-            for (int d = 0; d < 3; ++d) {
-                t->lo[d][j] = v[d] < t->lo[d][j] ? v[d] : t->lo[d][j];
-                t->hi[d][j] = v[d] > t->hi[d][j] ? v[d] : t->hi[d][j];
+        const float *axes[3] = {t->x, t->y, t->z};
+        for (int d = 0; d < 3; ++d) {
+            float low = axes[d][first], high = low;
+            for (int64_t s = first; s < t->slot_start[j + 1]; ++s) {
+                low = axes[d][s] < low ? axes[d][s] : low;
+                high = axes[d][s] > high ? axes[d][s] : high;
             }
+            t->lo[d][j] = low;
+            t->hi[d][j] = high;
         }
-        t->leaf_max[j] = INFINITY;
-        t->leaf_arg[j] = (int32_t)perm[from];
-        slot = end;
     }
-    t->slot_start[PL] = slot;
     free(perm);
     free(leaf_end);
+    free(leaf_of);
     return 1;
+fail:
+    free(perm);
+    free(leaf_end);
+    free(leaf_of);
+    free(t->floats);
+    free(t->ints);
+    return 0;
 }
 
 /* dist = min(dist, d) over leaf j's slots, then its largest dist and first index holding it. */
