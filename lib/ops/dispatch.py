@@ -16,9 +16,9 @@ batch_norm               folded form up to 8 channels        BatchNorm1d      Ba
 mlp                      one-GEMM backward for Linear(3, C)  the modules      the modules
 
 (*) Both C forms pick the reference's points, ties included; the kernel chooses by cloud size
-(FPS_TREE_MIN_POINTS in csrc/geometry.c). Sampling N / 4, the split paid from 4,096 points a
-cloud (1.4x) and gave 13x on an 80k-point room (30 instead of 384 ms); on 2,048-point objects
-the two took the same time and the plain loop stays (bench/RESULTS.md, "FPS").
+(FPS_TREE_MIN_POINTS in csrc/geometry.c). Sampling N / 4, the two were even on 2,048-point
+objects (the plain loop stays there) and about even on 4,096, the pruned one 2-4x faster on
+8,192 and 12x on an 80k-point room (30 instead of 384 ms; bench/RESULTS.md, "FPS").
 
 "else" is the "reference" backend (`set_backend("reference")`, the benchmarks' plain-PyTorch
 side) and any other device. There kNN is the GEMM-ranked form too, the fastest plain-PyTorch

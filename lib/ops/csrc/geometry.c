@@ -22,8 +22,8 @@ static void fail(int *flags, int bit) { __atomic_fetch_or(flags, bit, __ATOMIC_R
 /* Two forms with the same picks: the reference's O(N m) loop (fps_plain), and for clouds of
  * FPS_TREE_MIN_POINTS points or more the same loop pruned on a kd-split of the cloud
  * (fps_tree), which updates only the leaves that the new pick can reach. The two took the same
- * time on 2,048-point clouds, the pruned one 1.4x less on 4,096 and 13x less on 80,000
- * (bench/RESULTS.md, "FPS"). */
+ * time on 2,048-point clouds and about the same on 4,096, the pruned one 2-4x less on 8,192 and
+ * 12x less on 80,000 (bench/RESULTS.md, "FPS"). */
 enum { FPS_TREE_MIN_POINTS = 4096 };
 
 typedef struct {
