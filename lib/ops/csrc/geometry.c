@@ -111,6 +111,8 @@ static int fps_plain(const fps_args *a, int64_t b) {
             lane_max = pick(better, kept, lane_max);
             lane_idx = pick_int(better, iota + (int32_t)i, lane_idx);
         }
+        /* lane_max only takes values above it (never NaN), so this is a lane's index, 0
+         * where no lane holds a value above -1 */
         float best;
         farthest = best_lane(lane_max, lane_idx, &best);
         for (int64_t i = body; i < N; ++i) { /* the tail: indices above every lane's */
@@ -355,8 +357,9 @@ static int fps_tree(const fps_args *a, int64_t b) {
             lane_max = pick(better, value, lane_max);
             lane_arg = pick_int(better, arg, lane_arg);
         }
+        /* a real leaf's: each block of LANES leaves holds one, with leaf_max >= 0 */
         float best;
-        farthest = best_lane(lane_max, lane_arg, &best); /* a real leaf: its points' dist >= 0 */
+        farthest = best_lane(lane_max, lane_arg, &best);
     }
     free(t.floats);
     free(t.ints);
