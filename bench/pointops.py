@@ -97,8 +97,9 @@ def bench_ops(device):
 
 
 def fps_form_kernels(folder):
-    """{"plain": ..., "pruned": ...}: lib/ops/csrc/geometry.c built twice into `folder` with
-    FPS_TREE_MIN_POINTS set so that every cloud takes that form (the kernel chooses by size)."""
+    """{"plain": ..., "pruned": ...}: lib/ops/csrc/geometry.c copied twice into `folder` with
+    FPS_TREE_MIN_POINTS set so that every cloud takes that form (the kernel chooses by size),
+    each built by lib/ops/native.py (cached beside the main library, as fps_<form>-*.so)."""
     compiler = os.environ.get("CC", "cc")
     with open(os.path.join(native.SOURCE_DIR, "geometry.c")) as f:
         source = f.read()
