@@ -6,18 +6,21 @@ Median wall time (ms) of FPS, kNN and 3-NN interpolation on object batches (B=16
 a room-sized cloud (80k points) under both backends of lib/ops (geometry.py); a Point Transformer
 part-segmentation training step (B=16 x 2048) under both backends; and a grouping-heavy
 forward+backward and that training step in fresh processes under GLIBC_TUNABLES variants
-(none, run/setup_env.sh's, and two candidates); and the FPS of lib/ops/csrc/geometry.c against
-fpsample's bucket FPS over cloud sizes (for the record: lib.ops runs the C FPS at every size,
-as fpsample's bucket FPS cannot start from a given point).
+(none, run/setup_env.sh's, and two candidates); and the two forms of lib/ops/csrc/geometry.c's
+FPS against fpsample's bucket FPS over cloud sizes (for the record: lib.ops runs the C FPS at
+every size, as fpsample's bucket FPS cannot start from a given point).
 Prints tables and writes everything to OUT as JSON. The slow reference cases run once.
 """
 import argparse
 import json
 import os
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -34,7 +37,7 @@ TARGETS_MS = {"fps_b16_2048_512": 10, "fps_80000_20000": 100,
               "knn16_b16_2048": 25, "knn16_80000": 80}
 SECTIONS = ("ops", "train", "malloc", "fps_sizes")
 # (B, N) of the fps_sizes section, sampling N / 4
-FPS_SIZES = [(16, 2048), (16, 4096), (4, 8192), (1, 16384), (1, 32768)]
+FPS_SIZES = [(16, 2048), (16, 4096), (4, 8192), (1, 16384), (1, 32768), (1, 80000)]
 # The mmap/trim thresholds, the first part of what run/setup_env.sh exports
 THRESHOLDS = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
 # What run/setup_env.sh exports; used when this runs without it.
@@ -93,27 +96,57 @@ def bench_ops(device):
     return rows
 
 
+def fps_form_kernels(folder):
+    """{"plain": ..., "pruned": ...}: lib/ops/csrc/geometry.c copied twice into `folder` with
+    FPS_TREE_MIN_POINTS set so that every cloud takes that form (the kernel chooses by size),
+    each built by lib/ops/native.py (cached beside the main library, as fps_<form>-*.so)."""
+    compiler = os.environ.get("CC", "cc")
+    with open(os.path.join(native.SOURCE_DIR, "geometry.c")) as f:
+        source = f.read()
+    kernels = {}
+    for form, threshold in (("plain", 2 ** 31), ("pruned", 0)):
+        os.makedirs(os.path.join(folder, form))
+        path = os.path.join(folder, form, "geometry.c")
+        with open(path, "w") as f:
+            f.write(re.sub(r"FPS_TREE_MIN_POINTS = \d+", f"FPS_TREE_MIN_POINTS = {threshold}",
+                           source))
+        shutil.copy(native.HEADERS[0], os.path.join(folder, form))
+        kernels[form] = native.Kernels(native.build(compiler, [path], native.HEADERS,
+                                                    name=f"fps_{form}"), [path])
+    return kernels
+
+
 def bench_fps_sizes():
-    """FPS of N / 4 points: lib/ops/csrc/geometry.c's O(N m) loop against fpsample's bucket FPS
-    (QuickFPS, kd-tree height as fpsample suggests for N: log2(N) / 2 - 1), uniform random
-    clouds, one cloud at a time for fpsample."""
+    """FPS of N / 4 points over cloud sizes, uniform random clouds: lib/ops/csrc/geometry.c's
+    two forms (the plain O(N m) loop and the loop pruned on a kd-split, which the kernel takes
+    from FPS_TREE_MIN_POINTS points a cloud), each forced on every size, against fpsample's
+    bucket FPS (QuickFPS, kd-tree height as fpsample suggests for N: log2(N) / 2 - 1; one cloud
+    at a time). fpsample only for the record: its bucket FPS cannot start from a given point."""
     if native.library() is None:
         print("fps_sizes: no C library (no C compiler); skipped")
         return []
     import fpsample
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for b, n in FPS_SIZES:
-        xyz = torch.rand(b, n, 3, generator=gen)
-        clouds = xyz.numpy()
-        height = max(1, (n.bit_length() - 1) // 2 - 1)
-        times = {"native": median_ms(lambda: geometry.farthest_point_sample_cpu(xyz, n // 4), 3),
-                 "fpsample": median_ms(lambda: [fpsample.bucket_fps_kdline_sampling(
-                     cloud, n // 4, height) for cloud in clouds], 3)}
-        rows.append({"b": b, "n": n, "native_ms": round(times["native"], 2),
-                     "fpsample_ms": round(times["fpsample"], 2)})
-        print(f"FPS B={b} {n}->{n // 4}: C {times['native']:.1f} ms, fpsample "
-              f"{times['fpsample']:.1f} ms")
+    with tempfile.TemporaryDirectory() as folder:
+        kernels = fps_form_kernels(folder)
+        for b, n in FPS_SIZES:
+            xyz = torch.rand(b, n, 3, generator=gen)
+            clouds, starts, m = xyz.numpy(), geometry.start_index(xyz), n // 4
+            height = max(1, (n.bit_length() - 1) // 2 - 1)
+            picks = {form: torch.empty(b, m, dtype=torch.int64) for form in kernels}
+
+            def c_form(form):
+                kernels[form].call("fps", B=b, N=n, m=m, xyz=xyz, start=starts, out=picks[form])
+
+            times = {form: median_ms(lambda form=form: c_form(form), 3) for form in kernels}
+            times["fpsample"] = median_ms(lambda: [fpsample.bucket_fps_kdline_sampling(
+                cloud, m, height) for cloud in clouds], 3)
+            rows.append({"b": b, "n": n, **{f"{k}_ms": round(v, 2) for k, v in times.items()},
+                         "same_picks": torch.equal(picks["plain"], picks["pruned"])})
+            print(f"FPS B={b} {n}->{m}: C plain {times['plain']:.1f} ms, C pruned "
+                  f"{times['pruned']:.1f} ms, fpsample {times['fpsample']:.1f} ms, same picks: "
+                  f"{rows[-1]['same_picks']}")
     return rows
 
 

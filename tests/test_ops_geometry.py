@@ -2,6 +2,9 @@
 
 Random float clouds have no exact distance ties, so FPS sequences and kNN sets are unique.
 """
+import os
+import re
+
 import pytest
 import torch
 
@@ -81,6 +84,63 @@ def test_fps_on_duplicate_points_is_a_farthest_point_sample(form, monkeypatch):
     earlier = torch.ones(512, 512).tril(-1).bool()  # [i, j]: j picked before i
     gap_to_earlier = gaps.masked_fill(~earlier, float("inf")).min(1).values
     assert (gap_to_earlier[2:] <= gap_to_earlier[1:-1] + 1e-6).all()
+
+
+# Clouds of this many points or more take geometry.c's pruned FPS (fps_tree), smaller ones its
+# plain loop; the tests below size their clouds by it.
+TREE_POINTS = int(re.search(r"FPS_TREE_MIN_POINTS = (\d+)",
+                            open(os.path.join(native.SOURCE_DIR, "geometry.c")).read()).group(1))
+
+
+def room_surfaces(n, seed=0):
+    """n points on the floor, ceiling and four walls of a 10 x 10 x 3 m room: flat leaves,
+    many points sharing one coordinate exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    xyz = torch.rand(n, 3, generator=gen) * torch.tensor([10.0, 10.0, 3.0])
+    face = torch.randint(0, 6, (n,), generator=gen)
+    for f, (axis, value) in enumerate([(2, 0.0), (2, 3.0), (0, 0.0), (0, 10.0), (1, 0.0),
+                                       (1, 10.0)]):
+        xyz[face == f, axis] = value
+    return xyz.unsqueeze(0)
+
+
+@pytest.mark.parametrize("xyz, m", [
+    (cloud(2, 2 * TREE_POINTS, 3, seed=5), 1500),  # two clouds, over torch's threads
+    (room_surfaces(3 * TREE_POINTS), 3000),
+    (cloud(1, TREE_POINTS, 3, seed=6) * 1e-20, 500),  # squared distances near float32's floor
+    (cloud(1, TREE_POINTS + 5, 3, seed=7), TREE_POINTS + 5)])  # every point, a ragged size
+def test_fps_pruned_form_picks_the_references_points(xyz, m):
+    require_native()
+    assert torch.equal(po.farthest_point_sample_cpu(xyz, m),
+                       po.farthest_point_sample_reference(xyz, m))
+
+
+@pytest.mark.parametrize("spacing", [1 / 6, 1 / 2])
+def test_fps_pruned_form_breaks_ties_as_the_reference(spacing):
+    # points on a coarse lattice: each appears many times over, and most distances tie; the
+    # first index of the largest distance wins, within a leaf and across leaves
+    require_native()
+    gen = torch.Generator().manual_seed(1)
+    xyz = (torch.rand(1, 2 * TREE_POINTS, 3, generator=gen) * 3 / spacing).round() * spacing
+    assert torch.equal(po.farthest_point_sample_cpu(xyz, 1500),
+                       po.farthest_point_sample_reference(xyz, 1500))
+    same = torch.full((1, TREE_POINTS, 3), 0.25)  # all one point: every distance ties at 0
+    assert torch.equal(po.farthest_point_sample_cpu(same, 40),
+                       po.farthest_point_sample_reference(same, 40))
+
+
+def test_fps_pruned_form_takes_non_finite_clouds():
+    # NaN and infinite coordinates leave no boxes to prune by: the plain loop takes the cloud,
+    # and every pick is still a point of it
+    require_native()
+    xyz = cloud(2, TREE_POINTS, 3)
+    xyz[0, 10, 1] = float("nan")
+    xyz[1, 20, 2] = float("inf")
+    idx = po.farthest_point_sample_cpu(xyz, 100)
+    assert idx.shape == (2, 100) and idx.min() >= 0 and idx.max() < TREE_POINTS
+    finite = cloud(1, TREE_POINTS, 3)
+    assert torch.equal(po.farthest_point_sample_cpu(torch.cat([xyz, finite]), 100)[2],
+                       po.farthest_point_sample_reference(finite, 100)[0])
 
 
 def test_fps_without_the_c_library_runs_fpsample_from_start_index(monkeypatch):

@@ -1,8 +1,10 @@
 """Which form of each operation runs, and why: the one place that decides.
 
 operation                CPU, "auto" backend                 CUDA, "auto"     else
-farthest_point_sample    C (csrc/geometry.c);                Triton           torch loop
-                         no C compiler: fpsample's FPS       (fps_triton.py)
+farthest_point_sample    C (csrc/geometry.c): the exact      Triton           torch loop
+                         loop, pruned on a kd-split from     (fps_triton.py)
+                         4,096 points a cloud (*);
+                         no C compiler: fpsample's FPS
 knn_query                float32: C grid; float64 or         GEMM-ranked      GEMM-ranked
                          no C compiler: pykdtree
 gather with a gradient   sparse-matrix backward              index_select     index_select
@@ -12,6 +14,11 @@ norm_relu_linear         C (csrc/norm_relu_linear.c),        the modules      th
 neighbour_max            C (csrc/neighbour_max.c)            amax             amax
 batch_norm               folded form up to 8 channels        BatchNorm1d      BatchNorm1d
 mlp                      one-GEMM backward for Linear(3, C)  the modules      the modules
+
+(*) Both C forms pick the reference's points, ties included; the kernel chooses by cloud size
+(FPS_TREE_MIN_POINTS in csrc/geometry.c). Sampling N / 4, the two were even on 2,048-point
+objects (the plain loop stays there) and about even on 4,096, the pruned one 2-4x faster on
+8,192 and 12x on an 80k-point room (30 instead of 384 ms; bench/RESULTS.md, "FPS").
 
 "else" is the "reference" backend (`set_backend("reference")`, the benchmarks' plain-PyTorch
 side) and any other device. There kNN is the GEMM-ranked form too, the fastest plain-PyTorch

@@ -133,9 +133,10 @@ def _check_status(status, where):
 
 def farthest_point_sample_cpu(xyz, m):
     """Exact FPS from start_index in float32, one call for all clouds: lib/ops/csrc/geometry.c's
-    (the reference's steps, so the reference's picks when xyz is float32), or without the C
-    library fpsample's plain FPS, one cloud at a time. xyz: (B, N, 3) CPU tensor -> (B, m)
-    int64. The C lanes carry int32 indices: a cloud of 2^31 points or more takes the torch loop."""
+    (the reference's steps, pruned on a kd-split for large clouds, so the reference's picks when
+    xyz is float32, ties included), or without the C library fpsample's plain FPS, one cloud at
+    a time. xyz: (B, N, 3) CPU tensor -> (B, m) int64. The C lanes carry int32 indices: a cloud
+    of 2^31 points or more takes the torch loop."""
     b, n, _ = xyz.shape
     if n >= 2 ** 31:
         return farthest_point_sample_reference(xyz, m)
