@@ -3,10 +3,13 @@
     python eval.py --ckpt checkpoints/demo/pretrain/best.pt
 
 Prints the per-category (or per-class) table and the summary table; --json writes the figures.
+Under `torchrun --nproc-per-node N eval.py ...` every rank scores its shard of the split (each
+sample exactly once) and rank 0 prints the merged figures.
 """
 import argparse
 import json
 
+from lib import distributed
 from lib.cli import resolve_device, run_script
 from lib.experiment import evaluate_checkpoint
 from lib.report import format_results, format_size
@@ -26,8 +29,13 @@ def get_args_parser():
 
 
 def main(args):
+    _, _, device = distributed.init_distributed(resolve_device(args.device))
     meta, results = evaluate_checkpoint(args.ckpt, args.data_root, args.split, args.batch_size,
-                                        resolve_device(args.device), args.workers)
+                                        device, args.workers)
+    main_rank = distributed.is_main()
+    distributed.cleanup()
+    if not main_rank:
+        return
     quant = meta.get("quant")
     print(f"{args.ckpt}: {meta['model']['name']} on {meta['dataset']['name']} ({args.split}), "
           f"{'quantized' if quant else 'fp32'}")

@@ -13,7 +13,7 @@ import os
 import torch
 
 from lib import distributed
-from lib.checkpoint import load_checkpoint, save_checkpoint
+from lib.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from lib.cli import common_parser, resolve_device, run_script
 from lib.distill import DistillLoss
 from lib.experiment import evaluate_checkpoint, example_inputs, load_split, make_loader
@@ -67,7 +67,7 @@ def build_quantized(args, model, dataset, device):
 
 def main(args):
     device = resolve_device(args.device)
-    _, world, device = distributed.init_distributed(device)
+    _, _, device = distributed.init_distributed(device)
     torch.manual_seed(args.seed)
     resume = None
     if args.resume:
@@ -99,9 +99,7 @@ def main(args):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "finetune")
     epochs = args.epochs if args.epochs is not None else 5
     lr = args.lr if args.lr is not None else 1e-4
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = distributed.wrap_model(model, device)
     optimizer = build_optimizer(model.parameters(), args.optimizer, lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, "cosine", max(epochs, 1), len(train_loader))
     start_epoch, best = (restore_resume_state(resume, optimizer, scheduler)
@@ -113,7 +111,7 @@ def main(args):
             "args": vars(args), "quant": quant}
     log = RunLog(out, vars(args))
     if distributed.is_main():
-        plain = model.module if world > 1 else model
+        plain = unwrap(model)
         print(f"quantized {len(quant['bits'])} layers ({args.method}); HAQ budget ratio "
               f"{budget_ratio(plain):.4f}; honest size {honest_size_bytes(plain) / 1024:.1f} KiB",
               flush=True)
@@ -122,17 +120,19 @@ def main(args):
         val_metrics = evaluate(model, val_loader, device, args.amp, desc="val")
         if distributed.is_main():
             for name in ("best.pt", "last.pt"):
-                save_checkpoint(os.path.join(out, name), model, dict(meta, metrics=val_metrics,
-                                                                     epoch=0))
+                save_checkpoint(os.path.join(out, name), unwrap(model),
+                                dict(meta, metrics=val_metrics, epoch=0))
+        distributed.barrier()  # best.pt is on disk before any rank reads it back
     else:
         fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, epochs, out,
             meta, log, start_epoch, best, args.amp)
     log.close()
+    # Score the file as written, through the same path eval.py takes: every rank scores its
+    # shard of the test split and all end with the merged figures.
+    best_path = os.path.join(out, "best.pt")
+    _, results = evaluate_checkpoint(best_path, root, "test", args.batch_size, device,
+                                     args.workers)
     if distributed.is_main():
-        # Score the file as written, through the same path eval.py takes.
-        best_path = os.path.join(out, "best.pt")
-        _, results = evaluate_checkpoint(best_path, root, "test", args.batch_size, device,
-                                         args.workers)
         print(f"{best_path} (test split):")
         print(format_results(data["task"], results))
         with open(os.path.join(out, "best_test.json"), "w") as f:

@@ -59,12 +59,7 @@ def main(args):
     if resume is None:
         model = build_model(args.model, **model_kwargs(args.model, train_set))
     out = args.out or os.path.join("checkpoints", f"{args.model}_{args.dataset}")
-    model.to(device)
-    if world > 1:
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = distributed.wrap_model(model.to(device), device)
 
     optimizer = build_optimizer(model.parameters(), args.optimizer, lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, args.schedule, epochs, len(train_loader),
