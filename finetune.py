@@ -41,8 +41,23 @@ def get_args_parser():
     p.add_argument("--kd-alpha", type=float, default=0.9)
     p.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--samples-per-epoch", type=int, default=None,
+                   help="S3DIS: random training crops per epoch (default: about one look at "
+                        "every 4 cm cell); sets the number of steps with --epochs")
     p.add_argument("--num-points", type=int, default=None)
     return p
+
+
+def check_same_keep(policy_path, keep):
+    """The first and last layers may only be kept at the width the search kept them at: the
+    search charged that width to its budget, and any other would break the budget."""
+    with open(policy_path) as f:
+        searched = parse_keep(json.load(f).get("keep_first_last"))
+    if searched != keep:
+        shown = {"off": "not kept", None: "fp32"}
+        raise ValueError(f"{policy_path}: searched with the first and last layers "
+                         f"{shown.get(searched, f'at {searched} bits')}; fine-tune with the same "
+                         f"--keep-first-last (or none), so that the searched budget holds")
 
 
 def build_quantized(args, model, dataset, device):
@@ -57,6 +72,8 @@ def build_quantized(args, model, dataset, device):
         raise SystemExit("give --policy policy.json or --bits N")
     keep = parse_keep(args.keep_first_last)
     if keep != "off":
+        if args.policy:
+            check_same_keep(args.policy, keep)
         policy = keep_first_last(policy, layers, keep)
     quantize_model(model, policy, method=args.method)
     quant = {"bits": policy, "method": args.method, "policy_file": args.policy,
@@ -84,7 +101,8 @@ def main(args):
     data = fp32_meta["dataset"]
     root = args.data_root or data["root"]
     num_points = args.num_points or data["num_points"]
-    train_set = load_split(data["name"], root, "train", num_points, augment=True, seed=args.seed)
+    train_set = load_split(data["name"], root, "train", num_points, augment=True, seed=args.seed,
+                           samples_per_epoch=args.samples_per_epoch)
     val_set = load_split(data["name"], root, "val", num_points, seed=args.seed)
     train_loader = make_loader(train_set, args.batch_size, True, args.seed, args.workers)
     val_loader = make_loader(val_set, args.batch_size, False, workers=args.workers)

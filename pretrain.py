@@ -22,6 +22,9 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, parents=[common_parser()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="pt_seg_tiny", choices=MODEL_NAMES)
+    p.add_argument("--samples-per-epoch", type=int, default=None,
+                   help="S3DIS: random training crops per epoch (default: about one look at "
+                        "every 4 cm cell); sets the number of steps with --epochs")
     p.add_argument("--num-points", type=int, default=None,
                    help="points per sample (default: the dataset's usual number)")
     p.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
@@ -50,7 +53,8 @@ def main(args):
     lr = args.lr if args.lr is not None else (1e-3 if args.optimizer == "adamw" else 0.05)
 
     train_set = load_split(args.dataset, args.data_root, "train", args.num_points, augment=True,
-                           seed=args.seed)
+                           seed=args.seed,
+                           samples_per_epoch=getattr(args, "samples_per_epoch", None))
     val_set = load_split(args.dataset, args.data_root, "val", args.num_points, seed=args.seed)
     train_loader = make_loader(train_set, args.batch_size, train=True, seed=args.seed,
                                workers=args.workers)

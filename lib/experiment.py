@@ -13,10 +13,11 @@ def model_task(model_name):
     return MODEL_TASK[model_name.removesuffix("_tiny")]
 
 
-def load_split(dataset_name, root, split, num_points=None, augment=False, seed=0):
+def load_split(dataset_name, root, split, num_points=None, augment=False, seed=0,
+               samples_per_epoch=None):
     root = root or default_root(dataset_name)
     return build_dataset(dataset_name, root, split, num_points=num_points, augment=augment,
-                         seed=seed)
+                         seed=seed, samples_per_epoch=samples_per_epoch)
 
 
 def make_loader(dataset, batch_size, train, seed=0, workers=0):
