@@ -1,6 +1,7 @@
 """lib/distributed.py under two CPU processes (gloo): training through `wrap_model` equals one
 process with the whole batch, and pretrain.py / finetune.py --distill / eval.py finish under
-torchrun with figures that equal a single process's scoring of the same checkpoint exactly."""
+torchrun with figures that equal a single process's scoring of the same checkpoint exactly;
+`python -m lib.results_table --run` scores the run folder they wrote."""
 import json
 import os
 import subprocess
@@ -77,8 +78,20 @@ def test_pretrain_finetune_eval_under_two_processes(tiny_parts, tmp_path):
         "--out", fine, launcher=TORCHRUN)
     with open(os.path.join(fine, "best_test.json")) as f:
         final = json.load(f)  # finetune's final evaluation, on both ranks
-    single = evaluated(os.path.join(fine, "best.pt"), tmp_path)
     two = evaluated(os.path.join(fine, "best.pt"), tmp_path, launcher=TORCHRUN)
+
+    # One command scores the run folder (pretrain/, finetune/), one process, into results.md
+    # and results.json, and each checkpoint's figures into eval/<folder>.json.
+    run("-m", "lib.results_table", "--run", str(tmp_path), "--batch-size", "4")
+    with open(tmp_path / "eval" / "finetune.json") as f:
+        single = json.load(f)
     assert final["num_shapes"] == single["num_shapes"] == two["num_shapes"] == 18
     for key in SUMMARY + ("honest_bytes",):
         assert final[key] == single[key] == two[key], key
+    with open(tmp_path / "results.json") as f:
+        rows = json.load(f)
+    assert [row["name"] for row in rows] == ["fp32", "searched, finetune"]
+    assert rows[1]["ins_miou"] == single["ins_miou"] and rows[1]["budget_ratio"] < 0.2
+    with open(tmp_path / "eval" / "pretrain.json") as f:
+        assert rows[0]["ins_miou"] == json.load(f)["ins_miou"]
+    assert "searched, finetune" in (tmp_path / "results.md").read_text()
