@@ -41,9 +41,6 @@ def get_args_parser():
     p.add_argument("--kd-alpha", type=float, default=0.9)
     p.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--samples-per-epoch", type=int, default=None,
-                   help="S3DIS: random training crops per epoch (default: about one look at "
-                        "every 4 cm cell); sets the number of steps with --epochs")
     p.add_argument("--num-points", type=int, default=None)
     return p
 

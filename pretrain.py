@@ -22,9 +22,6 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, parents=[common_parser()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="pt_seg_tiny", choices=MODEL_NAMES)
-    p.add_argument("--samples-per-epoch", type=int, default=None,
-                   help="S3DIS: random training crops per epoch (default: about one look at "
-                        "every 4 cm cell); sets the number of steps with --epochs")
     p.add_argument("--num-points", type=int, default=None,
                    help="points per sample (default: the dataset's usual number)")
     p.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
@@ -52,6 +49,7 @@ def main(args):
     epochs = args.epochs if args.epochs is not None else 20
     lr = args.lr if args.lr is not None else (1e-3 if args.optimizer == "adamw" else 0.05)
 
+    # getattr: a run resumed from a checkpoint written before --samples-per-epoch existed
     train_set = load_split(args.dataset, args.data_root, "train", args.num_points, augment=True,
                            seed=args.seed,
                            samples_per_epoch=getattr(args, "samples_per_epoch", None))

@@ -12,6 +12,9 @@ def common_parser():
                    help="dataset folder (default: data/<usual folder name>; synthetic data is "
                         "generated there on first use)")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--samples-per-epoch", type=int, default=None,
+                   help="S3DIS: random training crops per epoch (default: about one look at "
+                        "every 4 cm cell); sets the number of steps with --epochs")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
