@@ -69,6 +69,10 @@ def build_dataset(name, root=None, split="train", num_points=None, augment=False
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if samples_per_epoch is not None and (name not in ("s3dis", "synthetic_rooms")
+                                          or split != "train"):
+        raise ValueError(f"--samples-per-epoch: only the S3DIS training split draws its samples "
+                         f"at random ({name}, {split})")
     root = Path(root or default_root(name))
     if name.startswith("synthetic_"):
         _generate_if_missing(name, root)
@@ -80,9 +84,6 @@ def build_dataset(name, root=None, split="train", num_points=None, augment=False
     if num_points is not None:
         kwargs["num_points"] = num_points
     if samples_per_epoch is not None:
-        if name not in ("s3dis", "synthetic_rooms") or split != "train":
-            raise ValueError(f"--samples-per-epoch: only the S3DIS training split draws its "
-                             f"samples at random ({name}, {split})")
         kwargs["samples_per_epoch"] = samples_per_epoch
     if name in ("shapenet_part", "synthetic_parts"):
         from lib.data.shapenet_part import ShapeNetPartDataset
