@@ -8,7 +8,7 @@ set -euo pipefail
 . run/recipes.sh
 if [ $# -ge 1 ] && [[ "$1" != -* ]]; then
     ckpt="$1"; shift
-    launch eval.py --ckpt "$ckpt" "${DATA_ROOT[@]}" "$@"
+    launch eval.py --ckpt "$ckpt" "${DATA_ROOT[@]}" "${EVAL[@]}" "$@"
 else
-    launch -m lib.results_table --run "$RUN" "${DATA_ROOT[@]}" "$@"
+    launch -m lib.results_table --run "$RUN" "${DATA_ROOT[@]}" "${EVAL[@]}" "$@"
 fi

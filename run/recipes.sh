@@ -37,7 +37,8 @@ partseg)
     PRETRAIN=(--num-points 2048 --epochs 200 --optimizer sgd --lr 0.05 --schedule step
               --weight-decay 1e-4)
     SEARCH+=(--val-size 500 --batch-size 16)
-    FINETUNE+=(--epochs 30) ;;
+    FINETUNE+=(--epochs 30)
+    EVAL=(--batch-size 16) ;;
 s3dis)
     # Point Transformer, S3DIS Area 5: the paper trains 40k iterations, lr 0.5 dropped 10x at
     # 24k and 32k; its official code (POSTECH-CVLab/point-transformer, exp/s3dis/
@@ -50,7 +51,8 @@ s3dis)
     PRETRAIN=(--num-points 80000 --epochs 100 --samples-per-epoch 6400 --optimizer sgd
               --lr 0.5 --schedule step --weight-decay 1e-4)
     SEARCH+=(--val-size 64 --batch-size 4)
-    FINETUNE+=(--epochs 10 --samples-per-epoch 1600) ;;
+    FINETUNE+=(--epochs 10 --samples-per-epoch 1600)
+    EVAL=(--batch-size 4) ;;
 modelnet40_pt)
     # Point Transformer, ModelNet40 (paper Sec. 4): as part segmentation, 200 epochs, lr 0.05
     # dropped 10x at 120 and 160; 1024 points. The paper gives no batch size; 32 as PCT.
@@ -58,7 +60,8 @@ modelnet40_pt)
     PRETRAIN=(--num-points 1024 --epochs 200 --optimizer sgd --lr 0.05 --schedule step
               --weight-decay 1e-4)
     SEARCH+=(--val-size 1000 --batch-size 32)
-    FINETUNE+=(--epochs 30) ;;
+    FINETUNE+=(--epochs 30)
+    EVAL=(--batch-size 32) ;;
 modelnet40_pct)
     # PCT (Guo et al., CVM 2021) as trained by the much-used PyTorch port Strawberry-Eat-Mango/
     # PCT_Pytorch (main.py): SGD, momentum 0.9, weight decay 5e-4, lr 0.01 with cosine
@@ -67,7 +70,8 @@ modelnet40_pct)
     PRETRAIN=(--num-points 1024 --epochs 250 --optimizer sgd --lr 0.01 --schedule cosine
               --weight-decay 5e-4)
     SEARCH+=(--val-size 1000 --batch-size 32)
-    FINETUNE+=(--epochs 30) ;;
+    FINETUNE+=(--epochs 30)
+    EVAL=(--batch-size 32) ;;
 *)
     echo "TASK=$TASK: unknown; use partseg, s3dis, modelnet40_pt or modelnet40_pct" >&2
     exit 2 ;;

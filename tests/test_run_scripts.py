@@ -67,7 +67,7 @@ def test_total_batch_is_split_over_processes():
 
 def test_eval_sh_scores_a_run_or_one_checkpoint():
     (run,) = commands("eval.sh", RUN="/runs/a")
-    assert run[1:] == ["-m", "lib.results_table", "--run", "/runs/a"]
+    assert run[1:5] == ["-m", "lib.results_table", "--run", "/runs/a"]
     (one,) = commands("eval.sh", "x/best.pt", "--split", "val")
     assert one[1:4] == ["eval.py", "--ckpt", "x/best.pt"] and flag(one, "--split") == "val"
 
