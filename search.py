@@ -1,9 +1,11 @@
 """HAQ search (Wang et al., CVPR 2019): a DDPG agent picks a bit width per layer of an fp32
 checkpoint under a model-size budget, rewarded by the quantized model's metric on a held-out
-subset of the training data. Writes policy.json (best policy), policy.png, episodes.jsonl,
-tensorboard events, search_state.pt (for --resume) and a baseline table.
+subset of the training data after HAQ's short fine-tune. Writes policy.json (best policy),
+policy.png, episodes.jsonl, tensorboard events, search_state.pt (for --resume) and a baseline
+table.
 
     python search.py --ckpt checkpoints/demo/pretrain/best.pt --preserve-ratio 0.1 --episodes 100
+    torchrun --nproc-per-node 4 search.py ...   # each reward's subset shared by 4 processes
 """
 import argparse
 import json
@@ -12,13 +14,15 @@ import os
 import torch
 from tqdm import tqdm
 
+from lib import distributed
 from lib.checkpoint import load_checkpoint, torch_load, torch_save_atomic
 from lib.cli import resolve_device, run_script
 from lib.experiment import example_inputs, load_split
 from lib.haq.ddpg import DDPG
 from lib.haq.env import QuantEnv
 from lib.haq.plot import plot_policy
-from lib.haq.policy_eval import PolicyEvaluator, cached_batches
+from lib.haq.policy_eval import (FINETUNE_LR, PolicyEvaluator, finetune_batches,
+                                 haq_finetune_steps, reward_batches)
 from lib.haq.search_loop import run_search
 from lib.policy_file import parse_keep, write_policy
 from lib.quant import keep_first_last, list_quantizable, uniform_policy
@@ -36,7 +40,8 @@ def get_args_parser():
     p.add_argument("--min-bit", type=int, default=2)
     p.add_argument("--max-bit", type=int, default=8)
     p.add_argument("--episodes", type=int, default=600)
-    p.add_argument("--warmup", type=int, default=100, help="episodes of random actions first")
+    p.add_argument("--warmup", type=int, default=20,
+                   help="episodes of random actions first (20, as HAQ's code)")
     p.add_argument("--sigma-decay", type=float, default=0.99,
                    help="exploration decay per episode after the warm-up (HAQ: 0.99 over 600 "
                         "episodes; a short search needs a faster decay to exploit what it learnt)")
@@ -45,8 +50,12 @@ def get_args_parser():
     p.add_argument("--keep-first-last", default="",
                    help="keep the first layer and the final classifier at BITS or fp32, outside the search")
     p.add_argument("--method", default="kmeans", choices=["kmeans", "linear"])
-    p.add_argument("--finetune-steps", type=int, default=0,
-                   help="short fine-tune of each candidate before its reward (0 = none)")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="SGD steps of HAQ's short fine-tune of each candidate before its reward "
+                        "(default: HAQ's length, one pass over 2 x --val-size training samples; "
+                        "0 = none)")
+    p.add_argument("--finetune-lr", type=float, default=FINETUNE_LR,
+                   help="learning rate of that fine-tune (HAQ: 1e-3)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="batch of the reward's evaluation (16: at 32 the default PT's neighbour "
                         "tensors pass glibc's 32 MiB mmap threshold and fault in every episode)")
@@ -67,18 +76,18 @@ def build_evaluator(args, device):
     root = args.data_root or data["root"]
     # The reward never sees the test split: it is measured on held-out training data.
     held_out = load_split(data["name"], root, "val", data["num_points"], seed=args.seed)
-    order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(args.seed))
-    eval_batches = cached_batches(held_out, order[:args.val_size].tolist(), args.batch_size, device)
+    eval_batches = reward_batches(held_out, args.val_size, args.batch_size, device, args.seed)
+    if args.finetune_steps is None:
+        args.finetune_steps = haq_finetune_steps(min(args.val_size, len(held_out)), args.batch_size)
     train_batches = ()
     if args.finetune_steps:
         train = load_split(data["name"], root, "train", data["num_points"], seed=args.seed)
-        picks = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-        train_batches = cached_batches(train, picks[:args.finetune_steps * args.batch_size].tolist(),
-                                       args.batch_size, device)
+        train_batches = finetune_batches(train, args.finetune_steps, args.batch_size, device,
+                                         args.seed)
     model.to(device)
     layers = list_quantizable(model, example_inputs(held_out, device))
     evaluator = PolicyEvaluator(model, held_out, eval_batches, device, args.method, train_batches,
-                                args.finetune_steps)
+                                args.finetune_steps, args.finetune_lr)
     return meta, layers, evaluator
 
 
@@ -112,7 +121,11 @@ def baselines(args, evaluator, layers, fixed, searched):
 
 
 def main(args):
-    device = resolve_device(args.device)
+    # Under torchrun every rank scores a share of each reward's subset; rank 0 runs the agent,
+    # broadcasts each policy and writes every file.
+    _, _, device = distributed.init_distributed(resolve_device(args.device))
+    main_rank = distributed.is_main()
+    print_main = print if main_rank else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "search")
     os.makedirs(out, exist_ok=True)
@@ -120,7 +133,7 @@ def main(args):
     state = None
     if args.resume:
         state = torch_load(state_path)
-        print(f"resuming the search at episode {state['episode']} of {args.episodes}")
+        print_main(f"resuming the search at episode {state['episode']} of {args.episodes}")
 
     meta, layers, evaluator = build_evaluator(args, device)
     fixed = fixed_bits_of(args, layers)
@@ -129,13 +142,15 @@ def main(args):
                    args.max_bit, fixed)
     agent = DDPG(env.state_dim, buffer_size=128 * len(env), seed=args.seed,
                  sigma_decay=args.sigma_decay)
-    print(f"{len(layers)} quantizable layers ({len(env)} searched, {len(fixed)} fixed); "
-          f"fp32 {evaluator.key} {metric_fp32:.4f} on "
-          f"{sum(len(b['label']) for b in evaluator.eval_batches)} held-out training samples")
+    print_main(f"{len(layers)} quantizable layers ({len(env)} searched, {len(fixed)} fixed); "
+               f"fp32 {evaluator.key} {metric_fp32:.4f} on "
+               f"{min(args.val_size, len(evaluator.dataset))} held-out training samples; "
+               f"fine-tune {args.finetune_steps} steps before each reward")
 
     log = RunLog(out, vars(args), log_name="episodes.jsonl")
     start = state["episode"] if state else 0
-    bar = tqdm(total=args.episodes, initial=start, desc="search", dynamic_ncols=True)
+    bar = tqdm(total=args.episodes, initial=start, desc="search", dynamic_ncols=True,
+               disable=not main_rank)
 
     def on_episode(record, search_state):
         torch_save_atomic(search_state, state_path)
@@ -151,28 +166,37 @@ def main(args):
                   f"{evaluator.key} {record['metric']:.4f}  reward {record['reward']:+.5f}")
         bar.update(1)
 
-    result = run_search(env, agent, args.episodes, args.warmup, on_episode, state)
+    if main_rank:
+        best = run_search(env, agent, args.episodes, args.warmup, on_episode, state)["best"]
+    else:
+        for _ in range(start, args.episodes):
+            evaluator({})  # scores the policy rank 0 broadcasts
+        best = None
     bar.close()
-    best = result["best"]
+    best = distributed.broadcast_object(best)
     policy = dict(bits=best["bits"], metric=best["metric"], metric_fp32=metric_fp32,
                   metric_name=evaluator.key, episode=best["episode"], reward=best["reward"],
                   preserve_ratio=args.preserve_ratio, min_bit=args.min_bit, max_bit=args.max_bit,
                   keep_first_last=args.keep_first_last or None, method=args.method,
                   checkpoint=os.path.abspath(args.ckpt), **describe(evaluator, best["bits"]))
-    write_policy(os.path.join(out, "policy.json"), policy)
-    plot_policy(os.path.join(out, "policy.png"), [layer.name for layer in layers],
-                [best["bits"][layer.name] for layer in layers], [layer.n_weights for layer in layers],
-                fixed_names=tuple(fixed), title=f"HAQ policy, preserve {args.preserve_ratio}")
+    if main_rank:
+        write_policy(os.path.join(out, "policy.json"), policy)
+        plot_policy(os.path.join(out, "policy.png"), [layer.name for layer in layers],
+                    [best["bits"][layer.name] for layer in layers],
+                    [layer.n_weights for layer in layers], fixed_names=tuple(fixed),
+                    title=f"HAQ policy, preserve {args.preserve_ratio}")
 
     rows = baselines(args, evaluator, layers, fixed, best)
     table = format_baseline_table(rows, evaluator.key, metric_fp32)
-    with open(os.path.join(out, "baselines.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out, "baselines.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    if main_rank:
+        with open(os.path.join(out, "baselines.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(out, "baselines.json"), "w") as f:
+            json.dump(rows, f, indent=2)
     log.close()
-    print(table)
-    print(f"best policy (episode {best['episode']}) in {out}/policy.json, chart in {out}/policy.png")
+    distributed.cleanup()
+    print_main(table)
+    print_main(f"best policy (episode {best['episode']}) in {out}/policy.json, chart in {out}/policy.png")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,22 @@ def convert_cpu_sync_batchnorm(module):
     for name, child in module.named_children():
         module.add_module(name, convert_cpu_sync_batchnorm(child))
     return module
+def broadcast_object(obj, src=0):
+    """Rank `src`'s `obj` on every rank (pickled); `obj` itself without DDP."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def broadcast_module(module, src=0):
+    """Every parameter and buffer of `module` set to rank `src`'s, in place."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src)
 
 
 def cleanup():

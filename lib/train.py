@@ -98,15 +98,16 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp=None, desc="eval", dataset=None):
+def evaluate(model, loader, device, amp=None, desc="eval", dataset=None, vote=True):
     """Metrics of `model` over the whole split of `loader` (never averaged per batch). Under
     DDP each rank sees its own shard and the accumulators are merged. S3DIS test crops (samples
-    with "room"/"index") vote per original point before anything is scored. `loader` may be any
+    with "room"/"index") vote per original point before anything is scored, unless vote=False
+    (a subset of the crops: each crop point is scored as it is). `loader` may be any
     iterable of batches (e.g. batches cached on the device) when `dataset` describes them."""
     dataset = loader.dataset if dataset is None else dataset
     model.eval()
     metric = make_metric(dataset)
-    voter = dataset.make_voter() if hasattr(dataset, "make_voter") else None  # S3DIS val/test
+    voter = dataset.make_voter() if vote and hasattr(dataset, "make_voter") else None  # S3DIS val/test
     # On a GPU the predictions wait there until the loop ends: scoring a batch on the host
     # would make the host wait for the GPU after every batch instead of queueing the next one.
     pending = []

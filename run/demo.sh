@@ -4,7 +4,9 @@
 # with the first/last layers kept at 8 bits) -> fine-tune with and without distillation ->
 # evaluate every model -> one results table (checkpoints/demo/results.{md,json}).
 # Knobs: EPOCHS, EPISODES, WARMUP, FT_EPOCHS (environment variables). The search is short
-# (HAQ runs 600 episodes), so its exploration decays faster (--sigma-decay 0.9).
+# (HAQ runs 600 episodes), so its exploration decays faster (--sigma-decay 0.9), and it skips
+# HAQ's fine-tune before each reward (--finetune-steps 0; search.py's default, 15 SGD steps
+# here, would make the two searches several times longer on a CPU).
 set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
 
@@ -25,10 +27,10 @@ FP32="$OUT/pretrain/best.pt"
 
 stage "2/6 HAQ search, preserve 0.1, every layer searched"
 python search.py --ckpt "$FP32" --preserve-ratio 0.1 --episodes "$EPISODES" --warmup "$WARMUP" \
-    --sigma-decay 0.9 --out "$OUT/search"
+    --sigma-decay 0.9 --finetune-steps 0 --out "$OUT/search"
 stage "3/6 HAQ search, preserve 0.1, first layer and classifier kept at $KEEP bits (mix)"
 python search.py --ckpt "$FP32" --preserve-ratio 0.1 --episodes "$EPISODES" --warmup "$WARMUP" \
-    --sigma-decay 0.9 --keep-first-last "$KEEP" --out "$OUT/search_mix"
+    --sigma-decay 0.9 --finetune-steps 0 --keep-first-last "$KEEP" --out "$OUT/search_mix"
 
 stage "4/6 quantize without fine-tuning: searched policies, fp32 mix, uniform 2 and 4 bits"
 quantize() {  # NAME, then finetune.py flags

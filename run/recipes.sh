@@ -14,13 +14,14 @@ NPROC=${NPROC:-1}
 
 # HAQ (Wang et al., CVPR 2019, and its code mit-han-lab/haq): 10% of the fp32 weight bits,
 # 2..8 bits per layer, 600 episodes of which 20 are random warm-up, each candidate briefly
-# fine-tuned before its reward (HAQ: one epoch over a 20k-image subset, about 80 steps of its
-# batch 256; here 100 steps). "mix": the first layer and the classifier stay at KEEP bits,
-# outside the search but charged to its budget, so search.sh and finetune.sh take the same KEEP.
+# fine-tuned before its reward (search.py's default --finetune-steps: HAQ's one pass over
+# 2 x --val-size training samples). "mix": the first layer and the classifier stay at KEEP
+# bits, outside the search but charged to its budget, so search.sh and finetune.sh take the
+# same KEEP.
 PRESERVE=0.1
 KEEP=8
 SEARCH=(--preserve-ratio "$PRESERVE" --min-bit 2 --max-bit 8 --episodes 600 --warmup 20
-        --finetune-steps 100 --keep-first-last "$KEEP")
+        --keep-first-last "$KEEP")
 # Centroid fine-tuning of the searched model, with and without distillation from the fp32
 # model (T = 2, alpha = 0.9): our choice, not a paper's (the original repository's table has
 # both rows; HAQ fine-tunes with a small learning rate).

@@ -41,7 +41,7 @@ def example():
 
 
 def shared_weights(layer):
-    return layer.codebook[layer.indices.long()]
+    return layer.centroids()[layer.indices.long()]
 
 
 def test_fewer_distinct_values_than_clusters_quantizes_and_finetunes_finite():
@@ -82,13 +82,13 @@ def test_weights_take_at_most_2_to_the_b_codebook_values_also_after_finetuning(m
         assert is_quantized_layer(layer) and layer.bits == bits
         values = layer.weight.detach().unique()
         assert values.numel() <= 2 ** bits
-        assert torch.isin(values, layer.codebook.detach()).all()
+        assert torch.isin(values, layer.centroids().detach()).all()
         assert torch.equal(layer.indices, indices_before[name])  # indices never train
     assert not is_quantized_layer(model.unused)
     assert isinstance(model.unused.weight, nn.Parameter)
 
 
-def test_centroid_gradient_is_the_per_cluster_sum_of_weight_gradients():
+def test_centroid_gradient_is_the_per_cluster_mean_of_weight_gradients():
     torch.manual_seed(0)
     dense = nn.Conv1d(6, 10, 3)
     quantized = quantize_model(nn.Sequential(copy.deepcopy(dense)), {"0": 3})[0]
@@ -97,10 +97,68 @@ def test_centroid_gradient_is_the_per_cluster_sum_of_weight_gradients():
     x = torch.randn(4, 6, 20)
     dense(x).sin().sum().backward()
     quantized(x).sin().sum().backward()
-    expected = torch.zeros_like(quantized.codebook).index_add_(
-        0, quantized.indices.long().reshape(-1), dense.weight.grad.reshape(-1))
-    torch.testing.assert_close(quantized.codebook.grad, expected, rtol=1e-5, atol=1e-6)
+    flat = quantized.indices.long().reshape(-1)
+    sums = torch.zeros_like(quantized.codebook).index_add_(0, flat, dense.weight.grad.reshape(-1))
+    counts = torch.bincount(flat, minlength=quantized.codebook.numel())
+    torch.testing.assert_close(quantized.codebook.grad, sums / counts, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(quantized.bias.grad, dense.bias.grad)
+
+
+def sgd_steps(params, model, x, steps=3):
+    """HAQ's fine-tune optimizer (SGD, momentum 0.9, weight decay 4e-5) on sin(model(x)).sum()."""
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=4e-5)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(x).sin().sum().backward()
+        optimizer.step()
+
+
+def test_sgd_on_centroids_is_haqs_dense_step_then_cluster_mean():
+    # HAQ's fine-tune: an SGD step on the dense weights, then every weight set to its cluster's
+    # mean. With the mean convention SGD on the centroids lands on the same weights, so a
+    # centroid moves no further than a dense weight would (the sum moved one by up to 27% of
+    # its codebook's range in a step at lr 1e-4).
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 128)  # 32,768 weights in 8 clusters
+    quantized = quantize_model(nn.Sequential(copy.deepcopy(dense)), {"0": 3})[0]
+    flat = quantized.indices.long().reshape(-1)
+    counts = torch.bincount(flat, minlength=quantized.codebook.numel())
+    with torch.no_grad():
+        dense.weight.copy_(shared_weights(quantized))
+    x = torch.randn(32, 256)
+    optimizer = torch.optim.SGD(dense.parameters(), lr=1e-3, momentum=0.9, weight_decay=4e-5)
+    before = quantized.codebook.detach().clone()
+    for _ in range(3):
+        optimizer.zero_grad()
+        dense(x).sin().sum().backward()
+        optimizer.step()
+        with torch.no_grad():  # HAQ's kmeans_update_model
+            means = torch.zeros_like(before).index_add_(0, flat, dense.weight.reshape(-1)) / counts
+            dense.weight.copy_(means[flat].reshape(dense.weight.shape))
+    sgd_steps([quantized.codebook, quantized.bias], quantized, x)
+    torch.testing.assert_close(shared_weights(quantized), dense.weight, rtol=0, atol=1e-6)
+    moved = (quantized.codebook.detach() - before).abs().max()
+    assert 0 < moved < 0.05 * (before.max() - before.min())
+
+
+def test_linear_grid_stays_uniform_through_finetuning():
+    model = quantize_model(conv_net(), POLICY, method="linear")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        loss = model(*example()).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for name, bits in POLICY.items():
+        layer = model.get_submodule(name)
+        levels = layer.centroids().detach().double()
+        assert layer.grid_scale.item() != 1 and layer.grid_shift.item() != 0  # it trained
+        # the levels used are codes of one grid: every gap a whole number of one step (to
+        # float32 rounding; a grid trained as free centroids misses by a third of a step)
+        gaps = levels.diff()
+        steps = gaps / gaps.min()
+        torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3)
+        assert steps.max() <= 2 ** bits - 1
 
 
 def test_centroid_gradient_of_a_large_layer_is_the_same_every_time():
@@ -237,6 +295,17 @@ def test_quant_state_rebuilds_a_quantized_model_from_a_state_dict():
     model = quantize_model(conv_net(), POLICY).eval()
     rebuilt = prepare_quantized(ConvNet(), quant_state(model)).eval()
     rebuilt.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(*example()), model(*example()))
+
+
+def test_a_linear_state_dict_without_grid_entries_loads_as_the_plain_grid():
+    model = quantize_model(conv_net(), POLICY, method="linear").eval()
+    old = {k: v for k, v in model.state_dict().items() if "grid_" not in k}  # an older file
+    rebuilt = prepare_quantized(ConvNet(), quant_state(model)).eval()
+    with torch.no_grad():
+        rebuilt.stem.grid_scale.fill_(3.0)
+    rebuilt.load_state_dict(old, strict=True)
     with torch.no_grad():
         assert torch.equal(rebuilt(*example()), model(*example()))
 

@@ -1,18 +1,44 @@
-"""The reward's measurement: quantize a copy of the fp32 model with a policy, optionally
-fine-tune it for a few steps, and score it on a fixed subset of the held-out training data.
-The subset is collated and moved to the device once, its FPS and kNN are recorded on the
-first pass and replayed after (pointops.GeometryTape: they depend on the points, not on the
-weights), and k-means results are cached per (layer, bits), so an episode costs one clustering
-per new (layer, bits) and one forward pass of the networks' layers over the subset."""
+"""The reward's measurement (HAQ, Wang et al. CVPR 2019, Sec. 3.4 and its code's
+lib/env/quantize_env.py): quantize a copy of the fp32 model with a policy, fine-tune it briefly
+as HAQ does before every reward, and score it on a fixed subset of the held-out training data.
+
+Made fast: the subsets are collated and moved to the device once; their FPS and kNN are recorded
+on the first pass and replayed after (pointops.GeometryTape: they depend on the points, not on
+the weights), for the fine-tune's batches as for the scored ones; k-means results are cached per
+(layer, bits). An episode then costs one clustering per new (layer, bits), the fine-tune's steps
+and one forward pass over the scored subset.
+
+Scoring is per point of the sampled samples, never through S3DIS's per-room voter: a subset of
+a room's crops leaves some of its points without a vote, and the reward only ranks policies.
+The final reports (eval.py, finetune.py's test score) still vote whole rooms.
+
+Under torchrun each rank scores its share of the scored batches and the metric is merged exactly
+(lib.train.evaluate); the policy is rank 0's (broadcast), every rank runs the same fine-tune on the
+same batches and then takes rank 0's fine-tuned weights, so all ranks score one model.
+"""
 import copy
 
 import torch
 
-from lib import pointops
+from lib import distributed, pointops
 from lib.metrics import metric_key
 from lib.quant import KMeansCache, dequantize, quantize_model
 from lib.tasks import model_inputs, supervised_loss, to_device
 from lib.train import evaluate
+
+# HAQ's fine-tune (rl_quantize.py, quantize_env.py): one epoch over its 20,000-image training
+# subset, twice its 10,000-image reward subset, by SGD at lr 1e-3 with momentum 0.9 and weight
+# decay 4e-5 (the optimizer its reset() builds), in train mode.
+FINETUNE_LR = 1e-3
+FINETUNE_MOMENTUM = 0.9
+FINETUNE_WEIGHT_DECAY = 4e-5
+FINETUNE_SAMPLES_PER_SCORED = 2
+
+
+def haq_finetune_steps(val_size, batch_size):
+    """HAQ's fine-tune length for a reward subset of `val_size` samples: one pass over twice
+    as many training samples."""
+    return -(-FINETUNE_SAMPLES_PER_SCORED * val_size // batch_size)
 
 
 def cached_batches(dataset, indices, batch_size, device):
@@ -24,17 +50,39 @@ def cached_batches(dataset, indices, batch_size, device):
     return batches
 
 
+def reward_batches(held_out, val_size, batch_size, device, seed=0):
+    """This rank's share of the scored subset: `val_size` samples of `held_out` drawn by `seed`,
+    batched, and every world-th batch from this rank's on (whole batches, so each is computed
+    exactly as in one process)."""
+    order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(seed))
+    batches = cached_batches(held_out, order[:val_size].tolist(), batch_size, device)
+    return batches[distributed.rank()::distributed.world_size()]
+
+
+def finetune_batches(train, steps, batch_size, device, seed=0):
+    """The fine-tune's `steps` batches of the training split (drawn by `seed`, without
+    augmentation), the same on every rank and in every episode."""
+    if not steps:
+        return []
+    picks = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    picks = picks.repeat(-(-steps * batch_size // len(train)))[:steps * batch_size]
+    return cached_batches(train, picks.tolist(), batch_size, device)
+
+
 class PolicyEvaluator:
     """evaluate_policy(bits) -> metric, for lib.haq.env.QuantEnv."""
 
     def __init__(self, fp32_model, dataset, eval_batches, device, method="kmeans",
-                 train_batches=(), finetune_steps=0, finetune_lr=1e-4):
+                 train_batches=(), finetune_steps=0, finetune_lr=FINETUNE_LR):
         self.fp32_model = fp32_model.eval()
         self.dataset, self.eval_batches, self.device = dataset, eval_batches, device
         self.method = method
         self.train_batches, self.finetune_steps, self.finetune_lr = train_batches, finetune_steps, finetune_lr
+        if finetune_steps and not train_batches:
+            raise ValueError("PolicyEvaluator: finetune_steps needs train_batches")
         self.cache = KMeansCache()
         self.tapes = [pointops.GeometryTape() for _ in eval_batches]  # one per fixed batch
+        self.train_tapes = [pointops.GeometryTape() for _ in train_batches]
         self.key = metric_key(dataset.task)
 
     def quantized(self, bits):
@@ -46,28 +94,37 @@ class PolicyEvaluator:
                               cache=self.cache)
 
     def score(self, model):
-        return evaluate(model, self._taped_batches(), self.device, desc="search eval",
-                        dataset=self.dataset)
+        """The metric dict of `model` on the scored subset, per point (no room voting)."""
+        return evaluate(model, self._taped(self.eval_batches, self.tapes), self.device,
+                        desc="search eval", dataset=self.dataset, vote=False)
 
-    def _taped_batches(self):
-        """The eval batches, each yielded inside its geometry tape, so the forward pass that
-        consumes a batch records (first episode) or replays (later ones) its FPS and kNN."""
-        for batch, tape in zip(self.eval_batches, self.tapes):
+    @staticmethod
+    def _taped(batches, tapes):
+        """The batches, each yielded inside its geometry tape, so the forward pass that
+        consumes a batch records (first use) or replays (later ones) its FPS and kNN."""
+        for batch, tape in zip(batches, tapes):
             with tape:
                 yield batch
 
     def _finetune(self, model):
-        """HAQ's optional short fine-tune before the reward: a few steps on training batches."""
+        """HAQ's short fine-tune before the reward: SGD steps on the cached training batches,
+        in train mode (BatchNorm statistics move too, as in HAQ)."""
         model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=self.finetune_lr, momentum=0.9)
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.finetune_lr,
+                                    momentum=FINETUNE_MOMENTUM, weight_decay=FINETUNE_WEIGHT_DECAY)
+        n = len(self.train_batches)
         for step in range(self.finetune_steps):
-            batch = self.train_batches[step % len(self.train_batches)]
-            loss = supervised_loss(model(*model_inputs(batch, self.dataset.task)), batch)
+            batch, tape = self.train_batches[step % n], self.train_tapes[step % n]
+            with tape:
+                logits = model(*model_inputs(batch, self.dataset.task))
+            loss = supervised_loss(logits, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        distributed.broadcast_module(model)  # one model on every rank, whatever the GPU's sums
 
     def __call__(self, bits):
+        bits = distributed.broadcast_object(bits)  # rank 0's policy is the one scored
         model = self.quantized(bits)
         if self.finetune_steps:
             self._finetune(model)

@@ -2,15 +2,27 @@
 bit policy to any nn.Module, undoing it, and listing the layers a policy can address.
 
 A quantized layer is the same nn.Linear / nn.Conv1d / nn.Conv2d object with its `weight`
-Parameter replaced by a trainable `codebook` (K,) Parameter and a fixed `indices` buffer shaped
-like the weight (uint8 up to 8 bits). Its class becomes a subclass whose `weight` is the
-property `codebook[indices]`, the way torch.nn.utils.parametrize swaps classes, so:
+Parameter replaced by a `codebook` (K,) and a fixed `indices` buffer shaped like the weight
+(uint8 up to 8 bits). Its class becomes a subclass whose `weight` is the property
+`centroids()[indices]`, the way torch.nn.utils.parametrize swaps classes, so:
 - the layer's own forward, and any code that reads `.weight` (nn.MultiheadAttention reads
   `out_proj.weight`), runs unchanged, and isinstance(layer, nn.Linear) still holds;
-- autograd makes each centroid's gradient the sum of the gradients of the weights sharing it
-  (Deep Compression Eq. 3), while the indices stay fixed;
-- the layer keeps its name in `named_modules()`, and its state_dict holds `codebook`,
-  `indices` and, as before, `bias`.
+- the indices stay fixed; the layer keeps its name in `named_modules()`, and its state_dict
+  holds `codebook`, `indices` and, as before, `bias`.
+
+What trains depends on the method. k-means ("kmeans"): the codebook itself is the Parameter,
+each centroid free. Uniform grid ("linear"): the codebook is a fixed buffer and the Parameters
+are a scale and a shift of it, `centroids = grid_scale * codebook + grid_shift`, so the levels
+stay equally spaced through any optimizer (a grid trained as free centroids stopped being one).
+
+Gradient convention: every shared parameter gets the *mean* of the gradients it would get per
+weight it stands for (a centroid: the mean over its weights, HAQ's rule; the grid's scale and
+shift: the mean over the layer's weights). With SGD a centroid then moves exactly as HAQ's
+fine-tune moves it (a dense SGD step, then each weight set to its cluster's mean), and a
+learning rate that suits dense weights suits centroids; the sum (the loss's true gradient,
+Deep Compression's Eq. 3) scales a centroid's step with its cluster's size, which SGD turns
+into jumps across the codebook. Adam(W) divides each parameter's gradient by its own running
+magnitude, so for it the two conventions differ only through eps.
 """
 from dataclasses import dataclass
 from math import prod
@@ -28,16 +40,17 @@ FP32_BITS = 32
 
 
 class _CodebookLookup(torch.autograd.Function):
-    """codebook[indices], whose backward sums the gradient of each centroid's weights with
-    bincount on the CPU (in float64): advanced indexing's backward (index_put_ with
-    accumulate) adds in parallel from 32,768 weights on, in a different order every time, and
-    fine-tuning then differed from run to run. Elsewhere index_add_: bincount's output size
-    would need a host sync on a GPU."""
+    """codebook[indices], whose backward gives each centroid the mean gradient of its weights
+    (the module's docstring says why), or with mean=False their sum. The per-centroid sums use
+    bincount on the CPU (in float64): advanced indexing's backward (index_put_ with accumulate)
+    adds in parallel from 32,768 weights on, in a different order every time, and fine-tuning
+    then differed from run to run. Elsewhere index_add_: bincount's output size would need a
+    host sync on a GPU."""
 
     @staticmethod
-    def forward(ctx, codebook, indices):
+    def forward(ctx, codebook, indices, mean):
         ctx.save_for_backward(indices)
-        ctx.num_codes = codebook.numel()
+        ctx.num_codes, ctx.mean = codebook.numel(), mean
         return codebook[indices]
 
     @staticmethod
@@ -46,21 +59,57 @@ class _CodebookLookup(torch.autograd.Function):
         flat_indices, flat_grad = indices.reshape(-1), grad.reshape(-1)
         if grad.device.type == "cpu":
             sums = torch.bincount(flat_indices, weights=flat_grad.double(),
-                                  minlength=ctx.num_codes).to(grad.dtype)
-        else:
-            sums = grad.new_zeros(ctx.num_codes).index_add_(0, flat_indices, flat_grad)
-        return sums, None
+                                  minlength=ctx.num_codes)
+            if ctx.mean:
+                sums /= torch.bincount(flat_indices, minlength=ctx.num_codes).clamp_min(1)
+            return sums.to(grad.dtype), None, None
+        sums = grad.new_zeros(ctx.num_codes).index_add_(0, flat_indices, flat_grad)
+        if ctx.mean:
+            counts = torch.zeros_like(sums, dtype=torch.int64).index_add_(
+                0, flat_indices, torch.ones_like(flat_indices))  # exact integer counts
+            sums /= counts.clamp_min(1)
+        return sums, None, None
+
+
+class _MeanOver(torch.autograd.Function):
+    """Identity whose backward divides the gradient by `n`: a grid parameter's gradient as the
+    mean over the n weights it moves."""
+
+    @staticmethod
+    def forward(ctx, x, n):
+        ctx.n = n
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.n, None
 
 
 class WeightShared:
     """Mixin of the quantized classes: the weight is looked up from the codebook."""
 
+    def centroids(self):
+        """The K values the weights take: the codebook, or for a grid its scaled and shifted
+        levels (gradients flow back to the grid's scale and shift)."""
+        if self.method != "linear":
+            return self.codebook
+        n = self.indices.numel()
+        return _MeanOver.apply(self.grid_scale, n) * self.codebook + _MeanOver.apply(self.grid_shift, n)
+
     @property
     def weight(self):
-        return _CodebookLookup.apply(self.codebook, self.indices.long())  # the dense weight
+        # A grid's gradient is already a mean over weights (_MeanOver): sum it per level.
+        return _CodebookLookup.apply(self.centroids(), self.indices.long(),
+                                     self.method != "linear")  # the dense weight
 
     def extra_repr(self):
         return f"{super().extra_repr()}, bits={self.bits}, clusters={self.codebook.numel()}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.method == "linear":  # files from before the grid trained as one: not moved
+            state_dict.setdefault(prefix + "grid_scale", self.grid_scale.new_ones(()))
+            state_dict.setdefault(prefix + "grid_shift", self.grid_shift.new_zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class WeightSharedLinear(WeightShared, nn.Linear):
@@ -94,7 +143,14 @@ def share_weights(layer, codebook, indices, bits, method):
     """Turn a dense quantizable layer, in place, into its weight-shared form."""
     weight = layer.weight
     del layer.weight
-    layer.codebook = nn.Parameter(codebook.to(weight.dtype), requires_grad=weight.requires_grad)
+    trainable = weight.requires_grad
+    codebook = codebook.to(weight.dtype)
+    if method == "linear":  # the levels stay fixed; their scale and shift train
+        layer.register_buffer("codebook", codebook)
+        layer.grid_scale = nn.Parameter(codebook.new_ones(()), requires_grad=trainable)
+        layer.grid_shift = nn.Parameter(codebook.new_zeros(()), requires_grad=trainable)
+    else:
+        layer.codebook = nn.Parameter(codebook, requires_grad=trainable)
     layer.register_buffer("indices", indices.reshape(weight.shape).to(index_dtype(bits)))
     layer.bits, layer.method = bits, method
     layer.__class__ = _shared_class(type(layer))
@@ -104,8 +160,10 @@ def share_weights(layer, codebook, indices, bits, method):
 def densify(layer):
     """Undo share_weights in place: a plain dense layer holding the quantized weights."""
     weight = layer.weight.detach().clone()
-    requires_grad = layer.codebook.requires_grad
+    requires_grad = (layer.grid_scale if layer.method == "linear" else layer.codebook).requires_grad
     dense_class = next(c for c in type(layer).__mro__[1:] if not issubclass(c, WeightShared))
+    if layer.method == "linear":
+        del layer.grid_scale, layer.grid_shift
     del layer.codebook, layer.indices, layer.bits, layer.method
     layer.__class__ = dense_class
     layer.weight = nn.Parameter(weight, requires_grad=requires_grad)

@@ -70,7 +70,8 @@ def fp32_size_bytes(model):
     sizes = stored_bytes(model)
     for name, m in named_quantizable(model):
         if is_quantized_layer(m):
-            del sizes[state_key(name, "codebook")]
+            for entry in ("codebook", "grid_scale", "grid_shift"):  # a grid has the last two
+                sizes.pop(state_key(name, entry), None)
             sizes[state_key(name, "indices")] = n_weights(m) * 4
     return sum(sizes.values())
 

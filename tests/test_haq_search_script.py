@@ -1,0 +1,104 @@
+"""search.py as a user runs it on the semantic-segmentation and classification layouts, with a
+reward subset far smaller than the val split, and under torchrun (2 processes, gloo) against
+one process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import search as search_script
+from lib.checkpoint import save_checkpoint
+from lib.data.synthetic import write_cls
+from lib.data.synthetic_rooms import write_rooms
+from lib.experiment import dataset_meta, load_split, model_kwargs
+from lib.tasks import model_inputs, supervised_loss
+from models import build_model
+from torch.utils.data import default_collate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+
+
+def fp32_checkpoint(path, model_name, dataset_name, root, num_points, steps=0):
+    """A model's checkpoint as pretrain.py writes it, after `steps` quick training steps (an
+    untrained semseg model predicts one absent class: mIoU 0 whatever the policy)."""
+    val = load_split(dataset_name, root, "val", num_points)
+    torch.manual_seed(0)
+    model = build_model(model_name, **model_kwargs(model_name, val))
+    train = load_split(dataset_name, root, "train", num_points)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        batch = default_collate([train[(2 * step + i) % len(train)] for i in range(2)])
+        loss = supervised_loss(model(*model_inputs(batch, train.task)), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    meta = {"model": {"name": model_name, "kwargs": model_kwargs(model_name, val)},
+            "dataset": dataset_meta(dataset_name, root, val, num_points)}
+    save_checkpoint(path, model, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rooms_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rooms")
+    write_rooms(str(root), seed=0, rooms_per_area=2, points_per_m2=40.0)
+    return fp32_checkpoint(str(root / "fp32.pt"), "pt_semseg_tiny", "synthetic_rooms", str(root),
+                           256, steps=10)
+
+
+ROOM_FLAGS = ("--val-size", "8", "--finetune-steps", "2")
+
+
+@pytest.fixture(scope="module")
+def rooms_search(rooms_ckpt, tmp_path_factory):
+    return search(rooms_ckpt, tmp_path_factory.mktemp("search"), *ROOM_FLAGS)
+
+
+def search(ckpt, out, *flags, nproc=1):
+    """search.py's episodes and baseline rows: in this process, or under torchrun."""
+    args = ["--ckpt", ckpt, "--episodes", "3", "--warmup", "2", "--batch-size", "2",
+            "--max-bit", "3", "--out", str(out), *flags]
+    if nproc == 1:
+        search_script.main(search_script.get_args_parser().parse_args(args))
+    else:
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        done = subprocess.run([sys.executable, *launcher, "search.py", *args], cwd=REPO, env=ENV,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(os.path.join(out, "episodes.jsonl")) as f:
+        episodes = [json.loads(line) for line in f]
+    with open(os.path.join(out, "baselines.json")) as f:
+        return episodes, json.load(f)
+
+
+def test_rooms_search_scores_a_few_crops_per_point(rooms_search):
+    # 8 of the val rooms' crops leave most points without a vote; the reward must not need one.
+    episodes, rows = rooms_search
+    assert len(episodes) == 3
+    assert all(0 < e["metric"] <= 1 and e["budget_ratio"] <= 0.1 + 1e-9 for e in episodes)
+    assert rows[0]["name"] == "searched (HAQ)"
+
+
+def test_cls_search_with_a_small_val_size(tmp_path):
+    root = tmp_path / "cls"
+    write_cls(str(root), seed=0, train_shapes=3, eval_shapes=1)
+    ckpt = fp32_checkpoint(str(tmp_path / "fp32.pt"), "pt_cls_tiny", "synthetic_cls",
+                           str(root / "modelnet40_normal_resampled"), 128)
+    episodes, _ = search(ckpt, tmp_path / "search", "--val-size", "4")
+    assert len(episodes) == 3 and all(0 <= e["metric"] <= 1 for e in episodes)
+
+
+def test_two_processes_score_every_episode_as_one_process(rooms_ckpt, rooms_search, tmp_path):
+    # Each rank scores whole batches of the subset and the confusion matrices are summed, every
+    # rank fine-tunes the same batches and takes rank 0's weights, so the metrics are equal
+    # exactly (integer counts); the agent runs on rank 0 alone.
+    single, single_rows = rooms_search
+    ddp, ddp_rows = search(rooms_ckpt, tmp_path, *ROOM_FLAGS, nproc=2)
+    assert [e["bits"] for e in ddp] == [e["bits"] for e in single]
+    assert [e["metric"] for e in ddp] == [e["metric"] for e in single]
+    assert [r["metric"] for r in ddp_rows] == [r["metric"] for r in single_rows]
