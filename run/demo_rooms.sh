@@ -11,7 +11,7 @@ set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
 
 OUT=checkpoints/demo_rooms
-EPOCHS=${EPOCHS:-8}
+EPOCHS=${EPOCHS:-6}
 EPISODES=${EPISODES:-20}
 WARMUP=${WARMUP:-5}
 FT_EPOCHS=${FT_EPOCHS:-2}
