@@ -20,7 +20,8 @@ def commands(script, *args, **env):
     out = subprocess.run(["bash", f"run/{script}", *args], cwd=REPO, capture_output=True,
                          text=True, timeout=60, env=dict(os.environ, DRY_RUN="1", **env))
     assert out.returncode == 0, out.stderr
-    return [shlex.split(line) for line in out.stdout.splitlines()]
+    # run/setup_env.sh may report a (re)install of .venv first
+    return [shlex.split(line) for line in out.stdout.splitlines() if not line.startswith("[setup]")]
 
 
 def flag(argv, name):
