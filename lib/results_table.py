@@ -106,7 +106,8 @@ def get_args_parser():
     p.add_argument("--out", default=None,
                    help="path without extension; writes .md and .json (default with --run: "
                         "RUN/results)")
-    p.add_argument("--data-root", default=None, help="overrides the data root the checkpoints record")
+    p.add_argument("--data-root", default=None,
+                   help="overrides the data root the checkpoints record")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=0)

@@ -38,7 +38,8 @@ def test_batchnorm_model_under_two_processes_equals_one_process(tmp_path):
     single = torch.load(tmp_path / "single" / "result.pt", weights_only=True)
     ddp = torch.load(tmp_path / "ddp" / "result.pt", weights_only=True)
     assert "norm.running_var" in single["state_dict"]
-    assert single["state_dict"]["norm.num_batches_tracked"] == ddp["state_dict"]["norm.num_batches_tracked"]
+    tracked = "norm.num_batches_tracked"
+    assert single["state_dict"][tracked] == ddp["state_dict"][tracked]
     for name, w in single["state_dict"].items():
         torch.testing.assert_close(ddp["state_dict"][name], w, atol=1e-5, rtol=1e-5)
     assert ddp["val"]["miou"] == pytest.approx(single["val"]["miou"], abs=1e-6)
