@@ -5,6 +5,8 @@
 Prints the per-category (or per-class) table and the summary table; --json writes the metrics.
 --save-pred DIR writes each shape's / room's points with label and prediction (PLY);
 --render N draws N of them, ground truth beside prediction, and the per-class and confusion charts.
+Under `torchrun --nproc-per-node N eval.py ...` every rank scores its shard of the split (each
+sample exactly once) and rank 0 prints the merged figures.
 """
 import json
 import os
@@ -44,12 +46,16 @@ def add_prediction_flags(p):
 
 
 def main(args):
+    _, _, device = distributed.init_distributed(resolve_device(args.device))
     sink = None
     if args.save_pred or args.render:
         sink = PredictionSink(args.save_pred, keep=args.render, source=args.ckpt)
     meta, results = evaluate_checkpoint(args.ckpt, args.data_root, args.split, args.batch_size,
-                                        resolve_device(args.device), args.workers, args.amp,
-                                        sink=sink)
+                                        device, args.workers, args.amp, sink=sink)
+    main_rank = distributed.is_main()
+    distributed.cleanup()
+    if not main_rank:
+        return
     quant = meta.get("quant")
     print(f"{args.ckpt}: {meta['model']['name']} on {meta['dataset']['name']} ({args.split}), "
           f"{'quantized' if quant else 'fp32'}")
@@ -62,7 +68,7 @@ def main(args):
         sink.finish(args.split)
         if args.save_pred:
             print(f"predictions: {len(sink.rows)} files in {args.save_pred}")
-    if args.render and distributed.is_main():  # under torchrun every rank holds the figures
+    if args.render:
         folder = args.render_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
                                                  f"render_{args.split}")
         written = sink.save_figures(folder, results)

@@ -15,7 +15,7 @@ import os
 import torch
 
 from lib import distributed
-from lib.checkpoint import load_checkpoint, save_checkpoint
+from lib.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, positive_float,
                      resolve_device, run_script)
 from lib.distill import DistillLoss
@@ -44,10 +44,23 @@ def get_args_parser():
                    help="distillation temperature T (> 0)")
     p.add_argument("--kd-alpha", type=fraction, default=0.9,
                    help="weight of the distillation term; 1 - alpha for the labels")
-    add_flags(p, "data_root", "val_split", "num_points", "epochs", "batch_size", "lr",
-              "optimizer", "weight_decay", "device", "seed", "workers", "amp", "out", "resume", "overwrite")
+    add_flags(p, "data_root", "val_split", "num_points", "epochs", "samples_per_epoch",
+              "batch_size", "lr", "optimizer", "weight_decay", "device", "seed", "workers", "amp",
+              "out", "resume", "overwrite")
     p.set_defaults(epochs=5, lr=1e-4, weight_decay=0.0)
     return p
+
+
+def check_same_keep(policy_path, keep):
+    """The first and last layers may only be kept at the width the search kept them at: the
+    search charged that width to its budget, and any other would break the budget."""
+    with open(policy_path) as f:
+        searched = parse_keep(json.load(f).get("keep_first_last"))
+    if searched != keep:
+        shown = {"off": "not kept", None: "fp32"}
+        raise ValueError(f"{policy_path}: searched with the first and last layers "
+                         f"{shown.get(searched, f'at {searched} bits')}; fine-tune with the same "
+                         f"--keep-first-last (or none), so that the searched budget holds")
 
 
 def build_quantized(args, model, dataset, device):
@@ -57,6 +70,8 @@ def build_quantized(args, model, dataset, device):
     policy = read_policy(args.policy, names) if args.policy else uniform_policy(layers, args.bits)
     keep = parse_keep(args.keep_first_last)
     if keep != "off":
+        if args.policy:
+            check_same_keep(args.policy, keep)
         policy = keep_first_last(policy, layers, keep)
     quantize_model(model, policy, method=args.method)
     quant = {"bits": policy, "method": args.method, "policy_file": args.policy,
@@ -71,7 +86,7 @@ def main(args):
     if not (args.policy or args.bits or args.resume):
         raise ValueError("give --policy policy.json or --bits N")
     device = resolve_device(args.device)
-    _, world, device = distributed.init_distributed(device)
+    _, _, device = distributed.init_distributed(device)
     args.out = out = claim(
         args.out or os.path.join(os.path.dirname(args.ckpt), "finetune"),
         resume=bool(args.resume), overwrite=args.overwrite, teacher=args.ckpt)
@@ -86,7 +101,8 @@ def main(args):
     root = args.data_root or data["root"]
     num_points = args.num_points or data["num_points"]
     train_set = load_split(data["name"], root, "train", num_points, augment=True, seed=args.seed,
-                           val_split=args.val_split)
+                           val_split=args.val_split,
+                           samples_per_epoch=args.samples_per_epoch)
     val_set = load_split(data["name"], root, "val", num_points, seed=args.seed,
                          val_split=args.val_split)
     train_loader = make_loader(train_set, args.batch_size, True, args.seed, args.workers)
@@ -100,9 +116,7 @@ def main(args):
         quant = meta["quant"]
     model.to(device)
     epochs = args.epochs
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = distributed.wrap_model(model, device)
     optimizer = build_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, "cosine", max(epochs, 1), len(train_loader))
     loss_fn = (DistillLoss(teacher, data["task"], args.kd_temperature, args.kd_alpha)
@@ -113,7 +127,7 @@ def main(args):
             "args": vars(args), "quant": quant}
     log = RunLog(out, vars(args))
     if distributed.is_main():
-        plain = model.module if world > 1 else model
+        plain = unwrap(model)
         print(f"quantized {len(quant['bits'])} layers ({args.method}); HAQ budget ratio "
               f"{budget_ratio(plain):.4f}; honest size {honest_size_bytes(plain) / 1024:.1f} KiB",
               flush=True)
@@ -122,16 +136,18 @@ def main(args):
         val_metrics = evaluate(model, val_loader, device, args.amp, desc="val")
         if distributed.is_main():
             for name in ("best.pt", "last.pt"):
-                save_checkpoint(os.path.join(out, name), model, dict(meta, metrics=val_metrics,
-                                                                     epoch=0))
+                save_checkpoint(os.path.join(out, name), unwrap(model),
+                                dict(meta, metrics=val_metrics, epoch=0))
+        distributed.barrier()  # best.pt is on disk before any rank reads it back
     else:
         fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, epochs, out,
             meta, log, resume=resume, amp=args.amp)
+    # Score the file as written, through the same path eval.py takes: every rank scores its
+    # shard of the test split and all end with the merged figures.
+    best_path = os.path.join(out, "best.pt")
+    _, results = evaluate_checkpoint(best_path, root, "test", args.batch_size, device,
+                                     args.workers, args.amp)
     if distributed.is_main():
-        # Score the file as written, through the same path eval.py takes.
-        best_path = os.path.join(out, "best.pt")
-        _, results = evaluate_checkpoint(best_path, root, "test", args.batch_size, device,
-                                         args.workers, args.amp)
         print(f"{best_path} (test split):")
         print(format_results(data["task"], results))
         with open(os.path.join(out, "best_test.json"), "w") as f:

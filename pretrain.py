@@ -24,8 +24,8 @@ def get_args_parser():
     p = make_parser(__doc__)
     p.add_argument("--model", default="pt_seg_tiny", choices=MODEL_NAMES,
                    help="network; the _tiny presets are small enough for a CPU")
-    add_flags(p, "dataset", "data_root", "val_split", "num_points", "epochs", "batch_size", "lr",
-              "optimizer", "weight_decay")
+    add_flags(p, "dataset", "data_root", "val_split", "num_points", "epochs", "samples_per_epoch",
+              "batch_size", "lr", "optimizer", "weight_decay")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "step"],
                    help="cosine to 0, or step: x0.1 at 60%% and 80%% of the epochs")
     p.add_argument("--warmup-epochs", type=nonneg_float, default=0.0,
@@ -48,7 +48,8 @@ def main(args):
     lr = args.lr if args.lr is not None else (1e-3 if args.optimizer == "adamw" else 0.05)
 
     train_set = load_split(args.dataset, args.data_root, "train", args.num_points, augment=True,
-                           seed=args.seed, val_split=args.val_split)
+                           seed=args.seed, val_split=args.val_split,
+                           samples_per_epoch=args.samples_per_epoch)
     val_set = load_split(args.dataset, args.data_root, "val", args.num_points, seed=args.seed,
                          val_split=args.val_split)
     train_loader = make_loader(train_set, args.batch_size, train=True, seed=args.seed,
@@ -57,12 +58,7 @@ def main(args):
 
     if resume is None:
         model = build_model(args.model, **model_kwargs(args.model, train_set))
-    model.to(device)
-    if world > 1:
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = distributed.wrap_model(model.to(device), device)
 
     optimizer = build_optimizer(model.parameters(), args.optimizer, lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, args.schedule, args.epochs, len(train_loader),

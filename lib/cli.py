@@ -60,6 +60,10 @@ FLAGS = {
     "num_points": (("--num-points",), dict(
         type=positive_int, default=None,
         help="points per sample; default: the checkpoint's, or the dataset's usual number")),
+    "samples_per_epoch": (("--samples-per-epoch",), dict(
+        type=positive_int, default=None,
+        help="S3DIS: random training crops per epoch (None: about one look at every 4 cm "
+             "cell); with --epochs it sets the number of steps")),
     "batch_size": (("--batch-size",), dict(type=positive_int, default=16,
                                            help="samples per batch (per process under torchrun)")),
     "epochs": (("--epochs",), dict(type=nonneg_int, default=20, help="training epochs")),

@@ -1,9 +1,16 @@
 """DDP plumbing for `torchrun`: NCCL on CUDA, gloo on CPU; a plain process without torchrun is
-world size 1 and none of this does anything."""
+world size 1 and none of this does anything.
+
+pretrain.py and finetune.py train through `wrap_model` (BatchNorm synchronised across ranks,
+then DistributedDataParallel) and shard every loader with `ShardedSampler`; evaluation runs on
+every rank over its own shard and the metric accumulators are merged (lib/train.evaluate), so
+each sample is scored exactly once and every rank ends with the same figures.
+"""
 import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def init_distributed(device):
@@ -50,6 +57,80 @@ def gather_objects(obj):
     return out
 
 
+def wrap_model(model, device):
+    """The model as it trains under torchrun: every BatchNorm synchronised across ranks (so N
+    processes with batch B normalise like one process with batch N*B), inside DDP. On CUDA,
+    torch's SyncBatchNorm; on the CPU (gloo), where torch's refuses CPU tensors, CpuSyncBatchNorm.
+    Without torchrun, the model itself. Parameters are kept, not copied: build the optimizer
+    after wrapping or before, either works."""
+    if world_size() == 1:
+        return model
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
+    return nn.parallel.DistributedDataParallel(convert_cpu_sync_batchnorm(model))
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradients: every rank's loss
+    depends on every rank's input through the shared statistics."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class CpuSyncBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of all ranks' batches together (mean,
+    then the biased variance around it, each one all_reduce), for gloo on the CPU. Evaluation
+    uses the running statistics and talks to no other rank, so ranks may evaluate shards of
+    different sizes. Same parameters and buffers as BatchNorm1d: checkpoints do not change."""
+
+    def forward(self, x):  # (M, C) or (B, C, L)
+        if not self.training:
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor(x.numel() // x.shape[1])
+        dist.all_reduce(count)  # rows of all ranks; no gradient
+        n = int(count)
+        xf = x.float()  # statistics in fp32 under bf16 autocast too, as BatchNorm's own
+        mean = _SumOverRanks.apply(xf.sum(dims)) / n  # (C,)
+        centred = xf - mean.view(shape)
+        var = _SumOverRanks.apply((centred * centred).sum(dims)) / n  # biased, as BN's
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = (1 / float(self.num_batches_tracked) if self.momentum is None
+                            else self.momentum)
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * n / max(n - 1, 1), momentum)
+        return y.to(x.dtype)
+
+
+def convert_cpu_sync_batchnorm(module):
+    """Every nn.BatchNorm1d in `module` (a plain one, not a subclass) swapped for a
+    CpuSyncBatchNorm holding the same parameter and buffer tensors."""
+    if type(module) is nn.BatchNorm1d:
+        synced = CpuSyncBatchNorm(module.num_features, module.eps, module.momentum,
+                                  module.affine, module.track_running_stats)
+        synced._parameters, synced._buffers = module._parameters, module._buffers
+        synced.train(module.training)
+        return synced
+    for name, child in module.named_children():
+        module.add_module(name, convert_cpu_sync_batchnorm(child))
+    return module
 def broadcast_object(obj, src=0):
     """Rank `src`'s `obj` on every rank (pickled); `obj` itself without DDP."""
     if not is_distributed():

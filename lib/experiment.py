@@ -17,14 +17,17 @@ def model_task(model_name):
 
 
 def load_split(dataset_name, root, split, num_points=None, augment=False, seed=0,
-               val_split="auto"):
+               val_split="auto", samples_per_epoch=None):
     """One split, with the validation protocol `val_split` (the scripts' --val-split):
     "auto": the dataset's val split, or, when none of its files is present (a partial
     download), a fixed slice of train (lib/data/val_slice.py), which "train" then leaves out;
     "train-slice": that slice whatever is present; "trainval": "train" reads train + val (the
-    protocol some papers train with), "val" stays the val split. Never the test split."""
+    protocol some papers train with), "val" stays the val split. Never the test split.
+    samples_per_epoch: the length of an S3DIS training epoch (train only)."""
+    extra = {"samples_per_epoch": samples_per_epoch} if samples_per_epoch is not None else {}
     return split_with_val_protocol(dataset_name, root or default_root(dataset_name), split,
-                                   val_split, num_points=num_points, augment=augment, seed=seed)
+                                   val_split, num_points=num_points, augment=augment, seed=seed,
+                                   **extra)
 
 
 def make_loader(dataset, batch_size, train, seed=0, workers=0):

@@ -8,6 +8,8 @@ ranks can `all_gather_object` their accumulators and merge them on rank 0.
 Inputs may live on any device; `update` reduces logits to predictions where they are and keeps
 its state on the CPU. All results are fractions in [0, 1].
 """
+import math
+
 import torch
 
 
@@ -110,16 +112,16 @@ class PartSegMetric:
     def compute(self):
         if not self.shape_ious:
             raise ValueError("metrics: no shapes were evaluated (empty split?)")
-        ious = torch.tensor(self.shape_ious, dtype=torch.float64)
-        cats = torch.tensor(self.shape_categories)
+        # fsum is exact before its one rounding, so the means do not depend on the order the
+        # shapes arrived in (DDP ranks merge their shards in rank order, not sample order).
         per_category = {}
         for c, name in enumerate(self.category_names):
-            in_cat = ious[cats == c]
-            per_category[name] = float(in_cat.mean()) if len(in_cat) else None
+            in_cat = [iou for iou, cat in zip(self.shape_ious, self.shape_categories) if cat == c]
+            per_category[name] = math.fsum(in_cat) / len(in_cat) if in_cat else None
         # A category without shapes has no mean; it is left out of class mIoU, not counted 0.
         present = [v for v in per_category.values() if v is not None]
         return {"accuracy": self.correct / self.total,
-                "ins_miou": float(ious.mean()),
+                "ins_miou": math.fsum(self.shape_ious) / len(self.shape_ious),
                 "cat_miou": sum(present) / len(present),
                 "per_category": per_category,
                 "num_shapes": len(self.shape_ious)}

@@ -44,12 +44,32 @@ def format_results(task, results):
     raise ValueError(f"report: unknown task {task!r}; expected partseg, semseg or cls")
 
 
+# The summary figures of each task: (column header, results key), in table order.
+SUMMARY_COLUMNS = {
+    "partseg": (("Accuracy", "accuracy"), ("cat. mIoU", "cat_miou"), ("ins. mIoU", "ins_miou")),
+    "semseg": (("OA", "oa"), ("mAcc", "macc"), ("mIoU", "miou")),
+    "cls": (("OA", "oa"), ("mAcc", "macc")),
+}
+
+
+def task_of(results):
+    """The task whose figures `results` (an evaluation, or a table row) holds."""
+    if "ins_miou" in results:
+        return "partseg"
+    return "semseg" if "miou" in results else "cls"
+
+
 def format_quant_table(rows):
-    """One row per model: name, accuracy, cat_miou, ins_miou (fractions), budget_ratio (HAQ's
-    weight budget as a fraction of fp32) and honest_kib (honest size in KiB); None -> "-"."""
-    header = ["Model", "Accuracy", "cat. mIoU", "ins. mIoU", "Budget (% fp32)", "Honest size (KiB)"]
-    body = [[row["name"], percent(row["accuracy"]), percent(row["cat_miou"]),
-             percent(row["ins_miou"]), percent(row["budget_ratio"]),
+    """One row per model: name, the task's summary figures (fractions; SUMMARY_COLUMNS),
+    budget_ratio (HAQ's weight budget as a fraction of fp32) and honest_kib (honest size in
+    KiB); None -> "-". Every row must be of the same task."""
+    tasks = {task_of(row) for row in rows}
+    if len(tasks) != 1:
+        raise ValueError(f"report: one table holds one task; these rows are {sorted(tasks)}")
+    columns = SUMMARY_COLUMNS[tasks.pop()]
+    header = ["Model", *(title for title, _ in columns), "Budget (% fp32)", "Honest size (KiB)"]
+    body = [[row["name"], *(percent(row[key]) for _, key in columns),
+             percent(row["budget_ratio"]),
              "-" if row["honest_kib"] is None else f"{row['honest_kib']:.1f}"]
             for row in rows]
     return markdown_table(header, body)

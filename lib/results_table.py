@@ -1,43 +1,120 @@
-"""Collect eval.py --json outputs into the quantization results table (markdown + JSON):
+"""The quantization results table (markdown + JSON) of any task: part segmentation (accuracy,
+cat. / ins. mIoU), S3DIS (OA, mAcc, mIoU) or classification (OA, mAcc), with HAQ's budget and
+the honest size of each model.
 
-    python -m lib.results_table --out checkpoints/demo/results "fp32=a.json" "0.1x preserve=b.json"
+    python -m lib.results_table --run checkpoints/partseg
+    python -m lib.results_table --out checkpoints/demo/results "fp32=a.json" "mix=b.json"
+
+--run scores every checkpoint of a run folder on the test split, as eval.py does (sharded over
+the processes under torchrun): RUN/pretrain/best.pt ("fp32"), RUN/searched/best.pt,
+RUN/finetune/best.pt and RUN/finetune_distill/best.pt (the rows run/finetune.sh writes), then
+any other RUN/<name>/best.pt, named by its folder. Each one's figures go to RUN/eval/<name>.json,
+the table to RUN/results.md and RUN/results.json. The second form only collects the JSON files
+of `eval.py --json` (run/demo.sh).
 """
 import argparse
 import json
+import os
 
-from lib.report import format_quant_table
+from lib import distributed
+from lib.report import SUMMARY_COLUMNS, format_quant_table, task_of
 
-COLUMNS = ("accuracy", "cat_miou", "ins_miou")
+# run folder -> row name, in table order; other folders follow, sorted, under their own name
+KNOWN_RUNS = {"pretrain": "fp32", "searched": "searched", "finetune": "searched, finetune",
+              "finetune_distill": "searched, finetune, distill"}
 
 
 def table_row(name, results):
-    """One row: the part-segmentation summary, the HAQ budget ratio and the honest size."""
+    """One row: the task's summary figures, the HAQ budget ratio and the honest size."""
     row = {"name": name}
-    row.update({key: results.get(key) for key in COLUMNS})
+    row.update({key: results.get(key) for _, key in SUMMARY_COLUMNS[task_of(results)]})
     row["budget_ratio"] = results["budget_ratio"]
     row["honest_kib"] = results["honest_bytes"] / 1024
     return row
 
 
-def main(args):
-    rows = []
-    for spec in args.rows:
+def run_checkpoints(run):
+    """[(row name, folder name, best.pt path)] of a run folder, in table order."""
+    if not os.path.isdir(run):
+        raise FileNotFoundError(f"{run}: no such run folder")
+    found = sorted(d for d in os.listdir(run) if os.path.isfile(os.path.join(run, d, "best.pt")))
+    ordered = [d for d in KNOWN_RUNS if d in found] + [d for d in found if d not in KNOWN_RUNS]
+    if not ordered:
+        raise FileNotFoundError(f"{run}: no <stage>/best.pt checkpoints in this run folder")
+    return [(KNOWN_RUNS.get(d, d), d, os.path.join(run, d, "best.pt")) for d in ordered]
+
+
+def score_run(run, data_root=None, batch_size=16, device=None, workers=0):
+    """Evaluates every checkpoint of `run` on its test split; returns [(row name, results)]
+    and writes RUN/eval/<folder>.json (main rank)."""
+    from lib.experiment import evaluate_checkpoint  # torch and the readers: only for --run
+    scored = []
+    for name, folder, path in run_checkpoints(run):
+        _, results = evaluate_checkpoint(path, data_root, "test", batch_size, device, workers)
+        if distributed.is_main():
+            os.makedirs(os.path.join(run, "eval"), exist_ok=True)
+            with open(os.path.join(run, "eval", folder + ".json"), "w") as f:
+                json.dump(results, f, indent=2)
+            print(f"{path}: scored", flush=True)
+        scored.append((name, results))
+    return scored
+
+
+def read_rows(specs):
+    """[(row name, results)] from NAME=eval.json arguments."""
+    scored = []
+    for spec in specs:
         name, sep, path = spec.rpartition("=")
         if not sep:
             raise SystemExit(f"row {spec!r}: write it as NAME=results.json")
         with open(path) as f:
-            rows.append(table_row(name, json.load(f)))
+            scored.append((name, json.load(f)))
+    return scored
+
+
+def write_table(scored, out):
+    """out.md and out.json; returns the markdown table."""
+    rows = [table_row(name, results) for name, results in scored]
     table = format_quant_table(rows)
-    with open(args.out + ".md", "w") as f:
+    with open(out + ".md", "w") as f:
         f.write(table + "\n")
-    with open(args.out + ".json", "w") as f:
+    with open(out + ".json", "w") as f:
         json.dump(rows, f, indent=2)
-    print(table)
+    return table
+
+
+def main(args):
+    if args.run:
+        from lib.cli import resolve_device
+        _, _, device = distributed.init_distributed(resolve_device(args.device))
+        scored = score_run(args.run, args.data_root, args.batch_size, device, args.workers)
+        out = args.out or os.path.join(args.run, "results")
+    else:
+        if not args.rows or not args.out:
+            raise SystemExit("give --run RUN, or --out PATH and NAME=eval.json rows")
+        scored, out = read_rows(args.rows), args.out
+    if distributed.is_main():
+        print(write_table(scored, out))
+        print(f"written: {out}.md, {out}.json")
+    distributed.cleanup()
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=None, help="run folder whose checkpoints to score")
+    p.add_argument("--out", default=None,
+                   help="path without extension; writes .md and .json (default with --run: "
+                        "RUN/results)")
+    p.add_argument("--data-root", default=None,
+                   help="overrides the data root the checkpoints record")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("rows", nargs="*", help="NAME=eval.json, in table order (without --run)")
+    return p
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="path without extension; writes .md and .json")
-    p.add_argument("rows", nargs="+", help="NAME=eval.json, in table order")
-    main(p.parse_args())
+    from lib.cli import run_script
+    run_script(main, get_args_parser())

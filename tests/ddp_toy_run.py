@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib import distributed  # noqa: E402
+from lib.checkpoint import unwrap  # noqa: E402
 from lib.experiment import make_loader  # noqa: E402
 from lib.runlog import RunLog  # noqa: E402
 from lib.tasks import supervised_loss  # noqa: E402
@@ -21,11 +22,9 @@ def main(args):
     work and tensors) is freed when it returns: left as module globals, it was freed during
     interpreter finalization, where gloo's threads now and then aborted the process
     ("terminate called without an active exception", SIGABRT; 2 runs in about 45)."""
-    _, world, device = distributed.init_distributed(torch.device("cpu"))
+    _, _, device = distributed.init_distributed(torch.device("cpu"))
     torch.manual_seed(0)
-    model = PointMLP()
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+    model = distributed.wrap_model(PointMLP(batchnorm=args.batchnorm), device)
     train = make_loader(ToyPoints(48), args.batch_size, train=True, seed=3)
     val = make_loader(ToyPoints(13, seed=1), 4, train=False)
     opt = build_optimizer(model.parameters(), "sgd", 0.2, 0.0)
@@ -33,7 +32,7 @@ def main(args):
     best, metrics = fit(model, train, val, opt, sched, supervised_loss, device, 3, args.out,
                         {"model": {}}, RunLog(args.out, {}))
     if distributed.is_main():
-        state = (model.module if world > 1 else model).state_dict()
+        state = unwrap(model).state_dict()
         torch.save({"val": metrics, "state_dict": state}, os.path.join(args.out, "result.pt"))
     distributed.cleanup()
 
@@ -42,4 +41,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--batchnorm", action="store_true")
     main(parser.parse_args())

@@ -228,3 +228,11 @@ def test_command_line_preprocesses_once(rooms_root, capsys):
     s3dis.main(args)
     s3dis.main(args)
     assert "0 of 18 rooms converted" in capsys.readouterr().out
+
+
+def test_samples_per_epoch_sets_the_training_epoch_and_only_there(rooms_root):
+    from lib.data import build_dataset
+    assert len(build_dataset("synthetic_rooms", rooms_root, "train", samples_per_epoch=7)) == 7
+    for name, split in (("synthetic_rooms", "val"), ("synthetic_parts", "train")):
+        with pytest.raises(ValueError, match="only the S3DIS training split"):
+            build_dataset(name, rooms_root, split, samples_per_epoch=7)

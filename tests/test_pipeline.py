@@ -38,7 +38,7 @@ def test_pretrain_search_finetune_eval(tiny_parts, tmp_path):
     assert meta["model"]["name"] == "pt_seg_tiny" and resume["epoch"] == 1
 
     run("search.py", "--ckpt", os.path.join(pre, "best.pt"), "--episodes", "3", "--warmup", "2",
-        "--val-size", "8", "--batch-size", "8", "--out", search)
+        "--val-size", "8", "--batch-size", "8", "--keep-first-last", "8", "--out", search)
     with open(os.path.join(search, "policy.json")) as f:
         policy = json.load(f)
     assert policy["budget_ratio"] <= 0.1 + 1e-9

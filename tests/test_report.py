@@ -1,4 +1,6 @@
 """Result tables: Markdown pipe tables with fractions printed as percent, 2 decimals."""
+import json
+
 import pytest
 
 from lib.report import format_quant_table, format_results
@@ -68,3 +70,30 @@ def test_baseline_table_orders_by_metric_and_shows_gap_to_fp32():
     assert "searched (HAQ)" in lines[2] and "uniform 3-bit" in lines[3]
     assert "-5.00" in lines[2] and "-10.00" in lines[3]
     assert "3.0" in lines[2] and "9.40" in lines[3]
+
+
+def test_quant_table_of_each_task_shows_its_own_figures():
+    semseg = [{"name": "fp32", "oa": 0.9, "macc": 0.8, "miou": 0.7, "budget_ratio": 1.0,
+               "honest_kib": 10.0}]
+    cls = [{"name": "mix", "oa": 0.93, "macc": 0.905, "budget_ratio": 0.1, "honest_kib": 1.25}]
+    (table,) = tables_of(format_quant_table(semseg))
+    assert table == [["Model", "OA", "mAcc", "mIoU", "Budget (% fp32)", "Honest size (KiB)"],
+                     ["fp32", "90.00", "80.00", "70.00", "100.00", "10.0"]]
+    (table,) = tables_of(format_quant_table(cls))
+    assert table == [["Model", "OA", "mAcc", "Budget (% fp32)", "Honest size (KiB)"],
+                     ["mix", "93.00", "90.50", "10.00", "1.2"]]
+    with pytest.raises(ValueError, match="one task"):
+        format_quant_table(semseg + cls)
+
+
+def test_results_table_rows_from_eval_json_of_every_task(tmp_path):
+    from lib.results_table import read_rows, write_table
+    figures = {"oa": 0.5, "macc": 0.25, "miou": 0.125, "per_class": {}, "confusion": [],
+               "honest_bytes": 2048, "fp32_bytes": 8192, "budget_ratio": 0.25}
+    (tmp_path / "a.json").write_text(json.dumps(figures))
+    table = write_table(read_rows([f"S3DIS, mix={tmp_path / 'a.json'}"]), str(tmp_path / "t"))
+    (shown,) = tables_of(table)
+    assert shown[1] == ["S3DIS, mix", "50.00", "25.00", "12.50", "25.00", "2.0"]
+    (row,) = json.loads((tmp_path / "t.json").read_text())
+    assert row == {"name": "S3DIS, mix", "oa": 0.5, "macc": 0.25, "miou": 0.125,
+                   "budget_ratio": 0.25, "honest_kib": 2.0}

@@ -27,9 +27,16 @@ class ToyPoints(torch.utils.data.Dataset):
 
 
 class PointMLP(nn.Module):
-    def __init__(self, hidden=16, num_classes=3):
+    """batchnorm=True puts a BatchNorm1d over the hidden features of all points of the batch,
+    so the result depends on which samples share a batch (what SyncBatchNorm must keep)."""
+
+    def __init__(self, hidden=16, num_classes=3, batchnorm=False):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(6, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.inner = nn.Linear(6, hidden)
+        self.norm = nn.BatchNorm1d(hidden) if batchnorm else nn.Identity()
+        self.outer = nn.Linear(hidden, num_classes)
 
     def forward(self, xyz, feat):
-        return self.net(torch.cat([xyz, feat], -1))  # (B, N, K)
+        x = self.inner(torch.cat([xyz, feat], -1))  # (B, N, H)
+        x = self.norm(x.reshape(-1, x.shape[-1])).view(x.shape)
+        return self.outer(torch.relu(x))  # (B, N, K)

@@ -75,14 +75,21 @@ def default_root(name):
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 
-def build_dataset(name, root=None, split="train", num_points=None, augment=False, seed=0):
+def build_dataset(name, root=None, split="train", num_points=None, augment=False, seed=0,
+                  samples_per_epoch=None):
     """One split of a dataset as a torch Dataset of sample dicts (see the readers).
 
     num_points=None takes the dataset's usual size. Synthetic data missing at `root` is generated
     there first; a real dataset missing is a FileNotFoundError saying where to get it.
+    samples_per_epoch: the length of an S3DIS training epoch, whose crops are drawn at random
+    (None: the reader's default).
     """
     if split not in READABLE_SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(READABLE_SPLITS)}")
+    if samples_per_epoch is not None and (name not in ("s3dis", "synthetic_rooms")
+                                          or split not in ("train", "trainval")):
+        raise ValueError(f"--samples-per-epoch: only the S3DIS training split draws its samples "
+                         f"at random ({name}, {split})")
     root = Path(root or default_root(name))
     if name.startswith("synthetic_"):
         _generate_if_missing(name, root)
@@ -93,6 +100,8 @@ def build_dataset(name, root=None, split="train", num_points=None, augment=False
     kwargs = dict(split=split, augment=augment, seed=seed)
     if num_points is not None:
         kwargs["num_points"] = num_points
+    if samples_per_epoch is not None:
+        kwargs["samples_per_epoch"] = samples_per_epoch
     if name in ("shapenet_part", "synthetic_parts"):
         from lib.data.shapenet_part import ShapeNetPartDataset
         return ShapeNetPartDataset(root, **kwargs)

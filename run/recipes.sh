@@ -1,0 +1,102 @@
+# Sourced by run/pretrain.sh, search.sh, finetune.sh and eval.sh: the paper-scale settings of
+# every task, in this one place, and the launcher they share. Chosen by environment variables:
+#   TASK     partseg (default) | s3dis | modelnet40_pt | modelnet40_pct
+#   DATA     the dataset folder (default: the usual folder under data/, see data/README.md);
+#            `--data-root X` on the command line wins over it
+#   RUN      the run folder (default: checkpoints/$TASK), holding pretrain/, search/,
+#            searched/, finetune/, finetune_distill/ and results.md
+#   NPROC    processes (GPUs) per run, through torchrun (default 1)
+#   DRY_RUN  1: print each command instead of running it
+# Extra flags given to a run/*.sh script come last, so they override the recipe's.
+TASK=${TASK:-partseg}
+RUN=${RUN:-checkpoints/$TASK}
+NPROC=${NPROC:-1}
+
+# HAQ (Wang et al., CVPR 2019, and its code mit-han-lab/haq): 10% of the fp32 weight bits,
+# 2..8 bits per layer, 600 episodes of which 20 are random warm-up, each candidate briefly
+# fine-tuned before its reward (search.py's default --finetune-steps: HAQ's one pass over
+# 2 x --val-size training samples). "mix": the first layer and the classifier stay at KEEP
+# bits, outside the search but charged to its budget, so search.sh and finetune.sh take the
+# same KEEP.
+PRESERVE=0.1
+KEEP=8
+SEARCH=(--preserve-ratio "$PRESERVE" --min-bit 2 --max-bit 8 --episodes 600 --warmup 20
+        --keep-first-last "$KEEP")
+# Centroid fine-tuning of the searched model, with and without distillation from the fp32
+# model (T = 2, alpha = 0.9): our choice, not a paper's (the original repository's table has
+# both rows; HAQ fine-tunes with a small learning rate).
+FINETUNE=(--keep-first-last "$KEEP" --optimizer adamw --lr 1e-4 --kd-temperature 2 --kd-alpha 0.9)
+
+# BATCH is the total over all processes (the papers' batch); the launcher gives each of the
+# NPROC processes BATCH / NPROC, so the learning rates below hold whatever NPROC is.
+case "$TASK" in
+partseg)
+    # Point Transformer (Zhao et al., ICCV 2021, Sec. 4): SGD, momentum 0.9, weight decay 1e-4,
+    # lr 0.05 dropped 10x at epochs 120 and 160 of 200 (--schedule step: at 60% and 80%);
+    # ShapeNet part with 2048 points, normals as features.
+    DATASET=shapenet_part MODEL=pt_seg BATCH=16
+    PRETRAIN=(--num-points 2048 --epochs 200 --optimizer sgd --lr 0.05 --schedule step
+              --weight-decay 1e-4)
+    SEARCH+=(--val-size 500 --batch-size 16)
+    FINETUNE+=(--epochs 30)
+    EVAL=(--batch-size 16) ;;
+s3dis)
+    # Point Transformer, S3DIS Area 5: the paper trains 40k iterations, lr 0.5 dropped 10x at
+    # 24k and 32k; its official code (POSTECH-CVLab/point-transformer, exp/s3dis/
+    # pointtransformer_repro) adds 4 cm voxels, at most 80,000 points per sample, batch 16 over
+    # all GPUs, SGD with momentum 0.9 and weight decay 1e-4, drops at 60% and 80%. Here: 100
+    # epochs of 6,400 crops of 80,000 points = 40,000 steps of 16, dropped at 24k and 32k.
+    # Inputs differ in one respect: the features are rgb and the point's place in its room
+    # (PointNet's S3DIS input, lib/data/s3dis.py), where the official code feeds rgb only.
+    DATASET=s3dis MODEL=pt_semseg BATCH=16
+    PRETRAIN=(--num-points 80000 --epochs 100 --samples-per-epoch 6400 --optimizer sgd
+              --lr 0.5 --schedule step --weight-decay 1e-4)
+    SEARCH+=(--val-size 64 --batch-size 4)
+    FINETUNE+=(--epochs 10 --samples-per-epoch 1600)
+    EVAL=(--batch-size 4) ;;
+modelnet40_pt)
+    # Point Transformer, ModelNet40 (paper Sec. 4): as part segmentation, 200 epochs, lr 0.05
+    # dropped 10x at 120 and 160; 1024 points. The paper gives no batch size; 32 as PCT.
+    DATASET=modelnet40 MODEL=pt_cls BATCH=32
+    PRETRAIN=(--num-points 1024 --epochs 200 --optimizer sgd --lr 0.05 --schedule step
+              --weight-decay 1e-4)
+    SEARCH+=(--val-size 1000 --batch-size 32)
+    FINETUNE+=(--epochs 30)
+    EVAL=(--batch-size 32) ;;
+modelnet40_pct)
+    # PCT (Guo et al., CVM 2021) as trained by the much-used PyTorch port Strawberry-Eat-Mango/
+    # PCT_Pytorch (main.py): SGD, momentum 0.9, weight decay 5e-4, lr 0.01 with cosine
+    # annealing (to 1e-4 there, to 0 here), 250 epochs, batch 32, 1024 points.
+    DATASET=modelnet40 MODEL=pct_cls BATCH=32
+    PRETRAIN=(--num-points 1024 --epochs 250 --optimizer sgd --lr 0.01 --schedule cosine
+              --weight-decay 5e-4)
+    SEARCH+=(--val-size 1000 --batch-size 32)
+    FINETUNE+=(--epochs 30)
+    EVAL=(--batch-size 32) ;;
+*)
+    echo "TASK=$TASK: unknown; use partseg, s3dis, modelnet40_pt or modelnet40_pct" >&2
+    exit 2 ;;
+esac
+DATA_ROOT=()
+[ -n "${DATA:-}" ] && DATA_ROOT=(--data-root "$DATA")
+
+# launch SCRIPT.py FLAGS...: one process, or NPROC under torchrun; with DRY_RUN=1 printed only.
+launch() {
+    local launcher=(python)
+    [ "$NPROC" -gt 1 ] && launcher=(torchrun --nproc-per-node "$NPROC")
+    if [ "${DRY_RUN:-0}" = 1 ]; then
+        echo "${launcher[*]} $*"
+    else
+        echo "+ ${launcher[*]} $*" >&2
+        "${launcher[@]}" "$@"
+    fi
+}
+
+# The per-process batch for a total of BATCH.
+per_process_batch() {
+    if [ $((BATCH % NPROC)) -ne 0 ]; then
+        echo "NPROC=$NPROC does not divide the total batch $BATCH of TASK=$TASK" >&2
+        exit 2
+    fi
+    echo $((BATCH / NPROC))
+}

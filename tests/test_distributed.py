@@ -1,0 +1,98 @@
+"""lib/distributed.py under two CPU processes (gloo): training through `wrap_model` equals one
+process with the whole batch, and pretrain.py / finetune.py --distill / eval.py finish under
+torchrun with figures that equal a single process's scoring of the same checkpoint exactly;
+`python -m lib.results_table --run` scores the run folder they wrote."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lib.checkpoint import load_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+SUMMARY = ("accuracy", "cat_miou", "ins_miou")
+
+
+def run(*args, launcher=(sys.executable,)):
+    out = subprocess.run([*launcher, *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env=ENV)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_batchnorm_model_under_two_processes_equals_one_process(tmp_path):
+    """Each rank sees half of every batch; with BatchNorm synchronised (CpuSyncBatchNorm: mean
+    and variance over both halves, gradients through both) the weights, BatchNorm statistics
+    and validation figures follow the single-process run up to float rounding (1e-5: the
+    per-rank sums are added in another order). Unsynchronised, the statistics of half-batches
+    differ and so does every step."""
+    script = os.path.join(REPO, "tests", "ddp_toy_run.py")
+    run(script, "--out", str(tmp_path / "single"), "--batch-size", "8", "--batchnorm")
+    run(script, "--out", str(tmp_path / "ddp"), "--batch-size", "4", "--batchnorm",
+        launcher=TORCHRUN)
+    single = torch.load(tmp_path / "single" / "result.pt", weights_only=True)
+    ddp = torch.load(tmp_path / "ddp" / "result.pt", weights_only=True)
+    assert "norm.running_var" in single["state_dict"]
+    tracked = "norm.num_batches_tracked"
+    assert single["state_dict"][tracked] == ddp["state_dict"][tracked]
+    for name, w in single["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][name], w, atol=1e-5, rtol=1e-5)
+    assert ddp["val"]["miou"] == pytest.approx(single["val"]["miou"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    run("-m", "lib.data.synthetic", "--out", str(root), "--only", "parts",
+        "--train-shapes", "3", "--eval-shapes", "3")  # 6 categories: 18 val, 18 test shapes
+    return str(root / "parts")
+
+
+def evaluated(ckpt, tmp_path, split="test", launcher=(sys.executable,)):
+    report = str(tmp_path / f"eval_{split}_{len(launcher)}.json")
+    run("eval.py", "--ckpt", ckpt, "--split", split, "--batch-size", "4", "--json", report,
+        launcher=launcher)
+    with open(report) as f:
+        return json.load(f)
+
+
+def test_pretrain_finetune_eval_under_two_processes(tiny_parts, tmp_path):
+    """18 evaluation shapes over 2 ranks in batches of 4 (5 batches, the last ragged): every
+    figure the ranks merge equals one process's scoring of the same file, to the last bit."""
+    pre, fine = str(tmp_path / "pretrain"), str(tmp_path / "finetune")
+    run("pretrain.py", "--model", "pt_seg_tiny", "--dataset", "synthetic_parts", "--data-root",
+        tiny_parts, "--num-points", "128", "--epochs", "1", "--batch-size", "3", "--out", pre,
+        launcher=TORCHRUN)
+    meta, _, _ = load_checkpoint(os.path.join(pre, "best.pt"))
+    single_val = evaluated(os.path.join(pre, "best.pt"), tmp_path, "val")
+    for key in SUMMARY:
+        assert meta["metrics"][key] == single_val[key], key  # fit's sharded val pass
+    assert meta["metrics"]["num_shapes"] == 18
+
+    run("finetune.py", "--ckpt", os.path.join(pre, "best.pt"), "--bits", "4",
+        "--keep-first-last", "8", "--distill", "--epochs", "1", "--batch-size", "3",
+        "--out", fine, launcher=TORCHRUN)
+    with open(os.path.join(fine, "best_test.json")) as f:
+        final = json.load(f)  # finetune's final evaluation, on both ranks
+    two = evaluated(os.path.join(fine, "best.pt"), tmp_path, launcher=TORCHRUN)
+
+    # One command scores the run folder (pretrain/, finetune/), one process, into results.md
+    # and results.json, and each checkpoint's figures into eval/<folder>.json.
+    run("-m", "lib.results_table", "--run", str(tmp_path), "--batch-size", "4")
+    with open(tmp_path / "eval" / "finetune.json") as f:
+        single = json.load(f)
+    assert final["num_shapes"] == single["num_shapes"] == two["num_shapes"] == 18
+    for key in SUMMARY + ("honest_bytes",):
+        assert final[key] == single[key] == two[key], key
+    with open(tmp_path / "results.json") as f:
+        rows = json.load(f)
+    assert [row["name"] for row in rows] == ["fp32", "searched, finetune"]
+    assert rows[1]["ins_miou"] == single["ins_miou"] and rows[1]["budget_ratio"] < 0.2
+    with open(tmp_path / "eval" / "pretrain.json") as f:
+        assert rows[0]["ins_miou"] == json.load(f)["ins_miou"]
+    assert "searched, finetune" in (tmp_path / "results.md").read_text()

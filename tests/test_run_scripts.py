@@ -1,0 +1,88 @@
+"""run/*.sh: every task's recipe (run/recipes.sh) through DRY_RUN=1, which prints the commands
+instead of running them; and finetune.py's guard that a mixed policy keeps its budget."""
+import json
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from finetune import check_same_keep
+from search import get_args_parser as search_parser
+from lib.policy_file import parse_keep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("partseg", "s3dis", "modelnet40_pt", "modelnet40_pct")
+
+
+def commands(script, *args, **env):
+    """The commands run/SCRIPT would run, each as its argument list."""
+    out = subprocess.run(["bash", f"run/{script}", *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ, DRY_RUN="1", **env))
+    assert out.returncode == 0, out.stderr
+    # run/setup_env.sh may report a (re)install of .venv first
+    return [shlex.split(line) for line in out.stdout.splitlines() if not line.startswith("[setup]")]
+
+
+def flag(argv, name):
+    """The value argparse would take: the last occurrence."""
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == name]
+    return values[-1] if values else None
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_search_and_finetune_keep_the_same_layers_fixed(task):
+    """The search charges the fixed first/last layers to its budget only if it fixes them at
+    the width the fine-tuning later applies; every recipe does, and fixes them (mix)."""
+    (search,) = commands("search.sh", TASK=task)
+    finetunes = commands("finetune.sh", TASK=task)
+    assert len(finetunes) == 3
+    keep = flag(search, "--keep-first-last")
+    assert parse_keep(keep) not in ("off", None)
+    assert all(flag(argv, "--keep-first-last") == keep for argv in finetunes)
+    assert flag(search, "--warmup") == "20"
+    # HAQ's short fine-tune of each candidate stays on: search.py's default length (None)
+    assert flag(search, "--finetune-steps") is None
+    assert search_parser().get_default("finetune_steps") is None
+    assert flag(search, "--ckpt") == f"checkpoints/{task}/pretrain/best.pt"
+    assert all(flag(argv, "--policy") == f"checkpoints/{task}/search/policy.json"
+               for argv in finetunes)
+
+
+def test_data_root_from_the_command_line_wins_and_data_sets_it():
+    (argv,) = commands("pretrain.sh", "--data-root", "/elsewhere", DATA="/data/parts")
+    assert flag(argv, "--data-root") == "/elsewhere"
+    (argv,) = commands("pretrain.sh", DATA="/data/parts", RUN="/runs/a")
+    assert flag(argv, "--data-root") == "/data/parts" and flag(argv, "--out") == "/runs/a/pretrain"
+
+
+def test_total_batch_is_split_over_processes():
+    (one,) = commands("pretrain.sh", TASK="s3dis")
+    (four,) = commands("pretrain.sh", TASK="s3dis", NPROC="4")
+    assert one[0] == "python" and four[:3] == ["torchrun", "--nproc-per-node", "4"]
+    assert int(flag(one, "--batch-size")) == 4 * int(flag(four, "--batch-size")) == 16
+    assert flag(one, "--lr") == flag(four, "--lr") == "0.5"
+    # S3DIS: 100 epochs of 6400 crops at 16 = the paper's 40k iterations, 80k points each
+    assert int(flag(one, "--epochs")) * int(flag(one, "--samples-per-epoch")) // 16 == 40000
+    assert flag(one, "--num-points") == "80000"
+    out = subprocess.run(["bash", "run/pretrain.sh"], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, DRY_RUN="1", NPROC="3"), timeout=60)
+    assert out.returncode != 0 and "does not divide" in out.stderr
+
+
+def test_eval_sh_scores_a_run_or_one_checkpoint():
+    (run,) = commands("eval.sh", RUN="/runs/a")
+    assert run[1:5] == ["-m", "lib.results_table", "--run", "/runs/a"]
+    (one,) = commands("eval.sh", "x/best.pt", "--split", "val")
+    assert one[1:4] == ["eval.py", "--ckpt", "x/best.pt"] and flag(one, "--split") == "val"
+
+
+def test_finetune_refuses_first_last_kept_otherwise_than_searched(tmp_path):
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"bits": {}, "keep_first_last": None}))
+    with pytest.raises(ValueError, match="not kept.*same --keep-first-last"):
+        check_same_keep(str(policy), 8)
+    policy.write_text(json.dumps({"bits": {}, "keep_first_last": "8"}))
+    check_same_keep(str(policy), 8)
+    with pytest.raises(ValueError, match="at 8 bits"):
+        check_same_keep(str(policy), None)  # fp32 first/last: larger than searched
