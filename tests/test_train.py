@@ -101,12 +101,12 @@ def test_non_finite_loss_or_weights_stop_fit_before_any_checkpoint(tmp_path):
     def nan_weight(model, logits, batch):  # at the epoch's last step: no later loss shows it
         calls.append(1)
         if len(calls) == 4:
-            model.net[2].bias.data[0] = float("inf")
+            model.outer.bias.data[0] = float("inf")
         return supervised_loss(logits, batch)
 
     with pytest.raises(FloatingPointError, match=r"epoch 1, step 1 of 4: the training loss"):
         run(str(tmp_path / "loss"), nan_loss)
-    with pytest.raises(FloatingPointError, match=r"epoch 1: net\.2\.bias holds NaN or infinite"):
+    with pytest.raises(FloatingPointError, match=r"epoch 1: outer\.bias holds NaN or infinite"):
         run(str(tmp_path / "weights"), nan_weight)
     for folder in ("loss", "weights"):
         assert not {"last.pt", "best.pt"} & set(os.listdir(tmp_path / folder))
