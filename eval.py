@@ -49,7 +49,11 @@ def main(args):
     _, _, device = distributed.init_distributed(resolve_device(args.device))
     sink = None
     if args.save_pred or args.render:
-        sink = PredictionSink(args.save_pred, keep=args.render, source=args.ckpt)
+        # Titles name the checkpoint as the user would type it: relative to here when inside it
+        # (args.ckpt is absolute so that the run folders record absolute paths).
+        shown = os.path.relpath(args.ckpt)
+        sink = PredictionSink(args.save_pred, keep=args.render,
+                              source=args.ckpt if shown.startswith("..") else shown)
     meta, results = evaluate_checkpoint(args.ckpt, args.data_root, args.split, args.batch_size,
                                         device, args.workers, args.amp, sink=sink)
     main_rank = distributed.is_main()
