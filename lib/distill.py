@@ -10,8 +10,9 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature, alpha
     """Logits (..., K), labels (...). The T^2 factor keeps the soft term's gradient scale
     independent of T."""
     k = student_logits.shape[-1]
-    log_p_student = F.log_softmax(student_logits.reshape(-1, k).float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.reshape(-1, k).float() / temperature, dim=-1)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # fp32 at least
+    log_p_student = F.log_softmax(student_logits.reshape(-1, k).to(dtype) / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.reshape(-1, k).to(dtype) / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
     return alpha * temperature ** 2 * kl + (1 - alpha) * cross_entropy(student_logits, labels)
 

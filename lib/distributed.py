@@ -102,7 +102,8 @@ class CpuSyncBatchNorm(nn.BatchNorm1d):
         count = torch.tensor(x.numel() // x.shape[1])
         dist.all_reduce(count)  # rows of all ranks; no gradient
         n = int(count)
-        xf = x.float()  # statistics in fp32 under bf16 autocast too, as BatchNorm's own
+        # Statistics in fp32 at least (under bf16 autocast too, as BatchNorm's own), fp64 kept.
+        xf = x if x.dtype == torch.float64 else x.float()
         mean = _SumOverRanks.apply(xf.sum(dims)) / n  # (C,)
         centred = xf - mean.view(shape)
         var = _SumOverRanks.apply((centred * centred).sum(dims)) / n  # biased, as BN's
@@ -114,8 +115,9 @@ class CpuSyncBatchNorm(nn.BatchNorm1d):
                 self.num_batches_tracked += 1
                 momentum = (1 / float(self.num_batches_tracked) if self.momentum is None
                             else self.momentum)
-                self.running_mean.lerp_(mean.detach(), momentum)
-                self.running_var.lerp_(var.detach() * n / max(n - 1, 1), momentum)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(
+                    self.running_var.dtype), momentum)
         return y.to(x.dtype)
 
 
@@ -131,6 +133,8 @@ def convert_cpu_sync_batchnorm(module):
     for name, child in module.named_children():
         module.add_module(name, convert_cpu_sync_batchnorm(child))
     return module
+
+
 def broadcast_object(obj, src=0):
     """Rank `src`'s `obj` on every rank (pickled); `obj` itself without DDP."""
     if not is_distributed():

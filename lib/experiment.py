@@ -37,9 +37,10 @@ def make_loader(dataset, batch_size, train, seed=0, workers=0):
     if train and len(sampler) < batch_size:
         raise ValueError(f"--batch-size {batch_size} is larger than the {len(sampler)} training "
                          f"samples (per process): no training step would run")
+    # A training set's workers start afresh each epoch, so they see its epoch (set_epoch).
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                        drop_last=train, num_workers=workers,
-                                       persistent_workers=workers > 0)
+                                       persistent_workers=workers > 0 and not train)
 
 
 def model_kwargs(model_name, dataset):

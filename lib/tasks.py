@@ -19,7 +19,9 @@ def to_device(batch, device):
 
 def cross_entropy(logits, labels):
     """Mean cross-entropy over points (segmentation, logits (B, N, K)) or shapes (cls, (B, K))."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+    logits = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                           labels.reshape(-1))  # fp32 at least (bf16 under autocast)
 
 
 def supervised_loss(logits, batch):

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from lib import distributed
 from lib.checkpoint import (checkpoint_epoch, non_finite_entry, rng_state, save_checkpoint,
                             set_rng_state, unwrap)
+from lib.data.transforms import set_epoch
 from lib.metrics import make_metric, metric_key
 from lib.tasks import model_inputs, to_device
 
@@ -98,7 +99,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
                                            "lr": optimizer.param_groups[0]["lr"]},
                             step_offset + step)
     elapsed = time.perf_counter() - start
-    return {"loss": loss_sum.item() / max(steps, 1), "acc": correct.item() / max(total, 1),
+    # The epoch's figures over every rank's batches (each rank ran the same number of steps),
+    # as one process would report them.
+    ranks = distributed.gather_objects((loss_sum.item(), correct.item(), total))
+    loss_total, correct_total, points_total = (sum(column) for column in zip(*ranks))
+    return {"loss": loss_total / max(steps * len(ranks), 1),
+            "acc": correct_total / max(points_total, 1),
             "steps_per_s": steps / max(elapsed, 1e-9), "lr": optimizer.param_groups[0]["lr"]}
 
 
@@ -207,6 +213,7 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
     for epoch in range(start_epoch, epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
+        set_epoch(train_loader.dataset, epoch)  # augmentation drawn by (seed, epoch, sample)
         train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, task,
                                       device, epoch, amp, log, step_offset=epoch * len(train_loader))
         check_finite_weights(model, epoch)

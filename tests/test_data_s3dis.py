@@ -9,6 +9,7 @@ from lib.data import s3dis
 from lib.data.grid import grid_subsample
 from lib.data.s3dis import CLASS_NAMES, RAW_DIRNAME, RoomVoter, S3DISDataset, preprocess, read_room
 from lib.data.synthetic_rooms import write_rooms
+from lib.data.transforms import set_epoch
 
 DENSITY = 40.0  # points per m^2: rooms of a few thousand points keep these tests fast
 
@@ -162,7 +163,9 @@ def test_train_crops_have_fixed_size_and_documented_inputs(rooms_root):
         xy = sample["xyz"][:, :2]
         assert torch.allclose((xy.min(0).values + xy.max(0).values) / 2, torch.zeros(2), atol=1e-4)
         assert sample["xyz"][:, 2].min() >= 0 and 0 <= sample["feat"].min() and sample["feat"].max() <= 1
-    assert not torch.equal(ds[0]["xyz"], ds[0]["xyz"])  # a fresh random crop each time
+    first = ds[0]["xyz"]
+    set_epoch(ds, 1)
+    assert not torch.equal(first, ds[0]["xyz"])  # a fresh random crop each epoch
     aug = S3DISDataset(rooms_root, "train", num_points=1024, augment=True, samples_per_epoch=5)
     assert len(aug) == 5
     batch = next(iter(torch.utils.data.DataLoader(aug, batch_size=2)))

@@ -7,7 +7,7 @@ import torch
 
 from lib.data import build_dataset
 from lib.data.shapenet_part import ShapeNetPartDataset
-from lib.data.transforms import augment
+from lib.data.transforms import augment, set_epoch
 
 CATEGORIES = [("Airplane", "02691156"), ("Skateboard", "04225987"), ("Table", "04379243")]
 
@@ -145,9 +145,31 @@ def test_sampling_is_seeded_for_evaluation_and_random_for_training(root):
     assert not torch.equal(evaluation[0]["xyz"],
                            ShapeNetPartDataset(root, "test", 2048, seed=1)[0]["xyz"])
     training = ShapeNetPartDataset(root, "train", num_points=64, augment=True)
-    first, second = training[0], training[0]
-    assert not torch.equal(first["xyz"], second["xyz"])
+    first = training[0]
     assert first["feat"].norm(dim=1).numpy() == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(training[0]["xyz"], first["xyz"])  # keyed by (seed, epoch, sample)...
+    set_epoch(training, 1)
+    assert not torch.equal(training[0]["xyz"], first["xyz"])  # ...so a new epoch draws anew
+
+
+def test_training_draws_do_not_depend_on_workers_or_processes(root):
+    """Two DataLoader workers (or two DDP ranks: both are other processes with their own torch
+    RNG) read every sample exactly as one process does, epoch after epoch."""
+    training = ShapeNetPartDataset(root, "train", num_points=64, augment=True)
+    order = [0, 1, 2, 1]
+
+    def epoch_batches(epoch, workers):
+        set_epoch(training, epoch)
+        loader = torch.utils.data.DataLoader(training, batch_size=1, sampler=order,
+                                             num_workers=workers)
+        return [batch["xyz"] for batch in loader]
+
+    for epoch in (0, 1):
+        torch.manual_seed(epoch)  # the workers' torch seeds differ from the main process's
+        alone = epoch_batches(epoch, 0)
+        assert all(torch.equal(a, b) for a, b in zip(alone, epoch_batches(epoch, 2)))
+        assert torch.equal(alone[1], alone[3])
+    assert not torch.equal(epoch_batches(0, 0)[0], epoch_batches(1, 0)[0])
 
 
 def test_augmentation_keeps_normals_perpendicular_and_stays_in_range():

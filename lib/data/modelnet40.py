@@ -184,6 +184,7 @@ class ModelNet40Dataset(torch.utils.data.Dataset):
                  variant=40, cache_dir=None):
         self.root = Path(root)
         self.num_points, self.augment, self.seed = num_points, augment, seed
+        self.epoch = 0  # set by lib.data.transforms.set_epoch: the epoch augmentation draws for
         self.augmentation = dict(AUGMENT, **(JITTER if jitter else {}))
         self.layout = detect_layout(self.root)
         print(f"[modelnet] {self.root}: {LAYOUTS[self.layout]}, ModelNet{variant}")
@@ -207,7 +208,7 @@ class ModelNet40Dataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         cloud = self.clouds[index]
-        rng = sample_rng(self.augment, self.seed, index)
+        rng = sample_rng(self.augment, self.seed, index, self.epoch)
         if len(cloud) < self.num_points:
             cloud = cloud[sample_indices(len(cloud), self.num_points, rng)]
         xyz = normalize_unit_sphere(cloud[:self.num_points, :3])

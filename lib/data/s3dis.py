@@ -256,6 +256,7 @@ class S3DISDataset(torch.utils.data.Dataset):
         if split not in ("train", "val", "test", "trainval"):
             raise ValueError(f"unknown S3DIS split {split!r}; use train, val, test or trainval")
         self.split, self.augment, self.seed = split, augment, seed
+        self.epoch = 0  # set by lib.data.transforms.set_epoch: the epoch augmentation draws for
         self.training = split in ("train", "trainval")  # random crops; val/test cover every point
         self.num_points = num_points or DEFAULT_NUM_POINTS
         from lib.data.s3dis_forms import open_rooms  # it builds on this module's raw reader
@@ -298,7 +299,7 @@ class S3DISDataset(torch.utils.data.Dataset):
         return None if self.training else RoomVoter(self)
 
     def __getitem__(self, i):
-        rng = sample_rng(self.training, self.seed, i)  # val/test: only pads small rooms
+        rng = sample_rng(self.training, self.seed, i, self.epoch)  # val/test: only pads small rooms
         if self.training:
             r = int(rng.choice(len(self.rooms), p=self.room_weights))
             room = self.rooms[r]

@@ -146,6 +146,7 @@ class ShapeNetPartDataset(torch.utils.data.Dataset):
     def __init__(self, root, split="train", num_points=2048, augment=False, seed=0):
         self.root = Path(root)
         self.split, self.num_points, self.augment, self.seed = split, num_points, augment, seed
+        self.epoch = 0  # set by lib.data.transforms.set_epoch: the epoch augmentation draws for
         self.layout, folder = detect_layout(self.root)
         print(f"[shapenet_part] {self.root}: {LAYOUTS[self.layout]}")
         if self.layout == "hdf5":
@@ -228,7 +229,7 @@ class ShapeNetPartDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         start, stop = self.offsets[index], self.offsets[index + 1]
         points, labels = self.points[start:stop], self.labels[start:stop]
-        rng = sample_rng(self.augment, self.seed, index)
+        rng = sample_rng(self.augment, self.seed, index, self.epoch)
         xyz = normalize_unit_sphere(points[:, :3])  # the whole shape's sphere, not the subset's
         choice = sample_indices(stop - start, self.num_points, rng)
         xyz, labels = xyz[choice], labels[choice]

@@ -4,14 +4,30 @@ import numpy as np
 import torch
 
 
-def sample_rng(random, seed, index):
-    """The Generator for one sample. Random draws come from torch's RNG, which follows the
-    training script's torch.manual_seed and differs per DataLoader worker and per epoch;
-    deterministic ones depend only on (seed, index), so an evaluation split reads the same
-    points on every pass."""
+def sample_rng(random, seed, index, epoch=0):
+    """The Generator for one sample, seeded by what the sample is, not by who draws it: random
+    (augmented) draws by (seed, epoch, index), deterministic ones by (seed, index) alone, so an
+    evaluation split reads the same points on every pass. Neither depends on the DataLoader
+    worker, the process (DDP rank) or the batch the sample lands in, so a 2-process run trains
+    on exactly the samples of a 1-process run, and a resumed run on those of an unbroken one."""
     if random:
-        return np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
+        return np.random.default_rng((seed, epoch, index, _AUGMENTED))
     return np.random.default_rng((seed, index))
+
+
+# A fourth word in the seed of augmented draws, so they never share a stream with the
+# deterministic ones of the same (seed, index).
+_AUGMENTED = 1
+
+
+def set_epoch(dataset, epoch):
+    """Tell a training set, and any dataset it wraps (Subset, SplitSlice), which epoch its
+    random draws are for. DataLoader workers receive the dataset when an epoch's iterator
+    starts, so training loaders must not keep persistent workers (lib/experiment.make_loader)."""
+    while dataset is not None:
+        if "epoch" in vars(dataset):
+            dataset.epoch = epoch
+        dataset = vars(dataset).get("dataset")
 
 
 def sample_indices(num_available, num_points, rng):
