@@ -57,6 +57,19 @@ def gather_objects(obj):
     return out
 
 
+def sum_over_ranks_(tensor, device):
+    """`tensor` (on the CPU) replaced in place by its sum over all ranks. NCCL reduces device
+    tensors only, so there it travels through `device` and back."""
+    if not is_distributed():
+        return tensor
+    if device.type == "cuda":
+        on_device = tensor.to(device)
+        dist.all_reduce(on_device)
+        return tensor.copy_(on_device.cpu())
+    dist.all_reduce(tensor)
+    return tensor
+
+
 def wrap_model(model, device):
     """The model as it trains under torchrun: every BatchNorm synchronised across ranks (so N
     processes with batch B normalise like one process with batch N*B), inside DDP. On CUDA,

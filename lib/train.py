@@ -6,7 +6,6 @@ import math
 import os
 import time
 from functools import partial
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -158,11 +157,7 @@ def evaluate(model, loader, device, amp=None, desc="eval", dataset=None, vote=Tr
             _score(pending)
     _score(pending)
     if voter is not None:
-        # Only the score arrays travel between ranks (a voter refers to its whole dataset).
-        rank_scores = distributed.gather_objects(voter.scores)
-        voter.scores = {}
-        for scores in rank_scores:
-            voter.merge(SimpleNamespace(scores=scores))
+        voter.sum_over_ranks(device)
         for room, (pred, label) in enumerate(voter.finish()):
             metric.update(pred, label)
             if sink is not None:

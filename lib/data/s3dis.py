@@ -349,10 +349,18 @@ class RoomVoter:
                 self.scores[r] = torch.zeros(len(self.dataset.rooms[r].label), self.dataset.num_classes)
             self.scores[r].index_add_(0, idx, p)
 
-    def merge(self, other):
-        """Adds another voter's scores (e.g. another DDP rank's)."""
-        for r, scores in other.scores.items():
-            self.scores[r] = self.scores[r] + scores if r in self.scores else scores.clone()
+    def sum_over_ranks(self, device):
+        """Every rank's scores added up, room by room, on every rank (DDP): a rank holds its
+        own scores and one room in transit, never the other ranks' copies of the whole split
+        (Area 5 at full resolution is gigabytes of scores per rank)."""
+        from lib import distributed
+        if not distributed.is_distributed():
+            return
+        for r in range(self.dataset.num_rooms):
+            if r not in self.scores:
+                self.scores[r] = torch.zeros(len(self.dataset.rooms[r].label),
+                                             self.dataset.num_classes)
+            distributed.sum_over_ranks_(self.scores[r], device)
 
     def finish(self):
         """Yields (pred (N,) int64, label (N,) int64) per room, in room order, releasing each
