@@ -73,6 +73,88 @@ def test_sse_no_worse_than_sklearn(distribution, bits):
         assert ours <= theirs * 1.02, (n_init, ours, theirs)
 
 
+def plain_kmeans(w, bits, max_iter=50, max_swaps=32, slack=0.25):
+    """kmeans_1d(init="linear") written plainly, as an independent check of the sorted-run
+    bookkeeping: dense nearest-centroid labels from an (n, K) distance table, cluster statistics
+    from the members themselves. Returns (centroids float64, labels)."""
+    x = w.reshape(-1).double()
+    k = 2 ** bits
+
+    def label(centroids):
+        return (x[:, None] - centroids[None, :]).abs().argmin(1)  # no exact midpoints here
+
+    def error(members):
+        return float(((members - members.mean()) ** 2).sum())
+
+    def clusters(labels):  # non-empty clusters, ascending: (means, member lists)
+        members = [x[labels == j] for j in labels.unique()]
+        return torch.stack([m.mean() for m in members]), members
+
+    def lloyd(centroids):
+        labels = label(centroids)
+        for _ in range(max_iter):
+            means, members = clusters(labels)
+            if len(members) < k or len(members) < len(centroids):  # empty clusters: re-seed
+                fits = [(error(m), m) for m in members if m.max() > m.min()]
+                fits.sort(key=lambda fit: -fit[0])
+                seeds = [m.max() if m.max() - m.mean() > m.mean() - m.min() else m.min()
+                         for _, m in fits[:k - len(members)]]
+                means = torch.sort(torch.cat([means, torch.stack(seeds)])).values
+            new_labels = label(means)
+            if len(means) == len(centroids) and torch.equal(new_labels, labels):
+                break
+            centroids, labels = means, new_labels
+        return clusters(labels)[1]
+
+    def halves(m):
+        m = torch.sort(m).values
+        at = min(max(int((m < m.mean()).sum()), 1), len(m) - 1)
+        return m[:at], m[at:]
+
+    members = lloyd(torch.unique(torch.linspace(float(x.min()), float(x.max()), k,
+                                                dtype=torch.float64)))
+    sse = sum(error(m) for m in members)
+    for _ in range(max_swaps):
+        errors = [error(m) for m in members]
+        merge_cost = [error(torch.cat([a, b])) - ea - eb
+                      for a, b, ea, eb in zip(members, members[1:], errors, errors[1:])]
+        gain = [e - sum(error(h) for h in halves(m)) if len(m) > 1 else -1.0
+                for m, e in zip(members, errors)]
+        split = max(range(len(gain)), key=lambda j: gain[j])
+        for j in (split - 1, split):
+            if 0 <= j < len(merge_cost):
+                merge_cost[j] = float("inf")
+        merge = min(range(len(merge_cost)), key=lambda j: merge_cost[j])
+        if not gain[split] > slack * merge_cost[merge]:
+            break
+        kept = [m.mean() for j, m in enumerate(members) if j not in (split, merge, merge + 1)]
+        moved = [h.mean() for h in halves(members[split])]
+        moved.append(torch.cat([members[merge], members[merge + 1]]).mean())
+        found = lloyd(torch.sort(torch.stack(kept + moved)).values)
+        found_sse = sum(error(m) for m in found)
+        if not found_sse < sse:
+            break
+        members, sse = found, found_sse
+    centroids = torch.stack([m.mean() for m in members])
+    return centroids, label(centroids)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6])
+def test_matches_plain_lloyd_with_swaps(bits):
+    """Same clusters as the plain form on layer-like weights, including an outlier that leaves
+    linear init's centroids empty (the repair path) and swaps that move stranded centroids."""
+    g = torch.Generator().manual_seed(bits)
+    layers = {"kaiming_uniform": (torch.rand(1500, generator=g) - 0.5) * 0.1,
+              "gaussian": torch.randn(1500, generator=g) * 0.05,
+              "laplace": torch.distributions.Laplace(0, 0.05).sample((1500,)),
+              "outlier": torch.cat([torch.randn(1500, generator=g) * 0.01, torch.tensor([1.0])])}
+    for name, w in layers.items():
+        codebook, indices = kmeans_1d(w, bits, init="linear")
+        centroids, labels = plain_kmeans(w, bits)
+        assert torch.equal(indices, labels), name
+        torch.testing.assert_close(codebook.double(), centroids, rtol=1e-6, atol=0)
+
+
 def test_same_seed_same_codebook():
     w = hard_inputs()["gaussian"]
     a, b = kmeans_1d(w, 5, init="kmeans++", seed=3), kmeans_1d(w, 5, init="kmeans++", seed=3)

@@ -103,7 +103,6 @@ class SortedWeights:
 
     def __init__(self, x):
         self.x = x  # float64 prefix sums keep run means exact to float32 precision
-        self.x2 = 2 * x  # midpoint tests without halving: 2x < c_j + c_j+1
         self.p1 = _prefix_sums(x)  # (n+1,)
         self.p2 = _prefix_sums(x * x)  # (n+1,)
         self.n = x.size
@@ -111,8 +110,9 @@ class SortedWeights:
 
     def assign(self, centroids):
         """Bounds (..., K+1) of the nearest-centroid clusters of ascending centroids (..., K).
-        A weight exactly on a midpoint goes to the right-hand centroid."""
-        borders = self.x2.searchsorted(centroids[..., :-1] + centroids[..., 1:])
+        A weight exactly on a midpoint goes to the right-hand centroid. Halving is exact: the
+        centroids are means of float32 weights, far above float64's subnormal range."""
+        borders = self.x.searchsorted((centroids[..., :-1] + centroids[..., 1:]) * 0.5)
         if borders.ndim == 1:  # Lloyd's hot loop: one op for the ends
             return np.concatenate((self.first, borders, self.last))
         bounds = np.empty(borders.shape[:-1] + (borders.shape[-1] + 2,), dtype=np.int64)
