@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from lib.quant import kmeans
 from lib.quant.kmeans import KMeansCache, cluster, index_dtype, kmeans_1d, uniform_codebook
 
 
@@ -159,6 +160,23 @@ def test_same_seed_same_codebook():
     w = hard_inputs()["gaussian"]
     a, b = kmeans_1d(w, 5, init="kmeans++", seed=3), kmeans_1d(w, 5, init="kmeans++", seed=3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("n", [1000, 70000])  # np.argsort and the radix sort
+@pytest.mark.parametrize("bad", [float("nan"), -float("nan"), float("inf"), -float("inf")])
+def test_nan_and_inf_are_errors(n, bad):
+    w = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    w[n // 2] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        kmeans_1d(w, 4)
+
+
+def test_radix_sort_orders_like_argsort():
+    g = torch.Generator().manual_seed(0)
+    w = torch.cat([torch.randn(70000, generator=g), torch.tensor([0.0, -0.0, 1e-40, -1e-40,
+                                                                  3e38, -3e38])])
+    w = w[torch.randperm(w.numel(), generator=g)].numpy()
+    assert np.array_equal(w[kmeans._argsort(w)], np.sort(w))
 
 
 def test_unknown_init_and_method_are_errors():
