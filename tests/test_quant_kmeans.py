@@ -162,7 +162,7 @@ def test_same_seed_same_codebook():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("n", [1000, 70000])  # np.argsort and the radix sort
+@pytest.mark.parametrize("n", [500, 5000])  # np.argsort and the radix sort
 @pytest.mark.parametrize("bad", [float("nan"), -float("nan"), float("inf"), -float("inf")])
 def test_nan_and_inf_are_errors(n, bad):
     w = torch.randn(n, generator=torch.Generator().manual_seed(0))
@@ -173,7 +173,7 @@ def test_nan_and_inf_are_errors(n, bad):
 
 def test_radix_sort_orders_like_argsort():
     g = torch.Generator().manual_seed(0)
-    w = torch.cat([torch.randn(70000, generator=g), torch.tensor([0.0, -0.0, 1e-40, -1e-40,
+    w = torch.cat([torch.randn(5000, generator=g), torch.tensor([0.0, -0.0, 1e-40, -1e-40,
                                                                   3e38, -3e38])])
     w = w[torch.randperm(w.numel(), generator=g)].numpy()
     assert np.array_equal(w[kmeans._argsort(w)], np.sort(w))

@@ -24,7 +24,7 @@ INITS = ("auto", "linear", "density", "kmeans++")
 # keeps the error within 1% of trying every swap at half its time; 1.0 loses up to 6%.
 SWAP_SLACK = 0.25
 # Above this many weights a radix sort beats np.argsort (see _argsort).
-RADIX_MIN = 1 << 15
+RADIX_MIN = 1024
 
 
 def kmeans_1d(weights, bits, init="auto", n_init=1, max_iter=50, max_swaps=32, seed=0):
@@ -83,9 +83,9 @@ def _kmeans(x, k, init, n_init, max_iter, max_swaps, seed):
 
 def _argsort(values):
     """Ascending order of float32 values, NaN first or last. np.argsort is a comparison sort;
-    on large layers an LSD radix sort of the order-preserving uint32 key is faster, as two
-    stable 16-bit passes, which numpy runs as counting sorts (measured here, one thread: 28
-    against 48 ms for 524k weights; below RADIX_MIN the 65536-bucket passes do not pay)."""
+    an LSD radix sort of the order-preserving uint32 key, as two stable 16-bit passes (numpy
+    sorts 16-bit keys by radix), is faster from about 1k weights on (measured here, one thread:
+    16 against 21 us at 1k weights, 0.2 against 0.95 ms at 16k, 0.9 against 3.4 ms at 64k)."""
     if values.size < RADIX_MIN:
         return np.argsort(values)
     # Negative floats: flip all bits (larger magnitude sorts first); positive: set the sign bit.
@@ -145,12 +145,17 @@ class SortedWeights:
 
 
 def _prefix_sums(values, square=False):
-    """(n+1,) 0, v_0, v_0 + v_1, ... of the values or their squares, in one new array."""
+    """(n+1,) 0, v_0, v_0 + v_1, ... of the values or their squares, in one new array. torch's
+    cumsum adds in the same order as np.cumsum, so gives the same bits, 7x faster (numpy's
+    accumulate takes about 8 ns a value, measured here)."""
     sums = np.empty(values.size + 1)
     sums[0] = 0.0
+    tail = torch.from_numpy(sums[1:])
     if square:
-        values = np.square(values, out=sums[1:])
-    np.cumsum(values, out=sums[1:])
+        np.square(values, out=sums[1:])
+    else:
+        tail.copy_(torch.from_numpy(values))
+    tail.cumsum_(0)
     return sums
 
 
