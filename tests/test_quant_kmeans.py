@@ -179,6 +179,13 @@ def test_radix_sort_orders_like_argsort():
     assert np.array_equal(w[kmeans._argsort(w)], np.sort(w))
 
 
+def test_prefix_sums_are_numpys_sequential_sums():
+    x = np.random.default_rng(0).normal(size=100000)
+    assert np.array_equal(kmeans._prefix_sums(x), np.concatenate([[0.0], np.cumsum(x)]))
+    assert np.array_equal(kmeans._prefix_sums(x, square=True),
+                          np.concatenate([[0.0], np.cumsum(x * x)]))
+
+
 def test_unknown_init_and_method_are_errors():
     with pytest.raises(ValueError, match="init"):
         kmeans_1d(torch.randn(100), 2, init="random")
