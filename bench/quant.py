@@ -4,10 +4,11 @@ segmentation model, at one bit width.
 
 scikit-learn is run with its defaults (k-means++, n_init 'auto' = 1, max_iter 300, all cores),
 with max_iter=3 as HAQ's search used it, and with its defaults on one thread (threadpoolctl):
-ours runs on one thread, and on a busy machine OpenMP's waiting threads can make the default
-many times slower, so the one-thread figure is the like-for-like one. Time is wall-clock per
-layer (best of --repeats), SSE the sum of squared weight errors in float64. Random-init
-weights by default; --ckpt takes a trained checkpoint's.
+ours runs on one thread (numpy), and on a busy machine OpenMP's waiting threads can make the
+default many times slower, so the one-thread figure is the like-for-like one (`like_for_like`
+in the JSON names it). Time is wall-clock per layer (best of --repeats), SSE the sum of squared
+weight errors in float64, `worst_layer_sse_ratio_vs_*` the layer where ours compares worst.
+Random-init weights by default; --ckpt takes a trained checkpoint's.
 
     python bench/quant.py --json bench/quant.json
 """
@@ -57,6 +58,13 @@ def sse(weights, codebook, indices):
     w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
     c = torch.as_tensor(codebook, dtype=torch.float64)
     return float(((w - c[torch.as_tensor(indices).reshape(-1).long()]) ** 2).sum())
+
+
+def sse_ratio(ours, theirs):
+    """ours / theirs, where both are 0 on a layer with no more distinct weights than clusters."""
+    if theirs > 0:
+        return ours / theirs
+    return 1.0 if ours == 0 else float("inf")
 
 
 def timed(fn, repeats):
@@ -110,11 +118,14 @@ def main(args):
         print(f"{name:<45} n={row['n']:>8} " + " ".join(
             f"{m} {row[m]['seconds']:.3f}s sse {row[m]['sse']:.4g}" for m in methods), flush=True)
     total = {m: {key: sum(r[m][key] for r in rows) for key in ("seconds", "sse")} for m in methods}
-    result = {}
+    result = {"like_for_like": "speedup_vs_sklearn_1thread: both on one thread"}
     for method, suffix in (("sklearn", ""), ("sklearn_max_iter3", "_max_iter3"),
                            ("sklearn_1thread", "_1thread")):
         result["speedup_vs_sklearn" + suffix] = total[method]["seconds"] / total["ours"]["seconds"]
         result["sse_ratio_vs_sklearn" + suffix] = total["ours"]["sse"] / total[method]["sse"]
+        worst = max(rows, key=lambda r: sse_ratio(r["ours"]["sse"], r[method]["sse"]))
+        result["worst_layer_sse_ratio_vs_sklearn" + suffix] = {
+            "layer": worst["layer"], "ratio": sse_ratio(worst["ours"]["sse"], worst[method]["sse"])}
     result.update({
         "layers_where_ours_has_higher_sse": sum(
             r["ours"]["sse"] > r["sklearn"]["sse"] * (1 + 1e-9) for r in rows),

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from lib.quant import kmeans
 from lib.quant.kmeans import KMeansCache, cluster, index_dtype, kmeans_1d, uniform_codebook
 
 
@@ -73,10 +74,116 @@ def test_sse_no_worse_than_sklearn(distribution, bits):
         assert ours <= theirs * 1.02, (n_init, ours, theirs)
 
 
+def plain_kmeans(w, bits, max_iter=50, max_swaps=32, slack=0.25):
+    """kmeans_1d(init="linear") written plainly, as an independent check of the sorted-run
+    bookkeeping: dense nearest-centroid labels from an (n, K) distance table, cluster statistics
+    from the members themselves. Returns (centroids float64, labels)."""
+    x = w.reshape(-1).double()
+    k = 2 ** bits
+
+    def label(centroids):
+        return (x[:, None] - centroids[None, :]).abs().argmin(1)  # no exact midpoints here
+
+    def error(members):
+        return float(((members - members.mean()) ** 2).sum())
+
+    def clusters(labels):  # non-empty clusters, ascending: (means, member lists)
+        members = [x[labels == j] for j in labels.unique()]
+        return torch.stack([m.mean() for m in members]), members
+
+    def lloyd(centroids):
+        labels = label(centroids)
+        for _ in range(max_iter):
+            means, members = clusters(labels)
+            if len(members) < k or len(members) < len(centroids):  # empty clusters: re-seed
+                fits = [(error(m), m) for m in members if m.max() > m.min()]
+                fits.sort(key=lambda fit: -fit[0])
+                seeds = [m.max() if m.max() - m.mean() > m.mean() - m.min() else m.min()
+                         for _, m in fits[:k - len(members)]]
+                means = torch.sort(torch.cat([means, torch.stack(seeds)])).values
+            new_labels = label(means)
+            if len(means) == len(centroids) and torch.equal(new_labels, labels):
+                break
+            centroids, labels = means, new_labels
+        return clusters(labels)[1]
+
+    def halves(m):
+        m = torch.sort(m).values
+        at = min(max(int((m < m.mean()).sum()), 1), len(m) - 1)
+        return m[:at], m[at:]
+
+    members = lloyd(torch.unique(torch.linspace(float(x.min()), float(x.max()), k,
+                                                dtype=torch.float64)))
+    sse = sum(error(m) for m in members)
+    for _ in range(max_swaps):
+        errors = [error(m) for m in members]
+        merge_cost = [error(torch.cat([a, b])) - ea - eb
+                      for a, b, ea, eb in zip(members, members[1:], errors, errors[1:])]
+        gain = [e - sum(error(h) for h in halves(m)) if len(m) > 1 else -1.0
+                for m, e in zip(members, errors)]
+        split = max(range(len(gain)), key=lambda j: gain[j])
+        for j in (split - 1, split):
+            if 0 <= j < len(merge_cost):
+                merge_cost[j] = float("inf")
+        merge = min(range(len(merge_cost)), key=lambda j: merge_cost[j])
+        if not gain[split] > slack * merge_cost[merge]:
+            break
+        kept = [m.mean() for j, m in enumerate(members) if j not in (split, merge, merge + 1)]
+        moved = [h.mean() for h in halves(members[split])]
+        moved.append(torch.cat([members[merge], members[merge + 1]]).mean())
+        found = lloyd(torch.sort(torch.stack(kept + moved)).values)
+        found_sse = sum(error(m) for m in found)
+        if not found_sse < sse:
+            break
+        members, sse = found, found_sse
+    centroids = torch.stack([m.mean() for m in members])
+    return centroids, label(centroids)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6])
+def test_matches_plain_lloyd_with_swaps(bits):
+    """Same clusters as the plain form on layer-like weights, including an outlier that leaves
+    linear init's centroids empty (the repair path) and swaps that move stranded centroids."""
+    g = torch.Generator().manual_seed(bits)
+    layers = {"kaiming_uniform": (torch.rand(1500, generator=g) - 0.5) * 0.1,
+              "gaussian": torch.randn(1500, generator=g) * 0.05,
+              "laplace": torch.distributions.Laplace(0, 0.05).sample((1500,)),
+              "outlier": torch.cat([torch.randn(1500, generator=g) * 0.01, torch.tensor([1.0])])}
+    for name, w in layers.items():
+        codebook, indices = kmeans_1d(w, bits, init="linear")
+        centroids, labels = plain_kmeans(w, bits)
+        assert torch.equal(indices, labels), name
+        torch.testing.assert_close(codebook.double(), centroids, rtol=1e-6, atol=0)
+
+
 def test_same_seed_same_codebook():
     w = hard_inputs()["gaussian"]
     a, b = kmeans_1d(w, 5, init="kmeans++", seed=3), kmeans_1d(w, 5, init="kmeans++", seed=3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("n", [500, 5000])  # np.argsort and the radix sort
+@pytest.mark.parametrize("bad", [float("nan"), -float("nan"), float("inf"), -float("inf")])
+def test_nan_and_inf_are_errors(n, bad):
+    w = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    w[n // 2] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        kmeans_1d(w, 4)
+
+
+def test_radix_sort_orders_like_argsort():
+    g = torch.Generator().manual_seed(0)
+    w = torch.cat([torch.randn(5000, generator=g), torch.tensor([0.0, -0.0, 1e-40, -1e-40,
+                                                                  3e38, -3e38])])
+    w = w[torch.randperm(w.numel(), generator=g)].numpy()
+    assert np.array_equal(w[kmeans._argsort(w)], np.sort(w))
+
+
+def test_prefix_sums_are_numpys_sequential_sums():
+    x = np.random.default_rng(0).normal(size=100000)
+    assert np.array_equal(kmeans._prefix_sums(x), np.concatenate([[0.0], np.cumsum(x)]))
+    assert np.array_equal(kmeans._prefix_sums(x, square=True),
+                          np.concatenate([[0.0], np.cumsum(x * x)]))
 
 
 def test_unknown_init_and_method_are_errors():
