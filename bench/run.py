@@ -68,11 +68,13 @@ SIZES = {
 }
 # Timed calls per path {fast, reference}: fewer where one call takes many seconds.
 REPEATS = {"tiny": {"fast": 5, "reference": 3}, "default": {"fast": 3, "reference": 2},
-           "pct": {"fast": 1, "reference": 1}}
+           "pct": {"fast": 3, "reference": 3}}  # one sample each moved by 2x under load
 HAQ_POLICIES = {"tiny": 3, "default": 2}  # random policies, each scored cold-ish then warm
-# Issue #7's targets on the 2-core machine: key -> (comparison, value).
+# Targets on the 2-core machine: key -> (comparison, value). Issue #7 set the training ones
+# (against this harness's reference path) and the room's memory; issue #19 the HAQ episode.
+# #19's other targets compare with public implementations that are not part of this harness.
 TARGETS = {"pt_tiny_train_speedup": (">=", 3.0), "pt_default_train_speedup": (">=", 2.0),
-           "haq_episode_tiny_s": ("<=", 2.0), "s3dis_room_peak_gib": ("<=", 6.0)}
+           "haq_episode_tiny_s": ("<=", 1.0), "s3dis_room_peak_gib": ("<=", 6.0)}
 
 
 def sizes_of(args):
