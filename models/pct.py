@@ -13,7 +13,8 @@ from models.point_transformer import linear_bn_relu, mlp_head
 
 class SampleAndGroup(nn.Module):
     """SG layer (paper Sec. 3.3): FPS to `num_points` centres, their k nearest points, each
-    neighbour's feature minus its centre's concatenated with the centre's, two LBRs, max-pool."""
+    neighbour's feature minus its centre's concatenated with the centre's, two LBRs, max-pool
+    over the neighbours (after a ReLU, so ties are zeros: ops.neighbour_max's gradient)."""
 
     def __init__(self, in_channels, out_channels, num_points, k):
         super().__init__()
@@ -29,10 +30,10 @@ class SampleAndGroup(nn.Module):
         centres = ops.farthest_point_sample(xyz, self.num_points)  # (B, M)
         new_xyz = ops.gather(xyz, centres)
         idx = ops.knn_query(self.k, xyz, new_xyz)[0]  # (B, M, k)
-        centre_x = ops.gather(x, centres).unsqueeze(2)  # (B, M, 1, C)
-        neighbours = ops.gather(x, idx)  # (B, M, k, C)
-        grouped = torch.cat([neighbours - centre_x, centre_x.expand_as(neighbours)], dim=-1)
-        return new_xyz, self.mlp(grouped).amax(dim=2)
+        (linear, norm, relu), second_lbr = self.mlp
+        # linear(cat(x_j - x_i, x_i)) without building that (B, M, k, 2C) input (lib/ops/edge.py)
+        h = ops.edge_linear(linear, x, ops.gather(x, centres), idx)  # (B, M, k, C_out)
+        return new_xyz, ops.neighbour_max(second_lbr(relu(norm(h))))
 
 
 class OffsetAttention(nn.Module):
