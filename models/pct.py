@@ -14,7 +14,7 @@ from models.point_transformer import linear_bn_relu, mlp_head
 class SampleAndGroup(nn.Module):
     """SG layer (paper Sec. 3.3): FPS to `num_points` centres, their k nearest points, each
     neighbour's feature minus its centre's concatenated with the centre's, two LBRs, max-pool
-    over the neighbours (after a ReLU, so ties are zeros: ops.neighbour_max's gradient)."""
+    over the neighbours."""
 
     def __init__(self, in_channels, out_channels, num_points, k):
         super().__init__()
@@ -30,10 +30,13 @@ class SampleAndGroup(nn.Module):
         centres = ops.farthest_point_sample(xyz, self.num_points)  # (B, M)
         new_xyz = ops.gather(xyz, centres)
         idx = ops.knn_query(self.k, xyz, new_xyz)[0]  # (B, M, k)
-        (linear, norm, relu), second_lbr = self.mlp
+        (linear, norm, relu), (linear2, norm2, _) = self.mlp
         # linear(cat(x_j - x_i, x_i)) without building that (B, M, k, 2C) input (lib/ops/edge.py)
         h = ops.edge_linear(linear, x, ops.gather(x, centres), idx)  # (B, M, k, C_out)
-        return new_xyz, ops.neighbour_max(second_lbr(relu(norm(h))))
+        h = norm2(linear2(relu(norm(h))))
+        # max_k relu(h_k) = relu(max_k h_k): the second LBR's ReLU runs on the pooled
+        # (B, M, C_out), out of place (amax's backward, the reference form's, reads its output)
+        return new_xyz, torch.relu(ops.neighbour_max(h))
 
 
 class OffsetAttention(nn.Module):
