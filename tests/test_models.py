@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from lib import ops
 from lib.ops import geometry
+from lib.quant import list_quantizable
 from models import MODELS, build_model
 from models.pct import OffsetAttention, SampleAndGroup
 from models.point_transformer import PointTransformerLayer
@@ -145,6 +146,16 @@ def test_sample_and_group_matches_its_definition_in_float64(backend):
     assert (results[0][1] > 0).any() and (results[0][2] != 0).any()
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_haq_measures_the_sample_and_group_linears_on_their_grouped_inputs():
+    """HAQ's state holds each layer's input size (lib/quant/layers.py list_quantizable): the
+    first Linear of a sample-and-group layer sees M k positions per cloud, whatever form runs."""
+    model = make("pct_cls_tiny")
+    sizes = {layer.name: layer.input_size
+             for layer in list_quantizable(model, inputs("pct_cls_tiny", 2, 512))}
+    for i, sg in enumerate(model.sg):
+        assert sizes[f"sg.{i}.mlp.0.0"] == sizes[f"sg.{i}.mlp.1.0"] == sg.num_points * sg.k
 
 
 def test_offset_attention_weights_of_each_output_point_sum_to_one():
