@@ -33,10 +33,8 @@ class SampleAndGroup(nn.Module):
         (linear, norm, relu), (linear2, norm2, _) = self.mlp
         # linear(cat(x_j - x_i, x_i)) without building that (B, M, k, 2C) input (lib/ops/edge.py)
         h = ops.edge_linear(linear, x, ops.gather(x, centres), idx)  # (B, M, k, C_out)
-        h = norm2(linear2(relu(norm(h))))
-        # max_k relu(h_k) = relu(max_k h_k): the second LBR's ReLU runs on the pooled
-        # (B, M, C_out), out of place (amax's backward, the reference form's, reads its output)
-        return new_xyz, torch.relu(ops.neighbour_max(h))
+        # the second LBR's ReLU and the max-pool in one operation (its ReLU after the max)
+        return new_xyz, ops.relu_neighbour_max(norm2(linear2(relu(norm(h)))))
 
 
 class OffsetAttention(nn.Module):

@@ -162,11 +162,17 @@ def test_fused_attention_does_not_depend_on_the_thread_count():
         assert torch.equal(one, three)
 
 
+RELU_MAX_FORMS = {"neighbour_max after relu": lambda x: ops.neighbour_max(torch.relu(x)),
+                  "relu_neighbour_max": lambda x: ops.relu_neighbour_max(x)}
+
+
 @pytest.mark.usefixtures("needs_compiler")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_neighbour_max_matches_amax_and_its_gradient_after_a_relu(dtype):
+@pytest.mark.parametrize("form", list(RELU_MAX_FORMS))
+def test_neighbour_max_matches_amax_and_its_gradient_after_a_relu(dtype, form):
     """Values as amax; gradients as amax's through the ReLU before it, although the zeros the
-    ReLU leaves tie (amax shares their gradient, the kernel gives it to the first)."""
+    ReLU leaves tie (amax shares their gradient, the kernel gives it to the first), also with
+    the ReLU taken after the max (relu_neighbour_max)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 40, 16, 24, generator=gen, dtype=dtype).requires_grad_()
     grad = torch.randn(3, 40, 24, generator=gen, dtype=dtype)
@@ -174,9 +180,11 @@ def test_neighbour_max_matches_amax_and_its_gradient_after_a_relu(dtype):
     results = []
     for backend in ("auto", "reference"):
         ops.set_backend(backend)
-        out = ops.neighbour_max(torch.relu(x))
+        out = RELU_MAX_FORMS[form](x)
         results.append((out, *torch.autograd.grad(out, x, grad)))
-    assert results[0][0].grad_fn.name() == "_NeighbourMaxBackward"
+    kernel = results[0][0].grad_fn
+    kernel = kernel.next_functions[0][0] if form == "relu_neighbour_max" else kernel
+    assert kernel.name() == "_NeighbourMaxBackward"
     for fast, reference in zip(*results):
         assert torch.equal(fast, reference)
     assert results[0][0][0, 0, 0] == 0 and (results[0][1][0, 0, :, 0] == 0).all()

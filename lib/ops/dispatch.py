@@ -12,6 +12,10 @@ relation, neighbour_sum  C (csrc/pt_layer.c)                 plain            pl
 norm_relu_linear         C (csrc/norm_relu_linear.c),        the modules      the modules
                          up to 64 channels
 neighbour_max            C (csrc/neighbour_max.c)            amax             amax
+relu_neighbour_max       ReLU after the max                  as CPU           ReLU, then max
+edge_linear              per-point products, gathered        as CPU           cat + Linear
+                         (lib/ops/edge.py; any Linear whose
+                         forward is nn.Linear's, unhooked)
 batch_norm               folded form up to 8 channels        BatchNorm1d      BatchNorm1d
 mlp                      one-GEMM backward for Linear(3, C)  the modules      the modules
 

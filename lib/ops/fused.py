@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lib.ops.dispatch import NATIVE_DTYPES, native_for
+from lib.ops.dispatch import NATIVE_DTYPES, get_backend, native_for
 from lib.ops.geometry import check_index, gather
 from lib.ops.layers import _unhooked, _update_running_stats, batch_norm, shared_weight_sum
 
@@ -160,6 +160,16 @@ def neighbour_max(x):
     if lib is not None and x.dim() == 4 and x.shape[2] < 2 ** 31:  # int32 argmax
         return _NeighbourMax.apply(lib, x)
     return x.amax(dim=2)
+
+
+def relu_neighbour_max(x):
+    """neighbour_max(relu(x)), (B, M, k, C) -> (B, M, C): an LBR then max-pooling. The "auto"
+    backend takes the ReLU after the max, on k times fewer values, forward and backward:
+    max_k relu(x_k) = relu(max_k x_k) (gradients differ only at ties, see neighbour_max). The
+    reference keeps the order the layer is written in."""
+    if get_backend() == "auto":
+        return F.relu(neighbour_max(x))
+    return neighbour_max(F.relu(x))
 
 
 # norm_relu_linear's C kernels beat BatchNorm + ReLU + GEMM up to this many channels; above,
