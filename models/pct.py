@@ -33,8 +33,9 @@ class SampleAndGroup(nn.Module):
         (linear, norm, relu), (linear2, norm2, _) = self.mlp
         # linear(cat(x_j - x_i, x_i)) without building that (B, M, k, 2C) input (lib/ops/edge.py)
         h = ops.edge_linear(linear, x, ops.gather(x, centres), idx)  # (B, M, k, C_out)
-        # the second LBR's ReLU and the max-pool in one operation (its ReLU after the max)
-        return new_xyz, ops.relu_neighbour_max(norm2(linear2(relu(norm(h)))))
+        h = linear2(relu(norm(h)))
+        # the second LBR's BatchNorm and ReLU with the max-pool: one operation (lib/ops/fused.py)
+        return new_xyz, ops.norm_relu_max(norm2.bn, h)
 
 
 class OffsetAttention(nn.Module):

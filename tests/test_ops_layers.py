@@ -229,6 +229,37 @@ def test_norm_relu_linear_matches_the_modules(dtype, channels, outputs, momentum
         assert torch.allclose(fast, reference, **tol), i
 
 
+@pytest.mark.usefixtures("needs_compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lowest_scale, momentum", [(0.0, 0.1), (0.5, None), (-1.0, 0.1)])
+def test_norm_relu_max_matches_batch_norm_relu_amax(dtype, lowest_scale, momentum):
+    """relu(bn(x)).amax(2): outputs, the gradients of x and of the BatchNorm's parameters, and
+    the running statistics, in training (two steps) and eval mode; the C form runs when every
+    scale is >= 0, the plain chain otherwise."""
+    fast_bn, _ = bn_pair(24, momentum)
+    with torch.no_grad():
+        fast_bn.weight.uniform_(lowest_scale, 2.0)
+    x = (torch.randn(3, 20, 9, 24, dtype=dtype) * 2 + 1).requires_grad_()
+    grad = torch.randn(3, 20, 24, dtype=dtype)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    results = []
+    for backend in ("auto", "reference"):
+        ops.set_backend(backend)
+        bn = copy.deepcopy(fast_bn).to(dtype)
+        steps = []
+        for training in (True, True, False):
+            bn.train(training)
+            out = ops.norm_relu_max(bn, x)
+            steps += [out, *torch.autograd.grad(out, [x, bn.weight, bn.bias], grad)]
+            if backend == "auto" and training:
+                fused = out.grad_fn.name() == "_NormReluMaxBackward"
+                assert fused == (lowest_scale >= 0)
+        results.append(steps + [bn.running_mean, bn.running_var])
+    assert (results[0][0] == 0).any() and (results[0][0] > 0).any()  # the ReLU cuts
+    for i, (fast, reference) in enumerate(zip(*results)):
+        assert torch.allclose(fast, reference, **tol), i
+
+
 def test_fused_forms_step_aside_for_modules_with_hooks():
     """A forward hook must see its module run (HAQ records layer inputs with one)."""
     from models.point_transformer import PointBatchNorm

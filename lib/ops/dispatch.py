@@ -13,6 +13,8 @@ norm_relu_linear         C (csrc/norm_relu_linear.c),        the modules      th
                          up to 64 channels
 neighbour_max            C (csrc/neighbour_max.c)            amax             amax
 relu_neighbour_max       ReLU after the max                  as CPU           ReLU, then max
+norm_relu_max            C (nrl_stats, neighbour_max)        batch_norm,      batch_norm,
+                         training, BN scales >= 0            relu_n._max      relu_n._max
 edge_linear              per-point products, gathered        as CPU           cat + Linear
                          (lib/ops/edge.py; any Linear whose
                          forward is nn.Linear's, unhooked)
