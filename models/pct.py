@@ -13,8 +13,7 @@ from models.point_transformer import linear_bn_relu, mlp_head
 
 class SampleAndGroup(nn.Module):
     """SG layer (paper Sec. 3.3): FPS to `num_points` centres, their k nearest points, each
-    neighbour's feature minus its centre's concatenated with the centre's, two LBRs, max-pool
-    over the neighbours."""
+    neighbour's feature minus its centre's concatenated with the centre's, two LBRs, max-pool."""
 
     def __init__(self, in_channels, out_channels, num_points, k):
         super().__init__()
