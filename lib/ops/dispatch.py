@@ -14,7 +14,7 @@ norm_relu_linear         C (csrc/norm_relu_linear.c),        the modules      th
 neighbour_max            C (csrc/neighbour_max.c)            amax             amax
 relu_neighbour_max       ReLU after the max                  as CPU           ReLU, then max
 norm_relu_max            max before BatchNorm (C kernels)    batch_norm,      batch_norm,
-                         in training, every scale >= 0       then the above   then the above
+                         when every scale is >= 0            then the above   then the above
 edge_linear              per-point products, gathered        as CPU           cat + Linear
                          (lib/ops/edge.py; any Linear whose
                          forward is nn.Linear's, unhooked)

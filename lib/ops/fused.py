@@ -173,22 +173,25 @@ def relu_neighbour_max(x):
 
 
 class _NormReluMax(torch.autograd.Function):
-    """relu(bn(x)).amax(2) over (B, M, k, C) in training mode, for a `bn` whose scales are all
-    non-negative: per channel bn is then non-decreasing, so it and the ReLU commute with the
-    max. The forward reads x twice (C kernels: the statistics, the maxima) and writes only
-    (B, M, C); the backward's one dense pass is BatchNorm's input gradient, on which the max's
-    share is scattered. The plain chain writes bn(x) and a dense gradient of the max besides."""
+    """relu(bn(x)).amax(2) over (B, M, k, C), for a `bn` whose scales are all non-negative:
+    per channel bn is then non-decreasing, so it and the ReLU commute with the max. The forward
+    reads x twice in training (C kernels: the statistics, the maxima) and writes only (B, M, C);
+    the backward's one dense pass is BatchNorm's input gradient, on which the max's share is
+    scattered. The plain chain writes bn(x) and a dense gradient of the max besides."""
 
     @staticmethod
     def forward(ctx, lib, bn, x, weight, bias):
         x = x.contiguous()
         b, m, k, c = x.shape
         rows = b * m * k
-        sums = torch.empty(2, c, dtype=torch.float64)
-        _run(lib, "nrl_stats", dtype=x.dtype, M=rows, C=c, x=x, sums=sums)
-        mean = sums[0] / rows
-        var = (sums[1] / rows - mean * mean).clamp_min(0)  # float64: no cancellation here
-        _update_running_stats(bn, mean, var, rows)
+        if bn.training:
+            sums = torch.empty(2, c, dtype=torch.float64)
+            _run(lib, "nrl_stats", dtype=x.dtype, M=rows, C=c, x=x, sums=sums)
+            mean = sums[0] / rows
+            var = (sums[1] / rows - mean * mean).clamp_min(0)  # float64: no cancellation here
+            _update_running_stats(bn, mean, var, rows)
+        else:
+            mean, var = bn.running_mean.double(), bn.running_var.double()
         rstd = torch.rsqrt(var + bn.eps)
         scale = weight.detach().double() * rstd
         shift = bias.detach().double() - mean * scale
@@ -198,6 +201,7 @@ class _NormReluMax(torch.autograd.Function):
              arg=arg)
         mean, rstd, scale, shift = (t.to(x.dtype) for t in (mean, rstd, scale, shift))
         pre = torch.addcmul(shift, top, scale)  # bn of the maxima (B, M, C)
+        ctx.training = bn.training
         ctx.save_for_backward(x, arg, top, pre, weight, mean, rstd)
         return pre.clamp_min(0)
 
@@ -208,23 +212,26 @@ class _NormReluMax(torch.autograd.Function):
         grad_bn = grad * (pre > 0)  # bn(x)'s gradient at the maxima; zero at every other row
         grad_bias = grad_bn.sum((0, 1))
         grad_weight = (grad_bn * (top - mean) * rstd).sum((0, 1))
-        # BatchNorm's input gradient a g - a / rows (grad_bias + x_hat grad_weight), its
-        # x_hat term as k1 x + k0 so that one pass writes it
         a = weight.detach() * rstd
-        k1 = -a * rstd * grad_weight / rows
-        k0 = -a * grad_bias / rows - k1 * mean
-        grad_x = torch.addcmul(k0, x, k1)  # (B, M, k, C)
+        if ctx.training:
+            # BatchNorm's input gradient a g - a / rows (grad_bias + x_hat grad_weight), its
+            # x_hat term as k1 x + k0 so that one pass writes it
+            k1 = -a * rstd * grad_weight / rows
+            k0 = -a * grad_bias / rows - k1 * mean
+            grad_x = torch.addcmul(k0, x, k1)  # (B, M, k, C)
+        else:  # fixed statistics: a g alone
+            grad_x = torch.zeros_like(x)
         grad_x.scatter_add_(2, arg.long().unsqueeze(2), (a * grad_bn).unsqueeze(2))
         return None, None, grad_x, grad_weight, grad_bias
 
 
 def norm_relu_max(bn, x):
     """relu(bn(x)) max-pooled over the neighbours, (B, M, k, C) -> (B, M, C), `bn` an
-    nn.BatchNorm1d over the last axis: an LBR's end and the max-pool. In one C-kernel pass
-    where it can (CPU, fp32/fp64, training mode, every scale >= 0 as BatchNorm starts, plain
-    unhooked module, no autocast); elsewhere batch_norm, then relu_neighbour_max."""
+    nn.BatchNorm1d over the last axis: an LBR's end and the max-pool. Fused where it can
+    (CPU, fp32/fp64, every scale >= 0 as BatchNorm starts, plain unhooked module, no autocast);
+    elsewhere batch_norm, then relu_neighbour_max."""
     lib = native_for(x)
-    fused = (lib is not None and x.dim() == 4 and type(bn) is nn.BatchNorm1d and bn.training
+    fused = (lib is not None and x.dim() == 4 and type(bn) is nn.BatchNorm1d
              and bn.affine and bn.track_running_stats and _unhooked(bn)
              and x.dtype == bn.weight.dtype and not torch.is_autocast_enabled(x.device.type)
              and x.shape[2] < 2 ** 31 and x.numel() // x.shape[-1] >= 2
