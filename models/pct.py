@@ -29,10 +29,12 @@ class SampleAndGroup(nn.Module):
         centres = ops.farthest_point_sample(xyz, self.num_points)  # (B, M)
         new_xyz = ops.gather(xyz, centres)
         idx = ops.knn_query(self.k, xyz, new_xyz)[0]  # (B, M, k)
-        centre_x = ops.gather(x, centres).unsqueeze(2)  # (B, M, 1, C)
-        neighbours = ops.gather(x, idx)  # (B, M, k, C)
-        grouped = torch.cat([neighbours - centre_x, centre_x.expand_as(neighbours)], dim=-1)
-        return new_xyz, self.mlp(grouped).amax(dim=2)
+        (linear, norm, relu), (linear2, norm2, _) = self.mlp
+        # linear(cat(x_j - x_i, x_i)) without building that (B, M, k, 2C) input (lib/ops/edge.py)
+        h = ops.edge_linear(linear, x, ops.gather(x, centres), idx)  # (B, M, k, C_out)
+        h = linear2(relu(norm(h)))
+        # the second LBR's BatchNorm and ReLU with the max-pool: one operation (lib/ops/fused.py)
+        return new_xyz, ops.norm_relu_max(norm2.bn, h)
 
 
 class OffsetAttention(nn.Module):

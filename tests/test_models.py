@@ -1,11 +1,15 @@
+import copy
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
 
 from lib import ops
 from lib.ops import geometry
+from lib.quant import list_quantizable
 from models import MODELS, build_model
-from models.pct import OffsetAttention
+from models.pct import OffsetAttention, SampleAndGroup
 from models.point_transformer import PointTransformerLayer
 
 LABEL_SPACE = {"pt_seg": dict(num_classes=50, num_categories=16), "pt_semseg": dict(num_classes=13),
@@ -100,6 +104,60 @@ def test_point_transformer_layer_matches_the_paper_equation_point_by_point():
             for w, j, d in zip(weights, neighbours, deltas):
                 expected += w.repeat(s) * (layer.alpha(x[:, j])[0] + d)
             torch.testing.assert_close(y[i], expected, atol=1e-5, rtol=1e-5)
+
+
+def sample_and_group_by_definition(sg, xyz, x):
+    """Paper Sec. 3.3 as written: the (B, M, k, 2C) concatenation through the LBRs, then max."""
+    centres = ops.farthest_point_sample(xyz, sg.num_points)
+    new_xyz = ops.gather(xyz, centres)
+    idx = ops.knn_query(sg.k, xyz, new_xyz)[0]
+    batch = torch.arange(x.shape[0]).view(-1, 1, 1)
+    neighbours, centre = x[batch, idx], x[batch[..., 0], centres].unsqueeze(2)  # (B, M, k | 1, C)
+    grouped = torch.cat([neighbours - centre, centre.expand_as(neighbours)], dim=-1)
+    return new_xyz, sg.mlp(grouped).amax(dim=2)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("lowest_scale", [0.0, -1.0])  # ops.norm_relu_max's C form needs >= 0
+def test_sample_and_group_matches_its_definition_in_float64(backend, lowest_scale):
+    """Values, gradients and BatchNorm statistics of the fast forms (the decomposed first Linear,
+    BatchNorm and ReLU through the max) against the concatenation the paper describes, training
+    mode."""
+    torch.manual_seed(0)
+    sg = SampleAndGroup(6, 10, num_points=12, k=5).double()
+    for bn in (m for m in sg.modules() if isinstance(m, nn.BatchNorm1d)):
+        with torch.no_grad():
+            bn.weight.uniform_(lowest_scale, 2.0)
+            bn.bias.uniform_(-0.5, 0.5)
+    reference = copy.deepcopy(sg)
+    g = torch.Generator().manual_seed(1)
+    xyz = torch.rand(2, 40, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 40, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    ops.set_backend(backend)
+    try:
+        results = []
+        for module, form in ((sg, sg.forward), (reference, functools.partial(
+                sample_and_group_by_definition, reference))):
+            x.grad = None
+            new_xyz, y = form(xyz, x)
+            y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+            results.append([new_xyz, y.detach(), x.grad.clone()]
+                           + [p.grad for p in module.parameters()] + list(module.buffers()))
+    finally:
+        ops.set_backend("auto")
+    assert (results[0][1] > 0).any() and (results[0][2] != 0).any()
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_haq_measures_the_sample_and_group_linears_on_their_grouped_inputs():
+    """HAQ's state holds each layer's input size (lib/quant/layers.py list_quantizable): the
+    first Linear of a sample-and-group layer sees M k positions per cloud, whatever form runs."""
+    model = make("pct_cls_tiny")
+    sizes = {layer.name: layer.input_size
+             for layer in list_quantizable(model, inputs("pct_cls_tiny", 2, 512))}
+    for i, sg in enumerate(model.sg):
+        assert sizes[f"sg.{i}.mlp.0.0"] == sizes[f"sg.{i}.mlp.1.0"] == sg.num_points * sg.k
 
 
 def test_offset_attention_weights_of_each_output_point_sum_to_one():

@@ -162,11 +162,17 @@ def test_fused_attention_does_not_depend_on_the_thread_count():
         assert torch.equal(one, three)
 
 
+RELU_MAX_FORMS = {"neighbour_max after relu": lambda x: ops.neighbour_max(torch.relu(x)),
+                  "relu_neighbour_max": lambda x: ops.relu_neighbour_max(x)}
+
+
 @pytest.mark.usefixtures("needs_compiler")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_neighbour_max_matches_amax_and_its_gradient_after_a_relu(dtype):
+@pytest.mark.parametrize("form", list(RELU_MAX_FORMS))
+def test_neighbour_max_matches_amax_and_its_gradient_after_a_relu(dtype, form):
     """Values as amax; gradients as amax's through the ReLU before it, although the zeros the
-    ReLU leaves tie (amax shares their gradient, the kernel gives it to the first)."""
+    ReLU leaves tie (amax shares their gradient, the kernel gives it to the first), also with
+    the ReLU taken after the max (relu_neighbour_max)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 40, 16, 24, generator=gen, dtype=dtype).requires_grad_()
     grad = torch.randn(3, 40, 24, generator=gen, dtype=dtype)
@@ -174,9 +180,11 @@ def test_neighbour_max_matches_amax_and_its_gradient_after_a_relu(dtype):
     results = []
     for backend in ("auto", "reference"):
         ops.set_backend(backend)
-        out = ops.neighbour_max(torch.relu(x))
+        out = RELU_MAX_FORMS[form](x)
         results.append((out, *torch.autograd.grad(out, x, grad)))
-    assert results[0][0].grad_fn.name() == "_NeighbourMaxBackward"
+    kernel = results[0][0].grad_fn
+    kernel = kernel.next_functions[0][0] if form == "relu_neighbour_max" else kernel
+    assert kernel.name() == "_NeighbourMaxBackward"
     for fast, reference in zip(*results):
         assert torch.equal(fast, reference)
     assert results[0][0][0, 0, 0] == 0 and (results[0][1][0, 0, :, 0] == 0).all()
@@ -217,6 +225,37 @@ def test_norm_relu_linear_matches_the_modules(dtype, channels, outputs, momentum
         results.append(steps)
         if backend == "auto":
             assert out.grad_fn.next_functions[0][0].name() == "_NormReluLinearBackward"
+    for i, (fast, reference) in enumerate(zip(*results)):
+        assert torch.allclose(fast, reference, **tol), i
+
+
+@pytest.mark.usefixtures("needs_compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lowest_scale, momentum", [(0.0, 0.1), (0.5, None), (-1.0, 0.1)])
+def test_norm_relu_max_matches_batch_norm_relu_amax(dtype, lowest_scale, momentum):
+    """relu(bn(x)).amax(2): outputs, the gradients of x and of the BatchNorm's parameters, and
+    the running statistics, in training (two steps) and eval mode; the C form runs when every
+    scale is >= 0, the plain chain otherwise."""
+    fast_bn, _ = bn_pair(24, momentum)
+    with torch.no_grad():
+        fast_bn.weight.uniform_(lowest_scale, 2.0)
+    x = (torch.randn(3, 20, 9, 24, dtype=dtype) * 2 + 1).requires_grad_()
+    grad = torch.randn(3, 20, 24, dtype=dtype)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    results = []
+    for backend in ("auto", "reference"):
+        ops.set_backend(backend)
+        bn = copy.deepcopy(fast_bn).to(dtype)
+        steps = []
+        for training in (True, True, False):
+            bn.train(training)
+            out = ops.norm_relu_max(bn, x)
+            steps += [out, *torch.autograd.grad(out, [x, bn.weight, bn.bias], grad)]
+            if backend == "auto":
+                fused = out.grad_fn.name() == "_NormReluMaxBackward"
+                assert fused == (lowest_scale >= 0)
+        results.append(steps + [bn.running_mean, bn.running_var])
+    assert (results[0][0] == 0).any() and (results[0][0] > 0).any()  # the ReLU cuts
     for i, (fast, reference) in enumerate(zip(*results)):
         assert torch.allclose(fast, reference, **tol), i
 

@@ -6,7 +6,9 @@ lib/ops/dispatch.py is the one place that says which form runs and why.
 
   geometry.py    FPS, kNN, gather, group, interpolate (+ their reference and CPU / CUDA forms)
   tape.py        GeometryTape: a fixed batch's FPS and kNN replayed (HAQ's search subset)
-  fused.py       relation, neighbour_sum, norm_relu_linear, neighbour_max (C kernels)
+  edge.py        edge_linear: PCT's neighbour embedding's first Linear, on points, not pairs
+  fused.py       relation, neighbour_sum, norm_relu_linear, neighbour_max, norm_relu_max
+                 (C kernels), relu_neighbour_max
   layers.py      batch_norm, mlp (PyTorch re-formulations for few channels)
   native.py      builds, verifies and loads csrc/ (C kernels) and calls them by parameter name
   fps_triton.py  one-launch FPS on CUDA
@@ -14,10 +16,13 @@ lib/ops/dispatch.py is the one place that says which form runs and why.
 from lib.ops.dispatch import get_backend, set_backend
 from lib.ops.geometry import (farthest_point_sample, gather, group, interpolate, knn_query,
                               start_index)
-from lib.ops.fused import neighbour_max, neighbour_sum, norm_relu_linear, relation
+from lib.ops.edge import edge_linear
+from lib.ops.fused import (neighbour_max, neighbour_sum, norm_relu_linear, norm_relu_max,
+                           relation, relu_neighbour_max)
 from lib.ops.layers import batch_norm, mlp
 from lib.ops.tape import GeometryTape
 
-__all__ = ["GeometryTape", "batch_norm", "farthest_point_sample", "gather", "get_backend",
-           "group", "interpolate", "knn_query", "mlp", "neighbour_max", "neighbour_sum",
-           "norm_relu_linear", "relation", "set_backend", "start_index"]
+__all__ = ["GeometryTape", "batch_norm", "edge_linear", "farthest_point_sample", "gather",
+           "get_backend", "group", "interpolate", "knn_query", "mlp", "neighbour_max",
+           "neighbour_sum", "norm_relu_linear", "norm_relu_max", "relation", "relu_neighbour_max",
+           "set_backend", "start_index"]

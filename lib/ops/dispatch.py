@@ -12,6 +12,12 @@ relation, neighbour_sum  C (csrc/pt_layer.c)                 plain            pl
 norm_relu_linear         C (csrc/norm_relu_linear.c),        the modules      the modules
                          up to 64 channels
 neighbour_max            C (csrc/neighbour_max.c)            amax             amax
+relu_neighbour_max       ReLU after the max                  as CPU           ReLU, then max
+norm_relu_max            max before BatchNorm (C kernels)    batch_norm,      batch_norm,
+                         when every scale is >= 0            then the above   then the above
+edge_linear              per-point products, gathered        as CPU           cat + Linear
+                         (lib/ops/edge.py; any Linear whose
+                         forward is nn.Linear's, unhooked)
 batch_norm               folded form up to 8 channels        BatchNorm1d      BatchNorm1d
 mlp                      one-GEMM backward for Linear(3, C)  the modules      the modules
 
@@ -26,9 +32,10 @@ kNN here: cdist's exact mode (geometry.knn_query_reference) is the tests' oracle
 for an 80k-point room on an H100 (geometry.knn_query_matmul). The C kernels take float32 and
 float64 CPU tensors of one dtype with at most MAX_CHANNELS channels; bf16, autocast, modules
 with forward hooks (HAQ's recorder) and non-plain modules (quantized, SyncBatchNorm) get the
-plain forms. Every fast form gives the plain form's values and gradients up to rounding
-(tests/test_ops_layers.py, tests/test_ops_geometry.py); FPS and kNN give the same indices up
-to ties. `python -m lib.ops` prints what runs on this machine.
+plain forms; edge_linear's form is plain PyTorch and reads a Linear's `.weight`, so it takes
+quantized Linears and autocast too. Every fast form gives the plain form's values and gradients
+up to rounding (tests/test_ops_layers.py, tests/test_ops_geometry.py, tests/test_ops_edge.py);
+FPS and kNN give the same indices up to ties. `python -m lib.ops` prints what runs on this machine.
 """
 import torch
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lib.ops.dispatch import NATIVE_DTYPES, native_for
+from lib.ops.dispatch import NATIVE_DTYPES, get_backend, native_for
 from lib.ops.geometry import check_index, gather
 from lib.ops.layers import _unhooked, _update_running_stats, batch_norm, shared_weight_sum
 
@@ -160,6 +160,85 @@ def neighbour_max(x):
     if lib is not None and x.dim() == 4 and x.shape[2] < 2 ** 31:  # int32 argmax
         return _NeighbourMax.apply(lib, x)
     return x.amax(dim=2)
+
+
+def relu_neighbour_max(x):
+    """neighbour_max(relu(x)), (B, M, k, C) -> (B, M, C): an LBR then max-pooling. The "auto"
+    backend takes the ReLU after the max, on k times fewer values, forward and backward:
+    max_k relu(x_k) = relu(max_k x_k) (gradients differ only at ties, see neighbour_max). The
+    reference keeps the order the layer is written in."""
+    if get_backend() == "auto":
+        return F.relu(neighbour_max(x))
+    return neighbour_max(F.relu(x))
+
+
+class _NormReluMax(torch.autograd.Function):
+    """relu(bn(x)).amax(2) over (B, M, k, C), for a `bn` whose scales are all non-negative:
+    per channel bn is then non-decreasing, so it and the ReLU commute with the max. The forward
+    reads x twice in training (C kernels: the statistics, the maxima) and writes only (B, M, C);
+    the backward's one dense pass is BatchNorm's input gradient, on which the max's share is
+    scattered. The plain chain writes bn(x) and a dense gradient of the max besides."""
+
+    @staticmethod
+    def forward(ctx, lib, bn, x, weight, bias):
+        x = x.contiguous()
+        b, m, k, c = x.shape
+        rows = b * m * k
+        if bn.training:
+            sums = torch.empty(2, c, dtype=torch.float64)
+            _run(lib, "nrl_stats", dtype=x.dtype, M=rows, C=c, x=x, sums=sums)
+            mean = sums[0] / rows
+            var = (sums[1] / rows - mean * mean).clamp_min(0)  # float64: no cancellation here
+            _update_running_stats(bn, mean, var, rows)
+        else:
+            mean, var = bn.running_mean.double(), bn.running_var.double()
+        rstd = torch.rsqrt(var + bn.eps)
+        scale = weight.detach().double() * rstd
+        shift = bias.detach().double() - mean * scale
+        top = x.new_empty(b, m, c)
+        arg = torch.empty(b, m, c, dtype=torch.int32)
+        _run(lib, "neighbour_max_forward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, out=top,
+             arg=arg)
+        mean, rstd, scale, shift = (t.to(x.dtype) for t in (mean, rstd, scale, shift))
+        pre = torch.addcmul(shift, top, scale)  # bn of the maxima (B, M, C)
+        ctx.training = bn.training
+        ctx.save_for_backward(x, arg, top, pre, weight, mean, rstd)
+        return pre.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, arg, top, pre, weight, mean, rstd = ctx.saved_tensors
+        rows = x.numel() // x.shape[-1]
+        grad_bn = grad * (pre > 0)  # bn(x)'s gradient at the maxima; zero at every other row
+        grad_bias = grad_bn.sum((0, 1))
+        grad_weight = (grad_bn * (top - mean) * rstd).sum((0, 1))
+        a = weight.detach() * rstd
+        if ctx.training:
+            # BatchNorm's input gradient a g - a / rows (grad_bias + x_hat grad_weight), its
+            # x_hat term as k1 x + k0 so that one pass writes it
+            k1 = -a * rstd * grad_weight / rows
+            k0 = -a * grad_bias / rows - k1 * mean
+            grad_x = torch.addcmul(k0, x, k1)  # (B, M, k, C)
+        else:  # fixed statistics: a g alone
+            grad_x = torch.zeros_like(x)
+        grad_x.scatter_add_(2, arg.long().unsqueeze(2), (a * grad_bn).unsqueeze(2))
+        return None, None, grad_x, grad_weight, grad_bias
+
+
+def norm_relu_max(bn, x):
+    """relu(bn(x)) max-pooled over the neighbours, (B, M, k, C) -> (B, M, C), `bn` an
+    nn.BatchNorm1d over the last axis: an LBR's end and the max-pool. Fused where it can
+    (CPU, fp32/fp64, every scale >= 0 as BatchNorm starts, plain unhooked module, no autocast);
+    elsewhere batch_norm, then relu_neighbour_max."""
+    lib = native_for(x)
+    fused = (lib is not None and x.dim() == 4 and type(bn) is nn.BatchNorm1d
+             and bn.affine and bn.track_running_stats and _unhooked(bn)
+             and x.dtype == bn.weight.dtype and not torch.is_autocast_enabled(x.device.type)
+             and x.shape[2] < 2 ** 31 and x.numel() // x.shape[-1] >= 2
+             and bool((bn.weight >= 0).all()))
+    if not fused:
+        return relu_neighbour_max(batch_norm(bn, x))
+    return _NormReluMax.apply(lib, bn, x, bn.weight, bn.bias)
 
 
 # norm_relu_linear's C kernels beat BatchNorm + ReLU + GEMM up to this many channels; above,
