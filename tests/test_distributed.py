@@ -7,8 +7,9 @@ What "equal" means for training: in float64 one step of the Point Transformer un
 gives the single-process gradients to 1e-12 (test_a_training_step_...). In float32 the ranks'
 BatchNorm sums are added in another order; a rounding-level change flips ReLU and max-pool
 kinks, so whole runs drift apart slowly: 8 steps of pretrain.py leave the parameters 0.4% apart
-(relative L2) and 8 of finetune.py --distill its codebooks 0.003%; the test allows 1%. (When each rank drew its own augmentation, as before
-lib.data.transforms.sample_rng was keyed by sample, the same runs ended 2.7% apart.)"""
+(relative L2) and 8 of finetune.py --distill its codebooks 0.003%; the test allows 1%. (When
+each rank drew its own augmentation, before lib.data.transforms.sample_rng was keyed by
+sample, the same pretrain runs ended 2.7% apart.)"""
 import json
 import os
 import subprocess
@@ -147,8 +148,10 @@ def test_pretrain_and_distill_under_two_processes_train_as_one_process(tiny_part
         runs[nproc] = pre, fine
     for one, two in zip(runs[1], runs[2]):
         assert relative_distance(os.path.join(one, "last.pt"), os.path.join(two, "last.pt")) < 1e-2
-        logs = [[json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
-                for folder in (one, two)]
+        logs = []
+        for folder in (one, two):
+            with open(os.path.join(folder, "log.jsonl")) as f:
+                logs.append([json.loads(line) for line in f])
         for a, b in zip(*logs):  # the epoch's training loss is over both ranks' batches
             assert b["train"]["loss"] == pytest.approx(a["train"]["loss"], rel=1e-2)
             assert b["val"]["ins_miou"] == pytest.approx(a["val"]["ins_miou"], abs=2e-2)
