@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 
+from lib import distributed
 from lib.data import read_point_table
 from lib.data.grid import covering_crops, cycling_pass, grid_cells, knn_crop, pad_by_resampling, random_pass
 from lib.data.transforms import jitter, random_scale, sample_rng
@@ -345,22 +346,23 @@ class RoomVoter:
         index = index.reshape(len(room), -1).cpu()
         probs = logits.detach().float().softmax(-1).reshape(len(room), index.shape[1], -1).cpu()
         for r, idx, p in zip(room.tolist(), index, probs):
-            if r not in self.scores:
-                self.scores[r] = torch.zeros(len(self.dataset.rooms[r].label), self.dataset.num_classes)
-            self.scores[r].index_add_(0, idx, p)
+            self._room_scores(r).index_add_(0, idx, p)
+
+    def _room_scores(self, room):
+        """The (N, num_classes) scores of a room, zeros until its first vote."""
+        if room not in self.scores:
+            self.scores[room] = torch.zeros(len(self.dataset.rooms[room].label),
+                                            self.dataset.num_classes)
+        return self.scores[room]
 
     def sum_over_ranks(self, device):
         """Every rank's scores added up, room by room, on every rank (DDP): a rank holds its
         own scores and one room in transit, never the other ranks' copies of the whole split
         (Area 5 at full resolution is gigabytes of scores per rank)."""
-        from lib import distributed
         if not distributed.is_distributed():
             return
         for r in range(self.dataset.num_rooms):
-            if r not in self.scores:
-                self.scores[r] = torch.zeros(len(self.dataset.rooms[r].label),
-                                             self.dataset.num_classes)
-            distributed.sum_over_ranks_(self.scores[r], device)
+            distributed.sum_over_ranks_(self._room_scores(r), device)
 
     def finish(self):
         """Yields (pred (N,) int64, label (N,) int64) per room, in room order, releasing each

@@ -162,6 +162,26 @@ def neighbour_max(x):
     return x.amax(dim=2)
 
 
+def _affine_statistics(lib, bn, rows, gamma, beta):
+    """BatchNorm of contiguous (M, C) rows as one affine map per channel: (mean, rstd, scale,
+    shift) in the rows' dtype, bn(x) = scale x + shift. Training: the rows' statistics (C
+    kernel, float64 sums) and `bn`'s running statistics updated as bn(x) would; eval: the
+    running statistics."""
+    count, channels = rows.shape
+    if bn.training:
+        sums = torch.empty(2, channels, dtype=torch.float64)
+        _run(lib, "nrl_stats", dtype=rows.dtype, M=count, C=channels, x=rows, sums=sums)
+        mean = sums[0] / count
+        var = (sums[1] / count - mean * mean).clamp_min(0)  # float64: no cancellation here
+        _update_running_stats(bn, mean, var, count)
+    else:
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+    rstd = torch.rsqrt(var + bn.eps)
+    scale = gamma.detach().double() * rstd
+    shift = beta.detach().double() - mean * scale
+    return tuple(t.to(rows.dtype) for t in (mean, rstd, scale, shift))
+
+
 def relu_neighbour_max(x):
     """neighbour_max(relu(x)), (B, M, k, C) -> (B, M, C): an LBR then max-pooling. The "auto"
     backend takes the ReLU after the max, on k times fewer values, forward and backward:
@@ -183,23 +203,11 @@ class _NormReluMax(torch.autograd.Function):
     def forward(ctx, lib, bn, x, weight, bias):
         x = x.contiguous()
         b, m, k, c = x.shape
-        rows = b * m * k
-        if bn.training:
-            sums = torch.empty(2, c, dtype=torch.float64)
-            _run(lib, "nrl_stats", dtype=x.dtype, M=rows, C=c, x=x, sums=sums)
-            mean = sums[0] / rows
-            var = (sums[1] / rows - mean * mean).clamp_min(0)  # float64: no cancellation here
-            _update_running_stats(bn, mean, var, rows)
-        else:
-            mean, var = bn.running_mean.double(), bn.running_var.double()
-        rstd = torch.rsqrt(var + bn.eps)
-        scale = weight.detach().double() * rstd
-        shift = bias.detach().double() - mean * scale
+        mean, rstd, scale, shift = _affine_statistics(lib, bn, x.view(-1, c), weight, bias)
         top = x.new_empty(b, m, c)
         arg = torch.empty(b, m, c, dtype=torch.int32)
         _run(lib, "neighbour_max_forward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, out=top,
              arg=arg)
-        mean, rstd, scale, shift = (t.to(x.dtype) for t in (mean, rstd, scale, shift))
         pre = torch.addcmul(shift, top, scale)  # bn of the maxima (B, M, C)
         ctx.training = bn.training
         ctx.save_for_backward(x, arg, top, pre, weight, mean, rstd)
@@ -254,18 +262,7 @@ class _NormReluLinear(torch.autograd.Function):
     def forward(ctx, lib, bn, x, gamma, beta, weight, bias):
         x, weight = x.contiguous(), weight.contiguous()
         (rows, channels), outputs = x.shape, weight.shape[0]
-        if bn.training:
-            sums = torch.empty(2, channels, dtype=torch.float64)
-            _run(lib, "nrl_stats", dtype=x.dtype, M=rows, C=channels, x=x, sums=sums)
-            mean = sums[0] / rows
-            var = (sums[1] / rows - mean * mean).clamp_min(0)  # float64: no cancellation here
-            _update_running_stats(bn, mean, var, rows)
-        else:
-            mean, var = bn.running_mean.double(), bn.running_var.double()
-        rstd = torch.rsqrt(var + bn.eps)
-        scale = gamma.detach().double() * rstd
-        shift = beta.detach().double() - mean * scale
-        mean, rstd, scale, shift = (t.to(x.dtype) for t in (mean, rstd, scale, shift))
+        mean, rstd, scale, shift = _affine_statistics(lib, bn, x, gamma, beta)
         out = x.new_empty(rows, outputs)
         _run(lib, "nrl_forward", dtype=x.dtype, M=rows, C=channels, O=outputs, x=x, scale=scale,
              shift=shift, weight=weight, bias=bias.contiguous(), out=out)
