@@ -86,10 +86,17 @@ class PointTransformerLayer(nn.Module):
         """xyz (B, N, 3), x (B, N, C), idx (B, N, k) neighbours of each point -> (B, N, C)."""
         # phi, psi and alpha project the N points, and the neighbours' rows are gathered
         # after: k times cheaper than projecting the neighbours.
+        query, key, value = self.phi(x), self.psi(x), self.alpha(x)
+        # Inference (eval mode, no gradients) can run all of what follows per point in one
+        # pass, without the (B, N, k, *) tensors; None where it cannot (lib/ops/attention.py).
+        out = ops.attention_inference(xyz, idx, query, key, value, self.delta, self.gamma,
+                                      self.share_planes)
+        if out is not None:
+            return out
         delta = ops.mlp(self.delta, xyz.unsqueeze(2) - ops.gather(xyz, idx))  # (B, N, k, C)
-        relation = ops.relation(delta, self.psi(x), self.phi(x), idx)  # (B, N, k, C)
+        relation = ops.relation(delta, key, query, idx)  # (B, N, k, C)
         w = self.gamma(relation).softmax(dim=2)  # (B, N, k, C/s)
-        return ops.neighbour_sum(w, self.alpha(x), delta, idx, self.share_planes)
+        return ops.neighbour_sum(w, value, delta, idx, self.share_planes)
 
 
 # gamma's parameters as checkpoints written before gamma.0 became a NormReluLinear name them
@@ -140,8 +147,11 @@ class TransitionDown(nn.Module):
             return xyz, self.mlp(x)
         m = max(1, xyz.shape[1] // self.stride)
         new_xyz = ops.gather(xyz, ops.farthest_point_sample(xyz, m))
-        grouped = ops.group(xyz, x, new_xyz, knn(self.k, xyz, new_xyz))  # (B, M, k, 3+C)
-        return new_xyz, ops.neighbour_max(self.mlp(grouped))
+        linear, norm, _ = self.mlp
+        # mlp(group(xyz, x, new_xyz, idx)).amax(2) without building the (B, M, k, 3 + C) input
+        # (lib/ops/edge.py)
+        idx = knn(self.k, xyz, new_xyz)
+        return new_xyz, ops.group_norm_relu_max(linear, norm.bn, xyz, x, new_xyz, idx)
 
 
 class TransitionUp(nn.Module):

@@ -6,23 +6,29 @@ lib/ops/dispatch.py is the one place that says which form runs and why.
 
   geometry.py    FPS, kNN, gather, group, interpolate (+ their reference and CPU / CUDA forms)
   tape.py        GeometryTape: a fixed batch's FPS and kNN replayed (HAQ's search subset)
-  edge.py        edge_linear: PCT's neighbour embedding's first Linear, on points, not pairs
+  edge.py        edge_linear, group_linear: Linears on grouped neighbourhoods (PCT's neighbour
+                 embedding, PT's TransitionDown), computed on points, not pairs;
+                 group_norm_relu_max: TransitionDown's LBR + max-pool
+  attention.py   attention_inference: the PT layer's whole attention per point (C kernel),
+                 for inference
   fused.py       relation, neighbour_sum, norm_relu_linear, neighbour_max, norm_relu_max
                  (C kernels), relu_neighbour_max
   layers.py      batch_norm, mlp (PyTorch re-formulations for few channels)
   native.py      builds, verifies and loads csrc/ (C kernels) and calls them by parameter name
   fps_triton.py  one-launch FPS on CUDA
 """
+from lib.ops.attention import attention_inference
 from lib.ops.dispatch import get_backend, set_backend
 from lib.ops.geometry import (farthest_point_sample, gather, group, interpolate, knn_query,
                               start_index)
-from lib.ops.edge import edge_linear
+from lib.ops.edge import edge_linear, group_linear, group_norm_relu_max
 from lib.ops.fused import (neighbour_max, neighbour_sum, norm_relu_linear, norm_relu_max,
                            relation, relu_neighbour_max)
 from lib.ops.layers import batch_norm, mlp
 from lib.ops.tape import GeometryTape
 
-__all__ = ["GeometryTape", "batch_norm", "edge_linear", "farthest_point_sample", "gather",
-           "get_backend", "group", "interpolate", "knn_query", "mlp", "neighbour_max",
-           "neighbour_sum", "norm_relu_linear", "norm_relu_max", "relation", "relu_neighbour_max",
-           "set_backend", "start_index"]
+__all__ = ["GeometryTape", "attention_inference", "batch_norm", "edge_linear",
+           "farthest_point_sample", "gather", "get_backend", "group", "group_linear",
+           "group_norm_relu_max", "interpolate", "knn_query", "mlp", "neighbour_max",
+           "neighbour_sum", "norm_relu_linear", "norm_relu_max", "relation",
+           "relu_neighbour_max", "set_backend", "start_index"]

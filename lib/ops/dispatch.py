@@ -15,9 +15,17 @@ neighbour_max            C (csrc/neighbour_max.c)            amax             am
 relu_neighbour_max       ReLU after the max                  as CPU           ReLU, then max
 norm_relu_max            max before BatchNorm (C kernels)    batch_norm,      batch_norm,
                          when every scale is >= 0            then the above   then the above
-edge_linear              per-point products, gathered        as CPU           cat + Linear
-                         (lib/ops/edge.py; any Linear whose
+edge_linear,             per-point products, gathered        as CPU           cat + Linear
+group_linear             (lib/ops/edge.py; any Linear whose
                          forward is nn.Linear's, unhooked)
+group_norm_relu_max      inference: max of the gathered      group_linear,    group_linear,
+                         per-point products first (C, csrc/  then             then
+                         neighbour_max.c), if every BN       norm_relu_max    norm_relu_max
+                         scale >= 0; training: group_linear,
+                         then norm_relu_max
+attention_inference      C (csrc/attention_inference.c):     None: the        None
+                         eval mode, no gradients, the        layer runs
+                         layer's usual modules, unhooked     eagerly
 batch_norm               folded form up to 8 channels        BatchNorm1d      BatchNorm1d
 mlp                      one-GEMM backward for Linear(3, C)  the modules      the modules
 
@@ -32,9 +40,11 @@ kNN here: cdist's exact mode (geometry.knn_query_reference) is the tests' oracle
 for an 80k-point room on an H100 (geometry.knn_query_matmul). The C kernels take float32 and
 float64 CPU tensors of one dtype with at most MAX_CHANNELS channels; bf16, autocast, modules
 with forward hooks (HAQ's recorder) and non-plain modules (quantized, SyncBatchNorm) get the
-plain forms; edge_linear's form is plain PyTorch and reads a Linear's `.weight`, so it takes
-quantized Linears and autocast too. Every fast form gives the plain form's values and gradients
-up to rounding (tests/test_ops_layers.py, tests/test_ops_geometry.py, tests/test_ops_edge.py);
+plain forms; edge_linear's and group_linear's forms are plain PyTorch and read a Linear's
+`.weight`, so they take quantized Linears and autocast too, and so does attention_inference's
+kernel (its weights are read once per call). Every fast form gives the plain form's values and gradients
+up to rounding (tests/test_ops_layers.py, tests/test_ops_geometry.py, tests/test_ops_edge.py,
+tests/test_ops_attention.py);
 FPS and kNN give the same indices up to ties. `python -m lib.ops` prints what runs on this machine.
 """
 import torch

@@ -34,7 +34,8 @@ import torch
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = [os.path.join(SOURCE_DIR, name)
-           for name in ("pt_layer.c", "norm_relu_linear.c", "neighbour_max.c", "geometry.c")]
+           for name in ("pt_layer.c", "attention_inference.c", "norm_relu_linear.c",
+                        "neighbour_max.c", "geometry.c")]
 HEADERS = [os.path.join(SOURCE_DIR, "parallel.h")]
 # -ffp-contract=off: no fused multiply-adds, so FPS rounds its distances as the torch
 # reference does and picks the same points. -fopenmp: see csrc/parallel.h.

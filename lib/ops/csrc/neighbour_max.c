@@ -7,6 +7,10 @@
  * an equality mask and a sum over it: several passes over (R, K, C). The two differ only at
  * ties; after the ReLU that precedes the pooling the ties are zeros, whose gradient the
  * ReLU's backward drops either way. A NaN is the maximum, as in torch.max.
+ *
+ * gathered_max is the same maximum over rows picked by index, out[b, i, c] = max_j
+ * x[b, idx[b, i, j], c] for x (B, N, C) and idx (B, M, K), without the (B, M, K, C) copy that
+ * gathering them first writes (inference only: no backward).
  * Built with the other kernels here by lib/ops/native.py. */
 #include <stdint.h>
 #include <string.h>
@@ -17,7 +21,8 @@ typedef struct {
     const void *x, *grad_out;
     void *out, *grad_x;
     int32_t *arg;
-    int64_t K, C;
+    const int64_t *idx;
+    int64_t N, M, K, C;
 } max_args;
 
 #define DEFINE_MAX(T, S)                                                                      \
@@ -47,6 +52,22 @@ static void max_bwd_##S(const void *p, int64_t r) {                             
     T *restrict gx = (T *)a->grad_x + r * K * C;                                              \
     for (int64_t j = 0; j < K; ++j)                                                           \
         for (int64_t c = 0; c < C; ++c) gx[j * C + c] = arg[c] == j ? g[c] : (T)0;            \
+}                                                                                             \
+                                                                                              \
+static void gathered_max_##S(const void *p, int64_t r) {                                      \
+    const max_args *a = (const max_args *)p;                                                  \
+    const int64_t K = a->K, C = a->C;                                                         \
+    const T *x = (const T *)a->x + r / a->M * a->N * C;                                       \
+    const int64_t *nb = a->idx + r * K;                                                       \
+    T *restrict best = (T *)a->out + r * C;                                                   \
+    memcpy(best, x + nb[0] * C, C * sizeof(T));                                               \
+    for (int64_t j = 1; j < K; ++j) {                                                         \
+        const T *restrict row = x + nb[j] * C;                                                \
+        for (int64_t c = 0; c < C; ++c) {                                                     \
+            const int take = row[c] > best[c] || (row[c] != row[c] && best[c] == best[c]);    \
+            best[c] = take ? row[c] : best[c];                                                \
+        }                                                                                     \
+    }                                                                                         \
 }
 
 DEFINE_MAX(float, f32)
@@ -68,5 +89,14 @@ int neighbour_max_backward(int dtype, int threads, int64_t R, int64_t K, int64_t
                   .C = C};
     if (K < 1 || K > INT32_MAX) return STATUS_BAD_SHAPE;
     for_each(dtype ? max_bwd_f64 : max_bwd_f32, &a, R, threads);
+    return STATUS_OK;
+}
+
+/* Neighbour indices must lie in [0, N): lib/ops checks them before the call. */
+int gathered_max_forward(int dtype, int threads, int64_t B, int64_t N, int64_t M, int64_t K,
+                          int64_t C, const void *x, const int64_t *idx, void *out) {
+    max_args a = {.x = x, .idx = idx, .out = out, .N = N, .M = M, .K = K, .C = C};
+    if (K < 1 || N < 1 || M < 1 || C < 1) return STATUS_BAD_SHAPE;
+    for_each(dtype ? gathered_max_f64 : gathered_max_f32, &a, B * M, threads);
     return STATUS_OK;
 }

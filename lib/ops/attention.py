@@ -1,0 +1,113 @@
+"""The Point Transformer layer's attention run whole, per point, for inference (C kernel,
+lib/ops/csrc/attention_inference.c).
+
+In eval mode without gradients, the layer's eager forward (models/point_transformer.py) writes
+five (B, N, k, *) tensors (delta, the relation, gamma's hidden rows, logits, weights) and reads
+each back, where its inputs and output are (B, N, C) rows: on a 2,048-point cloud that traffic
+is most of the network's inference time (HAQ scores every policy by such a forward pass). The
+kernel keeps each point's k rows on its stack instead. BatchNorm in eval mode is a per-channel
+affine map, folded here (in float64) into a scale and shift.
+
+`attention_inference` returns None wherever the kernel does not apply (gradients wanted, any
+module training or hooked, not the layer's usual structure, autocast, CUDA, the reference
+backend, shapes beyond the kernel's bounds), and the layer runs eagerly; the values agree with
+the eager forward up to rounding (tests/test_ops_attention.py).
+"""
+import torch
+import torch.nn as nn
+
+from lib.ops.dispatch import native_for
+from lib.ops.fused import _run
+from lib.ops.geometry import check_index
+from lib.ops.layers import _unhooked
+
+MAX_LOGITS = 1 << 14  # csrc/attention_inference.c: k * C / share_planes logits on the stack
+
+
+def _plain_linear(m, inputs, outputs):
+    """A Linear computing F.linear with its `.weight` (plain, or quantized: lib/quant/layers.py,
+    whose weight property builds the dense weight) of the given size."""
+    return (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+            and m.in_features == inputs and m.out_features == outputs)
+
+
+def _eval_norm(m, channels):
+    """The nn.BatchNorm1d inside a models.point_transformer.PointBatchNorm, in eval mode."""
+    bn = getattr(m, "bn", None)
+    return (type(bn) is nn.BatchNorm1d and not bn.training and bn.affine
+            and bn.track_running_stats and bn.num_features == channels)
+
+
+def _structure(theta, gamma, channels, weights):
+    """(theta's modules, gamma's modules) when they are the layer's usual
+    theta = Linear(3, 3), BN, ReLU, Linear(3, C) and
+    gamma = [BN(C), ReLU, Linear(C, W)], BN(W), ReLU, Linear(W, W), else None."""
+    if not (isinstance(theta, nn.Sequential) and isinstance(gamma, nn.Sequential)
+            and len(theta) == 4 and len(gamma) == 4):
+        return None
+    first = gamma[0]
+    norm, linear = getattr(getattr(first, "norm", None), "bn", None), getattr(first, "linear", None)
+    usual = (_plain_linear(theta[0], 3, 3) and _eval_norm(theta[1], 3)
+             and type(theta[2]) is nn.ReLU and _plain_linear(theta[3], 3, channels)
+             and _eval_norm(getattr(first, "norm", None), channels)
+             and _plain_linear(linear, channels, weights) and _eval_norm(gamma[1], weights)
+             and type(gamma[2]) is nn.ReLU and _plain_linear(gamma[3], weights, weights))
+    if not usual:
+        return None
+    modules = [theta[0], theta[1].bn, theta[3], norm, linear, gamma[1].bn, gamma[3]]
+    return modules if _unhooked(first, *theta, *gamma, *modules) else None
+
+
+def _fold(bn):
+    """(scale, shift) in float64 with bn(x) = scale x + shift, for `bn` in eval mode."""
+    scale = bn.weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)
+    return scale, bn.bias.double() - bn.running_mean.double() * scale
+
+
+def _bias(linear):
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+
+
+@torch.no_grad()
+def _parameters(modules, dtype):
+    """The kernel's weights in `dtype`, contiguous; theta's second transposed, gamma's given
+    as they are and transposed (csrc/attention_inference.c says why)."""
+    t1, t_norm, t2, g_norm, g1, h_norm, g2 = modules
+    ts, tt = _fold(t_norm)
+    gs, gt = _fold(g_norm)
+    hs, ht = _fold(h_norm)
+    named = dict(T1=t1.weight, tb1=_bias(t1), ts=ts, tt=tt, T2t=t2.weight.t(), tb2=_bias(t2),
+                 gs=gs, gt=gt, G1=g1.weight, G1t=g1.weight.t(), gb1=_bias(g1), hs=hs, ht=ht,
+                 G2=g2.weight, G2t=g2.weight.t(), gb2=_bias(g2))
+    return {k: v.detach().to(dtype).contiguous() for k, v in named.items()}
+
+
+def attention_inference(xyz, idx, query, key, value, theta, gamma, share_planes):
+    """Paper Eq. 3 with delta = theta(p_i - p_j) (Eq. 4) and gamma's softmax over the k
+    neighbours, for xyz (B, N, 3), idx (B, N, k), query = phi(x), key = psi(x), value = alpha(x)
+    (B, N, C) -> (B, N, C); or None where the kernel does not apply (see the module's doc)."""
+    channels = value.shape[-1]
+    weights = channels // share_planes
+    tensors = (xyz, query, key, value)
+    lib = native_for(*tensors)
+    if (lib is None or weights < 1 or channels % share_planes or idx.dtype != torch.int64
+            or idx.dim() != 3 or idx.shape[2] * weights > MAX_LOGITS
+            or torch.is_autocast_enabled("cpu")):
+        return None
+    b, n, k = idx.shape
+    if (tuple(xyz.shape) != (b, n, 3) or any(tuple(t.shape) != (b, n, channels)
+                                              for t in (query, key))):
+        return None
+    modules = _structure(theta, gamma, channels, weights)
+    if modules is None:
+        return None
+    parameters = [p for m in modules for p in m.parameters(recurse=False)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *parameters)):
+        return None
+    check_index(idx, n)
+    out = value.new_empty(b, n, channels)
+    _run(lib, "pt_attention_inference", dtype=value.dtype, B=b, N=n, K=k, C=channels,
+         W=weights, xyz=xyz.contiguous(), idx=idx.contiguous(), key=key.contiguous(),
+         q=query.contiguous(), v=value.contiguous(), out=out,
+         **_parameters(modules, value.dtype))
+    return out

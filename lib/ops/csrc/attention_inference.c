@@ -1,0 +1,199 @@
+/* The whole Point Transformer layer's attention (paper Eq. 3 and 4) for inference, one point at
+ * a time (lib/ops/attention.py wraps it; lib/ops/native.py builds and loads this file).
+ *
+ * For point i of cloud b and its K neighbours n_j = idx[b,i,j], with every BatchNorm in eval
+ * mode folded into a per-channel scale and shift:
+ *   t_j     = relu(ts * (T1 (p_i - p_nj) + tb1) + tt)                   theta's first half (3)
+ *   delta_j = T2 t_j + tb2                                              theta (C)
+ *   a_j     = relu(gs * (delta_j - key[n_j] + q_i) + gt)                gamma's BN-ReLU (C)
+ *   h_j     = relu(hs * (G1 a_j + gb1) + ht)                            gamma's Linear-BN-ReLU (W)
+ *   l_j     = G2 h_j + gb2                                              logits (W)
+ *   w_j     = softmax over j of l_j                                     (per channel u of W)
+ *   out_i   = sum_j w_j[c % W] * (v[n_j] + delta_j)                     (C)
+ * The eager forward writes delta, the relation, gamma's hidden rows, the logits and the
+ * weights as (B, N, K, *) tensors, a pass over memory each; here only the (B, N, C) rows
+ * are read and written, and delta_j is computed twice (3 C products) rather than stored.
+ *
+ * theta's second weight arrives transposed (T2t (3, C): delta's loop runs over the outputs,
+ * contiguous, and vectorises), gamma's both ways (see product below). Work is split by
+ * point; each point's sums run in a fixed order, so results do not depend on the thread count.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "parallel.h"
+
+typedef struct {
+    const void *xyz, *key, *q, *v;
+    const void *T1, *tb1, *ts, *tt, *T2t, *tb2, *gs, *gt, *G1, *G1t, *gb1, *hs, *ht, *G2,
+        *G2t, *gb2;
+    void *out;
+    const int64_t *idx;
+    int64_t N, K, C, W;
+} attention_args;
+
+/* Each product is a sum over inputs of output rows (h += act[c] G1t[c]): vectorised over the
+ * outputs. Without this the compiler turns the loops around into per-output dot products
+ * whose in-order (strict IEEE) sums run one lane at a time, 5x slower. */
+#define SIMD _Pragma("omp simd")
+
+/* The bounds the stack rows below assume; lib/ops/attention.py sends other shapes to the
+ * eager layer. */
+enum { MAX_LOGITS = 1 << 14 };
+
+/* out = M x + b for an (O, I) matrix given both ways, M (O, I) and Mt (I, O): for O of a
+ * vector or more, Mt's rows are added up (vectorised over the outputs); for fewer outputs, one
+ * dot product per output over M's row, vectorised over the inputs with its sum reassociated
+ * (omp simd reduction: the order is fixed at compile time, so results do not depend on the
+ * threads). Strict in-order sums would run one lane at a time, each add waiting on the last. */
+#define DEFINE_PRODUCT(T, S)                                                                  \
+static inline __attribute__((always_inline)) void                                             \
+product_##S(const T *restrict x, const T *restrict M, const T *restrict Mt,                   \
+            const T *restrict b, T *restrict out, const int64_t I, const int64_t O) {         \
+    if (O * (int64_t)sizeof(T) >= 64) {                                                       \
+        for (int64_t u = 0; u < O; ++u) out[u] = b[u];                                        \
+        for (int64_t i = 0; i < I; ++i) {                                                     \
+            SIMD for (int64_t u = 0; u < O; ++u) out[u] += x[i] * Mt[i * O + u];              \
+        }                                                                                     \
+    } else {                                                                                  \
+        for (int64_t u = 0; u < O; ++u) {                                                     \
+            T s = 0;                                                                          \
+            _Pragma("omp simd reduction(+:s)")                                                \
+            for (int64_t i = 0; i < I; ++i) s += x[i] * M[u * I + i];                         \
+            out[u] = b[u] + s;                                                                \
+        }                                                                                     \
+    }                                                                                         \
+}
+
+#define DEFINE_BODY(T, S, EXP)                                                                \
+/* theta's first half for neighbour p_j of p_i: t = relu(ts (T1 (p_i - p_j) + tb1) + tt) */   \
+static inline __attribute__((always_inline)) void                                             \
+theta_hidden_##S(const attention_args *a, const T *pi, const T *pj, T *restrict t) {         \
+    const T *T1 = a->T1, *tb1 = a->tb1, *ts = a->ts, *tt = a->tt;                             \
+    const T rel[3] = {pi[0] - pj[0], pi[1] - pj[1], pi[2] - pj[2]};                           \
+    for (int e = 0; e < 3; ++e) {                                                             \
+        T s = tb1[e] + T1[e * 3] * rel[0] + T1[e * 3 + 1] * rel[1] + T1[e * 3 + 2] * rel[2];  \
+        s = ts[e] * s + tt[e];                                                                \
+        t[e] = s > 0 ? s : 0;                                                                 \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* delta = T2 t + tb2 (C) */                                                                  \
+static inline __attribute__((always_inline)) void                                             \
+theta_out_##S(const attention_args *a, const T *t, T *restrict delta, const int64_t C) {     \
+    const T *restrict T2t = a->T2t, *restrict tb2 = a->tb2;                                   \
+    SIMD for (int64_t c = 0; c < C; ++c)                                                      \
+        delta[c] = tb2[c] + T2t[c] * t[0] + T2t[C + c] * t[1] + T2t[2 * C + c] * t[2];        \
+}                                                                                             \
+                                                                                              \
+static inline __attribute__((always_inline)) void                                             \
+attention_##S(const attention_args *a, int64_t point, const int64_t C, const int64_t W) {     \
+    const int64_t N = a->N, K = a->K;                                                         \
+    const int64_t cloud = point / N * N;                                                      \
+    const T *xyz = (const T *)a->xyz + cloud * 3, *pi = (const T *)a->xyz + point * 3;        \
+    const T *key = (const T *)a->key + cloud * C, *v = (const T *)a->v + cloud * C;           \
+    const T *restrict qi = (const T *)a->q + point * C;                                       \
+    const T *restrict gs = a->gs, *restrict gt = a->gt, *restrict hs = a->hs;                 \
+    const T *restrict ht = a->ht;                                                             \
+    const int64_t *nb = a->idx + point * K;                                                   \
+    T hidden[K][3], delta[C], act[C], h[W], acc[C], tiled[C], logits[K * W];                  \
+    /* the neighbours' rows are scattered over the cloud: ask for all of them at once, */     \
+    /* rather than waiting on each in turn (most of the time here was such waits) */          \
+    for (int64_t j = 0; j < K; ++j) {                                                         \
+        __builtin_prefetch(xyz + nb[j] * 3);                                                  \
+        for (int64_t c = 0; c < C; c += 64 / sizeof(T)) {                                     \
+            __builtin_prefetch(key + nb[j] * C + c);                                          \
+            __builtin_prefetch(v + nb[j] * C + c);                                            \
+        }                                                                                     \
+    }                                                                                         \
+    for (int64_t j = 0; j < K; ++j) {                                                         \
+        const T *restrict kj = key + nb[j] * C;                                               \
+        theta_hidden_##S(a, pi, xyz + nb[j] * 3, hidden[j]);                                  \
+        theta_out_##S(a, hidden[j], delta, C);                                                \
+        SIMD for (int64_t c = 0; c < C; ++c) {                                                \
+            T s = gs[c] * (delta[c] - kj[c] + qi[c]) + gt[c];                                 \
+            act[c] = s > 0 ? s : 0;                                                           \
+        }                                                                                     \
+        product_##S(act, a->G1, a->G1t, a->gb1, h, C, W);                                            \
+        for (int64_t u = 0; u < W; ++u) {                                                     \
+            T s = hs[u] * h[u] + ht[u];                                                       \
+            h[u] = s > 0 ? s : 0;                                                             \
+        }                                                                                     \
+        product_##S(h, a->G2, a->G2t, a->gb2, logits + j * W, W, W);                                 \
+    }                                                                                         \
+    /* softmax over the neighbours, per channel u, shifted by the maximum as torch's is */    \
+    for (int64_t u = 0; u < W; ++u) {                                                         \
+        T top = logits[u], total = 0;                                                         \
+        for (int64_t j = 1; j < K; ++j) top = logits[j * W + u] > top ? logits[j * W + u] : top; \
+        for (int64_t j = 0; j < K; ++j) {                                                     \
+            logits[j * W + u] = EXP(logits[j * W + u] - top);                                 \
+            total += logits[j * W + u];                                                       \
+        }                                                                                     \
+        const T inverse = 1 / total;                                                          \
+        for (int64_t j = 0; j < K; ++j) logits[j * W + u] *= inverse;                         \
+    }                                                                                         \
+    for (int64_t c = 0; c < C; ++c) acc[c] = 0;                                               \
+    for (int64_t j = 0; j < K; ++j) {                                                         \
+        const T *restrict vj = v + nb[j] * C, *restrict wj = logits + j * W;                  \
+        theta_out_##S(a, hidden[j], delta, C);                                                \
+        for (int64_t g = 0; g < C; g += W)                                                    \
+            for (int64_t u = 0; u < W; ++u) tiled[g + u] = wj[u];                             \
+        SIMD for (int64_t c = 0; c < C; ++c) acc[c] += tiled[c] * (vj[c] + delta[c]);         \
+    }                                                                                         \
+    memcpy((T *)a->out + point * C, acc, C * sizeof(T));                                      \
+}
+
+DEFINE_PRODUCT(float, f32)
+DEFINE_PRODUCT(double, f64)
+DEFINE_BODY(float, f32, expf)
+DEFINE_BODY(double, f64, exp)
+
+/* Per-point functions for for_each: C and W constants for the presets' widths
+ * (share_planes 8, models/point_transformer.py), read from the arguments otherwise. */
+#define DEFINE_UNIT_FN(S, C, W)                                                               \
+static void attention_##S##_##C(const void *a, int64_t u) { attention_##S(a, u, C, W); }
+DEFINE_UNIT_FN(f32, 16, 2)
+DEFINE_UNIT_FN(f32, 32, 4)
+DEFINE_UNIT_FN(f32, 64, 8)
+DEFINE_UNIT_FN(f32, 128, 16)
+DEFINE_UNIT_FN(f32, 256, 32)
+DEFINE_UNIT_FN(f32, 512, 64)
+#define ARGS(a) ((const attention_args *)(a))
+static void attention_f32_any(const void *a, int64_t u) {
+    attention_f32(a, u, ARGS(a)->C, ARGS(a)->W);
+}
+static void attention_f64_any(const void *a, int64_t u) {
+    attention_f64(a, u, ARGS(a)->C, ARGS(a)->W);
+}
+
+static body_fn select_body(int dtype, int64_t C, int64_t W) {
+    static const body_fn presets[] = {attention_f32_16, attention_f32_32, attention_f32_64,
+                                      attention_f32_128, attention_f32_256, attention_f32_512};
+    if (dtype) return attention_f64_any;
+    for (int s = 0; s < 6; ++s)
+        if (C == (16 << s) && W == C / 8) return presets[s];
+    return attention_f32_any;
+}
+
+/* dtype 0 = float32, 1 = float64. Returns STATUS_OK, or STATUS_BAD_SHAPE without touching
+ * memory: 1 <= C <= MAX_CHANNELS, W dividing C (the group loop steps by W up to C), K >= 1 and
+ * K W <= MAX_LOGITS (the logits live on the stack). Neighbour indices must lie in [0, N):
+ * lib/ops checks them before the call. */
+int pt_attention_inference(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
+                            int64_t W, const void *xyz, const int64_t *idx, const void *key,
+                            const void *q, const void *v, const void *T1, const void *tb1,
+                            const void *ts, const void *tt, const void *T2t, const void *tb2,
+                            const void *gs, const void *gt, const void *G1, const void *G1t,
+                            const void *gb1, const void *hs, const void *ht, const void *G2,
+                            const void *G2t, const void *gb2, void *out) {
+    attention_args a = {.xyz = xyz, .key = key, .q = q, .v = v, .T1 = T1, .tb1 = tb1, .ts = ts,
+                        .tt = tt, .T2t = T2t, .tb2 = tb2, .gs = gs, .gt = gt, .G1 = G1,
+                        .G1t = G1t, .gb1 = gb1, .hs = hs, .ht = ht, .G2 = G2, .G2t = G2t,
+                        .gb2 = gb2, .out = out,
+                        .idx = idx, .N = N, .K = K, .C = C, .W = W};
+    if (C < 1 || C > MAX_CHANNELS || W < 1 || C % W != 0 || K < 1 || K * W > MAX_LOGITS)
+        return STATUS_BAD_SHAPE;
+    for_each(select_body(dtype, C, W), &a, B * N, threads);
+    return STATUS_OK;
+}
