@@ -21,7 +21,7 @@ from lib.ops.fused import _run
 from lib.ops.geometry import check_index
 from lib.ops.layers import _unhooked
 
-MAX_LOGITS = 1 << 14  # csrc/attention_inference.c: k * C / share_planes logits on the stack
+MAX_ROWS = 1 << 15  # csrc/attention_inference.c: k rows of C channels on the stack
 
 
 def _plain_linear(m, inputs, outputs):
@@ -91,7 +91,7 @@ def attention_inference(xyz, idx, query, key, value, theta, gamma, share_planes)
     tensors = (xyz, query, key, value)
     lib = native_for(*tensors)
     if (lib is None or weights < 1 or channels % share_planes or idx.dtype != torch.int64
-            or idx.dim() != 3 or idx.shape[2] * weights > MAX_LOGITS
+            or idx.dim() != 3 or idx.shape[2] * channels > MAX_ROWS
             or torch.is_autocast_enabled("cpu")):
         return None
     b, n, k = idx.shape

@@ -30,7 +30,7 @@ typedef struct {
         *G2t, *gb2;
     void *out;
     const int64_t *idx;
-    int64_t N, K, C, W;
+    int64_t B, N, K, C, W;
 } attention_args;
 
 /* Each product is a sum over inputs of output rows (h += act[c] G1t[c]): vectorised over the
@@ -38,9 +38,34 @@ typedef struct {
  * whose in-order (strict IEEE) sums run one lane at a time, 5x slower. */
 #define SIMD _Pragma("omp simd")
 
+/* e^x in float32 without a call, so that the softmax's loop vectorises (expf is a library
+ * call per value: a third of the kernel's time at the presets' narrowest widths). x = n ln2 + r
+ * with |r| <= ln2 / 2; e^r by its Taylor polynomial to r^7 (truncation below 1e-8 relative);
+ * 2^n from the exponent bits. Within 2 ulp of expf; x is clamped to [-87, 88], so that
+ * 2^n stays a normal number: below, e^x is under 1.7e-38 where expf's would be smaller still
+ * (in a softmax, weights of no consequence), above it overflows to inf as expf's. NaN stays NaN
+ * (it passes through the polynomial). */
+static inline float exp_f32(float x) {
+    const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const float n = (clamped * 1.44269504088896341f + shifter) - shifter;
+    const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f; /* ln2 in two parts */
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { int32_t bits; float value; } scale = {.bits = ((int32_t)n + 127) << 23};
+    const float y = p * scale.value;
+    return x > 88.0f ? INFINITY : y;
+}
+
 /* The bounds the stack rows below assume; lib/ops/attention.py sends other shapes to the
  * eager layer. */
-enum { MAX_LOGITS = 1 << 14 };
+enum { MAX_ROWS = 1 << 15 };
 
 /* out = M x + b for an (O, I) matrix given both ways, M (O, I) and Mt (I, O): for O of a
  * vector or more, Mt's rows are added up (vectorised over the outputs); for fewer outputs, one
@@ -97,48 +122,88 @@ attention_##S(const attention_args *a, int64_t point, const int64_t C, const int
     const T *restrict gs = a->gs, *restrict gt = a->gt, *restrict hs = a->hs;                 \
     const T *restrict ht = a->ht;                                                             \
     const int64_t *nb = a->idx + point * K;                                                   \
-    T hidden[K][3], delta[C], act[C], h[W], acc[C], tiled[C], logits[K * W];                  \
-    /* the neighbours' rows are scattered over the cloud: ask for all of them at once, */     \
-    /* rather than waiting on each in turn (most of the time here was such waits) */          \
-    for (int64_t j = 0; j < K; ++j) {                                                         \
-        __builtin_prefetch(xyz + nb[j] * 3);                                                  \
-        for (int64_t c = 0; c < C; c += 64 / sizeof(T)) {                                     \
-            __builtin_prefetch(key + nb[j] * C + c);                                          \
-            __builtin_prefetch(v + nb[j] * C + c);                                            \
+    /* act: gamma's input rows, neighbour-major (act[j C + c]) for the wide products, or */    \
+    /* channel-major (act[c K + j]) for the narrow ones; logits channel-major (l[u K + j]) */    \
+    T hidden[K][3], delta[C], act[K * C], h[K * W], logits[W * K], acc[C], tiled[C];          \
+    const int narrow = W * (int64_t)sizeof(T) < 64; /* W below a vector: see product_ */      \
+    /* the neighbours' rows are scattered over the cloud: ask for the next point's while */   \
+    /* this one computes, rather than waiting on each row in turn (the last point of a */     \
+    /* thread's span asks for a row it will not use: harmless) */                             \
+    if (point + 1 < a->B * N) {                                                               \
+        const int64_t next = (point + 1) / N * N, *nb_next = nb + K;                          \
+        for (int64_t j = 0; j < K; ++j) {                                                     \
+            __builtin_prefetch((const T *)a->xyz + (next + nb_next[j]) * 3);                  \
+            for (int64_t c = 0; c < C; c += 64 / sizeof(T)) {                                 \
+                __builtin_prefetch((const T *)a->key + (next + nb_next[j]) * C + c);          \
+                __builtin_prefetch((const T *)a->v + (next + nb_next[j]) * C + c);            \
+            }                                                                                 \
         }                                                                                     \
     }                                                                                         \
+    /* one stage at a time over all K neighbours: their chains are independent, so the */     \
+    /* core overlaps them (a neighbour's whole chain at a time left it waiting on each) */    \
+    for (int64_t j = 0; j < K; ++j) theta_hidden_##S(a, pi, xyz + nb[j] * 3, hidden[j]);     \
     for (int64_t j = 0; j < K; ++j) {                                                         \
         const T *restrict kj = key + nb[j] * C;                                               \
-        theta_hidden_##S(a, pi, xyz + nb[j] * 3, hidden[j]);                                  \
         theta_out_##S(a, hidden[j], delta, C);                                                \
         SIMD for (int64_t c = 0; c < C; ++c) {                                                \
             T s = gs[c] * (delta[c] - kj[c] + qi[c]) + gt[c];                                 \
-            act[c] = s > 0 ? s : 0;                                                           \
+            delta[c] = s > 0 ? s : 0;                                                         \
         }                                                                                     \
-        product_##S(act, a->G1, a->G1t, a->gb1, h, C, W);                                            \
+        if (narrow)                                                                           \
+            for (int64_t c = 0; c < C; ++c) act[c * K + j] = delta[c];                        \
+        else                                                                                  \
+            memcpy(act + j * C, delta, C * sizeof(T));                                        \
+    }                                                                                         \
+    if (narrow) {                                                                             \
+        /* products over the K neighbours at once, a vector of them per (output, input) */    \
+        const T *restrict G1 = a->G1, *restrict G2 = a->G2;                                   \
         for (int64_t u = 0; u < W; ++u) {                                                     \
-            T s = hs[u] * h[u] + ht[u];                                                       \
-            h[u] = s > 0 ? s : 0;                                                             \
+            T *restrict hu = h + u * K;                                                       \
+            for (int64_t j = 0; j < K; ++j) hu[j] = ((const T *)a->gb1)[u];                   \
+            for (int64_t c = 0; c < C; ++c) {                                                 \
+                SIMD for (int64_t j = 0; j < K; ++j) hu[j] += G1[u * C + c] * act[c * K + j]; \
+            }                                                                                 \
+            SIMD for (int64_t j = 0; j < K; ++j) {                                            \
+                T s = hs[u] * hu[j] + ht[u];                                                  \
+                hu[j] = s > 0 ? s : 0;                                                        \
+            }                                                                                 \
         }                                                                                     \
-        product_##S(h, a->G2, a->G2t, a->gb2, logits + j * W, W, W);                                 \
+        for (int64_t u = 0; u < W; ++u) {                                                     \
+            T *restrict lu = logits + u * K;                                                  \
+            for (int64_t j = 0; j < K; ++j) lu[j] = ((const T *)a->gb2)[u];                   \
+            for (int64_t e = 0; e < W; ++e) {                                                 \
+                SIMD for (int64_t j = 0; j < K; ++j) lu[j] += G2[u * W + e] * h[e * K + j];   \
+            }                                                                                 \
+        }                                                                                     \
+    } else {                                                                                  \
+        T row[W];                                                                             \
+        for (int64_t j = 0; j < K; ++j) {                                                     \
+            T *restrict hj = h + j * W;                                                       \
+            product_##S(act + j * C, a->G1, a->G1t, a->gb1, hj, C, W);                        \
+            for (int64_t u = 0; u < W; ++u) {                                                 \
+                T s = hs[u] * hj[u] + ht[u];                                                  \
+                hj[u] = s > 0 ? s : 0;                                                        \
+            }                                                                                 \
+            product_##S(hj, a->G2, a->G2t, a->gb2, row, W, W);                                \
+            for (int64_t u = 0; u < W; ++u) logits[u * K + j] = row[u];                       \
+        }                                                                                     \
     }                                                                                         \
     /* softmax over the neighbours, per channel u, shifted by the maximum as torch's is */    \
     for (int64_t u = 0; u < W; ++u) {                                                         \
-        T top = logits[u], total = 0;                                                         \
-        for (int64_t j = 1; j < K; ++j) top = logits[j * W + u] > top ? logits[j * W + u] : top; \
-        for (int64_t j = 0; j < K; ++j) {                                                     \
-            logits[j * W + u] = EXP(logits[j * W + u] - top);                                 \
-            total += logits[j * W + u];                                                       \
-        }                                                                                     \
+        T *restrict lu = logits + u * K, top = lu[0], total = 0;                              \
+        for (int64_t j = 1; j < K; ++j) top = lu[j] > top ? lu[j] : top;                      \
+        SIMD for (int64_t j = 0; j < K; ++j) lu[j] = EXP(lu[j] - top);                        \
+        _Pragma("omp simd reduction(+:total)")                                                \
+        for (int64_t j = 0; j < K; ++j) total += lu[j];                                       \
         const T inverse = 1 / total;                                                          \
-        for (int64_t j = 0; j < K; ++j) logits[j * W + u] *= inverse;                         \
+        SIMD for (int64_t j = 0; j < K; ++j) lu[j] *= inverse;                                \
     }                                                                                         \
     for (int64_t c = 0; c < C; ++c) acc[c] = 0;                                               \
     for (int64_t j = 0; j < K; ++j) {                                                         \
-        const T *restrict vj = v + nb[j] * C, *restrict wj = logits + j * W;                  \
+        const T *restrict vj = v + nb[j] * C;                                                 \
         theta_out_##S(a, hidden[j], delta, C);                                                \
         for (int64_t g = 0; g < C; g += W)                                                    \
-            for (int64_t u = 0; u < W; ++u) tiled[g + u] = wj[u];                             \
+            for (int64_t u = 0; u < W; ++u) tiled[g + u] = logits[u * K + j];                 \
         SIMD for (int64_t c = 0; c < C; ++c) acc[c] += tiled[c] * (vj[c] + delta[c]);         \
     }                                                                                         \
     memcpy((T *)a->out + point * C, acc, C * sizeof(T));                                      \
@@ -146,7 +211,7 @@ attention_##S(const attention_args *a, int64_t point, const int64_t C, const int
 
 DEFINE_PRODUCT(float, f32)
 DEFINE_PRODUCT(double, f64)
-DEFINE_BODY(float, f32, expf)
+DEFINE_BODY(float, f32, exp_f32)
 DEFINE_BODY(double, f64, exp)
 
 /* Per-point functions for for_each: C and W constants for the presets' widths
@@ -178,8 +243,8 @@ static body_fn select_body(int dtype, int64_t C, int64_t W) {
 
 /* dtype 0 = float32, 1 = float64. Returns STATUS_OK, or STATUS_BAD_SHAPE without touching
  * memory: 1 <= C <= MAX_CHANNELS, W dividing C (the group loop steps by W up to C), K >= 1 and
- * K W <= MAX_LOGITS (the logits live on the stack). Neighbour indices must lie in [0, N):
- * lib/ops checks them before the call. */
+ * K C <= MAX_ROWS (the K rows of gamma's input live on the stack). Neighbour indices must lie
+ * in [0, N): lib/ops checks them before the call. */
 int pt_attention_inference(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
                             int64_t W, const void *xyz, const int64_t *idx, const void *key,
                             const void *q, const void *v, const void *T1, const void *tb1,
@@ -191,8 +256,8 @@ int pt_attention_inference(int dtype, int threads, int64_t B, int64_t N, int64_t
                         .tt = tt, .T2t = T2t, .tb2 = tb2, .gs = gs, .gt = gt, .G1 = G1,
                         .G1t = G1t, .gb1 = gb1, .hs = hs, .ht = ht, .G2 = G2, .G2t = G2t,
                         .gb2 = gb2, .out = out,
-                        .idx = idx, .N = N, .K = K, .C = C, .W = W};
-    if (C < 1 || C > MAX_CHANNELS || W < 1 || C % W != 0 || K < 1 || K * W > MAX_LOGITS)
+                        .idx = idx, .B = B, .N = N, .K = K, .C = C, .W = W};
+    if (C < 1 || C > MAX_CHANNELS || W < 1 || C % W != 0 || K < 1 || K * C > MAX_ROWS)
         return STATUS_BAD_SHAPE;
     for_each(select_body(dtype, C, W), &a, B * N, threads);
     return STATUS_OK;
