@@ -103,6 +103,21 @@ def test_layer_inference_in_float32_is_within_rounding_and_thread_count_free():
 
 
 @needs_kernels
+def test_layer_inference_softmax_holds_at_extreme_logits():
+    """Logits hundreds apart (the kernel's own float32 exp clamps its argument at -87): the
+    weights still match torch's softmax, to float32 rounding."""
+    torch.manual_seed(1)
+    xyz, x, idx = layer_problem(16, 8, n=100, dtype=torch.float32)
+    layer = trained_statistics(PointTransformerLayer(16), xyz, x, idx)
+    with torch.no_grad():
+        layer.gamma[3].weight.mul_(300.0)
+        got = layer(xyz, x, idx)
+    expected = eager(layer, xyz, x, idx)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 def test_the_kernel_steps_aside_for_training_gradients_hooks_and_the_reference_backend():
     torch.manual_seed(0)
     xyz, x, idx = layer_problem(16, 4)
