@@ -159,7 +159,7 @@ def test_the_kernel_refuses_shapes_it_cannot_hold(kernels):
                    v=dummy, out=dummy, **{name: dummy for name in (
                        "T1", "tb1", "ts", "tt", "T2t", "tb2", "gs", "gt", "G1", "G1t", "gb1",
                        "hs", "ht", "G2", "G2t", "gb2")})
-    for b, n, k, c, w in [(1, 1, 1, 10, 3), (1, 1, 0, 8, 1), (1, 1, 1 << 13, 8, 2),
+    for b, n, k, c, w in [(1, 1, 1, 10, 3), (1, 1, 0, 8, 1), (1, 1, 1 << 12, 8, 2),
                           (1, 1, 1, 8192, 1)]:
         status = lib.call("pt_attention_inference", dtype=0, B=b, N=n, K=k, C=c, W=w, **tensors)
         assert status == -3, (k, c, w)

@@ -21,7 +21,7 @@ from lib.ops.fused import _run
 from lib.ops.geometry import check_index
 from lib.ops.layers import _unhooked
 
-MAX_ROWS = 1 << 15  # csrc/attention_inference.c: k rows of C channels on the stack
+MAX_ROWS = 1 << 14  # csrc/attention_inference.c: k rows of C channels on the stack
 
 
 def _plain_linear(m, inputs, outputs):
@@ -46,15 +46,16 @@ def _structure(theta, gamma, channels, weights):
             and len(theta) == 4 and len(gamma) == 4):
         return None
     first = gamma[0]
-    norm, linear = getattr(getattr(first, "norm", None), "bn", None), getattr(first, "linear", None)
+    first_norm, first_linear = getattr(first, "norm", None), getattr(first, "linear", None)
     usual = (_plain_linear(theta[0], 3, 3) and _eval_norm(theta[1], 3)
              and type(theta[2]) is nn.ReLU and _plain_linear(theta[3], 3, channels)
-             and _eval_norm(getattr(first, "norm", None), channels)
-             and _plain_linear(linear, channels, weights) and _eval_norm(gamma[1], weights)
-             and type(gamma[2]) is nn.ReLU and _plain_linear(gamma[3], weights, weights))
+             and _eval_norm(first_norm, channels) and _plain_linear(first_linear, channels, weights)
+             and _eval_norm(gamma[1], weights) and type(gamma[2]) is nn.ReLU
+             and _plain_linear(gamma[3], weights, weights))
     if not usual:
         return None
-    modules = [theta[0], theta[1].bn, theta[3], norm, linear, gamma[1].bn, gamma[3]]
+    modules = [theta[0], theta[1].bn, theta[3], first_norm.bn, first_linear, gamma[1].bn,
+               gamma[3]]
     return modules if _unhooked(first, *theta, *gamma, *modules) else None
 
 

@@ -41,11 +41,12 @@ for an 80k-point room on an H100 (geometry.knn_query_matmul). The C kernels take
 float64 CPU tensors of one dtype with at most MAX_CHANNELS channels; bf16, autocast, modules
 with forward hooks (HAQ's recorder) and non-plain modules (quantized, SyncBatchNorm) get the
 plain forms; edge_linear's and group_linear's forms are plain PyTorch and read a Linear's
-`.weight`, so they take quantized Linears and autocast too, and so does attention_inference's
-kernel (its weights are read once per call). Every fast form gives the plain form's values and gradients
-up to rounding (tests/test_ops_layers.py, tests/test_ops_geometry.py, tests/test_ops_edge.py,
-tests/test_ops_attention.py);
-FPS and kNN give the same indices up to ties. `python -m lib.ops` prints what runs on this machine.
+`.weight`, so they take quantized Linears and autocast too; attention_inference and
+group_norm_relu_max take quantized Linears (each weight is read once per call) but not
+autocast. Every fast form gives the plain form's values and gradients up to rounding
+(tests/test_ops_layers.py, tests/test_ops_geometry.py, tests/test_ops_edge.py,
+tests/test_ops_attention.py); FPS and kNN give the same indices up to ties. `python -m lib.ops`
+prints what runs on this machine.
 """
 import torch
 
