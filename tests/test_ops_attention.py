@@ -210,6 +210,26 @@ def outputs_and_grads(module, xyz, x):
     return [y.detach(), x.grad] + [p.grad for p in module.parameters()]
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_group_linear_is_the_linear_on_the_grouped_input(bias):
+    """Values and gradients, the bias counted once (TransitionDown's Linear has none; other
+    users' may)."""
+    torch.manual_seed(0)
+    xyz, x = transition_problem()
+    new_xyz, idx = xyz[:, :10], torch.randint(64, (2, 10, 5))
+    linear = nn.Linear(3 + 8, 6, bias=bias).double()
+    expected, got = [], []
+    for form, out in ((lambda: linear(ops.group(xyz, x_, new_xyz, idx)), expected),
+                      (lambda: ops.group_linear(linear, xyz, x_, new_xyz, idx), got)):
+        x_ = x.clone().requires_grad_()
+        linear.zero_grad()
+        y = form()
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+        out += [y.detach(), x_.grad] + [p.grad for p in linear.parameters()]
+    for value, wanted in zip(got, expected):
+        torch.testing.assert_close(value, wanted, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("negative_scale", [False, True])
 def test_transition_down_trains_and_evaluates_as_the_eager_composition(negative_scale):
     torch.manual_seed(0)

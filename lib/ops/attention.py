@@ -19,7 +19,7 @@ import torch.nn as nn
 from lib.ops.dispatch import native_for
 from lib.ops.fused import _run
 from lib.ops.geometry import check_index
-from lib.ops.layers import _unhooked
+from lib.ops.layers import _unhooked, no_gradient_wanted
 
 MAX_ROWS = 1 << 14  # csrc/attention_inference.c: k rows of C channels on the stack
 
@@ -103,7 +103,7 @@ def attention_inference(xyz, idx, query, key, value, theta, gamma, share_planes)
     if modules is None:
         return None
     parameters = [p for m in modules for p in m.parameters(recurse=False)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *parameters)):
+    if not no_gradient_wanted(*tensors, *parameters):
         return None
     check_index(idx, n)
     out = value.new_empty(b, n, channels)

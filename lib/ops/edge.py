@@ -2,7 +2,7 @@
 embedding (paper Sec. 3.3) and the Point Transformer's TransitionDown (paper Fig. 4b).
 
 Linear([x_j - x_i, x_i]) = W_a x_j + (W_b - W_a) x_i + b for W = [W_a W_b] (edge_linear), and
-Linear([p_j - p_i, x_j]) = (W_p p_j + W_x x_j) - W_p p_i + b for W = [W_p W_x] (group_linear):
+Linear([p_j - p_i, x_j]) = (W_p p_j + W_x x_j + b) - W_p p_i for W = [W_p W_x] (group_linear):
 the products run on the N points and the M centres, k times fewer rows than the grouped input
 has, and the neighbours' products are gathered and combined with their centre's. The values
 are the plain form's up to rounding, and so are the gradients (autograd carries them through
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lib.ops import dispatch
 from lib.ops.fused import _run, norm_relu_max
 from lib.ops.geometry import check_index, gather, group
-from lib.ops.layers import _unhooked
+from lib.ops.layers import _unhooked, no_gradient_wanted
 
 
 def decomposes(linear):
@@ -61,10 +61,17 @@ def group_linear(linear, xyz, x, new_xyz, idx):
                          f"{3 + channels} inputs, got {linear.in_features}")
     if not decomposes(linear):
         return linear(group(xyz, x, new_xyz, idx))
-    weight = linear.weight  # (O, 3 + C); a quantized layer builds it once here
-    per_point = F.linear(torch.cat([xyz, x], dim=-1), weight)  # (B, N, O)
-    per_centre = F.linear(new_xyz, weight[:, :3], linear.bias)  # (B, M, O)
+    per_point, per_centre = _point_and_centre_products(linear, xyz, x, new_xyz)
     return gather(per_point, idx) - per_centre.unsqueeze(2)
+
+
+def _point_and_centre_products(linear, xyz, x, new_xyz):
+    """W_p p_j + W_x x_j + b on the N points (B, N, O) and W_p p_i on the M centres (B, M, O),
+    for linear's W = [W_p W_x] and bias b: their difference is linear([p_j - p_i, x_j])."""
+    weight = linear.weight  # (O, 3 + C); a quantized layer builds it once here
+    per_point = F.linear(torch.cat([xyz, x], dim=-1), weight, linear.bias)
+    per_centre = F.linear(new_xyz, weight[:, :3])
+    return per_point, per_centre
 
 
 def _gathered_max(lib, rows, idx):
@@ -93,14 +100,11 @@ def group_norm_relu_max(linear, bn, xyz, x, new_xyz, idx):
                  and x.dtype == linear.weight.dtype == bn.weight.dtype)
     if inference:
         parameters = [*linear.parameters(), *bn.parameters()]
-        inference = (not (torch.is_grad_enabled()
-                          and any(t.requires_grad for t in (xyz, x, new_xyz, *parameters)))
+        inference = (no_gradient_wanted(xyz, x, new_xyz, *parameters)
                      and bool((bn.weight >= 0).all()))
     if not inference:
         return norm_relu_max(bn, group_linear(linear, xyz, x, new_xyz, idx))
-    weight = linear.weight
-    per_point = F.linear(torch.cat([xyz, x], dim=-1), weight)  # (B, N, O)
-    per_centre = F.linear(new_xyz, weight[:, :3], linear.bias)  # (B, M, O)
+    per_point, per_centre = _point_and_centre_products(linear, xyz, x, new_xyz)
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
     top = _gathered_max(lib, per_point, idx) - per_centre  # max_j of the grouped products

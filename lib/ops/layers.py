@@ -28,6 +28,12 @@ def _unhooked(*modules):
                 or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
+def no_gradient_wanted(*tensors):
+    """True when autograd would record nothing computed from these tensors: the inference-only
+    kernels (lib/ops/attention.py, edge.group_norm_relu_max) then may run."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 # Where the forms below beat PyTorch's (`python bench/fast_layers.py`, bench/RESULTS.md):
 # training-mode BN is 4-14x faster up to 8 channels (with this limit lifted: as fast at 16-32,
 # 1.5x slower at 64); eval-mode BN is faster on large inputs.
