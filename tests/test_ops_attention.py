@@ -269,3 +269,16 @@ def test_transition_down_inference_never_groups_and_keeps_nan():
             ops.edge.gather = original
     assert torch.isnan(got[0]).all() and not torch.isnan(got[1]).any()
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
+@needs_kernels
+def test_transition_down_inference_rejects_a_corrupt_index_in_one_line():
+    torch.manual_seed(0)
+    xyz, x = transition_problem()
+    module = trained_statistics(TransitionDown(8, 16, stride=4, k=6).double(), xyz, x)
+    linear, norm, _ = module.mlp
+    idx = torch.randint(64, (2, 16, 6))
+    idx[1, 4, 0] = -1
+    with torch.no_grad(), pytest.raises(ValueError, match="out of range") as err:
+        ops.group_norm_relu_max(linear, norm.bn, xyz, x, xyz[:, :16], idx)
+    assert "\n" not in str(err.value)
