@@ -118,6 +118,31 @@ def test_layer_inference_softmax_holds_at_extreme_logits():
 
 
 @needs_kernels
+def test_layer_inference_under_bf16_autocast_reads_and_writes_bf16_rows():
+    """q, k, v and the output in bf16 as autocast has them, float32 inside: within bf16
+    rounding of the float32 layer, and no further from it than the eager bf16 layer (which
+    rounds every intermediate) plus one bf16 step."""
+    torch.manual_seed(0)
+    xyz, x, idx = layer_problem(32, 16, n=200, dtype=torch.float32)
+    layer = trained_statistics(PointTransformerLayer(32), xyz, x, idx)
+    with torch.no_grad():
+        exact = layer(xyz, x, idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q, k, v = layer.phi(x), layer.psi(x), layer.alpha(x)
+            assert ops.attention_inference(xyz, idx, q, k, v, layer.delta, layer.gamma,
+                                           8) is not None
+            assert ops.attention_inference(xyz.bfloat16(), idx, q, k, v, layer.delta,
+                                           layer.gamma, 8) is None  # not autocast's mix
+            got = layer(xyz, x, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_bf16 = eager(layer, xyz, x, idx)
+    assert got.dtype == eager_bf16.dtype == torch.bfloat16
+    step = exact.abs().max().item() * 2 ** -8  # one bf16 rounding step at the largest value
+    assert (got.float() - exact).abs().max() <= (eager_bf16.float() - exact).abs().max() + step
+    torch.testing.assert_close(got.float(), exact, rtol=2e-2, atol=2e-2)
+
+
+@needs_kernels
 def test_the_kernel_steps_aside_for_training_gradients_hooks_and_the_reference_backend():
     torch.manual_seed(0)
     xyz, x, idx = layer_problem(16, 4)

@@ -9,14 +9,17 @@ kernel keeps each point's k rows on its stack instead. BatchNorm in eval mode is
 affine map, folded here (in float64) into a scale and shift.
 
 `attention_inference` returns None wherever the kernel does not apply (gradients wanted, any
-module training or hooked, not the layer's usual structure, autocast, CUDA, the reference
-backend, shapes beyond the kernel's bounds), and the layer runs eagerly; the values agree with
-the eager forward up to rounding (tests/test_ops_attention.py).
+module training or hooked, not the layer's usual structure, autocast other than CPU bf16, CUDA,
+the reference backend, shapes beyond the kernel's bounds), and the layer runs eagerly; the
+values agree with the eager forward up to rounding (tests/test_ops_attention.py). Under bf16
+autocast the kernel reads and writes the bf16 rows autocast gives it and computes in float32,
+where the eager layer would round every intermediate tensor to bf16.
 """
 import torch
 import torch.nn as nn
 
-from lib.ops.dispatch import native_for
+from lib.ops import native
+from lib.ops.dispatch import MAX_CHANNELS, fast_cpu, native_for
 from lib.ops.fused import _run
 from lib.ops.geometry import check_index
 from lib.ops.layers import _unhooked, no_gradient_wanted
@@ -90,10 +93,9 @@ def attention_inference(xyz, idx, query, key, value, theta, gamma, share_planes)
     channels = value.shape[-1]
     weights = channels // share_planes
     tensors = (xyz, query, key, value)
-    lib = native_for(*tensors)
+    lib, weight_dtype = _kernel_for(xyz, query, key, value)
     if (lib is None or weights < 1 or channels % share_planes or idx.dtype != torch.int64
-            or idx.dim() != 3 or idx.shape[2] * channels > MAX_ROWS
-            or torch.is_autocast_enabled("cpu")):
+            or idx.dim() != 3 or idx.shape[2] * channels > MAX_ROWS or channels > MAX_CHANNELS):
         return None
     b, n, k = idx.shape
     if (tuple(xyz.shape) != (b, n, 3) or any(tuple(t.shape) != (b, n, channels)
@@ -110,5 +112,17 @@ def attention_inference(xyz, idx, query, key, value, theta, gamma, share_planes)
     _run(lib, "pt_attention_inference", dtype=value.dtype, B=b, N=n, K=k, C=channels,
          W=weights, xyz=xyz.contiguous(), idx=idx.contiguous(), key=key.contiguous(),
          q=query.contiguous(), v=value.contiguous(), out=out,
-         **_parameters(modules, value.dtype))
+         **_parameters(modules, weight_dtype))
     return out
+
+
+def _kernel_for(xyz, *rows):
+    """(the C kernels, the dtype its weights are given in) for these tensors, or (None, None).
+    Under CPU autocast in bfloat16 (`--amp`): q, k, v and the output in bf16, xyz, the weights
+    and all arithmetic in float32. Otherwise: one dtype the kernels know, no autocast."""
+    if torch.is_autocast_enabled("cpu"):
+        bf16 = (torch.get_autocast_dtype("cpu") == torch.bfloat16 and fast_cpu(xyz, *rows)
+                and xyz.dtype == torch.float32 and all(r.dtype == torch.bfloat16 for r in rows))
+        return (native.library(), torch.float32) if bf16 else (None, None)
+    lib = native_for(xyz, *rows)
+    return lib, rows[0].dtype

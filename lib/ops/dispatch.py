@@ -25,7 +25,9 @@ group_norm_relu_max      inference: max of the gathered      group_linear,    gr
                          then norm_relu_max
 attention_inference      C (csrc/attention_inference.c):     None: the        None
                          eval mode, no gradients, the        layer runs
-                         layer's usual modules, unhooked     eagerly
+                         layer's usual modules, unhooked;    eagerly
+                         fp32, fp64, or bf16 autocast
+                         (bf16 rows, float32 arithmetic)
 batch_norm               folded form up to 8 channels        BatchNorm1d      BatchNorm1d
 mlp                      one-GEMM backward for Linear(3, C)  the modules      the modules
 
@@ -42,8 +44,8 @@ float64 CPU tensors of one dtype with at most MAX_CHANNELS channels; bf16, autoc
 with forward hooks (HAQ's recorder) and non-plain modules (quantized, SyncBatchNorm) get the
 plain forms; edge_linear's and group_linear's forms are plain PyTorch and read a Linear's
 `.weight`, so they take quantized Linears and autocast too; attention_inference and
-group_norm_relu_max take quantized Linears (each weight is read once per call) but not
-autocast. Every fast form gives the plain form's values and gradients up to rounding
+group_norm_relu_max take quantized Linears (each weight is read once per call), and
+attention_inference bf16 autocast (no other). Every fast form gives the plain form's values and gradients up to rounding
 (tests/test_ops_layers.py, tests/test_ops_geometry.py, tests/test_ops_edge.py,
 tests/test_ops_attention.py); FPS and kNN give the same indices up to ties. `python -m lib.ops`
 prints what runs on this machine.
@@ -54,6 +56,9 @@ from lib.ops import fps_triton, native
 
 MAX_CHANNELS = 4096  # csrc/parallel.h: rows of C values live on the kernels' stacks
 NATIVE_DTYPES = {torch.float32: 0, torch.float64: 1}
+# the kernels' dtype argument: bfloat16 (code 2) only for attention_inference's rows, which
+# lib/ops/attention.py passes under bf16 autocast (its arithmetic stays float32)
+KERNEL_DTYPE_CODES = {**NATIVE_DTYPES, torch.bfloat16: 2}
 _BACKEND = "auto"
 
 

@@ -13,14 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lib.ops.dispatch import NATIVE_DTYPES, get_backend, native_for
+from lib.ops.dispatch import KERNEL_DTYPE_CODES, get_backend, native_for
 from lib.ops.geometry import check_index, gather
 from lib.ops.layers import _unhooked, _update_running_stats, batch_norm, shared_weight_sum
 
 
 def _run(lib, name, **arguments):
     """A C kernel's call; its failure status as a one-line error."""
-    status = lib.call(name, dtype=NATIVE_DTYPES[arguments.pop("dtype")], **arguments)
+    status = lib.call(name, dtype=KERNEL_DTYPE_CODES[arguments.pop("dtype")], **arguments)
     if status == -1:
         raise MemoryError(f"lib/ops/csrc: {name}: out of memory for its partial sums")
     if status:

@@ -93,7 +93,7 @@ product_##S(const T *restrict x, const T *restrict M, const T *restrict Mt,     
     }                                                                                         \
 }
 
-#define DEFINE_BODY(T, S, EXP)                                                                \
+#define DEFINE_BODY(T, R, S, EXP, LOAD, STORE)                                                \
 /* theta's first half for neighbour p_j of p_i: t = relu(ts (T1 (p_i - p_j) + tb1) + tt) */   \
 static inline __attribute__((always_inline)) void                                             \
 theta_hidden_##S(const attention_args *a, const T *pi, const T *pj, T *restrict t) {         \
@@ -119,8 +119,8 @@ attention_##S(const attention_args *a, int64_t point, const int64_t C, const int
     const int64_t N = a->N, K = a->K;                                                         \
     const int64_t cloud = point / N * N;                                                      \
     const T *xyz = (const T *)a->xyz + cloud * 3, *pi = (const T *)a->xyz + point * 3;        \
-    const T *key = (const T *)a->key + cloud * C, *v = (const T *)a->v + cloud * C;           \
-    const T *restrict qi = (const T *)a->q + point * C;                                       \
+    const R *key = (const R *)a->key + cloud * C, *v = (const R *)a->v + cloud * C;           \
+    const R *restrict qi = (const R *)a->q + point * C;                                       \
     const T *restrict gs = a->gs, *restrict gt = a->gt, *restrict hs = a->hs;                 \
     const T *restrict ht = a->ht;                                                             \
     const int64_t *nb = a->idx + point * K;                                                   \
@@ -135,9 +135,9 @@ attention_##S(const attention_args *a, int64_t point, const int64_t C, const int
         const int64_t next = (point + 1) / N * N, *nb_next = nb + K;                          \
         for (int64_t j = 0; j < K; ++j) {                                                     \
             __builtin_prefetch((const T *)a->xyz + (next + nb_next[j]) * 3);                  \
-            for (int64_t c = 0; c < C; c += 64 / sizeof(T)) {                                 \
-                __builtin_prefetch((const T *)a->key + (next + nb_next[j]) * C + c);          \
-                __builtin_prefetch((const T *)a->v + (next + nb_next[j]) * C + c);            \
+            for (int64_t c = 0; c < C; c += 64 / sizeof(R)) {                                 \
+                __builtin_prefetch((const R *)a->key + (next + nb_next[j]) * C + c);          \
+                __builtin_prefetch((const R *)a->v + (next + nb_next[j]) * C + c);            \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
@@ -145,10 +145,10 @@ attention_##S(const attention_args *a, int64_t point, const int64_t C, const int
     /* core overlaps them (a neighbour's whole chain at a time left it waiting on each) */    \
     for (int64_t j = 0; j < K; ++j) theta_hidden_##S(a, pi, xyz + nb[j] * 3, hidden[j]);     \
     for (int64_t j = 0; j < K; ++j) {                                                         \
-        const T *restrict kj = key + nb[j] * C;                                               \
+        const R *restrict kj = key + nb[j] * C;                                               \
         theta_out_##S(a, hidden[j], delta, C);                                                \
         SIMD for (int64_t c = 0; c < C; ++c) {                                                \
-            T s = gs[c] * (delta[c] - kj[c] + qi[c]) + gt[c];                                 \
+            T s = gs[c] * (delta[c] - LOAD(kj[c]) + LOAD(qi[c])) + gt[c];                     \
             delta[c] = s > 0 ? s : 0;                                                         \
         }                                                                                     \
         if (narrow)                                                                           \
@@ -202,19 +202,37 @@ attention_##S(const attention_args *a, int64_t point, const int64_t C, const int
     }                                                                                         \
     for (int64_t c = 0; c < C; ++c) acc[c] = 0;                                               \
     for (int64_t j = 0; j < K; ++j) {                                                         \
-        const T *restrict vj = v + nb[j] * C;                                                 \
+        const R *restrict vj = v + nb[j] * C;                                                 \
         theta_out_##S(a, hidden[j], delta, C);                                                \
         for (int64_t g = 0; g < C; g += W)                                                    \
             for (int64_t u = 0; u < W; ++u) tiled[g + u] = logits[u * K + j];                 \
-        SIMD for (int64_t c = 0; c < C; ++c) acc[c] += tiled[c] * (vj[c] + delta[c]);         \
+        SIMD for (int64_t c = 0; c < C; ++c) acc[c] += tiled[c] * (LOAD(vj[c]) + delta[c]);   \
     }                                                                                         \
-    memcpy((T *)a->out + point * C, acc, C * sizeof(T));                                      \
+    R *restrict out = (R *)a->out + point * C;                                                \
+    SIMD for (int64_t c = 0; c < C; ++c) out[c] = STORE(acc[c]);                              \
 }
 
+/* bfloat16 rows (autocast's q, k, v and output) around float32 arithmetic: a bf16 value is a
+ * float32's upper half; stored rounded to nearest, ties to even, NaN kept a (quiet) NaN, as
+ * torch's conversion does. */
+static inline float bf16_load(uint16_t h) {
+    union { uint32_t bits; float value; } v = {.bits = (uint32_t)h << 16};
+    return v.value;
+}
+
+static inline uint16_t bf16_store(float f) {
+    union { float value; uint32_t bits; } v = {.value = f};
+    if ((v.bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.bits >> 16) | 0x40u);
+    return (uint16_t)((v.bits + 0x7fffu + ((v.bits >> 16) & 1u)) >> 16);
+}
+
+#define SAME(x) (x)
 DEFINE_PRODUCT(float, f32)
 DEFINE_PRODUCT(double, f64)
-DEFINE_BODY(float, f32, exp_f32)
-DEFINE_BODY(double, f64, exp)
+DEFINE_PRODUCT(float, bf16)
+DEFINE_BODY(float, float, f32, exp_f32, SAME, SAME)
+DEFINE_BODY(double, double, f64, exp, SAME, SAME)
+DEFINE_BODY(float, uint16_t, bf16, exp_f32, bf16_load, bf16_store)
 
 /* Per-point functions for for_each: C and W constants for the presets' widths
  * (share_planes 8, models/point_transformer.py), read from the arguments otherwise. */
@@ -226,6 +244,12 @@ DEFINE_UNIT_FN(f32, 64, 8)
 DEFINE_UNIT_FN(f32, 128, 16)
 DEFINE_UNIT_FN(f32, 256, 32)
 DEFINE_UNIT_FN(f32, 512, 64)
+DEFINE_UNIT_FN(bf16, 16, 2)
+DEFINE_UNIT_FN(bf16, 32, 4)
+DEFINE_UNIT_FN(bf16, 64, 8)
+DEFINE_UNIT_FN(bf16, 128, 16)
+DEFINE_UNIT_FN(bf16, 256, 32)
+DEFINE_UNIT_FN(bf16, 512, 64)
 #define ARGS(a) ((const attention_args *)(a))
 static void attention_f32_any(const void *a, int64_t u) {
     attention_f32(a, u, ARGS(a)->C, ARGS(a)->W);
@@ -233,17 +257,23 @@ static void attention_f32_any(const void *a, int64_t u) {
 static void attention_f64_any(const void *a, int64_t u) {
     attention_f64(a, u, ARGS(a)->C, ARGS(a)->W);
 }
-
-static body_fn select_body(int dtype, int64_t C, int64_t W) {
-    static const body_fn presets[] = {attention_f32_16, attention_f32_32, attention_f32_64,
-                                      attention_f32_128, attention_f32_256, attention_f32_512};
-    if (dtype) return attention_f64_any;
-    for (int s = 0; s < 6; ++s)
-        if (C == (16 << s) && W == C / 8) return presets[s];
-    return attention_f32_any;
+static void attention_bf16_any(const void *a, int64_t u) {
+    attention_bf16(a, u, ARGS(a)->C, ARGS(a)->W);
 }
 
-/* dtype 0 = float32, 1 = float64. Returns STATUS_OK, or STATUS_BAD_SHAPE without touching
+static body_fn select_body(int dtype, int64_t C, int64_t W) {
+    static const body_fn f32[] = {attention_f32_16, attention_f32_32, attention_f32_64,
+                                  attention_f32_128, attention_f32_256, attention_f32_512};
+    static const body_fn bf16[] = {attention_bf16_16, attention_bf16_32, attention_bf16_64,
+                                   attention_bf16_128, attention_bf16_256, attention_bf16_512};
+    if (dtype == 1) return attention_f64_any;
+    for (int s = 0; s < 6; ++s)
+        if (C == (16 << s) && W == C / 8) return dtype == 2 ? bf16[s] : f32[s];
+    return dtype == 2 ? attention_bf16_any : attention_f32_any;
+}
+
+/* dtype 0 = float32, 1 = float64 (every tensor), 2 = bfloat16 rows key, q, v and out (xyz
+ * and the weights float32). Returns STATUS_OK, or STATUS_BAD_SHAPE without touching
  * memory: 1 <= C <= MAX_CHANNELS, W dividing C (the group loop steps by W up to C), K >= 1 and
  * K C <= MAX_ROWS (the K rows of gamma's input live on the stack). Neighbour indices must lie
  * in [0, N): lib/ops checks them before the call. */
