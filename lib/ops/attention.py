@@ -99,7 +99,7 @@ def attention_inference(xyz, idx, query, key, value, theta, gamma, share_planes)
         return None
     b, n, k = idx.shape
     if (tuple(xyz.shape) != (b, n, 3) or any(tuple(t.shape) != (b, n, channels)
-                                              for t in (query, key))):
+                                              for t in (query, key, value))):
         return None
     modules = _structure(theta, gamma, channels, weights)
     if modules is None:
