@@ -3,14 +3,14 @@ segmentation: alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * cross-ent
 import torch
 import torch.nn.functional as F
 
-from lib.tasks import cross_entropy, model_inputs
+from lib.tasks import cross_entropy, loss_dtype, model_inputs
 
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature, alpha):
     """Logits (..., K), labels (...). The T^2 factor keeps the soft term's gradient scale
     independent of T."""
     k = student_logits.shape[-1]
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # fp32 at least
+    dtype = loss_dtype(student_logits)
     log_p_student = F.log_softmax(student_logits.reshape(-1, k).to(dtype) / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.reshape(-1, k).to(dtype) / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")

@@ -17,11 +17,16 @@ def to_device(batch, device):
             for k, v in batch.items()}
 
 
+def loss_dtype(logits):
+    """The dtype losses are computed in: float32 at least (logits are bf16 under autocast),
+    float64 kept."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
 def cross_entropy(logits, labels):
     """Mean cross-entropy over points (segmentation, logits (B, N, K)) or shapes (cls, (B, K))."""
     logits = logits.reshape(-1, logits.shape[-1])
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
-                           labels.reshape(-1))  # fp32 at least (bf16 under autocast)
+    return F.cross_entropy(logits.to(loss_dtype(logits)), labels.reshape(-1))
 
 
 def supervised_loss(logits, batch):

@@ -10,11 +10,8 @@ import torch
 
 
 @contextlib.contextmanager
-def single_thread(device=None):
-    """torch on one intra-op thread inside the block (CPU only; other devices are left alone)."""
-    if device is not None and torch.device(device).type != "cpu":
-        yield
-        return
+def single_thread():
+    """torch on one intra-op thread inside the block."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
