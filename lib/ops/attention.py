@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from lib.ops import native
 from lib.ops.dispatch import MAX_CHANNELS, fast_cpu, native_for
-from lib.ops.fused import _run
+from lib.ops.fused import _run, running_affine
 from lib.ops.geometry import check_index
 from lib.ops.layers import _unhooked, no_gradient_wanted
 
@@ -62,12 +62,6 @@ def _structure(theta, gamma, channels, weights):
     return modules if _unhooked(first, *theta, *gamma, *modules) else None
 
 
-def _fold(bn):
-    """(scale, shift) in float64 with bn(x) = scale x + shift, for `bn` in eval mode."""
-    scale = bn.weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)
-    return scale, bn.bias.double() - bn.running_mean.double() * scale
-
-
 def _bias(linear):
     return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
 
@@ -77,9 +71,9 @@ def _parameters(modules, dtype):
     """The kernel's weights in `dtype`, contiguous; theta's second transposed, gamma's given
     as they are and transposed (csrc/attention_inference.c says why)."""
     t1, t_norm, t2, g_norm, g1, h_norm, g2 = modules
-    ts, tt = _fold(t_norm)
-    gs, gt = _fold(g_norm)
-    hs, ht = _fold(h_norm)
+    ts, tt = running_affine(t_norm)
+    gs, gt = running_affine(g_norm)
+    hs, ht = running_affine(h_norm)
     named = dict(T1=t1.weight, tb1=_bias(t1), ts=ts, tt=tt, T2t=t2.weight.t(), tb2=_bias(t2),
                  gs=gs, gt=gt, G1=g1.weight, G1t=g1.weight.t(), gb1=_bias(g1), hs=hs, ht=ht,
                  G2=g2.weight, G2t=g2.weight.t(), gb2=_bias(g2))

@@ -19,9 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lib.ops import dispatch
-from lib.ops.fused import _run, norm_relu_max
+from lib.ops.fused import _run, fusable_norm, norm_relu_max
 from lib.ops.geometry import check_index, gather, group
-from lib.ops.layers import _unhooked, no_gradient_wanted
+from lib.ops.layers import _unhooked, eval_scale_shift, no_gradient_wanted
 
 
 def decomposes(linear):
@@ -92,12 +92,9 @@ def group_norm_relu_max(linear, bn, xyz, x, new_xyz, idx):
     the max comes before everything but the per-point product (the module's doc); elsewhere
     group_linear, then norm_relu_max."""
     lib = dispatch.native_for(xyz, x, new_xyz)
-    inference = (lib is not None and decomposes(linear) and type(bn) is nn.BatchNorm1d
-                 and not bn.training and bn.affine and bn.track_running_stats and _unhooked(bn)
-                 and idx.dtype == torch.int64 and idx.dim() == 3
-                 and not torch.is_autocast_enabled(x.device.type)
-                 and linear.in_features == 3 + x.shape[-1]
-                 and x.dtype == linear.weight.dtype == bn.weight.dtype)
+    inference = (lib is not None and decomposes(linear) and fusable_norm(bn, x)
+                 and not bn.training and idx.dtype == torch.int64 and idx.dim() == 3
+                 and linear.in_features == 3 + x.shape[-1] and x.dtype == linear.weight.dtype)
     if inference:
         parameters = [*linear.parameters(), *bn.parameters()]
         inference = (no_gradient_wanted(xyz, x, new_xyz, *parameters)
@@ -105,7 +102,6 @@ def group_norm_relu_max(linear, bn, xyz, x, new_xyz, idx):
     if not inference:
         return norm_relu_max(bn, group_linear(linear, xyz, x, new_xyz, idx))
     per_point, per_centre = _point_and_centre_products(linear, xyz, x, new_xyz)
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
+    scale, shift = eval_scale_shift(bn)
     top = _gathered_max(lib, per_point, idx) - per_centre  # max_j of the grouped products
     return torch.addcmul(shift, top, scale).clamp_min_(0)

@@ -176,10 +176,28 @@ def _affine_statistics(lib, bn, rows, gamma, beta):
         _update_running_stats(bn, mean, var, count)
     else:
         mean, var = bn.running_mean.double(), bn.running_var.double()
+    return tuple(t.to(rows.dtype) for t in _affine(bn, mean, var, gamma, beta))
+
+
+def _affine(bn, mean, var, gamma, beta):
+    """(mean, rstd, scale, shift) in float64, bn(x) = scale x + shift, from a float64 mean and
+    (biased) variance and the affine parameters gamma, beta (not differentiated)."""
     rstd = torch.rsqrt(var + bn.eps)
     scale = gamma.detach().double() * rstd
-    shift = beta.detach().double() - mean * scale
-    return tuple(t.to(rows.dtype) for t in (mean, rstd, scale, shift))
+    return mean, rstd, scale, beta.detach().double() - mean * scale
+
+
+def running_affine(bn):
+    """(scale, shift) in float64 of `bn` in eval mode: its running statistics folded."""
+    return _affine(bn, bn.running_mean.double(), bn.running_var.double(), bn.weight, bn.bias)[2:]
+
+
+def fusable_norm(bn, x):
+    """Whether the fused forms may compute `bn` from its parameters directly, on x: a plain
+    affine nn.BatchNorm1d with running statistics (not SyncBatchNorm), no hooks (HAQ's
+    recorder), x of its parameters' dtype, no autocast."""
+    return (type(bn) is nn.BatchNorm1d and bn.affine and bn.track_running_stats and _unhooked(bn)
+            and x.dtype == bn.weight.dtype and not torch.is_autocast_enabled(x.device.type))
 
 
 def relu_neighbour_max(x):
@@ -239,9 +257,7 @@ def norm_relu_max(bn, x):
     (CPU, fp32/fp64, every scale >= 0 as BatchNorm starts, plain unhooked module, no autocast);
     elsewhere batch_norm, then relu_neighbour_max."""
     lib = native_for(x)
-    fused = (lib is not None and x.dim() == 4 and type(bn) is nn.BatchNorm1d
-             and bn.affine and bn.track_running_stats and _unhooked(bn)
-             and x.dtype == bn.weight.dtype and not torch.is_autocast_enabled(x.device.type)
+    fused = (lib is not None and x.dim() == 4 and fusable_norm(bn, x)
              and x.shape[2] < 2 ** 31 and x.numel() // x.shape[-1] >= 2
              and bool((bn.weight >= 0).all()))
     if not fused:
@@ -302,11 +318,8 @@ def norm_relu_linear(bn, linear, x):
     channels = x.shape[-1]
     lib = native_for(x)
     fused = (lib is not None and channels <= _NORM_RELU_LINEAR_MAX_CHANNELS
-             and type(bn) is nn.BatchNorm1d and bn.affine and bn.track_running_stats
-             and type(linear) is nn.Linear and linear.bias is not None
-             and _unhooked(bn, linear)
-             and x.dtype == bn.weight.dtype == linear.weight.dtype
-             and not torch.is_autocast_enabled(x.device.type)
+             and fusable_norm(bn, x) and type(linear) is nn.Linear and linear.bias is not None
+             and _unhooked(linear) and x.dtype == linear.weight.dtype
              and x.numel() // channels >= 2)
     if not fused:
         return linear(F.relu(batch_norm(bn, x), inplace=True))

@@ -102,6 +102,13 @@ class _BatchNormRows(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None
 
 
+def eval_scale_shift(bn):
+    """(scale, shift) with bn(x) = scale x + shift for `bn` (an affine nn.BatchNorm1d) in eval
+    mode, in its parameters' dtype, differentiable in them."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
 def batch_norm_rows(x, bn):
     """`bn` (an nn.BatchNorm1d) applied to (M, C) rows, as bn(x) computes it, running statistics
     included. Unusual set-ups (no affine, no running statistics, SyncBatchNorm, one row, mixed
@@ -114,8 +121,7 @@ def batch_norm_rows(x, bn):
     if not bn.training:
         if rows < _FAST_EVAL_ROWS:  # per-call overhead dominates small inputs
             return bn(x)
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        shift = bn.bias - bn.running_mean * scale
+        scale, shift = eval_scale_shift(bn)
         fold = _fold(rows, channels)
         y = torch.addcmul(shift.repeat(fold), x.reshape(rows // fold, fold * channels),
                           scale.repeat(fold))
