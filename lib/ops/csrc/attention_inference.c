@@ -91,6 +91,21 @@ product_##S(const T *restrict x, const T *restrict M, const T *restrict Mt,     
             out[u] = b[u] + s;                                                                \
         }                                                                                     \
     }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* The same product for K inputs at once, channel-major: out[u K + j] = b[u] + sum_i          \
+ * M[u I + i] x[i K + j] for x (I, K), out (O, K); vectorised over the K columns, for O below \
+ * a vector (narrow gamma products, where one input's products would fill no vector). */       \
+static inline __attribute__((always_inline)) void                                             \
+product_across_##S(const T *restrict x, const T *restrict M, const T *restrict b,             \
+                   T *restrict out, const int64_t I, const int64_t O, const int64_t K) {      \
+    for (int64_t u = 0; u < O; ++u) {                                                         \
+        T *restrict ou = out + u * K;                                                         \
+        for (int64_t j = 0; j < K; ++j) ou[j] = b[u];                                         \
+        for (int64_t i = 0; i < I; ++i) {                                                     \
+            SIMD for (int64_t j = 0; j < K; ++j) ou[j] += M[u * I + i] * x[i * K + j];        \
+        }                                                                                     \
+    }                                                                                         \
 }
 
 #define DEFINE_BODY(T, R, S, EXP, LOAD, STORE)                                                \
@@ -157,26 +172,15 @@ attention_##S(const attention_args *a, int64_t point, const int64_t C, const int
             memcpy(act + j * C, delta, C * sizeof(T));                                        \
     }                                                                                         \
     if (narrow) {                                                                             \
-        /* products over the K neighbours at once, a vector of them per (output, input) */    \
-        const T *restrict G1 = a->G1, *restrict G2 = a->G2;                                   \
+        product_across_##S(act, a->G1, a->gb1, h, C, W, K);                                    \
         for (int64_t u = 0; u < W; ++u) {                                                     \
             T *restrict hu = h + u * K;                                                       \
-            for (int64_t j = 0; j < K; ++j) hu[j] = ((const T *)a->gb1)[u];                   \
-            for (int64_t c = 0; c < C; ++c) {                                                 \
-                SIMD for (int64_t j = 0; j < K; ++j) hu[j] += G1[u * C + c] * act[c * K + j]; \
-            }                                                                                 \
             SIMD for (int64_t j = 0; j < K; ++j) {                                            \
                 T s = hs[u] * hu[j] + ht[u];                                                  \
                 hu[j] = s > 0 ? s : 0;                                                        \
             }                                                                                 \
         }                                                                                     \
-        for (int64_t u = 0; u < W; ++u) {                                                     \
-            T *restrict lu = logits + u * K;                                                  \
-            for (int64_t j = 0; j < K; ++j) lu[j] = ((const T *)a->gb2)[u];                   \
-            for (int64_t e = 0; e < W; ++e) {                                                 \
-                SIMD for (int64_t j = 0; j < K; ++j) lu[j] += G2[u * W + e] * h[e * K + j];   \
-            }                                                                                 \
-        }                                                                                     \
+        product_across_##S(h, a->G2, a->gb2, logits, W, W, K);                                 \
     } else {                                                                                  \
         T row[W];                                                                             \
         for (int64_t j = 0; j < K; ++j) {                                                     \
@@ -262,14 +266,16 @@ static void attention_bf16_any(const void *a, int64_t u) {
 }
 
 static body_fn select_body(int dtype, int64_t C, int64_t W) {
-    static const body_fn f32[] = {attention_f32_16, attention_f32_32, attention_f32_64,
-                                  attention_f32_128, attention_f32_256, attention_f32_512};
-    static const body_fn bf16[] = {attention_bf16_16, attention_bf16_32, attention_bf16_64,
-                                   attention_bf16_128, attention_bf16_256, attention_bf16_512};
+    static const body_fn f32[PRESETS] = {attention_f32_16, attention_f32_32, attention_f32_64,
+                                         attention_f32_128, attention_f32_256,
+                                         attention_f32_512};
+    static const body_fn bf16[PRESETS] = {attention_bf16_16, attention_bf16_32,
+                                          attention_bf16_64, attention_bf16_128,
+                                          attention_bf16_256, attention_bf16_512};
     if (dtype == 1) return attention_f64_any;
-    for (int s = 0; s < 6; ++s)
-        if (C == (16 << s) && W == C / 8) return dtype == 2 ? bf16[s] : f32[s];
-    return dtype == 2 ? attention_bf16_any : attention_f32_any;
+    const int s = preset_index(C, W);
+    if (dtype == 2) return s >= 0 ? bf16[s] : attention_bf16_any;
+    return s >= 0 ? f32[s] : attention_f32_any;
 }
 
 /* dtype 0 = float32, 1 = float64 (every tensor), 2 = bfloat16 rows key, q, v and out (xyz

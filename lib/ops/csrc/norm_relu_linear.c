@@ -163,11 +163,11 @@ static nrl_kernels select_kernels(int dtype, int64_t C, int64_t O) {
 #define KERNELS(S, NAME) {forward_##S##_##NAME, backward_sums_##S##_##NAME, \
                           backward_input_##S##_##NAME}
     static const nrl_kernels f64 = KERNELS(f64, any), f32 = KERNELS(f32, any);
+    /* the first three presets: lib/ops sends wider rows to the GEMM */
     static const nrl_kernels f32_c[] = {KERNELS(f32, 16), KERNELS(f32, 32), KERNELS(f32, 64)};
     if (dtype) return f64;
-    for (int s = 0; s < 3; ++s)
-        if (C == (16 << s) && O == (2 << s)) return f32_c[s];
-    return f32;
+    const int s = preset_index(C, O);
+    return s >= 0 && s < 3 ? f32_c[s] : f32;
 }
 
 /* Runs `body` over the chunks, then adds their `width` sums up in chunk order into `out`.

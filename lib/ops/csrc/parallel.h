@@ -19,6 +19,17 @@ enum { STATUS_OK = 0, STATUS_NO_MEMORY = -1, STATUS_NOT_FINITE = -2, STATUS_BAD_
  * C keeps that within any thread's stack. lib/ops sends wider rows to the PyTorch forms. */
 enum { MAX_CHANNELS = 4096 };
 
+/* The Point Transformer presets' widths (models/point_transformer.py, share_planes 8): C = 16 << s
+ * channels with W = C / 8 attention weights, s < PRESETS. The kernels compile a body for each
+ * with C and W constant, so that the row loops unroll and vectorise; this says which, or -1. */
+enum { PRESETS = 6 };
+
+static inline int preset_index(int64_t C, int64_t W) {
+    for (int s = 0; s < PRESETS; ++s)
+        if (C == (16 << s) && W == C / 8) return s;
+    return -1;
+}
+
 typedef void (*body_fn)(const void *args, int64_t unit);
 
 /* body(args, u) for u in [0, units), in contiguous spans over up to `threads` threads. */

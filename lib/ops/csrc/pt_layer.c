@@ -165,12 +165,12 @@ typedef struct { body_fn relation_fwd, relation_bwd, aggregate_fwd, aggregate_bw
 
 static kernels_t select_kernels(int dtype, int64_t C, int64_t W) {
     static const kernels_t f64 = KERNELS(f64, any), f32 = KERNELS(f32, any);
-    static const kernels_t f32_c[] = {KERNELS(f32, 16), KERNELS(f32, 32), KERNELS(f32, 64),
-                                      KERNELS(f32, 128), KERNELS(f32, 256), KERNELS(f32, 512)};
+    static const kernels_t f32_c[PRESETS] = {KERNELS(f32, 16), KERNELS(f32, 32),
+                                             KERNELS(f32, 64), KERNELS(f32, 128),
+                                             KERNELS(f32, 256), KERNELS(f32, 512)};
     if (dtype) return f64;
-    for (int s = 0; s < 6; ++s)
-        if (C == (16 << s) && (W == 0 || W == C / 8)) return f32_c[s];
-    return f32;
+    const int s = preset_index(C, W ? W : C / 8); /* W = 0: a kernel without weights */
+    return s >= 0 ? f32_c[s] : f32;
 }
 
 /* The shapes the bodies assume: 1 <= C <= MAX_CHANNELS, and W dividing C (the group loops step
