@@ -59,7 +59,7 @@ def _structure(theta, gamma, channels, weights):
         return None
     modules = [theta[0], theta[1].bn, theta[3], first_norm.bn, first_linear, gamma[1].bn,
                gamma[3]]
-    return modules if _unhooked(first, *theta, *gamma, *modules) else None
+    return modules if _unhooked(*theta, *gamma, *modules) else None
 
 
 def _bias(linear):
