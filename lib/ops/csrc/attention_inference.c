@@ -242,18 +242,9 @@ DEFINE_BODY(float, uint16_t, bf16, exp_f32, bf16_load, bf16_store)
  * (share_planes 8, models/point_transformer.py), read from the arguments otherwise. */
 #define DEFINE_UNIT_FN(S, C, W)                                                               \
 static void attention_##S##_##C(const void *a, int64_t u) { attention_##S(a, u, C, W); }
-DEFINE_UNIT_FN(f32, 16, 2)
-DEFINE_UNIT_FN(f32, 32, 4)
-DEFINE_UNIT_FN(f32, 64, 8)
-DEFINE_UNIT_FN(f32, 128, 16)
-DEFINE_UNIT_FN(f32, 256, 32)
-DEFINE_UNIT_FN(f32, 512, 64)
-DEFINE_UNIT_FN(bf16, 16, 2)
-DEFINE_UNIT_FN(bf16, 32, 4)
-DEFINE_UNIT_FN(bf16, 64, 8)
-DEFINE_UNIT_FN(bf16, 128, 16)
-DEFINE_UNIT_FN(bf16, 256, 32)
-DEFINE_UNIT_FN(bf16, 512, 64)
+FOR_EACH_PRESET(DEFINE_UNIT_FN, f32)
+FOR_EACH_PRESET(DEFINE_UNIT_FN, bf16)
+#define UNIT_FN_NAME(S, C, W) attention_##S##_##C,
 #define ARGS(a) ((const attention_args *)(a))
 static void attention_f32_any(const void *a, int64_t u) {
     attention_f32(a, u, ARGS(a)->C, ARGS(a)->W);
@@ -266,12 +257,8 @@ static void attention_bf16_any(const void *a, int64_t u) {
 }
 
 static body_fn select_body(int dtype, int64_t C, int64_t W) {
-    static const body_fn f32[PRESETS] = {attention_f32_16, attention_f32_32, attention_f32_64,
-                                         attention_f32_128, attention_f32_256,
-                                         attention_f32_512};
-    static const body_fn bf16[PRESETS] = {attention_bf16_16, attention_bf16_32,
-                                          attention_bf16_64, attention_bf16_128,
-                                          attention_bf16_256, attention_bf16_512};
+    static const body_fn f32[PRESETS] = {FOR_EACH_PRESET(UNIT_FN_NAME, f32)};
+    static const body_fn bf16[PRESETS] = {FOR_EACH_PRESET(UNIT_FN_NAME, bf16)};
     if (dtype == 1) return attention_f64_any;
     const int s = preset_index(C, W);
     if (dtype == 2) return s >= 0 ? bf16[s] : attention_bf16_any;

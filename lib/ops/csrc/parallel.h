@@ -30,6 +30,10 @@ static inline int preset_index(int64_t C, int64_t W) {
     return -1;
 }
 
+/* M(S, C, W) for every preset, in preset_index's order: the kernels' bodies and tables. */
+#define FOR_EACH_PRESET(M, S) \
+    M(S, 16, 2) M(S, 32, 4) M(S, 64, 8) M(S, 128, 16) M(S, 256, 32) M(S, 512, 64)
+
 typedef void (*body_fn)(const void *args, int64_t unit);
 
 /* body(args, u) for u in [0, units), in contiguous spans over up to `threads` threads. */

@@ -138,12 +138,7 @@ static void aggregate_fwd_##S##_##C(const void *a, int64_t u) { aggregate_fwd_##
 static void aggregate_bwd_##S##_##C(const void *a, int64_t u) { aggregate_bwd_##S(a, u, C, W); }
 
 /* share_planes = 8, the channel widths of the presets in models/point_transformer.py */
-DEFINE_UNIT_FNS(f32, 16, 2)
-DEFINE_UNIT_FNS(f32, 32, 4)
-DEFINE_UNIT_FNS(f32, 64, 8)
-DEFINE_UNIT_FNS(f32, 128, 16)
-DEFINE_UNIT_FNS(f32, 256, 32)
-DEFINE_UNIT_FNS(f32, 512, 64)
+FOR_EACH_PRESET(DEFINE_UNIT_FNS, f32)
 
 #define P(a) ((const pt_args *)(a))
 #define DEFINE_GENERIC(S)                                                                     \
@@ -165,9 +160,8 @@ typedef struct { body_fn relation_fwd, relation_bwd, aggregate_fwd, aggregate_bw
 
 static kernels_t select_kernels(int dtype, int64_t C, int64_t W) {
     static const kernels_t f64 = KERNELS(f64, any), f32 = KERNELS(f32, any);
-    static const kernels_t f32_c[PRESETS] = {KERNELS(f32, 16), KERNELS(f32, 32),
-                                             KERNELS(f32, 64), KERNELS(f32, 128),
-                                             KERNELS(f32, 256), KERNELS(f32, 512)};
+#define PRESET_KERNELS(S, C, W) KERNELS(S, C),
+    static const kernels_t f32_c[PRESETS] = {FOR_EACH_PRESET(PRESET_KERNELS, f32)};
     if (dtype) return f64;
     const int s = preset_index(C, W ? W : C / 8); /* W = 0: a kernel without weights */
     return s >= 0 ? f32_c[s] : f32;
