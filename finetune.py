@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from lib import distributed
+from lib import distributed, heap
 from lib.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, positive_float,
                      resolve_device, run_script)
@@ -87,6 +87,7 @@ def main(args):
         raise ValueError("give --policy policy.json or --bits N")
     device = resolve_device(args.device)
     _, _, device = distributed.init_distributed(device)
+    heap.keep_freed_memory(device)  # each step's large temporaries reused, not re-faulted
     args.out = out = claim(
         args.out or os.path.join(os.path.dirname(args.ckpt), "finetune"),
         resume=bool(args.resume), overwrite=args.overwrite, teacher=args.ckpt)

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from lib import distributed
+from lib import distributed, heap
 from lib.checkpoint import load_checkpoint, unwrap
 from lib.cli import add_flags, make_parser, nonneg_float, resolve_device, run_script
 from lib.experiment import MODEL_NAMES, dataset_meta, load_split, make_loader, model_kwargs
@@ -39,6 +39,7 @@ def main(args):
         raise ValueError(f"--epochs {args.epochs}: pretraining needs at least one epoch")
     device = resolve_device(args.device)
     _, world, device = distributed.init_distributed(device)
+    heap.keep_freed_memory(device)  # each step's large temporaries reused, not re-faulted
     args.out = out = claim(args.out or os.path.join("checkpoints", f"{args.model}_{args.dataset}"),
                            resume=bool(args.resume), overwrite=args.overwrite)
     resume = None

@@ -17,7 +17,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from lib import distributed
+from lib import distributed, heap
 from lib.checkpoint import load_checkpoint, torch_load, torch_save_atomic
 from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, path_arg,
                      positive_float, positive_fraction, positive_int, resolve_device, run_script)
@@ -125,6 +125,7 @@ def main(args):
     # Under torchrun every rank scores a share of each reward's subset; rank 0 runs the agent,
     # broadcasts each policy and writes every file.
     _, _, device = distributed.init_distributed(resolve_device(args.device))
+    heap.keep_freed_memory(device)  # each step's large temporaries reused, not re-faulted
     main_rank = distributed.is_main()
     print_main = print if main_rank else (lambda *a, **k: None)
     torch.manual_seed(args.seed)

@@ -13,7 +13,8 @@ no caches. Every speedup compares like with like: fp32 fast against fp32 referen
 (`*_speedup`), bf16 autocast against bf16 autocast (`*_bf16_speedup`, on both devices), and
 `*_bf16_vs_fp32` is what bf16 buys the fast path. The HAQ speedup compares warm episodes on
 both sides. No environment setting is made here: the threads and OpenMP settings are the
-caller's, as in training, and are recorded under "machine". Each section's `details` holds
+caller's, as in training, and are recorded under "machine"; the process keeps its freed memory
+for reuse (lib/heap.py) as the training and search scripts do. Each section's `details` holds
 `settings`: the batch, points, widths, threads and dtypes of its figures. Sections:
   train  Point Transformer part-segmentation SGD step, B=16 x 2048, tiny and default configs
   eval   the same networks' forward pass in eval mode
@@ -44,7 +45,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (BF16_PATHS, PATHS, compare, machine_info, on_path,  # noqa: E402
                           peak_memory_gib, settings, speed_figures, timed)
-from lib import ops  # noqa: E402
+from lib import heap, ops  # noqa: E402
 from lib.ops import geometry  # noqa: E402
 from lib.cli import resolve_device  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
@@ -365,6 +366,8 @@ def main(args):
     if args.json is None:
         raise SystemExit("bench/run.py: --json OUT is required")
     device = resolve_device(args.device)
+    # as pretrain.py, finetune.py and search.py do (the room workers, like eval.py, do not)
+    kept = heap.keep_freed_memory(device)
     sizes = sizes_of(args)
     sections = list(dict.fromkeys(args.only + (["compile"] if args.compile else [])))
     runners = {"train": lambda: bench_pt("train", args, sizes, device),
@@ -374,7 +377,8 @@ def main(args):
                "room": lambda: bench_room(args, sizes, device),
                "compile": lambda: bench_compile(args, sizes, device)}
     results = {"command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-               "quick": args.quick, "machine": machine_info(device)}
+               "quick": args.quick, "machine": machine_info(device),
+               "keep_freed_memory": kept}
     figures, details = {}, {}
     for section in sections:
         print(f"[{section}] load {os.getloadavg()[0]:.2f}", flush=True)

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from lib import heap
 from lib.checkpoint import load_checkpoint
 from lib.cli import resolve_device, run_script
 from lib.experiment import evaluate_checkpoint, example_inputs, load_split, make_loader
@@ -217,6 +218,7 @@ def check_args(args):
 def main(args):
     check_args(args)
     device = resolve_device(args.device)
+    heap.keep_freed_memory(device)  # each step's large temporaries reused, not re-faulted
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))),
                                    "compare")
     os.makedirs(out, exist_ok=True)
