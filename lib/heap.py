@@ -3,17 +3,16 @@ device memory.
 
 torch allocates CPU tensors with malloc. glibc serves any block of 32 MiB or more (its largest
 mmap threshold) with a fresh mmap and unmaps it on free, so every step of a CPU training run
-asks the kernel again for the same few GiB of large temporaries (the Point Transformer's
-(B, N, k, C) neighbour tensors, PCT's (B, M, k, C) groups), and the kernel zeroes every page on
-its first touch. Measured on the 2-core development VM (lib/DESIGN.md, "Host memory"): a PCT
-training step (B=32 x 1024) faulted in 4.4 GB a step and took 7.1-8.5 s, 3.0-3.5 s with the
-memory kept; the default PT (B=16 x 2048) 1.75 s against 1.1-1.2 s.
+asks the kernel again for the same large temporaries (the Point Transformer's (B, N, k, C)
+neighbour tensors, PCT's (B, M, k, C) groups), and the kernel zeroes each page on its first
+touch: on the development VM a PCT step (B=32 x 1024) spent 4.5-5.7 s of system CPU on it and
+took 6.2-7.0 s, 2.9-3.2 s with the memory kept (bench/heap.py, bench/RESULTS.md).
 
-A training step allocates the same sizes each time, so the heap's free blocks fit the next
-step's: with mmap off and trimming off, glibc reuses them and no page is faulted again. The
-cost is the heap's fragmentation: the process keeps its peak, plus holes (PCT's peak RSS 2.8 ->
-about 4 GiB; the default PT's unchanged). Hence only the repeated-step scripts (pretrain,
-finetune, search) ask for it, not a one-pass eval.py, whose room-sized inputs vary in size.
+A training step allocates the same sizes each time, so freed blocks fit the next step's: with
+mmap and trimming off, glibc keeps them in its heap and no page is faulted again. The cost is
+the heap's peak plus its holes (PCT's peak RSS 2.8 -> 4.2 GiB; the Point Transformer's about
+unchanged). Hence only the repeated-step scripts (pretrain, finetune, search, lib.haq.compare)
+ask for it, not a one-pass eval.py, whose room-sized inputs vary in size (lib/DESIGN.md).
 """
 import ctypes
 import os

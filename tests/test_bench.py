@@ -3,6 +3,7 @@ keys it documents, with the settings behind them; the HAQ episode's fast path sc
 as the reference does; the bench sets no environment of its own."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -28,6 +29,7 @@ def run_bench(*flags, env=None):
 def test_quick_run_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["POINT_HAQ_KEEP_FREED"] = "1"
     done = run_bench("--quick", "--json", str(out), "--data-root", str(tmp_path / "parts"),
                      env=env)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -44,6 +46,8 @@ def test_quick_run_writes_every_figure(tmp_path):
                                        "haq_episode_tiny_s", "s3dis_room_peak_gib"}
     assert results["command"].startswith(os.path.join("bench", "run.py") + " --quick")
     assert results["machine"]["env"]["OMP_WAIT_POLICY"] is None  # training's setting: none
+    # and the training scripts' heap (lib/heap.py): freed memory kept on a glibc CPU run
+    assert results["keep_freed_memory"] == (on_cpu and platform.libc_ver()[0] == "glibc")
     haq = results["details"]["haq"]["tiny"]
     assert len(haq["warm_s"]) == 3 and haq["kmeans_cache"]["hits"] >= 3 * haq["layers"]
     if on_cpu:  # same arithmetic; on CUDA the fast path's bf16 may move the score
@@ -51,6 +55,23 @@ def test_quick_run_writes_every_figure(tmp_path):
     room = results["details"]["room"]["runs"]
     assert room["fast"]["logits"] == [1, 4096, 13]
     assert room["fast"]["peak_gib"] >= room["fast"]["before_inference_gib"] > 0
+
+
+def test_heap_bench_times_both_modes(tmp_path):
+    """bench/heap.py, one small configuration, one round: each mode in its own process, the
+    kept one with malloc's settings changed and the plain one without."""
+    out = tmp_path / "heap.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, os.path.join("bench", "heap.py"), "--json", str(out),
+                           "--configs", "pt_seg_tiny_b16", "--warmup", "0", "--steps", "1",
+                           "--rounds", "1", "--data-root", str(tmp_path / "parts")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads(out.read_text())["configs"]["pt_seg_tiny_b16"]
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert [run["kept"] for run in runs["plain"] + runs["kept"]] == [False, glibc]
+    for run in runs["plain"] + runs["kept"]:
+        assert len(run["seconds"]) == 1 and run["median_s"] > 0 and run["peak_rss_gib"] > 0
 
 
 def test_json_flag_is_required():
