@@ -11,7 +11,7 @@ sample exactly once) and rank 0 prints the merged figures.
 import json
 import os
 
-from lib import distributed
+from lib import distributed, heap
 from lib.cli import add_flags, make_parser, nonneg_int, path_arg, resolve_device, run_script
 from lib.experiment import evaluate_checkpoint
 from lib.predictions import PredictionSink
@@ -47,6 +47,7 @@ def add_prediction_flags(p):
 
 def main(args):
     _, _, device = distributed.init_distributed(resolve_device(args.device))
+    heap.keep_freed_memory(device)  # each batch's large temporaries reused, not re-faulted
     sink = None
     if args.save_pred or args.render:
         # Titles name the checkpoint as the user would type it: relative to here when inside it

@@ -14,7 +14,7 @@ no caches. Every speedup compares like with like: fp32 fast against fp32 referen
 `*_bf16_vs_fp32` is what bf16 buys the fast path. The HAQ speedup compares warm episodes on
 both sides. No environment setting is made here: the threads and OpenMP settings are the
 caller's, as in training, and are recorded under "machine"; the process keeps its freed memory
-for reuse (lib/heap.py) as the training and search scripts do. Each section's `details` holds
+for reuse (lib/heap.py) as the scripts do. Each section's `details` holds
 `settings`: the batch, points, widths, threads and dtypes of its figures. Sections:
   train  Point Transformer part-segmentation SGD step, B=16 x 2048, tiny and default configs
   eval   the same networks' forward pass in eval mode
@@ -261,6 +261,7 @@ def synthetic_room(num_points, seed=0):
 def room_worker(args):
     """One room inference in this (fresh) process; prints its wall time and peak memory."""
     device = resolve_device(args.device)
+    heap.keep_freed_memory(device)  # as eval.py
     xyz, feat = (t.to(device) for t in synthetic_room(sizes_of(args)["room_points"]))
     torch.manual_seed(0)
     model = build_model("pt_semseg", in_channels=6, num_classes=13).to(device).eval()
@@ -366,7 +367,7 @@ def main(args):
     if args.json is None:
         raise SystemExit("bench/run.py: --json OUT is required")
     device = resolve_device(args.device)
-    # as pretrain.py, finetune.py and search.py do (the room workers, like eval.py, do not)
+    # as the scripts do (lib/heap.py); the room workers, fresh processes, each do it again
     kept = heap.keep_freed_memory(device)
     sizes = sizes_of(args)
     sections = list(dict.fromkeys(args.only + (["compile"] if args.compile else [])))

@@ -11,8 +11,7 @@ took 6.2-7.0 s, 2.9-3.2 s with the memory kept (bench/heap.py, bench/RESULTS.md)
 A training step allocates the same sizes each time, so freed blocks fit the next step's: with
 mmap and trimming off, glibc keeps them in its heap and no page is faulted again. The cost is
 the heap's peak plus its holes (PCT's peak RSS 2.8 -> 4.2 GiB; the Point Transformer's about
-unchanged). Hence only the repeated-step scripts (pretrain, finetune, search, lib.haq.compare)
-ask for it, not a one-pass eval.py, whose room-sized inputs vary in size (lib/DESIGN.md).
+unchanged). Every script that runs a model over batches asks for it (lib/DESIGN.md).
 """
 import ctypes
 import os

@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 
-from lib import distributed
+from lib import distributed, heap
 from lib.report import SUMMARY_COLUMNS, format_quant_table, task_of
 
 # run folder -> row name, in table order; other folders follow, sorted, under their own name
@@ -87,6 +87,7 @@ def main(args):
     if args.run:
         from lib.cli import resolve_device
         _, _, device = distributed.init_distributed(resolve_device(args.device))
+        heap.keep_freed_memory(device)  # each batch's temporaries reused, not re-faulted
         scored = score_run(args.run, args.data_root, args.batch_size, device, args.workers)
         out = args.out or os.path.join(args.run, "results")
     else:

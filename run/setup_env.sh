@@ -25,7 +25,7 @@ export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # page faults dominate a Point Transformer layer's forward+backward on CPU. glibc caps
 # mmap_threshold at 32 MiB, so the larger ones are still mapped: hugetlb=1 backs them with
 # transparent huge pages (bench/pointops.py: page faults per grouping step 165k -> 2.4k,
-# pt_seg step 1.3 s -> 1.1 s). mmap_max=0 (no mmap at all) is not set here: the training and
-# search scripts turn mmap off themselves on a CPU run (lib/heap.py), so that the blocks above
-# 32 MiB are reused too; a one-pass eval.py of rooms of every size keeps the mapping.
+# pt_seg step 1.3 s -> 1.1 s). mmap_max=0 (no mmap at all) is not set here: the scripts turn
+# mmap off themselves on a CPU run (lib/heap.py), so that the blocks above 32 MiB are reused too,
+# and other processes (the test runner, a user's own) keep glibc's usual mapping.
 export GLIBC_TUNABLES="glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456:glibc.malloc.hugetlb=1"
