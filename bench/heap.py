@@ -6,9 +6,9 @@ For each configuration (the default PT part segmentation at B=16 and B=8 x 2048 
 tiny one at B=16, PCT classification at B=32 x 1024; fp32, the fast path, the caller's threads
 and GLIBC_TUNABLES) a worker process builds the model and its SGD step, runs `--warmup`
 untimed steps, then `--steps` timed ones, with POINT_HAQ_KEEP_FREED=0 ("plain": glibc maps and
-unmaps every block of 32 MiB or more) or 1 ("kept", as the scripts run,
-lib/heap.py). Reports per mode the median step, the kernel (system) CPU time and the minor page faults
-per timed step, and the process's peak RSS; the two modes alternate, `--rounds` times.
+unmaps every block of 32 MiB or more) or 1 ("kept", as the scripts run, lib/heap.py). Reports
+per mode the median step, the kernel (system) CPU time and the minor page faults per timed
+step, and the process's peak RSS; the two modes alternate, `--rounds` times.
 """
 import argparse
 import json

@@ -46,7 +46,7 @@ def test_quick_run_writes_every_figure(tmp_path):
                                        "haq_episode_tiny_s", "s3dis_room_peak_gib"}
     assert results["command"].startswith(os.path.join("bench", "run.py") + " --quick")
     assert results["machine"]["env"]["OMP_WAIT_POLICY"] is None  # training's setting: none
-    # and the training scripts' heap (lib/heap.py): freed memory kept on a glibc CPU run
+    # and the scripts' heap (lib/heap.py): freed memory kept on a glibc CPU run
     assert results["keep_freed_memory"] == (on_cpu and platform.libc_ver()[0] == "glibc")
     haq = results["details"]["haq"]["tiny"]
     assert len(haq["warm_s"]) == 3 and haq["kmeans_cache"]["hits"] >= 3 * haq["layers"]

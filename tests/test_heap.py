@@ -34,8 +34,9 @@ print(faults() - before)
 
 
 def last_rounds_faults(mode):
+    env = dict(os.environ, PYTHONPATH=REPO, POINT_HAQ_KEEP_FREED="1")
     out = subprocess.run([sys.executable, "-c", ROUNDS, mode], cwd=REPO, capture_output=True,
-                         text=True, env=dict(os.environ, PYTHONPATH=REPO, POINT_HAQ_KEEP_FREED="1"), check=True)
+                         text=True, env=env, check=True)
     return int(out.stdout.split()[-1])
 
 
