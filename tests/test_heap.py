@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Rounds of a 64 MiB tensor (above glibc's largest mmap threshold, 32 MiB), each written whole,
 # as a training step allocates its temporaries again; prints the minor page faults of the last
 # five rounds. (glibc 2.36 serves the 64-byte-aligned blocks torch asks for from the freed ones
-# only after some rounds: a hole of the exact size is 64 + 32 bytes short; from 2.38 at once.)
+# only after some rounds, as its memalign asks for more than the block's size.)
 ROUNDS = """
 import resource, sys, torch
 from lib import heap
