@@ -30,10 +30,9 @@ MODES = {"plain": "0", "kept": "1"}
 def worker(config, warmup, steps, data_root):
     """Runs in the child: the timed steps of one configuration, as one JSON line."""
     import torch
-    from bench.run import build_pt, part_shapes, train_step
+    from bench.run import build_pct, build_pt, part_shapes, train_step
     from lib import heap
     from lib.haq.policy_eval import cached_batches
-    from models import build_model
 
     kept = heap.keep_freed_memory(torch.device("cpu"))
     model_name, batch_size, points = CONFIGS[config]
@@ -41,9 +40,7 @@ def worker(config, warmup, steps, data_root):
     batch = cached_batches(dataset, list(range(batch_size)), batch_size, torch.device("cpu"))[0]
     if model_name == "pct_cls":
         batch, task = dict(batch, label=batch["category"]), "cls"
-        torch.manual_seed(0)
-        model = build_model(model_name, in_channels=dataset.in_channels,
-                            num_classes=len(dataset.category_names))
+        model = build_pct(dataset, torch.device("cpu"))
     else:
         task = "partseg"
         model = build_pt(model_name, dataset, torch.device("cpu"))

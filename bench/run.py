@@ -92,6 +92,13 @@ def build_pt(name, dataset, device):
                        num_categories=len(dataset.category_names)).to(device)
 
 
+def build_pct(dataset, device):
+    """PCT classification (default config) whose class is the shape's category."""
+    torch.manual_seed(0)
+    return build_model("pct_cls", in_channels=dataset.in_channels,
+                       num_classes=len(dataset.category_names)).to(device)
+
+
 def train_step(model, batch, task):
     """One SGD step as lib/train.train_one_epoch takes it, as fn(amp)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -170,9 +177,7 @@ def bench_pct(args, sizes, device):
     dataset = part_shapes(args, sizes["pct_points"])
     batch = cached_batches(dataset, list(range(sizes["pct_batch"])), sizes["pct_batch"], device)[0]
     batch = dict(batch, label=batch["category"])
-    torch.manual_seed(0)
-    model = build_model("pct_cls", in_channels=dataset.in_channels,
-                        num_classes=len(dataset.category_names)).to(device)
+    model = build_pct(dataset, device)
     figures, samples, used = {}, {}, {}
     for kind, make_run in (("train", train_step), ("eval", forward)):
         kind_figures, samples[kind] = measure(f"pct_{kind}", make_run(model, batch, "cls"),
