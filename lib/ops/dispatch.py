@@ -45,10 +45,10 @@ with forward hooks (HAQ's recorder) and non-plain modules (quantized, SyncBatchN
 plain forms; edge_linear's and group_linear's forms are plain PyTorch and read a Linear's
 `.weight`, so they take quantized Linears and autocast too; attention_inference and
 group_norm_relu_max take quantized Linears (each weight is read once per call), and
-attention_inference bf16 autocast (no other). Every fast form gives the plain form's values and gradients up to rounding
-(tests/test_ops_layers.py, tests/test_ops_geometry.py, tests/test_ops_edge.py,
-tests/test_ops_attention.py); FPS and kNN give the same indices up to ties. `python -m lib.ops`
-prints what runs on this machine.
+attention_inference bf16 autocast (no other). Every fast form gives the plain form's values and
+gradients up to rounding (tests/test_ops_layers.py, tests/test_ops_geometry.py,
+tests/test_ops_edge.py, tests/test_ops_attention.py); FPS and kNN give the same indices up to
+ties. `python -m lib.ops` prints what runs on this machine.
 """
 import torch
 
