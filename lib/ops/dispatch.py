@@ -56,8 +56,8 @@ from lib.ops import fps_triton, native
 
 MAX_CHANNELS = 4096  # csrc/parallel.h: rows of C values live on the kernels' stacks
 NATIVE_DTYPES = {torch.float32: 0, torch.float64: 1}
-# the kernels' dtype argument: bfloat16 (code 2) only for attention_inference's rows, which
-# lib/ops/attention.py passes under bf16 autocast (its arithmetic stays float32)
+# the kernels' dtype argument (csrc/parallel.h): bfloat16 (code 2) means bf16 rows around
+# float32 arithmetic, which the callers that pass it arrange (native_for's bf16_rows)
 KERNEL_DTYPE_CODES = {**NATIVE_DTYPES, torch.bfloat16: 2}
 _BACKEND = "auto"
 
@@ -83,11 +83,13 @@ def fast_cuda(*tensors):
     return _BACKEND == "auto" and all(t.is_cuda for t in tensors)
 
 
-def native_for(*tensors):
+def native_for(*tensors, bf16_rows=False):
     """The C kernels when they can take these tensors (fast CPU path, one float dtype they
-    know, few enough channels), else None."""
+    know, few enough channels), else None. bf16_rows: the caller's kernels also take bfloat16
+    rows (computed in float32, their per-channel vectors and scatter sums float32)."""
     x = tensors[0]
-    if (not fast_cpu(*tensors) or x.dtype not in NATIVE_DTYPES or x.shape[-1] > MAX_CHANNELS
+    known = x.dtype in NATIVE_DTYPES or (bf16_rows and x.dtype == torch.bfloat16)
+    if (not fast_cpu(*tensors) or not known or x.shape[-1] > MAX_CHANNELS
             or any(t.dtype != x.dtype for t in tensors)):
         return None
     return native.library()

@@ -20,12 +20,30 @@ from lib.ops.layers import _unhooked, _update_running_stats, batch_norm, shared_
 
 def _run(lib, name, **arguments):
     """A C kernel's call; its failure status as a one-line error."""
-    status = lib.call(name, dtype=KERNEL_DTYPE_CODES[arguments.pop("dtype")], **arguments)
+    dtype = KERNEL_DTYPE_CODES[arguments.pop("dtype")]
+    status = lib.call(name, dtype=dtype, **arguments)
     if status == -1:
         raise MemoryError(f"lib/ops/csrc: {name}: out of memory for its partial sums")
+    if status == -4:
+        raise ValueError(f"lib/ops/csrc: {name}: no form for dtype code {dtype}")
     if status:
         sizes = ", ".join(f"{k}={v}" for k, v in arguments.items() if isinstance(v, int))
         raise ValueError(f"lib/ops/csrc: {name}: shapes outside what the kernel takes ({sizes})")
+
+
+def _compute_dtype(dtype):
+    """The arithmetic of the kernels' forms for rows of `dtype`: bfloat16 rows in float32."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
+def _bf16_rows(x, *parameters):
+    """x holds bfloat16 rows that the kernels may compute on with these parameters: bf16
+    parameters, or float32 ones under CPU bf16 autocast (which gives the plain forms the same
+    mix: BatchNorm takes bf16 input with float32 parameters, a Linear casts its weight)."""
+    autocast = (torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return x.dtype == torch.bfloat16 and all(
+        p.dtype == torch.bfloat16 or (autocast and p.dtype == torch.float32) for p in parameters)
 
 
 class _Relation(torch.autograd.Function):
@@ -47,11 +65,15 @@ class _Relation(torch.autograd.Function):
         (idx,) = ctx.saved_tensors
         grad = grad.contiguous()
         b, n, k, c = grad.shape
-        grad_key = grad.new_zeros(b, n, c) if ctx.needs_input_grad[2] else None
+        # the scatter-add into the key's rows: float32 for bf16 rows, rounded once after
+        grad_key = (torch.zeros(b, n, c, dtype=_compute_dtype(grad.dtype))
+                    if ctx.needs_input_grad[2] else None)
         grad_query = grad.new_empty(b, n, c) if ctx.needs_input_grad[3] else None
         if grad_key is not None or grad_query is not None:
             _run(ctx.lib, "pt_relation_backward", dtype=grad.dtype, B=b, N=n, K=k, C=c,
                  grad_rel=grad, idx=idx, grad_key=grad_key, grad_q=grad_query)
+        if grad_key is not None:
+            grad_key = grad_key.to(grad.dtype)
         return None, grad, grad_key, grad_query, None
 
 
@@ -71,7 +93,7 @@ def relation(delta, key, query, idx):
     delta (B, N, k, C), key = psi(x) and query = phi(x) (B, N, C), idx (B, N, k) -> (B, N, k, C).
     The plain form negates the key on the N points before the gather (its sum's backward then
     passes the gradient on without a negated (B, N, k, C) copy)."""
-    lib = native_for(delta, key, query)
+    lib = native_for(delta, key, query, bf16_rows=True)
     if lib is not None and idx.dtype == torch.int64:
         _check_neighbours(key, idx, delta)
         return _Relation.apply(lib, delta, key, query, idx)
@@ -98,13 +120,16 @@ class _Aggregate(torch.autograd.Function):
         grad = grad.contiguous()
         _, need_w, need_v, need_delta, _ = ctx.needs_input_grad
         grad_w = torch.empty_like(weight) if need_w else None
-        grad_v = torch.zeros_like(value) if need_v else None
+        # float32 for bf16 rows, as the relation's grad_key
+        grad_v = torch.zeros(value.shape, dtype=_compute_dtype(value.dtype)) if need_v else None
         grad_delta = torch.empty_like(delta) if need_delta else None
         if need_w or need_v or need_delta:
             b, n, c = value.shape
             _run(ctx.lib, "pt_aggregate_backward", dtype=value.dtype, B=b, N=n,
                  K=idx.shape[-1], C=c, W=weight.shape[-1], grad_out=grad, w=weight, v=value,
                  delta=delta, idx=idx, grad_w=grad_w, grad_delta=grad_delta, grad_v=grad_v)
+        if grad_v is not None:
+            grad_v = grad_v.to(value.dtype)
         return None, grad_w, grad_v, grad_delta, None
 
 
@@ -117,7 +142,7 @@ def neighbour_sum(weight, value, delta, idx, share_planes):
         raise ValueError(f"lib/ops: neighbour_sum of {channels} channels needs {channels} delta "
                          f"channels and {channels} / {share_planes} attention weights, got "
                          f"{delta.shape[-1]} and {width}")
-    lib = native_for(value, weight, delta)
+    lib = native_for(value, weight, delta, bf16_rows=True)
     if lib is not None and idx.dtype == torch.int64:
         _check_neighbours(value, idx, delta)
         _check_neighbours(value, idx, weight)
@@ -156,15 +181,15 @@ def neighbour_max(x):
     kernel's backward sends the gradient to the first maximal neighbour where amax's would
     share it among ties: they differ only at ties, which follow a ReLU as zeros whose gradient
     the ReLU drops (lib/ops/csrc/neighbour_max.c)."""
-    lib = native_for(x)
-    if lib is not None and x.dim() == 4 and x.shape[2] < 2 ** 31:  # int32 argmax
+    lib = native_for(x, bf16_rows=True)
+    if lib is not None and x.dim() == 4 and x.shape[2] < 2 ** 31 and x.shape[-1] > 0:  # int32
         return _NeighbourMax.apply(lib, x)
     return x.amax(dim=2)
 
 
 def _affine_statistics(lib, bn, rows, gamma, beta):
     """BatchNorm of contiguous (M, C) rows as one affine map per channel: (mean, rstd, scale,
-    shift) in the rows' dtype, bn(x) = scale x + shift. Training: the rows' statistics (C
+    shift) in the rows' compute dtype, bn(x) = scale x + shift. Training: the rows' statistics (C
     kernel, float64 sums) and `bn`'s running statistics updated as bn(x) would; eval: the
     running statistics."""
     count, channels = rows.shape
@@ -176,7 +201,8 @@ def _affine_statistics(lib, bn, rows, gamma, beta):
         _update_running_stats(bn, mean, var, count)
     else:
         mean, var = bn.running_mean.double(), bn.running_var.double()
-    return tuple(t.to(rows.dtype) for t in _affine(bn, mean, var, gamma, beta))
+    compute = _compute_dtype(rows.dtype)
+    return tuple(t.to(compute) for t in _affine(bn, mean, var, gamma, beta))
 
 
 def _affine(bn, mean, var, gamma, beta):
@@ -195,9 +221,10 @@ def running_affine(bn):
 def fusable_norm(bn, x):
     """Whether the fused forms may compute `bn` from its parameters directly, on x: a plain
     affine nn.BatchNorm1d with running statistics (not SyncBatchNorm), no hooks (HAQ's
-    recorder), x of its parameters' dtype, no autocast."""
-    return (type(bn) is nn.BatchNorm1d and bn.affine and bn.track_running_stats and _unhooked(bn)
-            and x.dtype == bn.weight.dtype and not torch.is_autocast_enabled(x.device.type))
+    recorder), and x of its parameters' dtype without autocast, or bf16 rows (_bf16_rows)."""
+    plain = type(bn) is nn.BatchNorm1d and bn.affine and bn.track_running_stats and _unhooked(bn)
+    return plain and (_bf16_rows(x, bn.weight, bn.bias) or (
+        x.dtype == bn.weight.dtype and not torch.is_autocast_enabled(x.device.type)))
 
 
 def relu_neighbour_max(x):
@@ -214,8 +241,8 @@ class _NormReluMax(torch.autograd.Function):
     """relu(bn(x)).amax(2) over (B, M, k, C), for a `bn` whose scales are all non-negative:
     per channel bn is then non-decreasing, so it and the ReLU commute with the max. The forward
     reads x twice in training (C kernels: the statistics, the maxima) and writes only (B, M, C);
-    the backward's one dense pass is BatchNorm's input gradient, on which the max's share is
-    scattered. The plain chain writes bn(x) and a dense gradient of the max besides."""
+    the backward writes BatchNorm's input gradient with the max's share added in one pass (C
+    kernel). The plain chain writes bn(x) and a dense gradient of the max besides."""
 
     @staticmethod
     def forward(ctx, lib, bn, x, weight, bias):
@@ -226,37 +253,39 @@ class _NormReluMax(torch.autograd.Function):
         arg = torch.empty(b, m, c, dtype=torch.int32)
         _run(lib, "neighbour_max_forward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, out=top,
              arg=arg)
-        pre = torch.addcmul(shift, top, scale)  # bn of the maxima (B, M, C)
-        ctx.training = bn.training
+        pre = torch.addcmul(shift, top, scale)  # bn of the maxima (B, M, C), compute dtype
+        ctx.lib, ctx.training = lib, bn.training
         ctx.save_for_backward(x, arg, top, pre, weight, mean, rstd)
-        return pre.clamp_min(0)
+        return pre.clamp_min(0).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, arg, top, pre, weight, mean, rstd = ctx.saved_tensors
         rows = x.numel() // x.shape[-1]
-        grad_bn = grad * (pre > 0)  # bn(x)'s gradient at the maxima; zero at every other row
+        # bn(x)'s gradient at the maxima, zero at every other row; bf16 rows' in float32
+        grad_bn = grad.to(pre.dtype) * (pre > 0)
         grad_bias = grad_bn.sum((0, 1))
         grad_weight = (grad_bn * (top - mean) * rstd).sum((0, 1))
         a = weight.detach() * rstd
+        k1 = k0 = None  # eval mode: fixed statistics, a g alone
         if ctx.training:
             # BatchNorm's input gradient a g - a / rows (grad_bias + x_hat grad_weight), its
             # x_hat term as k1 x + k0 so that one pass writes it
             k1 = -a * rstd * grad_weight / rows
             k0 = -a * grad_bias / rows - k1 * mean
-            grad_x = torch.addcmul(k0, x, k1)  # (B, M, k, C)
-        else:  # fixed statistics: a g alone
-            grad_x = torch.zeros_like(x)
-        grad_x.scatter_add_(2, arg.long().unsqueeze(2), (a * grad_bn).unsqueeze(2))
-        return None, None, grad_x, grad_weight, grad_bias
+        grad_x = torch.empty_like(x)  # (B, M, k, C): k1 x + k0, plus a g at the maxima
+        b, m, k, c = x.shape
+        _run(ctx.lib, "norm_max_backward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, arg=arg,
+             k1=k1, k0=k0, grad_out=(a * grad_bn).contiguous(), grad_x=grad_x)
+        return None, None, grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
 def norm_relu_max(bn, x):
     """relu(bn(x)) max-pooled over the neighbours, (B, M, k, C) -> (B, M, C), `bn` an
     nn.BatchNorm1d over the last axis: an LBR's end and the max-pool. Fused where it can
-    (CPU, fp32/fp64, every scale >= 0 as BatchNorm starts, plain unhooked module, no autocast);
-    elsewhere batch_norm, then relu_neighbour_max."""
-    lib = native_for(x)
+    (CPU, fp32/fp64 without autocast or bf16 rows, every scale >= 0 as BatchNorm starts, plain
+    unhooked module); elsewhere batch_norm, then relu_neighbour_max."""
+    lib = native_for(x, bf16_rows=True)
     fused = (lib is not None and x.dim() == 4 and fusable_norm(bn, x)
              and x.shape[2] < 2 ** 31 and x.numel() // x.shape[-1] >= 2
              and bool((bn.weight >= 0).all()))
@@ -276,12 +305,15 @@ class _NormReluLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lib, bn, x, gamma, beta, weight, bias):
-        x, weight = x.contiguous(), weight.contiguous()
+        x = x.contiguous()
+        ctx.dtypes = gamma.dtype, weight.dtype  # of the gradients to return
+        compute = _compute_dtype(x.dtype)  # of the weights given to the kernels
+        weight, bias = (t.detach().to(compute).contiguous() for t in (weight, bias))
         (rows, channels), outputs = x.shape, weight.shape[0]
         mean, rstd, scale, shift = _affine_statistics(lib, bn, x, gamma, beta)
         out = x.new_empty(rows, outputs)
         _run(lib, "nrl_forward", dtype=x.dtype, M=rows, C=channels, O=outputs, x=x, scale=scale,
-             shift=shift, weight=weight, bias=bias.contiguous(), out=out)
+             shift=shift, weight=weight, bias=bias, out=out)
         ctx.lib, ctx.training = lib, bn.training
         ctx.save_for_backward(x, gamma, weight, scale, shift, mean, rstd)
         return out
@@ -303,24 +335,27 @@ class _NormReluLinear(torch.autograd.Function):
                 k2, k3 = k1 * grad_beta / rows, k1 * grad_gamma / rows
             else:
                 k2 = k3 = torch.zeros_like(k1)
-            k1, k2, k3 = (t.to(x.dtype) for t in (k1, k2, k3))
+            k1, k2, k3 = (t.to(weight.dtype) for t in (k1, k2, k3))
             grad_x = torch.empty_like(x)
             _run(ctx.lib, "nrl_backward_input", k1=k1, k2=k2, k3=k3, grad_x=grad_x, **given)
-        return (None, None, grad_x, grad_gamma.to(x.dtype), grad_beta.to(x.dtype),
-                sums[2:].to(x.dtype), grad_h.sum(0))
+        norm_dtype, linear_dtype = ctx.dtypes
+        return (None, None, grad_x, grad_gamma.to(norm_dtype), grad_beta.to(norm_dtype),
+                sums[2:].to(linear_dtype),
+                grad_h.sum(0, dtype=weight.dtype).to(linear_dtype))
 
 
 def norm_relu_linear(bn, linear, x):
     """linear(relu(bn(x))) for `bn` an nn.BatchNorm1d over the last axis and `linear` an
     nn.Linear, on (..., C) -> (..., O): the start of the PT layer's gamma, on the (B, N, k, C)
-    relation. Fused in C where it pays (CPU, fp32/fp64, C <= 64, plain modules, no autocast);
-    elsewhere batch_norm, ReLU and the Linear (and so the reference's plain forms)."""
+    relation. Fused in C where it pays (CPU, C <= 64, plain modules; fp32/fp64 without
+    autocast, or bf16 rows: see fusable_norm); elsewhere batch_norm, ReLU and the Linear (and
+    so the reference's plain forms)."""
     channels = x.shape[-1]
-    lib = native_for(x)
+    lib = native_for(x, bf16_rows=True)
     fused = (lib is not None and channels <= _NORM_RELU_LINEAR_MAX_CHANNELS
              and fusable_norm(bn, x) and type(linear) is nn.Linear and linear.bias is not None
-             and _unhooked(linear) and x.dtype == linear.weight.dtype
-             and x.numel() // channels >= 2)
+             and _unhooked(linear) and x.numel() // channels >= 2
+             and (x.dtype == linear.weight.dtype or _bf16_rows(x, linear.weight, linear.bias)))
     if not fused:
         return linear(F.relu(batch_norm(bn, x), inplace=True))
     rows = x.reshape(-1, channels)

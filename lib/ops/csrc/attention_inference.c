@@ -22,6 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "parallel.h"
 
 typedef struct {
@@ -216,21 +217,6 @@ attention_##S(const attention_args *a, int64_t point, const int64_t C, const int
     SIMD for (int64_t c = 0; c < C; ++c) out[c] = STORE(acc[c]);                              \
 }
 
-/* bfloat16 rows (autocast's q, k, v and output) around float32 arithmetic: a bf16 value is a
- * float32's upper half; stored rounded to nearest, ties to even, NaN kept a (quiet) NaN, as
- * torch's conversion does. */
-static inline float bf16_load(uint16_t h) {
-    union { uint32_t bits; float value; } v = {.bits = (uint32_t)h << 16};
-    return v.value;
-}
-
-static inline uint16_t bf16_store(float f) {
-    union { float value; uint32_t bits; } v = {.value = f};
-    if ((v.bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.bits >> 16) | 0x40u);
-    return (uint16_t)((v.bits + 0x7fffu + ((v.bits >> 16) & 1u)) >> 16);
-}
-
-#define SAME(x) (x)
 DEFINE_PRODUCT(float, f32)
 DEFINE_PRODUCT(double, f64)
 DEFINE_PRODUCT(float, bf16)
@@ -259,17 +245,17 @@ static void attention_bf16_any(const void *a, int64_t u) {
 static body_fn select_body(int dtype, int64_t C, int64_t W) {
     static const body_fn f32[PRESETS] = {FOR_EACH_PRESET(UNIT_FN_NAME, f32)};
     static const body_fn bf16[PRESETS] = {FOR_EACH_PRESET(UNIT_FN_NAME, bf16)};
-    if (dtype == 1) return attention_f64_any;
+    if (dtype == DTYPE_F64) return attention_f64_any;
     const int s = preset_index(C, W);
-    if (dtype == 2) return s >= 0 ? bf16[s] : attention_bf16_any;
+    if (dtype == DTYPE_BF16) return s >= 0 ? bf16[s] : attention_bf16_any;
     return s >= 0 ? f32[s] : attention_f32_any;
 }
 
-/* dtype 0 = float32, 1 = float64 (every tensor), 2 = bfloat16 rows key, q, v and out (xyz
- * and the weights float32). Returns STATUS_OK, or STATUS_BAD_SHAPE without touching
- * memory: 1 <= C <= MAX_CHANNELS, W dividing C (the group loop steps by W up to C), K >= 1 and
- * K C <= MAX_ROWS (the K rows of gamma's input live on the stack). Neighbour indices must lie
- * in [0, N): lib/ops checks them before the call. */
+/* dtype DTYPE_F32, DTYPE_F64 (every tensor) or DTYPE_BF16 (bfloat16 rows key, q, v and out;
+ * xyz and the weights float32). Returns STATUS_OK, or STATUS_BAD_DTYPE or STATUS_BAD_SHAPE
+ * without touching memory: 1 <= C <= MAX_CHANNELS, W dividing C (the group loop steps by W up
+ * to C), K >= 1 and K C <= MAX_ROWS (the K rows of gamma's input live on the stack). Neighbour
+ * indices must lie in [0, N): lib/ops checks them before the call. */
 int pt_attention_inference(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
                             int64_t W, const void *xyz, const int64_t *idx, const void *key,
                             const void *q, const void *v, const void *T1, const void *tb1,
@@ -282,6 +268,7 @@ int pt_attention_inference(int dtype, int threads, int64_t B, int64_t N, int64_t
                         .G1t = G1t, .gb1 = gb1, .hs = hs, .ht = ht, .G2 = G2, .G2t = G2t,
                         .gb2 = gb2, .out = out,
                         .idx = idx, .B = B, .N = N, .K = K, .C = C, .W = W};
+    if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (C < 1 || C > MAX_CHANNELS || W < 1 || C % W != 0 || K < 1 || K * C > MAX_ROWS)
         return STATUS_BAD_SHAPE;
     for_each(select_body(dtype, C, W), &a, B * N, threads);

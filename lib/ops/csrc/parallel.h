@@ -13,7 +13,15 @@
 #include <stdint.h>
 
 /* What the exported functions return; lib/ops turns each into a one-line Python error. */
-enum { STATUS_OK = 0, STATUS_NO_MEMORY = -1, STATUS_NOT_FINITE = -2, STATUS_BAD_SHAPE = -3 };
+enum { STATUS_OK = 0, STATUS_NO_MEMORY = -1, STATUS_NOT_FINITE = -2, STATUS_BAD_SHAPE = -3,
+       STATUS_BAD_DTYPE = -4 };
+
+/* The kernels' dtype argument (lib/ops/dispatch.py's KERNEL_DTYPE_CODES): every tensor float32,
+ * every tensor float64, or bfloat16 rows with float32 arithmetic and float32 per-channel
+ * vectors (each kernel says which of its tensors are rows). */
+enum { DTYPE_F32 = 0, DTYPE_F64 = 1, DTYPE_BF16 = 2 };
+
+static inline int bad_dtype(int dtype) { return dtype < DTYPE_F32 || dtype > DTYPE_BF16; }
 
 /* Rows of C channels are kept on the stack (variable-length arrays) by the kernels: a bound on
  * C keeps that within any thread's stack. lib/ops sends wider rows to the PyTorch forms. */

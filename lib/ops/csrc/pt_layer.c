@@ -17,12 +17,14 @@
  * fixed order, so results do not depend on the thread count.
  *
  * A row of C channels is short (16 in the tiny model's first stage), so loop overhead per row
- * would dominate: float32 bodies are compiled once for each (C, W) of the Point Transformer
- * presets, with both as constants, so the compiler unrolls and vectorises the row loops.
+ * would dominate: float32 and bfloat16 bodies are compiled once for each (C, W) of the Point
+ * Transformer presets, with both as constants, so the compiler unrolls and vectorises the row
+ * loops. bfloat16 rows (under CPU bf16 autocast) are computed in float32 (bf16.h).
  */
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "parallel.h"
 
 typedef struct {
@@ -32,18 +34,22 @@ typedef struct {
     int64_t N, K, C, W;
 } pt_args;
 
-/* The four bodies for element type T, C and W passed in (constants where inlined). */
-#define DEFINE_BODIES(T, S)                                                                   \
+/* The four bodies for rows of type R (read by LOAD, written by STORE) and arithmetic in T, C
+ * and W passed in (constants where inlined). The scatter targets grad_key and grad_v are T:
+ * bf16 rows add their gradients up in float32 buffers (lib/ops converts them after), where
+ * PyTorch's bf16 index_add rounds after every addition. */
+#define DEFINE_BODIES(T, R, S, LOAD, STORE)                                                   \
 static inline __attribute__((always_inline)) void                                             \
 relation_fwd_##S(const pt_args *a, int64_t point, const int64_t C) {                          \
     const int64_t N = a->N, K = a->K;                                                         \
-    const T *key = (const T *)a->key + point / N * N * C;                                     \
-    const T *restrict qi = (const T *)a->q + point * C;                                       \
+    const R *key = (const R *)a->key + point / N * N * C;                                     \
+    const R *restrict qi = (const R *)a->q + point * C;                                       \
     for (int64_t row = point * K; row < (point + 1) * K; ++row) {                             \
-        const T *restrict kj = key + a->idx[row] * C;                                         \
-        const T *restrict d = (const T *)a->delta + row * C;                                  \
-        T *restrict r = (T *)a->out + row * C;                                                \
-        for (int64_t c = 0; c < C; ++c) r[c] = d[c] - kj[c] + qi[c];                          \
+        const R *restrict kj = key + a->idx[row] * C;                                         \
+        const R *restrict d = (const R *)a->delta + row * C;                                  \
+        R *restrict r = (R *)a->out + row * C;                                                \
+        for (int64_t c = 0; c < C; ++c)                                                       \
+            r[c] = STORE(LOAD(d[c]) - LOAD(kj[c]) + LOAD(qi[c]));                             \
     }                                                                                         \
 }                                                                                             \
                                                                                               \
@@ -52,38 +58,41 @@ static inline __attribute__((always_inline)) void                               
 relation_bwd_##S(const pt_args *a, int64_t b, const int64_t C) {                              \
     const int64_t N = a->N, K = a->K;                                                         \
     const int64_t *idx = a->idx + b * N * K;                                                  \
-    const T *g = (const T *)a->grad_out + b * N * K * C;                                      \
+    const R *g = (const R *)a->grad_out + b * N * K * C;                                      \
     T *grad_key = a->grad_key ? (T *)a->grad_key + b * N * C : NULL;                          \
-    T *grad_q = a->grad_q ? (T *)a->grad_q + b * N * C : NULL;                                \
+    R *grad_q = a->grad_q ? (R *)a->grad_q + b * N * C : NULL;                                \
     for (int64_t i = 0; i < N; ++i) {                                                         \
         T acc[C];                                                                             \
         for (int64_t c = 0; c < C; ++c) acc[c] = 0;                                           \
         for (int64_t row = i * K; row < (i + 1) * K; ++row) {                                 \
-            const T *restrict gr = g + row * C;                                               \
-            for (int64_t c = 0; c < C; ++c) acc[c] += gr[c];                                  \
+            const R *restrict gr = g + row * C;                                               \
+            for (int64_t c = 0; c < C; ++c) acc[c] += LOAD(gr[c]);                            \
             if (grad_key) {                                                                   \
                 T *restrict gk = grad_key + idx[row] * C;                                     \
-                for (int64_t c = 0; c < C; ++c) gk[c] -= gr[c];                               \
+                for (int64_t c = 0; c < C; ++c) gk[c] -= LOAD(gr[c]);                         \
             }                                                                                 \
         }                                                                                     \
-        if (grad_q) memcpy(grad_q + i * C, acc, C * sizeof(T));                               \
+        if (grad_q)                                                                           \
+            for (int64_t c = 0; c < C; ++c) grad_q[i * C + c] = STORE(acc[c]);                \
     }                                                                                         \
 }                                                                                             \
                                                                                               \
 static inline __attribute__((always_inline)) void                                             \
 aggregate_fwd_##S(const pt_args *a, int64_t point, const int64_t C, const int64_t W) {        \
     const int64_t N = a->N, K = a->K;                                                         \
-    const T *v = (const T *)a->v + point / N * N * C;                                         \
+    const R *v = (const R *)a->v + point / N * N * C;                                         \
     T acc[C];                                                                                 \
     for (int64_t c = 0; c < C; ++c) acc[c] = 0;                                               \
     for (int64_t row = point * K; row < (point + 1) * K; ++row) {                             \
-        const T *restrict wj = (const T *)a->w + row * W;                                     \
-        const T *restrict vj = v + a->idx[row] * C;                                           \
-        const T *restrict d = (const T *)a->delta + row * C;                                  \
+        const R *restrict wj = (const R *)a->w + row * W;                                     \
+        const R *restrict vj = v + a->idx[row] * C;                                           \
+        const R *restrict d = (const R *)a->delta + row * C;                                  \
         for (int64_t g = 0; g < C; g += W)                                                    \
-            for (int64_t u = 0; u < W; ++u) acc[g + u] += wj[u] * (vj[g + u] + d[g + u]);    \
+            for (int64_t u = 0; u < W; ++u)                                                   \
+                acc[g + u] += LOAD(wj[u]) * (LOAD(vj[g + u]) + LOAD(d[g + u]));               \
     }                                                                                         \
-    memcpy((T *)a->out + point * C, acc, C * sizeof(T));                                      \
+    R *restrict out = (R *)a->out + point * C;                                                \
+    for (int64_t c = 0; c < C; ++c) out[c] = STORE(acc[c]);                                   \
 }                                                                                             \
                                                                                               \
 /* grad_delta = g_i w (tiled), grad_v[idx] += the same (zeroed by the caller),                \
@@ -92,20 +101,22 @@ static inline __attribute__((always_inline)) void                               
 aggregate_bwd_##S(const pt_args *a, int64_t b, const int64_t C, const int64_t W) {            \
     const int64_t N = a->N, K = a->K;                                                         \
     const int64_t *idx = a->idx + b * N * K;                                                  \
-    const T *delta = (const T *)a->delta + b * N * K * C;                                     \
-    const T *w = (const T *)a->w + b * N * K * W, *v = (const T *)a->v + b * N * C;           \
-    const T *g = (const T *)a->grad_out + b * N * C;                                          \
-    T *grad_w = a->grad_w ? (T *)a->grad_w + b * N * K * W : NULL;                            \
-    T *grad_delta = a->grad_delta ? (T *)a->grad_delta + b * N * K * C : NULL;                \
+    const R *delta = (const R *)a->delta + b * N * K * C;                                     \
+    const R *w = (const R *)a->w + b * N * K * W, *v = (const R *)a->v + b * N * C;           \
+    const R *g = (const R *)a->grad_out + b * N * C;                                          \
+    R *grad_w = a->grad_w ? (R *)a->grad_w + b * N * K * W : NULL;                            \
+    R *grad_delta = a->grad_delta ? (R *)a->grad_delta + b * N * K * C : NULL;                \
     T *grad_v = a->grad_v ? (T *)a->grad_v + b * N * C : NULL;                                \
     for (int64_t i = 0; i < N; ++i) {                                                         \
-        const T *restrict gi = g + i * C;                                                     \
+        T gi[C];                                                                              \
+        for (int64_t c = 0; c < C; ++c) gi[c] = LOAD(g[i * C + c]);                           \
         for (int64_t row = i * K; row < (i + 1) * K; ++row) {                                 \
-            const T *restrict wj = w + row * W;                                               \
+            T wj[W];                                                                          \
+            for (int64_t u = 0; u < W; ++u) wj[u] = LOAD(w[row * W + u]);                     \
             if (grad_delta) {                                                                 \
-                T *restrict gd = grad_delta + row * C;                                        \
+                R *restrict gd = grad_delta + row * C;                                        \
                 for (int64_t g0 = 0; g0 < C; g0 += W)                                         \
-                    for (int64_t u = 0; u < W; ++u) gd[g0 + u] = gi[g0 + u] * wj[u];          \
+                    for (int64_t u = 0; u < W; ++u) gd[g0 + u] = STORE(gi[g0 + u] * wj[u]);   \
             }                                                                                 \
             if (grad_v) {                                                                     \
                 T *restrict gv = grad_v + idx[row] * C;                                       \
@@ -113,21 +124,22 @@ aggregate_bwd_##S(const pt_args *a, int64_t b, const int64_t C, const int64_t W)
                     for (int64_t u = 0; u < W; ++u) gv[g0 + u] += gi[g0 + u] * wj[u];        \
             }                                                                                 \
             if (grad_w) {                                                                     \
-                const T *restrict vj = v + idx[row] * C;                                      \
-                const T *restrict d = delta + row * C;                                        \
+                const R *restrict vj = v + idx[row] * C;                                      \
+                const R *restrict d = delta + row * C;                                        \
                 T acc[W];                                                                     \
-                for (int64_t u = 0; u < W; ++u) acc[u] = gi[u] * (vj[u] + d[u]);             \
+                for (int64_t u = 0; u < W; ++u) acc[u] = gi[u] * (LOAD(vj[u]) + LOAD(d[u]));  \
                 for (int64_t g0 = W; g0 < C; g0 += W)                                         \
                     for (int64_t u = 0; u < W; ++u)                                           \
-                        acc[u] += gi[g0 + u] * (vj[g0 + u] + d[g0 + u]);                      \
-                memcpy(grad_w + row * W, acc, W * sizeof(T));                                 \
+                        acc[u] += gi[g0 + u] * (LOAD(vj[g0 + u]) + LOAD(d[g0 + u]));          \
+                for (int64_t u = 0; u < W; ++u) grad_w[row * W + u] = STORE(acc[u]);          \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
 }
 
-DEFINE_BODIES(float, f32)
-DEFINE_BODIES(double, f64)
+DEFINE_BODIES(float, float, f32, SAME, SAME)
+DEFINE_BODIES(double, double, f64, SAME, SAME)
+DEFINE_BODIES(float, uint16_t, bf16, bf16_load, bf16_store)
 
 /* Per-unit functions for for_each: <kernel>_<S>_<C> with C and W constants, or <kernel>_<S>_any
  * reading them from the arguments. */
@@ -139,6 +151,7 @@ static void aggregate_bwd_##S##_##C(const void *a, int64_t u) { aggregate_bwd_##
 
 /* share_planes = 8, the channel widths of the presets in models/point_transformer.py */
 FOR_EACH_PRESET(DEFINE_UNIT_FNS, f32)
+FOR_EACH_PRESET(DEFINE_UNIT_FNS, bf16)
 
 #define P(a) ((const pt_args *)(a))
 #define DEFINE_GENERIC(S)                                                                     \
@@ -152,6 +165,7 @@ static void aggregate_bwd_##S##_any(const void *a, int64_t u) {                 
 }
 DEFINE_GENERIC(f32)
 DEFINE_GENERIC(f64)
+DEFINE_GENERIC(bf16)
 
 typedef struct { body_fn relation_fwd, relation_bwd, aggregate_fwd, aggregate_bwd; } kernels_t;
 
@@ -159,11 +173,14 @@ typedef struct { body_fn relation_fwd, relation_bwd, aggregate_fwd, aggregate_bw
                        aggregate_fwd_##S##_##C, aggregate_bwd_##S##_##C}
 
 static kernels_t select_kernels(int dtype, int64_t C, int64_t W) {
-    static const kernels_t f64 = KERNELS(f64, any), f32 = KERNELS(f32, any);
+    static const kernels_t f64 = KERNELS(f64, any), f32 = KERNELS(f32, any),
+                           bf16 = KERNELS(bf16, any);
 #define PRESET_KERNELS(S, C, W) KERNELS(S, C),
     static const kernels_t f32_c[PRESETS] = {FOR_EACH_PRESET(PRESET_KERNELS, f32)};
-    if (dtype) return f64;
+    static const kernels_t bf16_c[PRESETS] = {FOR_EACH_PRESET(PRESET_KERNELS, bf16)};
+    if (dtype == DTYPE_F64) return f64;
     const int s = preset_index(C, W ? W : C / 8); /* W = 0: a kernel without weights */
+    if (dtype == DTYPE_BF16) return s >= 0 ? bf16_c[s] : bf16;
     return s >= 0 ? f32_c[s] : f32;
 }
 
@@ -173,14 +190,16 @@ static int bad_shape(int64_t C, int64_t W) {
     return C < 1 || C > MAX_CHANNELS || W < 0 || (W > 0 && C % W != 0);
 }
 
-/* Exported entry points: dtype 0 = float32, 1 = float64; W = 0 where a kernel has no w.
- * Each returns STATUS_OK, or STATUS_BAD_SHAPE without touching memory. Neighbour indices must
- * lie in [0, N): lib/ops checks them before the call. */
+/* Exported entry points: dtype DTYPE_F32, DTYPE_F64 (every tensor), or DTYPE_BF16: every tensor
+ * bfloat16 but grad_key and grad_v, float32; W = 0 where a kernel has no w. Each returns
+ * STATUS_OK, or STATUS_BAD_DTYPE or STATUS_BAD_SHAPE without touching memory. Neighbour indices
+ * must lie in [0, N): lib/ops checks them before the call. */
 int pt_relation_forward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
                          const void *delta, const void *key, const void *q,
                          const int64_t *idx, void *rel) {
     pt_args a = {.delta = delta, .key = key, .q = q, .idx = idx, .out = rel,
                  .N = N, .K = K, .C = C};
+    if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(C, 0)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, 0).relation_fwd, &a, B * N, threads);
     return STATUS_OK;
@@ -191,6 +210,7 @@ int pt_relation_backward(int dtype, int threads, int64_t B, int64_t N, int64_t K
                           void *grad_q) {
     pt_args a = {.grad_out = grad_rel, .idx = idx, .grad_key = grad_key, .grad_q = grad_q,
                  .N = N, .K = K, .C = C};
+    if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(C, 0)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, 0).relation_bwd, &a, B, threads);
     return STATUS_OK;
@@ -201,6 +221,7 @@ int pt_aggregate_forward(int dtype, int threads, int64_t B, int64_t N, int64_t K
                           const int64_t *idx, void *out) {
     pt_args a = {.w = w, .v = v, .delta = delta, .idx = idx, .out = out,
                  .N = N, .K = K, .C = C, .W = W};
+    if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (W < 1 || bad_shape(C, W)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, W).aggregate_fwd, &a, B * N, threads);
     return STATUS_OK;
@@ -213,6 +234,7 @@ int pt_aggregate_backward(int dtype, int threads, int64_t B, int64_t N, int64_t 
     pt_args a = {.grad_out = grad_out, .w = w, .v = v, .delta = delta, .idx = idx,
                  .grad_w = grad_w, .grad_delta = grad_delta, .grad_v = grad_v,
                  .N = N, .K = K, .C = C, .W = W};
+    if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (W < 1 || bad_shape(C, W)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, W).aggregate_bwd, &a, B, threads);
     return STATUS_OK;
