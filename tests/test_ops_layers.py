@@ -260,6 +260,137 @@ def test_norm_relu_max_matches_batch_norm_relu_amax(dtype, lowest_scale, momentu
         assert torch.allclose(fast, reference, **tol), i
 
 
+def _run_bf16_and_float32(compute):
+    """compute(dtype) -> tensors, once with bfloat16 rows (under CPU bf16 autocast) and once in
+    float32 on the same values; the bf16 run's tensors and the float32 run's."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = compute(torch.bfloat16)
+    return rows, compute(torch.float32)
+
+
+def _assert_rounded_once(bf16_results, float32_results):
+    """Each bf16 result is the float32 kernel's rounded once to bf16 (the kernels compute bf16
+    rows in float32, in the float32 kernels' order); float32 results (parameter gradients,
+    running statistics) are the float32 kernel's, bit for bit."""
+    for i, (rows, reference) in enumerate(zip(bf16_results, float32_results)):
+        assert torch.equal(rows, reference.to(rows.dtype)), i
+
+
+@pytest.mark.usefixtures("needs_compiler")
+@pytest.mark.parametrize("b, n, k, channels, share", [
+    (3, 50, 8, 16, 8),    # a preset's body: (16, 2)
+    (2, 20, 16, 64, 8),   # (64, 8)
+    (2, 7, 7, 24, 8),     # the generic body
+    (1, 30, 5, 16, 4),
+])
+def test_bf16_relation_and_aggregation(b, n, k, channels, share):
+    """csrc/pt_layer.c on bfloat16 rows (`--amp` on the CPU): values and every gradient. The
+    key's and value's gradients, scatter-added over the neighbours, are summed in float32 and
+    rounded once (PyTorch's bf16 index_add rounds after every addition)."""
+    inputs = attention_inputs(b, n, k, channels, share, torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    grad_relation = torch.randn(b, n, k, channels, generator=gen).bfloat16()
+    grad_out = torch.randn(b, n, channels, generator=gen).bfloat16()
+
+    def compute(dtype):
+        delta, key, query, value, weight = [t.detach().bfloat16().to(dtype).requires_grad_()
+                                            for t in inputs[:5]]
+        relation = ops.relation(delta, key, query, inputs[5])
+        out = ops.neighbour_sum(weight, value, delta, inputs[5], share)
+        assert relation.grad_fn.name() == "_RelationBackward"
+        assert out.grad_fn.name() == "_AggregateBackward"
+        return [relation, *torch.autograd.grad(relation, (delta, key, query),
+                                               grad_relation.to(dtype)),
+                out, *torch.autograd.grad(out, (weight, value, delta), grad_out.to(dtype))]
+    rows, reference = _run_bf16_and_float32(compute)
+    assert all(t.dtype == torch.bfloat16 for t in rows)
+    _assert_rounded_once(rows, reference)
+
+
+@pytest.mark.usefixtures("needs_compiler")
+@pytest.mark.parametrize("channels, outputs", [(16, 2), (64, 8), (24, 5)])
+def test_bf16_norm_relu_linear(channels, outputs):
+    """gamma's BatchNorm-ReLU-Linear on bfloat16 rows with float32 modules, as CPU autocast
+    runs it: output and input gradient rounded once; the four parameters' gradients and the
+    running statistics those of float32 rows, in training (two steps) and eval mode."""
+    from models.point_transformer import PointBatchNorm
+    torch.manual_seed(0)
+    norm, linear = PointBatchNorm(channels), nn.Linear(channels, outputs)
+    with torch.no_grad():
+        norm.bn.weight.uniform_(0.5, 2.0)
+        norm.bn.bias.normal_()
+    x = (torch.randn(3, 50, 7, channels) * 2 + 1).bfloat16()
+    grad = torch.randn(3, 50, 7, outputs).bfloat16()
+
+    def compute(dtype):
+        modules = copy.deepcopy(nn.ModuleList([norm, linear]))
+        rows = x.to(dtype).requires_grad_()
+        params = [modules[0].bn.weight, modules[0].bn.bias, modules[1].weight, modules[1].bias]
+        results = []
+        for training in (True, True, False):
+            modules.train(training)
+            out = ops.norm_relu_linear(modules[0].bn, modules[1], rows)
+            assert out.grad_fn.next_functions[0][0].name() == "_NormReluLinearBackward"
+            results += [out, *torch.autograd.grad(out, [rows, *params], grad.to(dtype))]
+        return results + [modules[0].bn.running_mean, modules[0].bn.running_var]
+    rows, reference = _run_bf16_and_float32(compute)
+    assert rows[0].dtype == rows[1].dtype == torch.bfloat16 and rows[2].dtype == torch.float32
+    bias_grads = {5, 11, 17}  # summed by torch over bf16 rows, in its own order: not bitwise
+    _assert_rounded_once([t for i, t in enumerate(rows) if i not in bias_grads],
+                         [t for i, t in enumerate(reference) if i not in bias_grads])
+    for i in bias_grads:
+        assert torch.allclose(rows[i], reference[i], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.usefixtures("needs_compiler")
+def test_bf16_neighbour_max_and_norm_relu_max():
+    """TransitionDown's max-pool on bfloat16 rows: the maxima and their gradient exactly as in
+    float32; BatchNorm-ReLU-max's output and input gradient rounded once, its parameters'
+    gradients and running statistics as in float32 (training twice, then eval)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 20, 9, 24, generator=gen) * 2 + 1).bfloat16()
+    grad = torch.randn(3, 20, 24, generator=gen).bfloat16()
+    bn, _ = bn_pair(24)
+
+    def compute(dtype):
+        rows = x.to(dtype).requires_grad_()
+        top = ops.neighbour_max(rows)
+        assert top.grad_fn.name() == "_NeighbourMaxBackward"
+        results = [top, *torch.autograd.grad(top, rows, grad.to(dtype))]
+        norm = copy.deepcopy(bn)
+        for training in (True, True, False):
+            norm.train(training)
+            out = ops.norm_relu_max(norm, rows)
+            assert out.grad_fn.name() == "_NormReluMaxBackward"
+            results += [out, *torch.autograd.grad(out, [rows, norm.weight, norm.bias],
+                                                  grad.to(dtype))]
+        return results + [norm.running_mean, norm.running_var]
+    rows, reference = _run_bf16_and_float32(compute)
+    assert rows[2].dtype == rows[3].dtype == torch.bfloat16
+    _assert_rounded_once(rows, reference)
+
+
+@pytest.mark.usefixtures("needs_compiler")
+def test_a_kernel_refuses_a_dtype_it_has_no_form_for():
+    """A dtype code outside float32, float64 and bf16 rows: the kernel returns its status
+    without touching memory, and lib/ops raises one line."""
+    from lib.ops.fused import _run
+    x, out = torch.randn(4, 3, 8), torch.full((4, 8), 7.0)
+    arg = torch.zeros(4, 8, dtype=torch.int32)
+    status = native.library().call("neighbour_max_forward", dtype=3, R=4, K=3, C=8, x=x,
+                                   out=out, arg=arg)
+    assert status == -4 and (out == 7).all()
+    codes = dict(ops.dispatch.KERNEL_DTYPE_CODES)
+    try:
+        ops.dispatch.KERNEL_DTYPE_CODES[torch.float16] = 3
+        with pytest.raises(ValueError, match="neighbour_max_forward: no form for dtype code 3"):
+            _run(native.library(), "neighbour_max_forward", dtype=torch.float16, R=4, K=3, C=8,
+                 x=x, out=out, arg=arg)
+    finally:
+        ops.dispatch.KERNEL_DTYPE_CODES.clear()
+        ops.dispatch.KERNEL_DTYPE_CODES.update(codes)
+
+
 def test_fused_forms_step_aside_for_modules_with_hooks():
     """A forward hook must see its module run (HAQ records layer inputs with one)."""
     from models.point_transformer import PointBatchNorm
@@ -380,14 +511,23 @@ def test_point_transformer_training_step_same_on_both_paths():
 
 
 def test_point_transformer_trains_under_cpu_bf16_autocast():
-    """`--amp` on the CPU: the fast layers step aside for bf16 inputs (their custom backward
-    assumes one dtype) and a training step gives finite gradients for every parameter."""
+    """`--amp` on the CPU: the C kernels take the layer's bf16 rows (with a compiler), and a
+    training step gives finite gradients for every parameter."""
     torch.manual_seed(0)
     model = build_model("pt_seg_tiny", in_channels=3, num_classes=6, num_categories=2).train()
     xyz, feat = torch.randn(2, 512, 3), torch.randn(2, 512, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(xyz, feat, torch.tensor([0, 1]))
     assert logits.dtype == torch.bfloat16
+    if native.library() is not None:
+        seen, stack = set(), [logits.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None and node not in seen:
+                seen.add(node)
+                stack += [parent for parent, _ in node.next_functions]
+        assert {"_RelationBackward", "_AggregateBackward", "_NormReluLinearBackward",
+                "_NormReluMaxBackward"} <= {node.name() for node in seen}
     logits.float().square().mean().backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name

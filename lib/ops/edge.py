@@ -62,7 +62,9 @@ def group_linear(linear, xyz, x, new_xyz, idx):
     if not decomposes(linear):
         return linear(group(xyz, x, new_xyz, idx))
     per_point, per_centre = _point_and_centre_products(linear, xyz, x, new_xyz)
-    return gather(per_point, idx) - per_centre.unsqueeze(2)
+    # + (-centre), the same values as - centre: a subtraction's backward would negate the whole
+    # (B, M, k, O) gradient before summing it over k; this way only the (B, M, O) sum is negated
+    return gather(per_point, idx) + (-per_centre).unsqueeze(2)
 
 
 def _point_and_centre_products(linear, xyz, x, new_xyz):

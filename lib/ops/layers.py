@@ -39,6 +39,10 @@ def no_gradient_wanted(*tensors):
 # 1.5x slower at 64); eval-mode BN is faster on large inputs.
 _FAST_TRAIN_CHANNELS = 8
 _FAST_EVAL_ROWS = 4096
+# bf16 rows with float32 parameters (CPU autocast) up to this many channels are widened to
+# float32 for the form below: 3.8x PyTorch's mixed-dtype BatchNorm at 3 channels, 1.8x at 4,
+# even at 8 (training, forward and backward, 64-256k rows; bench/RESULTS.md)
+_WIDEN_BF16_CHANNELS = 4
 # shared_weight_sum tiles the weights when they have at most this many channels: 1.5-3x faster
 # at 2 and 4, the plain broadcast is as fast from 8.
 _MAX_TILED_WIDTH = 4
@@ -112,10 +116,13 @@ def eval_scale_shift(bn):
 def batch_norm_rows(x, bn):
     """`bn` (an nn.BatchNorm1d) applied to (M, C) rows, as bn(x) computes it, running statistics
     included. Unusual set-ups (no affine, no running statistics, SyncBatchNorm, one row, mixed
-    dtypes) and the reference path go to `bn` itself."""
-    plain = (not enabled(x) or type(bn) is not nn.BatchNorm1d or not bn.affine
-             or not bn.track_running_stats or x.dtype != bn.weight.dtype or x.shape[0] < 2)
-    if plain:
+    dtypes but few-channel bf16 rows in training) and the reference path go to `bn` itself."""
+    usual = (enabled(x) and type(bn) is nn.BatchNorm1d and bn.affine and bn.track_running_stats
+             and x.shape[0] >= 2)
+    if (usual and bn.training and x.dtype == torch.bfloat16 and bn.weight.dtype == torch.float32
+            and x.shape[1] <= _WIDEN_BF16_CHANNELS):
+        return batch_norm_rows(x.float(), bn).to(x.dtype)
+    if not usual or x.dtype != bn.weight.dtype:
         return bn(x)
     rows, channels = x.shape
     if not bn.training:
