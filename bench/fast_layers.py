@@ -3,7 +3,9 @@ plain PyTorch forms, one operation at a time, forward + backward (eval-mode Batc
 only), at the sizes of a B=16 x 2048 Point Transformer step. The thresholds in lib/ops/layers.py
 and lib/ops/fused.py come from this table. The fused C kernels (lib/ops/csrc/: "relation",
 "neighbour_sum", "norm_relu_linear", "neighbour_max") are timed where they replace several
-PyTorch operations; without a C compiler their fast column times the PyTorch forms.
+PyTorch operations; without a C compiler their fast column times the PyTorch forms. Cases
+named *_bf16 time bfloat16 rows under CPU autocast (`--amp`), both forms: the kernels' bf16
+forms and the widened few-channel BatchNorm against the plain forms in bf16.
 
     python bench/fast_layers.py --json /tmp/fast_layers.json    # about 30 s on a 2-core CPU
 """
@@ -38,9 +40,9 @@ LAYER_SHAPES = [(16, 2048, 8, 16), (16, 512, 16, 32), (16, 128, 16, 64), (16, 20
 POOL_SHAPES = [(16, 512, 16, 32), (16, 128, 16, 64), (16, 512, 16, 64), (16, 128, 16, 128)]
 
 
-def batch_norm_case(rows, channels, training):
+def batch_norm_case(rows, channels, training, dtype=torch.float32):
     bn = nn.BatchNorm1d(channels).train(training)
-    x = torch.randn(rows, channels, requires_grad=training)
+    x = torch.randn(rows, channels, dtype=dtype, requires_grad=training)
     grad = torch.randn(rows, channels)
 
     def run(_amp):
@@ -74,12 +76,12 @@ def gather_case(b, n, k, c):
     return lambda _amp: ops.gather(features, idx).backward(grad)
 
 
-def attention_case(b, n, k, c):
+def attention_case(b, n, k, c, dtype=torch.float32):
     """relation and neighbour_sum together, as a PT layer calls them (gamma left out)."""
-    delta, weight = (torch.randn(b, n, k, w, requires_grad=True) for w in (c, c // 8))
-    key, query, value = (torch.randn(b, n, c, requires_grad=True) for _ in range(3))
+    delta, weight = (torch.randn(b, n, k, w, dtype=dtype, requires_grad=True) for w in (c, c // 8))
+    key, query, value = (torch.randn(b, n, c, dtype=dtype, requires_grad=True) for _ in range(3))
     idx = torch.randint(0, n, (b, n, k))
-    grads = torch.randn(b, n, k, c), torch.randn(b, n, c)
+    grads = torch.randn(b, n, k, c, dtype=dtype), torch.randn(b, n, c, dtype=dtype)
 
     def run(_amp):
         relation = ops.relation(delta, key, query, idx)
@@ -88,18 +90,43 @@ def attention_case(b, n, k, c):
     return run
 
 
-def norm_relu_linear_case(b, n, k, c):
+def norm_relu_linear_case(b, n, k, c, dtype=torch.float32):
     from models.point_transformer import PointBatchNorm
     norm, linear = PointBatchNorm(c), nn.Linear(c, c // 8)
-    x = torch.randn(b, n, k, c, requires_grad=True)
-    grad = torch.randn(b, n, k, c // 8)
+    x = torch.randn(b, n, k, c, dtype=dtype, requires_grad=True)
+    grad = torch.randn(b, n, k, c // 8, dtype=dtype)
     return lambda _amp: ops.norm_relu_linear(norm.bn, linear, x).backward(grad)
 
 
-def neighbour_max_case(b, m, k, c):
-    x = torch.relu(torch.randn(b, m, k, c)).requires_grad_()
-    grad = torch.randn(b, m, c)
+def neighbour_max_case(b, m, k, c, dtype=torch.float32):
+    x = torch.relu(torch.randn(b, m, k, c, dtype=dtype)).requires_grad_()
+    grad = torch.randn(b, m, c, dtype=dtype)
     return lambda _amp: ops.neighbour_max(x).backward(grad)
+
+
+def under_autocast(run):
+    """run(amp) with bfloat16 autocast on the CPU, as training with `--amp` has it."""
+    def autocast_run(amp):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return run(amp)
+    return autocast_run
+
+
+def bf16_cases():
+    """(name, run) of the bf16 forms: the few-channel BatchNorms and the C kernels."""
+    bf16 = torch.bfloat16
+    for rows, channels in BN_SHAPES:
+        if channels <= 8:
+            yield (f"batch_norm_train_{rows}x{channels}_bf16",
+                   under_autocast(batch_norm_case(rows, channels, True, bf16)))
+    for shape in LAYER_SHAPES:
+        name = "x".join(map(str, shape))
+        yield (f"relation_and_neighbour_sum_{name}_bf16",
+               under_autocast(attention_case(*shape, dtype=bf16)))
+        yield f"norm_relu_linear_{name}_bf16", under_autocast(norm_relu_linear_case(*shape, bf16))
+    for shape in POOL_SHAPES:
+        yield ("neighbour_max_" + "x".join(map(str, shape)) + "_bf16",
+               under_autocast(neighbour_max_case(*shape, bf16)))
 
 
 def cases():
@@ -132,7 +159,7 @@ def main(args):
     cpu = torch.device("cpu")
     results = {}
     print(f"{'operation':<42} {'fast ms':>9} {'plain ms':>9} {'speedup':>8}")
-    for name, run in cases():
+    for name, run in [*cases(), *bf16_cases()]:
         runs = {path: (lambda path=path: on_path(path, run)) for path in ("fast", "reference")}
         samples = compare(runs, {path: args.repeats for path in runs}, cpu)
         fast, plain = (statistics.median(samples[path]) * 1e3 for path in ("fast", "reference"))

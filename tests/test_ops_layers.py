@@ -75,6 +75,28 @@ def test_batch_norm_rows_leaves_unusual_set_ups_to_pytorch():
         fast_layers.batch_norm_rows(torch.randn(1, 3), nn.BatchNorm1d(3))
 
 
+@pytest.mark.parametrize("channels", [3, 4])
+def test_batch_norm_rows_widens_few_bf16_channels(channels):
+    """bf16 rows with float32 parameters (CPU autocast), training: BatchNorm in float32 on the
+    widened rows, rounded back; outputs, the input's and parameters' gradients and the running
+    statistics as the mixed-dtype nn.BatchNorm1d gives them, up to bf16 rounding."""
+    fast, plain = bn_pair(channels)
+    x = (torch.randn(4096, channels) * 3 + 2).bfloat16()
+    grad = torch.randn(4096, channels).bfloat16()
+    results = []
+    for bn, forward in ((fast, lambda x: fast_layers.batch_norm_rows(x, fast)), (plain, plain)):
+        rows = x.clone().requires_grad_()
+        y = forward(rows)
+        y.backward(grad)
+        results.append([y, rows.grad, bn.weight.grad, bn.bias.grad, bn.running_mean,
+                        bn.running_var])
+    assert results[0][0].grad_fn.name() == "ToCopyBackward0"  # the widened form ran
+    assert results[0][0].dtype == results[0][1].dtype == torch.bfloat16
+    for i, (widened, mixed) in enumerate(zip(*results)):
+        step = mixed.float().abs().max() * 2 ** -7  # two bf16 roundings at the largest value
+        assert (widened.float() - mixed.float()).abs().max() <= step, i
+
+
 @pytest.mark.parametrize("width", [2, 4, 8])
 def test_shared_weight_sum_matches_the_broadcast_form(width):
     share = 8
@@ -308,7 +330,7 @@ def test_bf16_relation_and_aggregation(b, n, k, channels, share):
 
 
 @pytest.mark.usefixtures("needs_compiler")
-@pytest.mark.parametrize("channels, outputs", [(16, 2), (64, 8), (24, 5)])
+@pytest.mark.parametrize("channels, outputs", [(16, 2), (32, 4), (24, 5)])
 def test_bf16_norm_relu_linear(channels, outputs):
     """gamma's BatchNorm-ReLU-Linear on bfloat16 rows with float32 modules, as CPU autocast
     runs it: output and input gradient rounded once; the four parameters' gradients and the

@@ -295,8 +295,10 @@ def norm_relu_max(bn, x):
 
 
 # norm_relu_linear's C kernels beat BatchNorm + ReLU + GEMM up to this many channels; above,
-# the per-row products (C x C / share_planes) are better left to the GEMM.
-_NORM_RELU_LINEAR_MAX_CHANNELS = 64
+# the per-row products (C x C / share_planes) are better left to the GEMM. On bf16 rows the
+# plain chain's GEMM runs in bf16 (native on AVX512-BF16): there the kernel is even up to 32
+# channels and 0.7-0.9x at 64 (`python bench/fast_layers.py`, bench/RESULTS.md).
+_NORM_RELU_LINEAR_MAX_CHANNELS = {torch.float32: 64, torch.float64: 64, torch.bfloat16: 32}
 
 
 class _NormReluLinear(torch.autograd.Function):
@@ -347,12 +349,12 @@ class _NormReluLinear(torch.autograd.Function):
 def norm_relu_linear(bn, linear, x):
     """linear(relu(bn(x))) for `bn` an nn.BatchNorm1d over the last axis and `linear` an
     nn.Linear, on (..., C) -> (..., O): the start of the PT layer's gamma, on the (B, N, k, C)
-    relation. Fused in C where it pays (CPU, C <= 64, plain modules; fp32/fp64 without
-    autocast, or bf16 rows: see fusable_norm); elsewhere batch_norm, ReLU and the Linear (and
-    so the reference's plain forms)."""
+    relation. Fused in C where it pays (CPU, C <= 64, 32 for bf16 rows, plain modules;
+    fp32/fp64 without autocast, or bf16 rows: see fusable_norm); elsewhere batch_norm, ReLU and
+    the Linear (and so the reference's plain forms)."""
     channels = x.shape[-1]
     lib = native_for(x, bf16_rows=True)
-    fused = (lib is not None and channels <= _NORM_RELU_LINEAR_MAX_CHANNELS
+    fused = (lib is not None and channels <= _NORM_RELU_LINEAR_MAX_CHANNELS[x.dtype]
              and fusable_norm(bn, x) and type(linear) is nn.Linear and linear.bias is not None
              and _unhooked(linear) and x.numel() // channels >= 2
              and (x.dtype == linear.weight.dtype or _bf16_rows(x, linear.weight, linear.bias)))
