@@ -10,7 +10,7 @@ knn_query                float32: C grid; float64 or         GEMM-ranked      GE
 gather with a gradient   sparse-matrix backward              index_select     index_select
 relation, neighbour_sum  C (csrc/pt_layer.c)                 plain            plain
 norm_relu_linear         C (csrc/norm_relu_linear.c),        the modules      the modules
-                         up to 64 channels
+                         up to 64 channels (bf16 rows: 32)
 neighbour_max            C (csrc/neighbour_max.c)            amax             amax
 relu_neighbour_max       ReLU after the max                  as CPU           ReLU, then max
 norm_relu_max            max before BatchNorm (C kernels)    batch_norm,      batch_norm,
@@ -29,6 +29,8 @@ attention_inference      C (csrc/attention_inference.c):     None: the        No
                          fp32, fp64, or bf16 autocast
                          (bf16 rows, float32 arithmetic)
 batch_norm               folded form up to 8 channels        BatchNorm1d      BatchNorm1d
+                         (training bf16 rows: up to 4,
+                         widened to float32)
 mlp                      one-GEMM backward for Linear(3, C)  the modules      the modules
 
 (*) Both C forms pick the reference's points, ties included; the kernel chooses by cloud size
@@ -40,15 +42,18 @@ objects (the plain loop stays there) and about even on 4,096, the pruned one 2-4
 side) and any other device. There kNN is the GEMM-ranked form too, the fastest plain-PyTorch
 kNN here: cdist's exact mode (geometry.knn_query_reference) is the tests' oracle, and took 8 s
 for an 80k-point room on an H100 (geometry.knn_query_matmul). The C kernels take float32 and
-float64 CPU tensors of one dtype with at most MAX_CHANNELS channels; bf16, autocast, modules
+float64 CPU tensors of one dtype with at most MAX_CHANNELS channels, and bfloat16 rows where
+their callers say so (native_for's bf16_rows: the PT layer's training kernels and
+attention_inference, under CPU bf16 autocast): those compute in float32, with float32
+per-channel vectors, weights and scatter sums, and round each result once, so that it is the
+float32 kernel's rounded to bf16; group_norm_relu_max keeps to float32 and float64. Modules
 with forward hooks (HAQ's recorder) and non-plain modules (quantized, SyncBatchNorm) get the
 plain forms; edge_linear's and group_linear's forms are plain PyTorch and read a Linear's
 `.weight`, so they take quantized Linears and autocast too; attention_inference and
-group_norm_relu_max take quantized Linears (each weight is read once per call), and
-attention_inference bf16 autocast (no other). Every fast form gives the plain form's values and
-gradients up to rounding (tests/test_ops_layers.py, tests/test_ops_geometry.py,
-tests/test_ops_edge.py, tests/test_ops_attention.py); FPS and kNN give the same indices up to
-ties. `python -m lib.ops` prints what runs on this machine.
+group_norm_relu_max take quantized Linears (each weight is read once per call). Every fast
+form gives the plain form's values and gradients up to rounding (tests/test_ops_layers.py,
+tests/test_ops_geometry.py, tests/test_ops_edge.py, tests/test_ops_attention.py); FPS and kNN
+give the same indices up to ties. `python -m lib.ops` prints what runs on this machine.
 """
 import torch
 
