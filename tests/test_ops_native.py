@@ -145,7 +145,7 @@ def test_prototypes_are_read_from_every_exported_c_function():
     assert set(found) == {"pt_relation_forward", "pt_relation_backward", "pt_aggregate_forward",
                           "pt_aggregate_backward", "nrl_stats", "nrl_forward",
                           "nrl_backward_sums", "nrl_backward_input", "neighbour_max_forward",
-                          "neighbour_max_backward", "gathered_max_forward",
+                          "neighbour_max_backward", "norm_max_backward", "gathered_max_forward",
                           "pt_attention_inference", "fps", "knn"}
     restype, params = found["pt_aggregate_forward"]
     assert [name for name, _ in params] == ["dtype", "threads", "B", "N", "K", "C", "W", "w", "v",
