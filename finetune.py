@@ -22,6 +22,7 @@ from lib.distill import DistillLoss
 from lib.experiment import evaluate_checkpoint, example_inputs, load_split, make_loader
 from lib.policy_file import parse_keep, read_policy
 from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
+from lib.quant.layers import layer_renames
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import format_results, format_size
 from lib.rundir import claim
@@ -67,7 +68,8 @@ def build_quantized(args, model, dataset, device):
     """The fp32 model with the requested policy applied; returns (model, quant metadata)."""
     layers = list_quantizable(model, example_inputs(dataset, device))
     names = [layer.name for layer in layers]
-    policy = read_policy(args.policy, names) if args.policy else uniform_policy(layers, args.bits)
+    policy = (read_policy(args.policy, names, layer_renames(model)) if args.policy
+              else uniform_policy(layers, args.bits))
     keep = parse_keep(args.keep_first_last)
     if keep != "off":
         if args.policy:

@@ -21,11 +21,12 @@ def parse_keep(value):
     return bits
 
 
-def read_policy(path, layer_names):
+def read_policy(path, layer_names, renames=None):
     """{layer: bits or None (fp32)} from a policy.json, checked strictly: every quantizable layer
     of the model is listed, and each width is an integer in 1..32 (32: fp32) or fp32 (null or
     "fp32"). Anything else (3.7, true, "four", a missing layer) is a one-line ValueError naming
-    the file, never a guess."""
+    the file, never a guess. renames: {old layer name: current one} (lib.quant's
+    layer_renames), for policies written before a layer was renamed."""
     try:
         with open(path, "rb") as f:
             policy = json.loads(f.read().decode("utf-8"))
@@ -38,6 +39,7 @@ def read_policy(path, layer_names):
     bits = policy.get("bits") if isinstance(policy, dict) else None
     if not isinstance(bits, dict):
         raise ValueError(f"{path}: no 'bits' mapping of layer name to bit width")
+    bits = {(renames or {}).get(name, name): value for name, value in bits.items()}
     unknown = sorted(set(bits) - set(layer_names))
     if unknown:
         raise ValueError(f"{path}: layers not in the model: {_some(unknown)}")

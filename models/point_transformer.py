@@ -82,6 +82,10 @@ class PointTransformerLayer(nn.Module):
                                    nn.ReLU(inplace=True), nn.Linear(weights, weights))
         self.register_load_state_dict_pre_hook(_rename_gamma_keys)
 
+    # gamma's Linears as policy files and quantized checkpoints written before gamma.0 became a
+    # NormReluLinear name them (lib/quant/layers.py's layer_renames reads this)
+    RENAMED_LAYERS = {"gamma.2": "gamma.0.linear", "gamma.5": "gamma.3"}
+
     def forward(self, xyz, x, idx):
         """xyz (B, N, 3), x (B, N, C), idx (B, N, k) neighbours of each point -> (B, N, C)."""
         # phi, psi and alpha project the N points, and the neighbours' rows are gathered
@@ -105,8 +109,11 @@ _OLD_GAMMA_KEYS = {"gamma.0.": "gamma.0.norm.", "gamma.2.": "gamma.0.linear.",
 
 
 def _rename_gamma_keys(module, state_dict, prefix, *_):
-    """Loads such checkpoints (their gamma.2 is a Linear; here it is the ReLU, with no keys)."""
-    if prefix + "gamma.2.weight" not in state_dict:
+    """Loads such checkpoints, fp32 or quantized (their gamma.2 and gamma.5 are the Linears, with
+    a weight or a codebook and indices; here gamma.2 is the ReLU, with no keys, and there is no
+    gamma.5)."""
+    old = (prefix + "gamma.2.", prefix + "gamma.5.")
+    if not any(key.startswith(old) for key in state_dict):
         return
     for key in [k for k in state_dict if k.startswith(prefix + "gamma.")]:
         rest = key[len(prefix):]

@@ -308,3 +308,44 @@ def test_point_transformer_loads_checkpoints_with_the_old_gamma_names():
     for key, value in model.state_dict().items():
         expected = value + 1 if value.is_floating_point() else value
         assert torch.equal(fresh.state_dict()[key], expected), key
+
+
+def _with_the_old_gamma_layout(model):
+    """`model` with each PT layer's gamma laid out as before gamma.0 became a NormReluLinear:
+    Sequential(BatchNorm, ReLU, Linear, BatchNorm, ReLU, Linear), the same modules."""
+    from models.point_transformer import PointTransformerLayer
+    for layer in model.modules():
+        if isinstance(layer, PointTransformerLayer):
+            first, norm, _, last = layer.gamma
+            layer.gamma = nn.Sequential(first.norm, nn.ReLU(inplace=True), first.linear, norm,
+                                        nn.ReLU(inplace=True), last)
+    return model
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_quantized_checkpoints_and_policies_with_the_old_gamma_names_load(tmp_path, packed):
+    """A quantized checkpoint (packed, or with a resume state) and a policy file that name
+    gamma's Linears gamma.2 and gamma.5 load into today's layer, with the same outputs."""
+    from lib.checkpoint import load_checkpoint, save_checkpoint
+    from lib.policy_file import read_policy, write_policy
+    from lib.quant import list_quantizable, quantize_model
+    from lib.quant.layers import layer_renames
+    kwargs = dict(in_channels=3, num_classes=6, num_categories=2)
+    torch.manual_seed(0)
+    old = _with_the_old_gamma_layout(build_model("pt_seg_tiny", **kwargs)).eval()
+    old_names = [layer.name for layer in list_quantizable(old)]
+    assert any(name.endswith("gamma.5") for name in old_names)
+    quantize_model(old, {name: 4 for name in old_names})
+    path = str(tmp_path / "old.pt")
+    meta = {"model": {"name": "pt_seg_tiny", "kwargs": kwargs}, "quant": {"bits": 4}}
+    save_checkpoint(path, old, meta, resume_state=None if packed else {"epoch": 1})
+    _, loaded, _ = load_checkpoint(path)
+    xyz, feat, category = torch.randn(2, 256, 3), torch.randn(2, 256, 3), torch.tensor([0, 1])
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(xyz, feat, category), old(xyz, feat, category),
+                              rtol=1e-4, atol=1e-5)
+    fresh = build_model("pt_seg_tiny", **kwargs)
+    names = [layer.name for layer in list_quantizable(fresh)]
+    write_policy(str(tmp_path / "policy.json"), {"bits": {name: 4 for name in old_names}})
+    policy = read_policy(str(tmp_path / "policy.json"), names, layer_renames(fresh))
+    assert sorted(policy) == sorted(names)

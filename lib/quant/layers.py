@@ -245,9 +245,23 @@ def quantized_keys(model):
             {state_key(name, "codebook") for name in state})
 
 
+def layer_renames(model):
+    """{old name: current name} of the model's renamed quantizable layers, so that policy files
+    and quantized checkpoints written before a rename still load: a module lists its renamed
+    children in a RENAMED_LAYERS dict of relative names (models/point_transformer.py's layer)."""
+    renames = {}
+    for path, module in unwrap(model).named_modules():
+        for old, new in getattr(module, "RENAMED_LAYERS", {}).items():
+            renames[f"{path}.{old}" if path else old] = f"{path}.{new}" if path else new
+    return renames
+
+
 def prepare_quantized(model, state):
-    """Give a freshly built fp32 model the quantized layers described by `state` (quant_state),
-    with placeholder codebooks and indices, so that load_state_dict(strict=True) fills them."""
+    """Give a freshly built fp32 model the quantized layers described by `state` (quant_state,
+    layers under current or old names: layer_renames), with placeholder codebooks and indices,
+    so that load_state_dict(strict=True) fills them."""
+    renames = layer_renames(model)
+    state = {renames.get(name, name): entry for name, entry in state.items()}
     layers = dict(named_quantizable(model))
     check_policy({name: entry["bits"] for name, entry in state.items()}, layers, "quant state")
     for name, entry in state.items():
