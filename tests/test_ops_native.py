@@ -294,3 +294,15 @@ def test_the_suite_runs_without_a_compiler():
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def test_python_m_lib_ops_says_what_runs_here():
+    """`python -m lib.ops` (README): one line per dtype, bf16 rows included, that agrees with
+    whether the kernels loaded in this process."""
+    done = subprocess.run([sys.executable, "-m", "lib.ops"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    form = "C kernels" if native.library() is not None else "plain compositions"
+    lines = done.stdout.splitlines()
+    assert "cpu float32: FPS" in done.stdout
+    assert f"cpu bfloat16 rows (autocast): PT layer ops: {form}" in lines

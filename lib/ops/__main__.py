@@ -13,6 +13,11 @@ def main():
             pt = "C kernels" if dispatch.native_for(xyz) is not None else "plain compositions"
             print(f"{device} {str(dtype)[6:]}: FPS {dispatch.fps_form(xyz)}, kNN "
                   f"{dispatch.knn_form(xyz, xyz)}, PT layer ops: {pt}")
+        # under bf16 autocast the points stay float32 (the lines above) and the features are bf16
+        rows = torch.zeros(1, 4, 8, dtype=torch.bfloat16, device=device)
+        pt = ("C kernels" if dispatch.native_for(rows, bf16_rows=True) is not None
+              else "plain compositions")
+        print(f"{device} bfloat16 rows (autocast): PT layer ops: {pt}")
 
 
 if __name__ == "__main__":
