@@ -7,7 +7,7 @@ PyTorch operations; without a C compiler their fast column times the PyTorch for
 named *_bf16 time bfloat16 rows under CPU autocast (`--amp`), both forms: the kernels' bf16
 forms and the widened few-channel BatchNorm against the plain forms in bf16.
 
-    python bench/fast_layers.py --json /tmp/fast_layers.json    # about 30 s on a 2-core CPU
+    python bench/fast_layers.py --json /tmp/fast_layers.json    # about 45 s on a 2-core CPU
 """
 import argparse
 import json

@@ -40,8 +40,8 @@ def no_gradient_wanted(*tensors):
 _FAST_TRAIN_CHANNELS = 8
 _FAST_EVAL_ROWS = 4096
 # bf16 rows with float32 parameters (CPU autocast) up to this many channels are widened to
-# float32 for the form below: 3.8x PyTorch's mixed-dtype BatchNorm at 3 channels, 1.8x at 4,
-# even at 8 (training, forward and backward, 64-256k rows; bench/RESULTS.md)
+# float32 for the form below: 2.9x PyTorch's mixed-dtype BatchNorm at 3 channels, 1.5x at 4,
+# even at 8 (training, forward and backward, 128-256k rows; `python bench/fast_layers.py`)
 _WIDEN_BF16_CHANNELS = 4
 # shared_weight_sum tiles the weights when they have at most this many channels: 1.5-3x faster
 # at 2 and 4, the plain broadcast is as fast from 8.
