@@ -21,8 +21,8 @@
  * Transformer presets, with both as constants, so the compiler unrolls and vectorises the row
  * loops. bfloat16 rows (under CPU bf16 autocast) are computed in float32 (bf16.h).
  */
+#include <stddef.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "bf16.h"
 #include "parallel.h"
