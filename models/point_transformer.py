@@ -103,16 +103,18 @@ class PointTransformerLayer(nn.Module):
         return ops.neighbour_sum(w, value, delta, idx, self.share_planes)
 
 
-# gamma's parameters as checkpoints written before gamma.0 became a NormReluLinear name them
-_OLD_GAMMA_KEYS = {"gamma.0.": "gamma.0.norm.", "gamma.2.": "gamma.0.linear.",
-                   "gamma.3.": "gamma.1.", "gamma.5.": "gamma.3."}
+# gamma's parameters as checkpoints written before gamma.0 became a NormReluLinear name them:
+# its BatchNorms, and its Linears (RENAMED_LAYERS)
+_OLD_LINEAR_KEYS = {old + ".": new + "." for old, new in
+                    PointTransformerLayer.RENAMED_LAYERS.items()}
+_OLD_GAMMA_KEYS = {"gamma.0.": "gamma.0.norm.", "gamma.3.": "gamma.1.", **_OLD_LINEAR_KEYS}
 
 
 def _rename_gamma_keys(module, state_dict, prefix, *_):
     """Loads such checkpoints, fp32 or quantized (their gamma.2 and gamma.5 are the Linears, with
     a weight or a codebook and indices; here gamma.2 is the ReLU, with no keys, and there is no
     gamma.5)."""
-    old = (prefix + "gamma.2.", prefix + "gamma.5.")
+    old = tuple(prefix + key for key in _OLD_LINEAR_KEYS)
     if not any(key.startswith(old) for key in state_dict):
         return
     for key in [k for k in state_dict if k.startswith(prefix + "gamma.")]:
