@@ -278,6 +278,16 @@ def test_the_kernels_refuse_bad_shapes_before_touching_memory():
     assert "\n" not in str(err.value)
 
 
+def test_with_a_compiler_the_repositorys_kernels_build():
+    """A failed build only warns and the kernel tests skip, so a source that no longer compiles
+    would pass unseen: where there is a C compiler (and POINT_HAQ_NATIVE is not 0), the
+    repository's own kernels must build and load."""
+    needs_cc()
+    if os.environ.get("POINT_HAQ_NATIVE", "1") == "0":
+        pytest.skip("POINT_HAQ_NATIVE=0")
+    assert native.library() is not None, "lib/ops/csrc did not build (see the warning)"
+
+
 def test_the_suite_runs_without_a_compiler():
     """POINT_HAQ_NATIVE=0 in a fresh process: no build, and a PT training step on the PyTorch
     forms (CI without a C compiler gets the same)."""
