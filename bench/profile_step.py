@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import synchronize  # noqa: E402
 from bench.run import build_pt, train_step  # noqa: E402
+from lib import heap  # noqa: E402
 from lib.cli import resolve_device  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
 from lib.haq.policy_eval import cached_batches  # noqa: E402
@@ -32,6 +33,7 @@ def get_args_parser():
 
 def main(args):
     device = resolve_device(args.device)
+    heap.keep_freed_memory(device)  # as pretrain.py: the step's temporaries reused, not re-faulted
     dataset = build_dataset("synthetic_parts", args.data_root, "train", num_points=args.num_points)
     batch = cached_batches(dataset, list(range(args.batch_size)), args.batch_size, device)[0]
     step = train_step(build_pt(args.model, dataset, device), batch, "partseg")

@@ -52,7 +52,7 @@ from lib.data import build_dataset  # noqa: E402
 from lib.haq.policy_eval import PolicyEvaluator, cached_batches  # noqa: E402
 from lib.quant import list_quantizable, quantize_model  # noqa: E402
 from lib.tasks import model_inputs, supervised_loss  # noqa: E402
-from lib.train import autocast, evaluate  # noqa: E402
+from lib.train import autocast, build_optimizer, evaluate  # noqa: E402
 from models import build_model  # noqa: E402
 from models.point_transformer import SEG_PAPER, SEG_TINY  # noqa: E402
 
@@ -100,8 +100,9 @@ def build_pct(dataset, device):
 
 
 def train_step(model, batch, task):
-    """One SGD step as lib/train.train_one_epoch takes it, as fn(amp)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    """One training step as lib/train.train_one_epoch takes it, with pretrain.py's default
+    optimizer (AdamW, fused where torch offers it), as fn(amp)."""
+    optimizer = build_optimizer(model.parameters(), "adamw", 1e-3, 1e-4)
     device = batch["xyz"].device
 
     def step(amp):

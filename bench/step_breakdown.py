@@ -23,13 +23,14 @@ from lib.ops import geometry  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
 from lib.haq.policy_eval import cached_batches  # noqa: E402
 from lib.tasks import model_inputs, supervised_loss  # noqa: E402
+from lib.train import build_optimizer  # noqa: E402
 
 
 def setup(model_name, batch_size, num_points):
     dataset = build_dataset("synthetic_parts", None, "train", num_points=num_points)
     batch = cached_batches(dataset, list(range(batch_size)), batch_size, torch.device("cpu"))[0]
     model = build_pt(model_name, dataset, torch.device("cpu")).train()
-    return model, batch, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return model, batch, build_optimizer(model.parameters(), "adamw", 1e-3, 1e-4)  # pretrain's
 
 
 def split_step(model, batch, optimizer, tape):

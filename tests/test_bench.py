@@ -94,3 +94,35 @@ def test_step_breakdown_splits_a_small_step(tmp_path):
     # the tiny PT samples in each of its 3 TransitionDowns (distinct shapes, so 3 keys)
     assert sum(key.startswith("farthest") for key in results["geometry_ms"]) == 3
     assert results["peak_gib_reference"] > 0 and results["peak_gib_auto"] > 0
+
+
+def test_gemm_share_counts_a_linear_layers_three_products():
+    """bench/gemm_share.py's timer sees the forward product and the backward's two, and counts
+    their floating-point operations from the operands' shapes."""
+    import torch
+    sys.path.insert(0, REPO)
+    from bench.gemm_share import GEMMS, OpTimer, gemm_flops
+    layer, x = torch.nn.Linear(5, 7), torch.randn(11, 5, requires_grad=True)
+    timer = OpTimer()
+    with timer:
+        layer(x).sum().backward()
+    products = [key for key in timer.calls if key[0] in GEMMS]
+    assert sum(timer.calls[key] for key in products) == 3
+    assert sum(gemm_flops(*key) * timer.calls[key] for key in products) == 3 * 2 * 11 * 5 * 7
+
+
+def test_gemm_share_bench_writes_the_share_of_each_model(tmp_path):
+    out = tmp_path / "gemm.json"
+    done = subprocess.run([sys.executable, os.path.join("bench", "gemm_share.py"), "--quick",
+                           "--steps", "1", "--data-root", str(tmp_path / "parts"),
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["square_gemm_gflops"] > 0
+    assert set(results["models"]) == {"pt_seg_tiny", "pct_cls"}
+    for figures in results["models"].values():
+        assert 0 < figures["gemm_ms"] <= figures["op_ms"]
+        assert figures["gemm_gflop"] > 0 and figures["settings"]["dtype"] == "fp32"
+        assert figures["most_any_implementation_gains"] == pytest.approx(
+            figures["step_ms"] / figures["gemm_ms"])
