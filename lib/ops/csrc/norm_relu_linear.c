@@ -13,8 +13,9 @@
  * sizes. Here: one pass for the statistics and one for h forward; backward, one pass for
  * every sum (BatchNorm's two, W's gradient) and one writing dx. Nothing (M, C) is stored but x.
  *
- * Sums over rows go by fixed chunks of CHUNK rows, each in double, added up in chunk order:
- * the results do not depend on the number of threads. bfloat16 rows (CPU bf16 autocast) are
+ * Sums over rows go by fixed chunks of CHUNK rows, each in double (float32 forms: each block of
+ * ROW_BLOCK rows summed in float32 first), added up in chunk order: the results do not depend
+ * on the number of threads. bfloat16 rows (CPU bf16 autocast) are
  * computed in float32 with the float32 weights, as the float32 form (bf16.h).
  */
 #include <stdint.h>
@@ -26,35 +27,22 @@
 
 enum { CHUNK = 2048 };
 
+/* The forward takes rows in blocks of ROW_BLOCK (one vector of float32 lanes), its (C + O) x
+ * ROW_BLOCK values on the stack, and the float32 backward sums a block's (2 + O) x C terms on
+ * the stack; each only up to BLOCK_VALUES values, so rows wider than any preset's go one at a
+ * time (forward) or straight into double (backward). */
+enum { ROW_BLOCK = 16, BLOCK_VALUES = 2048 };
+
+static inline int64_t rows_per_block(int64_t C, int64_t O) {
+    return (C + O) * ROW_BLOCK <= BLOCK_VALUES ? ROW_BLOCK : 1;
+}
+
 typedef struct {
     const void *x, *scale, *shift, *weight, *bias, *grad_h, *mean, *rstd, *k1, *k2, *k3;
     void *out, *grad_x;
     double *partial; /* per chunk: the sums of that chunk */
     int64_t M, C, O;
 } nrl_args;
-
-/* One row's dot product of length C: LANES-wide partial sums, then the lanes and the tail in a
- * fixed order (a float sum is not vectorised by the compiler otherwise). */
-#define DEFINE_DOT(T, S, LANES)                                                               \
-typedef T vec_##S __attribute__((vector_size(sizeof(T) * LANES)));                            \
-static inline T dot_##S(const T *a, const T *b, int64_t C) {                                  \
-    vec_##S acc = {0};                                                                        \
-    int64_t c = 0;                                                                            \
-    for (; c + LANES <= C; c += LANES) {                                                      \
-        vec_##S va, vb;                                                                       \
-        memcpy(&va, a + c, sizeof va);                                                        \
-        memcpy(&vb, b + c, sizeof vb);                                                        \
-        acc += va * vb;                                                                       \
-    }                                                                                         \
-    T sum = 0;                                                                                \
-    for (int l = 0; l < LANES; ++l) sum += acc[l];                                            \
-    for (; c < C; ++c) sum += a[c] * b[c];                                                    \
-    return sum;                                                                               \
-}
-
-DEFINE_DOT(float, f32, 16)
-DEFINE_DOT(double, f64, 8)
-DEFINE_DOT(float, bf16, 16)
 
 #define DEFINE_NRL(T, R, S, LOAD, STORE)                                                      \
 /* partial[chunk] = (sum x, sum x^2) per channel over the chunk's rows */                     \
@@ -73,19 +61,46 @@ static void stats_##S(const void *p, int64_t chunk) {                           
     }                                                                                         \
 }                                                                                             \
                                                                                               \
+/* h for the BR rows of block `blk` (fewer in the last). With BR = ROW_BLOCK the activations are  \
+ * kept as one vector of the block's rows per channel, so that each product runs over the rows  \
+ * in vector lanes: no dot product ends in a horizontal sum across lanes, which cost a row more  \
+ * than its products. Each h sums its C products in channel order, then adds the bias. */     \
+typedef T rows_##S __attribute__((vector_size(sizeof(T) * ROW_BLOCK)));                        \
 static inline __attribute__((always_inline)) void                                             \
-forward_##S(const void *p, int64_t m, const int64_t C, const int64_t O) {                     \
+forward_##S(const void *p, int64_t blk, const int64_t C, const int64_t O, const int64_t BR) {  \
     const nrl_args *a = (const nrl_args *)p;                                                  \
-    const R *restrict x = (const R *)a->x + m * C;                                            \
+    const int64_t m0 = blk * BR, rows = a->M - m0 < BR ? a->M - m0 : BR;                      \
     const T *restrict scale = a->scale, *restrict shift = a->shift;                           \
-    T act[C];                                                                                 \
-    for (int64_t c = 0; c < C; ++c) {                                                         \
-        const T y = LOAD(x[c]) * scale[c] + shift[c];                                         \
-        act[c] = y > 0 ? y : 0;                                                               \
+    const T *restrict weight = a->weight, *restrict bias = a->bias;                           \
+    const R *restrict x = (const R *)a->x + m0 * C;                                           \
+    R *restrict h = (R *)a->out + m0 * O;                                                     \
+    if (BR == ROW_BLOCK) {                                                                    \
+        rows_##S act[C], acc[O];                                                              \
+        for (int64_t r = 0; r < ROW_BLOCK; ++r) {                                             \
+            const R *restrict row = x + (r < rows ? r : 0) * C;                               \
+            for (int64_t c = 0; c < C; ++c) {                                                 \
+                const T y = LOAD(row[c]) * scale[c] + shift[c];                               \
+                act[c][r] = y > 0 ? y : 0;                                                    \
+            }                                                                                 \
+        }                                                                                     \
+        for (int64_t o = 0; o < O; ++o) acc[o] = (rows_##S){0};                               \
+        for (int64_t c = 0; c < C; ++c)                                                       \
+            for (int64_t o = 0; o < O; ++o) acc[o] += weight[o * C + c] * act[c];             \
+        for (int64_t r = 0; r < rows; ++r)                                                    \
+            for (int64_t o = 0; o < O; ++o) h[r * O + o] = STORE(acc[o][r] + bias[o]);        \
+        return;                                                                               \
     }                                                                                         \
-    R *restrict h = (R *)a->out + m * O;                                                      \
-    for (int64_t o = 0; o < O; ++o)                                                           \
-        h[o] = STORE(dot_##S(act, (const T *)a->weight + o * C, C) + ((const T *)a->bias)[o]); \
+    for (int64_t r = 0; r < rows; ++r)                                                        \
+        for (int64_t o = 0; o < O; ++o) {                                                     \
+            const T *restrict w = weight + o * C;                                             \
+            const R *restrict row = x + r * C;                                                \
+            T sum = 0;                                                                        \
+            for (int64_t c = 0; c < C; ++c) {                                                 \
+                const T y = LOAD(row[c]) * scale[c] + shift[c];                               \
+                sum += w[c] * (y > 0 ? y : 0);                                                \
+            }                                                                                 \
+            h[r * O + o] = STORE(sum + bias[o]);                                              \
+        }                                                                                     \
 }                                                                                             \
                                                                                               \
 /* The gradient reaching y in row m: (grad_h W) where y > 0, else 0; also a and x_hat. */     \
@@ -109,26 +124,61 @@ grad_y_##S(const nrl_args *a, int64_t m, T *gy, T *act, T *xhat, const int64_t C
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-/* partial[chunk] = (sum gy, sum gy x_hat) per channel, then sum grad_h a^T (O, C) */         \
+/* One row's terms of the backward's sums, added to `sums` ((2 + O) x C) in float or double. */\
+static inline __attribute__((always_inline)) void                                             \
+add_row_sums_##S##_float(float *restrict sums, const T *gy, const T *act, const T *xhat,      \
+                         const R *restrict gh, const int64_t C, const int64_t O) {            \
+    for (int64_t c = 0; c < C; ++c) {                                                         \
+        sums[c] += gy[c];                                                                     \
+        sums[C + c] += gy[c] * xhat[c];                                                       \
+    }                                                                                         \
+    for (int64_t o = 0; o < O; ++o) {                                                         \
+        float *restrict gw = sums + (2 + o) * C;                                              \
+        const T gho = LOAD(gh[o]);                                                            \
+        for (int64_t c = 0; c < C; ++c) gw[c] += gho * act[c];                                \
+    }                                                                                         \
+}                                                                                             \
+static inline __attribute__((always_inline)) void                                             \
+add_row_sums_##S##_double(double *restrict sums, const T *gy, const T *act, const T *xhat,    \
+                          const R *restrict gh, const int64_t C, const int64_t O) {           \
+    for (int64_t c = 0; c < C; ++c) {                                                         \
+        sums[c] += gy[c];                                                                     \
+        sums[C + c] += (double)gy[c] * xhat[c];                                               \
+    }                                                                                         \
+    for (int64_t o = 0; o < O; ++o) {                                                         \
+        double *restrict gw = sums + (2 + o) * C;                                             \
+        const double gho = LOAD(gh[o]);                                                       \
+        for (int64_t c = 0; c < C; ++c) gw[c] += gho * act[c];                                \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* partial[chunk] = (sum gy, sum gy x_hat) per channel, then sum grad_h a^T (O, C). float32    \
+ * forms sum ROW_BLOCK rows at a time in float32 (vector lanes twice as wide as double's), each \
+ * block's sums then added in double; float64 sums in double throughout. */                  \
 static inline __attribute__((always_inline)) void                                             \
 backward_sums_##S(const void *p, int64_t chunk, const int64_t C, const int64_t O) {           \
     const nrl_args *a = (const nrl_args *)p;                                                  \
-    const int64_t end = (chunk + 1) * CHUNK < a->M ? (chunk + 1) * CHUNK : a->M;              \
-    double *restrict sums = a->partial + chunk * (2 + O) * C;                                 \
-    for (int64_t c = 0; c < (2 + O) * C; ++c) sums[c] = 0;                                    \
+    const int64_t start = chunk * CHUNK, width = (2 + O) * C;                                 \
+    const int64_t end = start + CHUNK < a->M ? start + CHUNK : a->M;                          \
+    double *restrict sums = a->partial + chunk * width;                                       \
+    for (int64_t c = 0; c < width; ++c) sums[c] = 0;                                          \
     T gy[C], act[C], xhat[C];                                                                 \
-    for (int64_t m = chunk * CHUNK; m < end; ++m) {                                           \
+    const R *restrict grad_h = (const R *)a->grad_h;                                          \
+    if (sizeof(T) == sizeof(float) && width <= BLOCK_VALUES) {                                \
+        float block[width];                                                                   \
+        for (int64_t m0 = start; m0 < end; m0 += ROW_BLOCK) {                                 \
+            for (int64_t c = 0; c < width; ++c) block[c] = 0;                                 \
+            for (int64_t m = m0; m < end && m < m0 + ROW_BLOCK; ++m) {                        \
+                grad_y_##S(a, m, gy, act, xhat, C, O);                                        \
+                add_row_sums_##S##_float(block, gy, act, xhat, grad_h + m * O, C, O);         \
+            }                                                                                 \
+            for (int64_t c = 0; c < width; ++c) sums[c] += block[c];                          \
+        }                                                                                     \
+        return;                                                                               \
+    }                                                                                         \
+    for (int64_t m = start; m < end; ++m) {                                                   \
         grad_y_##S(a, m, gy, act, xhat, C, O);                                                \
-        for (int64_t c = 0; c < C; ++c) {                                                     \
-            sums[c] += gy[c];                                                                 \
-            sums[C + c] += (double)gy[c] * xhat[c];                                           \
-        }                                                                                     \
-        const R *restrict gh = (const R *)a->grad_h + m * O;                                  \
-        for (int64_t o = 0; o < O; ++o) {                                                     \
-            double *restrict gw = sums + (2 + o) * C;                                         \
-            const double gho = LOAD(gh[o]);                                                   \
-            for (int64_t c = 0; c < C; ++c) gw[c] += gho * act[c];                            \
-        }                                                                                     \
+        add_row_sums_##S##_double(sums, gy, act, xhat, grad_h + m * O, C, O);                 \
     }                                                                                         \
 }                                                                                             \
                                                                                               \
@@ -150,7 +200,9 @@ DEFINE_NRL(float, uint16_t, bf16, bf16_load, bf16_store)
 /* Unit functions: with C and O constants (the presets' C / 8 = O at 16, 32 and 64 channels,
  * float32) so that the row loops unroll and vectorise, or read from the arguments. */
 #define DEFINE_UNITS(S, NAME, C, O)                                                           \
-static void forward_##S##_##NAME(const void *a, int64_t u) { forward_##S(a, u, C, O); }       \
+static void forward_##S##_##NAME(const void *a, int64_t u) {                                  \
+    forward_##S(a, u, C, O, rows_per_block(C, O));                                            \
+}                                                                                             \
 static void backward_sums_##S##_##NAME(const void *a, int64_t u) {                            \
     backward_sums_##S(a, u, C, O);                                                            \
 }                                                                                             \
@@ -203,7 +255,9 @@ static int chunked_sums(body_fn body, nrl_args *a, int64_t width, int threads, d
  * DTYPE_BF16: the rows x, out, grad_h and grad_x bfloat16, the per-channel vectors and the
  * weight and bias float32. Each returns STATUS_OK, STATUS_NO_MEMORY, STATUS_BAD_DTYPE, or
  * STATUS_BAD_SHAPE (rows of C values live on the stack). */
-static int bad_shape(int64_t C, int64_t O) { return C < 1 || C > MAX_CHANNELS || O < 1; }
+static int bad_shape(int64_t C, int64_t O) {
+    return C < 1 || C > MAX_CHANNELS || O < 1 || O > MAX_CHANNELS;
+}
 
 /* sums (2, C) double: sum x and sum x^2 per channel. */
 int nrl_stats(int dtype, int threads, int64_t M, int64_t C, const void *x, double *sums) {
@@ -221,7 +275,8 @@ int nrl_forward(int dtype, int threads, int64_t M, int64_t C, int64_t O, const v
                   .out = out, .M = M, .C = C, .O = O};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(C, O)) return STATUS_BAD_SHAPE;
-    for_each(select_kernels(dtype, C, O).forward, &a, M, threads);
+    const int64_t rows = rows_per_block(C, O);
+    for_each(select_kernels(dtype, C, O).forward, &a, (M + rows - 1) / rows, threads);
     return STATUS_OK;
 }
 
