@@ -137,7 +137,7 @@ def main(args):
         figures = measure(training_step(name, batch_size, points, task, args.data_root),
                           args.steps)
         figures["settings"] = {"batch": batch_size, "points": points, "dtype": "fp32",
-                               "threads": torch.get_num_threads(), "optimizer": "adamw (fused)"}
+                               "threads": torch.get_num_threads(), "optimizer": "adamw"}
         results["models"][name] = figures
         print(f"{name} B={batch_size} x {points}: step {figures['step_ms']:.0f} ms, GEMMs "
               f"{figures['gemm_ms']:.0f} ms ({figures['gemm_share']:.0%}, "

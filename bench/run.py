@@ -101,7 +101,7 @@ def build_pct(dataset, device):
 
 def train_step(model, batch, task):
     """One training step as lib/train.train_one_epoch takes it, with pretrain.py's default
-    optimizer (AdamW, fused where torch offers it), as fn(amp)."""
+    optimizer (AdamW), as fn(amp)."""
     optimizer = build_optimizer(model.parameters(), "adamw", 1e-3, 1e-4)
     device = batch["xyz"].device
 

@@ -21,19 +21,11 @@ LOG_EVERY = 10  # training steps between progress-bar and tensorboard updates
 
 
 def build_optimizer(params, name, lr, weight_decay, momentum=0.9):
-    """SGD (with momentum) or AdamW over the trainable `params`, in torch's fused form where
-    every parameter allows it (floating point, on the CPU or a CUDA device): one kernel per
-    parameter instead of a Python loop of small operations. On pt_seg's 563 parameters on the
-    CPU an AdamW step takes 9 ms fused against 26 ms looped, SGD 5 against 10 (of a training
-    step of about 500 ms at B=8 x 2048); the updates agree to rounding (bench/RESULTS.md)."""
     params = [p for p in params if p.requires_grad]
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                 for p in params)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               fused=fused or None)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; use sgd or adamw")
 
 

@@ -110,32 +110,3 @@ def test_non_finite_loss_or_weights_stop_fit_before_any_checkpoint(tmp_path):
         run(str(tmp_path / "weights"), nan_weight)
     for folder in ("loss", "weights"):
         assert not {"last.pt", "best.pt"} & set(os.listdir(tmp_path / folder))
-
-
-@pytest.mark.parametrize("name", ["sgd", "adamw"])
-def test_optimizer_is_fused_on_the_cpu_and_steps_as_the_looped_form(name):
-    torch.manual_seed(0)
-    weights = [torch.randn(64, 32), torch.randn(32), torch.randn(3, 3)]
-    grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
-    stepped = {}
-    for fused in (True, False):
-        params = [torch.nn.Parameter(w.clone()) for w in weights]
-        opt = build_optimizer(params, name, 0.1, 1e-4)
-        assert opt.param_groups[0]["fused"] is True
-        if not fused:  # the same settings in torch's plain per-parameter loop
-            opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False)
-                   if name == "sgd" else
-                   torch.optim.AdamW(params, lr=0.1, weight_decay=1e-4, foreach=False))
-        for step_grads in grads:
-            for p, g in zip(params, step_grads):
-                p.grad = g.clone()
-            opt.step()
-        stepped[fused] = params
-    for a, b in zip(stepped[True], stepped[False]):
-        assert not torch.equal(a, torch.zeros_like(a))
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_optimizer_falls_back_to_the_loop_where_fused_is_not_offered():
-    params = [torch.nn.Parameter(torch.zeros(4, device="meta"))]
-    assert build_optimizer(params, "adamw", 0.1, 0.0).param_groups[0]["fused"] is None
