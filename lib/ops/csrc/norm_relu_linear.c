@@ -53,6 +53,7 @@ static void stats_##S(const void *p, int64_t chunk) {                           
     for (int64_t c = 0; c < 2 * C; ++c) sum[c] = 0;                                           \
     for (int64_t m = chunk * CHUNK; m < end; ++m) {                                           \
         const R *restrict x = (const R *)a->x + m * C;                                        \
+        SIMD                                                                                  \
         for (int64_t c = 0; c < C; ++c) {                                                     \
             const T xc = LOAD(x[c]);                                                          \
             sum[c] += xc;                                                                     \
@@ -110,12 +111,15 @@ grad_y_##S(const nrl_args *a, int64_t m, T *gy, T *act, T *xhat, const int64_t C
     const R *restrict x = (const R *)a->x + m * C, *restrict gh = (const R *)a->grad_h + m * O; \
     const T *restrict scale = a->scale, *restrict shift = a->shift;                           \
     const T *restrict mean = a->mean, *restrict rstd = a->rstd;                               \
+    SIMD                                                                                      \
     for (int64_t c = 0; c < C; ++c) gy[c] = 0;                                                \
     for (int64_t o = 0; o < O; ++o) {                                                         \
         const T *restrict w = (const T *)a->weight + o * C;                                   \
         const T gho = LOAD(gh[o]);                                                            \
+        SIMD                                                                                  \
         for (int64_t c = 0; c < C; ++c) gy[c] += gho * w[c];                                  \
     }                                                                                         \
+    SIMD                                                                                      \
     for (int64_t c = 0; c < C; ++c) {                                                         \
         const T xc = LOAD(x[c]), y = xc * scale[c] + shift[c];                                \
         act[c] = y > 0 ? y : 0;                                                               \
@@ -128,6 +132,7 @@ grad_y_##S(const nrl_args *a, int64_t m, T *gy, T *act, T *xhat, const int64_t C
 static inline __attribute__((always_inline)) void                                             \
 add_row_sums_##S##_float(float *restrict sums, const T *gy, const T *act, const T *xhat,      \
                          const R *restrict gh, const int64_t C, const int64_t O) {            \
+    SIMD                                                                                      \
     for (int64_t c = 0; c < C; ++c) {                                                         \
         sums[c] += gy[c];                                                                     \
         sums[C + c] += gy[c] * xhat[c];                                                       \
@@ -135,12 +140,14 @@ add_row_sums_##S##_float(float *restrict sums, const T *gy, const T *act, const 
     for (int64_t o = 0; o < O; ++o) {                                                         \
         float *restrict gw = sums + (2 + o) * C;                                              \
         const T gho = LOAD(gh[o]);                                                            \
+        SIMD                                                                                  \
         for (int64_t c = 0; c < C; ++c) gw[c] += gho * act[c];                                \
     }                                                                                         \
 }                                                                                             \
 static inline __attribute__((always_inline)) void                                             \
 add_row_sums_##S##_double(double *restrict sums, const T *gy, const T *act, const T *xhat,    \
                           const R *restrict gh, const int64_t C, const int64_t O) {           \
+    SIMD                                                                                      \
     for (int64_t c = 0; c < C; ++c) {                                                         \
         sums[c] += gy[c];                                                                     \
         sums[C + c] += (double)gy[c] * xhat[c];                                               \
@@ -148,6 +155,7 @@ add_row_sums_##S##_double(double *restrict sums, const T *gy, const T *act, cons
     for (int64_t o = 0; o < O; ++o) {                                                         \
         double *restrict gw = sums + (2 + o) * C;                                             \
         const double gho = LOAD(gh[o]);                                                       \
+        SIMD                                                                                  \
         for (int64_t c = 0; c < C; ++c) gw[c] += gho * act[c];                                \
     }                                                                                         \
 }                                                                                             \
@@ -190,6 +198,7 @@ backward_input_##S(const void *p, int64_t m, const int64_t C, const int64_t O) {
     T gy[C], act[C], xhat[C];                                                                 \
     grad_y_##S(a, m, gy, act, xhat, C, O);                                                    \
     R *restrict dx = (R *)a->grad_x + m * C;                                                  \
+    SIMD                                                                                      \
     for (int64_t c = 0; c < C; ++c) dx[c] = STORE(k1[c] * gy[c] - k2[c] - k3[c] * xhat[c]);   \
 }
 

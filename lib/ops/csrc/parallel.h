@@ -42,6 +42,12 @@ static inline int preset_index(int64_t C, int64_t W) {
 #define FOR_EACH_PRESET(M, S) \
     M(S, 16, 2) M(S, 32, 4) M(S, 64, 8) M(S, 128, 16) M(S, 256, 32) M(S, 512, 64)
 
+/* Put before a loop over a row's channels that has no dependence between channels: GCC then
+ * vectorises that loop; left alone, it vectorised some presets' narrow rows (16 channels, 2
+ * weights) across the outputs or weight groups instead, with shuffles that cost 3-5x the
+ * arithmetic (bench/RESULTS.md, "What bounds the CPU targets"). Without OpenMP, a no-op. */
+#define SIMD _Pragma("omp simd")
+
 typedef void (*body_fn)(const void *args, int64_t unit);
 
 /* body(args, u) for u in [0, units), in contiguous spans over up to `threads` threads. */

@@ -38,6 +38,11 @@ typedef struct {
  * and W passed in (constants where inlined). The scatter targets grad_key and grad_v are T:
  * bf16 rows add their gradients up in float32 buffers (lib/ops converts them after), where
  * PyTorch's bf16 index_add rounds after every addition. */
+/* Attention weights per row below this many: the aggregation tiles them over the C channels,
+ * so that its loops run over c in vector lanes; from 8 the loops over the weight groups
+ * vectorise well as they are (and were 1.3-1.8x faster than the tiled form at 64 channels). */
+enum { TILED_BELOW = 8 };
+
 #define DEFINE_BODIES(T, R, S, LOAD, STORE)                                                   \
 static inline __attribute__((always_inline)) void                                             \
 relation_fwd_##S(const pt_args *a, int64_t point, const int64_t C) {                          \
@@ -48,6 +53,7 @@ relation_fwd_##S(const pt_args *a, int64_t point, const int64_t C) {            
         const R *restrict kj = key + a->idx[row] * C;                                         \
         const R *restrict d = (const R *)a->delta + row * C;                                  \
         R *restrict r = (R *)a->out + row * C;                                                \
+        SIMD                                                                                  \
         for (int64_t c = 0; c < C; ++c)                                                       \
             r[c] = STORE(LOAD(d[c]) - LOAD(kj[c]) + LOAD(qi[c]));                             \
     }                                                                                         \
@@ -66,9 +72,11 @@ relation_bwd_##S(const pt_args *a, int64_t b, const int64_t C) {                
         for (int64_t c = 0; c < C; ++c) acc[c] = 0;                                           \
         for (int64_t row = i * K; row < (i + 1) * K; ++row) {                                 \
             const R *restrict gr = g + row * C;                                               \
+            SIMD                                                                              \
             for (int64_t c = 0; c < C; ++c) acc[c] += LOAD(gr[c]);                            \
             if (grad_key) {                                                                   \
                 T *restrict gk = grad_key + idx[row] * C;                                     \
+                SIMD                                                                          \
                 for (int64_t c = 0; c < C; ++c) gk[c] -= LOAD(gr[c]);                         \
             }                                                                                 \
         }                                                                                     \
@@ -87,9 +95,16 @@ aggregate_fwd_##S(const pt_args *a, int64_t point, const int64_t C, const int64_
         const R *restrict wj = (const R *)a->w + row * W;                                     \
         const R *restrict vj = v + a->idx[row] * C;                                           \
         const R *restrict d = (const R *)a->delta + row * C;                                  \
-        for (int64_t g = 0; g < C; g += W)                                                    \
-            for (int64_t u = 0; u < W; ++u)                                                   \
-                acc[g + u] += LOAD(wj[u]) * (LOAD(vj[g + u]) + LOAD(d[g + u]));               \
+        if (W < TILED_BELOW) { /* the W weights tiled over the C channels */                 \
+            T wt[C];                                                                          \
+            for (int64_t c = 0; c < C; ++c) wt[c] = LOAD(wj[c % W]);                          \
+            SIMD                                                                              \
+            for (int64_t c = 0; c < C; ++c) acc[c] += wt[c] * (LOAD(vj[c]) + LOAD(d[c]));     \
+        } else {                                                                              \
+            for (int64_t g = 0; g < C; g += W)                                                \
+                for (int64_t u = 0; u < W; ++u)                                               \
+                    acc[g + u] += LOAD(wj[u]) * (LOAD(vj[g + u]) + LOAD(d[g + u]));           \
+        }                                                                                     \
     }                                                                                         \
     R *restrict out = (R *)a->out + point * C;                                                \
     for (int64_t c = 0; c < C; ++c) out[c] = STORE(acc[c]);                                   \
@@ -113,15 +128,33 @@ aggregate_bwd_##S(const pt_args *a, int64_t b, const int64_t C, const int64_t W)
         for (int64_t row = i * K; row < (i + 1) * K; ++row) {                                 \
             T wj[W];                                                                          \
             for (int64_t u = 0; u < W; ++u) wj[u] = LOAD(w[row * W + u]);                     \
-            if (grad_delta) {                                                                 \
-                R *restrict gd = grad_delta + row * C;                                        \
-                for (int64_t g0 = 0; g0 < C; g0 += W)                                         \
-                    for (int64_t u = 0; u < W; ++u) gd[g0 + u] = STORE(gi[g0 + u] * wj[u]);   \
-            }                                                                                 \
-            if (grad_v) {                                                                     \
-                T *restrict gv = grad_v + idx[row] * C;                                       \
-                for (int64_t g0 = 0; g0 < C; g0 += W)                                         \
-                    for (int64_t u = 0; u < W; ++u) gv[g0 + u] += gi[g0 + u] * wj[u];        \
+            if (W < TILED_BELOW) { /* g_i times the weights tiled over the C channels */      \
+                T gw[C];                                                                      \
+                for (int64_t c = 0; c < C; ++c) gw[c] = wj[c % W];                            \
+                SIMD                                                                          \
+                for (int64_t c = 0; c < C; ++c) gw[c] *= gi[c];                               \
+                if (grad_delta) {                                                             \
+                    R *restrict gd = grad_delta + row * C;                                    \
+                    SIMD                                                                      \
+                    for (int64_t c = 0; c < C; ++c) gd[c] = STORE(gw[c]);                     \
+                }                                                                             \
+                if (grad_v) {                                                                 \
+                    T *restrict gv = grad_v + idx[row] * C;                                   \
+                    SIMD                                                                      \
+                    for (int64_t c = 0; c < C; ++c) gv[c] += gw[c];                           \
+                }                                                                             \
+            } else {                                                                          \
+                if (grad_delta) {                                                             \
+                    R *restrict gd = grad_delta + row * C;                                    \
+                    for (int64_t g0 = 0; g0 < C; g0 += W)                                     \
+                        for (int64_t u = 0; u < W; ++u)                                       \
+                            gd[g0 + u] = STORE(gi[g0 + u] * wj[u]);                           \
+                }                                                                             \
+                if (grad_v) {                                                                 \
+                    T *restrict gv = grad_v + idx[row] * C;                                   \
+                    for (int64_t g0 = 0; g0 < C; g0 += W)                                     \
+                        for (int64_t u = 0; u < W; ++u) gv[g0 + u] += gi[g0 + u] * wj[u];    \
+                }                                                                             \
             }                                                                                 \
             if (grad_w) {                                                                     \
                 const R *restrict vj = v + idx[row] * C;                                      \
