@@ -296,8 +296,8 @@ def norm_relu_max(bn, x):
 
 # norm_relu_linear's C kernels beat BatchNorm + ReLU + GEMM up to this many channels; above,
 # the per-row products (C x C / share_planes) are better left to the GEMM. On bf16 rows the
-# plain chain's GEMM runs in bf16 (native on AVX512-BF16): there the kernel is even up to 32
-# channels and 0.7-0.9x at 64 (`python bench/fast_layers.py`, bench/RESULTS.md).
+# plain chain's GEMM runs in bf16 (native on AVX512-BF16): there the kernel is 1.3-1.45x up to
+# 32 channels and 0.95-0.98x at 64 (`python bench/fast_layers.py`, bench/RESULTS.md).
 _NORM_RELU_LINEAR_MAX_CHANNELS = {torch.float32: 64, torch.float64: 64, torch.bfloat16: 32}
 
 
