@@ -15,8 +15,8 @@
  *
  * Sums over rows go by fixed chunks of CHUNK rows, each in double (float32 forms: each block of
  * ROW_BLOCK rows summed in float32 first), added up in chunk order: the results do not depend
- * on the number of threads. bfloat16 rows (CPU bf16 autocast) are
- * computed in float32 with the float32 weights, as the float32 form (bf16.h).
+ * on the number of threads. bfloat16 rows (CPU bf16 autocast) are computed in float32 with the
+ * float32 weights, as the float32 form (bf16.h).
  */
 #include <stdint.h>
 #include <stdlib.h>

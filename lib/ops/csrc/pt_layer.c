@@ -34,15 +34,15 @@ typedef struct {
     int64_t N, K, C, W;
 } pt_args;
 
-/* The four bodies for rows of type R (read by LOAD, written by STORE) and arithmetic in T, C
- * and W passed in (constants where inlined). The scatter targets grad_key and grad_v are T:
- * bf16 rows add their gradients up in float32 buffers (lib/ops converts them after), where
- * PyTorch's bf16 index_add rounds after every addition. */
 /* Attention weights per row below this many: the aggregation tiles them over the C channels,
  * so that its loops run over c in vector lanes; from 8 the loops over the weight groups
  * vectorise well as they are (and were 1.3-1.8x faster than the tiled form at 64 channels). */
 enum { TILED_BELOW = 8 };
 
+/* The four bodies for rows of type R (read by LOAD, written by STORE) and arithmetic in T, C
+ * and W passed in (constants where inlined). The scatter targets grad_key and grad_v are T:
+ * bf16 rows add their gradients up in float32 buffers (lib/ops converts them after), where
+ * PyTorch's bf16 index_add rounds after every addition. */
 #define DEFINE_BODIES(T, R, S, LOAD, STORE)                                                   \
 static inline __attribute__((always_inline)) void                                             \
 relation_fwd_##S(const pt_args *a, int64_t point, const int64_t C) {                          \
