@@ -34,10 +34,10 @@ typedef struct {
     int64_t B, N, K, C, W;
 } attention_args;
 
-/* Loops whose iterations are independent (no sum across them), to be vectorised as written:
- * left alone, the compiler turned some around into per-output dot products whose in-order
- * (strict IEEE) sums ran one lane at a time (3.7x slower at 128 channels, measured). */
-#define SIMD _Pragma("omp simd")
+/* SIMD (parallel.h) marks loops whose iterations are independent (no sum across them), to be
+ * vectorised as written: left alone, the compiler turned some around into per-output dot
+ * products whose in-order (strict IEEE) sums ran one lane at a time (3.7x slower at 128
+ * channels, measured). */
 
 /* e^x in float32 without a call, so that the softmax's loop vectorises (expf is a library
  * call per value; 5-10% of the kernel's time at 16 and 32 channels, measured). x = n ln2 + r

@@ -20,7 +20,6 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "bf16.h"
 #include "parallel.h"
@@ -44,6 +43,25 @@ typedef struct {
     int64_t M, C, O;
 } nrl_args;
 
+/* One row's terms of the backward's sums, added to `sums` ((2 + O) x C) in A: float for the
+ * float32 forms' blocks of rows, double otherwise. */
+#define DEFINE_ROW_SUMS(T, R, S, LOAD, A)                                                     \
+static inline __attribute__((always_inline)) void                                             \
+add_row_sums_##S##_##A(A *restrict sums, const T *gy, const T *act, const T *xhat,            \
+                       const R *restrict gh, const int64_t C, const int64_t O) {              \
+    SIMD                                                                                      \
+    for (int64_t c = 0; c < C; ++c) {                                                         \
+        sums[c] += gy[c];                                                                     \
+        sums[C + c] += (A)gy[c] * xhat[c];                                                    \
+    }                                                                                         \
+    for (int64_t o = 0; o < O; ++o) {                                                         \
+        A *restrict gw = sums + (2 + o) * C;                                                  \
+        const A gho = LOAD(gh[o]);                                                            \
+        SIMD                                                                                  \
+        for (int64_t c = 0; c < C; ++c) gw[c] += gho * act[c];                                \
+    }                                                                                         \
+}
+
 #define DEFINE_NRL(T, R, S, LOAD, STORE)                                                      \
 /* partial[chunk] = (sum x, sum x^2) per channel over the chunk's rows */                     \
 static void stats_##S(const void *p, int64_t chunk) {                                         \
@@ -62,10 +80,11 @@ static void stats_##S(const void *p, int64_t chunk) {                           
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-/* h for the BR rows of block `blk` (fewer in the last). With BR = ROW_BLOCK the activations are  \
- * kept as one vector of the block's rows per channel, so that each product runs over the rows  \
- * in vector lanes: no dot product ends in a horizontal sum across lanes, which cost a row more  \
- * than its products. Each h sums its C products in channel order, then adds the bias. */     \
+/* h for the BR rows of block `blk` (fewer in the last). With BR = ROW_BLOCK the              \
+ * activations are kept as one vector of the block's rows per channel, so that each           \
+ * product runs over the rows in vector lanes: no dot product ends in a horizontal sum        \
+ * across lanes, which cost a row more than its products. Each h sums its C products in       \
+ * channel order, then adds the bias. */                                                      \
 typedef T rows_##S __attribute__((vector_size(sizeof(T) * ROW_BLOCK)));                        \
 static inline __attribute__((always_inline)) void                                             \
 forward_##S(const void *p, int64_t blk, const int64_t C, const int64_t O, const int64_t BR) {  \
@@ -128,41 +147,12 @@ grad_y_##S(const nrl_args *a, int64_t m, T *gy, T *act, T *xhat, const int64_t C
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-/* One row's terms of the backward's sums, added to `sums` ((2 + O) x C) in float or double. */\
-static inline __attribute__((always_inline)) void                                             \
-add_row_sums_##S##_float(float *restrict sums, const T *gy, const T *act, const T *xhat,      \
-                         const R *restrict gh, const int64_t C, const int64_t O) {            \
-    SIMD                                                                                      \
-    for (int64_t c = 0; c < C; ++c) {                                                         \
-        sums[c] += gy[c];                                                                     \
-        sums[C + c] += gy[c] * xhat[c];                                                       \
-    }                                                                                         \
-    for (int64_t o = 0; o < O; ++o) {                                                         \
-        float *restrict gw = sums + (2 + o) * C;                                              \
-        const T gho = LOAD(gh[o]);                                                            \
-        SIMD                                                                                  \
-        for (int64_t c = 0; c < C; ++c) gw[c] += gho * act[c];                                \
-    }                                                                                         \
-}                                                                                             \
-static inline __attribute__((always_inline)) void                                             \
-add_row_sums_##S##_double(double *restrict sums, const T *gy, const T *act, const T *xhat,    \
-                          const R *restrict gh, const int64_t C, const int64_t O) {           \
-    SIMD                                                                                      \
-    for (int64_t c = 0; c < C; ++c) {                                                         \
-        sums[c] += gy[c];                                                                     \
-        sums[C + c] += (double)gy[c] * xhat[c];                                               \
-    }                                                                                         \
-    for (int64_t o = 0; o < O; ++o) {                                                         \
-        double *restrict gw = sums + (2 + o) * C;                                             \
-        const double gho = LOAD(gh[o]);                                                       \
-        SIMD                                                                                  \
-        for (int64_t c = 0; c < C; ++c) gw[c] += gho * act[c];                                \
-    }                                                                                         \
-}                                                                                             \
+DEFINE_ROW_SUMS(T, R, S, LOAD, float)                                                         \
+DEFINE_ROW_SUMS(T, R, S, LOAD, double)                                                        \
                                                                                               \
-/* partial[chunk] = (sum gy, sum gy x_hat) per channel, then sum grad_h a^T (O, C). float32    \
- * forms sum ROW_BLOCK rows at a time in float32 (vector lanes twice as wide as double's), each \
- * block's sums then added in double; float64 sums in double throughout. */                  \
+/* partial[chunk] = (sum gy, sum gy x_hat) per channel, then sum grad_h a^T (O, C).           \
+ * float32 forms sum ROW_BLOCK rows at a time in float32 (vector lanes twice as wide as       \
+ * double's), each block's sums then added in double; float64 sums in double throughout. */   \
 static inline __attribute__((always_inline)) void                                             \
 backward_sums_##S(const void *p, int64_t chunk, const int64_t C, const int64_t O) {           \
     const nrl_args *a = (const nrl_args *)p;                                                  \
