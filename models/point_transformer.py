@@ -97,7 +97,7 @@ class PointTransformerLayer(nn.Module):
                                       self.share_planes)
         if out is not None:
             return out
-        delta = ops.mlp(self.delta, xyz.unsqueeze(2) - ops.gather(xyz, idx))  # (B, N, k, C)
+        delta = ops.position_encoding(self.delta, xyz, idx)  # (B, N, k, C)
         relation = ops.relation(delta, key, query, idx)  # (B, N, k, C)
         w = self.gamma(relation).softmax(dim=2)  # (B, N, k, C/s)
         return ops.neighbour_sum(w, value, delta, idx, self.share_planes)

@@ -13,6 +13,7 @@ lib/ops/dispatch.py is the one place that says which form runs and why.
                  for inference
   fused.py       relation, neighbour_sum, norm_relu_linear, neighbour_max, norm_relu_max
                  (C kernels), relu_neighbour_max
+  position.py    position_encoding: the PT layer's delta = theta(p_i - p_j) (C kernel)
   layers.py      batch_norm, mlp (PyTorch re-formulations for few channels)
   native.py      builds, verifies and loads csrc/ (C kernels) and calls them by parameter name
   fps_triton.py  one-launch FPS on CUDA
@@ -25,10 +26,11 @@ from lib.ops.edge import edge_linear, group_linear, group_norm_relu_max
 from lib.ops.fused import (neighbour_max, neighbour_sum, norm_relu_linear, norm_relu_max,
                            relation, relu_neighbour_max)
 from lib.ops.layers import batch_norm, mlp
+from lib.ops.position import position_encoding
 from lib.ops.tape import GeometryTape
 
 __all__ = ["GeometryTape", "attention_inference", "batch_norm", "edge_linear",
            "farthest_point_sample", "gather", "get_backend", "group", "group_linear",
            "group_norm_relu_max", "interpolate", "knn_query", "mlp", "neighbour_max",
-           "neighbour_sum", "norm_relu_linear", "norm_relu_max", "relation",
-           "relu_neighbour_max", "set_backend", "start_index"]
+           "neighbour_sum", "norm_relu_linear", "norm_relu_max", "position_encoding",
+           "relation", "relu_neighbour_max", "set_backend", "start_index"]

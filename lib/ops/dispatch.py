@@ -31,6 +31,10 @@ attention_inference      C (csrc/attention_inference.c):     None: the        No
 batch_norm               folded form up to 8 channels        BatchNorm1d      BatchNorm1d
                          (training bf16 rows: up to 4,
                          widened to float32)
+position_encoding        C (csrc/position_encoding.c):       mlp on the       mlp on the
+                         fp32/fp64 without autocast, theta   gathered         gathered
+                         the layer's plain unhooked modules, differences      differences
+                         xyz without a gradient
 mlp                      one-GEMM backward for Linear(3, C)  the modules      the modules
 
 (*) Both C forms pick the reference's points, ties included; the kernel chooses by cloud size
@@ -46,14 +50,15 @@ float64 CPU tensors of one dtype with at most MAX_CHANNELS channels, and bfloat1
 their callers say so (native_for's bf16_rows: the PT layer's training kernels and
 attention_inference, under CPU bf16 autocast): those compute in float32, with float32
 per-channel vectors, weights and scatter sums, and round each result once, so that it is the
-float32 kernel's rounded to bf16; group_norm_relu_max keeps to float32 and float64. Modules
-with forward hooks (HAQ's recorder) and non-plain modules (quantized, SyncBatchNorm) get the
-plain forms; edge_linear's and group_linear's forms are plain PyTorch and read a Linear's
-`.weight`, so they take quantized Linears and autocast too; attention_inference and
-group_norm_relu_max take quantized Linears (each weight is read once per call). Every fast
-form gives the plain form's values and gradients up to rounding (tests/test_ops_layers.py,
-tests/test_ops_geometry.py, tests/test_ops_edge.py, tests/test_ops_attention.py); FPS and kNN
-give the same indices up to ties. `python -m lib.ops` prints what runs on this machine.
+float32 kernel's rounded to bf16; group_norm_relu_max and position_encoding keep to float32 and
+float64. Modules with forward hooks (HAQ's recorder) and non-plain modules (quantized,
+SyncBatchNorm) get the plain forms; edge_linear's and group_linear's forms are plain PyTorch
+and read a Linear's `.weight`, so they take quantized Linears and autocast too;
+attention_inference and group_norm_relu_max take quantized Linears (each weight is read once
+per call). Every fast form gives the plain form's values and gradients up to rounding
+(tests/test_ops_layers.py, tests/test_ops_geometry.py, tests/test_ops_edge.py,
+tests/test_ops_attention.py, tests/test_ops_position.py); FPS and kNN give the same indices up
+to ties. `python -m lib.ops` prints what runs on this machine.
 """
 import torch
 

@@ -35,7 +35,7 @@ import torch
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = [os.path.join(SOURCE_DIR, name)
            for name in ("pt_layer.c", "attention_inference.c", "norm_relu_linear.c",
-                        "neighbour_max.c", "geometry.c")]
+                        "neighbour_max.c", "geometry.c", "position_encoding.c")]
 HEADERS = [os.path.join(SOURCE_DIR, name) for name in ("parallel.h", "bf16.h")]
 # -ffp-contract=off: no fused multiply-adds, so FPS rounds its distances as the torch
 # reference does and picks the same points. -fopenmp: see csrc/parallel.h.
@@ -210,20 +210,25 @@ class Kernels:
         return getattr(self.cdll, name)(*values)
 
 
+def compiler():
+    """The C compiler the kernels are built with: $CC, else `cc`."""
+    return os.environ.get("CC", "cc")
+
+
 def library():
     """The loaded kernels (a Kernels), built on first use; None where they cannot be had."""
     global _library
     if _library is _UNSET:
         _library = None
-        compiler = os.environ.get("CC", "cc")
         if os.environ.get("POINT_HAQ_NATIVE", "1") == "0":
             return None
-        if platform.system() == "Windows" or shutil.which(compiler) is None:
-            warnings.warn(f"lib/ops/native.py: no C compiler ({compiler}) on PATH; the CPU uses "
+        cc = compiler()
+        if platform.system() == "Windows" or shutil.which(cc) is None:
+            warnings.warn(f"lib/ops/native.py: no C compiler ({cc}) on PATH; the CPU uses "
                           "the slower PyTorch and numpy forms")
             return None
         try:
-            _library = Kernels(build(compiler))
+            _library = Kernels(build(cc))
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             warnings.warn(f"lib/ops/native.py: building the C kernels in {SOURCE_DIR} failed "
