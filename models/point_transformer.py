@@ -99,7 +99,7 @@ class PointTransformerLayer(nn.Module):
             return out
         delta = ops.position_encoding(self.delta, xyz, idx)  # (B, N, k, C)
         relation = ops.relation(delta, key, query, idx)  # (B, N, k, C)
-        w = self.gamma(relation).softmax(dim=2)  # (B, N, k, C/s)
+        w = ops.attention_weights(self.gamma, relation)  # softmax_k gamma(.): (B, N, k, C/s)
         return ops.neighbour_sum(w, value, delta, idx, self.share_planes)
 
 

@@ -11,6 +11,8 @@ lib/ops/dispatch.py is the one place that says which form runs and why.
                  group_norm_relu_max: TransitionDown's LBR + max-pool
   attention.py   attention_inference: the PT layer's whole attention per point (C kernel),
                  for inference
+  attention_softmax.py  attention_weights: gamma's end and the softmax over the
+                 neighbours (C kernel)
   fused.py       relation, neighbour_sum, norm_relu_linear, neighbour_max, norm_relu_max
                  (C kernels), relu_neighbour_max
   position.py    position_encoding: the PT layer's delta = theta(p_i - p_j) (C kernel)
@@ -19,6 +21,7 @@ lib/ops/dispatch.py is the one place that says which form runs and why.
   fps_triton.py  one-launch FPS on CUDA
 """
 from lib.ops.attention import attention_inference
+from lib.ops.attention_softmax import attention_weights
 from lib.ops.dispatch import get_backend, set_backend
 from lib.ops.geometry import (farthest_point_sample, gather, group, interpolate, knn_query,
                               start_index)
@@ -29,8 +32,8 @@ from lib.ops.layers import batch_norm, mlp
 from lib.ops.position import position_encoding
 from lib.ops.tape import GeometryTape
 
-__all__ = ["GeometryTape", "attention_inference", "batch_norm", "edge_linear",
-           "farthest_point_sample", "gather", "get_backend", "group", "group_linear",
-           "group_norm_relu_max", "interpolate", "knn_query", "mlp", "neighbour_max",
-           "neighbour_sum", "norm_relu_linear", "norm_relu_max", "position_encoding",
-           "relation", "relu_neighbour_max", "set_backend", "start_index"]
+__all__ = ["GeometryTape", "attention_inference", "attention_weights", "batch_norm",
+           "edge_linear", "farthest_point_sample", "gather", "get_backend", "group",
+           "group_linear", "group_norm_relu_max", "interpolate", "knn_query", "mlp",
+           "neighbour_max", "neighbour_sum", "norm_relu_linear", "norm_relu_max",
+           "position_encoding", "relation", "relu_neighbour_max", "set_backend", "start_index"]

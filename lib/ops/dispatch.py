@@ -11,6 +11,10 @@ gather with a gradient   sparse-matrix backward              index_select     in
 relation, neighbour_sum  C (csrc/pt_layer.c)                 plain            plain
 norm_relu_linear         C (csrc/norm_relu_linear.c),        the modules      the modules
                          up to 64 channels (bf16 rows: 32)
+attention_weights        C (csrc/attention_softmax.c):       the modules,     the modules,
+                         gamma's tail and the softmax, up    then softmax     then softmax
+                         to 8 weights, fp32/fp64 without
+                         autocast, plain unhooked modules
 neighbour_max            C (csrc/neighbour_max.c)            amax             amax
 relu_neighbour_max       ReLU after the max                  as CPU           ReLU, then max
 norm_relu_max            max before BatchNorm (C kernels)    batch_norm,      batch_norm,
@@ -50,15 +54,16 @@ float64 CPU tensors of one dtype with at most MAX_CHANNELS channels, and bfloat1
 their callers say so (native_for's bf16_rows: the PT layer's training kernels and
 attention_inference, under CPU bf16 autocast): those compute in float32, with float32
 per-channel vectors, weights and scatter sums, and round each result once, so that it is the
-float32 kernel's rounded to bf16; group_norm_relu_max and position_encoding keep to float32 and
-float64. Modules with forward hooks (HAQ's recorder) and non-plain modules (quantized,
-SyncBatchNorm) get the plain forms; edge_linear's and group_linear's forms are plain PyTorch
-and read a Linear's `.weight`, so they take quantized Linears and autocast too;
+float32 kernel's rounded to bf16; group_norm_relu_max, position_encoding and attention_weights
+keep to float32 and float64. Modules with forward hooks (HAQ's recorder) and non-plain modules
+(quantized, SyncBatchNorm) get the plain forms; edge_linear's and group_linear's forms are
+plain PyTorch and read a Linear's `.weight`, so they take quantized Linears and autocast too;
 attention_inference and group_norm_relu_max take quantized Linears (each weight is read once
 per call). Every fast form gives the plain form's values and gradients up to rounding
 (tests/test_ops_layers.py, tests/test_ops_geometry.py, tests/test_ops_edge.py,
-tests/test_ops_attention.py, tests/test_ops_position.py); FPS and kNN give the same indices up
-to ties. `python -m lib.ops` prints what runs on this machine.
+tests/test_ops_attention.py, tests/test_ops_position.py, tests/test_ops_attention_softmax.py);
+FPS and kNN give the same indices up to ties. `python -m lib.ops` prints what runs on this
+machine.
 """
 import torch
 

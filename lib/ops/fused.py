@@ -213,6 +213,16 @@ def _affine(bn, mean, var, gamma, beta):
     return mean, rstd, scale, beta.detach().double() - mean * scale
 
 
+def batch_norm_backward_terms(gamma, rstd, sum_gy, sum_gy_xhat, rows, training):
+    """(k1, k2, k3) in float64 with BatchNorm's input gradient k1 gy - k2 - k3 x_hat per
+    channel, from its output gradient gy's sums over the rows (sum gy, sum gy x_hat); in eval
+    mode (fixed statistics) k1 gy alone. The kernels take them to write that gradient."""
+    k1 = gamma.detach().double() * rstd.double()
+    if not training:
+        return k1, torch.zeros_like(k1), torch.zeros_like(k1)
+    return k1, k1 * sum_gy / rows, k1 * sum_gy_xhat / rows  # the batch statistics' share
+
+
 def running_affine(bn):
     """(scale, shift) in float64 of `bn` in eval mode: its running statistics folded."""
     return _affine(bn, bn.running_mean.double(), bn.running_var.double(), bn.weight, bn.bias)[2:]
@@ -332,12 +342,8 @@ class _NormReluLinear(torch.autograd.Function):
         grad_beta, grad_gamma = sums[0], sums[1]  # sum of dy, sum of dy x_hat
         grad_x = None
         if ctx.needs_input_grad[2]:
-            k1 = gamma.detach().double() * rstd.double()
-            if ctx.training:  # the batch statistics' share of the gradient
-                k2, k3 = k1 * grad_beta / rows, k1 * grad_gamma / rows
-            else:
-                k2 = k3 = torch.zeros_like(k1)
-            k1, k2, k3 = (t.to(weight.dtype) for t in (k1, k2, k3))
+            k1, k2, k3 = (t.to(weight.dtype) for t in batch_norm_backward_terms(
+                gamma, rstd, grad_beta, grad_gamma, rows, ctx.training))
             grad_x = torch.empty_like(x)
             _run(ctx.lib, "nrl_backward_input", k1=k1, k2=k2, k3=k3, grad_x=grad_x, **given)
         norm_dtype, linear_dtype = ctx.dtypes

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from lib.ops.dispatch import MAX_CHANNELS, native_for
-from lib.ops.fused import _affine, _run, fusable_norm
+from lib.ops.fused import _affine, _run, batch_norm_backward_terms, fusable_norm
 from lib.ops.geometry import check_index, gather
 from lib.ops.layers import _unhooked, _update_running_stats, mlp
 
@@ -61,11 +61,7 @@ class _PositionEncoding(torch.autograd.Function):
         gy_p, xhat_p = sums[12:21].view(3, 3), sums[21:30].view(3, 3)
         # h's gradient is k1 gy - k2 - k3 x_hat per row (BatchNorm's backward), so W1's, a sum
         # of that times p^T over the rows, is this combination of the sums
-        k1 = gamma.detach().double() * rstd.double()
-        if ctx.training:
-            k2, k3 = k1 * gy / rows, k1 * gy_xhat / rows
-        else:  # running statistics: no batch terms
-            k2 = k3 = torch.zeros_like(k1)
+        k1, k2, k3 = batch_norm_backward_terms(gamma, rstd, gy, gy_xhat, rows, ctx.training)
         grad_w1 = k1[:, None] * gy_p - k2[:, None] * p[None, :] - k3[:, None] * xhat_p
         grad_b1 = k1 * gy - k2 * rows - k3 * xhat
         grad_w2 = sums[FIXED_SUMS + channels:].view(3, channels).t()
