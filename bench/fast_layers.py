@@ -2,8 +2,8 @@
 plain PyTorch forms, one operation at a time, forward + backward (eval-mode BatchNorm: forward
 only), at the sizes of a B=16 x 2048 Point Transformer step. The thresholds in lib/ops/layers.py
 and lib/ops/fused.py come from this table. The fused C kernels (lib/ops/csrc/: "relation",
-"neighbour_sum", "norm_relu_linear", "neighbour_max") are timed where they replace several
-PyTorch operations; without a C compiler their fast column times the PyTorch forms. Cases
+"neighbour_sum", "norm_relu_linear", "neighbour_max", "position_encoding", "attention_weights")
+are timed where they replace several PyTorch operations; without a C compiler their fast column times the PyTorch forms. Cases
 named *_bf16 time bfloat16 rows under CPU autocast (`--amp`), both forms: the kernels' bf16
 forms and the widened few-channel BatchNorm against the plain forms in bf16.
 
@@ -98,6 +98,25 @@ def norm_relu_linear_case(b, n, k, c, dtype=torch.float32):
     return lambda _amp: ops.norm_relu_linear(norm.bn, linear, x).backward(grad)
 
 
+def position_encoding_case(b, n, k, c):
+    """delta = theta(p_i - p_j) of a PT layer in training, from the points and neighbours."""
+    from models.point_transformer import PointTransformerLayer
+    theta = PointTransformerLayer(c).delta
+    xyz, idx = torch.randn(b, n, 3), torch.randint(0, n, (b, n, k))
+    grad = torch.randn(b, n, k, c)
+    return lambda _amp: ops.position_encoding(theta, xyz, idx).backward(grad)
+
+
+def attention_weights_case(b, n, k, c):
+    """softmax_k gamma(relation) of a PT layer in training: gamma's first BatchNorm-ReLU-Linear
+    (norm_relu_linear on both paths' forms), its tail and the softmax."""
+    from models.point_transformer import PointTransformerLayer
+    gamma = PointTransformerLayer(c).gamma
+    relation = torch.randn(b, n, k, c, requires_grad=True)
+    grad = torch.randn(b, n, k, c // 8)
+    return lambda _amp: ops.attention_weights(gamma, relation).backward(grad)
+
+
 def neighbour_max_case(b, m, k, c, dtype=torch.float32):
     x = torch.relu(torch.randn(b, m, k, c, dtype=dtype)).requires_grad_()
     grad = torch.randn(b, m, c, dtype=dtype)
@@ -143,6 +162,8 @@ def cases():
         name = "x".join(map(str, shape))
         yield "relation_and_neighbour_sum_" + name, attention_case(*shape)
         yield "norm_relu_linear_" + name, norm_relu_linear_case(*shape)
+        yield "position_encoding_" + name, position_encoding_case(*shape)
+        yield "attention_weights_" + name, attention_weights_case(*shape)
     for shape in POOL_SHAPES:
         yield "neighbour_max_" + "x".join(map(str, shape)), neighbour_max_case(*shape)
 
