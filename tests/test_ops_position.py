@@ -126,7 +126,7 @@ class _ScaledLinear(nn.Linear):
 
 
 @pytest.mark.parametrize("case", ["xyz wants a gradient", "hooked", "another Linear",
-                                  "bf16 autocast", "reference backend"])
+                                  "float16 autocast", "reference backend"])
 def test_position_encoding_steps_aside_to_the_modules(case):
     """Where the kernel would not compute what the modules do, the modules run on the gathered
     differences (through ops.mlp): the same bits."""
@@ -143,7 +143,7 @@ def test_position_encoding_steps_aside_to_the_modules(case):
         theta[3] = scaled
     if case == "reference backend":
         ops.set_backend("reference")
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16 autocast")
+    autocast = torch.autocast("cpu", dtype=torch.float16, enabled=case == "float16 autocast")
     outputs = []
     for encode in (ops.position_encoding, modules_on_differences):
         replica = copy.deepcopy(theta)
@@ -177,5 +177,23 @@ def test_the_kernels_refuse_bad_shapes_before_touching_memory():
     forward = dict(nulls, scale=None, shift=None, w2t=None, b2=None, out=None)
     assert lib.call("pe_forward", dtype=0, B=1, N=4, K=2, C=0, **forward) == -3
     assert lib.call("pe_forward", dtype=0, B=1, N=4, K=2, C=5000, **forward) == -3
-    assert lib.call("pe_forward", dtype=2, B=1, N=4, K=2, C=16, **forward) == -4  # no bf16 form
+    assert lib.call("pe_forward", dtype=3, B=1, N=4, K=2, C=16, **forward) == -4  # no such dtype
     assert lib.call("pe_stats", dtype=0, B=1, N=0, K=2, sums=None, **nulls) == -3
+
+
+@pytest.mark.usefixtures("needs_compiler")
+@pytest.mark.parametrize("channels", [32, 24])
+def test_bf16_rows_are_the_float32_kernels_rounded_once(channels):
+    """Under CPU bf16 autocast (`--amp`) the kernel writes delta as bf16 rows computed in
+    float32: the float32 kernel's output rounded once, and from a bf16 gradient the float32
+    kernel's parameter gradients and running statistics, bit for bit."""
+    theta = theta_of(channels)
+    xyz, idx = geometry(2, 100, 8)
+    grad = torch.randn(2, 100, 8, channels, generator=torch.Generator().manual_seed(2))
+    grad = grad.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = steps(ops.position_encoding, copy.deepcopy(theta), xyz, idx, grad)
+    reference = steps(ops.position_encoding, copy.deepcopy(theta), xyz, idx, grad.float())
+    assert rows[0].dtype == torch.bfloat16 and rows[0].grad_fn.name() == "_PositionEncodingBackward"
+    for i, (got, expected) in enumerate(zip(rows, reference)):
+        assert torch.equal(got, expected.to(got.dtype)), i

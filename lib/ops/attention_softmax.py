@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from lib.ops.dispatch import native_for
-from lib.ops.fused import _affine_statistics, _run, batch_norm_backward_terms, fusable_norm
+from lib.ops.fused import (_affine_statistics, _bf16_rows, _compute_dtype, _run,
+                           batch_norm_backward_terms, fusable_norm)
 from lib.ops.layers import _unhooked
 
 MAX_POINT_VALUES = 4096  # csrc/attention_softmax.c: a point's k x W values on the stack
@@ -25,15 +26,17 @@ MAX_WEIGHTS = 8
 
 
 class _AttentionWeights(torch.autograd.Function):
-    """softmax_k(linear(relu(bn(h)))) over (B, N, k, W) rows; keeps `bn`'s running statistics
-    as bn(h) would."""
+    """softmax_k(linear(relu(bn(h)))) over (B, N, k, W) rows (bfloat16 ones computed in
+    float32); keeps `bn`'s running statistics as bn(h) would."""
 
     @staticmethod
     def forward(ctx, lib, bn, h, gamma, beta, weight, bias):
         h = h.contiguous()
         b, n, k, width = h.shape
         mean, rstd, scale, shift = _affine_statistics(lib, bn, h.view(-1, width), gamma, beta)
-        weight, bias = weight.detach().contiguous(), bias.detach().contiguous()
+        ctx.dtypes = weight.dtype, bias.dtype  # of the gradients to return
+        compute = _compute_dtype(h.dtype)
+        weight, bias = (t.detach().to(compute).contiguous() for t in (weight, bias))
         out = torch.empty_like(h)
         _run(lib, "aw_forward", dtype=h.dtype, P=b * n, K=k, W=width, h=h, scale=scale,
              shift=shift, weight=weight, bias=bias, out=out)
@@ -48,17 +51,18 @@ class _AttentionWeights(torch.autograd.Function):
         rows = b * n * k
         given = dict(dtype=h.dtype, P=b * n, K=k, W=width, h=h, mean=mean, rstd=rstd)
         sums = torch.empty(3 * width + width * width, dtype=torch.float64)
-        grad_h = torch.empty_like(h)  # BatchNorm's output gradient, then h's
+        gy = torch.empty(h.shape, dtype=weight.dtype)  # BatchNorm's output gradient
         _run(ctx.lib, "aw_backward_sums", scale=scale, shift=shift, weight=weight, w=w,
-             grad_w=grad_w.contiguous(), sums=sums, grad_h=grad_h, **given)
+             grad_w=grad_w.contiguous(), sums=sums, gy=gy, **given)
         grad_beta, grad_gamma = sums[:width], sums[width:2 * width]  # sum of gy, gy x_hat
         grad_weight = sums[2 * width:2 * width + width * width].view(width, width)
         grad_bias = sums[2 * width + width * width:]
-        k1, k2, k3 = (t.to(h.dtype) for t in batch_norm_backward_terms(
+        k1, k2, k3 = (t.to(weight.dtype) for t in batch_norm_backward_terms(
             gamma, rstd, grad_beta, grad_gamma, rows, ctx.training))
-        _run(ctx.lib, "aw_backward_input", k1=k1, k2=k2, k3=k3, grad_h=grad_h, **given)
+        grad_h = torch.empty_like(h)
+        _run(ctx.lib, "aw_backward_input", k1=k1, k2=k2, k3=k3, gy=gy, grad_h=grad_h, **given)
         return (None, None, grad_h, grad_gamma.to(gamma.dtype), grad_beta.to(gamma.dtype),
-                grad_weight.to(weight.dtype), grad_bias.to(weight.dtype))
+                grad_weight.to(ctx.dtypes[0]), grad_bias.to(ctx.dtypes[1]))
 
 
 def _tail(gamma, hidden):
@@ -71,22 +75,24 @@ def _tail(gamma, hidden):
              and type(linear) is nn.Linear and linear.bias is not None
              and linear.in_features == linear.out_features == width
              and fusable_norm(bn, hidden) and _unhooked(norm, relu, linear, bn)
-             and linear.weight.dtype == hidden.dtype)
+             and (linear.weight.dtype == hidden.dtype
+                  or _bf16_rows(hidden, linear.weight, linear.bias)))
     return (bn, linear) if usual else None
 
 
 def attention_weights(gamma, relation):
     """softmax over the k neighbours (dim 2) of gamma(relation), relation (B, N, k, C)
     -> (B, N, k, W). gamma's tail and the softmax in the C kernel where it applies: CPU,
-    float32 or float64 without autocast, the layer's usual plain unhooked modules (not
-    quantized, no SyncBatchNorm), W <= MAX_WEIGHTS, k W <= 4,096, a training-mode BatchNorm
-    given at least two rows. Elsewhere gamma's modules run and torch's softmax after them."""
+    float32 or float64 without autocast, or bfloat16 rows under CPU bf16 autocast, the layer's
+    usual plain unhooked modules (not quantized, no SyncBatchNorm), W <= MAX_WEIGHTS,
+    k W <= 4,096, a training-mode BatchNorm given at least two rows. Elsewhere gamma's modules
+    run and torch's softmax after them."""
     if not (isinstance(gamma, nn.Sequential) and len(gamma) == 4 and _unhooked(gamma)):
         return gamma(relation).softmax(dim=2)
     hidden = gamma[0](relation)
-    lib = native_for(hidden)
+    lib = native_for(hidden, bf16_rows=True)
     tail = None
-    if (lib is not None and hidden.dim() == 4 and hidden.dtype in (torch.float32, torch.float64)
+    if (lib is not None and hidden.dim() == 4
             and 0 < hidden.shape[3] <= MAX_WEIGHTS
             and 0 < hidden.shape[2] * hidden.shape[3] <= MAX_POINT_VALUES):
         tail = _tail(gamma, hidden)

@@ -228,12 +228,16 @@ def running_affine(bn):
     return _affine(bn, bn.running_mean.double(), bn.running_var.double(), bn.weight, bn.bias)[2:]
 
 
+def plain_norm(bn):
+    """Whether the fused forms may compute `bn` from its parameters directly: a plain affine
+    nn.BatchNorm1d with running statistics (not SyncBatchNorm) and no hooks (HAQ's recorder)."""
+    return type(bn) is nn.BatchNorm1d and bn.affine and bn.track_running_stats and _unhooked(bn)
+
+
 def fusable_norm(bn, x):
-    """Whether the fused forms may compute `bn` from its parameters directly, on x: a plain
-    affine nn.BatchNorm1d with running statistics (not SyncBatchNorm), no hooks (HAQ's
-    recorder), and x of its parameters' dtype without autocast, or bf16 rows (_bf16_rows)."""
-    plain = type(bn) is nn.BatchNorm1d and bn.affine and bn.track_running_stats and _unhooked(bn)
-    return plain and (_bf16_rows(x, bn.weight, bn.bias) or (
+    """plain_norm(bn), on x of its parameters' dtype without autocast, or on bf16 rows
+    (_bf16_rows)."""
+    return plain_norm(bn) and (_bf16_rows(x, bn.weight, bn.bias) or (
         x.dtype == bn.weight.dtype and not torch.is_autocast_enabled(x.device.type)))
 
 

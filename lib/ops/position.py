@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from lib.ops.dispatch import MAX_CHANNELS, native_for
-from lib.ops.fused import _affine, _run, batch_norm_backward_terms, fusable_norm
+from lib.ops.fused import _affine, _run, batch_norm_backward_terms, plain_norm
 from lib.ops.geometry import check_index, gather
 from lib.ops.layers import _unhooked, _update_running_stats, mlp
 
@@ -21,27 +21,28 @@ FIXED_SUMS = 30  # csrc/position_encoding.c: the backward's per-row sums before 
 
 
 class _PositionEncoding(torch.autograd.Function):
-    """theta(xyz_i - xyz_j) -> (B, N, k, C); gradients for theta's parameters only."""
+    """theta(xyz_i - xyz_j) -> (B, N, k, C) rows of `rows_dtype` (xyz's, or bfloat16 under CPU
+    bf16 autocast, computed in float32); gradients for theta's parameters only."""
 
     @staticmethod
-    def forward(ctx, lib, bn, xyz, idx, w1, b1, gamma, beta, w2, b2):
+    def forward(ctx, lib, bn, rows_dtype, xyz, idx, w1, b1, gamma, beta, w2, b2):
         xyz, idx = xyz.contiguous(), idx.contiguous()
         (b, n, k), channels = idx.shape, w2.shape[0]
         rows = b * n * k
         w1, b1, w2t, b2 = (t.detach().contiguous() for t in (w1, b1, w2.t(), b2))
-        geometry = dict(dtype=xyz.dtype, B=b, N=n, K=k, xyz=xyz, idx=idx, w1=w1, b1=b1)
+        geometry = dict(B=b, N=n, K=k, xyz=xyz, idx=idx, w1=w1, b1=b1)
         if bn.training:
             sums = torch.empty(2, 3, dtype=torch.float64)
-            _run(lib, "pe_stats", sums=sums, **geometry)
+            _run(lib, "pe_stats", dtype=xyz.dtype, sums=sums, **geometry)
             mean = sums[0] / rows
             var = (sums[1] / rows - mean * mean).clamp_min(0)  # float64: no cancellation here
             _update_running_stats(bn, mean, var, rows)
         else:
             mean, var = bn.running_mean.double(), bn.running_var.double()
         mean, rstd, scale, shift = (t.to(xyz.dtype) for t in _affine(bn, mean, var, gamma, beta))
-        out = xyz.new_empty(b, n, k, channels)
-        _run(lib, "pe_forward", C=channels, scale=scale, shift=shift, w2t=w2t, b2=b2, out=out,
-             **geometry)
+        out = xyz.new_empty(b, n, k, channels, dtype=rows_dtype)
+        _run(lib, "pe_forward", dtype=rows_dtype, C=channels, scale=scale, shift=shift, w2t=w2t,
+             b2=b2, out=out, **geometry)
         ctx.lib, ctx.training = lib, bn.training
         ctx.save_for_backward(xyz, idx, w1, b1, w2t, gamma, scale, shift, mean, rstd)
         return out
@@ -53,7 +54,7 @@ class _PositionEncoding(torch.autograd.Function):
         b, n, k, channels = grad.shape
         rows = b * n * k
         sums = torch.empty(FIXED_SUMS + 4 * channels, dtype=torch.float64)
-        _run(ctx.lib, "pe_backward_sums", dtype=xyz.dtype, B=b, N=n, K=k, C=channels, xyz=xyz,
+        _run(ctx.lib, "pe_backward_sums", dtype=grad.dtype, B=b, N=n, K=k, C=channels, xyz=xyz,
              idx=idx, w1=w1, b1=b1, scale=scale, shift=shift, mean=mean, rstd=rstd, w2t=w2t,
              grad=grad, sums=sums)
         # sums of gy (BatchNorm's output gradient), gy x_hat, x_hat, p; of gy p^T, x_hat p^T
@@ -67,14 +68,14 @@ class _PositionEncoding(torch.autograd.Function):
         grad_w2 = sums[FIXED_SUMS + channels:].view(3, channels).t()
         grad_b2 = sums[FIXED_SUMS:FIXED_SUMS + channels]
         dtype = w1.dtype
-        return (None, None, None, None, grad_w1.to(dtype), grad_b1.to(dtype),
+        return (None, None, None, None, None, grad_w1.to(dtype), grad_b1.to(dtype),
                 gy_xhat.to(gamma.dtype), gy.to(gamma.dtype), grad_w2.to(dtype),
                 grad_b2.to(dtype))
 
 
 def _kernel_modules(theta, xyz, channels):
     """(Linear(3, 3), its BatchNorm1d, Linear(3, C)) when theta is the PT layer's usual plain,
-    unhooked theta and the kernel may compute with their parameters directly, else None."""
+    unhooked theta with parameters of xyz's dtype, else None."""
     if not (isinstance(theta, nn.Sequential) and len(theta) == 4):
         return None
     first, norm, relu, second = theta
@@ -84,22 +85,35 @@ def _kernel_modules(theta, xyz, channels):
                and second.out_features == channels
                and first.bias is not None and second.bias is not None)
     if not (linears and type(relu) is nn.ReLU and bn is not None and bn.num_features == 3
-            and fusable_norm(bn, xyz) and _unhooked(*theta, bn)):
+            and plain_norm(bn) and _unhooked(*theta)):
         return None
-    if any(p.dtype != xyz.dtype for p in (first.weight, first.bias, second.weight, second.bias)):
+    parameters = (first.weight, first.bias, bn.weight, bn.bias, second.weight, second.bias)
+    if any(p.dtype != xyz.dtype for p in parameters):
         return None
     return first, bn, second
 
 
+def _rows_dtype(xyz):
+    """The dtype of delta's rows that the modules would give: xyz's without autocast; under CPU
+    bf16 autocast (`--amp`) bfloat16, for float32 points (the kernel computes in float32 and
+    rounds once, where the modules round each of their outputs). None under other autocast."""
+    if not torch.is_autocast_enabled("cpu"):
+        return xyz.dtype
+    bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and xyz.dtype == torch.float32
+    return torch.bfloat16 if bf16 else None
+
+
 def position_encoding(theta, xyz, idx):
     """theta(xyz_i - xyz_j) for xyz (B, N, 3) and each point's neighbours idx (B, N, k)
-    -> (B, N, k, C). The C kernel where it applies: CPU, float32 or float64 without autocast,
-    xyz without a gradient, theta the usual plain unhooked modules (not quantized, no
-    SyncBatchNorm), a training-mode BatchNorm given at least two rows. Elsewhere the modules
-    run on the gathered differences (lib/ops/layers.mlp)."""
+    -> (B, N, k, C). The C kernel where it applies: CPU, float32 or float64 (without autocast;
+    float32 points under bf16 autocast give bf16 rows), xyz without a gradient, theta the usual
+    plain unhooked modules (not quantized, no SyncBatchNorm), a training-mode BatchNorm given
+    at least two rows. Elsewhere the modules run on the gathered differences
+    (lib/ops/layers.mlp)."""
     channels = getattr(theta[-1], "out_features", 0) if isinstance(theta, nn.Sequential) else 0
-    lib = native_for(xyz)
-    kernel = (lib is not None and xyz.dtype in (torch.float32, torch.float64)
+    lib, rows_dtype = native_for(xyz), _rows_dtype(xyz)
+    kernel = (lib is not None and rows_dtype is not None
+              and xyz.dtype in (torch.float32, torch.float64)
               and not xyz.requires_grad and idx.dtype == torch.int64 and idx.dim() == 3
               and xyz.dim() == 3 and xyz.shape[2] == 3 and tuple(idx.shape[:2]) == xyz.shape[:2]
               and 0 < channels <= MAX_CHANNELS)
@@ -108,5 +122,5 @@ def position_encoding(theta, xyz, idx):
         return mlp(theta, xyz.unsqueeze(2) - gather(xyz, idx))
     check_index(idx, xyz.shape[1])
     first, bn, second = modules
-    return _PositionEncoding.apply(lib, bn, xyz, idx, first.weight, first.bias, bn.weight,
-                                   bn.bias, second.weight, second.bias)
+    return _PositionEncoding.apply(lib, bn, rows_dtype, xyz, idx, first.weight, first.bias,
+                                   bn.weight, bn.bias, second.weight, second.bias)

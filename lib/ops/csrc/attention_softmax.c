@@ -12,18 +12,20 @@
  * elementwise kernels and its W x W GEMMs run far below memory speed. Here the statistics are
  * norm_relu_linear.c's nrl_stats and one pass writes w; backward, one pass recomputes act,
  * and z's gradient from w and w's gradient, gathers every sum (BatchNorm's two, G's and b's
- * gradients) and writes BatchNorm's output gradient, which a second pass turns into h's in
- * place. Nothing but w is stored.
+ * gradients) and writes BatchNorm's output gradient gy, which a second pass turns into h's.
+ * Nothing but w is stored.
  *
  * Work goes by point, its rows kept channel-major on the stack (x[c K + j]) so that the loops
  * over its K neighbours vectorise. Sums over points go by fixed chunks of CHUNK points, each in
  * double (a point's K terms summed first, in an order fixed at compile time), added up in chunk
- * order: the results do not depend on the number of threads. float32 and float64 forms.
+ * order: the results do not depend on the number of threads. float32 and float64 forms, and
+ * bfloat16 rows around float32 arithmetic (CPU bf16 autocast, bf16.h; gy stays float32).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "bf16.h"
 #include "exp_f32.h"
 #include "parallel.h"
 
@@ -34,22 +36,22 @@ enum { MAX_POINT_VALUES = 4096 };
 
 typedef struct {
     const void *h, *scale, *shift, *mean, *rstd, *weight, *bias, *w, *grad_w, *k1, *k2, *k3;
-    void *out, *grad_h;
+    void *out, *gy, *grad_h;
     double *partial; /* per chunk: the sums of that chunk */
     int64_t P, K, W;
 } aw_args;
 
-#define DEFINE_AW(T, S, EXP)                                                                  \
+#define DEFINE_AW(T, R, S, EXP, LOAD, STORE)                                                  \
 /* act of point i's rows and, where xhat is given, BatchNorm's normalised input, both         \
  * channel-major */                                                                           \
 static inline __attribute__((always_inline)) void                                             \
 activation_##S(const aw_args *a, int64_t i, T *restrict act, T *restrict xhat,                \
                const int64_t K, const int64_t W) {                                            \
-    const T *restrict h = (const T *)a->h + i * K * W;                                        \
+    const R *restrict h = (const R *)a->h + i * K * W;                                        \
     const T *scale = a->scale, *shift = a->shift, *mean = a->mean, *rstd = a->rstd;           \
     for (int64_t j = 0; j < K; ++j)                                                           \
         for (int64_t c = 0; c < W; ++c) {                                                     \
-            const T x = h[j * W + c], y = x * scale[c] + shift[c];                            \
+            const T x = LOAD(h[j * W + c]), y = x * scale[c] + shift[c];                      \
             act[c * K + j] = y > 0 ? y : 0;                                                   \
             if (xhat) xhat[c * K + j] = (x - mean[c]) * rstd[c];                              \
         }                                                                                     \
@@ -78,9 +80,9 @@ forward_##S(const void *v, int64_t i, const int64_t K, const int64_t W) {       
         const T inverse = 1 / total;                                                          \
         SIMD for (int64_t j = 0; j < K; ++j) zu[j] *= inverse;                                \
     }                                                                                         \
-    T *restrict out = (T *)a->out + i * K * W;                                                \
+    R *restrict out = (R *)a->out + i * K * W;                                                \
     for (int64_t j = 0; j < K; ++j)                                                           \
-        for (int64_t u = 0; u < W; ++u) out[j * W + u] = z[u * K + j];                        \
+        for (int64_t u = 0; u < W; ++u) out[j * W + u] = STORE(z[u * K + j]);                 \
 }                                                                                             \
                                                                                               \
 /* For point i: z's gradient gz = w (gw - sum_j gw w) (softmax's backward), then act's        \
@@ -88,14 +90,14 @@ forward_##S(const void *v, int64_t i, const int64_t K, const int64_t W) {       
 static inline __attribute__((always_inline)) void                                             \
 grad_y_##S(const aw_args *a, int64_t i, const T *restrict act, T *restrict gz,                \
            T *restrict gy, const int64_t K, const int64_t W) {                                \
-    const T *restrict w = (const T *)a->w + i * K * W;                                        \
-    const T *restrict gw = (const T *)a->grad_w + i * K * W;                                  \
+    const R *restrict w = (const R *)a->w + i * K * W;                                        \
+    const R *restrict gw = (const R *)a->grad_w + i * K * W;                                  \
     const T *restrict G = a->weight;                                                          \
     for (int64_t u = 0; u < W; ++u) {                                                         \
         T *restrict gu = gz + u * K, wu[K], dot = 0;                                          \
         for (int64_t j = 0; j < K; ++j) {                                                     \
-            wu[j] = w[j * W + u];                                                             \
-            gu[j] = gw[j * W + u];                                                            \
+            wu[j] = LOAD(w[j * W + u]);                                                       \
+            gu[j] = LOAD(gw[j * W + u]);                                                      \
         }                                                                                     \
         _Pragma("omp simd reduction(+:dot)")                                                  \
         for (int64_t j = 0; j < K; ++j) dot += gu[j] * wu[j];                                 \
@@ -113,7 +115,7 @@ grad_y_##S(const aw_args *a, int64_t i, const T *restrict act, T *restrict gz,  
 }                                                                                             \
                                                                                               \
 /* partial[chunk] = (sum gy, sum gy x_hat) per channel, G's gradient sum gz act^T (W, W),     \
- * b's sum gz, over the chunk's points; gy itself written to grad_h's rows */                 \
+ * b's sum gz, over the chunk's points; gy itself written to a->gy's rows */                 \
 static inline __attribute__((always_inline)) void                                             \
 backward_sums_##S(const void *v, int64_t chunk, const int64_t K, const int64_t W) {           \
     const aw_args *a = (const aw_args *)v;                                                    \
@@ -126,7 +128,7 @@ backward_sums_##S(const void *v, int64_t chunk, const int64_t K, const int64_t W
         T act[W * K], xhat[W * K], gz[W * K], gy[W * K];                                      \
         activation_##S(a, i, act, xhat, K, W);                                                \
         grad_y_##S(a, i, act, gz, gy, K, W);                                                  \
-        T *restrict gy_rows = (T *)a->grad_h + i * K * W;                                     \
+        T *restrict gy_rows = (T *)a->gy + i * K * W;                                         \
         for (int64_t j = 0; j < K; ++j)                                                       \
             for (int64_t c = 0; c < W; ++c) gy_rows[j * W + c] = gy[c * K + j];               \
         for (int64_t c = 0; c < W; ++c) {                                                     \
@@ -155,26 +157,28 @@ backward_sums_##S(const void *v, int64_t chunk, const int64_t K, const int64_t W
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-/* h's gradient for point i, in place of its gy (backward_sums_): k1 gy - k2 - k3 x_hat,     \
- * BatchNorm's backward with its sums folded into k1, k2, k3 */                               \
+/* h's gradient for point i from its gy (backward_sums_): k1 gy - k2 - k3 x_hat, BatchNorm's   \
+ * backward with its sums folded into k1, k2, k3 */                                           \
 static inline __attribute__((always_inline)) void                                             \
 backward_input_##S(const void *v, int64_t i, const int64_t K, const int64_t W) {              \
     const aw_args *a = (const aw_args *)v;                                                    \
     const T *restrict k1 = a->k1, *restrict k2 = a->k2, *restrict k3 = a->k3;                 \
     const T *restrict mean = a->mean, *restrict rstd = a->rstd;                               \
-    const T *restrict h = (const T *)a->h + i * K * W;                                        \
-    T *restrict dh = (T *)a->grad_h + i * K * W;                                              \
+    const R *restrict h = (const R *)a->h + i * K * W;                                        \
+    const T *restrict gy = (const T *)a->gy + i * K * W;                                      \
+    R *restrict dh = (R *)a->grad_h + i * K * W;                                              \
     for (int64_t j = 0; j < K; ++j) {                                                         \
         SIMD                                                                                  \
         for (int64_t c = 0; c < W; ++c) {                                                     \
-            const T xhat = (h[j * W + c] - mean[c]) * rstd[c];                                \
-            dh[j * W + c] = k1[c] * dh[j * W + c] - k2[c] - k3[c] * xhat;                     \
+            const T xhat = (LOAD(h[j * W + c]) - mean[c]) * rstd[c];                          \
+            dh[j * W + c] = STORE(k1[c] * gy[j * W + c] - k2[c] - k3[c] * xhat);              \
         }                                                                                     \
     }                                                                                         \
 }
 
-DEFINE_AW(float, f32, exp_f32)
-DEFINE_AW(double, f64, exp)
+DEFINE_AW(float, float, f32, exp_f32, SAME, SAME)
+DEFINE_AW(double, double, f64, exp, SAME, SAME)
+DEFINE_AW(float, uint16_t, bf16, exp_f32, bf16_load, bf16_store)
 
 /* Unit functions with K and W constant for the presets' widths up to 8 weights and their 8 or
  * 16 neighbours (so that every loop unrolls: at these sizes loop overhead is the cost), or
@@ -191,8 +195,10 @@ static void backward_input_##S##_##NAME(const void *a, int64_t u) {             
 #define FOR_EACH_SMALL(M, S) M(S, 8, 2) M(S, 8, 4) M(S, 8, 8) M(S, 16, 2) M(S, 16, 4) M(S, 16, 8)
 #define SMALL_UNITS(S, K, W) DEFINE_UNITS(S, K##_##W, K, W)
 FOR_EACH_SMALL(SMALL_UNITS, f32)
+FOR_EACH_SMALL(SMALL_UNITS, bf16)
 DEFINE_UNITS(f32, any, ARG(K), ARG(W))
 DEFINE_UNITS(f64, any, ARG(K), ARG(W))
+DEFINE_UNITS(bf16, any, ARG(K), ARG(W))
 
 typedef struct { body_fn forward, backward_sums, backward_input; } aw_kernels;
 
@@ -200,45 +206,46 @@ static aw_kernels select_kernels(int dtype, int64_t K, int64_t W) {
 #define KERNELS(S, NAME) {forward_##S##_##NAME, backward_sums_##S##_##NAME, \
                           backward_input_##S##_##NAME}
 #define SMALL_KERNELS(S, K, W) KERNELS(S, K##_##W),
-    static const aw_kernels f64 = KERNELS(f64, any), f32 = KERNELS(f32, any);
+    static const aw_kernels f64 = KERNELS(f64, any), f32 = KERNELS(f32, any),
+                            bf16 = KERNELS(bf16, any);
     static const aw_kernels f32_small[] = {FOR_EACH_SMALL(SMALL_KERNELS, f32)};
+    static const aw_kernels bf16_small[] = {FOR_EACH_SMALL(SMALL_KERNELS, bf16)};
     if (dtype == DTYPE_F64) return f64;
     const int w = W == 2 ? 0 : W == 4 ? 1 : W == 8 ? 2 : -1, k = K == 8 ? 0 : K == 16 ? 1 : -1;
-    return w >= 0 && k >= 0 ? f32_small[3 * k + w] : f32;
+    if (w < 0 || k < 0) return dtype == DTYPE_BF16 ? bf16 : f32;
+    return dtype == DTYPE_BF16 ? bf16_small[3 * k + w] : f32_small[3 * k + w];
 }
 
-/* Exported: dtype DTYPE_F32 or DTYPE_F64, every tensor in that type but the double sums.
- * h, w, out, grad_w, grad_h (P, K, W): P points' K rows; scale, shift, mean, rstd, b, k1, k2,
- * k3 (W); weight G (W, W). Each returns STATUS_OK, STATUS_NO_MEMORY, STATUS_BAD_DTYPE or
- * STATUS_BAD_SHAPE (a point's rows live on the stack). */
+/* Exported: dtype DTYPE_F32 or DTYPE_F64, every tensor in that type but the double sums; or
+ * DTYPE_BF16: the rows h, w, out, grad_w and grad_h bfloat16, the rest float32 (CPU bf16
+ * autocast). h, w, out, grad_w, gy, grad_h (P, K, W): P points' K rows; scale, shift, mean,
+ * rstd, b, k1, k2, k3 (W); weight G (W, W). Each returns STATUS_OK, STATUS_NO_MEMORY,
+ * STATUS_BAD_DTYPE or STATUS_BAD_SHAPE (a point's rows live on the stack). */
 static int bad_shape(int64_t P, int64_t K, int64_t W) {
     return P < 0 || K < 1 || W < 1 || K > MAX_POINT_VALUES || W > MAX_POINT_VALUES
         || K * W > MAX_POINT_VALUES;
 }
-
-static int aw_dtype(int dtype) { return dtype == DTYPE_F32 || dtype == DTYPE_F64; }
 
 int aw_forward(int dtype, int threads, int64_t P, int64_t K, int64_t W, const void *h,
                const void *scale, const void *shift, const void *weight, const void *bias,
                void *out) {
     aw_args a = {.h = h, .scale = scale, .shift = shift, .weight = weight, .bias = bias,
                  .out = out, .P = P, .K = K, .W = W};
-    if (!aw_dtype(dtype)) return STATUS_BAD_DTYPE;
+    if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(P, K, W)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, K, W).forward, &a, P, threads);
     return STATUS_OK;
 }
 
-/* sums (3 W + W W) double: sum gy, sum gy x_hat, G's gradient (W, W), b's gradient; grad_h
- * (P, K, W) gets gy, BatchNorm's output gradient, for aw_backward_input to finish. */
+/* sums (3 W + W W) double: sum gy, sum gy x_hat, G's gradient (W, W), b's gradient; gy
+ * (P, K, W, in the arithmetic's type) gets BatchNorm's output gradient, for aw_backward_input. */
 int aw_backward_sums(int dtype, int threads, int64_t P, int64_t K, int64_t W, const void *h,
                      const void *scale, const void *shift, const void *mean, const void *rstd,
                      const void *weight, const void *w, const void *grad_w, double *sums,
-                     void *grad_h) {
+                     void *gy) {
     aw_args a = {.h = h, .scale = scale, .shift = shift, .mean = mean, .rstd = rstd,
-                 .weight = weight, .w = w, .grad_w = grad_w, .grad_h = grad_h, .P = P, .K = K,
-                 .W = W};
-    if (!aw_dtype(dtype)) return STATUS_BAD_DTYPE;
+                 .weight = weight, .w = w, .grad_w = grad_w, .gy = gy, .P = P, .K = K, .W = W};
+    if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(P, K, W)) return STATUS_BAD_SHAPE;
     const int64_t chunks = (P + CHUNK - 1) / CHUNK, width = 3 * W + W * W;
     a.partial = malloc(sizeof(double) * (chunks > 0 ? chunks : 1) * width);
@@ -251,13 +258,13 @@ int aw_backward_sums(int dtype, int threads, int64_t P, int64_t K, int64_t W, co
     return STATUS_OK;
 }
 
-/* grad_h, holding gy (aw_backward_sums), becomes h's gradient in place. */
+/* grad_h from gy (aw_backward_sums). */
 int aw_backward_input(int dtype, int threads, int64_t P, int64_t K, int64_t W, const void *h,
                       const void *mean, const void *rstd, const void *k1, const void *k2,
-                      const void *k3, void *grad_h) {
-    aw_args a = {.h = h, .mean = mean, .rstd = rstd, .k1 = k1, .k2 = k2, .k3 = k3,
+                      const void *k3, void *gy, void *grad_h) {
+    aw_args a = {.h = h, .mean = mean, .rstd = rstd, .k1 = k1, .k2 = k2, .k3 = k3, .gy = gy,
                  .grad_h = grad_h, .P = P, .K = K, .W = W};
-    if (!aw_dtype(dtype)) return STATUS_BAD_DTYPE;
+    if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(P, K, W)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, K, W).backward_input, &a, P, threads);
     return STATUS_OK;

@@ -16,11 +16,13 @@
  * gets no gradient (lib/ops sends coordinates that want one to the PyTorch forms).
  *
  * Sums over rows go by fixed chunks of CHUNK rows, each in double, added up in chunk order: the
- * results do not depend on the number of threads. float32 and float64 forms.
+ * results do not depend on the number of threads. float32 and float64 forms, and bfloat16 rows
+ * of delta and its gradient around float32 arithmetic (CPU bf16 autocast, bf16.h).
  */
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "bf16.h"
 #include "parallel.h"
 
 enum { CHUNK = 2048, LANES = 16 };  /* grad_act_ adds 16 lanes in a tree written out */
@@ -53,7 +55,7 @@ static inline void cursor_next(const pe_args *a, row_cursor *at) {
     if (++at->point - at->first == a->N) at->first = at->point;
 }
 
-#define DEFINE_PE(T, S)                                                                       \
+#define DEFINE_PE(T, R, S, LOAD, STORE)                                                       \
 /* p and h of row m (at: its point; its neighbour is idx[m]); h sums its products in input    \
  * order, then adds the bias */                                                               \
 static inline __attribute__((always_inline)) void                                             \
@@ -67,7 +69,7 @@ hidden_##S(const pe_args *a, int64_t m, const row_cursor *at, T p[3], T h[3]) { 
 }                                                                                             \
                                                                                               \
 /* partial[chunk] = (sum h, sum h^2) per channel over the chunk's rows */                     \
-static void stats_##S(const void *v, int64_t chunk) {                                         \
+static __attribute__((unused)) void stats_##S(const void *v, int64_t chunk) {                  \
     const pe_args *a = (const pe_args *)v;                                                    \
     const int64_t end = (chunk + 1) * CHUNK < a->M ? (chunk + 1) * CHUNK : a->M;              \
     double *restrict sums = a->partial + chunk * 6;                                           \
@@ -105,10 +107,10 @@ forward_##S(const void *v, int64_t chunk, const int64_t C) {                    
         T p[3], h[3], act[3];                                                                 \
         hidden_##S(a, m, &at, p, h);                                                          \
         activation_##S(a, h, act);                                                            \
-        T *restrict out = (T *)a->out + m * C;                                                \
+        R *restrict out = (R *)a->out + m * C;                                                \
         SIMD                                                                                  \
         for (int64_t c = 0; c < C; ++c)                                                       \
-            out[c] = act[0] * w0[c] + act[1] * w1[c] + act[2] * w2[c] + b2[c];                \
+            out[c] = STORE(act[0] * w0[c] + act[1] * w1[c] + act[2] * w2[c] + b2[c]);         \
     }                                                                                         \
 }                                                                                             \
                                                                                               \
@@ -116,14 +118,14 @@ forward_##S(const void *v, int64_t chunk, const int64_t C) {                    
  * (c mod LANES), which are then added pairwise in a fixed tree, so that every build (with   \
  * or without OpenMP's simd) sums in the same order */                                        \
 static inline __attribute__((always_inline)) void                                             \
-grad_act_##S(const T *restrict g, const T *restrict w2t, T ga[3], const int64_t C) {          \
+grad_act_##S(const R *restrict g, const T *restrict w2t, T ga[3], const int64_t C) {          \
     for (int o = 0; o < 3; ++o) {                                                             \
         const T *restrict w = w2t + o * C;                                                    \
         T lane[LANES] = {0};                                                                  \
         int64_t c0 = 0;                                                                       \
         for (; c0 + LANES <= C; c0 += LANES)                                                  \
-            for (int l = 0; l < LANES; ++l) lane[l] += g[c0 + l] * w[c0 + l];                 \
-        for (int l = 0; c0 + l < C; ++l) lane[l] += g[c0 + l] * w[c0 + l];                    \
+            for (int l = 0; l < LANES; ++l) lane[l] += LOAD(g[c0 + l]) * w[c0 + l];           \
+        for (int l = 0; c0 + l < C; ++l) lane[l] += LOAD(g[c0 + l]) * w[c0 + l];              \
         for (int l = 0; l < 8; ++l) lane[l] += lane[l + 8];                                   \
         for (int l = 0; l < 4; ++l) lane[l] += lane[l + 4];                                   \
         for (int l = 0; l < 2; ++l) lane[l] += lane[l + 2];                                   \
@@ -159,7 +161,7 @@ backward_sums_##S(const void *v, int64_t chunk, const int64_t C) {              
             T pr[3], h[3], act[3], ga[3];                                                     \
             hidden_##S(a, m, &at, pr, h);                                                     \
             activation_##S(a, h, act);                                                        \
-            const T *restrict g = (const T *)a->grad + m * C;                                 \
+            const R *restrict g = (const R *)a->grad + m * C;                                 \
             grad_act_##S(g, a->w2t, ga, C);                                                   \
             for (int o = 0; o < 3; ++o) {                                                     \
                 gy[o][r] = h[o] * scale[o] + shift[o] > 0 ? ga[o] : 0;                        \
@@ -170,10 +172,11 @@ backward_sums_##S(const void *v, int64_t chunk, const int64_t C) {              
             T *restrict b0 = block + C, *restrict b1 = b0 + C, *restrict b2 = b1 + C;         \
             SIMD                                                                              \
             for (int64_t c = 0; c < C; ++c) {                                                 \
-                block[c] += g[c];                                                             \
-                b0[c] += g[c] * a0;                                                           \
-                b1[c] += g[c] * a1;                                                           \
-                b2[c] += g[c] * a2;                                                           \
+                const T gc = LOAD(g[c]);                                                      \
+                block[c] += gc;                                                               \
+                b0[c] += gc * a0;                                                             \
+                b1[c] += gc * a1;                                                             \
+                b2[c] += gc * a2;                                                             \
             }                                                                                 \
         }                                                                                     \
         SIMD                                                                                  \
@@ -206,8 +209,11 @@ backward_sums_##S(const void *v, int64_t chunk, const int64_t C) {              
     }                                                                                         \
 }
 
-DEFINE_PE(float, f32)
-DEFINE_PE(double, f64)
+DEFINE_PE(float, float, f32, SAME, SAME)
+DEFINE_PE(double, double, f64, SAME, SAME)
+/* bf16 rows (delta and its gradient) around float32 arithmetic (stats_bf16, unused, would be
+ * stats_f32: the points stay float32) */
+DEFINE_PE(float, uint16_t, bf16, bf16_load, bf16_store)
 
 /* Unit functions with C constant for the presets' widths (so that the row loops unroll and
  * vectorise), or read from the arguments. */
@@ -217,18 +223,23 @@ static void backward_sums_##S##_##NAME(const void *a, int64_t u) { backward_sums
 #define PRESET_UNITS(S, C, W) DEFINE_UNITS(S, C, C)
 #define ARG(field) (((const pe_args *)a)->field)
 FOR_EACH_PRESET(PRESET_UNITS, f32)
+FOR_EACH_PRESET(PRESET_UNITS, bf16)
 DEFINE_UNITS(f32, any, ARG(C))
 DEFINE_UNITS(f64, any, ARG(C))
+DEFINE_UNITS(bf16, any, ARG(C))
 
 typedef struct { body_fn forward, backward_sums; } pe_kernels;
 
 static pe_kernels select_kernels(int dtype, int64_t C) {
 #define KERNELS(S, NAME) {forward_##S##_##NAME, backward_sums_##S##_##NAME}
 #define PRESET_KERNELS(S, C, W) KERNELS(S, C),
-    static const pe_kernels f64 = KERNELS(f64, any), f32 = KERNELS(f32, any);
+    static const pe_kernels f64 = KERNELS(f64, any), f32 = KERNELS(f32, any),
+                            bf16 = KERNELS(bf16, any);
     static const pe_kernels f32_c[] = {FOR_EACH_PRESET(PRESET_KERNELS, f32)};
+    static const pe_kernels bf16_c[] = {FOR_EACH_PRESET(PRESET_KERNELS, bf16)};
     if (dtype == DTYPE_F64) return f64;
     const int s = preset_index(C, C / 8);
+    if (dtype == DTYPE_BF16) return s >= 0 ? bf16_c[s] : bf16;
     return s >= 0 ? f32_c[s] : f32;
 }
 
@@ -247,20 +258,19 @@ static int chunked_sums(body_fn body, pe_args *a, int64_t width, int threads, do
 }
 
 /* Exported: dtype DTYPE_F32 or DTYPE_F64, every tensor but idx (int64, each within [0, N):
- * lib/ops checks) and the double sums in that type. xyz (B, N, 3), idx (B, N, K), w1 (3, 3),
- * b1, scale, shift, mean, rstd (3), w2t (3, C), b2 (C), out and grad (B, N, K, C). Each returns
- * STATUS_OK, STATUS_NO_MEMORY, STATUS_BAD_DTYPE or STATUS_BAD_SHAPE. */
+ * lib/ops checks) and the double sums in that type; or DTYPE_BF16: out and grad bfloat16 rows,
+ * the rest float32 (CPU bf16 autocast). xyz (B, N, 3), idx (B, N, K), w1 (3, 3), b1, scale,
+ * shift, mean, rstd (3), w2t (3, C), b2 (C), out and grad (B, N, K, C). Each returns STATUS_OK,
+ * STATUS_NO_MEMORY, STATUS_BAD_DTYPE or STATUS_BAD_SHAPE. */
 static int bad_shape(int64_t B, int64_t N, int64_t K, int64_t C) {
     return B < 0 || N < 1 || K < 1 || C < 1 || C > MAX_CHANNELS;
 }
-
-static int pe_dtype(int dtype) { return dtype == DTYPE_F32 || dtype == DTYPE_F64; }
 
 /* sums (2, 3) double: sum h and sum h^2 per channel. */
 int pe_stats(int dtype, int threads, int64_t B, int64_t N, int64_t K, const void *xyz,
              const int64_t *idx, const void *w1, const void *b1, double *sums) {
     pe_args a = {.xyz = xyz, .idx = idx, .w1 = w1, .b1 = b1, .N = N, .K = K, .M = B * N * K};
-    if (!pe_dtype(dtype)) return STATUS_BAD_DTYPE;
+    if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(B, N, K, 1)) return STATUS_BAD_SHAPE;
     return chunked_sums(dtype == DTYPE_F64 ? stats_f64 : stats_f32, &a, 6, threads, sums);
 }
@@ -271,7 +281,7 @@ int pe_forward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t 
                void *out) {
     pe_args a = {.xyz = xyz, .idx = idx, .w1 = w1, .b1 = b1, .scale = scale, .shift = shift,
                  .w2t = w2t, .b2 = b2, .out = out, .N = N, .K = K, .C = C, .M = B * N * K};
-    if (!pe_dtype(dtype)) return STATUS_BAD_DTYPE;
+    if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(B, N, K, C)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C).forward, &a, (a.M + CHUNK - 1) / CHUNK, threads);
     return STATUS_OK;
@@ -285,7 +295,7 @@ int pe_backward_sums(int dtype, int threads, int64_t B, int64_t N, int64_t K, in
     pe_args a = {.xyz = xyz, .idx = idx, .w1 = w1, .b1 = b1, .scale = scale, .shift = shift,
                  .mean = mean, .rstd = rstd, .w2t = w2t, .grad = grad, .N = N, .K = K, .C = C,
                  .M = B * N * K};
-    if (!pe_dtype(dtype)) return STATUS_BAD_DTYPE;
+    if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(B, N, K, C)) return STATUS_BAD_SHAPE;
     return chunked_sums(select_kernels(dtype, C).backward_sums, &a, FIXED_SUMS + 4 * C,
                         threads, sums);
