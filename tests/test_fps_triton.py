@@ -22,13 +22,6 @@ needs_cuda_triton = pytest.mark.skipif(
     fps_triton.triton is None or not torch.cuda.is_available(), reason="needs CUDA and triton")
 
 
-@pytest.fixture(autouse=True)
-def auto_backend():
-    ops.set_backend("auto")
-    yield
-    ops.set_backend("auto")
-
-
 def test_auto_backend_sends_non_cpu_clouds_to_triton(monkeypatch):
     calls = []
     monkeypatch.setattr(dispatch, "fast_cpu", lambda *tensors: False)  # as for a CUDA tensor

@@ -27,13 +27,6 @@ def kernels():
 needs_kernels = pytest.mark.usefixtures("kernels")
 
 
-@pytest.fixture(autouse=True)
-def auto_backend():
-    ops.set_backend("auto")
-    yield
-    ops.set_backend("auto")
-
-
 def trained_statistics(module, *inputs, steps=2):
     """Non-trivial BatchNorm statistics and affine parameters (scales >= 0, as trained ones
     mostly are), then eval mode."""

@@ -7,23 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from kernel_checks import assert_matches
 from lib import ops
 from lib.ops import attention_softmax, native
 from models.point_transformer import PointTransformerLayer
-
-
-@pytest.fixture(autouse=True)
-def auto_backend():
-    ops.set_backend("auto")
-    yield
-    ops.set_backend("auto")
-
-
-@pytest.fixture
-def needs_compiler():
-    """Skips without the C kernels (checked when the test runs, not at collection)."""
-    if native.library() is None:
-        pytest.skip("no C compiler for lib/ops/csrc/")
 
 
 def gamma_of(channels, share_planes=8, dtype=torch.float32, momentum=0.1):
@@ -73,13 +60,7 @@ def test_attention_weights_match_the_modules(dtype, b, n, k, channels, share, mo
     fast = steps(ops.attention_weights, copy.deepcopy(gamma), relation, grad)
     reference = steps(plain, copy.deepcopy(gamma), relation, grad)
     assert fast[0].grad_fn.name() == "_AttentionWeightsBackward"
-    rtol = 1e-11 if dtype == torch.float64 else 2e-5
-    for i, (got, expected) in enumerate(zip(fast, reference)):
-        if expected.dtype == torch.int64:
-            assert torch.equal(got, expected)
-            continue
-        scale = expected.abs().max().clamp_min(1.0)
-        assert (got - expected).abs().max() <= rtol * scale, i
+    assert_matches(fast, reference, rtol=1e-11 if dtype == torch.float64 else 2e-5)
 
 
 @pytest.mark.usefixtures("needs_compiler")

@@ -10,13 +10,6 @@ from lib.quant import quantize_model
 B, N, M, K, C, O = 2, 20, 6, 4, 5, 7
 
 
-@pytest.fixture(autouse=True)
-def auto_backend():
-    ops.set_backend("auto")
-    yield
-    ops.set_backend("auto")
-
-
 def problem(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, N, C, generator=g, dtype=torch.float64, requires_grad=True)

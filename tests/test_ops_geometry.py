@@ -13,13 +13,6 @@ from lib.ops import geometry as po
 from lib.ops import native
 
 
-@pytest.fixture(autouse=True)
-def auto_backend():
-    ops.set_backend("auto")
-    yield
-    ops.set_backend("auto")
-
-
 def cloud(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 

@@ -12,13 +12,6 @@ from lib.ops import native
 from models import build_model
 
 
-@pytest.fixture(autouse=True)
-def auto_backend():
-    ops.set_backend("auto")
-    yield
-    ops.set_backend("auto")
-
-
 def close(a, b, rtol=1e-4, atol=1e-5):
     return torch.allclose(a, b, rtol=rtol, atol=atol)
 
@@ -135,13 +128,6 @@ def attention_outputs(share, delta, key, query, value, weight, idx):
     loss = ((relation * torch.randn(relation.shape, generator=gen, dtype=relation.dtype)).sum()
             + (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum())
     return [relation, out, *torch.autograd.grad(loss, (delta, key, query, value, weight))]
-
-
-@pytest.fixture
-def needs_compiler():
-    """Skips without the C kernels (checked when the test runs, not at collection)."""
-    if native.library() is None:
-        pytest.skip("no C compiler for lib/ops/csrc/")
 
 
 @pytest.mark.usefixtures("needs_compiler")

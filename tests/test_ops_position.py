@@ -7,23 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from kernel_checks import assert_matches
 from lib import ops
 from lib.ops import native
 from models.point_transformer import PointTransformerLayer
-
-
-@pytest.fixture(autouse=True)
-def auto_backend():
-    ops.set_backend("auto")
-    yield
-    ops.set_backend("auto")
-
-
-@pytest.fixture
-def needs_compiler():
-    """Skips without the C kernels (checked when the test runs, not at collection)."""
-    if native.library() is None:
-        pytest.skip("no C compiler for lib/ops/csrc/")
 
 
 def theta_of(channels, dtype=torch.float32, momentum=0.1):
@@ -82,15 +69,7 @@ def test_position_encoding_matches_the_modules(dtype, b, n, k, channels, momentu
     fast = steps(ops.position_encoding, copy.deepcopy(theta), xyz, idx, grad)
     reference = steps(plain, copy.deepcopy(theta), xyz, idx, grad)
     assert fast[0].grad_fn.name() == "_PositionEncodingBackward"
-    # gradients relative to their largest entry: the first Linear's bias gets a gradient that
-    # is zero but for rounding (BatchNorm follows it)
-    rtol = 1e-11 if dtype == torch.float64 else 2e-5
-    for i, (got, expected) in enumerate(zip(fast, reference)):
-        if expected.dtype == torch.int64:
-            assert torch.equal(got, expected)
-            continue
-        scale = expected.abs().max().clamp_min(1.0)
-        assert (got - expected).abs().max() <= rtol * scale, i
+    assert_matches(fast, reference, rtol=1e-11 if dtype == torch.float64 else 2e-5)
 
 
 @pytest.mark.usefixtures("needs_compiler")

@@ -23,7 +23,7 @@
 #include <string.h>
 
 #include "bf16.h"
-#include "exp_f32.h"
+#include "softmax.h"
 #include "parallel.h"
 
 typedef struct {
@@ -84,7 +84,7 @@ product_across_##S(const T *restrict x, const T *restrict M, const T *restrict b
     }                                                                                         \
 }
 
-#define DEFINE_BODY(T, R, S, EXP, LOAD, STORE)                                                \
+#define DEFINE_BODY(T, R, S, SOFTMAX, LOAD, STORE)                                            \
 /* theta's first half for neighbour p_j of p_i: t = relu(ts (T1 (p_i - p_j) + tb1) + tt) */   \
 static inline __attribute__((always_inline)) void                                             \
 theta_hidden_##S(const attention_args *a, const T *pi, const T *pj, T *restrict t) {         \
@@ -170,16 +170,8 @@ attention_##S(const attention_args *a, int64_t point, const int64_t C, const int
             for (int64_t u = 0; u < W; ++u) logits[u * K + j] = row[u];                       \
         }                                                                                     \
     }                                                                                         \
-    /* softmax over the neighbours, per channel u, shifted by the maximum as torch's is */    \
-    for (int64_t u = 0; u < W; ++u) {                                                         \
-        T *restrict lu = logits + u * K, top = lu[0], total = 0;                              \
-        for (int64_t j = 1; j < K; ++j) top = lu[j] > top ? lu[j] : top;                      \
-        SIMD for (int64_t j = 0; j < K; ++j) lu[j] = EXP(lu[j] - top);                        \
-        _Pragma("omp simd reduction(+:total)")                                                \
-        for (int64_t j = 0; j < K; ++j) total += lu[j];                                       \
-        const T inverse = 1 / total;                                                          \
-        SIMD for (int64_t j = 0; j < K; ++j) lu[j] *= inverse;                                \
-    }                                                                                         \
+    /* softmax over the neighbours, per channel u */                                          \
+    for (int64_t u = 0; u < W; ++u) SOFTMAX(logits + u * K, K);                               \
     for (int64_t c = 0; c < C; ++c) acc[c] = 0;                                               \
     for (int64_t j = 0; j < K; ++j) {                                                         \
         const R *restrict vj = v + nb[j] * C;                                                 \
@@ -195,9 +187,9 @@ attention_##S(const attention_args *a, int64_t point, const int64_t C, const int
 DEFINE_PRODUCT(float, f32)
 DEFINE_PRODUCT(double, f64)
 DEFINE_PRODUCT(float, bf16)
-DEFINE_BODY(float, float, f32, exp_f32, SAME, SAME)
-DEFINE_BODY(double, double, f64, exp, SAME, SAME)
-DEFINE_BODY(float, uint16_t, bf16, exp_f32, bf16_load, bf16_store)
+DEFINE_BODY(float, float, f32, softmax_f32, SAME, SAME)
+DEFINE_BODY(double, double, f64, softmax_f64, SAME, SAME)
+DEFINE_BODY(float, uint16_t, bf16, softmax_f32, bf16_load, bf16_store)
 
 /* Per-point functions for for_each: C and W constants for the presets' widths
  * (share_planes 8, models/point_transformer.py), read from the arguments otherwise. */

@@ -23,10 +23,9 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "bf16.h"
-#include "exp_f32.h"
+#include "softmax.h"
 #include "parallel.h"
 
 enum { CHUNK = 16 };
@@ -41,7 +40,7 @@ typedef struct {
     int64_t P, K, W;
 } aw_args;
 
-#define DEFINE_AW(T, R, S, EXP, LOAD, STORE)                                                  \
+#define DEFINE_AW(T, R, S, SOFTMAX, LOAD, STORE)                                              \
 /* act of point i's rows and, where xhat is given, BatchNorm's normalised input, both         \
  * channel-major */                                                                           \
 static inline __attribute__((always_inline)) void                                             \
@@ -66,19 +65,13 @@ forward_##S(const void *v, int64_t i, const int64_t K, const int64_t W) {       
     T act[W * K], z[W * K];                                                                   \
     activation_##S(a, i, act, NULL, K, W);                                                    \
     for (int64_t u = 0; u < W; ++u) {                                                         \
-        T *restrict zu = z + u * K, top, total = 0;                                           \
+        T *restrict zu = z + u * K;                                                           \
         for (int64_t j = 0; j < K; ++j) zu[j] = b[u];                                         \
         for (int64_t c = 0; c < W; ++c) {                                                     \
             const T g = G[u * W + c];                                                         \
             SIMD for (int64_t j = 0; j < K; ++j) zu[j] += g * act[c * K + j];                 \
         }                                                                                     \
-        top = zu[0];                                                                          \
-        for (int64_t j = 1; j < K; ++j) top = zu[j] > top ? zu[j] : top;                      \
-        SIMD for (int64_t j = 0; j < K; ++j) zu[j] = EXP(zu[j] - top);                        \
-        _Pragma("omp simd reduction(+:total)")                                                \
-        for (int64_t j = 0; j < K; ++j) total += zu[j];                                       \
-        const T inverse = 1 / total;                                                          \
-        SIMD for (int64_t j = 0; j < K; ++j) zu[j] *= inverse;                                \
+        SOFTMAX(zu, K);                                                                       \
     }                                                                                         \
     R *restrict out = (R *)a->out + i * K * W;                                                \
     for (int64_t j = 0; j < K; ++j)                                                           \
@@ -176,9 +169,9 @@ backward_input_##S(const void *v, int64_t i, const int64_t K, const int64_t W) {
     }                                                                                         \
 }
 
-DEFINE_AW(float, float, f32, exp_f32, SAME, SAME)
-DEFINE_AW(double, double, f64, exp, SAME, SAME)
-DEFINE_AW(float, uint16_t, bf16, exp_f32, bf16_load, bf16_store)
+DEFINE_AW(float, float, f32, softmax_f32, SAME, SAME)
+DEFINE_AW(double, double, f64, softmax_f64, SAME, SAME)
+DEFINE_AW(float, uint16_t, bf16, softmax_f32, bf16_load, bf16_store)
 
 /* Unit functions with K and W constant for the presets' widths up to 8 weights and their 8 or
  * 16 neighbours (so that every loop unrolls: at these sizes loop overhead is the cost), or
@@ -247,15 +240,8 @@ int aw_backward_sums(int dtype, int threads, int64_t P, int64_t K, int64_t W, co
                  .weight = weight, .w = w, .grad_w = grad_w, .gy = gy, .P = P, .K = K, .W = W};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(P, K, W)) return STATUS_BAD_SHAPE;
-    const int64_t chunks = (P + CHUNK - 1) / CHUNK, width = 3 * W + W * W;
-    a.partial = malloc(sizeof(double) * (chunks > 0 ? chunks : 1) * width);
-    if (!a.partial) return STATUS_NO_MEMORY;
-    for_each(select_kernels(dtype, K, W).backward_sums, &a, chunks, threads);
-    for (int64_t s = 0; s < width; ++s) sums[s] = 0;
-    for (int64_t k = 0; k < chunks; ++k)
-        for (int64_t s = 0; s < width; ++s) sums[s] += a.partial[k * width + s];
-    free(a.partial);
-    return STATUS_OK;
+    return chunked_sums(select_kernels(dtype, K, W).backward_sums, &a, &a.partial,
+                        (P + CHUNK - 1) / CHUNK, 3 * W + W * W, threads, sums);
 }
 
 /* grad_h from gy (aw_backward_sums). */

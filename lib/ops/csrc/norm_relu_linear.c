@@ -19,7 +19,6 @@
  * float32 weights, as the float32 form (bf16.h).
  */
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "bf16.h"
 #include "parallel.h"
@@ -236,24 +235,12 @@ static nrl_kernels select_kernels(int dtype, int64_t C, int64_t O) {
     return s >= 0 && s < 3 ? f32_c[s] : f32;
 }
 
-/* Runs `body` over the chunks, then adds their `width` sums up in chunk order into `out`.
- * Returns 0, or -1 without memory for the partial sums. */
-static int chunked_sums(body_fn body, nrl_args *a, int64_t width, int threads, double *out) {
-    const int64_t chunks = (a->M + CHUNK - 1) / CHUNK;
-    a->partial = malloc(sizeof(double) * (chunks > 0 ? chunks : 1) * width);
-    if (!a->partial) return -1;
-    for_each(body, a, chunks, threads);
-    for (int64_t c = 0; c < width; ++c) out[c] = 0;
-    for (int64_t k = 0; k < chunks; ++k)
-        for (int64_t c = 0; c < width; ++c) out[c] += a->partial[k * width + c];
-    free(a->partial);
-    return 0;
-}
-
 /* Exported: dtype DTYPE_F32 or DTYPE_F64, every tensor but the double sums in that type; or
  * DTYPE_BF16: the rows x, out, grad_h and grad_x bfloat16, the per-channel vectors and the
  * weight and bias float32. Each returns STATUS_OK, STATUS_NO_MEMORY, STATUS_BAD_DTYPE, or
  * STATUS_BAD_SHAPE (rows of C values live on the stack). */
+static int64_t chunks(int64_t M) { return (M + CHUNK - 1) / CHUNK; }
+
 static int bad_shape(int64_t C, int64_t O) {
     return C < 1 || C > MAX_CHANNELS || O < 1 || O > MAX_CHANNELS;
 }
@@ -264,7 +251,7 @@ int nrl_stats(int dtype, int threads, int64_t M, int64_t C, const void *x, doubl
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(C, 1)) return STATUS_BAD_SHAPE;
     body_fn stats[] = {stats_f32, stats_f64, stats_bf16};
-    return chunked_sums(stats[dtype], &a, 2 * C, threads, sums);
+    return chunked_sums(stats[dtype], &a, &a.partial, chunks(M), 2 * C, threads, sums);
 }
 
 int nrl_forward(int dtype, int threads, int64_t M, int64_t C, int64_t O, const void *x,
@@ -287,8 +274,8 @@ int nrl_backward_sums(int dtype, int threads, int64_t M, int64_t C, int64_t O, c
                   .rstd = rstd, .weight = weight, .M = M, .C = C, .O = O};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(C, O)) return STATUS_BAD_SHAPE;
-    return chunked_sums(select_kernels(dtype, C, O).backward_sums, &a, (2 + O) * C, threads,
-                        sums);
+    return chunked_sums(select_kernels(dtype, C, O).backward_sums, &a, &a.partial, chunks(M),
+                        (2 + O) * C, threads, sums);
 }
 
 int nrl_backward_input(int dtype, int threads, int64_t M, int64_t C, int64_t O, const void *x,

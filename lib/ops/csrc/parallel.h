@@ -11,6 +11,7 @@
 #define POINT_HAQ_PARALLEL_H
 
 #include <stdint.h>
+#include <stdlib.h>
 
 /* What the exported functions return; lib/ops turns each into a one-line Python error. */
 enum { STATUS_OK = 0, STATUS_NO_MEMORY = -1, STATUS_NOT_FINITE = -2, STATUS_BAD_SHAPE = -3,
@@ -56,6 +57,23 @@ static void for_each(body_fn body, const void *args, int64_t units, int threads)
     if (threads < 1) threads = 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t u = 0; u < units; ++u) body(args, u);
+}
+
+/* Sums that do not depend on the number of threads: body(args, u) for each of `chunks` units
+ * writes `width` sums to (*partial)[u width ...] (partial: the args' field, allocated here for
+ * the call); they are then added up in unit order into out. Returns STATUS_OK, or
+ * STATUS_NO_MEMORY without memory for the partial sums. */
+static inline int chunked_sums(body_fn body, void *args, double **partial, int64_t chunks,
+                               int64_t width, int threads, double *out) {
+    *partial = malloc(sizeof(double) * (chunks > 0 ? chunks : 1) * width);
+    if (!*partial) return STATUS_NO_MEMORY;
+    for_each(body, args, chunks, threads);
+    for (int64_t c = 0; c < width; ++c) out[c] = 0;
+    for (int64_t k = 0; k < chunks; ++k)
+        for (int64_t c = 0; c < width; ++c) out[c] += (*partial)[k * width + c];
+    free(*partial);
+    *partial = NULL;
+    return STATUS_OK;
 }
 
 #endif

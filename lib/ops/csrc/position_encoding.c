@@ -20,7 +20,6 @@
  * of delta and its gradient around float32 arithmetic (CPU bf16 autocast, bf16.h).
  */
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "bf16.h"
 #include "parallel.h"
@@ -243,20 +242,6 @@ static pe_kernels select_kernels(int dtype, int64_t C) {
     return s >= 0 ? f32_c[s] : f32;
 }
 
-/* Runs `body` over the chunks, then adds their `width` sums up in chunk order into `out`.
- * Returns STATUS_OK, or STATUS_NO_MEMORY without memory for the partial sums. */
-static int chunked_sums(body_fn body, pe_args *a, int64_t width, int threads, double *out) {
-    const int64_t chunks = (a->M + CHUNK - 1) / CHUNK;
-    a->partial = malloc(sizeof(double) * (chunks > 0 ? chunks : 1) * width);
-    if (!a->partial) return STATUS_NO_MEMORY;
-    for_each(body, a, chunks, threads);
-    for (int64_t c = 0; c < width; ++c) out[c] = 0;
-    for (int64_t k = 0; k < chunks; ++k)
-        for (int64_t c = 0; c < width; ++c) out[c] += a->partial[k * width + c];
-    free(a->partial);
-    return STATUS_OK;
-}
-
 /* Exported: dtype DTYPE_F32 or DTYPE_F64, every tensor but idx (int64, each within [0, N):
  * lib/ops checks) and the double sums in that type; or DTYPE_BF16: out and grad bfloat16 rows,
  * the rest float32 (CPU bf16 autocast). xyz (B, N, 3), idx (B, N, K), w1 (3, 3), b1, scale,
@@ -272,7 +257,8 @@ int pe_stats(int dtype, int threads, int64_t B, int64_t N, int64_t K, const void
     pe_args a = {.xyz = xyz, .idx = idx, .w1 = w1, .b1 = b1, .N = N, .K = K, .M = B * N * K};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(B, N, K, 1)) return STATUS_BAD_SHAPE;
-    return chunked_sums(dtype == DTYPE_F64 ? stats_f64 : stats_f32, &a, 6, threads, sums);
+    return chunked_sums(dtype == DTYPE_F64 ? stats_f64 : stats_f32, &a, &a.partial,
+                        (a.M + CHUNK - 1) / CHUNK, 6, threads, sums);
 }
 
 int pe_forward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
@@ -297,6 +283,7 @@ int pe_backward_sums(int dtype, int threads, int64_t B, int64_t N, int64_t K, in
                  .M = B * N * K};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(B, N, K, C)) return STATUS_BAD_SHAPE;
-    return chunked_sums(select_kernels(dtype, C).backward_sums, &a, FIXED_SUMS + 4 * C,
+    return chunked_sums(select_kernels(dtype, C).backward_sums, &a, &a.partial,
+                        (a.M + CHUNK - 1) / CHUNK, FIXED_SUMS + 4 * C,
                         threads, sums);
 }

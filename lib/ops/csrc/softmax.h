@@ -1,9 +1,12 @@
-/* The softmaxes over the neighbours' exponential (attention_inference.c, attention_softmax.c). */
-#ifndef POINT_HAQ_EXP_F32_H
-#define POINT_HAQ_EXP_F32_H
+/* The softmax over a point's neighbours, shared by attention_inference.c and
+ * attention_softmax.c, and the exponential it uses in float32. */
+#ifndef POINT_HAQ_SOFTMAX_H
+#define POINT_HAQ_SOFTMAX_H
 
 #include <math.h>
 #include <stdint.h>
+
+#include "parallel.h"
 
 /* e^x in float32 without a call, so that the softmax's loop vectorises (expf is a library
  * call per value; 5-10% of the kernel's time at 16 and 32 channels, measured). x = n ln2 + r
@@ -30,5 +33,22 @@ static inline float exp_f32(float x) {
     const float y = p * scale.value;
     return x > 88.0f ? INFINITY : y;
 }
+
+/* z (K values of one channel, contiguous) replaced by its softmax, shifted by the maximum as
+ * torch's is; the sum in an order fixed at compile time (omp simd reduction), so results do
+ * not depend on the threads. */
+#define DEFINE_SOFTMAX(T, S, EXP)                                                             \
+static inline __attribute__((always_inline)) void softmax_##S(T *restrict z, const int64_t K) { \
+    T top = z[0], total = 0;                                                                  \
+    for (int64_t j = 1; j < K; ++j) top = z[j] > top ? z[j] : top;                            \
+    SIMD for (int64_t j = 0; j < K; ++j) z[j] = EXP(z[j] - top);                              \
+    _Pragma("omp simd reduction(+:total)")                                                    \
+    for (int64_t j = 0; j < K; ++j) total += z[j];                                            \
+    const T inverse = 1 / total;                                                              \
+    SIMD for (int64_t j = 0; j < K; ++j) z[j] *= inverse;                                     \
+}
+
+DEFINE_SOFTMAX(float, f32, exp_f32)
+DEFINE_SOFTMAX(double, f64, exp)
 
 #endif
