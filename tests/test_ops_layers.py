@@ -473,7 +473,16 @@ def test_mlp_under_cpu_autocast_matches_the_plain_layers():
     assert torch.equal(outputs[0][1], outputs[1][1])
 
 
-def test_gather_backward_sums_every_use_of_a_row():
+def _without_kernels(monkeypatch):
+    """gather's backward takes its sparse-matrix form, as without a C compiler."""
+    from lib.ops import dispatch
+    monkeypatch.setattr(dispatch, "native_for", lambda *tensors, **kw: None)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "sparse"])
+def test_gather_backward_sums_every_use_of_a_row(kernels, monkeypatch):
+    if not kernels:
+        _without_kernels(monkeypatch)
     features = torch.randn(3, 40, 5, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, 40, (3, 40, 7))
     assert torch.autograd.gradcheck(lambda f: ops.gather(f, idx), (features,))
@@ -488,6 +497,40 @@ def test_gather_backward_sums_every_use_of_a_row():
     other = torch.randn(3, 41, 5, dtype=torch.float64, requires_grad=True)
     ops.gather(other, idx).backward(grad)
     assert other.grad[:, 40].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gather_backward_kernel_gives_the_sparse_forms_bits(dtype, needs_compiler, monkeypatch):
+    """Both add a source row's gradients in increasing order of the gathered rows, so the C
+    kernel (csrc/gather_rows.c, by cloud on each thread) and the sparse product agree to the
+    bit, at one thread and at two, with rows gathered many times over (index_add in float64 is
+    the reference for the values)."""
+    torch.manual_seed(0)
+    features = torch.randn(4, 300, 19, dtype=dtype, requires_grad=True)
+    idx = torch.randint(0, 300, (4, 500, 6))
+    grad = torch.randn(4, 500, 6, 19, dtype=dtype)
+
+    def gradient():
+        features.grad = None
+        ops.gather(features, idx.clone()).backward(grad)
+        return features.grad
+    threads = torch.get_num_threads()
+    try:
+        by_thread_count = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            by_thread_count.append(gradient())
+    finally:
+        torch.set_num_threads(threads)
+    with monkeypatch.context() as patch:
+        _without_kernels(patch)
+        sparse = gradient()
+    assert torch.equal(by_thread_count[0], by_thread_count[1])
+    assert torch.equal(by_thread_count[0], sparse)
+    expected = torch.zeros(4 * 300, 19, dtype=torch.float64).index_add_(
+        0, (idx + torch.arange(4).view(4, 1, 1) * 300).reshape(-1), grad.double().reshape(-1, 19))
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(sparse.double().reshape(-1, 19), expected, atol=tolerance)
 
 
 def test_point_transformer_training_step_same_on_both_paths():

@@ -7,7 +7,9 @@ farthest_point_sample    C (csrc/geometry.c): the exact      Triton           to
                          no C compiler: fpsample's FPS
 knn_query                float32: C grid; float64 or         GEMM-ranked      GEMM-ranked
                          no C compiler: pykdtree
-gather with a gradient   sparse-matrix backward              index_select     index_select
+gather with a gradient   backward by cloud in C (csrc/       index_select     index_select
+                         gather_rows.c), fp32/fp64; no C
+                         compiler: sparse-matrix backward
 relation, neighbour_sum  C (csrc/pt_layer.c)                 plain            plain
 norm_relu_linear         C (csrc/norm_relu_linear.c),        the modules      the modules
                          up to 64 channels (bf16 rows: 32)

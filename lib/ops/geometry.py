@@ -253,10 +253,14 @@ def gather(features, idx):
 
 
 class _GatherRows(torch.autograd.Function):
-    """rows.index_select(0, flat) whose backward multiplies the gradient by the transposed
-    selection matrix in CSR form (torch.sparse.mm): 2-5x faster than index_add on the CPU.
-    The matrix is built on the first backward through an index tensor and kept while that
-    tensor lives, so a stage's kNN builds it once for all the blocks that gather through it."""
+    """rows.index_select(0, flat) whose backward adds each gathered row's gradient to its
+    source row in one pass by cloud (C kernel, csrc/gather_rows.c), or without the kernels
+    multiplies the gradient by the transposed selection matrix in CSR form (torch.sparse.mm):
+    both add a source row's gradients in increasing order, so they give the same bits, and
+    both beat index_add on the CPU. The CSR matrix is built on the first backward through an
+    index tensor and kept while that tensor lives (a stage's kNN serves all its blocks; a
+    replayed tape serves every step); its argsort made it slower than index_add where each
+    step brings a new index tensor, which the kernel does not need."""
 
     @staticmethod
     def forward(ctx, rows, flat, idx):
@@ -267,9 +271,21 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (flat,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        lib = dispatch.native_for(grad)
+        if lib is not None:
+            out = grad.new_zeros(ctx.num_rows, grad.shape[-1])
+            clouds = ctx.idx.shape[0]
+            status = lib.call("gather_rows_backward", dtype=dispatch.KERNEL_DTYPE_CODES[grad.dtype],
+                              B=clouds, S=flat.numel() // max(clouds, 1), C=grad.shape[-1],
+                              flat=flat, grad=grad, grad_rows=out)
+            if status:
+                raise ValueError(f"lib/ops/csrc/gather_rows.c: status {status} for gradient "
+                                 f"{tuple(grad.shape)} into {ctx.num_rows} rows")
+            return out, None, None
         structure = _gather_transposes.get(ctx.idx)
         if structure is None or structure[0].shape[0] != ctx.num_rows + 1:
-            order = torch.argsort(flat)  # the gradient rows each source row sums, grouped
+            order = torch.argsort(flat, stable=True)  # each source row's gradient rows, in order
             counts = torch.bincount(flat, minlength=ctx.num_rows)
             crow = torch.zeros(ctx.num_rows + 1, dtype=torch.int64)
             torch.cumsum(counts, 0, out=crow[1:])
@@ -280,7 +296,7 @@ class _GatherRows(torch.autograd.Function):
             selection_t = torch.sparse_csr_tensor(
                 crow, order, torch.ones(len(order), dtype=grad.dtype),
                 size=(ctx.num_rows, len(order)), check_invariants=False)
-            return torch.sparse.mm(selection_t, grad.contiguous()), None, None
+            return torch.sparse.mm(selection_t, grad), None, None
 
 
 _gather_transposes = WeakIdKeyDictionary()  # idx tensor -> (crow, col) of its selection^T

@@ -36,7 +36,7 @@ SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = [os.path.join(SOURCE_DIR, name)
            for name in ("pt_layer.c", "attention_inference.c", "norm_relu_linear.c",
                         "neighbour_max.c", "geometry.c", "position_encoding.c",
-                        "attention_softmax.c")]
+                        "attention_softmax.c", "gather_rows.c")]
 HEADERS = [os.path.join(SOURCE_DIR, name) for name in ("parallel.h", "bf16.h", "softmax.h")]
 # -ffp-contract=off: no fused multiply-adds, so FPS rounds its distances as the torch
 # reference does and picks the same points. -fopenmp: see csrc/parallel.h.
