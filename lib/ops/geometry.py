@@ -255,12 +255,12 @@ def gather(features, idx):
 class _GatherRows(torch.autograd.Function):
     """rows.index_select(0, flat) whose backward adds each gathered row's gradient to its
     source row in one pass by cloud (C kernel, csrc/gather_rows.c), or without the kernels
-    multiplies the gradient by the transposed selection matrix in CSR form (torch.sparse.mm):
-    both add a source row's gradients in increasing order, so they give the same bits, and
-    both beat index_add on the CPU. The CSR matrix is built on the first backward through an
-    index tensor and kept while that tensor lives (a stage's kNN serves all its blocks; a
-    replayed tape serves every step); its argsort made it slower than index_add where each
-    step brings a new index tensor, which the kernel does not need."""
+    multiplies the gradient by the transposed selection matrix in CSR form (torch.sparse.mm).
+    Both add a source row's gradients in increasing order, so they give the same bits. The
+    CSR matrix is built on the first backward through an index tensor and kept while that
+    tensor lives: reused (a stage's kNN serves all its blocks, a replayed tape every step) it
+    beat index_add 2-5x, but its argsort makes a fresh index tensor, as each training step's
+    kNN gives, take 1.6-3.6x the time with it as with the kernel (bench/RESULTS.md)."""
 
     @staticmethod
     def forward(ctx, rows, flat, idx):
@@ -276,9 +276,10 @@ class _GatherRows(torch.autograd.Function):
         if lib is not None:
             out = grad.new_zeros(ctx.num_rows, grad.shape[-1])
             clouds = ctx.idx.shape[0]
-            status = lib.call("gather_rows_backward", dtype=dispatch.KERNEL_DTYPE_CODES[grad.dtype],
-                              B=clouds, S=flat.numel() // max(clouds, 1), C=grad.shape[-1],
-                              flat=flat, grad=grad, grad_rows=out)
+            code = dispatch.KERNEL_DTYPE_CODES[grad.dtype]
+            status = lib.call("gather_rows_backward", dtype=code, B=clouds,
+                              S=flat.numel() // max(clouds, 1), C=grad.shape[-1], flat=flat,
+                              grad=grad, grad_rows=out)
             if status:
                 raise ValueError(f"lib/ops/csrc/gather_rows.c: status {status} for gradient "
                                  f"{tuple(grad.shape)} into {ctx.num_rows} rows")
