@@ -340,7 +340,7 @@ def test_point_transformer_loads_checkpoints_with_the_old_gamma_names():
 def _with_the_old_gamma_layout(model):
     """`model` with each PT layer's gamma laid out as before gamma.0 became a NormReluLinear:
     Sequential(BatchNorm, ReLU, Linear, BatchNorm, ReLU, Linear), the same modules."""
-    from models.point_transformer import PointBatchNorm, PointTransformerLayer
+    from models.point_transformer import PointTransformerLayer
     for layer in model.modules():
         if isinstance(layer, PointTransformerLayer):
             first, norm, _, last = layer.gamma
