@@ -12,7 +12,8 @@ gather with a gradient   backward by cloud in C (csrc/       index_select     in
                          compiler: sparse-matrix backward
 relation, neighbour_sum  C (csrc/pt_layer.c)                 plain            plain
 norm_relu_linear         C (csrc/norm_relu_linear.c),        the modules      the modules
-                         up to 64 channels (bf16 rows: 32)
+                         up to 128 channels (fp64: 64,
+                         bf16 rows: 32)
 attention_weights        C (csrc/attention_softmax.c):       the modules,     the modules,
                          gamma's tail and the softmax, up    then softmax     then softmax
                          to 8 weights, fp32/fp64 without

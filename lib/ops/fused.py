@@ -309,10 +309,12 @@ def norm_relu_max(bn, x):
 
 
 # norm_relu_linear's C kernels beat BatchNorm + ReLU + GEMM up to this many channels; above,
-# the per-row products (C x C / share_planes) are better left to the GEMM. On bf16 rows the
-# plain chain's GEMM runs in bf16 (native on AVX512-BF16): there the kernel is 1.3-1.45x up to
-# 32 channels and 0.95-0.98x at 64 (`python bench/fast_layers.py`, bench/RESULTS.md).
-_NORM_RELU_LINEAR_MAX_CHANNELS = {torch.float32: 64, torch.float64: 64, torch.bfloat16: 32}
+# the per-row products (C x C / share_planes) are better left to the GEMM: in float32, forward
+# and backward, 2.7x at 64 channels, 1.9x at 128 (the preset body; 0.5x before it had one),
+# 0.17x at 256 (bench/RESULTS.md). float64 has no preset bodies. On bf16 rows the plain chain's
+# GEMM runs in bf16 (native on AVX512-BF16): there the kernel is 1.3-1.45x up to 32 channels
+# and 0.95-0.98x at 64 (`python bench/fast_layers.py`).
+_NORM_RELU_LINEAR_MAX_CHANNELS = {torch.float32: 128, torch.float64: 64, torch.bfloat16: 32}
 
 
 class _NormReluLinear(torch.autograd.Function):
@@ -359,7 +361,8 @@ class _NormReluLinear(torch.autograd.Function):
 def norm_relu_linear(bn, linear, x):
     """linear(relu(bn(x))) for `bn` an nn.BatchNorm1d over the last axis and `linear` an
     nn.Linear, on (..., C) -> (..., O): the start of the PT layer's gamma, on the (B, N, k, C)
-    relation. Fused in C where it pays (CPU, C <= 64, 32 for bf16 rows, plain modules;
+    relation. Fused in C where it pays (CPU, C <= 128 in float32, 64 in float64, 32 for bf16
+    rows, plain modules;
     fp32/fp64 without autocast, or bf16 rows: see fusable_norm); elsewhere batch_norm, ReLU and
     the Linear (and so the reference's plain forms)."""
     channels = x.shape[-1]

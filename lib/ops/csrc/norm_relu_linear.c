@@ -27,9 +27,9 @@ enum { CHUNK = 2048 };
 
 /* The forward takes rows in blocks of ROW_BLOCK (one vector of float32 lanes), its (C + O) x
  * ROW_BLOCK values on the stack, and the float32 backward sums a block's (2 + O) x C terms on
- * the stack; each only up to BLOCK_VALUES values, so rows wider than any preset's go one at a
- * time (forward) or straight into double (backward). */
-enum { ROW_BLOCK = 16, BLOCK_VALUES = 2048 };
+ * the stack; each only up to BLOCK_VALUES values (16 KiB), so rows wider than the presets' up to
+ * 128 channels go one at a time (forward) or straight into double (backward). */
+enum { ROW_BLOCK = 16, BLOCK_VALUES = 4096 };
 
 static inline int64_t rows_per_block(int64_t C, int64_t O) {
     return (C + O) * ROW_BLOCK <= BLOCK_VALUES ? ROW_BLOCK : 1;
@@ -195,7 +195,7 @@ DEFINE_NRL(float, float, f32, SAME, SAME)
 DEFINE_NRL(double, double, f64, SAME, SAME)
 DEFINE_NRL(float, uint16_t, bf16, bf16_load, bf16_store)
 
-/* Unit functions: with C and O constants (the presets' C / 8 = O at 16, 32 and 64 channels,
+/* Unit functions: with C and O constants (the presets' C / 8 = O at 16, 32, 64 and 128 channels,
  * float32) so that the row loops unroll and vectorise, or read from the arguments. */
 #define DEFINE_UNITS(S, NAME, C, O)                                                           \
 static void forward_##S##_##NAME(const void *a, int64_t u) {                                  \
@@ -211,6 +211,7 @@ static void backward_input_##S##_##NAME(const void *a, int64_t u) {             
 DEFINE_UNITS(f32, 16, 16, 2)
 DEFINE_UNITS(f32, 32, 32, 4)
 DEFINE_UNITS(f32, 64, 64, 8)
+DEFINE_UNITS(f32, 128, 128, 16)
 DEFINE_UNITS(f32, any, ARG(C), ARG(O))
 DEFINE_UNITS(f64, any, ARG(C), ARG(O))
 DEFINE_UNITS(bf16, 16, 16, 2)
@@ -225,14 +226,15 @@ static nrl_kernels select_kernels(int dtype, int64_t C, int64_t O) {
                           backward_input_##S##_##NAME}
     static const nrl_kernels f64 = KERNELS(f64, any), f32 = KERNELS(f32, any),
                              bf16 = KERNELS(bf16, any);
-    /* the first three presets: lib/ops sends wider rows to the GEMM */
-    static const nrl_kernels f32_c[] = {KERNELS(f32, 16), KERNELS(f32, 32), KERNELS(f32, 64)};
+    /* the first four presets in float32, three in bf16: lib/ops sends wider rows to the GEMM */
+    static const nrl_kernels f32_c[] = {KERNELS(f32, 16), KERNELS(f32, 32), KERNELS(f32, 64),
+                                        KERNELS(f32, 128)};
     static const nrl_kernels bf16_c[] = {KERNELS(bf16, 16), KERNELS(bf16, 32),
                                          KERNELS(bf16, 64)};
     if (dtype == DTYPE_F64) return f64;
     const int s = preset_index(C, O);
     if (dtype == DTYPE_BF16) return s >= 0 && s < 3 ? bf16_c[s] : bf16;
-    return s >= 0 && s < 3 ? f32_c[s] : f32;
+    return s >= 0 && s < 4 ? f32_c[s] : f32;
 }
 
 /* Exported: dtype DTYPE_F32 or DTYPE_F64, every tensor but the double sums in that type; or
