@@ -310,7 +310,7 @@ def norm_relu_max(bn, x):
 
 # norm_relu_linear's C kernels beat BatchNorm + ReLU + GEMM up to this many channels; above,
 # the per-row products (C x C / share_planes) are better left to the GEMM: in float32, forward
-# and backward, 2.7x at 64 channels, 1.9x at 128 (the preset body; 0.5x before it had one),
+# and backward, 2.7x at 64 channels, 1.5-1.9x at 128 (the preset body; 0.5x before it had one),
 # 0.17x at 256 (bench/RESULTS.md). float64 has no preset bodies. On bf16 rows the plain chain's
 # GEMM runs in bf16 (native on AVX512-BF16): there the kernel is 1.3-1.45x up to 32 channels
 # and 0.95-0.98x at 64 (`python bench/fast_layers.py`).
