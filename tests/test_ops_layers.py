@@ -240,9 +240,10 @@ def test_norm_relu_linear_matches_the_modules(dtype, channels, outputs, momentum
         if backend == "auto":
             assert out.grad_fn.next_functions[0][0].name() == "_NormReluLinearBackward"
     for i, (fast, reference) in enumerate(zip(*results)):
-        # absolute error against each tensor's scale: at 256 channels the weight gradient's
-        # entries span 1e-1 to 60, and float32's sums err by ~1e-4 on the small ones either way
-        scale = max(1.0, float(reference.detach().abs().max()))
+        # at 256 channels the weight gradient's entries span 1e-1 to 60 and the modules' float32
+        # GEMM errs by ~1e-4 on the small ones (the kernel's one-row forms sum in double), so
+        # there the absolute error is taken against the tensor's scale; elsewhere as it is
+        scale = 1.0 if channels < 256 else max(1.0, float(reference.detach().abs().max()))
         assert torch.allclose(fast, reference, rtol=tol["rtol"], atol=tol["atol"] * scale), i
 
 
