@@ -47,7 +47,7 @@ def get_args_parser():
                    help="weight of the distillation term; 1 - alpha for the labels")
     add_flags(p, "data_root", "val_split", "num_points", "epochs", "samples_per_epoch",
               "batch_size", "lr", "optimizer", "weight_decay", "device", "seed", "workers", "amp",
-              "out", "resume", "overwrite")
+              "cuda_graphs", "out", "resume", "overwrite")
     p.set_defaults(epochs=5, lr=1e-4, weight_decay=0.0)
     return p
 
@@ -144,7 +144,7 @@ def main(args):
         distributed.barrier()  # best.pt is on disk before any rank reads it back
     else:
         fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, epochs, out,
-            meta, log, resume=resume, amp=args.amp)
+            meta, log, resume=resume, amp=args.amp, cuda_graphs=args.cuda_graphs)
     # Score the file as written, through the same path eval.py takes: every rank scores its
     # shard of the test split and all end with the merged figures.
     best_path = os.path.join(out, "best.pt")

@@ -30,7 +30,7 @@ def get_args_parser():
                    help="cosine to 0, or step: x0.1 at 60%% and 80%% of the epochs")
     p.add_argument("--warmup-epochs", type=nonneg_float, default=0.0,
                    help="epochs of linear learning-rate warm-up")
-    add_flags(p, "device", "seed", "workers", "amp", "out", "resume", "overwrite")
+    add_flags(p, "device", "seed", "workers", "amp", "cuda_graphs", "out", "resume", "overwrite")
     return p
 
 
@@ -74,7 +74,8 @@ def main(args):
         print(f"{args.model}: {n_params:,} parameters; {len(train_set)} train / {len(val_set)} "
               f"val samples; {world} process(es) on {device}; run folder {out}", flush=True)
     best, _ = fit(model, train_loader, val_loader, optimizer, scheduler, supervised_loss, device,
-                  args.epochs, out, meta, log, resume=resume, amp=args.amp)
+                  args.epochs, out, meta, log, resume=resume, amp=args.amp,
+                  cuda_graphs=args.cuda_graphs)
     if distributed.is_main():
         print(f"best val {best:.4f}; checkpoints in {out}/best.pt and {out}/last.pt")
     log.close()  # last: log.txt copies the console until here

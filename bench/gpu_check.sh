@@ -7,10 +7,11 @@
 #   tests      the whole suite (the CUDA-only tests run here); tests-gpu: the GPU-specific files
 #   fps        bench/fps_gpu.py: Triton FPS against the torch loop, launch shapes, validity
 #   ops        bench/pointops.py --device cuda: FPS, kNN, interpolation, both backends
+#   graphs     bench/graph_step.py: the PT training step eager against CUDA-graph replay
 #   profile    bench/profile_step.py: the tiny PT's training step by CUDA time
 #   pipeline   pretrain -> search -> finetune -> eval of the tiny PT on CUDA, a one-GPU
 #              torchrun, PCT and semseg epochs
-#   bench      bench/run.py --device cuda
+#   bench      bench/run.py --device cuda (the sections in BENCH_SECTIONS, default all)
 set -uo pipefail
 OUT=$1; shift
 mkdir -p "$OUT"
@@ -37,14 +38,17 @@ for stage in "$@"; do
     tests)
         step tests python3 -m pytest -q -p no:cacheprovider -rs tests ;;
     tests-gpu)  # the tests whose code differs on CUDA
-        step tests_gpu python3 -m pytest -q -p no:cacheprovider -rs tests/test_fps_triton.py \
-            tests/test_bench.py tests/test_pipeline.py tests/test_ops_geometry.py tests/test_ops_native.py tests/test_ops_layers.py ;;
+        step tests_gpu python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_graphs.py \
+            tests/test_fps_triton.py tests/test_ops_geometry.py tests/test_metrics.py \
+            tests/test_quant_kmeans.py tests/test_heap.py tests/test_pipeline.py tests/test_bench.py ;;
     fps)
         STEP_TIMEOUT=240 step fps python3 bench/fps_gpu.py --json "$OUT/fps_gpu.json" ;;
     ops)
         step ops python3 bench/pointops.py --sections ops --device cuda \
             --json "$OUT/pointops_cuda.json"
         tail -n 8 "$run_dir/ops.log" ;;
+    graphs)
+        step graphs python3 bench/graph_step.py --device cuda --json "$OUT/graph_step.json" ;;
     profile)
         step profile python3 bench/profile_step.py --device cuda
         tail -n 32 "$run_dir/profile.log" ;;
@@ -68,7 +72,9 @@ for stage in "$@"; do
         step eval_semseg python3 eval.py --device cuda --ckpt "$ck/semseg/best.pt"
         tail -n 25 "$run_dir/eval_quant.log" ;;
     bench)
-        step bench python3 bench/run.py --device cuda --json "$OUT/run_cuda.json"
+        # shellcheck disable=SC2086  # the section names are words
+        step bench python3 bench/run.py --device cuda ${BENCH_SECTIONS:+--only $BENCH_SECTIONS} \
+            --json "$OUT/run_cuda${BENCH_SECTIONS:+_${BENCH_SECTIONS// /_}}.json"
         tail -n 30 "$run_dir/bench.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
     esac

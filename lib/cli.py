@@ -9,9 +9,10 @@ import sys
 
 from lib.data import DATASET_NAMES
 
-# What a resumed run may change: how long it goes on and where it runs. Everything else is the
-# run's recorded setting, and a command line that differs is refused.
-MAY_CHANGE_AT_RESUME = ("epochs", "episodes", "workers", "device")
+# What a resumed run may change: how long it goes on and where and how it runs (CUDA graphs
+# replay the same kernels). Everything else is the run's recorded setting, and a command line
+# that differs is refused.
+MAY_CHANGE_AT_RESUME = ("epochs", "episodes", "workers", "device", "cuda_graphs")
 
 
 def path_arg(value):
@@ -82,6 +83,11 @@ FLAGS = {
                              help="bf16 autocast; None: on CUDA only; --amp: on the CPU too "
                                   "(faster where the CPU has native bf16: AVX512-BF16, AMX); "
                                   "--no-amp: never")),
+    "cuda_graphs": (("--cuda-graphs",), dict(
+        action=argparse.BooleanOptionalAction, default=None,
+        help="replay each training step's forward and backward as a CUDA graph (the same "
+             "kernels, without the host launching each one); None: on for one CUDA process, "
+             "off under torchrun and on the CPU")),
     "out": (("--out",), dict(type=path_arg, default=None,
                              help="run folder (checkpoints, logs); None: the script's usual "
                                   "place, given in its description")),

@@ -13,6 +13,8 @@ from tqdm import tqdm
 from lib import distributed
 from lib.checkpoint import (checkpoint_epoch, non_finite_entry, rng_state, save_checkpoint,
                             set_rng_state, unwrap)
+from lib.cuda_graphs import GraphedTrainStep
+from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.data.transforms import set_epoch
 from lib.metrics import make_metric, metric_key
 from lib.tasks import model_inputs, to_device
@@ -47,22 +49,25 @@ def build_scheduler(optimizer, name, epochs, steps_per_epoch, warmup_epochs=0.0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def autocast(device, enabled):
+def autocast(device, enabled, cache=True):
     """bf16 autocast (no grad scaler needed, so the step is never skipped or doubled).
     enabled: None (the scripts' default) on CUDA only; True on the CPU too, where it pays on
     CPUs with native bf16 (AVX512-BF16, AMX: on this project's machine a training step at
     B=16 x 2048 runs 1.1x (tiny PT), 1.2x (default PT) and 2.1x (PCT) its fp32 speed,
-    bench/RESULTS.md) and is slower elsewhere; False never."""
+    bench/RESULTS.md) and is slower elsewhere; False never. cache=False: no cache of weights
+    cast to bf16 (a CUDA graph's capture must not keep or reuse one, lib/cuda_graphs.py)."""
     if enabled is None:
         enabled = device.type == "cuda"
     if enabled and device.type in ("cuda", "cpu"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, epoch,
-                    amp=None, log=None, step_offset=0):
-    """One pass over the training loader. loss_fn(logits, batch) -> scalar.
+                    amp=None, log=None, step_offset=0, graphed=None):
+    """One pass over the training loader. loss_fn(logits, batch) -> scalar. graphed: a
+    lib.cuda_graphs.GraphedTrainStep of this model and loss, which replays forward and backward
+    as a CUDA graph (None: eager).
     Returns {"loss": mean loss, "acc": running point/shape accuracy, "steps_per_s"}."""
     model.train()
     # Running sums stay on the device and are read every LOG_EVERY steps: reading them each
@@ -77,11 +82,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
     start = time.perf_counter()
     for step, batch in enumerate(bar):
         batch = to_device(batch, device)
-        with autocast(device, amp):
-            logits = model(*model_inputs(batch, task))
-            loss = loss_fn(logits, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        replayed = graphed(batch) if graphed is not None else None
+        if replayed is None:
+            with autocast(device, amp):
+                logits = model(*model_inputs(batch, task))
+                loss = loss_fn(logits, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            loss, logits = replayed
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
@@ -184,14 +193,15 @@ def _merge_all(parts):
 
 
 def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, epochs, out_dir,
-        meta, log, *, resume=None, amp=None):
+        meta, log, *, resume=None, amp=None, cuda_graphs=None):
     """Train to `epochs`, evaluating on the validation split after each epoch. Writes `last.pt`
     every epoch and then `best.pt` when the validation metric improved (main rank). `meta` is
     the checkpoint metadata (model, dataset, args); metrics and epoch are added here.
     `resume` (a last.pt's resume state) continues that run: optimizer, scheduler and RNG as they
     were, log lines of unfinished epochs dropped, and best.pt rewritten if a crash came between
     the last.pt and best.pt writes of its epoch. A non-finite loss or weight stops the run
-    (FloatingPointError) before it reaches a checkpoint.
+    (FloatingPointError) before it reaches a checkpoint. cuda_graphs: lib.cuda_graphs.wanted's
+    flag (None: on for one CUDA process).
     Returns (best validation score, last validation metrics)."""
     task = train_loader.dataset.task
     key = metric_key(task)
@@ -206,12 +216,17 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
         if problem:
             raise ValueError(problem)
     val_metrics = None
+    graphed = None
+    if cuda_graphs_wanted(cuda_graphs, device, distributed.world_size()):
+        graphed = GraphedTrainStep(model, loss_fn, task,
+                                   partial(autocast, device, amp, cache=False))
     for epoch in range(start_epoch, epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         set_epoch(train_loader.dataset, epoch)  # augmentation drawn by (seed, epoch, sample)
         train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, task,
-                                      device, epoch, amp, log, step_offset=epoch * len(train_loader))
+                                      device, epoch, amp, log, step_offset=epoch * len(train_loader),
+                                      graphed=graphed)
         check_finite_weights(model, epoch)
         sink = log.prediction_sink()
         val_metrics = evaluate(model, val_loader, device, amp, desc=f"val {epoch}", sink=sink)

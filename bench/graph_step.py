@@ -1,0 +1,192 @@
+"""The Point Transformer's training step on CUDA, eager against CUDA-graph replay
+(lib/cuda_graphs.py), fp32 and bf16 autocast, and whether the GPU or the host bounds each.
+
+    python bench/graph_step.py --json OUT                  # on a GPU machine, about a minute
+    python bench/graph_step.py --json OUT --quick --device cpu   # a smoke test: eager only
+
+Both paths run lib.train's step on the fast lib.ops path with pretrain.py's optimizer (AdamW),
+on one fixed batch of synthetic part shapes (B=16 x 2048 by default). For each path: shapes per
+second from `--steps` back-to-back steps and one synchronisation (the median of `--rounds`
+rounds, paths interleaved); the host's time to issue a step (the same steps without waiting
+for the GPU: when it equals the wall time the host is what bounds the step); and the GPU's
+kernel time per step from torch.profiler (busy = kernel time / wall time). An equivalence check
+runs three SGD steps eagerly and three replayed from the same start, on copies of one model,
+and reports the largest differences of the losses, the first step's gradients and the final
+weights (CUDA's index_add sums in no fixed order, so the two differ by rounding, not more).
+"""
+import argparse
+import copy
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import machine_info, settings, synchronize  # noqa: E402
+from bench.run import PT_MODELS, PT_WIDTHS, build_pt  # noqa: E402
+from lib import heap  # noqa: E402
+from lib.cli import resolve_device  # noqa: E402
+from lib.cuda_graphs import GraphedTrainStep  # noqa: E402
+from lib.data import build_dataset  # noqa: E402
+from lib.haq.policy_eval import cached_batches  # noqa: E402
+from lib.tasks import model_inputs, supervised_loss  # noqa: E402
+from lib.train import autocast, build_optimizer  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "default"], choices=PT_MODELS)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-points", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="B=2 x 256, 2 steps, 1 round")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--json", default=None)
+    return parser
+
+
+def eager_step(model, optimizer, batch, device, amp):
+    with autocast(device, amp):
+        loss = supervised_loss(model(*model_inputs(batch, "partseg")), batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def graphed_step(graphed, optimizer, batch):
+    if graphed(batch) is None:
+        raise RuntimeError("the step was not captured (see the warning above)")
+    optimizer.step()
+
+
+def host_and_wall(step, steps, device):
+    """(host seconds to issue `steps` steps, wall seconds until the GPU has run them)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    issued = time.perf_counter() - start
+    synchronize(device)
+    return issued, time.perf_counter() - start
+
+
+def kernel_seconds(step, steps, device):
+    """GPU kernel time per step by torch.profiler (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    total_us = 0.0
+    for event in prof.key_averages():
+        value = getattr(event, "self_device_time_total", None)
+        if value is None:
+            value = getattr(event, "self_cuda_time_total", 0.0)
+        total_us += value
+    return total_us / 1e6 / steps
+
+
+def time_paths(paths, args, device, items):
+    for step in paths.values():  # warm-up: allocator, Triton compilation, the graph's capture
+        for _ in range(2):
+            step()
+    rounds = {name: [] for name in paths}
+    for _ in range(args.rounds):
+        for name, step in paths.items():
+            rounds[name].append(host_and_wall(step, args.steps, device))
+    figures = {}
+    for name, samples in rounds.items():
+        wall = statistics.median(w for _, w in samples) / args.steps
+        host = statistics.median(h for h, _ in samples) / args.steps
+        kernels = kernel_seconds(paths[name], 3, device)
+        figures[name] = {"shapes_per_s": items / wall, "step_ms": wall * 1e3,
+                         "host_issue_ms": host * 1e3,
+                         "kernel_ms": None if kernels is None else kernels * 1e3,
+                         "gpu_busy": None if kernels is None else kernels / wall,
+                         "rounds_wall_s": [w for _, w in samples]}
+    return figures
+
+
+def equivalence(name, dataset, batch, device):
+    """Three SGD steps eager and replayed from one start: the largest differences."""
+    torch.manual_seed(0)
+    eager_model = build_pt(name, dataset, device)
+    graph_model = copy.deepcopy(eager_model)
+    eager_opt = torch.optim.SGD(eager_model.parameters(), lr=0.05, momentum=0.9)
+    graph_opt = torch.optim.SGD(graph_model.parameters(), lr=0.05, momentum=0.9)
+    graphed = GraphedTrainStep(graph_model, supervised_loss, "partseg",
+                               functools.partial(autocast, device, False, cache=False))
+    losses, grad_gap = [], None
+    for step in range(3):
+        eager_model.train()
+        loss = supervised_loss(eager_model(*model_inputs(batch, "partseg")), batch)
+        eager_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        graph_model.train()
+        replayed, _ = graphed(batch)
+        if step == 0:
+            grad_gap = max(
+                float((a.grad - b.grad).abs().max() / a.grad.abs().max().clamp_min(1e-30))
+                for a, b in zip(eager_model.parameters(), graph_model.parameters())
+                if a.grad is not None)
+        losses.append((float(loss), float(replayed)))
+        eager_opt.step()
+        graph_opt.step()
+    weight_gap = max(float((a - b).abs().max()) for a, b in
+                     zip(eager_model.state_dict().values(), graph_model.state_dict().values())
+                     if a.is_floating_point())
+    return {"losses_eager_graphed": losses,
+            "loss_rel_gap": max(abs(a - b) / abs(a) for a, b in losses),
+            "first_grad_rel_gap": grad_gap, "final_state_abs_gap": weight_gap}
+
+
+def main(args):
+    device = resolve_device(args.device)
+    if args.quick:
+        args.batch_size, args.num_points, args.steps, args.rounds = 2, 256, 2, 1
+    heap.keep_freed_memory(device)
+    dataset = build_dataset("synthetic_parts", args.data_root, "train", num_points=args.num_points)
+    batch = cached_batches(dataset, list(range(args.batch_size)), args.batch_size, device)[0]
+    result = {"machine": machine_info(device), "figures": {}, "details": {}}
+    for config in args.models:
+        name = PT_MODELS[config]
+        for amp in (False, True):
+            dtype = "bf16" if amp else "fp32"
+            model = build_pt(name, dataset, device).train()
+            optimizer = build_optimizer(model.parameters(), "adamw", 1e-3, 1e-4)
+            paths = {"eager": functools.partial(eager_step, model, optimizer, batch, device, amp)}
+            if device.type == "cuda":
+                graphed = GraphedTrainStep(model, supervised_loss, "partseg",
+                                           functools.partial(autocast, device, amp, cache=False))
+                paths["graphed"] = functools.partial(graphed_step, graphed, optimizer, batch)
+            timing = time_paths(paths, args, device, args.batch_size)
+            key = f"pt_{config}_train_{dtype}"
+            result["details"][key] = {"settings": settings(
+                args.batch_size, args.num_points, torch.get_num_threads(), [dtype], model=name,
+                widths=PT_WIDTHS[config], optimizer="adamw"), "paths": timing}
+            for path, figures in timing.items():
+                result["figures"][f"{key}_{path}_shapes_per_s"] = figures["shapes_per_s"]
+            if "graphed" in timing:
+                result["figures"][f"{key}_graph_speedup"] = (timing["graphed"]["shapes_per_s"]
+                                                             / timing["eager"]["shapes_per_s"])
+            print(key, json.dumps({p: {k: v for k, v in f.items() if k != "rounds_wall_s"}
+                                   for p, f in timing.items()}), flush=True)
+            del model, optimizer, paths
+        if device.type == "cuda":
+            check = equivalence(name, dataset, batch, device)
+            result["details"][f"pt_{config}_equivalence_fp32"] = check
+            print(f"pt_{config} equivalence", json.dumps(check), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
