@@ -115,7 +115,7 @@ class _Capture:
                 param.grad = None  # backward in the capture allocates them from the graph's pool
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.loss, self.logits = step()
+                loss, logits = step()
         except BaseException:
             # a failed capture may leave its stream current (graph.__exit__ raises before it
             # restores the stream) and the warm-up's statistics in place
@@ -124,6 +124,10 @@ class _Capture:
                 for saved, buffer in zip(buffers, model.buffers()):
                     buffer.copy_(saved)
             raise
+        # Detached, the captured autograd graph is freed (its memory stays the graph's): kept,
+        # it would hold the capture stream's gradient-accumulation nodes, which an eager step
+        # of the same model would then reuse from another stream.
+        self.loss, self.logits = loss.detach(), logits.detach()
         self.grads = [(param, param.grad) for param in params if param.grad is not None]
 
     def replay(self, batch):

@@ -96,31 +96,47 @@ def graphed_step(model, amp=False):
                             functools.partial(autocast, CUDA, amp, cache=False))
 
 
+def largest_gap(xs, ys):
+    return max(float((x.detach() - y.detach()).abs().max()) for x, y in zip(xs, ys))
+
+
 @needs_cuda
 def test_a_replayed_step_trains_as_the_eager_step():
-    eager = tiny_pt()
-    graph_model = copy.deepcopy(eager)
-    step = graphed_step(graph_model)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-                  for m in (eager, graph_model)]
+    """Three SGD steps on new data each, from one start: eager twice and replayed. CUDA's
+    index_add sums in no fixed order, so two eager runs differ by rounding already; the replay
+    must stay as close to eager as eager stays to itself (a stale input, a lost gradient or the
+    warm-up's BatchNorm updates left in place would be orders of magnitude more)."""
+    models = {"eager": tiny_pt()}
+    models["again"] = copy.deepcopy(models["eager"])
+    models["graphed"] = copy.deepcopy(models["eager"])
+    step = graphed_step(models["graphed"])
+    optimizers = {key: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+                  for key, m in models.items()}
+    losses = {key: [] for key in models}
+    first_grads = {}
     for i in range(3):
-        batch = part_batch(4, 512, seed=i)  # new data each step, through the static inputs
-        loss = supervised_loss(eager(*model_inputs(batch, "partseg")), batch)
-        optimizers[0].zero_grad(set_to_none=True)
-        loss.backward()
-        replayed, logits = step(batch)
-        assert logits.shape == (4, 512, 50)
-        # CUDA's index_add sums in no fixed order: equal up to rounding
-        torch.testing.assert_close(replayed, loss, rtol=1e-4, atol=1e-6)
-        for (name, a), b in zip(eager.named_parameters(), graph_model.parameters()):
-            scale = float(a.grad.abs().max())
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4 * scale + 1e-12,
-                                       msg=name)
-        for optimizer in optimizers:
-            optimizer.step()
-    # the warm-up passes before the capture left no trace in the BatchNorm statistics
-    for (name, a), b in zip(eager.named_buffers(), graph_model.buffers()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+        batch = part_batch(4, 512, seed=i)  # through the graph's static inputs
+        for key, model in models.items():
+            if key == "graphed":
+                loss, logits = step(batch)
+                assert logits.shape == (4, 512, 50)
+            else:
+                loss = supervised_loss(model(*model_inputs(batch, "partseg")), batch)
+                optimizers[key].zero_grad(set_to_none=True)
+                loss.backward()
+            losses[key].append(float(loss.detach()))
+            if i == 0:
+                first_grads[key] = [p.grad.clone() for p in model.parameters()]
+            optimizers[key].step()
+    scale = max(float(g.abs().max()) for g in first_grads["eager"])
+    gaps = {key: {"first_grads": largest_gap(first_grads["eager"], first_grads[key]) / scale,
+                  "losses": max(abs(a - b) / a for a, b in zip(losses["eager"], losses[key])),
+                  "buffers": largest_gap(models["eager"].buffers(), models[key].buffers()),
+                  "weights": largest_gap(models["eager"].parameters(), models[key].parameters())}
+            for key in ("again", "graphed")}
+    floors = {"first_grads": 1e-5, "losses": 1e-5, "buffers": 1e-5, "weights": 1e-5}
+    for what, floor in floors.items():
+        assert gaps["graphed"][what] <= max(10 * gaps["again"][what], floor), (what, gaps)
 
 
 @needs_cuda
