@@ -24,6 +24,8 @@ for reuse (lib/heap.py) as the scripts do. Each section's `details` holds
   room   pt_semseg (default) on one 80k-point synthetic room, B=1, no_grad, fp32: wall time and
          peak memory, each path in a fresh process
   compile  (only when asked) torch.compile of the tiny PT training step against eager
+On CUDA the training scripts replay each step as a CUDA graph (lib/cuda_graphs.py); the train
+section times the eager step on both paths, and bench/graph_step.py times eager against replay.
 Clouds are synthetic ShapeNet-layout shapes (lib/data/synthetic.py; generated on first use).
 Writes flat figures (`pt_tiny_train_speedup`, `haq_episode_tiny_s`, `s3dis_room_peak_gib`, ...),
 the samples behind them, their settings, the targets and the machine to OUT as JSON.
