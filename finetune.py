@@ -16,6 +16,7 @@ import torch
 
 from lib import distributed, heap
 from lib.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, positive_float,
                      resolve_device, run_script)
 from lib.distill import DistillLoss
@@ -88,7 +89,8 @@ def main(args):
     if not (args.policy or args.bits or args.resume):
         raise ValueError("give --policy policy.json or --bits N")
     device = resolve_device(args.device)
-    _, _, device = distributed.init_distributed(device)
+    _, world, device = distributed.init_distributed(device)
+    cuda_graphs_wanted(args.cuda_graphs, device, world)  # a bad combination fails before --out
     heap.keep_freed_memory(device)  # each step's large temporaries reused, not re-faulted
     args.out = out = claim(
         args.out or os.path.join(os.path.dirname(args.ckpt), "finetune"),

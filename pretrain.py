@@ -11,6 +11,7 @@ import torch
 
 from lib import distributed, heap
 from lib.checkpoint import load_checkpoint, unwrap
+from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.cli import add_flags, make_parser, nonneg_float, resolve_device, run_script
 from lib.experiment import MODEL_NAMES, dataset_meta, load_split, make_loader, model_kwargs
 from lib.rundir import claim
@@ -39,6 +40,7 @@ def main(args):
         raise ValueError(f"--epochs {args.epochs}: pretraining needs at least one epoch")
     device = resolve_device(args.device)
     _, world, device = distributed.init_distributed(device)
+    cuda_graphs_wanted(args.cuda_graphs, device, world)  # a bad combination fails before --out
     heap.keep_freed_memory(device)  # each step's large temporaries reused, not re-faulted
     args.out = out = claim(args.out or os.path.join("checkpoints", f"{args.model}_{args.dataset}"),
                            resume=bool(args.resume), overwrite=args.overwrite)

@@ -20,7 +20,9 @@ What a replay needs, and how it is arranged here:
 - autocast without its weight-cast cache, which would hand one capture's tensors to another.
 The optimizer and the scheduler stay outside the graph: they read the gradients the replay
 left in `.grad` and step as usual (checkpoints, resume and learning-rate schedules unchanged).
-One process only: under torchrun DDP's gradient all-reduce would have to be captured too.
+One process only: under torchrun DDP's gradient all-reduce would have to be captured too. The
+graph's memory pool holds the step's activations between replays (evaluation allocates beside
+it), hence --no-cuda-graphs.
 """
 import warnings
 

@@ -2,6 +2,9 @@
 a replayed step, and on a GPU that a replay trains as the eager step does."""
 import copy
 import functools
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -16,6 +19,7 @@ from lib.train import autocast, build_optimizer, train_one_epoch
 from models import build_model
 from toy import PointMLP, ToyPoints
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.device("cuda")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -29,6 +33,19 @@ def test_graphs_run_for_one_cuda_process_unless_turned_off():
         with pytest.raises(ValueError, match="--cuda-graphs needs") as error:
             wanted(True, device, world)
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py"])
+def test_asking_for_graphs_where_they_cannot_run_fails_before_the_run_folder(tmp_path, script):
+    out = tmp_path / "run"
+    args = [sys.executable, script, "--device", "cpu", "--cuda-graphs", "--out", str(out)]
+    if script == "finetune.py":
+        args += ["--ckpt", str(tmp_path / "missing.pt"), "--policy", str(tmp_path / "p.json")]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --cuda-graphs needs a CUDA device; drop it or pass --no-cuda-graphs")
+    assert not out.exists()  # so the same command without the flag is not refused
 
 
 def test_a_resumed_run_may_turn_graphs_on_or_off():
