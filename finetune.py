@@ -16,9 +16,9 @@ import torch
 
 from lib import distributed, heap
 from lib.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, positive_float,
                      resolve_device, run_script)
+from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.distill import DistillLoss
 from lib.experiment import evaluate_checkpoint, example_inputs, load_split, make_loader
 from lib.policy_file import parse_keep, read_policy

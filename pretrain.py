@@ -11,8 +11,8 @@ import torch
 
 from lib import distributed, heap
 from lib.checkpoint import load_checkpoint, unwrap
-from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.cli import add_flags, make_parser, nonneg_float, resolve_device, run_script
+from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.experiment import MODEL_NAMES, dataset_meta, load_split, make_loader, model_kwargs
 from lib.rundir import claim
 from lib.runlog import RunLog

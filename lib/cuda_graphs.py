@@ -16,7 +16,8 @@ What a replay needs, and how it is arranged here:
   eagerly, with a one-line warning.
 - lazy set-up (cuBLAS handles, Triton compilation) before capture: WARMUP_STEPS eager passes
   on a side stream, whose BatchNorm statistics are put back afterwards and whose gradients are
-  dropped, so the run's state is as if they had not happened.
+  dropped, so the run's state is as if they had not happened (but for the CUDA random stream,
+  which a model with dropout draws from in them).
 - autocast without its weight-cast cache, which would hand one capture's tensors to another.
 The optimizer and the scheduler stay outside the graph: they read the gradients the replay
 left in `.grad` and step as usual (checkpoints, resume and learning-rate schedules unchanged).
@@ -30,7 +31,7 @@ import torch
 
 from lib.tasks import model_inputs
 
-MAX_GRAPHS = 2  # batch shapes captured per run (the full batches and a short last one)
+MAX_GRAPHS = 2  # batch shapes captured per run; training drops a short last batch, so one
 WARMUP_STEPS = 2
 
 
