@@ -37,10 +37,18 @@ for stage in "$@"; do
         step setup python3 -m pip install -q --no-index --no-deps --no-build-isolation .whl/* ;;
     tests)
         step tests python3 -m pytest -q -p no:cacheprovider -rs tests ;;
-    tests-gpu)  # the tests whose code differs on CUDA
-        step tests_gpu python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_graphs.py \
-            tests/test_fps_triton.py tests/test_ops_geometry.py tests/test_metrics.py \
-            tests/test_quant_kmeans.py tests/test_heap.py tests/test_pipeline.py tests/test_bench.py ;;
+    tests-gpu)  # the tests whose code differs on CUDA, each failure reported as it happens
+        # (-v, --tb=short): a stage cut by STEP_TIMEOUT loses pytest's closing summary. With
+        # pytest-timeout installed, one slow test fails alone instead of stopping the stage.
+        per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=150")
+        # test_bench's heap, step-breakdown and GEMM-share benches run on the CPU only
+        # shellcheck disable=SC2086
+        step tests_gpu python3 -m pytest -v --tb=short -p no:cacheprovider -rfs $per_test \
+            tests/test_cuda_graphs.py tests/test_fps_triton.py tests/test_ops_geometry.py \
+            tests/test_metrics.py tests/test_quant_kmeans.py tests/test_heap.py \
+            tests/test_pipeline.py tests/test_bench.py -k "not heap_bench and not step_breakdown \
+            and not gemm_share"
+        grep -E "FAILED|ERROR|Error:|^E  " "$run_dir/tests_gpu.log" | head -n 40 ;;
     fps)
         STEP_TIMEOUT=240 step fps python3 bench/fps_gpu.py --json "$OUT/fps_gpu.json" ;;
     ops)
