@@ -392,7 +392,7 @@ def test_bf16_neighbour_max_and_norm_relu_max():
 def test_a_kernel_refuses_a_dtype_it_has_no_form_for():
     """A dtype code outside float32, float64 and bf16 rows: the kernel returns its status
     without touching memory, and lib/ops raises one line."""
-    from lib.ops.fused import _run
+    from lib.ops.dispatch import run_kernel
     x, out = torch.randn(4, 3, 8), torch.full((4, 8), 7.0)
     arg = torch.zeros(4, 8, dtype=torch.int32)
     status = native.library().call("neighbour_max_forward", dtype=3, R=4, K=3, C=8, x=x,
@@ -402,8 +402,8 @@ def test_a_kernel_refuses_a_dtype_it_has_no_form_for():
     try:
         ops.dispatch.KERNEL_DTYPE_CODES[torch.float16] = 3
         with pytest.raises(ValueError, match="neighbour_max_forward: no form for dtype code 3"):
-            _run(native.library(), "neighbour_max_forward", dtype=torch.float16, R=4, K=3, C=8,
-                 x=x, out=out, arg=arg)
+            run_kernel(native.library(), "neighbour_max_forward", dtype=torch.float16, R=4, K=3,
+                       C=8, x=x, out=out, arg=arg)
     finally:
         ops.dispatch.KERNEL_DTYPE_CODES.clear()
         ops.dispatch.KERNEL_DTYPE_CODES.update(codes)

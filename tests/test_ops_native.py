@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lib import ops
-from lib.ops import fused, native
+from lib.ops import dispatch, native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = """
@@ -165,7 +165,7 @@ def _dict_keywords(tree):
 
 
 def _kernel_calls(path):
-    """(kernel name, keyword names) of every `_run(lib, "name", ...)` / `.call("name", ...)`,
+    """(kernel name, keyword names) of every `run_kernel(lib, "name", ...)` / `.call("name", ...)`,
     a `**given` resolved through the module's `given = dict(...)`, a `**f(...)` through the
     one `dict(...)` that the module's function f builds (and returns, in some form)."""
     with open(path) as f:
@@ -183,7 +183,7 @@ def _kernel_calls(path):
             continue
         name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
         args = [a for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-        if name in ("_run", "call") and args:
+        if name in ("run_kernel", "call") and args:
             keywords = set()
             for k in node.keywords:
                 keywords |= {k.arg} if k.arg is not None else unpacked(k.value)
@@ -277,8 +277,8 @@ def test_the_kernels_refuse_bad_shapes_before_touching_memory():
     assert lib.call("knn", B=1, N=4, M=4, k=5, support=None, query=None, idx=None,
                     dist2=None) == -3
     with pytest.raises(ValueError, match="shapes outside what the kernel takes") as err:
-        fused._run(lib, "nrl_forward", dtype=torch.float32, M=4, C=0, O=2, x=None, scale=None,
-                    shift=None, weight=None, bias=None, out=None)
+        dispatch.run_kernel(lib, "nrl_forward", dtype=torch.float32, M=4, C=0, O=2, x=None,
+                            scale=None, shift=None, weight=None, bias=None, out=None)
     assert "\n" not in str(err.value)
 
 

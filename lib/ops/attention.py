@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from lib.ops import native
-from lib.ops.dispatch import MAX_CHANNELS, fast_cpu, native_for
-from lib.ops.fused import _run, running_affine
+from lib.ops.dispatch import MAX_CHANNELS, fast_cpu, native_for, run_kernel
+from lib.ops.fused import running_affine
 from lib.ops.geometry import check_index
 from lib.ops.layers import _unhooked, no_gradient_wanted
 
@@ -103,7 +103,7 @@ def attention_inference(xyz, idx, query, key, value, theta, gamma, share_planes)
         return None
     check_index(idx, n)
     out = value.new_empty(b, n, channels)
-    _run(lib, "pt_attention_inference", dtype=value.dtype, B=b, N=n, K=k, C=channels,
+    run_kernel(lib, "pt_attention_inference", dtype=value.dtype, B=b, N=n, K=k, C=channels,
          W=weights, xyz=xyz.contiguous(), idx=idx.contiguous(), key=key.contiguous(),
          q=query.contiguous(), v=value.contiguous(), out=out,
          **_parameters(modules, weight_dtype))

@@ -12,8 +12,8 @@ same values and gradients up to rounding (tests/test_ops_attention_softmax.py).
 import torch
 import torch.nn as nn
 
-from lib.ops.dispatch import native_for
-from lib.ops.fused import (_affine_statistics, _bf16_rows, _compute_dtype, _run,
+from lib.ops.dispatch import native_for, run_kernel
+from lib.ops.fused import (_affine_statistics, _bf16_rows, _compute_dtype,
                            batch_norm_backward_terms, fusable_norm)
 from lib.ops.layers import _unhooked
 
@@ -38,7 +38,7 @@ class _AttentionWeights(torch.autograd.Function):
         compute = _compute_dtype(h.dtype)
         weight, bias = (t.detach().to(compute).contiguous() for t in (weight, bias))
         out = torch.empty_like(h)
-        _run(lib, "aw_forward", dtype=h.dtype, P=b * n, K=k, W=width, h=h, scale=scale,
+        run_kernel(lib, "aw_forward", dtype=h.dtype, P=b * n, K=k, W=width, h=h, scale=scale,
              shift=shift, weight=weight, bias=bias, out=out)
         ctx.lib, ctx.training = lib, bn.training
         ctx.save_for_backward(h, out, gamma, weight, scale, shift, mean, rstd)
@@ -52,7 +52,7 @@ class _AttentionWeights(torch.autograd.Function):
         given = dict(dtype=h.dtype, P=b * n, K=k, W=width, h=h, mean=mean, rstd=rstd)
         sums = torch.empty(3 * width + width * width, dtype=torch.float64)
         gy = torch.empty(h.shape, dtype=weight.dtype)  # BatchNorm's output gradient
-        _run(ctx.lib, "aw_backward_sums", scale=scale, shift=shift, weight=weight, w=w,
+        run_kernel(ctx.lib, "aw_backward_sums", scale=scale, shift=shift, weight=weight, w=w,
              grad_w=grad_w.contiguous(), sums=sums, gy=gy, **given)
         grad_beta, grad_gamma = sums[:width], sums[width:2 * width]  # sum of gy, gy x_hat
         grad_weight = sums[2 * width:2 * width + width * width].view(width, width)
@@ -60,7 +60,7 @@ class _AttentionWeights(torch.autograd.Function):
         k1, k2, k3 = (t.to(weight.dtype) for t in batch_norm_backward_terms(
             gamma, rstd, grad_beta, grad_gamma, rows, ctx.training))
         grad_h = torch.empty_like(h)
-        _run(ctx.lib, "aw_backward_input", k1=k1, k2=k2, k3=k3, gy=gy, grad_h=grad_h, **given)
+        run_kernel(ctx.lib, "aw_backward_input", k1=k1, k2=k2, k3=k3, gy=gy, grad_h=grad_h, **given)
         return (None, None, grad_h, grad_gamma.to(gamma.dtype), grad_beta.to(gamma.dtype),
                 grad_weight.to(ctx.dtypes[0]), grad_bias.to(ctx.dtypes[1]))
 

@@ -113,6 +113,20 @@ def native_for(*tensors, bf16_rows=False):
     return native.library()
 
 
+def run_kernel(lib, name, **arguments):
+    """lib.call(name, ...) for a kernel of the library native_for gave, its `dtype` argument a
+    torch dtype (sent as its code); its failure status (csrc/parallel.h) as a one-line error."""
+    dtype = KERNEL_DTYPE_CODES[arguments.pop("dtype")]
+    status = lib.call(name, dtype=dtype, **arguments)
+    if status == -1:
+        raise MemoryError(f"lib/ops/csrc: {name}: out of memory for its partial sums")
+    if status == -4:
+        raise ValueError(f"lib/ops/csrc: {name}: no form for dtype code {dtype}")
+    if status:
+        sizes = ", ".join(f"{k}={v}" for k, v in arguments.items() if isinstance(v, int))
+        raise ValueError(f"lib/ops/csrc: {name}: shapes outside what the kernel takes ({sizes})")
+
+
 def fps_form(xyz):
     if fast_cpu(xyz):
         return "native" if native.library() is not None else "fpsample"

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lib.ops import dispatch
-from lib.ops.fused import _run, fusable_norm, norm_relu_max
+from lib.ops.dispatch import run_kernel
+from lib.ops.fused import fusable_norm, norm_relu_max
 from lib.ops.geometry import check_index, gather, group
 from lib.ops.layers import _unhooked, eval_scale_shift, no_gradient_wanted
 
@@ -82,7 +83,7 @@ def _gathered_max(lib, rows, idx):
     (b, m, k), (n, c) = idx.shape, rows.shape[1:]
     check_index(idx, n)
     out = rows.new_empty(b, m, c)
-    _run(lib, "gathered_max_forward", dtype=rows.dtype, B=b, N=n, M=m, K=k, C=c, x=rows,
+    run_kernel(lib, "gathered_max_forward", dtype=rows.dtype, B=b, N=n, M=m, K=k, C=c, x=rows,
          idx=idx, out=out)
     return out
 

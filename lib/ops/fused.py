@@ -13,22 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lib.ops.dispatch import KERNEL_DTYPE_CODES, get_backend, native_for
+from lib.ops.dispatch import get_backend, native_for, run_kernel
 from lib.ops.geometry import check_index, gather
 from lib.ops.layers import _unhooked, _update_running_stats, batch_norm, shared_weight_sum
-
-
-def _run(lib, name, **arguments):
-    """A C kernel's call; its failure status as a one-line error."""
-    dtype = KERNEL_DTYPE_CODES[arguments.pop("dtype")]
-    status = lib.call(name, dtype=dtype, **arguments)
-    if status == -1:
-        raise MemoryError(f"lib/ops/csrc: {name}: out of memory for its partial sums")
-    if status == -4:
-        raise ValueError(f"lib/ops/csrc: {name}: no form for dtype code {dtype}")
-    if status:
-        sizes = ", ".join(f"{k}={v}" for k, v in arguments.items() if isinstance(v, int))
-        raise ValueError(f"lib/ops/csrc: {name}: shapes outside what the kernel takes ({sizes})")
 
 
 def _compute_dtype(dtype):
@@ -54,7 +41,7 @@ class _Relation(torch.autograd.Function):
         delta, key, query, idx = (t.contiguous() for t in (delta, key, query, idx))
         out = torch.empty_like(delta)
         (b, n, k), c = idx.shape, delta.shape[-1]
-        _run(lib, "pt_relation_forward", dtype=delta.dtype, B=b, N=n, K=k, C=c, delta=delta,
+        run_kernel(lib, "pt_relation_forward", dtype=delta.dtype, B=b, N=n, K=k, C=c, delta=delta,
              key=key, q=query, idx=idx, rel=out)
         ctx.lib = lib
         ctx.save_for_backward(idx)
@@ -70,7 +57,7 @@ class _Relation(torch.autograd.Function):
                     if ctx.needs_input_grad[2] else None)
         grad_query = grad.new_empty(b, n, c) if ctx.needs_input_grad[3] else None
         if grad_key is not None or grad_query is not None:
-            _run(ctx.lib, "pt_relation_backward", dtype=grad.dtype, B=b, N=n, K=k, C=c,
+            run_kernel(ctx.lib, "pt_relation_backward", dtype=grad.dtype, B=b, N=n, K=k, C=c,
                  grad_rel=grad, idx=idx, grad_key=grad_key, grad_q=grad_query)
         if grad_key is not None:
             grad_key = grad_key.to(grad.dtype)
@@ -108,7 +95,7 @@ class _Aggregate(torch.autograd.Function):
         weight, value, delta, idx = (t.contiguous() for t in (weight, value, delta, idx))
         b, n, c = value.shape
         out = value.new_empty(b, n, c)
-        _run(lib, "pt_aggregate_forward", dtype=value.dtype, B=b, N=n, K=idx.shape[-1], C=c,
+        run_kernel(lib, "pt_aggregate_forward", dtype=value.dtype, B=b, N=n, K=idx.shape[-1], C=c,
              W=weight.shape[-1], w=weight, v=value, delta=delta, idx=idx, out=out)
         ctx.lib = lib
         ctx.save_for_backward(weight, value, delta, idx)
@@ -125,7 +112,7 @@ class _Aggregate(torch.autograd.Function):
         grad_delta = torch.empty_like(delta) if need_delta else None
         if need_w or need_v or need_delta:
             b, n, c = value.shape
-            _run(ctx.lib, "pt_aggregate_backward", dtype=value.dtype, B=b, N=n,
+            run_kernel(ctx.lib, "pt_aggregate_backward", dtype=value.dtype, B=b, N=n,
                  K=idx.shape[-1], C=c, W=weight.shape[-1], grad_out=grad, w=weight, v=value,
                  delta=delta, idx=idx, grad_w=grad_w, grad_delta=grad_delta, grad_v=grad_v)
         if grad_v is not None:
@@ -159,7 +146,7 @@ class _NeighbourMax(torch.autograd.Function):
         b, m, k, c = x.shape
         out = x.new_empty(b, m, c)
         arg = torch.empty(b, m, c, dtype=torch.int32)
-        _run(lib, "neighbour_max_forward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, out=out,
+        run_kernel(lib, "neighbour_max_forward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, out=out,
              arg=arg)
         ctx.lib, ctx.k = lib, k
         ctx.save_for_backward(arg)
@@ -171,7 +158,7 @@ class _NeighbourMax(torch.autograd.Function):
         grad = grad.contiguous()
         b, m, c = grad.shape
         grad_x = grad.new_empty(b, m, ctx.k, c)
-        _run(ctx.lib, "neighbour_max_backward", dtype=grad.dtype, R=b * m, K=ctx.k, C=c,
+        run_kernel(ctx.lib, "neighbour_max_backward", dtype=grad.dtype, R=b * m, K=ctx.k, C=c,
              grad_out=grad, arg=arg, grad_x=grad_x)
         return None, grad_x
 
@@ -195,7 +182,7 @@ def _affine_statistics(lib, bn, rows, gamma, beta):
     count, channels = rows.shape
     if bn.training:
         sums = torch.empty(2, channels, dtype=torch.float64)
-        _run(lib, "nrl_stats", dtype=rows.dtype, M=count, C=channels, x=rows, sums=sums)
+        run_kernel(lib, "nrl_stats", dtype=rows.dtype, M=count, C=channels, x=rows, sums=sums)
         mean = sums[0] / count
         var = (sums[1] / count - mean * mean).clamp_min(0)  # float64: no cancellation here
         _update_running_stats(bn, mean, var, count)
@@ -265,7 +252,7 @@ class _NormReluMax(torch.autograd.Function):
         mean, rstd, scale, shift = _affine_statistics(lib, bn, x.view(-1, c), weight, bias)
         top = x.new_empty(b, m, c)
         arg = torch.empty(b, m, c, dtype=torch.int32)
-        _run(lib, "neighbour_max_forward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, out=top,
+        run_kernel(lib, "neighbour_max_forward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, out=top,
              arg=arg)
         pre = torch.addcmul(shift, top, scale)  # bn of the maxima (B, M, C), compute dtype
         ctx.lib, ctx.training = lib, bn.training
@@ -289,7 +276,7 @@ class _NormReluMax(torch.autograd.Function):
             k0 = -a * grad_bias / rows - k1 * mean
         grad_x = torch.empty_like(x)  # (B, M, k, C): k1 x + k0, plus a g at the maxima
         b, m, k, c = x.shape
-        _run(ctx.lib, "norm_max_backward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, arg=arg,
+        run_kernel(ctx.lib, "norm_max_backward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, arg=arg,
              k1=k1, k0=k0, grad_out=(a * grad_bn).contiguous(), grad_x=grad_x)
         return None, None, grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
@@ -330,7 +317,7 @@ class _NormReluLinear(torch.autograd.Function):
         (rows, channels), outputs = x.shape, weight.shape[0]
         mean, rstd, scale, shift = _affine_statistics(lib, bn, x, gamma, beta)
         out = x.new_empty(rows, outputs)
-        _run(lib, "nrl_forward", dtype=x.dtype, M=rows, C=channels, O=outputs, x=x, scale=scale,
+        run_kernel(lib, "nrl_forward", dtype=x.dtype, M=rows, C=channels, O=outputs, x=x, scale=scale,
              shift=shift, weight=weight, bias=bias, out=out)
         ctx.lib, ctx.training = lib, bn.training
         ctx.save_for_backward(x, gamma, weight, scale, shift, mean, rstd)
@@ -344,14 +331,14 @@ class _NormReluLinear(torch.autograd.Function):
         given = dict(dtype=x.dtype, M=rows, C=channels, O=outputs, x=x, grad_h=grad_h,
                      scale=scale, shift=shift, mean=mean, rstd=rstd, weight=weight)
         sums = torch.empty(2 + outputs, channels, dtype=torch.float64)
-        _run(ctx.lib, "nrl_backward_sums", sums=sums, **given)
+        run_kernel(ctx.lib, "nrl_backward_sums", sums=sums, **given)
         grad_beta, grad_gamma = sums[0], sums[1]  # sum of dy, sum of dy x_hat
         grad_x = None
         if ctx.needs_input_grad[2]:
             k1, k2, k3 = (t.to(weight.dtype) for t in batch_norm_backward_terms(
                 gamma, rstd, grad_beta, grad_gamma, rows, ctx.training))
             grad_x = torch.empty_like(x)
-            _run(ctx.lib, "nrl_backward_input", k1=k1, k2=k2, k3=k3, grad_x=grad_x, **given)
+            run_kernel(ctx.lib, "nrl_backward_input", k1=k1, k2=k2, k3=k3, grad_x=grad_x, **given)
         norm_dtype, linear_dtype = ctx.dtypes
         return (None, None, grad_x, grad_gamma.to(norm_dtype), grad_beta.to(norm_dtype),
                 sums[2:].to(linear_dtype),

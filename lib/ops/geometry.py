@@ -276,13 +276,9 @@ class _GatherRows(torch.autograd.Function):
         if lib is not None:
             out = grad.new_zeros(ctx.num_rows, grad.shape[-1])
             clouds = ctx.idx.shape[0]
-            code = dispatch.KERNEL_DTYPE_CODES[grad.dtype]
-            status = lib.call("gather_rows_backward", dtype=code, B=clouds,
-                              S=flat.numel() // max(clouds, 1), C=grad.shape[-1], flat=flat,
-                              grad=grad, grad_rows=out)
-            if status:
-                raise ValueError(f"lib/ops/csrc/gather_rows.c: status {status} for gradient "
-                                 f"{tuple(grad.shape)} into {ctx.num_rows} rows")
+            dispatch.run_kernel(lib, "gather_rows_backward", dtype=grad.dtype, B=clouds,
+                                S=flat.numel() // max(clouds, 1), C=grad.shape[-1], flat=flat,
+                                grad=grad, grad_rows=out)
             return out, None, None
         structure = _gather_transposes.get(ctx.idx)
         if structure is None or structure[0].shape[0] != ctx.num_rows + 1:

@@ -12,8 +12,8 @@ doc); both give the same values and gradients up to rounding (tests/test_ops_pos
 import torch
 import torch.nn as nn
 
-from lib.ops.dispatch import MAX_CHANNELS, native_for
-from lib.ops.fused import _affine, _run, batch_norm_backward_terms, plain_norm
+from lib.ops.dispatch import MAX_CHANNELS, native_for, run_kernel
+from lib.ops.fused import _affine, batch_norm_backward_terms, plain_norm
 from lib.ops.geometry import check_index, gather
 from lib.ops.layers import _unhooked, _update_running_stats, mlp
 
@@ -33,7 +33,7 @@ class _PositionEncoding(torch.autograd.Function):
         geometry = dict(B=b, N=n, K=k, xyz=xyz, idx=idx, w1=w1, b1=b1)
         if bn.training:
             sums = torch.empty(2, 3, dtype=torch.float64)
-            _run(lib, "pe_stats", dtype=xyz.dtype, sums=sums, **geometry)
+            run_kernel(lib, "pe_stats", dtype=xyz.dtype, sums=sums, **geometry)
             mean = sums[0] / rows
             var = (sums[1] / rows - mean * mean).clamp_min(0)  # float64: no cancellation here
             _update_running_stats(bn, mean, var, rows)
@@ -41,7 +41,7 @@ class _PositionEncoding(torch.autograd.Function):
             mean, var = bn.running_mean.double(), bn.running_var.double()
         mean, rstd, scale, shift = (t.to(xyz.dtype) for t in _affine(bn, mean, var, gamma, beta))
         out = xyz.new_empty(b, n, k, channels, dtype=rows_dtype)
-        _run(lib, "pe_forward", dtype=rows_dtype, C=channels, scale=scale, shift=shift, w2t=w2t,
+        run_kernel(lib, "pe_forward", dtype=rows_dtype, C=channels, scale=scale, shift=shift, w2t=w2t,
              b2=b2, out=out, **geometry)
         ctx.lib, ctx.training = lib, bn.training
         ctx.save_for_backward(xyz, idx, w1, b1, w2t, gamma, scale, shift, mean, rstd)
@@ -54,7 +54,7 @@ class _PositionEncoding(torch.autograd.Function):
         b, n, k, channels = grad.shape
         rows = b * n * k
         sums = torch.empty(FIXED_SUMS + 4 * channels, dtype=torch.float64)
-        _run(ctx.lib, "pe_backward_sums", dtype=grad.dtype, B=b, N=n, K=k, C=channels, xyz=xyz,
+        run_kernel(ctx.lib, "pe_backward_sums", dtype=grad.dtype, B=b, N=n, K=k, C=channels, xyz=xyz,
              idx=idx, w1=w1, b1=b1, scale=scale, shift=shift, mean=mean, rstd=rstd, w2t=w2t,
              grad=grad, sums=sums)
         # sums of gy (BatchNorm's output gradient), gy x_hat, x_hat, p; of gy p^T, x_hat p^T
