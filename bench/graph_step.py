@@ -1,11 +1,13 @@
 """The Point Transformer's training step on CUDA, eager against CUDA-graph replay
 (lib/cuda_graphs.py), fp32 and bf16 autocast, and whether the GPU or the host bounds each.
 
-    python bench/graph_step.py --json OUT                  # on a GPU machine, about a minute
+    python bench/graph_step.py --json OUT                  # on a GPU machine, about 2 minutes
     python bench/graph_step.py --json OUT --quick --device cpu   # a smoke test: eager only
 
-Both paths run lib.train's step on the fast lib.ops path with pretrain.py's optimizer (AdamW),
-on one fixed batch of synthetic part shapes (B=16 x 2048 by default). For each path: shapes per
+Each step is lib.train's, with pretrain.py's optimizer (AdamW), on one fixed batch of synthetic
+part shapes (B=16 x 2048 by default), on lib.ops' fast path and on its plain-PyTorch reference
+(whose FPS loop only queues launches, so a user could replay it as a graph too), each eager and
+replayed: like with like, the fast replay against the reference replay. For each path: shapes per
 second from `--steps` back-to-back steps and one synchronisation (the median of `--rounds`
 rounds, paths interleaved); the host's time to issue a step (the same steps without waiting
 for the GPU: when it equals the wall time the host is what bounds the step); and the GPU's
@@ -29,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import machine_info, settings, synchronize  # noqa: E402
 from bench.run import PT_MODELS, PT_WIDTHS, build_pt  # noqa: E402
-from lib import heap  # noqa: E402
+from lib import heap, ops  # noqa: E402
 from lib.cli import resolve_device  # noqa: E402
 from lib.cuda_graphs import GraphedTrainStep  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
@@ -50,6 +52,15 @@ def get_args_parser():
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--json", default=None)
     return parser
+
+
+def on_backend(backend, step):
+    """step() under this lib.ops backend (the capture of a replayed step included)."""
+    ops.set_backend(backend)
+    try:
+        step()
+    finally:
+        ops.set_backend("auto")
 
 
 def eager_step(model, optimizer, batch, device, amp):
@@ -168,13 +179,21 @@ def main(args):
         name = PT_MODELS[config]
         for amp in (False, True):
             dtype = "bf16" if amp else "fp32"
-            model = build_pt(name, dataset, device).train()
-            optimizer = build_optimizer(model.parameters(), "adamw", 1e-3, 1e-4)
-            paths = {"eager": functools.partial(eager_step, model, optimizer, batch, device, amp)}
-            if device.type == "cuda":
-                graphed = GraphedTrainStep(model, supervised_loss, "partseg",
-                                           functools.partial(autocast, device, amp, cache=False))
-                paths["graphed"] = functools.partial(graphed_step, graphed, optimizer, batch)
+            paths, models = {}, []
+            for backend, label in (("auto", ""), ("reference", "reference_")):
+                model = build_pt(name, dataset, device).train()
+                optimizer = build_optimizer(model.parameters(), "adamw", 1e-3, 1e-4)
+                models.append((model, optimizer))
+                paths[f"{label}eager"] = functools.partial(
+                    on_backend, backend,
+                    functools.partial(eager_step, model, optimizer, batch, device, amp))
+                if device.type == "cuda":
+                    graphed = GraphedTrainStep(model, supervised_loss, "partseg",
+                                               functools.partial(autocast, device, amp,
+                                                                 cache=False))
+                    paths[f"{label}graphed"] = functools.partial(
+                        on_backend, backend,
+                        functools.partial(graphed_step, graphed, optimizer, batch))
             timing = time_paths(paths, args, device, args.batch_size)
             key = f"pt_{config}_train_{dtype}"
             result["details"][key] = {"settings": settings(
@@ -182,12 +201,15 @@ def main(args):
                 widths=PT_WIDTHS[config], optimizer="adamw"), "paths": timing}
             for path, figures in timing.items():
                 result["figures"][f"{key}_{path}_shapes_per_s"] = figures["shapes_per_s"]
+            speed = {path: figures["shapes_per_s"] for path, figures in timing.items()}
+            result["figures"][f"{key}_eager_speedup"] = speed["eager"] / speed["reference_eager"]
             if "graphed" in timing:
-                result["figures"][f"{key}_graph_speedup"] = (timing["graphed"]["shapes_per_s"]
-                                                             / timing["eager"]["shapes_per_s"])
+                result["figures"][f"{key}_graph_speedup"] = speed["graphed"] / speed["eager"]
+                result["figures"][f"{key}_graphed_speedup"] = (speed["graphed"]
+                                                               / speed["reference_graphed"])
             print(key, json.dumps({p: {k: v for k, v in f.items() if k != "rounds_wall_s"}
                                    for p, f in timing.items()}), flush=True)
-            del model, optimizer, paths
+            del models, paths
         if device.type == "cuda":
             check = equivalence(name, dataset, batch, device)
             result["details"][f"pt_{config}_equivalence_fp32"] = check

@@ -96,6 +96,27 @@ def test_step_breakdown_splits_a_small_step(tmp_path):
     assert results["peak_gib_reference"] > 0 and results["peak_gib_auto"] > 0
 
 
+def test_graph_step_bench_times_both_paths(tmp_path):
+    """bench/graph_step.py at a small size: the fast and the reference step, eager everywhere
+    and also replayed on CUDA, with the equivalence check there."""
+    out = tmp_path / "graphs.json"
+    done = subprocess.run([sys.executable, os.path.join("bench", "graph_step.py"), "--quick",
+                           "--models", "tiny", "--json", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    on_cuda = results["machine"]["device"] == "cuda"
+    paths = ["eager", "reference_eager"] + (["graphed", "reference_graphed"] if on_cuda else [])
+    for dtype in ("fp32", "bf16"):
+        timing = results["details"][f"pt_tiny_train_{dtype}"]["paths"]
+        assert sorted(timing) == sorted(paths)
+        assert all(timing[path]["shapes_per_s"] > 0 for path in paths)
+        assert results["figures"][f"pt_tiny_train_{dtype}_eager_speedup"] > 0
+    if on_cuda:
+        check = results["details"]["pt_tiny_equivalence_fp32"]
+        assert check["graphed"]["loss_rel_gap"] < 1e-3
+
+
 def test_gemm_share_counts_a_linear_layers_three_products():
     """bench/gemm_share.py's timer sees the forward product and the backward's two, and counts
     their floating-point operations from the operands' shapes."""
