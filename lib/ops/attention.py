@@ -104,9 +104,9 @@ def attention_inference(xyz, idx, query, key, value, theta, gamma, share_planes)
     check_index(idx, n)
     out = value.new_empty(b, n, channels)
     run_kernel(lib, "pt_attention_inference", dtype=value.dtype, B=b, N=n, K=k, C=channels,
-         W=weights, xyz=xyz.contiguous(), idx=idx.contiguous(), key=key.contiguous(),
-         q=query.contiguous(), v=value.contiguous(), out=out,
-         **_parameters(modules, weight_dtype))
+               W=weights, xyz=xyz.contiguous(), idx=idx.contiguous(), key=key.contiguous(),
+               q=query.contiguous(), v=value.contiguous(), out=out,
+               **_parameters(modules, weight_dtype))
     return out
 
 

@@ -39,7 +39,7 @@ class _AttentionWeights(torch.autograd.Function):
         weight, bias = (t.detach().to(compute).contiguous() for t in (weight, bias))
         out = torch.empty_like(h)
         run_kernel(lib, "aw_forward", dtype=h.dtype, P=b * n, K=k, W=width, h=h, scale=scale,
-             shift=shift, weight=weight, bias=bias, out=out)
+                   shift=shift, weight=weight, bias=bias, out=out)
         ctx.lib, ctx.training = lib, bn.training
         ctx.save_for_backward(h, out, gamma, weight, scale, shift, mean, rstd)
         return out
@@ -53,7 +53,7 @@ class _AttentionWeights(torch.autograd.Function):
         sums = torch.empty(3 * width + width * width, dtype=torch.float64)
         gy = torch.empty(h.shape, dtype=weight.dtype)  # BatchNorm's output gradient
         run_kernel(ctx.lib, "aw_backward_sums", scale=scale, shift=shift, weight=weight, w=w,
-             grad_w=grad_w.contiguous(), sums=sums, gy=gy, **given)
+                   grad_w=grad_w.contiguous(), sums=sums, gy=gy, **given)
         grad_beta, grad_gamma = sums[:width], sums[width:2 * width]  # sum of gy, gy x_hat
         grad_weight = sums[2 * width:2 * width + width * width].view(width, width)
         grad_bias = sums[2 * width + width * width:]

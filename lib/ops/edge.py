@@ -84,7 +84,7 @@ def _gathered_max(lib, rows, idx):
     check_index(idx, n)
     out = rows.new_empty(b, m, c)
     run_kernel(lib, "gathered_max_forward", dtype=rows.dtype, B=b, N=n, M=m, K=k, C=c, x=rows,
-         idx=idx, out=out)
+               idx=idx, out=out)
     return out
 
 

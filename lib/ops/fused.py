@@ -42,7 +42,7 @@ class _Relation(torch.autograd.Function):
         out = torch.empty_like(delta)
         (b, n, k), c = idx.shape, delta.shape[-1]
         run_kernel(lib, "pt_relation_forward", dtype=delta.dtype, B=b, N=n, K=k, C=c, delta=delta,
-             key=key, q=query, idx=idx, rel=out)
+                   key=key, q=query, idx=idx, rel=out)
         ctx.lib = lib
         ctx.save_for_backward(idx)
         return out
@@ -58,7 +58,7 @@ class _Relation(torch.autograd.Function):
         grad_query = grad.new_empty(b, n, c) if ctx.needs_input_grad[3] else None
         if grad_key is not None or grad_query is not None:
             run_kernel(ctx.lib, "pt_relation_backward", dtype=grad.dtype, B=b, N=n, K=k, C=c,
-                 grad_rel=grad, idx=idx, grad_key=grad_key, grad_q=grad_query)
+                       grad_rel=grad, idx=idx, grad_key=grad_key, grad_q=grad_query)
         if grad_key is not None:
             grad_key = grad_key.to(grad.dtype)
         return None, grad, grad_key, grad_query, None
@@ -96,7 +96,7 @@ class _Aggregate(torch.autograd.Function):
         b, n, c = value.shape
         out = value.new_empty(b, n, c)
         run_kernel(lib, "pt_aggregate_forward", dtype=value.dtype, B=b, N=n, K=idx.shape[-1], C=c,
-             W=weight.shape[-1], w=weight, v=value, delta=delta, idx=idx, out=out)
+                   W=weight.shape[-1], w=weight, v=value, delta=delta, idx=idx, out=out)
         ctx.lib = lib
         ctx.save_for_backward(weight, value, delta, idx)
         return out
@@ -113,8 +113,8 @@ class _Aggregate(torch.autograd.Function):
         if need_w or need_v or need_delta:
             b, n, c = value.shape
             run_kernel(ctx.lib, "pt_aggregate_backward", dtype=value.dtype, B=b, N=n,
-                 K=idx.shape[-1], C=c, W=weight.shape[-1], grad_out=grad, w=weight, v=value,
-                 delta=delta, idx=idx, grad_w=grad_w, grad_delta=grad_delta, grad_v=grad_v)
+                       K=idx.shape[-1], C=c, W=weight.shape[-1], grad_out=grad, w=weight, v=value,
+                       delta=delta, idx=idx, grad_w=grad_w, grad_delta=grad_delta, grad_v=grad_v)
         if grad_v is not None:
             grad_v = grad_v.to(value.dtype)
         return None, grad_w, grad_v, grad_delta, None
@@ -147,7 +147,7 @@ class _NeighbourMax(torch.autograd.Function):
         out = x.new_empty(b, m, c)
         arg = torch.empty(b, m, c, dtype=torch.int32)
         run_kernel(lib, "neighbour_max_forward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, out=out,
-             arg=arg)
+                   arg=arg)
         ctx.lib, ctx.k = lib, k
         ctx.save_for_backward(arg)
         return out
@@ -159,7 +159,7 @@ class _NeighbourMax(torch.autograd.Function):
         b, m, c = grad.shape
         grad_x = grad.new_empty(b, m, ctx.k, c)
         run_kernel(ctx.lib, "neighbour_max_backward", dtype=grad.dtype, R=b * m, K=ctx.k, C=c,
-             grad_out=grad, arg=arg, grad_x=grad_x)
+                   grad_out=grad, arg=arg, grad_x=grad_x)
         return None, grad_x
 
 
@@ -253,7 +253,7 @@ class _NormReluMax(torch.autograd.Function):
         top = x.new_empty(b, m, c)
         arg = torch.empty(b, m, c, dtype=torch.int32)
         run_kernel(lib, "neighbour_max_forward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, out=top,
-             arg=arg)
+                   arg=arg)
         pre = torch.addcmul(shift, top, scale)  # bn of the maxima (B, M, C), compute dtype
         ctx.lib, ctx.training = lib, bn.training
         ctx.save_for_backward(x, arg, top, pre, weight, mean, rstd)
@@ -277,7 +277,7 @@ class _NormReluMax(torch.autograd.Function):
         grad_x = torch.empty_like(x)  # (B, M, k, C): k1 x + k0, plus a g at the maxima
         b, m, k, c = x.shape
         run_kernel(ctx.lib, "norm_max_backward", dtype=x.dtype, R=b * m, K=k, C=c, x=x, arg=arg,
-             k1=k1, k0=k0, grad_out=(a * grad_bn).contiguous(), grad_x=grad_x)
+                   k1=k1, k0=k0, grad_out=(a * grad_bn).contiguous(), grad_x=grad_x)
         return None, None, grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
@@ -317,8 +317,8 @@ class _NormReluLinear(torch.autograd.Function):
         (rows, channels), outputs = x.shape, weight.shape[0]
         mean, rstd, scale, shift = _affine_statistics(lib, bn, x, gamma, beta)
         out = x.new_empty(rows, outputs)
-        run_kernel(lib, "nrl_forward", dtype=x.dtype, M=rows, C=channels, O=outputs, x=x, scale=scale,
-             shift=shift, weight=weight, bias=bias, out=out)
+        run_kernel(lib, "nrl_forward", dtype=x.dtype, M=rows, C=channels, O=outputs, x=x,
+                   scale=scale, shift=shift, weight=weight, bias=bias, out=out)
         ctx.lib, ctx.training = lib, bn.training
         ctx.save_for_backward(x, gamma, weight, scale, shift, mean, rstd)
         return out

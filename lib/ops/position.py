@@ -41,8 +41,8 @@ class _PositionEncoding(torch.autograd.Function):
             mean, var = bn.running_mean.double(), bn.running_var.double()
         mean, rstd, scale, shift = (t.to(xyz.dtype) for t in _affine(bn, mean, var, gamma, beta))
         out = xyz.new_empty(b, n, k, channels, dtype=rows_dtype)
-        run_kernel(lib, "pe_forward", dtype=rows_dtype, C=channels, scale=scale, shift=shift, w2t=w2t,
-             b2=b2, out=out, **geometry)
+        run_kernel(lib, "pe_forward", dtype=rows_dtype, C=channels, scale=scale, shift=shift,
+                   w2t=w2t, b2=b2, out=out, **geometry)
         ctx.lib, ctx.training = lib, bn.training
         ctx.save_for_backward(xyz, idx, w1, b1, w2t, gamma, scale, shift, mean, rstd)
         return out
@@ -54,9 +54,9 @@ class _PositionEncoding(torch.autograd.Function):
         b, n, k, channels = grad.shape
         rows = b * n * k
         sums = torch.empty(FIXED_SUMS + 4 * channels, dtype=torch.float64)
-        run_kernel(ctx.lib, "pe_backward_sums", dtype=grad.dtype, B=b, N=n, K=k, C=channels, xyz=xyz,
-             idx=idx, w1=w1, b1=b1, scale=scale, shift=shift, mean=mean, rstd=rstd, w2t=w2t,
-             grad=grad, sums=sums)
+        run_kernel(ctx.lib, "pe_backward_sums", dtype=grad.dtype, B=b, N=n, K=k, C=channels,
+                   xyz=xyz, idx=idx, w1=w1, b1=b1, scale=scale, shift=shift, mean=mean, rstd=rstd,
+                   w2t=w2t, grad=grad, sums=sums)
         # sums of gy (BatchNorm's output gradient), gy x_hat, x_hat, p; of gy p^T, x_hat p^T
         gy, gy_xhat, xhat, p = sums[0:3], sums[3:6], sums[6:9], sums[9:12]
         gy_p, xhat_p = sums[12:21].view(3, 3), sums[21:30].view(3, 3)
