@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from lib.cli import MAY_CHANGE_AT_RESUME
 from lib.cuda_graphs import MAX_GRAPHS, GraphedTrainStep, wanted
 from lib.experiment import make_loader
 from lib.tasks import model_inputs, supervised_loss
@@ -46,11 +45,6 @@ def test_asking_for_graphs_where_they_cannot_run_fails_before_the_run_folder(tmp
     assert done.stderr.strip().splitlines()[-1] == (
         "error: --cuda-graphs needs a CUDA device; drop it or pass --no-cuda-graphs")
     assert not out.exists()  # so the same command without the flag is not refused
-
-
-def test_a_resumed_run_may_turn_graphs_on_or_off():
-    """Graphs replay the step's own kernels: how a run executes, not what it computes."""
-    assert "cuda_graphs" in MAY_CHANGE_AT_RESUME
 
 
 class ReplayStandIn:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lib.checkpoint import load_checkpoint, save_checkpoint
-from lib.cli import one_line, run_script
+from lib.cli import one_line, resumed_args, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KIND = {"pretrain": "pretrain", "finetune": "finetune", "search": "search", "eval": None}
@@ -189,6 +189,18 @@ def test_resume_refuses_changed_settings_and_lists_them(reference):
     message = refused("finetune", "--resume", runs["finetune"] / "last.pt", "--out",
                       runs["search"])
     assert "the run's folder is" in message
+
+
+def test_resume_may_change_how_the_run_executes(reference):
+    """--workers, --device and --cuda-graphs (the same kernels, replayed) may change; the
+    recorded settings stay, and a changed one beside them is still refused alone."""
+    runs, _ = reference
+    parser = importlib.import_module("pretrain").get_args_parser()
+    argv = ["--resume", str(runs["pretrain"] / "last.pt"), "--no-cuda-graphs", "--workers", "1"]
+    args = resumed_args(parser, argv, parser.parse_args(argv), "pretrain")
+    assert args.cuda_graphs is False and args.workers == 1 and args.lr == 0.01
+    message = refused("pretrain", *argv, "--lr", 0.5)
+    assert "--lr 0.5 (recorded 0.01)" in message and "cuda-graphs" not in message.split("(only")[0]
 
 
 def test_resume_of_another_kind_of_run_is_one_line(reference):
