@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import machine_info, settings, synchronize  # noqa: E402
-from bench.run import PT_MODELS, PT_WIDTHS, build_pt  # noqa: E402
+from bench.run import PT_MODELS, PT_WIDTHS, build_pt, train_step  # noqa: E402
 from lib import heap, ops  # noqa: E402
 from lib.cli import resolve_device  # noqa: E402
 from lib.cuda_graphs import GraphedTrainStep  # noqa: E402
@@ -61,14 +61,6 @@ def on_backend(backend, step):
         step()
     finally:
         ops.set_backend("auto")
-
-
-def eager_step(model, optimizer, batch, device, amp):
-    with autocast(device, amp):
-        loss = supervised_loss(model(*model_inputs(batch, "partseg")), batch)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
 
 
 def graphed_step(graphed, optimizer, batch):
@@ -154,8 +146,8 @@ def equivalence(name, dataset, batch, device, steps=3):
                                     for p in model.parameters()]
             optimizers[key].step()
     result = {"steps": steps, "losses": losses}
+    scale = max(float(g.abs().max()) for g in first_grads["eager"] if g is not None)
     for other in ("eager_again", "graphed"):
-        scale = max(float(g.abs().max()) for g in first_grads["eager"] if g is not None)
         grad_gap = max(float((g - h).abs().max()) for g, h in
                        zip(first_grads["eager"], first_grads[other]) if g is not None) / scale
         state_gap = max(float((x - y).abs().max()) for x, y in
@@ -186,7 +178,7 @@ def main(args):
                 models.append((model, optimizer))
                 paths[f"{label}eager"] = functools.partial(
                     on_backend, backend,
-                    functools.partial(eager_step, model, optimizer, batch, device, amp))
+                    functools.partial(train_step(model, batch, "partseg", optimizer), amp))
                 if device.type == "cuda":
                     graphed = GraphedTrainStep(model, supervised_loss, "partseg",
                                                functools.partial(autocast, device, amp,

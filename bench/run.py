@@ -101,10 +101,11 @@ def build_pct(dataset, device):
                        num_classes=len(dataset.category_names)).to(device)
 
 
-def train_step(model, batch, task):
+def train_step(model, batch, task, optimizer=None):
     """One training step as lib/train.train_one_epoch takes it, with pretrain.py's default
-    optimizer (AdamW), as fn(amp)."""
-    optimizer = build_optimizer(model.parameters(), "adamw", 1e-3, 1e-4)
+    optimizer (AdamW) unless given one, as fn(amp)."""
+    if optimizer is None:
+        optimizer = build_optimizer(model.parameters(), "adamw", 1e-3, 1e-4)
     device = batch["xyz"].device
 
     def step(amp):

@@ -100,7 +100,13 @@ class _Capture:
             loss.backward()
             return loss, logits
 
-        buffers = [buffer.clone() for buffer in model.buffers()]
+        saved = [buffer.clone() for buffer in model.buffers()]
+
+        def restore_buffers():  # the BatchNorm statistics as they were before the warm-up
+            with torch.no_grad():
+                for value, buffer in zip(saved, model.buffers()):
+                    buffer.copy_(value)
+
         stream = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(stream)
@@ -111,9 +117,7 @@ class _Capture:
                         param.grad = None
                     step()
             stream.wait_stream(side)
-            with torch.no_grad():
-                for saved, buffer in zip(buffers, model.buffers()):
-                    buffer.copy_(saved)
+            restore_buffers()
             for param in params:
                 param.grad = None  # backward in the capture allocates them from the graph's pool
             self.graph = torch.cuda.CUDAGraph()
@@ -123,9 +127,7 @@ class _Capture:
             # a failed capture may leave its stream current (graph.__exit__ raises before it
             # restores the stream) and the warm-up's statistics in place
             torch.cuda.set_stream(stream)
-            with torch.no_grad():
-                for saved, buffer in zip(buffers, model.buffers()):
-                    buffer.copy_(saved)
+            restore_buffers()
             raise
         # Detached, the captured autograd graph is freed (its memory stays the graph's): kept,
         # it would hold the capture stream's gradient-accumulation nodes, which an eager step
