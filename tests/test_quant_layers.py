@@ -282,6 +282,46 @@ def test_dequantize_gives_plain_layers_with_the_quantized_weights():
         assert torch.equal(model(*example()), expected)
 
 
+@pytest.mark.parametrize("method", ["kmeans", "linear"])
+def test_the_weight_read_without_gradients_is_kept_until_its_sources_change(method):
+    model = quantize_model(conv_net(), POLICY, method=method)
+    layer = model.mix
+    with torch.no_grad():
+        first = layer.weight
+        assert layer.weight is first  # kept: not looked up again
+        assert torch.equal(first, shared_weights(layer))
+        trained = layer.codebook if method == "kmeans" else layer.grid_scale
+        trained.mul_(1.5)  # an optimizer step or a loaded state_dict writes in place
+        assert torch.equal(layer.weight, shared_weights(layer))
+        assert not torch.equal(layer.weight, first)
+        layer.weight.zero_()  # a caller writing into the weight it was given
+        assert torch.equal(layer.weight, shared_weights(layer))
+        layer.indices.copy_(layer.indices.flip(0))
+        assert torch.equal(layer.weight, shared_weights(layer))
+    # with gradients on, the lookup is the autograd graph back to the centroids, every time
+    assert layer.weight.grad_fn is not None and layer.weight is not layer.weight
+    (model(*example()).square().sum()).backward()
+    assert trained.grad is not None and torch.isfinite(trained.grad).all()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.mix.codebook.add_(1.0)  # the copy's weight is its own sources'
+        assert torch.equal(twin.mix.weight, shared_weights(twin.mix))
+
+
+def test_a_weight_read_in_inference_mode_serves_a_later_training_step():
+    model = quantize_model(conv_net(), POLICY)
+    with torch.inference_mode():
+        model(*example())
+    x = example()[0].requires_grad_()
+    with torch.no_grad():  # kept from inference mode, used where autograd saves it
+        kept = model.mix.weight
+    assert not kept.is_inference()
+    torch.nn.functional.linear(x.flatten(1)[:, :8], kept).sum().backward()
+    assert x.grad is not None
+    dequantize(model)
+    assert "_dense_weight" not in model.mix.__dict__
+
+
 def test_requantizing_and_deepcopy_work():
     model = quantize_model(conv_net(), POLICY)
     twin = copy.deepcopy(model)
