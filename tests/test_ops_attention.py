@@ -197,6 +197,50 @@ def test_whole_networks_evaluate_as_on_the_reference_backend(name):
                                atol=1e-10)
 
 
+@needs_kernels
+def test_the_kernels_kept_weights_follow_every_change_between_evaluations():
+    """The folded BatchNorms and transposed weights are kept per layer between forward passes
+    (lib/ops/attention.py): a training step, a changed statistic, a loaded state_dict, a
+    re-quantized Linear, another dtype or eps must each reach the next evaluation."""
+    torch.manual_seed(3)
+    xyz, x, idx = layer_problem(16, 8)
+    layer = trained_statistics(PointTransformerLayer(16).double(), xyz, x, idx)
+
+    def evaluates_as_eager():
+        with torch.no_grad():
+            assert kernel_runs(layer, xyz, x, idx)
+            got = layer(xyz, x, idx)
+        torch.testing.assert_close(got, eager(layer, xyz, x, idx), rtol=1e-12, atol=1e-12)
+        return got
+
+    first = evaluates_as_eager()
+    layer.train()  # a training step moves the statistics and the weights
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(xyz, x, idx).square().mean().backward()
+    optimizer.step()
+    layer.eval()
+    assert not torch.equal(evaluates_as_eager(), first)
+    with torch.no_grad():
+        layer.gamma[1].bn.running_var.mul_(2.0)
+    evaluates_as_eager()
+    other = PointTransformerLayer(16).double()
+    layer.load_state_dict(trained_statistics(other, xyz, x, idx).state_dict())
+    evaluates_as_eager()
+    layer.gamma[0].norm.bn.eps = 0.5
+    evaluates_as_eager()
+    quantize_model(layer, {"gamma.3": 2, "delta.3": 3})
+    evaluates_as_eager()
+    with torch.no_grad():
+        layer.gamma[3].codebook.mul_(-1.0)
+    evaluates_as_eager()
+    layer.float()
+    xyz, x = xyz.float(), x.float()
+    with torch.no_grad():
+        assert kernel_runs(layer, xyz, x, idx)
+        torch.testing.assert_close(layer(xyz, x, idx), eager(layer, xyz, x, idx), rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_a_quantized_network_evaluates_as_on_the_reference_backend():
     """Weight-shared Linears (codebook lookups) are read by the kernels as dense weights."""
     torch.manual_seed(0)

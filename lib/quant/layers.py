@@ -34,6 +34,7 @@ from numbers import Integral
 import torch
 import torch.nn as nn
 
+from lib import derived
 from lib.checkpoint import unwrap
 from lib.quant.kmeans import METHODS, cluster, index_dtype
 
@@ -88,15 +89,6 @@ class _MeanOver(torch.autograd.Function):
         return grad / ctx.n, None
 
 
-def _unchanged(kept, sources):
-    """Whether a kept dense weight (its sources, itself, its version) still stands for these
-    sources: the same tensor objects, unmodified and in place, and the weight unmodified."""
-    old, weight, version = kept
-    return (weight._version == version and len(old) == len(sources)
-            and all(a is b and va == vb and pa == pb
-                    for (a, va, pa), (b, vb, pb) in zip(old, sources)))
-
-
 class WeightShared:
     """Mixin of the quantized classes: the weight is looked up from the codebook."""
 
@@ -116,15 +108,16 @@ class WeightShared:
         gather the whole weight again (a quarter of pt_seg's eval forward at B=8)."""
         if torch.is_grad_enabled():
             return self._lookup()
-        sources = [(t, t._version, t.data_ptr()) for t in self._sources()]
+        sources = self._sources()
         kept = self.__dict__.get("_dense_weight")
-        if kept is not None and _unchanged(kept, sources):
+        # the weight itself among the sources: a caller writing into it must not change the
+        # next read
+        if kept is not None and derived.unchanged(kept[0], (*sources, kept[1])):
             return kept[1]
         # a normal tensor even if read in inference mode (leaving it turns gradients back on)
         with torch.inference_mode(False), torch.no_grad():
             weight = self._lookup()
-        # the weight's own version too: a caller writing into it must not change the next read
-        self.__dict__["_dense_weight"] = (sources, weight, weight._version)
+        self.__dict__["_dense_weight"] = (derived.snapshot((*sources, weight)), weight)
         return weight
 
     def _lookup(self):
