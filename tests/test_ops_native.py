@@ -173,10 +173,20 @@ def _kernel_calls(path):
     dicts = _dict_keywords(tree)
     functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
 
+    def built_by(function):
+        """The keywords of the dict(...) that `function` builds, or else that the one module
+        function it calls builds (a function that keeps another's result, lib/ops/attention.py)."""
+        found = _dict_keywords(functions[function])
+        if found:
+            (built,) = found.values()
+            return built
+        (callee,) = {call.func.id for call in ast.walk(functions[function])
+                     if isinstance(call, ast.Call) and getattr(call.func, "id", None) in functions}
+        return built_by(callee)
+
     def unpacked(value):
         if isinstance(value, ast.Call):
-            (built,) = _dict_keywords(functions[value.func.id]).values()
-            return built
+            return built_by(value.func.id)
         return dicts[value.id]
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
