@@ -69,7 +69,7 @@ def _bias(linear):
     return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
 
 
-# a layer's gamma -> (snapshot of its modules' tensors, (dtype, BatchNorm eps), _parameters')
+# a layer's gamma -> (snapshot of its modules' tensors, (dtype, their eps), the kernel's weights)
 _KEPT = weakref.WeakKeyDictionary()
 
 
