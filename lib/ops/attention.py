@@ -76,7 +76,7 @@ _KEPT = weakref.WeakKeyDictionary()
 def _kept_parameters(gamma, modules, dtype):
     """_parameters(modules, dtype), kept per layer until one of the modules' parameters or
     buffers changes: an evaluation (eval.py's split, a HAQ policy's ~13 batches) folds the same
-    BatchNorms on every forward pass, about 4 ms of pt_seg's at B=8."""
+    BatchNorms on every forward pass (4.5 ms of pt_seg's at B=8; the check costs 1.1)."""
     sources = [t for m in modules for t in (*m.parameters(recurse=False),
                                              *m.buffers(recurse=False))]
     settings = (dtype, *(getattr(m, "eps", None) for m in modules))
