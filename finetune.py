@@ -21,7 +21,7 @@ from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, posi
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.distill import DistillLoss
 from lib.experiment import evaluate_checkpoint, example_inputs, load_split, make_loader
-from lib.policy_file import parse_keep, read_policy
+from lib.policy_file import parse_keep, read_keep, read_policy
 from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
 from lib.quant.layers import layer_renames
 from lib.quant.size import budget_ratio, honest_size_bytes
@@ -56,8 +56,7 @@ def get_args_parser():
 def check_same_keep(policy_path, keep):
     """The first and last layers may only be kept at the width the search kept them at: the
     search charged that width to its budget, and any other would break the budget."""
-    with open(policy_path) as f:
-        searched = parse_keep(json.load(f).get("keep_first_last"))
+    searched = read_keep(policy_path)
     if searched != keep:
         shown = {"off": "not kept", None: "fp32"}
         raise ValueError(f"{policy_path}: searched with the first and last layers "
@@ -94,7 +93,8 @@ def main(args):
     heap.keep_freed_memory(device)  # each step's large temporaries reused, not re-faulted
     args.out = out = claim(
         args.out or os.path.join(os.path.dirname(args.ckpt), "finetune"),
-        resume=bool(args.resume), overwrite=args.overwrite, teacher=args.ckpt)
+        resume=bool(args.resume), overwrite=args.overwrite,
+        inputs=[("--ckpt", args.ckpt), ("--policy", None if args.resume else args.policy)])
     torch.manual_seed(args.seed)
     resume = None
     if args.resume:

@@ -130,7 +130,8 @@ def main(args):
     print_main = print if main_rank else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     args.out = out = claim(args.out or os.path.join(os.path.dirname(args.ckpt), "search"),
-                           resume=bool(args.resume), overwrite=args.overwrite)
+                           resume=bool(args.resume), overwrite=args.overwrite,
+                           inputs=[("--ckpt", args.ckpt)])
     state_path = os.path.join(out, "search_state.pt")
     state = None
     if args.resume:

@@ -8,21 +8,24 @@ torch file holding everything; for a quantized model it also records the quantiz
 the same metadata in its header, so its file has exactly the honest size.
 """
 import os
+import pickle
 import random
 import subprocess
 import tempfile
+import zipfile
 
 import numpy as np
 import torch
 
 FORMAT_VERSION = 1
+TEMP_PREFIX = ".tmp-"  # atomic_write's temporaries; a run folder's claim removes stale ones
 
 
 def atomic_write(path, write_fn):
     """Call write_fn(tmp_path), then rename over `path`: a crash never leaves half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.basename(path))
     os.close(fd)
     try:
         write_fn(tmp)
@@ -53,9 +56,25 @@ def torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip errors, unpickling errors, EOF: all mean "not a checkpoint of ours"
-        # torch's first line says what failed; its further paragraphs are advice for torch users
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({_unreadable(path, e)})") from None
+
+
+def _unreadable(path, error):
+    """Why torch.load refused a file, in words: torch's own messages name its internals (a zip
+    reader's errno, an unpickler's opcode) or advise weights_only=False, which is not for us."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "an empty file"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return "truncated or damaged: not a whole zip archive, as torch.save writes"
+    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):  # neither torch's zip nor a pickle
+        return "not a file torch.save wrote"
+    if isinstance(error, pickle.UnpicklingError):
+        return ("holds Python objects other than tensors and plain values; only checkpoints "
+                "that this code writes load, with weights_only=True")
+    # otherwise torch's first line says what failed; its further paragraphs advise torch users
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def unwrap(model):

@@ -147,7 +147,7 @@ def resumed_args(parser, argv, args, kind):
     at, with only MAY_CHANGE_AT_RESUME taken from the command line; the folder is the run's own.
     A different value for any other flag, or a run of another kind, is a one-line ValueError."""
     from lib.rundir import recorded_run
-    found, recorded, path = recorded_run(args.resume)
+    found, recorded, path, done = recorded_run(args.resume)
     if found != kind:
         raise ValueError(f"{path}: a {found} run; {kind}.py --resume continues a {kind} run")
     folder = os.path.dirname(path)
@@ -170,6 +170,9 @@ def resumed_args(parser, argv, args, kind):
                 differences.append(f"--out {value} (the run's folder is {folder})")
             settings[dest] = folder
         elif dest in given and dest in MAY_CHANGE_AT_RESUME:
+            if dest in ("epochs", "episodes") and value < done:  # would run nothing, silently
+                differences.append(f"{action.option_strings[0]} {value} (the run has done "
+                                   f"{done}; extend it with more, or give none)")
             settings[dest] = value
         else:
             if dest in given and value != recorded_value:
@@ -177,9 +180,10 @@ def resumed_args(parser, argv, args, kind):
                                    f"(recorded {recorded_value})")
             settings[dest] = recorded_value
     if differences:
+        may_change = [a.option_strings[0] for a in parser._actions
+                      if a.dest in MAY_CHANGE_AT_RESUME]
         raise ValueError(f"{path}: a resumed run keeps its recorded settings; refused: "
-                         f"{'; '.join(differences)} (only "
-                         f"{', '.join('--' + d for d in MAY_CHANGE_AT_RESUME)} may change)")
+                         f"{'; '.join(differences)} (only {', '.join(may_change)} may change)")
     return argparse.Namespace(**settings)
 
 

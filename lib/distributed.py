@@ -166,6 +166,15 @@ def broadcast_module(module, src=0):
             dist.broadcast(tensor.data, src=src)
 
 
+def broadcast_buffers(module, src=0):
+    """Every buffer of `module` (BatchNorm's running statistics) set to rank `src`'s, in place."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in module.buffers():
+            dist.broadcast(tensor.data, src=src)
+
+
 def cleanup():
     if is_distributed():
         dist.destroy_process_group()

@@ -99,7 +99,11 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
 
 
 def example_inputs(dataset, device, n=2):
-    """Model inputs for the first n samples: used to trace layer order and input sizes."""
+    """Model inputs for the first n samples (fewer if the split is smaller): used to trace
+    layer order and input sizes."""
     from lib.tasks import model_inputs, to_device
-    batch = torch.utils.data.default_collate([dataset[i] for i in range(n)])
+    if not len(dataset):
+        raise ValueError(f"{getattr(dataset, 'root', 'the dataset')}: no samples to trace the "
+                         f"model's layers with")
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(min(n, len(dataset)))])
     return model_inputs(to_device(batch, device), dataset.task)

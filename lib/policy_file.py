@@ -21,6 +21,22 @@ def parse_keep(value):
     return bits
 
 
+def read_keep(path):
+    """The keep_first_last a policy file was searched with, as parse_keep gives it: search.py
+    writes the flag's text ("8", "fp32") or null (not kept); an integer is taken too. Anything
+    else is a one-line ValueError naming the file (read_policy has checked it is JSON)."""
+    with open(path, "rb") as f:
+        value = json.loads(f.read().decode("utf-8")).get("keep_first_last")
+    if value is None or value == "fp32":
+        return parse_keep(value)
+    if type(value) is str and value.isdigit():
+        value = int(value)
+    if type(value) is not int or not 1 <= value <= 32:  # bool is an int subclass: not a width
+        raise ValueError(f"{path}: keep_first_last {json.dumps(value)} is not a bit width in "
+                         f"1..32, fp32 or null")
+    return value
+
+
 def read_policy(path, layer_names, renames=None):
     """{layer: bits or None (fp32)} from a policy.json, checked strictly: every quantizable layer
     of the model is listed, and each width is an integer in 1..32 (32: fp32) or fp32 (null or

@@ -1,9 +1,13 @@
 """The run folder contract, the same for pretrain.py, finetune.py and search.py (README, "Run
 folders and resuming"):
 
-- a new run refuses a folder that already holds a run, unless `--overwrite`, which first removes
-  that run's files (RUN_FILES, nothing else), or `--resume`, which continues it;
-- `--out` naming a file, or (finetune) the folder its teacher checkpoint lives in, is refused;
+- a new run refuses a folder that already holds a run, unless `--overwrite`, which replaces
+  that run's files (RUN_FILES, nothing else), or `--resume`, which continues it. The old files
+  go only when the new run writes its first file (RunLog calls `clear_replaced`), after every
+  input has loaded and every check has passed: a run refused for a typo, a missing policy or
+  a batch too large leaves the old run whole;
+- `--out` naming a file, or the folder of a file the run reads (its `--ckpt`, a `--policy`), is
+  refused, and a missing input file is refused before the folder is made;
 - the run holds an exclusive lock on `FOLDER/.lock` for its whole life, so a second process
   writing into the same folder is refused. It is a kernel lock (flock): it goes away with its
   process, so a crashed or killed run leaves no stale lock behind;
@@ -17,6 +21,7 @@ import os
 import shutil
 
 from lib import distributed
+from lib.checkpoint import TEMP_PREFIX
 
 LOCK_NAME = ".lock"
 # What the scripts write into a run folder; any of the first group means "a run lives here".
@@ -26,17 +31,18 @@ RUN_FILES = RUN_MARKERS + ("log.jsonl", "episodes.jsonl", "log.txt", "best_test.
 RUN_DIRS = ("tb",)
 
 _held = {}  # folder -> open lock file, kept open (and so locked) until the process ends
+_replaced = set()  # folders whose previous run --overwrite replaces at the first write
 
 
-def claim(out, resume=False, overwrite=False, teacher=None):
-    """Check `out` against the contract, take its lock and, with `overwrite`, clear the previous
-    run's files. Returns the folder as an absolute path. A refusal is a one-line ValueError on
-    every rank."""
+def claim(out, resume=False, overwrite=False, inputs=()):
+    """Check `out` against the contract and take its lock; `inputs`: (flag, path) of each file
+    the run reads. Returns the folder as an absolute path. A refusal is a one-line ValueError
+    on every rank."""
     out = os.path.abspath(out)
     problem = None
     if distributed.is_main():
         try:
-            _claim(out, resume, overwrite, teacher)
+            _claim(out, resume, overwrite, [(flag, path) for flag, path in inputs if path])
         except ValueError as e:
             problem = str(e)
     problem = distributed.gather_objects(problem)[0]
@@ -45,25 +51,43 @@ def claim(out, resume=False, overwrite=False, teacher=None):
     return out
 
 
-def _claim(out, resume, overwrite, teacher):
+def _claim(out, resume, overwrite, inputs):
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: is a file, not a run folder")
-    if teacher is not None and os.path.realpath(os.path.dirname(os.path.abspath(teacher))) \
-            == os.path.realpath(out):
-        raise ValueError(f"--out {out}: holds the teacher checkpoint {os.path.basename(teacher)}; "
-                         f"fine-tune into another folder (default: its finetune/ subfolder)")
+    for flag, path in inputs:
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such file (given as {flag})")
+        if os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(out):
+            raise ValueError(f"--out {out}: holds {os.path.basename(path)}, which this run reads "
+                             f"({flag}); write the run into another folder (by default a "
+                             f"subfolder of that one)")
     found = [name for name in RUN_MARKERS if os.path.exists(os.path.join(out, name))]
     if found and not (resume or overwrite):
         raise ValueError(f"--out {out}: already holds a run ({', '.join(found)}); continue it "
                          f"with --resume, choose another --out, or replace it with --overwrite")
     lock(out)
+    # a write killed between its temporary file and the rename left the temporary behind
+    # (lib/checkpoint.atomic_write); with the lock held, no live writer owns one
+    for name in os.listdir(out):
+        if name.startswith(TEMP_PREFIX) and os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     if overwrite and not resume:
-        for name in RUN_FILES:
-            path = os.path.join(out, name)
-            if os.path.isfile(path):
-                os.remove(path)
-        for name in RUN_DIRS:
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        _replaced.add(os.path.realpath(out))
+
+
+def clear_replaced(out):
+    """Remove the files of the run that --overwrite replaces (RUN_FILES and RUN_DIRS, nothing
+    else); called at the new run's first write."""
+    folder = os.path.realpath(out)
+    if folder not in _replaced:
+        return
+    _replaced.discard(folder)
+    for name in RUN_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    for name in RUN_DIRS:
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def lock(folder):
@@ -91,9 +115,10 @@ def lock(folder):
 
 
 def recorded_run(path):
-    """What `--resume path` continues: (kind, recorded settings, resolved path), kind being
-    "pretrain" or "finetune" (a last.pt) or "search" (search_state.pt); a run folder stands for
-    the file in it. One-line errors for anything that cannot be resumed."""
+    """What `--resume path` continues: (kind, recorded settings, resolved path, done), kind
+    being "pretrain" or "finetune" (a last.pt) or "search" (search_state.pt), done the epochs or
+    episodes it has finished; a run folder stands for the file in it. One-line errors for
+    anything that cannot be resumed."""
     from lib.checkpoint import torch_load
     from lib.quant.pack import is_packed
     if os.path.isdir(path):
@@ -111,9 +136,11 @@ def recorded_run(path):
         if "args" not in obj:
             raise ValueError(f"{path}: a search state without its recorded settings (written by "
                              f"an older search.py); it cannot be resumed")
-        return "search", obj["args"], path
+        return "search", obj["args"], path, obj["episode"]
     if not isinstance(obj, dict) or "resume" not in obj or "meta" not in obj:
-        raise ValueError(f"{path}: holds no optimizer state to resume from (resume from a "
-                         f"last.pt)")
+        raise ValueError(f"{path}: holds no optimizer state to resume from (a best.pt never "
+                         f"does, nor a fine-tune's with --epochs 0; resume from the last.pt of a "
+                         f"run that trained)")
     meta = obj["meta"]
-    return ("finetune" if meta.get("quant") else "pretrain"), meta.get("args", {}), path
+    return (("finetune" if meta.get("quant") else "pretrain"), meta.get("args", {}), path,
+            obj["resume"]["epoch"])

@@ -8,6 +8,7 @@ import time
 
 from lib.checkpoint import atomic_write, git_commit
 from lib.distributed import is_main
+from lib.rundir import clear_replaced
 
 
 FIGURES_PER_EVAL = 2  # predictions drawn into tensorboard at each evaluation (fit)
@@ -25,6 +26,7 @@ class RunLog:
         if not self.enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
+        clear_replaced(out_dir)  # --overwrite's old run goes now, at the new run's first write
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump(dict(args_dict, git_commit=git_commit()), f, indent=2, default=str)
         self.log_path = os.path.join(out_dir, log_name)

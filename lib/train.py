@@ -138,6 +138,12 @@ def evaluate(model, loader, device, amp=None, desc="eval", dataset=None, vote=Tr
     sink: a lib.predictions.PredictionSink that receives the very predictions scored here."""
     dataset = loader.dataset if dataset is None else dataset
     model.eval()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # DDP's first forward after training broadcasts rank 0's buffers, a collective that a
+        # rank without a batch (a split smaller than the world) would never join: every rank
+        # is here, so they take rank 0's buffers now, and each scores the plain module.
+        model = model.module
+        distributed.broadcast_buffers(model)
     metric = make_metric(dataset)
     voter = dataset.make_voter() if vote and hasattr(dataset, "make_voter") else None  # S3DIS val/test
     if sink is not None:
@@ -285,5 +291,12 @@ def restore_resume_state(resume, optimizer, scheduler):
     Returns (start_epoch, best)."""
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
+    # The optimizer comes back with the learning rate of the recorded schedule's next step; a
+    # run extended by --epochs has a longer schedule, whose rate for that step is set here (the
+    # same value, bit for bit, when the schedule did not change). build_scheduler's LambdaLR.
+    lrs = [base * factor(scheduler.last_epoch)
+           for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
     set_rng_state(resume["rng"])
     return resume["epoch"], resume["best"]

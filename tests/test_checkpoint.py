@@ -48,6 +48,18 @@ def test_truncated_or_foreign_file_is_one_line_error(tmp_path, content):
     with pytest.raises(ValueError) as err:
         load_checkpoint(str(path))
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+    # in words, not a zip reader's errno or an unpickler's byte
+    assert {b"": "an empty file", None: "truncated or damaged"}.get(
+        content, "not a file torch.save wrote") in str(err.value)
+
+
+def test_a_torch_file_holding_other_objects_says_so(tmp_path):
+    import argparse
+    path = tmp_path / "pickled.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1)}, str(path))
+    with pytest.raises(ValueError, match="holds Python objects other than tensors") as err:
+        load_checkpoint(str(path))
+    assert "weights_only=False" not in str(err.value)  # torch's advice, which is not for us
 
 
 def test_foreign_torch_file_and_missing_file(tmp_path):

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from lib.data import s3dis
 from lib.data.s3dis import S3DISDataset
 from lib.data.synthetic_layouts import rooms_as
 from lib.data.synthetic_rooms import write_rooms
@@ -17,6 +18,9 @@ def forms(tmp_path_factory):
     write_rooms(str(root / "raw"), seed=0, rooms_per_area=2, points_per_m2=30.0)
     for layout in ("npy", "pointcept"):
         rooms_as(root / "raw", root / layout, layout)
+    # the pre-pass into a folder of the user's choice, which is then a data root of its own
+    s3dis.main(s3dis.get_args_parser().parse_args(["--root", str(root / "raw"), "--out",
+                                                   str(root / "converted")]))
     return root
 
 
@@ -31,7 +35,8 @@ def original_order(room):
 
 
 @pytest.mark.parametrize("layout, expected", [("npy", "per-room N x 7 .npy"),
-                                              ("pointcept", "Pointcept")])
+                                              ("pointcept", "Pointcept"),
+                                              ("converted", "rooms converted")])
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_form_reads_back_the_raw_rooms(forms, layout, expected, split, tmp_path):
     raw = S3DISDataset(str(forms / "raw"), split, processed_dir=str(tmp_path))
@@ -111,3 +116,13 @@ def test_missing_area_is_an_error(forms, tmp_path):
     shutil.rmtree(root / "Area_6")
     with pytest.raises(FileNotFoundError, match="no rooms of Area_6"):
         S3DISDataset(str(root), "train")
+
+
+@pytest.mark.parametrize("which", [0, -1])  # the first room of Area_1 (which told the form) or not
+def test_a_pointcept_room_without_its_coordinates_is_named_not_dropped(forms, tmp_path, which):
+    """A room left out would make a smaller Area 5 and smaller metrics, without a word."""
+    root = shutil.copytree(forms / "pointcept", tmp_path / "pointcept")
+    room = sorted((root / ("Area_1" if which == 0 else "Area_5")).iterdir())[which]
+    (room / "coord.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{room}: no coord.npy \(a Pointcept room"):
+        S3DISDataset(str(root), "test" if which else "train")

@@ -155,3 +155,23 @@ def test_pretrain_and_distill_under_two_processes_train_as_one_process(tiny_part
         for a, b in zip(*logs):  # the epoch's training loss is over both ranks' batches
             assert b["train"]["loss"] == pytest.approx(a["train"]["loss"], rel=1e-2)
             assert b["val"]["ins_miou"] == pytest.approx(a["val"]["ins_miou"], abs=2e-2)
+
+
+def test_a_validation_split_smaller_than_the_world_is_scored(tiny_parts, tmp_path):
+    """One val shape for two ranks: rank 1 has no batch. DDP's first forward after training
+    broadcasts buffers, which rank 1 would never join (a hang until torchrun's timeout); the
+    evaluation takes rank 0's buffers where every rank is, and scores the plain module."""
+    import shutil
+    root = tmp_path / "parts"
+    shutil.copytree(tiny_parts, root)
+    val_list = root / "train_test_split" / "shuffled_val_file_list.json"
+    val_list.write_text(json.dumps(json.loads(val_list.read_text())[:1]))
+    pre = str(tmp_path / "pretrain")
+    run("pretrain.py", "--model", "pt_seg_tiny", "--dataset", "synthetic_parts", "--data-root",
+        str(root), "--num-points", "128", "--epochs", "1", "--batch-size", "3", "--out", pre,
+        launcher=TORCHRUN)
+    meta, _, _ = load_checkpoint(os.path.join(pre, "best.pt"))
+    assert meta["metrics"]["num_shapes"] == 1
+    single_val = evaluated(os.path.join(pre, "best.pt"), tmp_path, "val")
+    for key in SUMMARY:
+        assert meta["metrics"][key] == single_val[key], key

@@ -133,7 +133,8 @@ def test_a_new_run_refuses_a_folder_that_holds_one(reference, data):
     message = refused("pretrain", *pretrain_args(data, runs["pretrain"]))
     assert "already holds a run" in message and str(runs["pretrain"]) in message
     teacher = runs["pretrain"] / "best.pt"
-    assert "already holds a run" in refused("search", *search_args(teacher, runs["pretrain"]))
+    assert "which this run reads (--ckpt)" in refused("search", *search_args(teacher,
+                                                                           runs["pretrain"]))
     assert before == {p: p.read_bytes() for p in runs["pretrain"].iterdir() if p.is_file()}
 
 
@@ -148,12 +149,74 @@ def test_overwrite_replaces_the_run_instead_of_mixing_two(reference, data, tmp_p
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files go
 
 
+def files_of(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("script", ["pretrain", "finetune", "search"])
+def test_overwrite_refused_by_a_later_check_leaves_the_old_run_whole(reference, data, tmp_path,
+                                                                    script):
+    """--overwrite removes the old run at the new one's first write, after every input has
+    loaded: a batch too large, a policy file that is not there, a bad --keep-first-last."""
+    runs, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(runs[script], out)
+    before = files_of(out)
+    teacher = runs["pretrain"] / "best.pt"
+    if script == "pretrain":
+        message = refused("pretrain", *pretrain_args(data, out, "--overwrite"),
+                          "--batch-size", 64)
+        assert "--batch-size 64 is larger" in message
+    elif script == "finetune":
+        message = refused("finetune", "--ckpt", teacher, "--policy", tmp_path / "polcy.json",
+                          "--epochs", 1, "--out", out, "--overwrite")
+        assert "polcy.json: no such file (given as --policy)" in message
+    else:
+        message = refused("search", *search_args(teacher, out), "--keep-first-last", "abc",
+                          "--overwrite")
+        assert "--keep-first-last 'abc'" in message
+    assert files_of(out) == before
+
+
+@pytest.mark.parametrize("script", ["finetune", "search"])
+def test_a_run_refuses_the_folder_of_a_file_it_reads(reference, tmp_path, script):
+    """Even with --overwrite: the checkpoint to search, the policy to fine-tune."""
+    runs, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(runs["search"] if script == "finetune" else runs["pretrain"], out)
+    before = files_of(out)
+    if script == "search":
+        message = refused("search", *search_args(out / "best.pt", out), "--overwrite")
+        assert "holds best.pt, which this run reads (--ckpt)" in message
+    else:
+        message = refused("finetune", "--ckpt", runs["pretrain"] / "best.pt", "--policy",
+                          out / "policy.json", "--epochs", 1, "--out", out, "--overwrite")
+        assert "holds policy.json, which this run reads (--policy)" in message
+    assert files_of(out) == before
+
+
+def test_a_missing_checkpoint_is_refused_before_the_folder_is_made(tmp_path):
+    out = tmp_path / "new"
+    message = refused("search", "--ckpt", tmp_path / "bestt.pt", "--out", out)
+    assert "bestt.pt: no such file (given as --ckpt)" in message
+    assert not out.exists()
+
+
+def test_a_temporary_file_left_by_a_killed_write_goes_at_the_next_claim(reference, tmp_path):
+    runs, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(runs["pretrain"], out)
+    (out / ".tmp-abc123last.pt").write_bytes(b"half a checkpoint")
+    run("pretrain", "--resume", out, "--epochs", 3)
+    assert not list(out.glob(".tmp-*"))
+
+
 def test_finetune_refuses_to_write_where_its_teacher_lives(reference):
     runs, _ = reference
     teacher = runs["pretrain"] / "best.pt"
     before = teacher.read_bytes()
     message = refused("finetune", *finetune_args(teacher, runs["pretrain"]))
-    assert "teacher" in message
+    assert "holds best.pt, which this run reads (--ckpt)" in message
     assert teacher.read_bytes() == before
 
 
@@ -201,6 +264,16 @@ def test_resume_may_change_how_the_run_executes(reference):
     assert args.cuda_graphs is False and args.workers == 1 and args.lr == 0.01
     message = refused("pretrain", *argv, "--lr", 0.5)
     assert "--lr 0.5 (recorded 0.01)" in message and "cuda-graphs" not in message.split("(only")[0]
+
+
+def test_resume_refuses_fewer_epochs_or_episodes_than_done(reference):
+    """Fewer would run nothing and record the smaller number: refused, as any change."""
+    runs, _ = reference
+    message = refused("pretrain", "--resume", runs["pretrain"], "--epochs", 1)
+    assert "--epochs 1 (the run has done 2; extend it with more, or give none)" in message
+    message = refused("search", "--resume", runs["search"], "--episodes", 1)
+    assert "--episodes 1 (the run has done 2" in message
+    assert "(only --episodes, --device, --workers may change)" in message  # search's own flags
 
 
 def test_resume_of_another_kind_of_run_is_one_line(reference):
@@ -300,6 +373,17 @@ def test_a_diverging_run_stops_with_epoch_and_step_and_saves_nothing(data, tmp_p
     message = refused("pretrain", *pretrain_args(data, out, "--optimizer", "sgd"), "--lr", 1e30)
     assert "epoch 1, step" in message and "not finite" in message
     assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
+
+
+def test_a_search_whose_reward_fine_tune_diverges_stops_and_writes_no_policy(reference,
+                                                                              tmp_path):
+    """A NaN candidate would still score (one class everywhere) and could become the best."""
+    runs, _ = reference
+    out = tmp_path / "search"
+    message = refused("search", *search_args(runs["pretrain"] / "best.pt", out),
+                      "--finetune-lr", 1e30)
+    assert "left" in message and "NaN or infinite; search stopped (lower --finetune-lr?)" in message
+    assert not (out / "policy.json").exists() and not (out / "search_state.pt").exists()
 
 
 def test_eval_refuses_a_checkpoint_with_non_finite_weights(reference, tmp_path):

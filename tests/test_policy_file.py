@@ -1,6 +1,6 @@
 import pytest
 
-from lib.policy_file import parse_keep, read_policy, write_policy
+from lib.policy_file import parse_keep, read_keep, read_policy, write_policy
 
 
 def test_round_trip_and_keep_flag(tmp_path):
@@ -34,3 +34,22 @@ def test_bad_keep_values():
     for value in ("eight", "0", "33"):
         with pytest.raises(ValueError, match="--keep-first-last"):
             parse_keep(value)
+
+
+@pytest.mark.parametrize("value, kept", [(None, "off"), ('"fp32"', None), ('"8"', 8), ("8", 8)])
+def test_a_policy_files_keep_first_last_as_search_writes_it(tmp_path, value, kept):
+    path = tmp_path / "policy.json"
+    keep = "" if value is None else f', "keep_first_last": {value}'
+    path.write_text('{"bits": {}' + keep + "}")
+    assert read_keep(str(path)) == kept
+
+
+@pytest.mark.parametrize("value", ["[8]", '{"bits": 8}', '"abc"', "8.7", "true", "0", '"33"'])
+def test_a_bad_keep_first_last_in_a_policy_file_names_the_file(tmp_path, value):
+    """Not a traceback (a list), not the --keep-first-last flag the user never gave ("abc"),
+    not 8 for 8.7."""
+    path = tmp_path / "policy.json"
+    path.write_text('{"bits": {}, "keep_first_last": ' + value + "}")
+    with pytest.raises(ValueError) as err:
+        read_keep(str(path))
+    assert str(err.value).startswith(f"{path}: keep_first_last ") and "--keep" not in str(err.value)

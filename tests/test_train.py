@@ -110,3 +110,30 @@ def test_non_finite_loss_or_weights_stop_fit_before_any_checkpoint(tmp_path):
         run(str(tmp_path / "weights"), nan_weight)
     for folder in ("loss", "weights"):
         assert not {"last.pt", "best.pt"} & set(os.listdir(tmp_path / folder))
+
+
+def test_a_resumed_schedule_sets_the_learning_rate_of_its_next_step():
+    """Resumed as recorded, the optimizer keeps its recorded rate bit for bit; extended (a
+    longer cosine), its first step takes the longer schedule's rate, not the old schedule's
+    end (0 at the last step of a finished cosine)."""
+    from lib.train import restore_resume_state
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt = build_optimizer(params, "sgd", 0.1, 0.0)
+    sched = build_scheduler(opt, "cosine", 2, 5)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    recorded = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": 2,
+                "best": 0.0, "rng": None}
+    assert opt.param_groups[0]["lr"] == 0.0
+    for epochs in (2, 4):
+        opt = build_optimizer(params, "sgd", 0.1, 0.0)
+        sched = build_scheduler(opt, "cosine", epochs, 5)
+        fresh = [group["lr"] for group in opt.param_groups]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("lib.train.set_rng_state", lambda state: None)
+            restore_resume_state(recorded, opt, sched)
+        expected = 0.1 * build_scheduler(torch.optim.SGD(params, lr=0.1), "cosine", epochs,
+                                         5).lr_lambdas[0](10)
+        assert opt.param_groups[0]["lr"] == expected
+        assert fresh[0] == 0.1 and (expected == 0.0) == (epochs == 2)

@@ -381,7 +381,9 @@ class RoomVoter:
 def get_args_parser():
     p = argparse.ArgumentParser(description="Convert the raw S3DIS release into per-room arrays.")
     p.add_argument("--root", required=True, help=f"folder holding {RAW_DIRNAME}/ (or that folder itself)")
-    p.add_argument("--out", default=None, help=f"output folder (default: {PROCESSED_DIRNAME}/ beside the raw folder)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default: {PROCESSED_DIRNAME}/ beside the raw folder); "
+                        f"readable as a --data-root of its own")
     p.add_argument("--skip-malformed", action="store_true",
                    help="drop malformed lines (the release has one, Area_5/hallway_6/Annotations/"
                         "ceiling_1.txt line 180389) instead of stopping at them; each is reported")

@@ -11,6 +11,9 @@
     Pointcept     Area_N/<room>/coord.npy (N, 3) float32, color.npy (N, 3) uint8,
                   segment.npy (N, 1) int16, and normal.npy / instance.npy which are not used
                   (Pointcept's preprocess_s3dis.py and its s3dis-compressed archive)
+    converted     Area_N/<room>.npz (xyz, rgb, label), what `python -m lib.data.s3dis` writes
+                  from the raw release (s3dis_npy/ beside it, or its --out folder): readable
+                  as a data root of its own, without the raw release
 
 Every form yields the same arrays per room, xyz (N, 3) float32, rgb (N, 3) uint8, label (N,)
 uint8, so that crops, splits and metrics do not depend on the form. Each source has
@@ -29,8 +32,9 @@ NPY_ROOM = re.compile(r"Area_(\d)_(.+)\.npy")
 NPY_SUBFOLDERS = ("stanford_indoor3d", "trainval_fullarea")  # the names the two repos use
 POINTCEPT_FILES = ("coord.npy", "color.npy", "segment.npy")
 SUPPORTED = (f"the raw release ({RAW_DIRNAME}/Area_N/<room>/Annotations/), per-room N x 7 "
-             f".npy (Area_N_<room>.npy, also inside {' or '.join(NPY_SUBFOLDERS)}/), or "
-             f"Pointcept's Area_N/<room>/{{coord,color,segment}}.npy")
+             f".npy (Area_N_<room>.npy, also inside {' or '.join(NPY_SUBFOLDERS)}/), "
+             f"Pointcept's Area_N/<room>/{{coord,color,segment}}.npy, or the rooms converted by "
+             f"python -m lib.data.s3dis (Area_N/<room>.npz)")
 
 
 def open_rooms(root, processed_dir=None, skip_malformed=False):
@@ -47,11 +51,12 @@ def find_source(root, processed_dir, skip_malformed):
     for folder in (root,) + tuple(os.path.join(root, f) for f in NPY_SUBFOLDERS):
         if os.path.isdir(folder) and any(NPY_ROOM.fullmatch(f) for f in os.listdir(folder)):
             return NpyRooms(folder)
-    room = first_room_dir(root)
-    if room is not None and os.path.isfile(os.path.join(room, "coord.npy")):
+    if any_room_holds(root, "coord.npy"):
         return PointceptRooms(root)
-    if room is not None and os.path.isdir(os.path.join(room, "Annotations")):
+    if any_room_holds(root, "Annotations"):
         return RawRelease(root, processed_dir, skip_malformed)
+    if any(f.endswith(".npz") for area_dir in area_dirs(root) for f in os.listdir(area_dir)):
+        return ConvertedRooms(root)
     raise FileNotFoundError(f"{root}: no S3DIS layout found; supported: {SUPPORTED}")
 
 
@@ -78,14 +83,20 @@ class RawRelease:
         return read_processed_room(os.path.join(self.processed_dir, name + ".npz"))
 
 
-def first_room_dir(root):
-    for area in AREAS:
-        area_dir = os.path.join(root, f"Area_{area}")
-        if os.path.isdir(area_dir):
-            rooms = sorted(r for r in os.listdir(area_dir) if os.path.isdir(os.path.join(area_dir, r)))
-            if rooms:
-                return os.path.join(area_dir, rooms[0])
-    return None
+def area_dirs(root):
+    return [d for d in (os.path.join(root, f"Area_{a}") for a in AREAS) if os.path.isdir(d)]
+
+
+def room_dirs(area_dir):
+    return [os.path.join(area_dir, r) for r in sorted(os.listdir(area_dir))
+            if os.path.isdir(os.path.join(area_dir, r))]
+
+
+def any_room_holds(root, name):
+    """Whether some Area_N/<room>/ folder holds `name`: a form is told by any of its rooms, so
+    that one incomplete room is reported by name rather than hiding the whole form."""
+    return any(os.path.exists(os.path.join(room, name))
+               for area_dir in area_dirs(root) for room in room_dirs(area_dir))
 
 
 def load_array(path):
@@ -157,9 +168,14 @@ class PointceptRooms:
         names = []
         for area in areas:
             area_dir = os.path.join(self.root, f"Area_{area}")
-            if os.path.isdir(area_dir):
-                names += [f"Area_{area}/{room}" for room in os.listdir(area_dir)
-                          if os.path.isfile(os.path.join(area_dir, room, "coord.npy"))]
+            if not os.path.isdir(area_dir):
+                continue
+            for room in room_dirs(area_dir):  # every room: one left out would shrink a split
+                missing = [f for f in POINTCEPT_FILES if not os.path.isfile(os.path.join(room, f))]
+                if missing:
+                    raise FileNotFoundError(f"{room}: no {', '.join(missing)} (a Pointcept room "
+                                            f"holds {', '.join(POINTCEPT_FILES)})")
+                names.append(f"Area_{area}/{os.path.basename(room)}")
         return rooms_of_areas(names, areas, self.root)
 
     def read_room(self, name):
@@ -175,3 +191,27 @@ class PointceptRooms:
                 raise ValueError(f"{path}: expected shape ({n}, {width}) like coord.npy, found "
                                  f"{array.shape}")
         return checked_room(xyz, rgb, label.reshape(-1), paths)
+
+
+class ConvertedRooms:
+    """The per-room arrays `python -m lib.data.s3dis` converts the raw release into, read
+    without the release (which the raw form needs, to list its rooms and keep them up to date)."""
+    layout = "rooms converted by python -m lib.data.s3dis (Area_N/<room>.npz)"
+
+    def __init__(self, root):
+        self.root = root
+
+    def list_rooms(self, areas):
+        names = [f"{os.path.basename(area_dir)}/{f[:-len('.npz')]}"
+                 for area_dir in area_dirs(self.root)
+                 for f in sorted(os.listdir(area_dir)) if f.endswith(".npz")]
+        return rooms_of_areas(names, areas, self.root)
+
+    def read_room(self, name):
+        path = os.path.join(self.root, name + ".npz")
+        try:
+            xyz, rgb, label = read_processed_room(path)
+        except (ValueError, OSError, EOFError, KeyError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"{path}: not a room converted by lib.data.s3dis ({reason})") from None
+        return checked_room(xyz, rgb, label, (path,) * 3)

@@ -21,6 +21,7 @@ import copy
 import torch
 
 from lib import distributed, ops
+from lib.checkpoint import non_finite_entry
 from lib.metrics import metric_key
 from lib.quant import KMeansCache, dequantize, quantize_model
 from lib.tasks import model_inputs, supervised_loss, to_device
@@ -121,6 +122,13 @@ class PolicyEvaluator:
             loss.backward()
             optimizer.step()
         distributed.broadcast_module(model)  # one model on every rank, whatever the GPU's sums
+        # a diverged candidate would still score (a NaN model predicts one class everywhere),
+        # and could become the search's best policy
+        name = non_finite_entry(model)
+        if name is not None:
+            raise FloatingPointError(f"the reward's fine-tune ({self.finetune_steps} steps at "
+                                     f"--finetune-lr {self.finetune_lr:g}) left {name} NaN or "
+                                     f"infinite; search stopped (lower --finetune-lr?)")
 
     def __call__(self, bits):
         bits = distributed.broadcast_object(bits)  # rank 0's policy is the one scored
