@@ -15,7 +15,8 @@ import os
 import torch
 
 from lib import distributed, heap
-from lib.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from lib.checkpoint import (file_sha256, load_checkpoint, same_input_as_recorded, save_checkpoint,
+                            unwrap)
 from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, positive_float,
                      resolve_device, run_script)
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
@@ -99,6 +100,8 @@ def main(args):
     resume = None
     if args.resume:
         meta, model, resume = load_checkpoint(args.resume)
+        # its indices and codebooks came from that model, and --distill learns from it
+        same_input_as_recorded(args.ckpt, meta["quant"].get("teacher_sha256"), "--ckpt")
     fp32_meta, teacher, _ = load_checkpoint(args.ckpt)
     if fp32_meta.get("quant"):
         raise ValueError(f"{args.ckpt}: already quantized; fine-tune from the fp32 checkpoint")
@@ -117,6 +120,7 @@ def main(args):
     if resume is None:
         model, quant = build_quantized(args, copy.deepcopy(teacher), train_set, device)
         quant["teacher"] = os.path.abspath(args.ckpt)
+        quant["teacher_sha256"] = file_sha256(args.ckpt)
     else:
         quant = meta["quant"]
     model.to(device)

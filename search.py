@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from lib import distributed, heap
-from lib.checkpoint import load_checkpoint, torch_load, torch_save_atomic
+from lib.checkpoint import (file_sha256, load_checkpoint, same_input_as_recorded, torch_load,
+                            torch_save_atomic)
 from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, path_arg,
                      positive_float, positive_fraction, positive_int, resolve_device, run_script)
 from lib.experiment import example_inputs, load_split
@@ -136,7 +137,10 @@ def main(args):
     state = None
     if args.resume:
         state = torch_load(args.resume)
+        # the replay buffer's rewards were measured against that model
+        same_input_as_recorded(args.ckpt, state.get("ckpt_sha256"), "--ckpt")
         print_main(f"resuming the search at episode {state['episode']} of {args.episodes}")
+    ckpt_sha256 = state.get("ckpt_sha256") if state else file_sha256(args.ckpt)
 
     meta, layers, evaluator = build_evaluator(args, device)
     fixed = fixed_bits_of(args, layers)
@@ -161,7 +165,8 @@ def main(args):
         # The log line first: a crash before the state lands leaves one line too many, which
         # the resume drops (keep_records); the other order would lose a line.
         log.record(record)
-        torch_save_atomic(dict(search_state, args=vars(args)), state_path)
+        torch_save_atomic(dict(search_state, args=vars(args), ckpt_sha256=ckpt_sha256),
+                          state_path)
         log.scalars("search", {k: record[k] for k in ("reward", "metric", "budget_ratio")},
                     record["episode"])
         log.scalars("search_best", {k: search_state["best"][k] for k in ("reward", "metric")},

@@ -7,6 +7,7 @@ torch file holding everything; for a quantized model it also records the quantiz
 (best.pt) is stored packed (lib/quant/pack.py: bit-packed indices + codebooks + fp32 rest) with
 the same metadata in its header, so its file has exactly the honest size.
 """
+import hashlib
 import os
 import pickle
 import random
@@ -75,6 +76,25 @@ def _unreadable(path, error):
                 "that this code writes load, with weights_only=True")
     # otherwise torch's first line says what failed; its further paragraphs advise torch users
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes: a resumed run checks that the checkpoint it started from
+    (its --ckpt) is still the same model."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def same_input_as_recorded(path, recorded, flag):
+    """A one-line ValueError when the file at `path` no longer has the SHA-256 the run recorded
+    (None: a run from before the record, not checked)."""
+    if recorded is not None and file_sha256(path) != recorded:
+        raise ValueError(f"{path}: changed since this run started (its SHA-256 differs from the "
+                         f"one recorded); the resumed run would go on from another model than "
+                         f"its {flag}. Restore that file, or start a new run")
 
 
 def unwrap(model):

@@ -276,6 +276,24 @@ def test_resume_refuses_fewer_epochs_or_episodes_than_done(reference):
     assert "(only --episodes, --device, --workers may change)" in message  # search's own flags
 
 
+@pytest.mark.parametrize("script", ["finetune", "search"])
+def test_a_resumed_run_refuses_a_checkpoint_that_changed_under_it(reference, tmp_path, script):
+    """Its indices and codebooks (finetune), its replay buffer's rewards (search) came from the
+    model it started from; another model at the same path is refused, not taken silently."""
+    runs, _ = reference
+    teacher = tmp_path / "pretrain" / "best.pt"
+    shutil.copytree(runs["pretrain"], teacher.parent)
+    out = tmp_path / script
+    args = (finetune_args if script == "finetune" else search_args)(teacher, out)
+    with pytest.raises(Crash), writes_into(out, crash_at=1):
+        run(script, *args)
+    meta, model, _ = load_checkpoint(str(teacher))
+    next(model.parameters()).data.mul_(1.5)  # another model, a valid checkpoint
+    save_checkpoint(str(teacher), model, meta)
+    message = refused(script, "--resume", out)
+    assert f"{teacher}: changed since this run started" in message
+
+
 def test_resume_of_another_kind_of_run_is_one_line(reference):
     runs, _ = reference
     assert "a finetune run" in refused("pretrain", "--resume", runs["finetune"] / "last.pt")
