@@ -210,5 +210,7 @@ def run_script(main, parser, kind=None, argv=None):
                       f"{args.out}", flush=True)
         main(args)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        from lib.rundir import release_unused
+        release_unused()
         # Under torchrun every rank stops; the main one says why.
         raise SystemExit(f"error: {one_line(e)}" if os.environ.get("RANK", "0") == "0" else 1)

@@ -11,7 +11,8 @@ folders and resuming"):
 - the run holds an exclusive lock on `FOLDER/.lock` for its whole life, so a second process
   writing into the same folder is refused. It is a kernel lock (flock): it goes away with its
   process, so a crashed or killed run leaves no stale lock behind;
-- every check comes before anything is written: a refused run touches nothing.
+- every check comes before anything is written: a refused run touches nothing (a folder it
+  made to claim is removed again, `release_unused`).
 
 `recorded_run` reads what a `--resume` path points at; lib/cli.py's `resumed_args` turns it
 into the resumed run's flags. Under torchrun only the main rank checks and holds the lock; the other ranks follow its verdict.
@@ -32,6 +33,7 @@ RUN_DIRS = ("tb",)
 
 _held = {}  # folder -> open lock file, kept open (and so locked) until the process ends
 _replaced = set()  # folders whose previous run --overwrite replaces at the first write
+_made = set()  # folders this process created to claim them
 
 
 def claim(out, resume=False, overwrite=False, inputs=()):
@@ -96,7 +98,9 @@ def lock(folder):
     folder = os.path.realpath(folder)
     if folder in _held:
         return
-    os.makedirs(folder, exist_ok=True)
+    if not os.path.isdir(folder):
+        os.makedirs(folder)
+        _made.add(folder)
     path = os.path.join(folder, LOCK_NAME)
     f = open(path, "a+")
     try:
@@ -112,6 +116,17 @@ def lock(folder):
     f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
     f.flush()
     _held[folder] = f
+
+
+def release_unused():
+    """For a run stopped by an error: remove each folder it created whose only file is still its
+    lock (a refusal after the claim, e.g. a missing data root, leaves no empty run folder)."""
+    for folder in list(_made):
+        _made.discard(folder)
+        if os.path.isdir(folder) and os.listdir(folder) == [LOCK_NAME]:
+            _held.pop(folder).close()
+            os.remove(os.path.join(folder, LOCK_NAME))
+            os.rmdir(folder)
 
 
 def recorded_run(path):

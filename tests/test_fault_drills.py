@@ -202,6 +202,14 @@ def test_a_missing_checkpoint_is_refused_before_the_folder_is_made(tmp_path):
     assert not out.exists()
 
 
+def test_a_run_refused_after_its_claim_leaves_no_empty_folder(tmp_path):
+    out = tmp_path / "new"
+    message = refused("pretrain", "--dataset", "shapenet_part", "--data-root",
+                      tmp_path / "no_such_data", "--out", out)
+    assert "no_such_data" in message
+    assert not out.exists()
+
+
 def test_a_temporary_file_left_by_a_killed_write_goes_at_the_next_claim(reference, tmp_path):
     runs, _ = reference
     out = tmp_path / "run"
