@@ -132,14 +132,16 @@ def main(args):
                if args.distill else supervised_loss)
 
     meta = {"model": fp32_meta["model"], "dataset": dict(data, root=root, num_points=num_points,
-                                                   val_source=train_set.val_source),
+                                                   val_source=train_set.val_source,
+                                                   seed=args.seed),
             "args": vars(args), "quant": quant}
     log = RunLog(out, vars(args))
     if distributed.is_main():
         plain = unwrap(model)
-        print(f"quantized {len(quant['bits'])} layers ({args.method}); HAQ budget ratio "
-              f"{budget_ratio(plain):.4f}; honest size {honest_size_bytes(plain) / 1024:.1f} KiB",
-              flush=True)
+        quantized = sum(bits not in (None, 32) for bits in quant["bits"].values())
+        print(f"quantized {quantized} of {len(quant['bits'])} layers ({args.method}); HAQ "
+              f"budget ratio {budget_ratio(plain):.4f}; honest size "
+              f"{honest_size_bytes(plain) / 1024:.1f} KiB", flush=True)
     if epochs == 0:
         # No training: the quantized model itself is the result (the "no fine-tune" rows).
         val_metrics = evaluate(model, val_loader, device, args.amp, desc="val")

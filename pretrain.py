@@ -68,7 +68,8 @@ def main(args):
                                 args.warmup_epochs)
 
     meta = {"model": {"name": args.model, "kwargs": model_kwargs(args.model, train_set)},
-            "dataset": dataset_meta(args.dataset, args.data_root, train_set, args.num_points),
+            "dataset": dataset_meta(args.dataset, args.data_root, train_set, args.num_points,
+                                    args.seed),
             "args": vars(args), "quant": None}
     log = RunLog(out, vars(args))
     if distributed.is_main():

@@ -106,12 +106,12 @@ def baselines(args, evaluator, layers, fixed, searched):
     rows = [dict(name="searched (HAQ)", method=args.method, metric=searched["metric"],
                  **describe(evaluator, searched["bits"]))]
     for method in ("linear", "kmeans"):
+        evaluator.method = method  # before describe(): the sizes are this method's codebooks'
         for bits in range(args.min_bit, args.max_bit + 1):
             policy = dict(uniform_policy(layers, bits), **fixed)
             size = describe(evaluator, policy)
             if size["budget_ratio"] > args.preserve_ratio + 1e-9:
                 continue
-            evaluator.method = method
             metric = evaluator(policy)
             rows.append(dict(name=f"uniform {bits}-bit", method=method, metric=metric, **size))
     evaluator.method = args.method

@@ -54,9 +54,11 @@ def model_kwargs(model_name, dataset):
     return kwargs
 
 
-def dataset_meta(dataset_name, root, dataset, num_points):
-    """What a checkpoint records about its data: enough to rebuild the test split and label it."""
+def dataset_meta(dataset_name, root, dataset, num_points, seed=0):
+    """What a checkpoint records about its data: enough to rebuild the test split and label it,
+    and (`seed`, which fixes each validation shape's point subset) the run's val split."""
     meta = {"name": dataset_name, "root": os.path.abspath(root or default_root(dataset_name)),
+            "seed": seed,
             "task": dataset.task, "class_names": list(dataset.class_names),
             "in_channels": dataset.in_channels, "num_points": num_points}
     if hasattr(dataset, "features"):  # normals or xyz: a form without normals feeds xyz
@@ -80,10 +82,24 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
 
     meta, model, _ = load_checkpoint(path)
     data = meta["dataset"]
-    dataset = load_split(data["name"], data_root or data["root"], split, data["num_points"])
+    # the val split as the run validated on it (its seed fixes the shapes' point subsets), so
+    # that eval.py --split val gives the figure best.pt records; test: the same for every run
+    seed = data.get("seed", 0) if split == "val" else 0
+    dataset = load_split(data["name"], data_root or data["root"], split, data["num_points"],
+                         seed=seed)
     if list(dataset.class_names) != data["class_names"]:
         raise ValueError(f"{path}: the data at {data_root or data['root']} has other classes "
                          f"than the checkpoint was trained on")
+    # part segmentation also takes the category as a one-hot in the category file's order: a
+    # reordered or shorter file would feed every shape another category's code
+    for key in ("category_names", "part_ranges"):
+        recorded = data.get(key)
+        found = getattr(dataset, key, None)
+        if recorded is not None and [list(x) if key == "part_ranges" else x
+                                     for x in found] != recorded:
+            raise ValueError(f"{path}: the data at {data_root or data['root']} lists other "
+                             f"{key.replace('_', ' ')} (or another order) than the checkpoint "
+                             f"was trained on")
     features = getattr(dataset, "features", None)
     if data.get("features", features) != features:
         raise ValueError(f"{path}: trained with {data['features']} as point features, but the "

@@ -149,11 +149,14 @@ def test_hdf5_layout_resolves_listed_paths_by_basename(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("label, nan, message", [
-    (3, False, "sample 1: NaN coordinates or label 3"),
+    (3, False, r"sample 1: label 3 is not an integer in 0\.\.2"),
+    (-1, False, r"sample 1: label -1 is not an integer"),  # would index the last class
+    (1.5, False, r"sample 1: label 1\.5 is not an integer"),  # would be class 1
     (0, True, "sample 1: NaN coordinates"),
 ])
 def test_hdf5_bad_sample_names_file_and_index(tmp_path, label, nan, message):
     data, labels = h5_arrays(0, 3)
+    labels = labels.astype(np.float64)  # re-exported files: any numeric type
     labels[1] = label
     data[1, 5, 2] = np.nan if nan else data[1, 5, 2]
     root = write_h5_layout(tmp_path / "h", [], [("ply_data_test0.h5", data, labels)])

@@ -195,3 +195,31 @@ def test_build_dataset_points_to_the_download_when_missing(tmp_path):
     assert len(build_dataset("shapenet_part", write_root(
         tmp_path / "r", {"val": [("04379243", "t")]},
         {("04379243", "t"): shape_table(np.random.default_rng(3), 30, [48])}), "val")) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("Table\t04379243\n", r"line 4: category Table is listed twice"),
+    ("Desk\t04379243\n", r"line 4: synset 04379243 is listed twice"),
+])
+def test_a_category_listed_twice_is_an_error(root, extra, message):
+    """A second Table would shadow the first in the per-category table and cat. mIoU."""
+    with open(root / "synsetoffset2category.txt", "a") as f:
+        f.write(extra)
+    with pytest.raises(ValueError, match=rf"synsetoffset2category\.txt: {message}"):
+        ShapeNetPartDataset(root, "train")
+
+
+@pytest.mark.parametrize("content", ["5", '"shape_data/04379243/table_a"', '{"a": 1}'])
+def test_a_split_list_that_is_not_a_list_is_one_line(root, content):
+    (root / "train_test_split" / "shuffled_train_file_list.json").write_text(content)
+    with pytest.raises(ValueError, match=r"shuffled_train_file_list\.json: not a JSON list \(a "):
+        ShapeNetPartDataset(root, "train")
+
+
+@pytest.mark.parametrize("name", ["synsetoffset2category.txt",
+                                  "train_test_split/shuffled_train_file_list.json"])
+def test_a_list_file_that_is_not_utf8_names_the_file_and_line(root, name):
+    path = root / name
+    path.write_bytes(path.read_bytes() + b"\n\xe9\n")
+    with pytest.raises(ValueError, match=rf"{path.name}: line \d+: not UTF-8 text"):
+        ShapeNetPartDataset(root, "train")

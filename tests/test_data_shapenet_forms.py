@@ -152,7 +152,9 @@ def set_first(value):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(pid=set_first(49)), r"shape 0, point 0: part id 49 is not a part of"),
-    (dict(label=set_first(30)), r"shape 0: category 30 outside 0\.\.5"),
+    (dict(label=set_first(30)), r"shape 0: category 30 is not an integer in 0\.\.5"),
+    (dict(label=lambda a: set_first(1.5)(a.astype(np.float64))),
+     r"shape 0: category 1\.5 is not an integer in 0\.\.5"),  # would be category 1
     (dict(pid=lambda a: None), r"not a readable h5 file with data, label and pid"),
     (dict(pid=lambda a: a[:, :100]), r"expected data \(S, N, 3\), label \(S, 1\) and pid \(S, N\)"),
     (dict(data=lambda a: np.concatenate([a, a], 2)), r"expected data \(S, N, 3\)"),

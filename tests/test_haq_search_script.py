@@ -102,3 +102,23 @@ def test_two_processes_score_every_episode_as_one_process(rooms_ckpt, rooms_sear
     assert [e["bits"] for e in ddp] == [e["bits"] for e in single]
     assert [e["metric"] for e in ddp] == [e["metric"] for e in single]
     assert [r["metric"] for r in ddp_rows] == [r["metric"] for r in single_rows]
+
+
+def test_each_baseline_row_is_sized_with_its_own_method(rooms_ckpt, rooms_search):
+    """A linear grid and a k-means codebook of the same width differ in size (a k-means layer
+    may use fewer entries); each row's honest size is its own method's, as quantize_model and
+    lib.quant.size give it for that uniform policy."""
+    from lib.checkpoint import load_checkpoint
+    from lib.quant import quantize_model, uniform_policy
+    from lib.quant.size import honest_size_bytes
+    _, rows = rooms_search
+    args = search_script.get_args_parser().parse_args(["--ckpt", rooms_ckpt, *ROOM_FLAGS])
+    meta, layers, evaluator = search_script.build_evaluator(args, torch.device("cpu"))
+    fixed = search_script.fixed_bits_of(args, layers)
+    uniform = [row for row in rows if row["name"].startswith("uniform")]
+    assert {row["method"] for row in uniform} == {"linear", "kmeans"}
+    for row in uniform:
+        _, model, _ = load_checkpoint(rooms_ckpt)
+        bits = int(row["name"].split()[1].split("-")[0])
+        quantize_model(model, dict(uniform_policy(layers, bits), **fixed), method=row["method"])
+        assert row["honest_bytes"] == honest_size_bytes(model), row["name"]

@@ -121,3 +121,18 @@ def test_save_pred_round_trips_classification(data_root, tmp_path, packed):
         (names[int(fields["label"][0])], names[int(fields["pred"][0])]) for fields in written]
     if packed:
         check_figures(tmp_path / "figures", CLS_SIZE)
+
+
+def test_eval_refuses_data_whose_categories_differ_from_the_checkpoints(data_root, tmp_path):
+    """The category enters the model as a one-hot in the category file's order: a reordered file
+    would feed every shape another category's code, and score without a word."""
+    import shutil
+    from lib.experiment import evaluate_checkpoint
+    ckpt = make_checkpoint(tmp_path / "seg.pt", "partseg", data_root)
+    root = tmp_path / "parts"
+    shutil.copytree(data_root / "parts", root)
+    categories = root / "synsetoffset2category.txt"
+    lines = categories.read_text().splitlines(keepends=True)
+    categories.write_text("".join(lines[::-1]))
+    with pytest.raises(ValueError, match="lists other category names"):
+        evaluate_checkpoint(ckpt, str(root))

@@ -152,6 +152,18 @@ def write_atomically(target, write, overwrite=False):
     return result
 
 
+def read_text_file(path):
+    """A list or name file's text; a byte that is not UTF-8 is a one-line error naming the file
+    and the line (Path.read_text's own error names neither)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte "
+                         f"{e.start})") from None
+
+
 def first_bad_label(labels, start, stop):
     """Index of the first label that is not an integer in [start, stop), or None."""
     bad = (labels != np.round(labels)) | (labels < start) | (labels >= stop)

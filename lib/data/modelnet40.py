@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import DATA_DIR, read_point_table
+from lib.data import DATA_DIR, first_bad_label, read_point_table, read_text_file
 from lib.data.off_mesh import read_off, sample_surface
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
 
@@ -61,7 +61,7 @@ def detect_layout(root):
 def read_lines(path):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
 
 
 def report_missing(list_file, missing, listed, what):
@@ -116,10 +116,12 @@ def read_hdf5(root, list_split, num_points, variant=40):
         if data.ndim != 3 or data.shape[2] != 3 or len(label) != len(data):
             raise ValueError(f"{path}: expected data (S, N, 3) and label (S, 1), got "
                              f"{data.shape} and {label.shape}")
-        bad = ~np.isfinite(data).all(axis=(1, 2)) | (label >= len(names))
+        bad = ~np.isfinite(data).all(axis=(1, 2))
         if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(f"{path}: sample {i}: NaN coordinates or label {label[i]} outside "
+            raise ValueError(f"{path}: sample {int(np.argmax(bad))}: NaN coordinates")
+        i = first_bad_label(label, 0, len(names))  # -1 would index the last class, 8.5 be 8
+        if i is not None:
+            raise ValueError(f"{path}: sample {i}: label {label[i]:g} is not an integer in "
                              f"0..{len(names) - 1}")
         clouds.append(data.astype(np.float32))
         labels.append(label.astype(np.int64))

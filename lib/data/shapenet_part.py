@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import first_bad_label, read_point_table
+from lib.data import first_bad_label, read_point_table, read_text_file
 from lib.data.shapenet_part_h5 import CATEGORY_FILE as H5_CATEGORY_FILE, find_h5_folder, read_h5_split
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
 
@@ -46,12 +46,15 @@ def read_categories(path):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (the category list `Name<TAB>synset`)")
     names, synsets = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.split()
         if len(fields) != 2:
             raise ValueError(f"{path}: line {number}: expected `Name<TAB>synset`, got {line!r}")
+        for kind, value, seen in (("category", fields[0], names), ("synset", fields[1], synsets)):
+            if value in seen:  # a second entry would shadow the first in every per-category table
+                raise ValueError(f"{path}: line {number}: {kind} {value} is listed twice")
         names.append(fields[0])
         synsets.append(fields[1])
     if not names:
@@ -76,7 +79,7 @@ def read_part_ranges(root, category_names):
                       for k in range(stop - start)]
         return [OFFICIAL_PART_RANGES[name] for name in category_names], part_names
     try:
-        table = json.loads(path.read_text())
+        table = json.loads(read_text_file(path))
         spec = [(tuple(table[name]["range"]), list(table[name]["parts"]))
                 for name in category_names]
     except (ValueError, KeyError, TypeError) as err:
@@ -121,9 +124,11 @@ def read_split(path, synsets):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (the split's shape list)")
     try:
-        listed = json.loads(path.read_text())
-    except ValueError as err:
+        listed = json.loads(read_text_file(path))
+    except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not a JSON list ({err})") from None
+    if not isinstance(listed, list):
+        raise ValueError(f"{path}: not a JSON list (a {type(listed).__name__})")
     entries = []
     for entry in listed:
         match = ENTRY.fullmatch(str(entry))

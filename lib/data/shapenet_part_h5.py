@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.data import first_bad_label
+from lib.data import first_bad_label, read_text_file
 
 CATEGORY_FILE = "all_object_categories.txt"
 
@@ -34,7 +34,7 @@ def split_files(folder, split):
     for part in (("train", "val") if split == "trainval" else (split,)):
         list_file = folder / f"{part}_hdf5_file_list.txt"
         if list_file.is_file():
-            names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+            names = [line.strip() for line in read_text_file(list_file).splitlines() if line.strip()]
             paths += [folder / Path(name).name for name in names]  # lists may hold paths
         else:
             paths += sorted(folder.glob(f"ply_data_{part}*.h5"))
@@ -70,11 +70,12 @@ def read_h5_split(folder, split, category_names, part_ranges):
         present += 1
         data, label, pid = read_h5(path)
         finite = np.isfinite(data).all(axis=(1, 2))
+        bad_category = first_bad_label(label, 0, len(category_names))  # 15.5 is not 15
         for i in range(len(data)):
             if not finite[i]:
                 raise ValueError(f"{path}: shape {i}: NaN or infinite coordinates")
-            if not 0 <= label[i] < len(category_names):
-                raise ValueError(f"{path}: shape {i}: category {label[i]} outside "
+            if i == bad_category:
+                raise ValueError(f"{path}: shape {i}: category {label[i]:g} is not an integer in "
                                  f"0..{len(category_names) - 1} ({CATEGORY_FILE})")
             category = int(label[i])
             start, stop = part_ranges[category]
