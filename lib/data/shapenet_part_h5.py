@@ -34,7 +34,8 @@ def split_files(folder, split):
     for part in (("train", "val") if split == "trainval" else (split,)):
         list_file = folder / f"{part}_hdf5_file_list.txt"
         if list_file.is_file():
-            names = [line.strip() for line in read_text_file(list_file).splitlines() if line.strip()]
+            names = [line.strip() for line in read_text_file(list_file).splitlines()
+                     if line.strip()]
             paths += [folder / Path(name).name for name in names]  # lists may hold paths
         else:
             paths += sorted(folder.glob(f"ply_data_{part}*.h5"))
