@@ -82,11 +82,14 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
 
     meta, model, _ = load_checkpoint(path)
     data = meta["dataset"]
-    # the val split as the run validated on it (its seed fixes the shapes' point subsets), so
-    # that eval.py --split val gives the figure best.pt records; test: the same for every run
-    seed = data.get("seed", 0) if split == "val" else 0
+    # the val split as the run validated on it (its --val-split protocol, and its seed, which
+    # fixes the shapes' point subsets), so that eval.py --split val gives the figure best.pt
+    # records; test: the same for every run
+    seed, protocol = 0, "auto"
+    if split == "val":
+        seed, protocol = data.get("seed", 0), meta.get("args", {}).get("val_split") or "auto"
     dataset = load_split(data["name"], data_root or data["root"], split, data["num_points"],
-                         seed=seed)
+                         seed=seed, val_split=protocol)
     if list(dataset.class_names) != data["class_names"]:
         raise ValueError(f"{path}: the data at {data_root or data['root']} has other classes "
                          f"than the checkpoint was trained on")

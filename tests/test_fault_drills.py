@@ -386,12 +386,14 @@ def test_a_real_kill_between_last_and_best_is_repaired_on_resume(reference, tmp_
     same_files(runs["pretrain"], out, ("best.pt", "last.pt"))
 
 
-def test_eval_of_the_val_split_reproduces_best_pt_whatever_the_seed(data, tmp_path):
-    """The seed fixes each val shape's point subset; the checkpoint records it, so the figure
-    best.pt holds is what evaluating its val split gives (it was not, for --seed 1)."""
+@pytest.mark.parametrize("flags", [("--seed", 1), ("--val-split", "train-slice")])
+def test_eval_of_the_val_split_reproduces_best_pt(data, tmp_path, flags):
+    """The seed fixes each val shape's point subset and --val-split chooses what validates; the
+    checkpoint records both, so the figure best.pt holds is what evaluating its val split
+    gives (it was not, for --seed 1 or a train slice)."""
     from lib.experiment import evaluate_checkpoint
-    out = tmp_path / "seed1"
-    run("pretrain", *pretrain_args(data, out, "--seed", 1))
+    out = tmp_path / "run"
+    run("pretrain", *pretrain_args(data, out, *flags))
     meta, _, _ = load_checkpoint(str(out / "best.pt"))
     _, results = evaluate_checkpoint(str(out / "best.pt"), split="val", batch_size=4)
     for key in ("accuracy", "ins_miou", "cat_miou"):
