@@ -254,3 +254,16 @@ def test_cuda_matches_cpu():
         gpu = kmeans_1d(w.cuda(), bits)
         assert gpu[0].is_cuda and gpu[1].is_cuda
         assert np.isclose(sse(w, *cpu), sse(w, gpu[0].cpu(), gpu[1].cpu()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("values, bits", [([3e38, -3e38, 1.0, -1.0], 1),  # the step overflowed
+                                          ([1e-45, 0.0, -1e-45], 8),  # levels rounded together
+                                          ([3.4e38, -1e-45, 2.0], 4)])
+def test_uniform_codebook_stays_finite_and_ascending_at_float32s_ends(values, bits):
+    w = torch.tensor(values)
+    codebook, indices = uniform_codebook(w, bits)
+    assert torch.isfinite(codebook).all() and (codebook.diff() > 0).all(), codebook
+    assert torch.isfinite(codebook[indices]).all()
+    assert (codebook[indices] - w).abs().max() <= w.abs().max()  # each weight on the grid
+    with pytest.raises(ValueError, match="NaN or inf"):
+        uniform_codebook(torch.tensor([1.0, float("nan")]), bits)

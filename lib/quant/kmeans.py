@@ -301,13 +301,25 @@ def uniform_codebook(weights, bits):
     indices (n,) int64), like kmeans_1d, so every later step treats both methods alike."""
     w = weights.detach().reshape(-1).float()
     top = w.abs().max()
+    if not torch.isfinite(top):
+        raise ValueError("kmeans.py: the weights contain NaN or inf")
     if top == 0:
         return w.new_zeros(1), torch.zeros(w.numel(), dtype=torch.int64, device=w.device)
     half = (2 ** bits - 1) / 2
     delta = top / half
     codes = torch.clamp(torch.round(w / delta + half), 0, 2 ** bits - 1).long()  # (n,)
     used, indices = torch.unique(codes, return_inverse=True)
-    return (used.float() - half) * delta, indices
+    levels = (used.float() - half) * delta
+    if torch.isfinite(levels).all() and (levels.numel() == 1 or (levels.diff() > 0).all()):
+        return levels, indices
+    # Only at float32's ends: a grid step that overflows (|w| near 3e38) or levels that round
+    # together (subnormal weights). The grid again in float64, its levels rounded to float32
+    # and merged where they coincide, so the codebook stays finite and strictly ascending.
+    delta = top.double() / half
+    codes = torch.clamp(torch.round(w.double() / delta + half), 0, 2 ** bits - 1).long()
+    used, indices = torch.unique(codes, return_inverse=True)
+    levels, merged = torch.unique(((used.double() - half) * delta).float(), return_inverse=True)
+    return levels, merged[indices]
 
 
 def cluster(weights, bits, method="kmeans"):
