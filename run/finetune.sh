@@ -8,6 +8,7 @@ set -euo pipefail
 batch=$(per_process_batch)
 common=(--ckpt "$RUN/pretrain/best.pt" --policy "$RUN/search/policy.json" "${DATA_ROOT[@]}"
         "${FINETUNE[@]}" --batch-size "$batch" --workers 4)
-launch finetune.py "${common[@]}" --epochs 0 --out "$RUN/searched" "$@"
+# --epochs 0 after the extra flags: "searched" is the policy as searched, never fine-tuned
+launch finetune.py "${common[@]}" --out "$RUN/searched" "$@" --epochs 0
 launch finetune.py "${common[@]}" --out "$RUN/finetune" "$@"
 launch finetune.py "${common[@]}" --distill --out "$RUN/finetune_distill" "$@"

@@ -11,6 +11,10 @@
 TASK=${TASK:-partseg}
 RUN=${RUN:-checkpoints/$TASK}
 NPROC=${NPROC:-1}
+if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
+    echo "NPROC=$NPROC: give a number of processes, 1 or more" >&2
+    exit 2
+fi
 
 # HAQ (Wang et al., CVPR 2019, and its code mit-han-lab/haq): 10% of the fp32 weight bits,
 # 2..8 bits per layer, 600 episodes of which 20 are random warm-up, each candidate briefly
@@ -84,10 +88,12 @@ DATA_ROOT=()
 launch() {
     local launcher=(python)
     [ "$NPROC" -gt 1 ] && launcher=(torchrun --nproc-per-node "$NPROC")
+    # printed shell-quoted, so that a command can be pasted back as it is (a path with a space)
     if [ "${DRY_RUN:-0}" = 1 ]; then
-        echo "${launcher[*]} $*"
+        printf '%q ' "${launcher[@]}" "$@"
+        echo
     else
-        echo "+ ${launcher[*]} $*" >&2
+        { printf '+ '; printf '%q ' "${launcher[@]}" "$@"; echo; } >&2
         "${launcher[@]}" "$@"
     fi
 }

@@ -70,6 +70,28 @@ def test_total_batch_is_split_over_processes():
     assert out.returncode != 0 and "does not divide" in out.stderr
 
 
+def test_extra_epochs_never_fine_tune_the_searched_row():
+    """searched/ is the policy as searched: --epochs given for the fine-tunes does not reach it."""
+    searched, finetune, distill = commands("finetune.sh", "--epochs", "5")
+    assert flag(searched, "--epochs") == "0"
+    assert flag(finetune, "--epochs") == flag(distill, "--epochs") == "5"
+
+
+def test_printed_commands_paste_back_with_spaces_in_paths():
+    (search,) = commands("search.sh", RUN="/tmp/my run", DATA="/data/s 3")
+    assert flag(search, "--ckpt") == "/tmp/my run/pretrain/best.pt"
+    assert flag(search, "--data-root") == "/data/s 3"
+
+
+@pytest.mark.parametrize("nproc", ["0", "two", "-1"])
+def test_a_bad_nproc_is_one_line(nproc):
+    out = subprocess.run(["bash", "run/pretrain.sh"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, DRY_RUN="1", NPROC=nproc))
+    assert out.returncode == 2 and not out.stdout
+    assert (out.stderr.strip().splitlines()[-1]
+            == f"NPROC={nproc}: give a number of processes, 1 or more")
+
+
 def test_eval_sh_scores_a_run_or_one_checkpoint():
     (run,) = commands("eval.sh", RUN="/runs/a")
     assert run[1:5] == ["-m", "lib.results_table", "--run", "/runs/a"]
