@@ -32,6 +32,8 @@ import warnings
 
 import torch
 
+from lib.checkpoint import file_sha256
+
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = [os.path.join(SOURCE_DIR, name)
            for name in ("pt_layer.c", "attention_inference.c", "norm_relu_linear.c",
@@ -78,11 +80,7 @@ def _cpu_flags():
 
 def _digest(path):
     """'size sha256' of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"{os.path.getsize(path)} {h.hexdigest()}"
+    return f"{os.path.getsize(path)} {file_sha256(path)}"
 
 
 def _verified(path):
