@@ -305,21 +305,24 @@ def uniform_codebook(weights, bits):
         raise ValueError("kmeans.py: the weights contain NaN or inf")
     if top == 0:
         return w.new_zeros(1), torch.zeros(w.numel(), dtype=torch.int64, device=w.device)
-    half = (2 ** bits - 1) / 2
-    delta = top / half
-    codes = torch.clamp(torch.round(w / delta + half), 0, 2 ** bits - 1).long()  # (n,)
-    used, indices = torch.unique(codes, return_inverse=True)
-    levels = (used.float() - half) * delta
+    levels, indices = _grid(w, top, bits)
     if torch.isfinite(levels).all() and (levels.numel() == 1 or (levels.diff() > 0).all()):
         return levels, indices
     # Only at float32's ends: a grid step that overflows (|w| near 3e38) or levels that round
     # together (subnormal weights). The grid again in float64, its levels rounded to float32
     # and merged where they coincide, so the codebook stays finite and strictly ascending.
-    delta = top.double() / half
-    codes = torch.clamp(torch.round(w.double() / delta + half), 0, 2 ** bits - 1).long()
-    used, indices = torch.unique(codes, return_inverse=True)
-    levels, merged = torch.unique(((used.double() - half) * delta).float(), return_inverse=True)
+    levels, indices = _grid(w.double(), top.double(), bits)
+    levels, merged = torch.unique(levels.float(), return_inverse=True)
     return levels, merged[indices]
+
+
+def _grid(w, top, bits):
+    """uniform_codebook's levels in use (in w's dtype) and each weight's index among them."""
+    half = (2 ** bits - 1) / 2
+    delta = top / half
+    codes = torch.clamp(torch.round(w / delta + half), 0, 2 ** bits - 1).long()  # (n,)
+    used, indices = torch.unique(codes, return_inverse=True)
+    return (used.to(w.dtype) - half) * delta, indices
 
 
 def cluster(weights, bits, method="kmeans"):
