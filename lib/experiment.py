@@ -90,19 +90,15 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
         seed, protocol = data.get("seed", 0), meta.get("args", {}).get("val_split") or "auto"
     dataset = load_split(data["name"], data_root or data["root"], split, data["num_points"],
                          seed=seed, val_split=protocol)
-    if list(dataset.class_names) != data["class_names"]:
-        raise ValueError(f"{path}: the data at {data_root or data['root']} has other classes "
-                         f"than the checkpoint was trained on")
-    # part segmentation also takes the category as a one-hot in the category file's order: a
-    # reordered or shorter file would feed every shape another category's code
-    for key in ("category_names", "part_ranges"):
-        recorded = data.get(key)
-        found = getattr(dataset, key, None)
-        if recorded is not None and [list(x) if key == "part_ranges" else x
-                                     for x in found] != recorded:
+    # The label space as the checkpoint records it (dataset_meta's form): other classes, or
+    # for part segmentation another category list or order (the category enters the model as a
+    # one-hot in the category file's order), would score every shape against wrong labels.
+    found = dataset_meta(data["name"], data_root or data["root"], dataset, data["num_points"])
+    for key, what in (("class_names", "classes"), ("category_names", "category names"),
+                      ("part_ranges", "part ranges")):
+        if key in data and found.get(key) != data[key]:
             raise ValueError(f"{path}: the data at {data_root or data['root']} lists other "
-                             f"{key.replace('_', ' ')} (or another order) than the checkpoint "
-                             f"was trained on")
+                             f"{what} (or another order) than the checkpoint was trained on")
     features = getattr(dataset, "features", None)
     if data.get("features", features) != features:
         raise ValueError(f"{path}: trained with {data['features']} as point features, but the "
