@@ -79,8 +79,8 @@ def _unreadable(path, error):
 
 
 def file_sha256(path):
-    """Hex SHA-256 of a file's bytes: a resumed run checks that the checkpoint it started from
-    (its --ckpt) is still the same model."""
+    """Hex SHA-256 of a file's bytes: what a resumed run checks its --ckpt against, and part
+    of the C library's build record (lib/ops/native.py)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
