@@ -22,7 +22,7 @@ from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, posi
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.distill import DistillLoss
 from lib.experiment import evaluate_checkpoint, example_inputs, load_split, make_loader
-from lib.policy_file import parse_keep, read_keep, read_policy
+from lib.policy_file import PolicyFile, parse_keep
 from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
 from lib.quant.layers import layer_renames
 from lib.quant.size import budget_ratio, honest_size_bytes
@@ -54,13 +54,13 @@ def get_args_parser():
     return p
 
 
-def check_same_keep(policy_path, keep):
+def check_same_keep(policy_file, keep):
     """The first and last layers may only be kept at the width the search kept them at: the
     search charged that width to its budget, and any other would break the budget."""
-    searched = read_keep(policy_path)
+    searched = policy_file.keep()
     if searched != keep:
         shown = {"off": "not kept", None: "fp32"}
-        raise ValueError(f"{policy_path}: searched with the first and last layers "
+        raise ValueError(f"{policy_file.path}: searched with the first and last layers "
                          f"{shown.get(searched, f'at {searched} bits')}; fine-tune with the same "
                          f"--keep-first-last (or none), so that the searched budget holds")
 
@@ -69,12 +69,13 @@ def build_quantized(args, model, dataset, device):
     """The fp32 model with the requested policy applied; returns (model, quant metadata)."""
     layers = list_quantizable(model, example_inputs(dataset, device))
     names = [layer.name for layer in layers]
-    policy = (read_policy(args.policy, names, layer_renames(model)) if args.policy
+    policy_file = PolicyFile(args.policy) if args.policy else None
+    policy = (policy_file.bits(names, layer_renames(model)) if policy_file
               else uniform_policy(layers, args.bits))
     keep = parse_keep(args.keep_first_last)
     if keep != "off":
-        if args.policy:
-            check_same_keep(args.policy, keep)
+        if policy_file:
+            check_same_keep(policy_file, keep)
         policy = keep_first_last(policy, layers, keep)
     quantize_model(model, policy, method=args.method)
     quant = {"bits": policy, "method": args.method, "policy_file": args.policy,

@@ -4,6 +4,7 @@ the flags that turn a policy file, a uniform width, and the mixed-precision choi
 import json
 
 from lib.checkpoint import atomic_write
+from lib.data import read_text_file
 
 
 def parse_keep(value):
@@ -21,55 +22,58 @@ def parse_keep(value):
     return bits
 
 
-def read_keep(path):
-    """The keep_first_last a policy file was searched with, as parse_keep gives it: search.py
-    writes the flag's text ("8", "fp32") or null (not kept); an integer is taken too. Anything
-    else is a one-line ValueError naming the file (read_policy has checked it is JSON)."""
-    with open(path, "rb") as f:
-        value = json.loads(f.read().decode("utf-8")).get("keep_first_last")
-    if value is None or value == "fp32":
-        return parse_keep(value)
-    if type(value) is str and value.isdigit():
-        value = int(value)
-    if type(value) is not int or not 1 <= value <= 32:  # bool is an int subclass: not a width
-        raise ValueError(f"{path}: keep_first_last {json.dumps(value)} is not a bit width in "
-                         f"1..32, fp32 or null")
-    return value
+class PolicyFile:
+    """A policy.json, read once: `bits` and `keep` check the two parts finetune.py uses. Every
+    problem is a one-line error naming the file, never a guess."""
 
+    def __init__(self, path):
+        self.path = path
+        try:
+            text = read_text_file(path)  # a byte that is not UTF-8: an error naming its line
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such policy file") from None
+        try:
+            self.record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(self.record, dict) or not isinstance(self.record.get("bits"), dict):
+            raise ValueError(f"{path}: no 'bits' mapping of layer name to bit width")
 
-def read_policy(path, layer_names, renames=None):
-    """{layer: bits or None (fp32)} from a policy.json, checked strictly: every quantizable layer
-    of the model is listed, and each width is an integer in 1..32 (32: fp32) or fp32 (null or
-    "fp32"). Anything else (3.7, true, "four", a missing layer) is a one-line ValueError naming
-    the file, never a guess. renames: {old layer name: current one} (lib.quant's
-    layer_renames), for policies written before a layer was renamed."""
-    try:
-        with open(path, "rb") as f:
-            policy = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such policy file") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text file (not UTF-8)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    bits = policy.get("bits") if isinstance(policy, dict) else None
-    if not isinstance(bits, dict):
-        raise ValueError(f"{path}: no 'bits' mapping of layer name to bit width")
-    bits = {(renames or {}).get(name, name): value for name, value in bits.items()}
-    unknown = sorted(set(bits) - set(layer_names))
-    if unknown:
-        raise ValueError(f"{path}: layers not in the model: {_some(unknown)}")
-    missing = [name for name in layer_names if name not in bits]
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} of the model's {len(layer_names)} layers have "
-                         f"no bit width: {_some(missing)}")
-    for name, value in bits.items():
-        valid = value is None or value == "fp32" or (
-            type(value) is int and 1 <= value <= 32)  # bool is an int subclass: not a width
-        if not valid:
-            raise ValueError(f"{path}: layer {name}: bit width {json.dumps(value)} is not an "
-                             f"integer in 1..32 or fp32")
-    return {name: None if value in (None, "fp32") else value for name, value in bits.items()}
+    def bits(self, layer_names, renames=None):
+        """{layer: bits or None (fp32)}, checked strictly: every quantizable layer of the model
+        is listed, and each width is an integer in 1..32 (32: fp32) or fp32 (null or "fp32");
+        3.7, true, "four" or a missing layer are refused. renames: {old layer name: current
+        one} (lib.quant's layer_renames), for policies written before a layer was renamed."""
+        path = self.path
+        bits = {(renames or {}).get(name, name): value
+                for name, value in self.record["bits"].items()}
+        unknown = sorted(set(bits) - set(layer_names))
+        if unknown:
+            raise ValueError(f"{path}: layers not in the model: {_some(unknown)}")
+        missing = [name for name in layer_names if name not in bits]
+        if missing:
+            raise ValueError(f"{path}: {len(missing)} of the model's {len(layer_names)} layers "
+                             f"have no bit width: {_some(missing)}")
+        for name, value in bits.items():
+            valid = value is None or value == "fp32" or (
+                type(value) is int and 1 <= value <= 32)  # bool is an int subclass: not a width
+            if not valid:
+                raise ValueError(f"{path}: layer {name}: bit width {json.dumps(value)} is not an "
+                                 f"integer in 1..32 or fp32")
+        return {name: None if value in (None, "fp32") else value for name, value in bits.items()}
+
+    def keep(self):
+        """The keep_first_last the policy was searched with, as parse_keep gives it: search.py
+        writes the flag's text ("8", "fp32") or null (not kept); an integer is taken too."""
+        value = self.record.get("keep_first_last")
+        if value is None or value == "fp32":
+            return parse_keep(value)
+        if type(value) is str and value.isdigit():
+            value = int(value)
+        if type(value) is not int or not 1 <= value <= 32:  # bool is an int subclass: not a width
+            raise ValueError(f"{self.path}: keep_first_last {json.dumps(value)} is not a bit "
+                             f"width in 1..32, fp32 or null")
+        return value
 
 
 def _some(names):

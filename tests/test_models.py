@@ -354,7 +354,7 @@ def test_quantized_checkpoints_and_policies_with_the_old_gamma_names_load(tmp_pa
     """A quantized checkpoint (packed, or with a resume state) and a policy file that name
     gamma's Linears gamma.2 and gamma.5 load into today's layer, with the same outputs."""
     from lib.checkpoint import load_checkpoint, save_checkpoint
-    from lib.policy_file import read_policy, write_policy
+    from lib.policy_file import PolicyFile, write_policy
     from lib.quant import list_quantizable, quantize_model
     from lib.quant.layers import layer_renames
     kwargs = dict(in_channels=3, num_classes=6, num_categories=2)
@@ -374,5 +374,5 @@ def test_quantized_checkpoints_and_policies_with_the_old_gamma_names_load(tmp_pa
     fresh = build_model("pt_seg_tiny", **kwargs)
     names = [layer.name for layer in list_quantizable(fresh)]
     write_policy(str(tmp_path / "policy.json"), {"bits": {name: 4 for name in old_names}})
-    policy = read_policy(str(tmp_path / "policy.json"), names, layer_renames(fresh))
+    policy = PolicyFile(str(tmp_path / "policy.json")).bits(names, layer_renames(fresh))
     assert sorted(policy) == sorted(names)

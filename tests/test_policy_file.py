@@ -1,18 +1,19 @@
 import pytest
 
-from lib.policy_file import parse_keep, read_keep, read_policy, write_policy
+from lib.policy_file import PolicyFile, parse_keep, write_policy
 
 
 def test_round_trip_and_keep_flag(tmp_path):
     path = str(tmp_path / "policy.json")
     write_policy(path, {"bits": {"a": 3, "b": None, "c": "fp32", "d": 32}, "metric": 0.5})
-    assert read_policy(path, ["a", "b", "c", "d"]) == {"a": 3, "b": None, "c": None, "d": 32}
+    assert PolicyFile(path).bits(["a", "b", "c", "d"]) == {"a": 3, "b": None, "c": None, "d": 32}
     assert parse_keep("") == "off" and parse_keep("fp32") is None and parse_keep("8") == 8
 
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
     ('{"metric": 1}', "no 'bits' mapping"),
+    ('[{"bits": {"a": 4}}]', "no 'bits' mapping"),
     ('{"bits": {"ghost": 4}}', "layers not in the model: ghost"),
     ('{"bits": {}}', "1 of the model's 1 layers have no bit width: a"),
     ('{"bits": {"a": 3.7}}', "layer a: bit width 3.7 is not an integer"),
@@ -26,8 +27,15 @@ def test_bad_policy_files_name_the_file_and_the_problem(tmp_path, content, messa
     path = tmp_path / "policy.json"
     path.write_text(content)
     with pytest.raises(ValueError, match=message) as err:
-        read_policy(str(path), ["a"])
+        PolicyFile(str(path)).bits(["a"])
     assert str(path) in str(err.value)
+
+
+def test_a_policy_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "policy.json"
+    path.write_bytes(b'{"bits": {"a": 4},\n "note": "\xff"}')
+    with pytest.raises(ValueError, match=f"^{path}: line 2: not UTF-8"):
+        PolicyFile(str(path))
 
 
 def test_bad_keep_values():
@@ -41,7 +49,7 @@ def test_a_policy_files_keep_first_last_as_search_writes_it(tmp_path, value, kep
     path = tmp_path / "policy.json"
     keep = "" if value is None else f', "keep_first_last": {value}'
     path.write_text('{"bits": {}' + keep + "}")
-    assert read_keep(str(path)) == kept
+    assert PolicyFile(str(path)).keep() == kept
 
 
 @pytest.mark.parametrize("value", ["[8]", '{"bits": 8}', '"abc"', "8.7", "true", "0", '"33"'])
@@ -51,5 +59,5 @@ def test_a_bad_keep_first_last_in_a_policy_file_names_the_file(tmp_path, value):
     path = tmp_path / "policy.json"
     path.write_text('{"bits": {}, "keep_first_last": ' + value + "}")
     with pytest.raises(ValueError) as err:
-        read_keep(str(path))
+        PolicyFile(str(path)).keep()
     assert str(err.value).startswith(f"{path}: keep_first_last ") and "--keep" not in str(err.value)

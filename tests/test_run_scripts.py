@@ -9,7 +9,7 @@ import pytest
 
 from finetune import check_same_keep
 from search import get_args_parser as search_parser
-from lib.policy_file import parse_keep
+from lib.policy_file import PolicyFile, parse_keep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("partseg", "s3dis", "modelnet40_pt", "modelnet40_pct")
@@ -103,8 +103,8 @@ def test_finetune_refuses_first_last_kept_otherwise_than_searched(tmp_path):
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"bits": {}, "keep_first_last": None}))
     with pytest.raises(ValueError, match="not kept.*same --keep-first-last"):
-        check_same_keep(str(policy), 8)
+        check_same_keep(PolicyFile(str(policy)), 8)
     policy.write_text(json.dumps({"bits": {}, "keep_first_last": "8"}))
-    check_same_keep(str(policy), 8)
+    check_same_keep(PolicyFile(str(policy)), 8)
     with pytest.raises(ValueError, match="at 8 bits"):
-        check_same_keep(str(policy), None)  # fp32 first/last: larger than searched
+        check_same_keep(PolicyFile(str(policy)), None)  # fp32 first/last: larger than searched
