@@ -85,7 +85,8 @@ def build_evaluator(args, device):
     model.to(device)
     layers = list_quantizable(model, example_inputs(held_out, device))
     evaluator = PolicyEvaluator(model, held_out, eval_batches, device, args.method, train_batches,
-                                args.finetune_steps, args.finetune_lr, amp=args.amp)
+                                args.finetune_steps, args.finetune_lr, amp=args.amp,
+                                seed=args.seed)
     return meta, layers, evaluator
 
 

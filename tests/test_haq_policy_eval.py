@@ -98,3 +98,34 @@ def test_haq_finetune_length_and_batches_that_wrap_around():
     batches = finetune_batches(data, 4, 3, CPU)  # 12 samples drawn from 5
     assert [len(b["label"]) for b in batches] == [3, 3, 3, 3]
     assert finetune_batches(data, 0, 3, CPU) == []
+
+
+class WithDropout(torch.nn.Module):
+    """A segmentation model whose logits pass a Dropout, as the classifiers' heads do."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.drop = model, torch.nn.Dropout(0.5)
+
+    def forward(self, *inputs):
+        return self.drop(self.model(*inputs))
+
+
+def test_a_policys_reward_does_not_depend_on_the_global_random_state():
+    """The reward's fine-tune draws Dropout masks: from the global generator, one policy had
+    another reward in each episode, and a resumed search (which restores the agent's generator,
+    not torch's) ended elsewhere than an uninterrupted one."""
+    torch.manual_seed(0)
+    data = ToyPoints(12, num_points=64)
+    model = WithDropout(build_model("pt_semseg_tiny", in_channels=3, num_classes=3)).eval()
+    evaluator = PolicyEvaluator(model, data, cached_batches(data, list(range(8)), 4, CPU), CPU,
+                                train_batches=finetune_batches(data, 3, 4, CPU, seed=1),
+                                finetune_steps=3, finetune_lr=1.0, seed=5)
+    policy = {layer.name: 3 for layer in list_quantizable(model)}
+    first = evaluator(policy)
+    torch.manual_seed(123)  # another global state, as after other episodes or a resume
+    state = torch.get_rng_state()
+    assert evaluator(policy) == first
+    assert torch.equal(torch.get_rng_state(), state)  # and the episode left it alone
+    evaluator.seed = 6
+    assert evaluator(policy) != first  # the seed is what sets the masks

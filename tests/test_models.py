@@ -48,6 +48,18 @@ def test_output_shapes(name):
 
 
 @pytest.mark.parametrize("name", [m for m in MODELS if m.endswith("_tiny")])
+def test_inference_mode_gives_the_no_grad_outputs(name):
+    """torch.inference_mode, which serving code uses: its tensors have no version counter, which
+    the neighbour-index check used to read (every model raised)."""
+    n = POINTS.get(name.removesuffix("_tiny"), 256)
+    model, x = make(name).eval(), inputs(name, 2, n)
+    with torch.no_grad():
+        expected = model(*x)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(*x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", [m for m in MODELS if m.endswith("_tiny")])
 def test_permuting_points_permutes_segmentation_and_keeps_classification(name):
     model = make(name)
     args = inputs(name, 2, 256)

@@ -5,6 +5,7 @@ The build tests compile a one-function probe instead of the kernels (the same co
 well under a second)."""
 import ast
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -331,3 +332,110 @@ def test_python_m_lib_ops_says_what_runs_here():
     lines = done.stdout.splitlines()
     assert "cpu float32: FPS" in done.stdout
     assert f"cpu bfloat16 rows (autocast): PT layer ops: {form}" in lines
+
+
+def test_an_index_written_behind_torchs_back_in_inference_mode_is_still_checked():
+    """Inference tensors have no version counter: each call checks them (and the models run
+    under torch.inference_mode, which reading that counter used to refuse)."""
+    delta, (key, query, _), _, idx = attention()
+    with torch.inference_mode():
+        idx = idx.clone()
+        ops.relation(delta, key, query, idx)
+        idx[0, 0, 0] = 1000
+        with pytest.raises(ValueError, match="out of range"):
+            ops.relation(delta, key, query, idx)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_clouds_of_the_wrong_shape_or_not_finite_are_one_line_errors(backend):
+    """The kNN and FPS kernels read three floats a point from one batch of clouds: another
+    shape read past the tensors (indices that changed from run to run), a NaN gave each form
+    its own neighbours."""
+    gen = torch.Generator().manual_seed(0)
+    support, query = torch.rand(2, 50, 3, generator=gen), torch.rand(2, 10, 3, generator=gen)
+    nan = support.clone()
+    nan[1, 7, 0] = float("nan")
+    inf = support.clone()
+    inf[0, 3, 2] = float("inf")
+    ops.set_backend(backend)
+    try:
+        for op, match in [(lambda: ops.knn_query(4, support, query[:1]), "one batch"),
+                          (lambda: ops.knn_query(4, support[..., :2], query[..., :2]), "(B, N, 3)"),
+                          (lambda: ops.knn_query(4, support, torch.rand(2, 10, 4)), "(B, N, 3)"),
+                          (lambda: ops.farthest_point_sample(support[..., :2], 6), "(B, N, 3)"),
+                          (lambda: ops.farthest_point_sample(support[0], 6), "(B, N, 3)"),
+                          (lambda: ops.knn_query(4, nan, query), "NaN or infinite"),
+                          (lambda: ops.knn_query(4, support, inf[:, :10]), "NaN or infinite"),
+                          (lambda: ops.farthest_point_sample(nan, 6), "NaN or infinite"),
+                          (lambda: ops.farthest_point_sample(inf, 6), "NaN or infinite")]:
+            with pytest.raises(ValueError, match=re.escape(match)) as err:
+                op()
+            assert "\n" not in str(err.value)
+    finally:
+        ops.set_backend("auto")
+
+
+def test_operands_that_disagree_with_the_kernels_shapes_never_reach_them():
+    """Each of these read past a tensor in the kernels (garbage like 1e32 or NaN, or a
+    data race in gather's backward); now an error, or the plain form's own answer."""
+    delta, (key, query, value), _, idx = attention()
+    with pytest.raises(ValueError, match="key and query of one shape"):
+        ops.relation(delta, key[..., :8], query, idx)
+    with pytest.raises(ValueError, match="key and query of one shape"):
+        ops.relation(delta, key, query[:1], idx)
+    with pytest.raises(ValueError, match="gather from 1 clouds"):
+        ops.gather(value[:1].requires_grad_(), idx)
+    x = torch.randn(2, 20, 4, 16)
+    for bn, linear in [(torch.nn.BatchNorm1d(16), torch.nn.Linear(8, 4)),
+                       (torch.nn.BatchNorm1d(8).eval(), torch.nn.Linear(16, 4))]:
+        with pytest.raises(RuntimeError):  # the plain form's: no kernel reads 16 of 8 values
+            ops.norm_relu_linear(bn, linear, x)
+    with pytest.raises(RuntimeError):
+        ops.norm_relu_max(torch.nn.BatchNorm1d(1).eval(), x)
+    # TransitionDown's inference form on a batch of one cloud with centres from two: refused
+    # on both paths (the kernel read past the cloud; the plain gather broadcast)
+    linear, bn = torch.nn.Linear(3 + 16, 8), torch.nn.BatchNorm1d(8).eval()
+    xyz, feat = torch.rand(1, 20, 3), torch.randn(1, 20, 16)
+    new_xyz, centres_idx = torch.rand(2, 6, 3), torch.randint(0, 20, (2, 6, 4))
+    for backend in ("auto", "reference"):
+        ops.set_backend(backend)
+        try:
+            with torch.no_grad(), pytest.raises(ValueError, match="gather from 1 clouds"):
+                ops.group_norm_relu_max(linear, bn, xyz, feat, new_xyz, centres_idx)
+        finally:
+            ops.set_backend("auto")
+
+
+def test_a_second_derivative_through_a_kernel_is_refused_not_wrong():
+    """The kernels' backward passes build no graph: create_graph through them gave a second
+    derivative without their terms (1499 where 2661 is right); now torch's own error."""
+    _, _, _, idx = attention()
+    value = torch.randn(2, 20, 16, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad((ops.gather(value, idx) ** 2).sum(), value, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.pow(2).sum().backward()
+
+
+def test_a_compilers_messages_in_another_encoding_give_the_warning(tmp_path, monkeypatch):
+    compiler = tmp_path / "latin1-cc"
+    compiler.write_bytes(b'#!/bin/sh\nprintf "\\351chec\\n" >&2\nexit 1\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.delenv("POINT_HAQ_NATIVE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_library", native._UNSET)
+    with pytest.warns(UserWarning, match="building the C kernels"):
+        assert native.library() is None
+
+
+def test_a_cache_folder_others_can_write_to_is_not_used(probe, tmp_path, monkeypatch):
+    """A library found there is loaded into the process: in the shared temporary folder
+    another user could have made the folder, and left a library in it."""
+    needs_cc()
+    shared = tmp_path / "cache" / "point-transformer-haq"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    path = native.build("cc", sources=[probe], headers=[], name="probe")
+    assert path.startswith(str(tmp_path / "tmp")) and native._verified(path)
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) & 0o077 == 0

@@ -1,11 +1,12 @@
 """HAQ's DDPG agent (Lillicrap et al. 2016, as configured by HAQ): actor and critic MLPs, target
 networks, replay buffer, moving-average reward baseline, truncated-normal exploration.
 
-Changes from mit-han-lab/haq, each fixing a bug there:
+Changes from mit-han-lab/haq. Two are choices of ours, where HAQ's way also works:
 - the replay buffer stores (s, a, r, s', done) per transition, so no dummy transition is appended
-  at the end of an episode and the first step of an episode is sampled like any other;
-- the moving-average baseline follows episode rewards (once per episode), not the mean of whatever
-  batch was drawn, and is subtracted at learning time from every sampled reward alike;
+  at the end of an episode (HAQ's sequential memory needs it to sample an episode's first step);
+- the moving-average baseline follows episode rewards (once per episode), not the mean of each
+  sampled batch's rewards, and is subtracted at learning time from every sampled reward alike.
+The others fix bugs there:
 - the last layers are initialised uniform(-init_w, init_w) (HAQ accepts init_w and ignores it), so a
   fresh actor answers ~0.5 for every layer;
 - no update runs before the buffer holds a full batch (HAQ sampled with replacement and warned);

@@ -16,6 +16,7 @@ Under torchrun each rank scores its share of the scored batches and the metric i
 (lib.train.evaluate); the policy is rank 0's (broadcast), every rank runs the same fine-tune on the
 same batches and then takes rank 0's fine-tuned weights, so all ranks score one model.
 """
+import contextlib
 import copy
 
 import torch
@@ -69,15 +70,28 @@ def finetune_batches(train, steps, batch_size, device, seed=0, workers=0):
     return cached_batches(train, picks.tolist(), batch_size, device, workers)
 
 
+@contextlib.contextmanager
+def seeded_rng(device, seed):
+    """Inside the block the CPU's generator and `device`'s (a GPU's current one) start from
+    `seed`; after it, both are as they were before."""
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)
+        yield
+
+
 class PolicyEvaluator:
     """evaluate_policy(bits) -> metric, for lib.haq.env.QuantEnv."""
 
     def __init__(self, fp32_model, dataset, eval_batches, device, method="kmeans",
-                 train_batches=(), finetune_steps=0, finetune_lr=FINETUNE_LR, amp=None):
+                 train_batches=(), finetune_steps=0, finetune_lr=FINETUNE_LR, amp=None, seed=0):
         self.fp32_model = fp32_model.eval()
         self.dataset, self.eval_batches, self.device = dataset, eval_batches, device
         self.method, self.amp = method, amp
         self.train_batches, self.finetune_steps, self.finetune_lr = train_batches, finetune_steps, finetune_lr
+        self.seed = seed
         if finetune_steps and not train_batches:
             raise ValueError("PolicyEvaluator: finetune_steps needs train_batches")
         self.cache = KMeansCache()
@@ -108,19 +122,23 @@ class PolicyEvaluator:
 
     def _finetune(self, model):
         """HAQ's short fine-tune before the reward: SGD steps on the cached training batches,
-        in train mode (BatchNorm statistics move too, as in HAQ)."""
+        in train mode (BatchNorm statistics move too, as in HAQ). Its random draws (the
+        classifiers' Dropout) start from `seed` every time and leave the global generators as
+        they were, so that a policy's reward is the same in every episode and a resumed search
+        ends where an uninterrupted one does."""
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=self.finetune_lr,
                                     momentum=FINETUNE_MOMENTUM, weight_decay=FINETUNE_WEIGHT_DECAY)
         n = len(self.train_batches)
-        for step in range(self.finetune_steps):
-            batch, tape = self.train_batches[step % n], self.train_tapes[step % n]
-            with tape, autocast(self.device, self.amp):
-                logits = model(*model_inputs(batch, self.dataset.task))
-            loss = supervised_loss(logits.float(), batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        with seeded_rng(self.device, self.seed):
+            for step in range(self.finetune_steps):
+                batch, tape = self.train_batches[step % n], self.train_tapes[step % n]
+                with tape, autocast(self.device, self.amp):
+                    logits = model(*model_inputs(batch, self.dataset.task))
+                loss = supervised_loss(logits.float(), batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
         distributed.broadcast_module(model)  # one model on every rank, whatever the GPU's sums
         # a diverged candidate would still score (a NaN model predicts one class everywhere),
         # and could become the search's best policy

@@ -11,6 +11,7 @@ same values and gradients up to rounding (tests/test_ops_attention_softmax.py).
 """
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 from lib.ops.dispatch import native_for, run_kernel
 from lib.ops.fused import (_affine_statistics, _bf16_rows, _compute_dtype,
@@ -45,6 +46,7 @@ class _AttentionWeights(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the gradients come from kernels or out= products: no graph
     def backward(ctx, grad_w):
         h, w, gamma, weight, scale, shift, mean, rstd = ctx.saved_tensors
         b, n, k, width = h.shape

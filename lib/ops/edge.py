@@ -97,7 +97,10 @@ def group_norm_relu_max(linear, bn, xyz, x, new_xyz, idx):
     lib = dispatch.native_for(xyz, x, new_xyz)
     inference = (lib is not None and decomposes(linear) and fusable_norm(bn, x)
                  and not bn.training and idx.dtype == torch.int64 and idx.dim() == 3
-                 and linear.in_features == 3 + x.shape[-1] and x.dtype == linear.weight.dtype)
+                 and idx.numel() > 0 and xyz.shape[0] == x.shape[0] == new_xyz.shape[0]
+                 == idx.shape[0] and new_xyz.shape[1] == idx.shape[1]
+                 and linear.in_features == 3 + x.shape[-1]
+                 and bn.num_features == linear.out_features and x.dtype == linear.weight.dtype)
     if inference:
         parameters = [*linear.parameters(), *bn.parameters()]
         inference = (no_gradient_wanted(xyz, x, new_xyz, *parameters)

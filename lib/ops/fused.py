@@ -12,6 +12,7 @@ otherwise write past a row); the kernels check their own shapes again and return
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from lib.ops.dispatch import get_backend, native_for, run_kernel
 from lib.ops.geometry import check_index, gather
@@ -48,6 +49,7 @@ class _Relation(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the gradients come from kernels or out= products: no graph
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
         grad = grad.contiguous()
@@ -83,6 +85,10 @@ def relation(delta, key, query, idx):
     lib = native_for(delta, key, query, bf16_rows=True)
     if lib is not None and idx.dtype == torch.int64:
         _check_neighbours(key, idx, delta)
+        if query.shape != key.shape or delta.shape[-1] != key.shape[-1]:
+            raise ValueError(f"lib/ops: relation of delta {tuple(delta.shape)} needs key and "
+                             f"query of one shape (B, N, {delta.shape[-1]}), got "
+                             f"{tuple(key.shape)} and {tuple(query.shape)}")
         return _Relation.apply(lib, delta, key, query, idx)
     return delta + gather(-key, idx) + query.unsqueeze(2)
 
@@ -102,6 +108,7 @@ class _Aggregate(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the gradients come from kernels or out= products: no graph
     def backward(ctx, grad):
         weight, value, delta, idx = ctx.saved_tensors
         grad = grad.contiguous()
@@ -153,6 +160,7 @@ class _NeighbourMax(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the gradients come from kernels or out= products: no graph
     def backward(ctx, grad):
         (arg,) = ctx.saved_tensors
         grad = grad.contiguous()
@@ -260,6 +268,7 @@ class _NormReluMax(torch.autograd.Function):
         return pre.clamp_min(0).to(x.dtype)
 
     @staticmethod
+    @once_differentiable  # the gradients come from kernels or out= products: no graph
     def backward(ctx, grad):
         x, arg, top, pre, weight, mean, rstd = ctx.saved_tensors
         rows = x.numel() // x.shape[-1]
@@ -288,7 +297,7 @@ def norm_relu_max(bn, x):
     unhooked module); elsewhere batch_norm, then relu_neighbour_max."""
     lib = native_for(x, bf16_rows=True)
     fused = (lib is not None and x.dim() == 4 and fusable_norm(bn, x)
-             and x.shape[2] < 2 ** 31 and x.numel() // x.shape[-1] >= 2
+             and bn.num_features == x.shape[-1] and x.shape[2] < 2 ** 31 and x.numel() // x.shape[-1] >= 2
              and bool((bn.weight >= 0).all()))
     if not fused:
         return relu_neighbour_max(batch_norm(bn, x))
@@ -324,6 +333,7 @@ class _NormReluLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the gradients come from kernels or out= products: no graph
     def backward(ctx, grad_h):
         x, gamma, weight, scale, shift, mean, rstd = ctx.saved_tensors
         grad_h = grad_h.contiguous()
@@ -355,7 +365,9 @@ def norm_relu_linear(bn, linear, x):
     channels = x.shape[-1]
     lib = native_for(x, bf16_rows=True)
     fused = (lib is not None and channels <= _NORM_RELU_LINEAR_MAX_CHANNELS[x.dtype]
-             and fusable_norm(bn, x) and type(linear) is nn.Linear and linear.bias is not None
+             and fusable_norm(bn, x) and bn.num_features == channels
+             and type(linear) is nn.Linear and linear.in_features == channels
+             and linear.bias is not None
              and _unhooked(linear) and x.numel() // channels >= 2
              and (x.dtype == linear.weight.dtype or _bf16_rows(x, linear.weight, linear.bias)))
     if not fused:

@@ -15,6 +15,7 @@ import fpsample
 import numpy as np
 import torch
 from pykdtree.kdtree import KDTree
+from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lib.ops import dispatch, fps_triton, native
@@ -184,8 +185,24 @@ def knn_query_cpu(k, support, query):
 
 # Dispatch (lib/ops/dispatch.py decides the form).
 
+def check_clouds(where, *clouds):
+    """Raises a one-line ValueError unless each of `clouds` is (B, N_i, 3) with one B and, on
+    the CPU, every coordinate finite: the C kernels read three floats a point from B clouds, and
+    a NaN has no nearest or farthest point (the forms would each answer differently). CUDA
+    clouds are not scanned for NaN, which would cost a host synchronisation per call."""
+    for xyz in clouds:
+        if xyz.dim() != 3 or xyz.shape[-1] != 3 or xyz.shape[0] != clouds[0].shape[0]:
+            raise ValueError(f"lib/ops: {where} takes (B, N, 3) clouds of one batch, got "
+                             f"{' and '.join(str(tuple(c.shape)) for c in clouds)}")
+    for xyz in clouds:
+        if xyz.device.type == "cpu" and xyz.is_floating_point() and \
+                not bool(torch.isfinite(xyz).all()):
+            raise ValueError(f"lib/ops: {where}: coordinates hold NaN or infinite values")
+
+
 def farthest_point_sample(xyz, m):
     """(B, N, 3) -> (B, m) int64 indices of an exact FPS starting at start_index."""
+    check_clouds("farthest_point_sample", xyz)
     n = xyz.shape[1]
     if not 1 <= m <= n:
         raise ValueError(f"farthest_point_sample: cannot sample {m} of {n} points")
@@ -195,6 +212,7 @@ def farthest_point_sample(xyz, m):
 
 def knn_query(k, support, query):
     """See knn_query_reference (the same answer, up to ties, from the form dispatch picks)."""
+    check_clouds("knn_query", support, query)
     n = support.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"knn_query: cannot find {k} neighbours among {n} points")
@@ -219,12 +237,15 @@ def check_index(idx, n):
     """Raises a one-line ValueError unless every entry of the CPU index tensor `idx` lies in
     [0, n): the C kernels and the flattened gather below would otherwise read (or scatter into)
     memory outside the cloud. One min/max pass, done once per index tensor and n (a stage's kNN
-    serves all its blocks) until the tensor is modified. CUDA tensors are left to the device's
-    own bounds checks (a host synchronisation per call would stall the GPU), and so are graphs
-    under torch.compile (a data-dependent branch would split them)."""
+    serves all its blocks) until torch records a change to the tensor (its version counter):
+    a write that torch does not see, through `.numpy()` or `.data`, is not checked again.
+    Inference tensors have no version counter and are checked at every call. CUDA tensors are
+    left to the device's own bounds checks (a host synchronisation per call would stall the
+    GPU), and so are graphs under torch.compile (a data-dependent branch would split them)."""
     if idx.device.type != "cpu" or idx.numel() == 0 or torch.compiler.is_compiling():
         return
-    if _checked_indices.get(idx) == (idx._version, n):
+    cached = not idx.is_inference()
+    if cached and _checked_indices.get(idx) == (idx._version, n):
         return
     if idx.dtype != torch.int64:
         raise ValueError(f"lib/ops: neighbour indices must be int64, not {idx.dtype}")
@@ -232,7 +253,8 @@ def check_index(idx, n):
     if low < 0 or high >= n:
         raise ValueError(f"lib/ops: neighbour index out of range: [{int(low)}, {int(high)}] "
                          f"for clouds of {n} points")
-    _checked_indices[idx] = (idx._version, n)
+    if cached:
+        _checked_indices[idx] = (idx._version, n)
 
 
 def gather(features, idx):
@@ -242,6 +264,9 @@ def gather(features, idx):
     the fast path a gather that needs a gradient sums it with a sparse matrix instead
     (_GatherRows)."""
     b, n, c = features.shape
+    if idx.dim() < 1 or idx.shape[0] != b:  # another batch would broadcast, or read past it
+        raise ValueError(f"lib/ops: gather from {b} clouds with indices of shape "
+                         f"{tuple(idx.shape)}")
     check_index(idx, n)
     offset = (torch.arange(b, device=idx.device) * n).view(b, *([1] * (idx.dim() - 1)))
     flat = (idx + offset).reshape(-1)
@@ -269,6 +294,7 @@ class _GatherRows(torch.autograd.Function):
         return rows.index_select(0, flat)
 
     @staticmethod
+    @once_differentiable  # the gradients come from kernels or out= products: no graph
     def backward(ctx, grad):
         (flat,) = ctx.saved_tensors
         grad = grad.contiguous()

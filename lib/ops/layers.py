@@ -11,6 +11,7 @@ tests/test_ops_layers.py checks these against, values and gradients.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from lib.ops import dispatch
 
@@ -85,6 +86,7 @@ class _BatchNormRows(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
+    @once_differentiable  # the gradients come from kernels or out= products: no graph
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         centred, rstd, weight = ctx.saved_tensors
         fold = ctx.fold

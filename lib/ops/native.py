@@ -26,6 +26,7 @@ import platform
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -61,12 +62,22 @@ def cache_dirs():
 def _writable_cache():
     for directory in cache_dirs():
         try:
-            os.makedirs(directory, exist_ok=True)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
         except OSError:
             continue
-        if os.access(directory, os.W_OK | os.X_OK):
+        if os.access(directory, os.W_OK | os.X_OK) and _private(directory):
             return directory
-    raise RuntimeError(f"no writable cache folder among {', '.join(cache_dirs())}")
+    raise RuntimeError(f"no writable cache folder of this user's among {', '.join(cache_dirs())}")
+
+
+def _private(directory):
+    """Whether only this user can have put files in `directory`: the library found there is
+    loaded into the process, and the fallback lies in the shared temporary folder, where another
+    user could make the folder first and leave a library of their own in it."""
+    if not hasattr(os, "getuid"):
+        return True
+    info = os.stat(directory)
+    return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def _cpu_flags():
@@ -107,8 +118,9 @@ def _locked(path):
 def _run(command):
     """(exit status, stderr) of `command`, killed with all its children (a compiler driver's cc1
     and as) after COMPILE_TIMEOUT_S: raises subprocess.TimeoutExpired then."""
+    # errors="replace": a compiler's messages in another encoding must not raise here
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
+                          errors="replace", start_new_session=True) as process:
         try:
             _, stderr = process.communicate(timeout=COMPILE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -147,7 +159,7 @@ def build(compiler, sources=SOURCES, headers=HEADERS, name="kernels"):
         with open(source, "rb") as f:
             parts.append(f.read())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                             timeout=COMPILE_TIMEOUT_S).stdout
+                             errors="replace", timeout=COMPILE_TIMEOUT_S).stdout
     key = hashlib.sha1(b"\0".join(parts + [" ".join(FLAGS + OPENMP).encode(), version.encode(),
                                            _cpu_flags().encode()])).hexdigest()[:16]
     path = os.path.join(_writable_cache(), f"{name}-{key}.so")
@@ -228,7 +240,8 @@ def library():
             return None
         try:
             _library = Kernels(build(cc))
-        except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
+        # AttributeError: a library that lacks a kernel's symbol (ctypes' lookup)
+        except (OSError, RuntimeError, AttributeError, subprocess.TimeoutExpired) as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             warnings.warn(f"lib/ops/native.py: building the C kernels in {SOURCE_DIR} failed "
                           f"({message}); the CPU uses the slower PyTorch and numpy forms")

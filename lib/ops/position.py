@@ -11,6 +11,7 @@ doc); both give the same values and gradients up to rounding (tests/test_ops_pos
 """
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 from lib.ops.dispatch import MAX_CHANNELS, native_for, run_kernel
 from lib.ops.fused import _affine, batch_norm_backward_terms, plain_norm
@@ -48,6 +49,7 @@ class _PositionEncoding(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the gradients come from kernels or out= products: no graph
     def backward(ctx, grad):
         xyz, idx, w1, b1, w2t, gamma, scale, shift, mean, rstd = ctx.saved_tensors
         grad = grad.contiguous()
@@ -115,6 +117,7 @@ def position_encoding(theta, xyz, idx):
     kernel = (lib is not None and rows_dtype is not None
               and xyz.dtype in (torch.float32, torch.float64)
               and not xyz.requires_grad and idx.dtype == torch.int64 and idx.dim() == 3
+              and idx.numel() > 0
               and xyz.dim() == 3 and xyz.shape[2] == 3 and tuple(idx.shape[:2]) == xyz.shape[:2]
               and 0 < channels <= MAX_CHANNELS)
     modules = _kernel_modules(theta, xyz, channels) if kernel else None
