@@ -70,6 +70,8 @@ def build_quantized(args, model, dataset, device):
     layers = list_quantizable(model, example_inputs(dataset, device))
     names = [layer.name for layer in layers]
     policy_file = PolicyFile(args.policy) if args.policy else None
+    if policy_file:
+        policy_file.check_searched_on(args.ckpt)
     policy = (policy_file.bits(names, layer_renames(model)) if policy_file
               else uniform_policy(layers, args.bits))
     keep = parse_keep(args.keep_first_last)
@@ -132,6 +134,7 @@ def main(args):
     loss_fn = (DistillLoss(teacher, data["task"], args.kd_temperature, args.kd_alpha)
                if args.distill else supervised_loss)
 
+    args.processes = world  # recorded: a resume under another count is refused (lib/cli)
     meta = {"model": fp32_meta["model"], "dataset": dict(data, root=root, num_points=num_points,
                                                    val_source=train_set.val_source,
                                                    seed=args.seed),

@@ -67,6 +67,7 @@ def main(args):
     scheduler = build_scheduler(optimizer, args.schedule, args.epochs, len(train_loader),
                                 args.warmup_epochs)
 
+    args.processes = world  # recorded: a resume under another count is refused (lib/cli)
     meta = {"model": {"name": args.model, "kwargs": model_kwargs(args.model, train_set)},
             "dataset": dataset_meta(args.dataset, args.data_root, train_set, args.num_points,
                                     args.seed),

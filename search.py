@@ -198,7 +198,8 @@ def main(args):
                   metric_name=evaluator.key, episode=best["episode"], reward=best["reward"],
                   preserve_ratio=args.preserve_ratio, min_bit=args.min_bit, max_bit=args.max_bit,
                   keep_first_last=args.keep_first_last or None, method=args.method,
-                  checkpoint=os.path.abspath(args.ckpt), **describe(evaluator, best["bits"]))
+                  checkpoint=os.path.abspath(args.ckpt), checkpoint_sha256=ckpt_sha256,
+                  **describe(evaluator, best["bits"]))
     if main_rank:
         write_policy(os.path.join(out, "policy.json"), policy)
         plot_policy(os.path.join(out, "policy.png"), [layer.name for layer in layers],

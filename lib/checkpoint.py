@@ -160,11 +160,15 @@ def save_checkpoint(path, model, meta, resume_state=None):
     torch_save_atomic(obj, path)
 
 
+def checkpoint_meta(path):
+    """The meta dict a checkpoint records, read without building its model."""
+    from lib.quant.pack import is_packed, read_header
+    return read_header(path)[0]["meta"] if is_packed(path) else torch_load(path).get("meta", {})
+
+
 def checkpoint_epoch(path):
     """The epoch a checkpoint records, read without building its model."""
-    from lib.quant.pack import is_packed, read_header
-    meta = read_header(path)[0]["meta"] if is_packed(path) else torch_load(path).get("meta", {})
-    return meta.get("epoch")
+    return checkpoint_meta(path).get("epoch")
 
 
 def load_checkpoint(path):

@@ -179,6 +179,13 @@ def resumed_args(parser, argv, args, kind):
                 differences.append(f"{action.option_strings[0]} {value} "
                                    f"(recorded {recorded_value})")
             settings[dest] = recorded_value
+    # --batch-size is per process: under another process count the total batch, the steps per
+    # epoch and so the schedule would change (runs recorded before the count was are not checked)
+    recorded_processes = recorded.get("processes")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, before any init
+    if recorded_processes is not None and processes != recorded_processes:
+        differences.append(f"{processes} process(es) (recorded {recorded_processes}; the batch "
+                           f"is per process, so the total batch would change)")
     if differences:
         may_change = [a.option_strings[0] for a in parser._actions
                       if a.dest in MAY_CHANGE_AT_RESUME]

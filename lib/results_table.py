@@ -44,12 +44,44 @@ def run_checkpoints(run):
     return [(KNOWN_RUNS.get(d, d), d, os.path.join(run, d, "best.pt")) for d in ordered]
 
 
+def stage_problems(folder, path, fp32_sha256):
+    """Why a stage's best.pt does not belong in the table as a finished row of this run, in
+    words: its run has not ended (a last.pt short of its epochs; a quantized stage without the
+    best_test.json that finetune.py writes last), or it was quantized from another fp32 model
+    than the run's pretrain/best.pt (a pretraining replaced or extended after the search)."""
+    from lib.checkpoint import checkpoint_meta
+    problems = []
+    meta = checkpoint_meta(path)
+    last = os.path.join(folder, "last.pt")
+    if os.path.isfile(last):
+        last_meta = checkpoint_meta(last)
+        done, epochs = last_meta.get("epoch"), last_meta.get("args", {}).get("epochs")
+        if done is not None and epochs is not None and done < epochs:
+            problems.append(f"unfinished: epoch {done} of {epochs}")
+    quant = meta.get("quant") or {}
+    if quant and not problems and not os.path.isfile(os.path.join(folder, "best_test.json")):
+        problems.append("unfinished: its run did not end")
+    teacher = quant.get("teacher_sha256")
+    if teacher and fp32_sha256 and teacher != fp32_sha256:
+        problems.append("quantized from another fp32 model than pretrain/best.pt")
+    return problems
+
+
 def score_run(run, data_root=None, batch_size=16, device=None, workers=0):
     """Evaluates every checkpoint of `run` on its test split; returns [(row name, results)]
     and writes RUN/eval/<folder>.json (main rank)."""
-    from lib.experiment import evaluate_checkpoint  # torch and the readers: only for --run
+    from lib.checkpoint import file_sha256  # torch and the readers: only for --run
+    from lib.experiment import evaluate_checkpoint
     scored = []
-    for name, folder, path in run_checkpoints(run):
+    checkpoints = run_checkpoints(run)
+    fp32 = os.path.join(run, "pretrain", "best.pt")
+    fp32_sha256 = file_sha256(fp32) if os.path.isfile(fp32) else None
+    for name, folder, path in checkpoints:
+        problems = stage_problems(os.path.join(run, folder), path, fp32_sha256)
+        if problems:
+            name = f"{name} [{'; '.join(problems)}]"
+            if distributed.is_main():
+                print(f"{path}: {'; '.join(problems)}", flush=True)
         _, results = evaluate_checkpoint(path, data_root, "test", batch_size, device, workers)
         if distributed.is_main():
             os.makedirs(os.path.join(run, "eval"), exist_ok=True)

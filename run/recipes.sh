@@ -3,13 +3,15 @@
 #   TASK     partseg (default) | s3dis | modelnet40_pt | modelnet40_pct
 #   DATA     the dataset folder (default: the usual folder under data/, see data/README.md);
 #            `--data-root X` on the command line wins over it
-#   RUN      the run folder (default: checkpoints/$TASK), holding pretrain/, search/,
-#            searched/, finetune/, finetune_distill/ and results.md
+#   RUN      the run folder (default: checkpoints/$TASK in the repository), holding pretrain/,
+#            search/, searched/, finetune/, finetune_distill/ and results.md
 #   NPROC    processes (GPUs) per run, through torchrun (default 1)
 #   DRY_RUN  1: print each command instead of running it
-# Extra flags given to a run/*.sh script come last, so they override the recipe's.
+# Extra flags given to a run/*.sh script come last, so they override the recipe's. Relative
+# paths (RUN, DATA, flags) are read from the folder the script was started in, as a Python
+# script's would be.
 TASK=${TASK:-partseg}
-RUN=${RUN:-checkpoints/$TASK}
+RUN=${RUN:-$REPO_ROOT/checkpoints/$TASK}
 NPROC=${NPROC:-1}
 if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
     echo "NPROC=$NPROC: give a number of processes, 1 or more" >&2
@@ -83,18 +85,30 @@ modelnet40_pct)
 esac
 DATA_ROOT=()
 [ -n "${DATA:-}" ] && DATA_ROOT=(--data-root "$DATA")
+cd "$CALLER_DIR"
 
-# launch SCRIPT.py FLAGS...: one process, or NPROC under torchrun; with DRY_RUN=1 printed only.
+# launch SCRIPT.py FLAGS... or launch -m MODULE FLAGS...: one process, or NPROC under
+# torchrun; with DRY_RUN=1 printed only. Run from the caller's folder (the end of this file).
 launch() {
-    local launcher=(python)
-    [ "$NPROC" -gt 1 ] && launcher=(torchrun --nproc-per-node "$NPROC")
+    local launcher=(python) target=("$REPO_ROOT/$1")
+    shift
+    if [ "${target[0]}" = "$REPO_ROOT/-m" ]; then
+        target=(-m "$1")
+        shift
+    fi
+    if [ "$NPROC" -gt 1 ]; then
+        # "--": torchrun would otherwise take a flag of the script's for an abbreviation of
+        # one of its own (--run: "ambiguous option: --run-path"); it passes on what follows
+        launcher=(torchrun --nproc-per-node "$NPROC")
+        target+=(--)
+    fi
     # printed shell-quoted, so that a command can be pasted back as it is (a path with a space)
     if [ "${DRY_RUN:-0}" = 1 ]; then
-        printf '%q ' "${launcher[@]}" "$@"
+        printf '%q ' "${launcher[@]}" "${target[@]}" "$@"
         echo
     else
-        { printf '+ '; printf '%q ' "${launcher[@]}" "$@"; echo; } >&2
-        "${launcher[@]}" "$@"
+        { printf '+ '; printf '%q ' "${launcher[@]}" "${target[@]}" "$@"; echo; } >&2
+        "${launcher[@]}" "${target[@]}" "$@"
     fi
 }
 

@@ -4,6 +4,7 @@
 # tests/requirements.txt). Each file has its own stamp, so the demo and the tests do not undo
 # each other's.
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CALLER_DIR="$PWD"  # run/recipes.sh goes back there: paths given to a run script are the caller's
 cd "$REPO_ROOT"
 if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv"

@@ -284,6 +284,16 @@ def test_resume_refuses_fewer_epochs_or_episodes_than_done(reference):
     assert "(only --episodes, --device, --workers may change)" in message  # search's own flags
 
 
+@pytest.mark.parametrize("script", ["pretrain", "finetune"])
+def test_resume_under_another_process_count_is_refused(reference, monkeypatch, script):
+    """--batch-size is per process: a 2-process run resumed in one process trained on at half
+    the total batch, twice the steps per epoch, and its schedule never reached its end."""
+    runs, _ = reference
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 sets it
+    message = refused(script, "--resume", runs[script] / "last.pt")
+    assert "2 process(es) (recorded 1; the batch is per process" in message
+
+
 @pytest.mark.parametrize("script", ["finetune", "search"])
 def test_a_resumed_run_refuses_a_checkpoint_that_changed_under_it(reference, tmp_path, script):
     """Its indices and codebooks (finetune), its replay buffer's rewards (search) came from the
@@ -505,3 +515,26 @@ def test_messages_are_whole_and_plain():
     with pytest.raises(SystemExit) as stop:
         run_script(main, importlib.import_module("eval").get_args_parser(), argv=["--ckpt", "x"])
     assert stop.value.code == f"error: {long}"
+
+
+def test_the_results_table_marks_rows_that_are_not_this_runs_finished_work(reference, tmp_path):
+    """A pretraining replaced or extended after the search, or a stage killed before its end,
+    gave rows that looked like one finished run's; now each such row says why it is not."""
+    from lib.checkpoint import file_sha256, torch_save_atomic
+    from lib.results_table import stage_problems
+    runs, _ = reference
+    pretrain, finetune = tmp_path / "pretrain", tmp_path / "finetune"
+    shutil.copytree(runs["pretrain"], pretrain)
+    shutil.copytree(runs["finetune"], finetune)
+    fp32_sha = file_sha256(pretrain / "best.pt")
+    assert stage_problems(finetune, finetune / "best.pt", fp32_sha) == []
+    assert stage_problems(pretrain, pretrain / "best.pt", fp32_sha) == []
+    assert stage_problems(finetune, finetune / "best.pt", "0" * 64) == [
+        "quantized from another fp32 model than pretrain/best.pt"]
+    (finetune / "best_test.json").unlink()  # killed during its final test scoring
+    assert stage_problems(finetune, finetune / "best.pt", fp32_sha) == [
+        "unfinished: its run did not end"]
+    last = torch.load(pretrain / "last.pt", weights_only=True)  # a run extended to 3 epochs,
+    last["meta"]["args"]["epochs"] = 3  # killed after its second
+    torch_save_atomic(last, str(pretrain / "last.pt"))
+    assert stage_problems(pretrain, pretrain / "best.pt", fp32_sha) == ["unfinished: epoch 2 of 3"]

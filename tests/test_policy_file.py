@@ -61,3 +61,20 @@ def test_a_bad_keep_first_last_in_a_policy_file_names_the_file(tmp_path, value):
     with pytest.raises(ValueError) as err:
         PolicyFile(str(path)).keep()
     assert str(err.value).startswith(f"{path}: keep_first_last ") and "--keep" not in str(err.value)
+
+
+def test_a_policy_searched_on_another_model_is_refused(tmp_path):
+    """Its widths were chosen for that model; policies without the record are not checked."""
+    from lib.checkpoint import file_sha256
+    searched, other = tmp_path / "a.pt", tmp_path / "b.pt"
+    searched.write_bytes(b"model a")
+    other.write_bytes(b"model b")
+    path = tmp_path / "policy.json"
+    write_policy(str(path), {"bits": {}, "checkpoint": str(searched),
+                             "checkpoint_sha256": file_sha256(str(searched))})
+    PolicyFile(str(path)).check_searched_on(str(searched))
+    with pytest.raises(ValueError, match=f"searched on another model than {other}") as err:
+        PolicyFile(str(path)).check_searched_on(str(other))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    write_policy(str(path), {"bits": {}})
+    PolicyFile(str(path)).check_searched_on(str(other))

@@ -44,9 +44,9 @@ def test_search_and_finetune_keep_the_same_layers_fixed(task):
     # HAQ's short fine-tune of each candidate stays on: search.py's default length (None)
     assert flag(search, "--finetune-steps") is None
     assert search_parser().get_default("finetune_steps") is None
-    assert flag(search, "--ckpt") == f"checkpoints/{task}/pretrain/best.pt"
-    assert all(flag(argv, "--policy") == f"checkpoints/{task}/search/policy.json"
-               for argv in finetunes)
+    run = os.path.join(REPO, "checkpoints", task)  # the default RUN
+    assert flag(search, "--ckpt") == f"{run}/pretrain/best.pt"
+    assert all(flag(argv, "--policy") == f"{run}/search/policy.json" for argv in finetunes)
 
 
 def test_data_root_from_the_command_line_wins_and_data_sets_it():
@@ -96,7 +96,37 @@ def test_eval_sh_scores_a_run_or_one_checkpoint():
     (run,) = commands("eval.sh", RUN="/runs/a")
     assert run[1:5] == ["-m", "lib.results_table", "--run", "/runs/a"]
     (one,) = commands("eval.sh", "x/best.pt", "--split", "val")
-    assert one[1:4] == ["eval.py", "--ckpt", "x/best.pt"] and flag(one, "--split") == "val"
+    assert one[1:4] == [os.path.join(REPO, "eval.py"), "--ckpt", "x/best.pt"]
+    assert flag(one, "--split") == "val"
+
+
+def test_under_torchrun_the_scripts_flags_reach_the_script():
+    """torchrun took eval.sh's --run for an abbreviation of its --run-path and stopped."""
+    (run,) = commands("eval.sh", RUN="/runs/a", NPROC="2")
+    assert run[:6] == ["torchrun", "--nproc-per-node", "2", "-m", "lib.results_table", "--"]
+    assert flag(run, "--run") == "/runs/a"
+
+
+def test_relative_paths_are_the_callers(tmp_path):
+    """The scripts work in the repository's folder but run the Python where they were started:
+    RUN=r DATA=d from another folder are that folder's r and d, as a script's own flags are."""
+    out = subprocess.run(["bash", os.path.join(REPO, "run", "search.sh")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, DRY_RUN="1", RUN="r", DATA="d"))
+    assert out.returncode == 0, out.stderr
+    (argv,) = [shlex.split(line) for line in out.stdout.splitlines()
+               if not line.startswith("[setup]")]
+    assert argv[1] == os.path.join(REPO, "search.py")
+    assert flag(argv, "--ckpt") == "r/pretrain/best.pt" and flag(argv, "--data-root") == "d"
+    (pwd,) = commands("search.sh")  # and the default RUN is the repository's, from anywhere
+    assert flag(pwd, "--ckpt") == os.path.join(REPO, "checkpoints", "partseg", "pretrain",
+                                                "best.pt")
+    # and run for real: eval.py finds the caller's ck.pt (and refuses it for what it holds)
+    (tmp_path / "ck.pt").write_bytes(b"not a checkpoint")
+    out = subprocess.run(["bash", os.path.join(REPO, "run", "eval.sh"), "ck.pt"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert f"error: {tmp_path / 'ck.pt'}: not a readable checkpoint" in out.stderr
 
 
 def test_finetune_refuses_first_last_kept_otherwise_than_searched(tmp_path):
