@@ -65,8 +65,12 @@ def _claim(out, resume, overwrite, inputs):
                              f"subfolder of that one)")
     found = [name for name in RUN_MARKERS if os.path.exists(os.path.join(out, name))]
     if found and not (resume or overwrite):
-        raise ValueError(f"--out {out}: already holds a run ({', '.join(found)}); continue it "
-                         f"with --resume, choose another --out, or replace it with --overwrite")
+        # only a last.pt or a search_state.pt can be continued (a fine-tune with --epochs 0
+        # saves neither)
+        resumable = any(name in found for name in ("last.pt", "search_state.pt"))
+        raise ValueError(f"--out {out}: already holds a run ({', '.join(found)}); "
+                         f"{'continue it with --resume, ' if resumable else ''}choose another "
+                         f"--out, or replace it with --overwrite")
     lock(out)
     # a write killed between its temporary file and the rename left the temporary behind
     # (lib/checkpoint.atomic_write); with the lock held, no live writer owns one

@@ -9,6 +9,6 @@ batch=$(per_process_batch)
 common=(--ckpt "$RUN/pretrain/best.pt" --policy "$RUN/search/policy.json" "${DATA_ROOT[@]}"
         "${FINETUNE[@]}" --batch-size "$batch" --workers 4)
 # --epochs 0 after the extra flags: "searched" is the policy as searched, never fine-tuned
-launch finetune.py "${common[@]}" --out "$RUN/searched" "$@" --epochs 0
-launch finetune.py "${common[@]}" --out "$RUN/finetune" "$@"
-launch finetune.py "${common[@]}" --distill --out "$RUN/finetune_distill" "$@"
+stage "$RUN/searched" finetune.py "${common[@]}" --out "$RUN/searched" "$@" --epochs 0
+stage "$RUN/finetune" finetune.py "${common[@]}" --out "$RUN/finetune" "$@"
+stage "$RUN/finetune_distill" finetune.py "${common[@]}" --distill --out "$RUN/finetune_distill" "$@"

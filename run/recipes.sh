@@ -112,6 +112,23 @@ launch() {
     fi
 }
 
+# stage FOLDER SCRIPT.py FLAGS...: the stage that writes FOLDER, started again as its folder
+# asks (lib/stage_status.py): skipped when its run has ended, continued from its last checkpoint
+# when interrupted (--resume: a changed setting is refused), started over its files when it
+# left nothing to continue from, started when new. A script can so be run again after a crash.
+stage() {
+    local folder="$1" status
+    shift
+    status=$(python -m lib.stage_status "$folder")
+    case "$status" in
+    new) launch "$@" ;;
+    finished) echo "[run] $folder: finished; skipped" >&2 ;;
+    restart) launch "$@" --overwrite ;;
+    resume\ *) launch "$@" --resume "${status#resume }" ;;
+    *) echo "[run] $folder: $status" >&2; exit 2 ;;
+    esac
+}
+
 # The per-process batch for a total of BATCH.
 per_process_batch() {
     if [ $((BATCH % NPROC)) -ne 0 ]; then

@@ -5,5 +5,5 @@
 set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
 . run/recipes.sh
-launch search.py --ckpt "$RUN/pretrain/best.pt" "${DATA_ROOT[@]}" "${SEARCH[@]}" \
+stage "$RUN/search" search.py --ckpt "$RUN/pretrain/best.pt" "${DATA_ROOT[@]}" "${SEARCH[@]}" \
     --out "$RUN/search" "$@"

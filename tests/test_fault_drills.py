@@ -7,6 +7,7 @@ import fcntl
 import importlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -538,3 +539,48 @@ def test_the_results_table_marks_rows_that_are_not_this_runs_finished_work(refer
     last["meta"]["args"]["epochs"] = 3  # killed after its second
     torch_save_atomic(last, str(pretrain / "last.pt"))
     assert stage_problems(pretrain, pretrain / "best.pt", fp32_sha) == ["unfinished: epoch 2 of 3"]
+
+
+def test_a_stage_folder_says_what_a_run_script_started_again_does(reference, tmp_path):
+    from lib.checkpoint import torch_save_atomic
+    from lib.stage_status import stage_status
+    runs, _ = reference
+    assert stage_status(str(tmp_path / "none")) == "new"
+    for name in ("pretrain", "finetune", "search"):
+        assert stage_status(str(runs[name])) == "finished", name
+    finetune, search, pretrain = tmp_path / "finetune", tmp_path / "search", tmp_path / "pretrain"
+    for name, folder in (("finetune", finetune), ("search", search), ("pretrain", pretrain)):
+        shutil.copytree(runs[name], folder)
+    (finetune / "best_test.json").unlink()  # killed during its final test scoring
+    assert stage_status(str(finetune)) == f"resume {finetune / 'last.pt'}"
+    (search / "baselines.json").unlink()  # killed after its last episode
+    assert stage_status(str(search)) == f"resume {search / 'search_state.pt'}"
+    last = torch.load(pretrain / "last.pt", weights_only=True)
+    last["meta"]["args"]["epochs"] = 3  # killed after epoch 2 of 3
+    torch_save_atomic(last, str(pretrain / "last.pt"))
+    assert stage_status(str(pretrain)) == f"resume {pretrain / 'last.pt'}"
+    # a fine-tune with --epochs 0 writes its last.pt packed, as best.pt, with no state to resume
+    shutil.copyfile(finetune / "best.pt", finetune / "last.pt")
+    assert stage_status(str(finetune)) == "restart"
+    (finetune / "best_test.json").write_text("{}")
+    assert stage_status(str(finetune)) == "finished"
+
+
+def test_run_finetune_sh_started_again_skips_continues_and_restarts(reference, tmp_path):
+    """run/finetune.sh killed in its second stage stopped at its first when started again
+    ("already holds a run"); now each stage goes on as its folder asks."""
+    runs, _ = reference
+    for stage in ("searched", "finetune", "finetune_distill"):
+        shutil.copytree(runs["finetune"], tmp_path / stage)  # searched/: a finished stage
+    (tmp_path / "finetune" / "best_test.json").unlink()  # interrupted, can continue
+    (tmp_path / "finetune_distill" / "best_test.json").unlink()  # interrupted, and nothing
+    (tmp_path / "finetune_distill" / "last.pt").unlink()  # to continue from
+    out = subprocess.run(["bash", "run/finetune.sh"], cwd=os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, DRY_RUN="1", RUN=str(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    finetune, distill = [shlex.split(line) for line in out.stdout.splitlines()
+                         if not line.startswith("[setup]")]
+    assert f"{tmp_path / 'searched'}: finished; skipped" in out.stderr
+    assert finetune[-2:] == ["--resume", str(tmp_path / "finetune" / "last.pt")]
+    assert distill[-1] == "--overwrite" and "--resume" not in distill
