@@ -33,7 +33,7 @@ RUN_DIRS = ("tb",)
 
 _held = {}  # folder -> open lock file, kept open (and so locked) until the process ends
 _replaced = set()  # folders whose previous run --overwrite replaces at the first write
-_made = set()  # folders this process created to claim them
+_made = {}  # folder this process created to claim it -> the parents it created with it
 
 
 def claim(out, resume=False, overwrite=False, inputs=()):
@@ -103,8 +103,12 @@ def lock(folder):
     if folder in _held:
         return
     if not os.path.isdir(folder):
+        parents, parent = [], os.path.dirname(folder)
+        while not os.path.exists(parent):  # made by makedirs below, deepest first
+            parents.append(parent)
+            parent = os.path.dirname(parent)
         os.makedirs(folder)
-        _made.add(folder)
+        _made[folder] = parents
     path = os.path.join(folder, LOCK_NAME)
     f = open(path, "a+")
     try:
@@ -125,12 +129,16 @@ def lock(folder):
 def release_unused():
     """For a run stopped by an error: remove each folder it created whose only file is still its
     lock (a refusal after the claim, e.g. a missing data root, leaves no empty run folder)."""
-    for folder in list(_made):
-        _made.discard(folder)
+    for folder, parents in list(_made.items()):
+        del _made[folder]
         if os.path.isdir(folder) and os.listdir(folder) == [LOCK_NAME]:
             _held.pop(folder).close()
             os.remove(os.path.join(folder, LOCK_NAME))
             os.rmdir(folder)
+            for parent in parents:  # and the parents made for it, while nothing else is there
+                if os.listdir(parent):
+                    break
+                os.rmdir(parent)
 
 
 def recorded_run(path):

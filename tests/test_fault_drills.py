@@ -209,6 +209,10 @@ def test_a_run_refused_after_its_claim_leaves_no_empty_folder(tmp_path):
                       tmp_path / "no_such_data", "--out", out)
     assert "no_such_data" in message
     assert not out.exists()
+    # nor the parent folders made for it (RUN=runs/a of a run script: runs/a/pretrain)
+    message = refused("pretrain", "--dataset", "shapenet_part", "--data-root",
+                      tmp_path / "no_such_data", "--out", tmp_path / "runs" / "a" / "pretrain")
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_a_temporary_file_left_by_a_killed_write_goes_at_the_next_claim(reference, tmp_path):
