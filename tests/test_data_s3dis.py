@@ -239,3 +239,21 @@ def test_samples_per_epoch_sets_the_training_epoch_and_only_there(rooms_root):
     for name, split in (("synthetic_rooms", "val"), ("synthetic_parts", "train")):
         with pytest.raises(ValueError, match="only the S3DIS training split"):
             build_dataset(name, rooms_root, split, samples_per_epoch=7)
+
+
+def test_a_read_only_release_is_converted_under_data_cache(tmp_path, monkeypatch):
+    """A lab's shared, read-only dataset mount: the rooms cannot be converted beside it."""
+    raw = tmp_path / "shared" / RAW_DIRNAME
+    raw.mkdir(parents=True)
+    beside = tmp_path / "shared" / s3dis.PROCESSED_DIRNAME
+    assert s3dis.default_processed_dir(str(raw)) == str(beside)
+    real_access = os.access
+    monkeypatch.setattr(s3dis.os, "access", lambda path, mode: (
+        False if os.path.realpath(path) == str(tmp_path / "shared") else real_access(path, mode)))
+    cached = s3dis.default_processed_dir(str(raw))
+    assert os.path.dirname(cached) == str(s3dis.DATA_DIR / "cache")
+    assert os.path.basename(cached).startswith(s3dis.PROCESSED_DIRNAME + "-")
+    other = tmp_path / "shared" / "elsewhere" / RAW_DIRNAME  # another release: its own folder
+    assert s3dis.default_processed_dir(str(other)) not in (cached, str(beside))
+    beside.mkdir()  # converted there already (by whoever could write): read from there
+    assert s3dis.default_processed_dir(str(raw)) == str(beside)

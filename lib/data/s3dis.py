@@ -24,6 +24,7 @@ floor (lowest point); feat = rgb / 255 and the point's position normalised to th
 bounding box, [0, 1]^3 (PointNet's S3DIS input; it tells a crop where it sits in the room).
 """
 import argparse
+import hashlib
 import os
 import re
 import sys
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from lib import distributed
-from lib.data import read_point_table
+from lib.data import DATA_DIR, read_point_table
 from lib.data.grid import covering_crops, cycling_pass, grid_cells, knn_crop, pad_by_resampling, random_pass
 from lib.data.transforms import jitter, random_scale, sample_rng
 
@@ -155,7 +156,15 @@ def find_raw_dir(root):
 
 
 def default_processed_dir(raw_dir):
-    return os.path.join(os.path.dirname(os.path.abspath(raw_dir)), PROCESSED_DIRNAME)
+    """s3dis_npy/ beside the raw release; under data/cache/ where that folder is read-only (a
+    lab's shared dataset mount) and holds no converted rooms yet, named after the release's
+    path so that two releases never share one."""
+    parent = os.path.dirname(os.path.abspath(raw_dir))
+    beside = os.path.join(parent, PROCESSED_DIRNAME)
+    if os.path.isdir(beside) or os.access(parent, os.W_OK):
+        return beside
+    tag = hashlib.sha1(os.path.abspath(raw_dir).encode()).hexdigest()[:8]
+    return os.path.join(DATA_DIR, "cache", f"{PROCESSED_DIRNAME}-{tag}")
 
 
 def list_rooms(raw_dir, areas):
@@ -382,7 +391,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Convert the raw S3DIS release into per-room arrays.")
     p.add_argument("--root", required=True, help=f"folder holding {RAW_DIRNAME}/ (or that folder itself)")
     p.add_argument("--out", default=None,
-                   help=f"output folder (default: {PROCESSED_DIRNAME}/ beside the raw folder); "
+                   help=f"output folder (default: {PROCESSED_DIRNAME}/ beside the raw folder, or "
+                        f"under data/cache/ where that is read-only); "
                         f"readable as a --data-root of its own")
     p.add_argument("--skip-malformed", action="store_true",
                    help="drop malformed lines (the release has one, Area_5/hallway_6/Annotations/"
