@@ -23,8 +23,8 @@ def parse_keep(value):
 
 
 class PolicyFile:
-    """A policy.json, read once: `bits` and `keep` check the two parts finetune.py uses. Every
-    problem is a one-line error naming the file, never a guess."""
+    """A policy.json, read once: `bits`, `keep` and `check_searched_on` check what finetune.py
+    uses of it. Every problem is a one-line error naming the file, never a guess."""
 
     def __init__(self, path):
         self.path = path

@@ -7,5 +7,5 @@ set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
 . run/recipes.sh
 batch=$(per_process_batch)
-stage "$RUN/pretrain" pretrain.py --model "$MODEL" --dataset "$DATASET" "${DATA_ROOT[@]}" "${PRETRAIN[@]}" \
-    --batch-size "$batch" --workers 4 --out "$RUN/pretrain" "$@"
+stage "$RUN/pretrain" pretrain.py --model "$MODEL" --dataset "$DATASET" "${DATA_ROOT[@]}" \
+    "${PRETRAIN[@]}" --batch-size "$batch" --workers 4 --out "$RUN/pretrain" "$@"

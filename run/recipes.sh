@@ -88,12 +88,14 @@ DATA_ROOT=()
 cd "$CALLER_DIR"
 
 # launch SCRIPT.py FLAGS... or launch -m MODULE FLAGS...: one process, or NPROC under
-# torchrun; with DRY_RUN=1 printed only. Run from the caller's folder (the end of this file).
+# torchrun; with DRY_RUN=1 printed only. Runs in the caller's folder (the cd above).
 launch() {
-    local launcher=(python) target=("$REPO_ROOT/$1")
-    shift
-    if [ "${target[0]}" = "$REPO_ROOT/-m" ]; then
-        target=(-m "$1")
+    local launcher=(python) target
+    if [ "$1" = -m ]; then
+        target=(-m "$2")
+        shift 2
+    else
+        target=("$REPO_ROOT/$1")
         shift
     fi
     if [ "$NPROC" -gt 1 ]; then

@@ -438,4 +438,4 @@ def test_a_cache_folder_others_can_write_to_is_not_used(probe, tmp_path, monkeyp
     monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     path = native.build("cc", sources=[probe], headers=[], name="probe")
     assert path.startswith(str(tmp_path / "tmp")) and native._verified(path)
-    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) & 0o077 == 0
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) & 0o077 == 0  # made 0700

@@ -297,7 +297,8 @@ def norm_relu_max(bn, x):
     unhooked module); elsewhere batch_norm, then relu_neighbour_max."""
     lib = native_for(x, bf16_rows=True)
     fused = (lib is not None and x.dim() == 4 and fusable_norm(bn, x)
-             and bn.num_features == x.shape[-1] and x.shape[2] < 2 ** 31 and x.numel() // x.shape[-1] >= 2
+             and bn.num_features == x.shape[-1] and x.shape[2] < 2 ** 31
+             and x.numel() // x.shape[-1] >= 2
              and bool((bn.weight >= 0).all()))
     if not fused:
         return relu_neighbour_max(batch_norm(bn, x))

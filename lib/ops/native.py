@@ -67,17 +67,19 @@ def _writable_cache():
             continue
         if os.access(directory, os.W_OK | os.X_OK) and _private(directory):
             return directory
-    raise RuntimeError(f"no writable cache folder of this user's among {', '.join(cache_dirs())}")
+    raise RuntimeError(f"no writable cache folder of this user's among "
+                       f"{', '.join(cache_dirs())}")
 
 
 def _private(directory):
-    """Whether only this user can have put files in `directory`: the library found there is
-    loaded into the process, and the fallback lies in the shared temporary folder, where another
-    user could make the folder first and leave a library of their own in it."""
+    """Whether `directory` is this user's and not writable by everyone: the library found there
+    is loaded into the process, and the fallback lies in the shared temporary folder, where
+    another user could make the folder first and leave a library of their own in it. (A group
+    may write: a lab's umask 002 makes the cache folder so.)"""
     if not hasattr(os, "getuid"):
         return True
     info = os.stat(directory)
-    return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    return info.st_uid == os.getuid() and not info.st_mode & stat.S_IWOTH
 
 
 def _cpu_flags():
