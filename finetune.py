@@ -9,14 +9,13 @@ optionally distilling from the fp32 model. Checkpoints are written packed.
 subfolder of the checkpoint's folder; the checkpoint's own folder is refused.
 """
 import copy
-import json
 import os
 
 import torch
 
 from lib import distributed, heap
-from lib.checkpoint import (file_sha256, load_checkpoint, same_input_as_recorded, save_checkpoint,
-                            unwrap)
+from lib.checkpoint import (atomic_write_json, file_sha256, load_checkpoint, same_input_as_recorded,
+                            save_checkpoint, unwrap)
 from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, positive_float,
                      resolve_device, run_script)
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
@@ -165,8 +164,8 @@ def main(args):
     if distributed.is_main():
         print(f"{best_path} (test split):")
         print(format_results(data["task"], results))
-        with open(os.path.join(out, "best_test.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        # written last, atomically: its presence says the run ended (lib/stage_status.py)
+        atomic_write_json(os.path.join(out, "best_test.json"), results)
         print(format_size(results))
     log.close()  # last: log.txt copies the console until here
     distributed.cleanup()

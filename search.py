@@ -11,15 +11,14 @@ The search folder (--out) defaults to the search/ subfolder of the checkpoint's 
 --batch-size is the reward evaluation's; keep it at 16 on a CPU: at 32 the default PT's
 neighbour tensors pass glibc's 32 MiB mmap threshold and fault in every episode.
 """
-import json
 import os
 
 import torch
 from tqdm import tqdm
 
 from lib import distributed, heap
-from lib.checkpoint import (file_sha256, load_checkpoint, same_input_as_recorded, torch_load,
-                            torch_save_atomic)
+from lib.checkpoint import (atomic_write_json, file_sha256, load_checkpoint, same_input_as_recorded,
+                            torch_load, torch_save_atomic)
 from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, path_arg,
                      positive_float, positive_fraction, positive_int, resolve_device, run_script)
 from lib.experiment import example_inputs, load_split
@@ -212,8 +211,8 @@ def main(args):
     if main_rank:
         with open(os.path.join(out, "baselines.md"), "w") as f:
             f.write(table + "\n")
-        with open(os.path.join(out, "baselines.json"), "w") as f:
-            json.dump(rows, f, indent=2)
+        # written last, atomically: its presence says the run ended (lib/stage_status.py)
+        atomic_write_json(os.path.join(out, "baselines.json"), rows)
     print_main(table)
     print_main(f"best policy (episode {best['episode']}) in {out}/policy.json, chart in {out}/policy.png")
     log.close()  # last: log.txt copies the console until here

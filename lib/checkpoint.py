@@ -8,6 +8,7 @@ torch file holding everything; for a quantized model it also records the quantiz
 the same metadata in its header, so its file has exactly the honest size.
 """
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -38,6 +39,15 @@ def atomic_write(path, write_fn):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_json(path, obj):
+    """`obj` as indented JSON at `path`, written atomically: the run scripts take a stage's last
+    file (best_test.json, baselines.json) as the sign that its run ended."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=2) + "\n")
+    atomic_write(path, write)
 
 
 def _umask():

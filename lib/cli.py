@@ -150,10 +150,18 @@ def resumed_args(parser, argv, args, kind):
     found, recorded, path, done = recorded_run(args.resume)
     if found != kind:
         raise ValueError(f"{path}: a {found} run; {kind}.py --resume continues a {kind} run")
+    if "overwrite" in given_dests(parser, argv):
+        raise ValueError("--resume continues the run in its folder; --overwrite would delete it")
+    return recorded_settings(parser, argv, args, recorded, path, done)
+
+
+def recorded_settings(parser, argv, args, recorded, path, done):
+    """The run's settings (a Namespace) for a command line `argv` (parsed: `args`) given to the
+    run recorded at `path` (its folder is the run's, `recorded` its flags, `done` its epochs or
+    episodes): only MAY_CHANGE_AT_RESUME may differ, and --epochs / --episodes only upwards;
+    anything else is a one-line ValueError listing every difference."""
     folder = os.path.dirname(path)
     given = given_dests(parser, argv)
-    if "overwrite" in given:
-        raise ValueError("--resume continues the run in its folder; --overwrite would delete it")
     settings, differences = {}, []
     for action in parser._actions:
         dest = action.dest
@@ -163,6 +171,7 @@ def resumed_args(parser, argv, args, kind):
         recorded_value = recorded.get(dest)
         if recorded_value is None:  # a flag newer than the run, or a default resolved later
             recorded_value = action.default
+        flag = action.option_strings[0] if action.option_strings else dest
         if dest == "resume":
             settings[dest] = path
         elif dest == "out":
@@ -170,14 +179,14 @@ def resumed_args(parser, argv, args, kind):
                 differences.append(f"--out {value} (the run's folder is {folder})")
             settings[dest] = folder
         elif dest in given and dest in MAY_CHANGE_AT_RESUME:
-            if dest in ("epochs", "episodes") and value < done:  # would run nothing, silently
-                differences.append(f"{action.option_strings[0]} {value} (the run has done "
-                                   f"{done}; extend it with more, or give none)")
+            # fewer than set would cut the run short, its schedule squeezed to the new end
+            if dest in ("epochs", "episodes") and value < max(done, recorded_value or 0):
+                differences.append(f"{flag} {value} (the run is set to {recorded_value} and has "
+                                   f"done {done}; extend it with more, or give none)")
             settings[dest] = value
         else:
             if dest in given and value != recorded_value:
-                differences.append(f"{action.option_strings[0]} {value} "
-                                   f"(recorded {recorded_value})")
+                differences.append(f"{flag} {value} (recorded {recorded_value})")
             settings[dest] = recorded_value
     # --batch-size is per process: under another process count the total batch, the steps per
     # epoch and so the schedule would change (runs recorded before the count was are not checked)
@@ -213,7 +222,10 @@ def run_script(main, parser, kind=None, argv=None):
         if kind is not None and args.resume:
             args = resumed_args(parser, argv, args, kind)
             if os.environ.get("RANK", "0") == "0":
-                print(f"resuming {args.resume} with its recorded settings; writing into "
+                changed = [f"--{d.replace('_', '-')} {getattr(args, d)}"
+                           for d in MAY_CHANGE_AT_RESUME if d in given_dests(parser, argv)]
+                print(f"resuming {args.resume} with its recorded settings"
+                      f"{' and ' + ', '.join(changed) if changed else ''}; writing into "
                       f"{args.out}", flush=True)
         main(args)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:

@@ -3,7 +3,7 @@ the flags that turn a policy file, a uniform width, and the mixed-precision choi
 {layer name: bits or None} dict that lib/quant applies."""
 import json
 
-from lib.checkpoint import atomic_write, file_sha256
+from lib.checkpoint import atomic_write_json, file_sha256
 from lib.data import read_text_file
 
 
@@ -92,7 +92,4 @@ def _some(names):
 
 
 def write_policy(path, record):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(json.dumps(record, indent=2) + "\n")
-    atomic_write(path, write)
+    atomic_write_json(path, record)

@@ -46,22 +46,17 @@ def run_checkpoints(run):
 
 def stage_problems(folder, path, fp32_sha256):
     """Why a stage's best.pt does not belong in the table as a finished row of this run, in
-    words: its run has not ended (a last.pt short of its epochs; a quantized stage without the
-    best_test.json that finetune.py writes last), or it was quantized from another fp32 model
-    than the run's pretrain/best.pt (a pretraining replaced or extended after the search)."""
+    words: its run has not ended (lib/stage_status.progress: epochs or episodes short of those
+    set, a fine-tune's test scoring or a best.pt that a kill kept from being written), or it
+    was quantized from another fp32 model than the run's pretrain/best.pt (a pretraining
+    replaced or extended after the search)."""
     from lib.checkpoint import checkpoint_meta
+    from lib.stage_status import progress
     problems = []
-    meta = checkpoint_meta(path)
-    last = os.path.join(folder, "last.pt")
-    if os.path.isfile(last):
-        last_meta = checkpoint_meta(last)
-        done, epochs = last_meta.get("epoch"), last_meta.get("args", {}).get("epochs")
-        if done is not None and epochs is not None and done < epochs:
-            problems.append(f"unfinished: epoch {done} of {epochs}")
-    quant = meta.get("quant") or {}
-    if quant and not problems and not os.path.isfile(os.path.join(folder, "best_test.json")):
-        problems.append("unfinished: its run did not end")
-    teacher = quant.get("teacher_sha256")
+    state, _, why = progress(folder)
+    if state in ("interrupted", "restartable"):
+        problems.append(f"unfinished: {why}")
+    teacher = (checkpoint_meta(path).get("quant") or {}).get("teacher_sha256")
     if teacher and fp32_sha256 and teacher != fp32_sha256:
         problems.append("quantized from another fp32 model than pretrain/best.pt")
     return problems

@@ -7,6 +7,8 @@
 set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
 . run/recipes.sh
+require_finished "$RUN/pretrain"
+require_finished "$RUN/search"
 batch=$(per_process_batch)
 common=(--ckpt "$RUN/pretrain/best.pt" --policy "$RUN/search/policy.json" "${DATA_ROOT[@]}"
         "${FINETUNE[@]}" --batch-size "$batch" --workers 4)

@@ -86,6 +86,8 @@ esac
 DATA_ROOT=()
 [ -n "${DATA:-}" ] && DATA_ROOT=(--data-root "$DATA")
 cd "$CALLER_DIR"
+# the caller's folder is not put on Python's path: a lib/ of its own would shadow this one
+export PYTHONSAFEPATH=1
 
 # launch SCRIPT.py FLAGS... or launch -m MODULE FLAGS...: one process, or NPROC under
 # torchrun; with DRY_RUN=1 printed only. Runs in the caller's folder (the cd above).
@@ -115,19 +117,35 @@ launch() {
 }
 
 # stage FOLDER SCRIPT.py FLAGS...: the stage that writes FOLDER, started again as its folder
-# asks (lib/stage_status.py): skipped when its run has ended, continued from its last checkpoint
-# when interrupted (--resume: a changed setting is refused), started over its files when it
-# left nothing to continue from, started when new. A script can so be run again after a crash.
+# and FLAGS ask (lib/stage_status.py): skipped when its run has ended, continued from its last
+# checkpoint when interrupted or extended (--resume: a changed setting is refused), started over
+# its files when it left nothing to continue from, started when new; a folder it cannot place,
+# or FLAGS that change a recorded setting, stop the script. So a script can be run again after
+# a crash.
 stage() {
-    local folder="$1" status
+    local folder="$1" script="${2%.py}" status
     shift
-    status=$(python -m lib.stage_status "$folder")
+    status=$(WORLD_SIZE="$NPROC" python -m lib.stage_status "$folder" "$script" "${@:2}")
     case "$status" in
     new) launch "$@" ;;
     finished) echo "[run] $folder: finished; skipped" >&2 ;;
     restart) launch "$@" --overwrite ;;
     resume\ *) launch "$@" --resume "${status#resume }" ;;
-    *) echo "[run] $folder: $status" >&2; exit 2 ;;
+    *) echo "[run] ${status#refuse }" >&2; exit 2 ;;
+    esac
+}
+
+# require_finished FOLDER: stop unless the stage that writes FOLDER has ended (or has not run:
+# the script reading it then says the file is missing), so that no stage reads an unfinished
+# stage's result (a best.pt that a kill kept from being the best epoch's, an unfinished search).
+require_finished() {
+    local state
+    state=$(python -c "import sys; from lib.stage_status import progress; \
+print(progress(sys.argv[1])[0])" "$1")
+    case "$state" in
+    new|ended) ;;
+    *) echo "[run] $1: its run has not ended ($state); run its script again first" >&2
+       exit 2 ;;
     esac
 }
 

@@ -5,5 +5,6 @@
 set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
 . run/recipes.sh
+require_finished "$RUN/pretrain"
 stage "$RUN/search" search.py --ckpt "$RUN/pretrain/best.pt" "${DATA_ROOT[@]}" "${SEARCH[@]}" \
     --out "$RUN/search" "$@"

@@ -283,10 +283,23 @@ def test_resume_refuses_fewer_epochs_or_episodes_than_done(reference):
     """Fewer would run nothing and record the smaller number: refused, as any change."""
     runs, _ = reference
     message = refused("pretrain", "--resume", runs["pretrain"], "--epochs", 1)
-    assert "--epochs 1 (the run has done 2; extend it with more, or give none)" in message
+    assert "--epochs 1 (the run is set to 2 and has done 2; extend it with more" in message
     message = refused("search", "--resume", runs["search"], "--episodes", 1)
-    assert "--episodes 1 (the run has done 2" in message
+    assert "--episodes 1 (the run is set to 2 and has done 2" in message
     assert "(only --episodes, --device, --workers may change)" in message  # search's own flags
+
+
+def test_resume_refuses_fewer_epochs_than_set_even_when_more_than_done(reference, tmp_path):
+    """A run set to 3 epochs, killed after 2, resumed with --epochs 2: it trained nothing,
+    recorded 2 where its last.pt said 3, and a run script would resume it forever."""
+    from lib.checkpoint import torch_save_atomic
+    runs, _ = reference
+    shutil.copytree(runs["pretrain"], tmp_path / "pretrain")
+    last = torch.load(tmp_path / "pretrain" / "last.pt", weights_only=True)
+    last["meta"]["args"]["epochs"] = 3
+    torch_save_atomic(last, str(tmp_path / "pretrain" / "last.pt"))
+    message = refused("pretrain", "--resume", tmp_path / "pretrain", "--epochs", 2)
+    assert "--epochs 2 (the run is set to 3 and has done 2; extend it with more" in message
 
 
 @pytest.mark.parametrize("script", ["pretrain", "finetune"])
@@ -538,7 +551,7 @@ def test_the_results_table_marks_rows_that_are_not_this_runs_finished_work(refer
         "quantized from another fp32 model than pretrain/best.pt"]
     (finetune / "best_test.json").unlink()  # killed during its final test scoring
     assert stage_problems(finetune, finetune / "best.pt", fp32_sha) == [
-        "unfinished: its run did not end"]
+        "unfinished: its test scoring did not end"]
     last = torch.load(pretrain / "last.pt", weights_only=True)  # a run extended to 3 epochs,
     last["meta"]["args"]["epochs"] = 3  # killed after its second
     torch_save_atomic(last, str(pretrain / "last.pt"))
@@ -548,43 +561,80 @@ def test_the_results_table_marks_rows_that_are_not_this_runs_finished_work(refer
 def test_a_stage_folder_says_what_a_run_script_started_again_does(reference, tmp_path):
     from lib.checkpoint import torch_save_atomic
     from lib.stage_status import stage_status
+
+    def status(script, folder, *flags):
+        return stage_status(str(folder), script, ["--out", str(folder), *map(str, flags)])
     runs, _ = reference
-    assert stage_status(str(tmp_path / "none")) == "new"
+    assert status("pretrain", tmp_path / "none") == "new"
     for name in ("pretrain", "finetune", "search"):
-        assert stage_status(str(runs[name])) == "finished", name
+        assert status(name, runs[name]) == "finished", name
+    # a finished stage asked for more is extended; asked for another setting, refused
+    assert status("pretrain", runs["pretrain"], "--epochs", 3).startswith("resume ")
+    assert "--lr 0.5 (recorded 0.01)" in status("pretrain", runs["pretrain"], "--lr", 0.5)
+    assert status("pretrain", runs["pretrain"], "--lr", 0.5).startswith("refuse ")
+    assert status("pretrain", runs["pretrain"], "--overwrite") == "new"  # as the user asks
     finetune, search, pretrain = tmp_path / "finetune", tmp_path / "search", tmp_path / "pretrain"
     for name, folder in (("finetune", finetune), ("search", search), ("pretrain", pretrain)):
         shutil.copytree(runs[name], folder)
     (finetune / "best_test.json").unlink()  # killed during its final test scoring
-    assert stage_status(str(finetune)) == f"resume {finetune / 'last.pt'}"
+    assert status("finetune", finetune) == f"resume {finetune / 'last.pt'}"
     (search / "baselines.json").unlink()  # killed after its last episode
-    assert stage_status(str(search)) == f"resume {search / 'search_state.pt'}"
+    assert status("search", search) == f"resume {search / 'search_state.pt'}"
     last = torch.load(pretrain / "last.pt", weights_only=True)
     last["meta"]["args"]["epochs"] = 3  # killed after epoch 2 of 3
     torch_save_atomic(last, str(pretrain / "last.pt"))
-    assert stage_status(str(pretrain)) == f"resume {pretrain / 'last.pt'}"
+    assert status("pretrain", pretrain) == f"resume {pretrain / 'last.pt'}"
+    (pretrain / "last.pt").unlink()  # a best.pt alone: its run may not have ended, and
+    assert status("pretrain", pretrain).startswith(f"refuse {pretrain} holds")  # is kept
+    (search / "search_state.pt").unlink()  # the same for a policy.json alone
+    assert status("search", search).startswith(f"refuse {search} holds")
     # a fine-tune with --epochs 0 writes its last.pt packed, as best.pt, with no state to resume
     shutil.copyfile(finetune / "best.pt", finetune / "last.pt")
-    assert stage_status(str(finetune)) == "restart"
+    assert status("finetune", finetune) == "restart"
     (finetune / "best_test.json").write_text("{}")
-    assert stage_status(str(finetune)) == "finished"
+    assert status("finetune", finetune) == "finished"
+    for name in ("best.pt", "last.pt", "best_test.json"):  # killed before its first checkpoint
+        (finetune / name).unlink()
+    assert status("finetune", finetune) == "restart"
 
 
-def test_run_finetune_sh_started_again_skips_continues_and_restarts(reference, tmp_path):
+def test_a_damaged_stage_folder_is_one_line(tmp_path):
+    from lib.stage_status import main
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    out = subprocess.run([sys.executable, "-m", "lib.stage_status", str(tmp_path), "pretrain",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == ""
+    assert out.stdout.startswith(f"refuse {tmp_path}: ") and out.stdout.count("\n") == 1
+    assert callable(main)
+
+
+def test_run_scripts_started_again_skip_continue_and_restart(reference, tmp_path):
     """run/finetune.sh killed in its second stage stopped at its first when started again
-    ("already holds a run"); now each stage goes on as its folder asks."""
+    ("already holds a run"); now each stage goes on as its folder asks (run/recipes.sh's
+    `stage`, given each stage's own command)."""
     runs, _ = reference
-    for stage in ("searched", "finetune", "finetune_distill"):
-        shutil.copytree(runs["finetune"], tmp_path / stage)  # searched/: a finished stage
-    (tmp_path / "finetune" / "best_test.json").unlink()  # interrupted, can continue
-    (tmp_path / "finetune_distill" / "best_test.json").unlink()  # interrupted, and nothing
-    (tmp_path / "finetune_distill" / "last.pt").unlink()  # to continue from
-    out = subprocess.run(["bash", "run/finetune.sh"], cwd=os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), capture_output=True, text=True, timeout=120,
-        env=dict(os.environ, DRY_RUN="1", RUN=str(tmp_path)))
+    teacher = runs["pretrain"] / "best.pt"
+    for stage in ("ended", "cut", "early"):
+        shutil.copytree(runs["finetune"], tmp_path / stage)
+    (tmp_path / "cut" / "best_test.json").unlink()  # killed in its final test scoring
+    for name in ("best.pt", "last.pt", "best_test.json"):  # killed before its first checkpoint
+        (tmp_path / "early" / name).unlink()
+
+    def started_again(*stages):
+        script = "; ".join(
+            f"stage {shlex.quote(str(tmp_path / stage))} finetune.py "
+            + " ".join(shlex.quote(str(a)) for a in args) for stage, args in stages)
+        return subprocess.run(["bash", "-c", f". run/setup_env.sh && . run/recipes.sh && "
+                               f"{script}"], cwd=REPO, capture_output=True, text=True,
+                              timeout=180, env=dict(os.environ, DRY_RUN="1"))
+    out = started_again(*[(stage, finetune_args(teacher, tmp_path / stage))
+                          for stage in ("ended", "cut", "early")])
     assert out.returncode == 0, out.stderr
-    finetune, distill = [shlex.split(line) for line in out.stdout.splitlines()
-                         if not line.startswith("[setup]")]
-    assert f"{tmp_path / 'searched'}: finished; skipped" in out.stderr
-    assert finetune[-2:] == ["--resume", str(tmp_path / "finetune" / "last.pt")]
-    assert distill[-1] == "--overwrite" and "--resume" not in distill
+    cut, early = [shlex.split(line) for line in out.stdout.splitlines()
+                  if not line.startswith("[setup]")]
+    assert f"{tmp_path / 'ended'}: finished; skipped" in out.stderr
+    assert cut[-2:] == ["--resume", str(tmp_path / "cut" / "last.pt")]
+    assert early[-1] == "--overwrite" and "--resume" not in early
+    # a finished stage asked for another setting stops the script, in one line
+    out = started_again(("ended", (*finetune_args(teacher, tmp_path / "ended"), "--lr", 0.5)))
+    assert out.returncode == 2 and "--lr 0.5 (recorded 0.001)" in out.stderr
