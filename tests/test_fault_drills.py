@@ -638,3 +638,21 @@ def test_run_scripts_started_again_skip_continue_and_restart(reference, tmp_path
     # a finished stage asked for another setting stops the script, in one line
     out = started_again(("ended", (*finetune_args(teacher, tmp_path / "ended"), "--lr", 0.5)))
     assert out.returncode == 2 and "--lr 0.5 (recorded 0.001)" in out.stderr
+
+
+def test_a_stage_waits_for_its_input_stage_to_end(reference, tmp_path):
+    """search.sh searched on the best.pt of a pretraining killed between its last.pt and its
+    best.pt (a stale epoch), without a word."""
+    from lib.checkpoint import torch_save_atomic
+    runs, _ = reference
+    shutil.copytree(runs["pretrain"], tmp_path / "pretrain")
+    last = torch.load(tmp_path / "pretrain" / "last.pt", weights_only=True)
+    last["meta"]["args"]["epochs"] = 3  # killed in epoch 3
+    torch_save_atomic(last, str(tmp_path / "pretrain" / "last.pt"))
+    for script in ("search.sh", "finetune.sh"):
+        out = subprocess.run(["bash", f"run/{script}"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120,
+                             env=dict(os.environ, DRY_RUN="1", RUN=str(tmp_path)))
+        assert out.returncode == 2  # and nothing launched:
+        assert not [line for line in out.stdout.splitlines() if not line.startswith("[setup]")]
+        assert f"{tmp_path / 'pretrain'}: its run has not ended (interrupted)" in out.stderr

@@ -109,7 +109,10 @@ def test_under_torchrun_the_scripts_flags_reach_the_script():
 
 def test_relative_paths_are_the_callers(tmp_path):
     """The scripts work in the repository's folder but run the Python where they were started:
-    RUN=r DATA=d from another folder are that folder's r and d, as a script's own flags are."""
+    RUN=r DATA=d from another folder are that folder's r and d, as a script's own flags are;
+    a lib/ package of that folder's own does not shadow the repository's."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "__init__.py").write_text("")
     out = subprocess.run(["bash", os.path.join(REPO, "run", "search.sh")], cwd=tmp_path,
                          capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, DRY_RUN="1", RUN="r", DATA="d"))
