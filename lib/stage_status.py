@@ -112,13 +112,18 @@ def stage_status(folder, script, argv):
 
 
 def main(argv):
+    """FOLDER SCRIPT FLAGS...: the action; --progress FOLDER: progress's state alone (what a
+    stage reading FOLDER's result checks). A damaged folder: "refuse" and the reason."""
     if len(argv) < 2:
-        raise SystemExit("usage: python -m lib.stage_status FOLDER SCRIPT [FLAGS...]")
+        raise SystemExit("usage: python -m lib.stage_status FOLDER SCRIPT [FLAGS...] | "
+                         "--progress FOLDER")
+    folder = argv[1] if argv[0] == "--progress" else argv[0]
     try:
-        print(stage_status(argv[0], argv[1], argv[2:]))
+        print(progress(folder)[0] if argv[0] == "--progress"
+              else stage_status(folder, argv[1], argv[2:]))
     except (OSError, ValueError, KeyError, argparse.ArgumentError) as e:
         from lib.cli import one_line
-        print(f"refuse {argv[0]}: {one_line(e)}")
+        print(f"refuse {folder}: {one_line(e)}")
 
 
 if __name__ == "__main__":

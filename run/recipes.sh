@@ -135,15 +135,16 @@ stage() {
     esac
 }
 
-# require_finished FOLDER: stop unless the stage that writes FOLDER has ended (or has not run:
-# the script reading it then says the file is missing), so that no stage reads an unfinished
-# stage's result (a best.pt that a kill kept from being the best epoch's, an unfinished search).
+# require_finished FOLDER: stop when the stage that writes FOLDER was interrupted, so that no
+# stage reads an unfinished stage's result (a best.pt that a kill kept from being the best
+# epoch's, a search cut short). A stage not run yet (the script reading it then says the file
+# is missing) or a result put there by hand, without a run's record, passes.
 require_finished() {
     local state
-    state=$(python -c "import sys; from lib.stage_status import progress; \
-print(progress(sys.argv[1])[0])" "$1")
+    state=$(python -m lib.stage_status --progress "$1")
     case "$state" in
-    new|ended) ;;
+    new|ended|unknown) ;;
+    refuse\ *) echo "[run] ${state#refuse }" >&2; exit 2 ;;
     *) echo "[run] $1: its run has not ended ($state); run its script again first" >&2
        exit 2 ;;
     esac

@@ -656,3 +656,8 @@ def test_a_stage_waits_for_its_input_stage_to_end(reference, tmp_path):
         assert out.returncode == 2  # and nothing launched:
         assert not [line for line in out.stdout.splitlines() if not line.startswith("[setup]")]
         assert f"{tmp_path / 'pretrain'}: its run has not ended (interrupted)" in out.stderr
+    # a best.pt put there by hand (no last.pt: no record of a run) is taken as it is
+    (tmp_path / "pretrain" / "last.pt").unlink()
+    out = subprocess.run(["bash", "run/search.sh"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, DRY_RUN="1", RUN=str(tmp_path)))
+    assert out.returncode == 0 and "search.py" in out.stdout, out.stderr
