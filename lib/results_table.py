@@ -53,9 +53,9 @@ def stage_problems(folder, path, fp32_sha256):
     from lib.checkpoint import checkpoint_meta
     from lib.stage_status import progress
     problems = []
-    state, _, why = progress(folder)
-    if state in ("interrupted", "restartable"):
-        problems.append(f"unfinished: {why}")
+    run = progress(folder)
+    if run.state in ("interrupted", "restartable"):
+        problems.append(f"unfinished: {run.why}")
     teacher = (checkpoint_meta(path).get("quant") or {}).get("teacher_sha256")
     if teacher and fp32_sha256 and teacher != fp32_sha256:
         problems.append("quantized from another fp32 model than pretrain/best.pt")

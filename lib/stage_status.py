@@ -24,30 +24,46 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NamedTuple, Optional
 
 from lib.rundir import RUN_MARKERS
 
 
+class Progress(NamedTuple):
+    """How far the run in a folder got. state: "new", "ended", "interrupted", "restartable"
+    (interrupted, nothing to continue from) or "unknown" (results without the record of whether
+    their run ended); path: the file that records the run (to continue from, when `resumable`);
+    why: the interruption in words; recorded: the run's flags; done: its epochs or episodes
+    (`count` says which)."""
+    state: str
+    path: Optional[str] = None
+    why: Optional[str] = None
+    recorded: Optional[dict] = None
+    done: int = 0
+    count: str = "epochs"
+    resumable: bool = False
+
+
 def progress(folder):
-    """(state, path, why) of the run in `folder`: state "new", "ended", "interrupted" (path: the
-    file to continue from), "restartable" (interrupted, nothing to continue from) or "unknown"
-    (results without the record of whether their run ended); why: the interruption in words."""
-    from lib.checkpoint import checkpoint_epoch, torch_load
+    """The Progress of the run in `folder`, each of its records read once."""
+    from lib.checkpoint import checkpoint_epoch, checkpoint_meta, torch_load
     from lib.quant.pack import is_packed
     present = [name for name in RUN_MARKERS if os.path.exists(os.path.join(folder, name))]
     if not present:
-        return "new", None, None
+        return Progress("new")
     state_path = os.path.join(folder, "search_state.pt")
     if os.path.isfile(state_path):
         state = torch_load(state_path)
         if not isinstance(state, dict) or "episode" not in state:
             raise ValueError(f"{state_path}: not a search state")
-        done, episodes = state["episode"], state.get("args", {}).get("episodes")
+        recorded, done = state.get("args", {}), state["episode"]
+        run = Progress("ended", state_path, None, recorded, done, "episodes", resumable=True)
+        episodes = recorded.get("episodes")
         if episodes is not None and done < episodes:
-            return "interrupted", state_path, f"episode {done} of {episodes}"
+            return run._replace(state="interrupted", why=f"episode {done} of {episodes}")
         if not os.path.isfile(os.path.join(folder, "baselines.json")):
-            return "interrupted", state_path, "its baselines were not written"
-        return "ended", state_path, None
+            return run._replace(state="interrupted", why="its baselines were not written")
+        return run
     last_path, best_path = (os.path.join(folder, name) for name in ("last.pt", "best.pt"))
     # a fine-tune with --epochs 0 writes its last.pt packed, as its best.pt, and without the
     # optimizer state a resume needs
@@ -56,23 +72,26 @@ def progress(folder):
         if not isinstance(last, dict) or "meta" not in last or "resume" not in last:
             raise ValueError(f"{last_path}: not a last.pt of pretrain.py or finetune.py")
         meta, resume = last["meta"], last["resume"]
-        done, epochs = resume["epoch"], meta.get("args", {}).get("epochs")
+        recorded, done = meta.get("args", {}), resume["epoch"]
+        run = Progress("ended", last_path, None, recorded, done, "epochs", resumable=True)
+        epochs = recorded.get("epochs")
         if epochs is not None and done < epochs:
-            return "interrupted", last_path, f"epoch {done} of {epochs}"
+            return run._replace(state="interrupted", why=f"epoch {done} of {epochs}")
         if meta.get("quant"):
             if not os.path.isfile(os.path.join(folder, "best_test.json")):
-                return "interrupted", last_path, "its test scoring did not end"
+                return run._replace(state="interrupted", why="its test scoring did not end")
         elif not (os.path.isfile(best_path)
                   and checkpoint_epoch(best_path) == resume.get("best_epoch")):
-            return "interrupted", last_path, "its best.pt is not the best epoch's"
-        return "ended", last_path, None
+            return run._replace(state="interrupted", why="its best.pt is not the best epoch's")
+        return run
     if os.path.isfile(last_path):  # packed: a fine-tune with --epochs 0
         if os.path.isfile(os.path.join(folder, "best_test.json")):
-            return "ended", best_path, None
-        return "restartable", None, "its test scoring did not end"
+            meta = checkpoint_meta(best_path)
+            return Progress("ended", best_path, None, meta.get("args", {}), meta.get("epoch", 0))
+        return Progress("restartable", why="its test scoring did not end")
     if not any(name in present for name in ("best.pt", "policy.json")):
-        return "restartable", None, "killed before its first checkpoint"
-    return "unknown", None, None
+        return Progress("restartable", why="killed before its first checkpoint")
+    return Progress("unknown")
 
 
 def stage_status(folder, script, argv):
@@ -80,34 +99,27 @@ def stage_status(folder, script, argv):
     argv = list(argv)
     if "--overwrite" in argv:
         return "new"
-    state, path, _ = progress(folder)
-    if state == "new":
+    run = progress(folder)
+    if run.state == "new":
         return "new"
-    if state == "restartable":
+    if run.state == "restartable":
         return "restart"
-    if state == "unknown":
+    if run.state == "unknown":
         found = [name for name in RUN_MARKERS if os.path.exists(os.path.join(folder, name))]
         return (f"refuse {folder} holds {', '.join(found)} without the last.pt or "
                 f"search_state.pt that says whether its run ended; move it away, or give "
                 f"--overwrite to replace it")
     from lib.cli import recorded_settings
-    from lib.checkpoint import checkpoint_meta, torch_load
     parser = importlib.import_module(script).get_args_parser()
-    args = parser.parse_args(argv)
-    if path.endswith("search_state.pt"):
-        state_record = torch_load(path)
-        recorded, done, count = state_record.get("args", {}), state_record["episode"], "episodes"
-    else:
-        meta = checkpoint_meta(path)
-        recorded, done, count = meta.get("args", {}), meta.get("epoch", 0), "epochs"
     try:
-        settings = recorded_settings(parser, argv, args, recorded, path, done)
+        settings = recorded_settings(parser, argv, parser.parse_args(argv), run.recorded,
+                                     run.path, run.done)
     except ValueError as e:
         return f"refuse {e}"
     # a fine-tune with --epochs 0 (its packed best.pt stands for the run) has nothing to extend
-    extendable = not path.endswith("best.pt") and getattr(settings, count, done) > done
-    if state == "interrupted" or extendable:
-        return f"resume {path}"
+    extended = run.resumable and getattr(settings, run.count, run.done) > run.done
+    if run.state == "interrupted" or extended:
+        return f"resume {run.path}"
     return "finished"
 
 
@@ -119,7 +131,7 @@ def main(argv):
                          "--progress FOLDER")
     folder = argv[1] if argv[0] == "--progress" else argv[0]
     try:
-        print(progress(folder)[0] if argv[0] == "--progress"
+        print(progress(folder).state if argv[0] == "--progress"
               else stage_status(folder, argv[1], argv[2:]))
     except (OSError, ValueError, KeyError, argparse.ArgumentError) as e:
         from lib.cli import one_line
