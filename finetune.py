@@ -64,13 +64,14 @@ def check_same_keep(policy_file, keep):
                          f"--keep-first-last (or none), so that the searched budget holds")
 
 
-def build_quantized(args, model, dataset, device):
-    """The fp32 model with the requested policy applied; returns (model, quant metadata)."""
+def build_quantized(args, model, dataset, device, teacher_sha256):
+    """The fp32 model with the requested policy applied; returns (model, quant metadata).
+    teacher_sha256: the SHA-256 of args.ckpt, which the policy must have been searched on."""
     layers = list_quantizable(model, example_inputs(dataset, device))
     names = [layer.name for layer in layers]
     policy_file = PolicyFile(args.policy) if args.policy else None
     if policy_file:
-        policy_file.check_searched_on(args.ckpt)
+        policy_file.check_searched_on(args.ckpt, teacher_sha256)
     policy = (policy_file.bits(names, layer_renames(model)) if policy_file
               else uniform_policy(layers, args.bits))
     keep = parse_keep(args.keep_first_last)
@@ -81,7 +82,8 @@ def build_quantized(args, model, dataset, device):
     quantize_model(model, policy, method=args.method)
     quant = {"bits": policy, "method": args.method, "policy_file": args.policy,
              "keep_first_last": args.keep_first_last or None,
-             "fp32_layers": [n for n in names if policy.get(n) in (None, 32)]}
+             "fp32_layers": [n for n in names if policy.get(n) in (None, 32)],
+             "teacher": os.path.abspath(args.ckpt), "teacher_sha256": teacher_sha256}
     return model, quant
 
 
@@ -120,9 +122,8 @@ def main(args):
     teacher.to(device)
 
     if resume is None:
-        model, quant = build_quantized(args, copy.deepcopy(teacher), train_set, device)
-        quant["teacher"] = os.path.abspath(args.ckpt)
-        quant["teacher_sha256"] = file_sha256(args.ckpt)
+        model, quant = build_quantized(args, copy.deepcopy(teacher), train_set, device,
+                                       file_sha256(args.ckpt))
     else:
         quant = meta["quant"]
     model.to(device)

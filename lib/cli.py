@@ -222,8 +222,9 @@ def run_script(main, parser, kind=None, argv=None):
         if kind is not None and args.resume:
             args = resumed_args(parser, argv, args, kind)
             if os.environ.get("RANK", "0") == "0":
+                given = given_dests(parser, argv)
                 changed = [f"--{d.replace('_', '-')} {getattr(args, d)}"
-                           for d in MAY_CHANGE_AT_RESUME if d in given_dests(parser, argv)]
+                           for d in MAY_CHANGE_AT_RESUME if d in given]
                 print(f"resuming {args.resume} with its recorded settings"
                       f"{' and ' + ', '.join(changed) if changed else ''}; writing into "
                       f"{args.out}", flush=True)

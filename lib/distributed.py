@@ -159,19 +159,19 @@ def broadcast_object(obj, src=0):
 
 def broadcast_module(module, src=0):
     """Every parameter and buffer of `module` set to rank `src`'s, in place."""
-    if not is_distributed():
-        return
-    with torch.no_grad():
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(tensor.data, src=src)
+    _broadcast(list(module.parameters()) + list(module.buffers()), src)
 
 
 def broadcast_buffers(module, src=0):
     """Every buffer of `module` (BatchNorm's running statistics) set to rank `src`'s, in place."""
+    _broadcast(list(module.buffers()), src)
+
+
+def _broadcast(tensors, src):
     if not is_distributed():
         return
     with torch.no_grad():
-        for tensor in module.buffers():
+        for tensor in tensors:
             dist.broadcast(tensor.data, src=src)
 
 

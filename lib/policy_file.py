@@ -3,7 +3,7 @@ the flags that turn a policy file, a uniform width, and the mixed-precision choi
 {layer name: bits or None} dict that lib/quant applies."""
 import json
 
-from lib.checkpoint import atomic_write_json, file_sha256
+from lib.checkpoint import atomic_write_json
 from lib.data import read_text_file
 
 
@@ -62,12 +62,12 @@ class PolicyFile:
                                  f"integer in 1..32 or fp32")
         return {name: None if value in (None, "fp32") else value for name, value in bits.items()}
 
-    def check_searched_on(self, ckpt):
+    def check_searched_on(self, ckpt, ckpt_sha256):
         """A one-line ValueError when the policy was searched on another model than the file
-        `ckpt` (the SHA-256 search.py records; policies without it are not checked): its
-        widths were chosen for that model's layers and accuracy."""
+        `ckpt` of SHA-256 `ckpt_sha256` (search.py records the one it searched; policies
+        without it are not checked): its widths were chosen for that model's layers."""
         recorded = self.record.get("checkpoint_sha256")
-        if recorded is not None and file_sha256(ckpt) != recorded:
+        if recorded is not None and ckpt_sha256 != recorded:
             raise ValueError(f"{self.path}: searched on another model than {ckpt} (the "
                              f"SHA-256 it records differs; it was searched on "
                              f"{self.record.get('checkpoint')}); search this checkpoint, or "

@@ -72,9 +72,9 @@ def test_a_policy_searched_on_another_model_is_refused(tmp_path):
     path = tmp_path / "policy.json"
     write_policy(str(path), {"bits": {}, "checkpoint": str(searched),
                              "checkpoint_sha256": file_sha256(str(searched))})
-    PolicyFile(str(path)).check_searched_on(str(searched))
+    PolicyFile(str(path)).check_searched_on(str(searched), file_sha256(str(searched)))
     with pytest.raises(ValueError, match=f"searched on another model than {other}") as err:
-        PolicyFile(str(path)).check_searched_on(str(other))
+        PolicyFile(str(path)).check_searched_on(str(other), file_sha256(str(other)))
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     write_policy(str(path), {"bits": {}})
-    PolicyFile(str(path)).check_searched_on(str(other))
+    PolicyFile(str(path)).check_searched_on(str(other), file_sha256(str(other)))
