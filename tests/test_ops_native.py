@@ -439,3 +439,22 @@ def test_a_cache_folder_others_can_write_to_is_not_used(probe, tmp_path, monkeyp
     path = native.build("cc", sources=[probe], headers=[], name="probe")
     assert path.startswith(str(tmp_path / "tmp")) and native._verified(path)
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) & 0o077 == 0  # made 0700
+
+
+def test_every_kernel_catches_an_index_written_behind_torchs_back():
+    """The Python check is cached by torch's version counter, which a write through `.numpy()`
+    or `.data` does not move, and the indices an autograd Function saved can change before its
+    backward: every kernel that reads neighbour indices checks each one as it reads it
+    (csrc/parallel.h's checked_index). Without that, each case below crashes its process
+    (index 2^40: segmentation fault, checked when the kernels gained it)."""
+    needs_kernels()
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "indices_behind_torch.py")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"exit status {run.returncode}: {run.stderr[-2000:]}"
+    lines = dict(line.split(": ", 1) for line in run.stdout.splitlines())
+    kernels = {name for name, (_, params) in native.prototypes().items()
+               if {"idx", "flat"} & {p for p, _ in params}} - {"knn"}  # knn writes its idx
+    assert set(lines) == kernels  # every kernel that reads indices, each once
+    for kernel, said in lines.items():
+        assert said.startswith("lib/ops: neighbour index out of range") and kernel in said, said

@@ -24,7 +24,6 @@ from lib import derived
 from lib.ops import native
 from lib.ops.dispatch import MAX_CHANNELS, fast_cpu, native_for, run_kernel
 from lib.ops.fused import running_affine
-from lib.ops.geometry import check_index
 from lib.ops.layers import _unhooked, no_gradient_wanted
 
 MAX_ROWS = 1 << 14  # csrc/attention_inference.c: k rows of C channels on the stack
@@ -123,7 +122,6 @@ def attention_inference(xyz, idx, query, key, value, theta, gamma, share_planes)
     parameters = [p for m in modules for p in m.parameters(recurse=False)]
     if not no_gradient_wanted(*tensors, *parameters):
         return None
-    check_index(idx, n)
     out = value.new_empty(b, n, channels)
     run_kernel(lib, "pt_attention_inference", dtype=value.dtype, B=b, N=n, K=k, C=channels,
                W=weights, xyz=xyz.contiguous(), idx=idx.contiguous(), key=key.contiguous(),

@@ -122,6 +122,11 @@ def run_kernel(lib, name, **arguments):
         raise MemoryError(f"lib/ops/csrc: {name}: out of memory for its partial sums")
     if status == -4:
         raise ValueError(f"lib/ops/csrc: {name}: no form for dtype code {dtype}")
+    if status == -5:  # csrc/parallel.h's checked_index met one
+        idx = arguments.get("idx")
+        found = "" if idx is None else ": [{}, {}]".format(*(int(v) for v in idx.aminmax()))
+        raise ValueError(f"lib/ops: neighbour index out of range{found} for clouds of "
+                         f"{arguments['N']} points (lib/ops/csrc: {name})")
     if status:
         sizes = ", ".join(f"{k}={v}" for k, v in arguments.items() if isinstance(v, int))
         raise ValueError(f"lib/ops/csrc: {name}: shapes outside what the kernel takes ({sizes})")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lib.ops import dispatch
 from lib.ops.dispatch import run_kernel
 from lib.ops.fused import fusable_norm, norm_relu_max
-from lib.ops.geometry import check_index, gather, group
+from lib.ops.geometry import gather, group
 from lib.ops.layers import _unhooked, eval_scale_shift, no_gradient_wanted
 
 
@@ -81,7 +81,6 @@ def _gathered_max(lib, rows, idx):
     """max_j rows[b, idx[b, i, j]] per channel: rows (B, N, C), idx (B, M, k) -> (B, M, C)."""
     rows, idx = rows.contiguous(), idx.contiguous()
     (b, m, k), (n, c) = idx.shape, rows.shape[1:]
-    check_index(idx, n)
     out = rows.new_empty(b, m, c)
     run_kernel(lib, "gathered_max_forward", dtype=rows.dtype, B=b, N=n, M=m, K=k, C=c, x=rows,
                idx=idx, out=out)

@@ -5,9 +5,9 @@ Eager PyTorch runs the layer's per-neighbour chains (gather, add, multiply, sum,
 ReLU, GEMM) one memory-bound pass per operation over (B, N, k, C) tensors; the kernels read
 and write each tensor once: the relation and the aggregation of paper Eq. 3, gamma's
 BatchNorm-ReLU-Linear, TransitionDown's max-pool. lib/ops/dispatch.py says when they run.
-Shapes are checked here before any C call: neighbour indices against the cloud size
-(geometry.check_index), channel counts against the attention weights' (a kernel would
-otherwise write past a row); the kernels check their own shapes again and return a status.
+Shapes are checked here before any C call: channel counts against the attention weights' (a
+kernel would otherwise write past a row); the kernels check their own shapes again, and each
+neighbour index as they read it (csrc/parallel.h's checked_index), and return a status.
 """
 import torch
 import torch.nn as nn
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from lib.ops.dispatch import get_backend, native_for, run_kernel
-from lib.ops.geometry import check_index, gather
+from lib.ops.geometry import gather
 from lib.ops.layers import _unhooked, _update_running_stats, batch_norm, shared_weight_sum
 
 
@@ -67,14 +67,13 @@ class _Relation(torch.autograd.Function):
 
 
 def _check_neighbours(rows, idx, neighbour_rows):
-    """The shapes the PT layer's kernels assume: rows (B, N, C), idx (B, N, k) within [0, N),
-    neighbour_rows (B, N, k, *)."""
+    """The shapes the PT layer's kernels assume: rows (B, N, C), idx (B, N, k), neighbour_rows
+    (B, N, k, *). (The kernels check each index they read against N themselves.)"""
     b, n = rows.shape[:2]
     if idx.dim() != 3 or tuple(idx.shape[:2]) != (b, n) or \
             tuple(neighbour_rows.shape[:3]) != tuple(idx.shape):
         raise ValueError(f"lib/ops: neighbour shapes disagree: rows {tuple(rows.shape)}, idx "
                          f"{tuple(idx.shape)}, per-neighbour {tuple(neighbour_rows.shape)}")
-    check_index(idx, n)
 
 
 def relation(delta, key, query, idx):

@@ -235,13 +235,16 @@ _checked_indices = WeakIdKeyDictionary()  # idx tensor -> (its version, N) when 
 
 def check_index(idx, n):
     """Raises a one-line ValueError unless every entry of the CPU index tensor `idx` lies in
-    [0, n): the C kernels and the flattened gather below would otherwise read (or scatter into)
-    memory outside the cloud. One min/max pass, done once per index tensor and n (a stage's kNN
-    serves all its blocks) until torch records a change to the tensor (its version counter):
-    a write that torch does not see, through `.numpy()` or `.data`, is not checked again.
-    Inference tensors have no version counter and are checked at every call. CUDA tensors are
-    left to the device's own bounds checks (a host synchronisation per call would stall the
-    GPU), and so are graphs under torch.compile (a data-dependent branch would split them)."""
+    [0, n): gather below flattens the batch, so an index past its cloud would read another
+    cloud's row (index_select itself refuses rows outside the batch). One min/max pass, done
+    once per index tensor and n (a stage's kNN serves all its blocks) until torch records a
+    change to the tensor (its version counter): a write that torch does not see, through
+    `.numpy()` or `.data`, is not checked again, and such a gather can then return another
+    cloud's row (never memory outside the tensor). Inference tensors have no version counter
+    and are checked at every call. The C kernels check each index they read themselves
+    (csrc/parallel.h's checked_index), whatever torch saw. CUDA tensors are left to the
+    device's own bounds checks (a host synchronisation per call would stall the GPU), and so
+    are graphs under torch.compile (a data-dependent branch would split them)."""
     if idx.device.type != "cpu" or idx.numel() == 0 or torch.compiler.is_compiling():
         return
     cached = not idx.is_inference()
@@ -303,7 +306,8 @@ class _GatherRows(torch.autograd.Function):
             out = grad.new_zeros(ctx.num_rows, grad.shape[-1])
             clouds = ctx.idx.shape[0]
             dispatch.run_kernel(lib, "gather_rows_backward", dtype=grad.dtype, B=clouds,
-                                S=flat.numel() // max(clouds, 1), C=grad.shape[-1], flat=flat,
+                                S=flat.numel() // max(clouds, 1),
+                                N=ctx.num_rows // max(clouds, 1), C=grad.shape[-1], flat=flat,
                                 grad=grad, grad_rows=out)
             return out, None, None
         structure = _gather_transposes.get(ctx.idx)

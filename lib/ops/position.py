@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from lib.ops.dispatch import MAX_CHANNELS, native_for, run_kernel
 from lib.ops.fused import _affine, batch_norm_backward_terms, plain_norm
-from lib.ops.geometry import check_index, gather
+from lib.ops.geometry import gather
 from lib.ops.layers import _unhooked, _update_running_stats, mlp
 
 FIXED_SUMS = 30  # csrc/position_encoding.c: the backward's per-row sums before the C-wide ones
@@ -123,7 +123,6 @@ def position_encoding(theta, xyz, idx):
     modules = _kernel_modules(theta, xyz, channels) if kernel else None
     if modules is None or (modules[1].training and idx.numel() < 2):
         return mlp(theta, xyz.unsqueeze(2) - gather(xyz, idx))
-    check_index(idx, xyz.shape[1])
     first, bn, second = modules
     return _PositionEncoding.apply(lib, bn, rows_dtype, xyz, idx, first.weight, first.bias,
                                    bn.weight, bn.bias, second.weight, second.bias)

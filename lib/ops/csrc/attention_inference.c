@@ -33,6 +33,7 @@ typedef struct {
         *G2t, *gb2;
     void *out;
     const int64_t *idx;
+    int *bad; /* raised by checked_index (parallel.h) */
     int64_t B, N, K, C, W;
 } attention_args;
 
@@ -123,7 +124,9 @@ attention_##S(const attention_args *a, int64_t point, const int64_t K, const int
     const R *restrict qi = (const R *)a->q + point * C;                                       \
     const T *restrict gs = a->gs, *restrict gt = a->gt, *restrict hs = a->hs;                 \
     const T *restrict ht = a->ht;                                                             \
-    const int64_t *nb = a->idx + point * K;                                                   \
+    const int64_t *given = a->idx + point * K;                                                \
+    int64_t nb[K]; /* the neighbours, each checked (parallel.h) */                            \
+    for (int64_t j = 0; j < K; ++j) nb[j] = checked_index(given[j], N, a->bad);               \
     /* act: gamma's input rows, neighbour-major (act[j C + c]) for the wide products, or */    \
     /* channel-major (act[c K + j]) for the narrow ones; logits channel-major (l[u K + j]) */    \
     T hidden[K][3], delta[C], act[K * C], h[K * W], logits[W * K], acc[C], tiled[C];          \
@@ -132,7 +135,7 @@ attention_##S(const attention_args *a, int64_t point, const int64_t K, const int
     /* this one computes, rather than waiting on each row in turn (the last point of a */     \
     /* thread's span asks for a row it will not use: harmless) */                             \
     if (point + 1 < a->B * N) {                                                               \
-        const int64_t next = (point + 1) / N * N, *nb_next = nb + K;                          \
+        const int64_t next = (point + 1) / N * N, *nb_next = given + K;                       \
         for (int64_t j = 0; j < K; ++j) {                                                     \
             __builtin_prefetch((const T *)a->xyz + (next + nb_next[j]) * 3);                  \
             for (int64_t c = 0; c < C; c += 64 / sizeof(R)) {                                 \
@@ -247,8 +250,8 @@ static body_fn select_body(int dtype, int64_t K, int64_t C, int64_t W) {
 /* dtype DTYPE_F32, DTYPE_F64 (every tensor) or DTYPE_BF16 (bfloat16 rows key, q, v and out;
  * xyz and the weights float32). Returns STATUS_OK, or STATUS_BAD_DTYPE or STATUS_BAD_SHAPE
  * without touching memory: 1 <= C <= MAX_CHANNELS, W dividing C (the group loop steps by W up
- * to C), K >= 1 and K C <= MAX_ROWS (the K rows of gamma's input live on the stack). Neighbour
- * indices must lie in [0, N): lib/ops checks them before the call. */
+ * to C), K >= 1 and K C <= MAX_ROWS (the K rows of gamma's input live on the stack); or
+ * STATUS_BAD_INDEX for a neighbour index outside [0, N) (out then holds nothing of use). */
 int pt_attention_inference(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
                             int64_t W, const void *xyz, const int64_t *idx, const void *key,
                             const void *q, const void *v, const void *T1, const void *tb1,
@@ -256,14 +259,15 @@ int pt_attention_inference(int dtype, int threads, int64_t B, int64_t N, int64_t
                             const void *gs, const void *gt, const void *G1, const void *G1t,
                             const void *gb1, const void *hs, const void *ht, const void *G2,
                             const void *G2t, const void *gb2, void *out) {
+    int bad = 0;
     attention_args a = {.xyz = xyz, .key = key, .q = q, .v = v, .T1 = T1, .tb1 = tb1, .ts = ts,
                         .tt = tt, .T2t = T2t, .tb2 = tb2, .gs = gs, .gt = gt, .G1 = G1,
                         .G1t = G1t, .gb1 = gb1, .hs = hs, .ht = ht, .G2 = G2, .G2t = G2t,
-                        .gb2 = gb2, .out = out,
-                        .idx = idx, .B = B, .N = N, .K = K, .C = C, .W = W};
+                        .gb2 = gb2, .out = out, .idx = idx, .bad = &bad, .B = B, .N = N,
+                        .K = K, .C = C, .W = W};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (C < 1 || C > MAX_CHANNELS || W < 1 || C % W != 0 || K < 1 || K * C > MAX_ROWS)
         return STATUS_BAD_SHAPE;
     for_each(select_body(dtype, K, C, W), &a, B * N, threads);
-    return STATUS_OK;
+    return bad ? STATUS_BAD_INDEX : STATUS_OK;
 }

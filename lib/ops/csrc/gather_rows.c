@@ -8,8 +8,8 @@
  * new index tensor). Here one pass: the gathered rows of cloud b (S of them, at [b S, (b + 1)
  * S)) all land in cloud b's N rows, so the clouds go to threads whole and each destination row
  * has one writer, adding its contributions in increasing s: the sorted sparse product's order,
- * whatever the thread count. Indices must lie in their cloud's rows: lib/ops checks them
- * before the call. float32 and float64 (the gather's gradient is taken in the rows' dtype).
+ * whatever the thread count. An index outside its cloud's rows is reported (checked_index,
+ * parallel.h). float32 and float64 (the gather's gradient is taken in the rows' dtype).
  * Built with the other kernels here by lib/ops/native.py. */
 #include <stdint.h>
 
@@ -19,7 +19,8 @@ typedef struct {
     const void *grad;
     void *grad_rows;
     const int64_t *flat;
-    int64_t S, C;
+    int *bad; /* raised by checked_index (parallel.h) */
+    int64_t S, N, C;
 } gather_args;
 
 #define DEFINE_GATHER_BACKWARD(T, S_)                                                         \
@@ -29,7 +30,8 @@ static void gather_backward_##S_(const void *p, int64_t b) {                    
     const T *g = (const T *)a->grad;                                                          \
     T *out = (T *)a->grad_rows;                                                               \
     for (int64_t s = b * a->S; s < (b + 1) * a->S; ++s) {                                     \
-        T *restrict row = out + a->flat[s] * C;                                               \
+        const int64_t first = b * a->N; /* cloud b's rows */                                  \
+        T *restrict row = out + (first + checked_index(a->flat[s] - first, a->N, a->bad)) * C; \
         const T *restrict gs = g + s * C;                                                     \
         SIMD for (int64_t c = 0; c < C; ++c) row[c] += gs[c];                                 \
     }                                                                                         \
@@ -39,14 +41,17 @@ DEFINE_GATHER_BACKWARD(float, f32)
 DEFINE_GATHER_BACKWARD(double, f64)
 
 /* dtype DTYPE_F32 or DTYPE_F64: grad (B S, C) and grad_rows (B N, C, zeroed by the caller) of
- * that type; flat (B S) int64, cloud b's entries within [b N, (b + 1) N). Returns STATUS_OK, or
- * STATUS_BAD_DTYPE / STATUS_BAD_SHAPE without touching memory. */
-int gather_rows_backward(int dtype, int threads, int64_t B, int64_t S, int64_t C,
+ * that type; flat (B S) int64, cloud b's entries within [b N, (b + 1) N). Returns STATUS_OK,
+ * STATUS_BAD_DTYPE / STATUS_BAD_SHAPE without touching memory, or STATUS_BAD_INDEX for an
+ * entry outside its cloud's rows (grad_rows then holds nothing of use). */
+int gather_rows_backward(int dtype, int threads, int64_t B, int64_t S, int64_t N, int64_t C,
                          const int64_t *flat, const void *grad, void *grad_rows) {
-    gather_args a = {.grad = grad, .grad_rows = grad_rows, .flat = flat, .S = S, .C = C};
+    int bad = 0;
+    gather_args a = {.grad = grad, .grad_rows = grad_rows, .flat = flat, .bad = &bad, .S = S,
+                     .N = N, .C = C};
     if (dtype != DTYPE_F32 && dtype != DTYPE_F64) return STATUS_BAD_DTYPE;
-    if (B < 0 || S < 0 || C < 1) return STATUS_BAD_SHAPE;
+    if (B < 0 || S < 0 || N < 1 || C < 1) return STATUS_BAD_SHAPE;
     static const body_fn body[] = {gather_backward_f32, gather_backward_f64};
     for_each(body[dtype], &a, B, threads);
-    return STATUS_OK;
+    return bad ? STATUS_BAD_INDEX : STATUS_OK;
 }

@@ -28,6 +28,7 @@ typedef struct {
     void *out, *grad_x;
     int32_t *arg;
     const int64_t *idx;
+    int *bad; /* raised by checked_index (parallel.h) */
     int64_t N, M, K, C;
 } max_args;
 
@@ -89,9 +90,10 @@ static void gathered_max_##S(const void *p, int64_t r) {                        
     const R *x = (const R *)a->x + r / a->M * a->N * C;                                       \
     const int64_t *nb = a->idx + r * K;                                                       \
     T best[C];                                                                                \
-    for (int64_t c = 0; c < C; ++c) best[c] = LOAD(x[nb[0] * C + c]);                         \
+    const R *restrict first = x + checked_index(nb[0], a->N, a->bad) * C;                     \
+    for (int64_t c = 0; c < C; ++c) best[c] = LOAD(first[c]);                                 \
     for (int64_t j = 1; j < K; ++j) {                                                         \
-        const R *restrict row = x + nb[j] * C;                                                \
+        const R *restrict row = x + checked_index(nb[j], a->N, a->bad) * C;                   \
         for (int64_t c = 0; c < C; ++c) {                                                     \
             const T value = LOAD(row[c]);                                                     \
             const int take = value > best[c] || (value != value && best[c] == best[c]);       \
@@ -144,12 +146,14 @@ int norm_max_backward(int dtype, int threads, int64_t R, int64_t K, int64_t C, c
     return STATUS_OK;
 }
 
-/* Neighbour indices must lie in [0, N): lib/ops checks them before the call. */
+/* STATUS_BAD_INDEX for a neighbour index outside [0, N) (out then holds nothing of use). */
 int gathered_max_forward(int dtype, int threads, int64_t B, int64_t N, int64_t M, int64_t K,
                           int64_t C, const void *x, const int64_t *idx, void *out) {
-    max_args a = {.x = x, .idx = idx, .out = out, .N = N, .M = M, .K = K, .C = C};
+    int bad = 0;
+    max_args a = {.x = x, .idx = idx, .bad = &bad, .out = out, .N = N, .M = M, .K = K,
+                  .C = C};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (K < 1 || N < 1 || M < 1 || C < 1 || C > MAX_CHANNELS) return STATUS_BAD_SHAPE;
     for_each(gathered_max[dtype], &a, B * M, threads);
-    return STATUS_OK;
+    return bad ? STATUS_BAD_INDEX : STATUS_OK;
 }

@@ -15,7 +15,20 @@
 
 /* What the exported functions return; lib/ops turns each into a one-line Python error. */
 enum { STATUS_OK = 0, STATUS_NO_MEMORY = -1, STATUS_NOT_FINITE = -2, STATUS_BAD_SHAPE = -3,
-       STATUS_BAD_DTYPE = -4 };
+       STATUS_BAD_DTYPE = -4, STATUS_BAD_INDEX = -5 };
+
+/* A neighbour index as a kernel reads through it: j when it lies in [0, n), else 0 with the
+ * call's flag *bad raised, and the call then returns STATUS_BAD_INDEX (lib/ops raises). Row 0
+ * instead of j keeps every read and scatter-write inside the tensors, whatever the indices
+ * hold: lib/ops checks them in Python too, but a write it cannot see (through .numpy() or
+ * .data, or between a forward and its backward) would otherwise reach here unchecked. The
+ * flag is written atomically (several threads may find bad indices at once); the compare is
+ * free next to the row it guards (bench/RESULTS.md). */
+static inline int64_t checked_index(int64_t j, int64_t n, int *bad) {
+    if (__builtin_expect((uint64_t)j < (uint64_t)n, 1)) return j;
+    __atomic_store_n(bad, 1, __ATOMIC_RELAXED);
+    return 0;
+}
 
 /* The kernels' dtype argument (lib/ops/dispatch.py's KERNEL_DTYPE_CODES): every tensor float32,
  * every tensor float64, or bfloat16 rows with float32 arithmetic and float32 per-channel

@@ -34,6 +34,7 @@ enum { SUM_GY = 0, SUM_GY_XHAT = 3, SUM_XHAT = 6, SUM_P = 9, SUM_GY_P = 12, SUM_
 typedef struct {
     const void *xyz, *w1, *b1, *scale, *shift, *mean, *rstd, *w2t, *b2, *grad;
     const int64_t *idx;
+    int *bad; /* raised by checked_index (parallel.h) */
     void *out;
     double *partial; /* per chunk: the sums of that chunk */
     int64_t N, K, C, M;
@@ -60,7 +61,7 @@ static inline void cursor_next(const pe_args *a, row_cursor *at) {
 static inline __attribute__((always_inline)) void                                             \
 hidden_##S(const pe_args *a, int64_t m, const row_cursor *at, T p[3], T h[3]) {               \
     const T *xi = (const T *)a->xyz + at->point * 3;                                          \
-    const T *xj = (const T *)a->xyz + (at->first + a->idx[m]) * 3;                            \
+    const T *xj = (const T *)a->xyz + (at->first + checked_index(a->idx[m], a->N, a->bad)) * 3; \
     const T *w1 = a->w1, *b1 = a->b1;                                                         \
     for (int i = 0; i < 3; ++i) p[i] = xi[i] - xj[i];                                         \
     for (int o = 0; o < 3; ++o)                                                               \
@@ -242,11 +243,11 @@ static pe_kernels select_kernels(int dtype, int64_t C) {
     return s >= 0 ? f32_c[s] : f32;
 }
 
-/* Exported: dtype DTYPE_F32 or DTYPE_F64, every tensor but idx (int64, each within [0, N):
- * lib/ops checks) and the double sums in that type; or DTYPE_BF16: out and grad bfloat16 rows,
- * the rest float32 (CPU bf16 autocast). xyz (B, N, 3), idx (B, N, K), w1 (3, 3), b1, scale,
- * shift, mean, rstd (3), w2t (3, C), b2 (C), out and grad (B, N, K, C). Each returns STATUS_OK,
- * STATUS_NO_MEMORY, STATUS_BAD_DTYPE or STATUS_BAD_SHAPE. */
+/* Exported: dtype DTYPE_F32 or DTYPE_F64, every tensor but idx (int64, each within [0, N)) and
+ * the double sums in that type; or DTYPE_BF16: out and grad bfloat16 rows, the rest float32
+ * (CPU bf16 autocast). xyz (B, N, 3), idx (B, N, K), w1 (3, 3), b1, scale, shift, mean, rstd
+ * (3), w2t (3, C), b2 (C), out and grad (B, N, K, C). Each returns STATUS_OK, STATUS_NO_MEMORY,
+ * STATUS_BAD_DTYPE, STATUS_BAD_SHAPE, or STATUS_BAD_INDEX for an index outside [0, N). */
 static int bad_shape(int64_t B, int64_t N, int64_t K, int64_t C) {
     return B < 0 || N < 1 || K < 1 || C < 1 || C > MAX_CHANNELS;
 }
@@ -254,23 +255,28 @@ static int bad_shape(int64_t B, int64_t N, int64_t K, int64_t C) {
 /* sums (2, 3) double: sum h and sum h^2 per channel. */
 int pe_stats(int dtype, int threads, int64_t B, int64_t N, int64_t K, const void *xyz,
              const int64_t *idx, const void *w1, const void *b1, double *sums) {
-    pe_args a = {.xyz = xyz, .idx = idx, .w1 = w1, .b1 = b1, .N = N, .K = K, .M = B * N * K};
+    int bad = 0;
+    pe_args a = {.bad = &bad, .xyz = xyz, .idx = idx, .w1 = w1, .b1 = b1, .N = N, .K = K,
+                 .M = B * N * K};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(B, N, K, 1)) return STATUS_BAD_SHAPE;
-    return chunked_sums(dtype == DTYPE_F64 ? stats_f64 : stats_f32, &a, &a.partial,
-                        (a.M + CHUNK - 1) / CHUNK, 6, threads, sums);
+    const int status = chunked_sums(dtype == DTYPE_F64 ? stats_f64 : stats_f32, &a, &a.partial,
+                                    (a.M + CHUNK - 1) / CHUNK, 6, threads, sums);
+    return status == STATUS_OK && bad ? STATUS_BAD_INDEX : status;
 }
 
 int pe_forward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
                const void *xyz, const int64_t *idx, const void *w1, const void *b1,
                const void *scale, const void *shift, const void *w2t, const void *b2,
                void *out) {
-    pe_args a = {.xyz = xyz, .idx = idx, .w1 = w1, .b1 = b1, .scale = scale, .shift = shift,
-                 .w2t = w2t, .b2 = b2, .out = out, .N = N, .K = K, .C = C, .M = B * N * K};
+    int bad = 0;
+    pe_args a = {.bad = &bad, .xyz = xyz, .idx = idx, .w1 = w1, .b1 = b1, .scale = scale,
+                 .shift = shift, .w2t = w2t, .b2 = b2, .out = out, .N = N, .K = K, .C = C,
+                 .M = B * N * K};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(B, N, K, C)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C).forward, &a, (a.M + CHUNK - 1) / CHUNK, threads);
-    return STATUS_OK;
+    return bad ? STATUS_BAD_INDEX : STATUS_OK;
 }
 
 /* sums (30 + 4 C) double, the layout above. */
@@ -278,12 +284,13 @@ int pe_backward_sums(int dtype, int threads, int64_t B, int64_t N, int64_t K, in
                      const void *xyz, const int64_t *idx, const void *w1, const void *b1,
                      const void *scale, const void *shift, const void *mean, const void *rstd,
                      const void *w2t, const void *grad, double *sums) {
-    pe_args a = {.xyz = xyz, .idx = idx, .w1 = w1, .b1 = b1, .scale = scale, .shift = shift,
-                 .mean = mean, .rstd = rstd, .w2t = w2t, .grad = grad, .N = N, .K = K, .C = C,
-                 .M = B * N * K};
+    int bad = 0;
+    pe_args a = {.bad = &bad, .xyz = xyz, .idx = idx, .w1 = w1, .b1 = b1, .scale = scale,
+                 .shift = shift, .mean = mean, .rstd = rstd, .w2t = w2t, .grad = grad, .N = N,
+                 .K = K, .C = C, .M = B * N * K};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(B, N, K, C)) return STATUS_BAD_SHAPE;
-    return chunked_sums(select_kernels(dtype, C).backward_sums, &a, &a.partial,
-                        (a.M + CHUNK - 1) / CHUNK, FIXED_SUMS + 4 * C,
-                        threads, sums);
+    const int status = chunked_sums(select_kernels(dtype, C).backward_sums, &a, &a.partial,
+                                    (a.M + CHUNK - 1) / CHUNK, FIXED_SUMS + 4 * C, threads, sums);
+    return status == STATUS_OK && bad ? STATUS_BAD_INDEX : status;
 }

@@ -31,6 +31,7 @@ typedef struct {
     const void *delta, *key, *q, *w, *v, *grad_out;
     void *out, *grad_key, *grad_q, *grad_w, *grad_delta, *grad_v;
     const int64_t *idx;
+    int *bad; /* raised by checked_index (parallel.h) */
     int64_t N, K, C, W;
 } pt_args;
 
@@ -50,7 +51,7 @@ relation_fwd_##S(const pt_args *a, int64_t point, const int64_t C) {            
     const R *key = (const R *)a->key + point / N * N * C;                                     \
     const R *restrict qi = (const R *)a->q + point * C;                                       \
     for (int64_t row = point * K; row < (point + 1) * K; ++row) {                             \
-        const R *restrict kj = key + a->idx[row] * C;                                         \
+        const R *restrict kj = key + checked_index(a->idx[row], N, a->bad) * C;               \
         const R *restrict d = (const R *)a->delta + row * C;                                  \
         R *restrict r = (R *)a->out + row * C;                                                \
         SIMD                                                                                  \
@@ -75,7 +76,7 @@ relation_bwd_##S(const pt_args *a, int64_t b, const int64_t C) {                
             SIMD                                                                              \
             for (int64_t c = 0; c < C; ++c) acc[c] += LOAD(gr[c]);                            \
             if (grad_key) {                                                                   \
-                T *restrict gk = grad_key + idx[row] * C;                                     \
+                T *restrict gk = grad_key + checked_index(idx[row], N, a->bad) * C;          \
                 SIMD                                                                          \
                 for (int64_t c = 0; c < C; ++c) gk[c] -= LOAD(gr[c]);                         \
             }                                                                                 \
@@ -93,7 +94,7 @@ aggregate_fwd_##S(const pt_args *a, int64_t point, const int64_t C, const int64_
     for (int64_t c = 0; c < C; ++c) acc[c] = 0;                                               \
     for (int64_t row = point * K; row < (point + 1) * K; ++row) {                             \
         const R *restrict wj = (const R *)a->w + row * W;                                     \
-        const R *restrict vj = v + a->idx[row] * C;                                           \
+        const R *restrict vj = v + checked_index(a->idx[row], N, a->bad) * C;                \
         const R *restrict d = (const R *)a->delta + row * C;                                  \
         if (W < TILED_BELOW) { /* the W weights tiled over the C channels */                 \
             T wt[C];                                                                          \
@@ -126,6 +127,7 @@ aggregate_bwd_##S(const pt_args *a, int64_t b, const int64_t C, const int64_t W)
         T gi[C];                                                                              \
         for (int64_t c = 0; c < C; ++c) gi[c] = LOAD(g[i * C + c]);                           \
         for (int64_t row = i * K; row < (i + 1) * K; ++row) {                                 \
+            const int64_t j = checked_index(idx[row], N, a->bad);                             \
             T wj[W];                                                                          \
             for (int64_t u = 0; u < W; ++u) wj[u] = LOAD(w[row * W + u]);                     \
             if (W < TILED_BELOW) { /* g_i times the weights tiled over the C channels */      \
@@ -139,7 +141,7 @@ aggregate_bwd_##S(const pt_args *a, int64_t b, const int64_t C, const int64_t W)
                     for (int64_t c = 0; c < C; ++c) gd[c] = STORE(gw[c]);                     \
                 }                                                                             \
                 if (grad_v) {                                                                 \
-                    T *restrict gv = grad_v + idx[row] * C;                                   \
+                    T *restrict gv = grad_v + j * C;                                          \
                     SIMD                                                                      \
                     for (int64_t c = 0; c < C; ++c) gv[c] += gw[c];                           \
                 }                                                                             \
@@ -151,13 +153,13 @@ aggregate_bwd_##S(const pt_args *a, int64_t b, const int64_t C, const int64_t W)
                             gd[g0 + u] = STORE(gi[g0 + u] * wj[u]);                           \
                 }                                                                             \
                 if (grad_v) {                                                                 \
-                    T *restrict gv = grad_v + idx[row] * C;                                   \
+                    T *restrict gv = grad_v + j * C;                                          \
                     for (int64_t g0 = 0; g0 < C; g0 += W)                                     \
                         for (int64_t u = 0; u < W; ++u) gv[g0 + u] += gi[g0 + u] * wj[u];    \
                 }                                                                             \
             }                                                                                 \
             if (grad_w) {                                                                     \
-                const R *restrict vj = v + idx[row] * C;                                      \
+                const R *restrict vj = v + j * C;                                             \
                 const R *restrict d = delta + row * C;                                        \
                 T acc[W];                                                                     \
                 for (int64_t u = 0; u < W; ++u) acc[u] = gi[u] * (LOAD(vj[u]) + LOAD(d[u]));  \
@@ -225,50 +227,54 @@ static int bad_shape(int64_t C, int64_t W) {
 
 /* Exported entry points: dtype DTYPE_F32, DTYPE_F64 (every tensor), or DTYPE_BF16: every tensor
  * bfloat16 but grad_key and grad_v, float32; W = 0 where a kernel has no w. Each returns
- * STATUS_OK, or STATUS_BAD_DTYPE or STATUS_BAD_SHAPE without touching memory. Neighbour indices
- * must lie in [0, N): lib/ops checks them before the call. */
+ * STATUS_OK, STATUS_BAD_DTYPE or STATUS_BAD_SHAPE without touching memory, or STATUS_BAD_INDEX
+ * when a neighbour index lies outside [0, N) (its outputs then hold nothing of use). */
 int pt_relation_forward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
                          const void *delta, const void *key, const void *q,
                          const int64_t *idx, void *rel) {
-    pt_args a = {.delta = delta, .key = key, .q = q, .idx = idx, .out = rel,
+    int bad = 0;
+    pt_args a = {.bad = &bad, .delta = delta, .key = key, .q = q, .idx = idx, .out = rel,
                  .N = N, .K = K, .C = C};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(C, 0)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, 0).relation_fwd, &a, B * N, threads);
-    return STATUS_OK;
+    return bad ? STATUS_BAD_INDEX : STATUS_OK;
 }
 
 int pt_relation_backward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
                           const void *grad_rel, const int64_t *idx, void *grad_key,
                           void *grad_q) {
-    pt_args a = {.grad_out = grad_rel, .idx = idx, .grad_key = grad_key, .grad_q = grad_q,
-                 .N = N, .K = K, .C = C};
+    int bad = 0;
+    pt_args a = {.bad = &bad, .grad_out = grad_rel, .idx = idx, .grad_key = grad_key,
+                 .grad_q = grad_q, .N = N, .K = K, .C = C};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (bad_shape(C, 0)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, 0).relation_bwd, &a, B, threads);
-    return STATUS_OK;
+    return bad ? STATUS_BAD_INDEX : STATUS_OK;
 }
 
 int pt_aggregate_forward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
                           int64_t W, const void *w, const void *v, const void *delta,
                           const int64_t *idx, void *out) {
-    pt_args a = {.w = w, .v = v, .delta = delta, .idx = idx, .out = out,
+    int bad = 0;
+    pt_args a = {.bad = &bad, .w = w, .v = v, .delta = delta, .idx = idx, .out = out,
                  .N = N, .K = K, .C = C, .W = W};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (W < 1 || bad_shape(C, W)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, W).aggregate_fwd, &a, B * N, threads);
-    return STATUS_OK;
+    return bad ? STATUS_BAD_INDEX : STATUS_OK;
 }
 
 int pt_aggregate_backward(int dtype, int threads, int64_t B, int64_t N, int64_t K, int64_t C,
                            int64_t W, const void *grad_out, const void *w, const void *v,
                            const void *delta, const int64_t *idx, void *grad_w,
                            void *grad_delta, void *grad_v) {
-    pt_args a = {.grad_out = grad_out, .w = w, .v = v, .delta = delta, .idx = idx,
+    int bad = 0;
+    pt_args a = {.bad = &bad, .grad_out = grad_out, .w = w, .v = v, .delta = delta, .idx = idx,
                  .grad_w = grad_w, .grad_delta = grad_delta, .grad_v = grad_v,
                  .N = N, .K = K, .C = C, .W = W};
     if (bad_dtype(dtype)) return STATUS_BAD_DTYPE;
     if (W < 1 || bad_shape(C, W)) return STATUS_BAD_SHAPE;
     for_each(select_kernels(dtype, C, W).aggregate_bwd, &a, B, threads);
-    return STATUS_OK;
+    return bad ? STATUS_BAD_INDEX : STATUS_OK;
 }
