@@ -42,9 +42,10 @@ typedef struct {
  * products whose in-order (strict IEEE) sums ran one lane at a time (3.7x slower at 128
  * channels, measured). */
 
-/* The bound on K C that keeps a point's rows on the stack (act, and h and the logits, K W <= K C
- * values each: at most 384 KiB in float64); lib/ops/attention.py sends other shapes to the
- * eager layer. The presets need K C <= 16 x 512. */
+/* The bound on K C that keeps a point's rows on the stack (act, h, the logits and the wide
+ * products' rows, K W <= K C values each, plus each neighbour's 3 hidden values and its checked
+ * index: at most 1 MiB in float64); lib/ops/attention.py sends other shapes to the eager
+ * layer. The presets need K C <= 16 x 512. */
 enum { MAX_ROWS = 1 << 14 };
 
 /* out = x Mt + b for K rows at once, row-major: out[j O + u] = b[u] + sum_i x[j I + i]

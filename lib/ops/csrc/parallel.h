@@ -20,10 +20,10 @@ enum { STATUS_OK = 0, STATUS_NO_MEMORY = -1, STATUS_NOT_FINITE = -2, STATUS_BAD_
 /* A neighbour index as a kernel reads through it: j when it lies in [0, n), else 0 with the
  * call's flag *bad raised, and the call then returns STATUS_BAD_INDEX (lib/ops raises). Row 0
  * instead of j keeps every read and scatter-write inside the tensors, whatever the indices
- * hold: lib/ops checks them in Python too, but a write it cannot see (through .numpy() or
- * .data, or between a forward and its backward) would otherwise reach here unchecked. The
- * flag is written atomically (several threads may find bad indices at once); the compare is
- * free next to the row it guards (bench/RESULTS.md). */
+ * hold, including a write Python cannot see (through .numpy() or .data, or to the indices a
+ * forward saved for its backward), so lib/ops runs no check of its own before the kernels.
+ * The flag is written atomically (several threads may find bad indices at once); the compare
+ * costs nothing a training step shows (bench/RESULTS.md, "Index checks in the kernels"). */
 static inline int64_t checked_index(int64_t j, int64_t n, int *bad) {
     if (__builtin_expect((uint64_t)j < (uint64_t)n, 1)) return j;
     __atomic_store_n(bad, 1, __ATOMIC_RELAXED);
