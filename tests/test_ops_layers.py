@@ -504,6 +504,19 @@ def test_gather_backward_sums_every_use_of_a_row(kernels, monkeypatch):
     assert other.grad[:, 40].abs().sum() == 0
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "sparse"])
+@pytest.mark.parametrize("shape, idx_shape", [((0, 5, 4), (0, 3, 2)), ((2, 0, 4), (2, 0, 2)),
+                                              ((2, 3, 4), (2, 3, 0))])
+def test_an_empty_gathers_backward_is_zero(kernels, shape, idx_shape, monkeypatch):
+    """An empty batch, cloud or neighbourhood gathers nothing and gets a zero gradient (the C
+    kernel, which needs N >= 1, is not called for it)."""
+    if not kernels:
+        _without_kernels(monkeypatch)
+    features = torch.randn(*shape, requires_grad=True)
+    ops.gather(features, torch.zeros(idx_shape, dtype=torch.int64)).sum().backward()
+    assert features.grad.shape == shape and not features.grad.any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gather_backward_kernel_gives_the_sparse_forms_bits(dtype, needs_compiler, monkeypatch):
     """Both add a source row's gradients in increasing order of the gathered rows, so the C

@@ -305,6 +305,8 @@ class _GatherRows(torch.autograd.Function):
         if lib is not None:
             out = grad.new_zeros(ctx.num_rows, grad.shape[-1])
             clouds = ctx.idx.shape[0]
+            if flat.numel() == 0:  # nothing gathered (an empty batch, cloud or neighbourhood)
+                return out, None, None
             dispatch.run_kernel(lib, "gather_rows_backward", dtype=grad.dtype, B=clouds,
                                 S=flat.numel() // max(clouds, 1),
                                 N=ctx.num_rows // max(clouds, 1), C=grad.shape[-1], flat=flat,

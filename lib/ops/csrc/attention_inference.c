@@ -138,6 +138,7 @@ attention_##S(const attention_args *a, int64_t point, const int64_t K, const int
     if (point + 1 < a->B * N) {                                                               \
         const int64_t next = (point + 1) / N * N, *nb_next = given + K;                       \
         for (int64_t j = 0; j < K; ++j) {                                                     \
+            if ((uint64_t)nb_next[j] >= (uint64_t)N) continue; /* checked there, not here */  \
             __builtin_prefetch((const T *)a->xyz + (next + nb_next[j]) * 3);                  \
             for (int64_t c = 0; c < C; c += 64 / sizeof(R)) {                                 \
                 __builtin_prefetch((const R *)a->key + (next + nb_next[j]) * C + c);          \

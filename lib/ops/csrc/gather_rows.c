@@ -30,8 +30,11 @@ static void gather_backward_##S_(const void *p, int64_t b) {                    
     const T *g = (const T *)a->grad;                                                          \
     T *out = (T *)a->grad_rows;                                                               \
     for (int64_t s = b * a->S; s < (b + 1) * a->S; ++s) {                                     \
-        const int64_t first = b * a->N; /* cloud b's rows */                                  \
-        T *restrict row = out + (first + checked_index(a->flat[s] - first, a->N, a->bad)) * C; \
+        /* flat[s] - b N, cloud b's row if it is one; in unsigned arithmetic, which wraps where \
+         * a signed difference could overflow */                                               \
+        const int64_t first = b * a->N,                                                       \
+                      j = (int64_t)((uint64_t)a->flat[s] - (uint64_t)first);                  \
+        T *restrict row = out + (first + checked_index(j, a->N, a->bad)) * C;                 \
         const T *restrict gs = g + s * C;                                                     \
         SIMD for (int64_t c = 0; c < C; ++c) row[c] += gs[c];                                 \
     }                                                                                         \
