@@ -95,7 +95,8 @@ FLAGS = {
         type=path_arg, default=None,
         help="continue a run: its last.pt (pretrain, finetune), its search_state.pt (search) or "
              "its folder. The run keeps its recorded settings and folder; only "
-             + ", ".join("--" + d for d in MAY_CHANGE_AT_RESUME) + " may change")),
+             + ", ".join("--" + d.replace("_", "-") for d in MAY_CHANGE_AT_RESUME)
+             + " may change")),
     "overwrite": (("--overwrite",), dict(action="store_true",
                                          help="replace the run already in --out (its files only)")),
     "keep_first_last": (("--keep-first-last",), dict(
@@ -155,6 +156,24 @@ def resumed_args(parser, argv, args, kind):
     return recorded_settings(parser, argv, args, recorded, path, done)
 
 
+def _same_place(path, recorded_path, folder, recorded_folder):
+    """Whether the input `path` given for the run in `folder` names what `recorded_path` named
+    when the run was in `recorded_folder`: the same file (through a symlink, or spelled
+    otherwise), or, inside the run's parent folder (RUN/pretrain/best.pt for RUN/search), the
+    file at the same place in it: the run folder copied or moved with its inputs. Where the
+    contents matter they are checked apart (SHA-256: a search's or fine-tune's --ckpt, a
+    fine-tune's --policy); a path outside the run's parent (a --data-root) must be the same."""
+    if not isinstance(recorded_path, str):
+        return False
+    if os.path.realpath(path) == os.path.realpath(recorded_path):
+        return True
+    if not isinstance(recorded_folder, str):
+        return False
+    inside = [os.path.relpath(p, os.path.dirname(f)) for p, f in
+              ((path, folder), (recorded_path, recorded_folder))]
+    return inside[0] == inside[1] and not inside[0].startswith(os.pardir)
+
+
 def recorded_settings(parser, argv, args, recorded, path, done):
     """The run's settings (a Namespace) for a command line `argv` (parsed: `args`) given to the
     run recorded at `path` (its folder is the run's, `recorded` its flags, `done` its epochs or
@@ -184,6 +203,9 @@ def recorded_settings(parser, argv, args, recorded, path, done):
                 differences.append(f"{flag} {value} (the run is set to {recorded_value} and has "
                                    f"done {done}; extend it with more, or give none)")
             settings[dest] = value
+        elif (dest in given and action.type is path_arg and value != recorded_value
+              and _same_place(value, recorded_value, folder, recorded.get("out"))):
+            settings[dest] = value  # the run's input as this command names it
         else:
             if dest in given and value != recorded_value:
                 differences.append(f"{flag} {value} (recorded {recorded_value})")
@@ -198,7 +220,8 @@ def recorded_settings(parser, argv, args, recorded, path, done):
     if differences:
         may_change = [a.option_strings[0] for a in parser._actions
                       if a.dest in MAY_CHANGE_AT_RESUME]
-        raise ValueError(f"{path}: a resumed run keeps its recorded settings; refused: "
+        raise ValueError(f"{path}: a run continued or started again keeps its recorded "
+                         f"settings; refused: "
                          f"{'; '.join(differences)} (only {', '.join(may_change)} may change)")
     return argparse.Namespace(**settings)
 

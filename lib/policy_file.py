@@ -1,6 +1,7 @@
 """The searched policy as a file (`policy.json`, written by search.py, read by finetune.py) and
 the flags that turn a policy file, a uniform width, and the mixed-precision choice into the
 {layer name: bits or None} dict that lib/quant applies."""
+import hashlib
 import json
 
 from lib.checkpoint import atomic_write_json
@@ -24,7 +25,7 @@ def parse_keep(value):
 
 class PolicyFile:
     """A policy.json, read once: `bits`, `keep` and `check_searched_on` check what finetune.py
-    uses of it. Every problem is a one-line error naming the file, never a guess."""
+    uses of it, `sha256` is the file's. Every problem is a one-line error naming the file, never a guess."""
 
     def __init__(self, path):
         self.path = path
@@ -32,6 +33,9 @@ class PolicyFile:
             text = read_text_file(path)  # a byte that is not UTF-8: an error naming its line
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such policy file") from None
+        # the file's SHA-256 (strict UTF-8 gives its bytes back): a fine-tune records which
+        # policy it applied, so that a policy searched again later is not taken for it
+        self.sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
         try:
             self.record = json.loads(text)
         except json.JSONDecodeError as e:

@@ -44,21 +44,25 @@ def run_checkpoints(run):
     return [(KNOWN_RUNS.get(d, d), d, os.path.join(run, d, "best.pt")) for d in ordered]
 
 
-def stage_problems(folder, path, fp32_sha256):
+def stage_problems(folder, path, fp32_sha256, policy_sha256=None):
     """Why a stage's best.pt does not belong in the table as a finished row of this run, in
     words: its run has not ended (lib/stage_status.progress: epochs or episodes short of those
-    set, a fine-tune's test scoring or a best.pt that a kill kept from being written), or it
-    was quantized from another fp32 model than the run's pretrain/best.pt (a pretraining
-    replaced or extended after the search)."""
+    set, a fine-tune's test scoring or a best.pt that a kill kept from being written), it was
+    quantized from another fp32 model than the run's pretrain/best.pt (SHA-256 fp32_sha256: a
+    pretraining replaced or extended after the search), or with another policy than the run's
+    search/policy.json (SHA-256 policy_sha256: a search run again after the fine-tune)."""
     from lib.checkpoint import checkpoint_meta
     from lib.stage_status import progress
     problems = []
     run = progress(folder)
     if run.state in ("interrupted", "restartable"):
         problems.append(f"unfinished: {run.why}")
-    teacher = (checkpoint_meta(path).get("quant") or {}).get("teacher_sha256")
+    quant = checkpoint_meta(path).get("quant") or {}
+    teacher, policy = quant.get("teacher_sha256"), quant.get("policy_sha256")
     if teacher and fp32_sha256 and teacher != fp32_sha256:
         problems.append("quantized from another fp32 model than pretrain/best.pt")
+    if policy and policy_sha256 and policy != policy_sha256:
+        problems.append("quantized with another policy than search/policy.json")
     return problems
 
 
@@ -71,8 +75,10 @@ def score_run(run, data_root=None, batch_size=16, device=None, workers=0):
     checkpoints = run_checkpoints(run)
     fp32 = os.path.join(run, "pretrain", "best.pt")
     fp32_sha256 = file_sha256(fp32) if os.path.isfile(fp32) else None
+    policy = os.path.join(run, "search", "policy.json")
+    policy_sha256 = file_sha256(policy) if os.path.isfile(policy) else None
     for name, folder, path in checkpoints:
-        problems = stage_problems(os.path.join(run, folder), path, fp32_sha256)
+        problems = stage_problems(os.path.join(run, folder), path, fp32_sha256, policy_sha256)
         if problems:
             name = f"{name} [{'; '.join(problems)}]"
             if distributed.is_main():

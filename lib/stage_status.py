@@ -11,9 +11,12 @@ they are started again, e.g. after a crash or a kill:
                  with --epochs 0, which trains nothing, or a run killed before its first
                  checkpoint): start it again over its own files (--overwrite)
     refuse WHY   the scripts stop with WHY: FLAGS change a recorded setting (lib/cli's
-                 resume rules), or the folder holds a result without the record of whether
-                 its run ended (a best.pt without last.pt, a policy.json without
-                 search_state.pt), which starting over would delete
+                 resume rules), an input file the run recorded has changed since (a search's
+                 --ckpt, a fine-tune's --ckpt or --policy, by SHA-256: a pretraining extended
+                 or a policy searched again after the stage ran), or the folder holds a
+                 result without the record of whether its run ended (a best.pt without
+                 last.pt, a policy.json without search_state.pt), which starting over would
+                 delete
 
 A run has ended when it has done its recorded epochs (episodes) and written what it writes last:
 a fine-tune its best_test.json, a search its baselines.json; a pretraining's best.pt must also
@@ -34,7 +37,8 @@ class Progress(NamedTuple):
     (interrupted, nothing to continue from) or "unknown" (results without the record of whether
     their run ended); path: the file that records the run (to continue from, when `resumable`);
     why: the interruption in words; recorded: the run's flags; done: its epochs or episodes
-    (`count` says which)."""
+    (`count` says which); inputs: {flag's dest: the SHA-256 the run recorded of that input
+    file}."""
     state: str
     path: Optional[str] = None
     why: Optional[str] = None
@@ -42,6 +46,14 @@ class Progress(NamedTuple):
     done: int = 0
     count: str = "epochs"
     resumable: bool = False
+    inputs: Optional[dict] = None
+
+
+def recorded_inputs(quant):
+    """{dest: SHA-256} of the input files a fine-tune's quant record names (None: not
+    recorded, a run from before the record)."""
+    quant = quant or {}
+    return {"ckpt": quant.get("teacher_sha256"), "policy": quant.get("policy_sha256")}
 
 
 def progress(folder):
@@ -57,7 +69,8 @@ def progress(folder):
         if not isinstance(state, dict) or "episode" not in state:
             raise ValueError(f"{state_path}: not a search state")
         recorded, done = state.get("args", {}), state["episode"]
-        run = Progress("ended", state_path, None, recorded, done, "episodes", resumable=True)
+        run = Progress("ended", state_path, None, recorded, done, "episodes", resumable=True,
+                       inputs={"ckpt": state.get("ckpt_sha256")})
         episodes = recorded.get("episodes")
         if episodes is not None and done < episodes:
             return run._replace(state="interrupted", why=f"episode {done} of {episodes}")
@@ -73,7 +86,8 @@ def progress(folder):
             raise ValueError(f"{last_path}: not a last.pt of pretrain.py or finetune.py")
         meta, resume = last["meta"], last["resume"]
         recorded, done = meta.get("args", {}), resume["epoch"]
-        run = Progress("ended", last_path, None, recorded, done, "epochs", resumable=True)
+        run = Progress("ended", last_path, None, recorded, done, "epochs", resumable=True,
+                       inputs=recorded_inputs(meta.get("quant")))
         epochs = recorded.get("epochs")
         if epochs is not None and done < epochs:
             return run._replace(state="interrupted", why=f"epoch {done} of {epochs}")
@@ -87,7 +101,8 @@ def progress(folder):
     if os.path.isfile(last_path):  # packed: a fine-tune with --epochs 0
         if os.path.isfile(os.path.join(folder, "best_test.json")):
             meta = checkpoint_meta(best_path)
-            return Progress("ended", best_path, None, meta.get("args", {}), meta.get("epoch", 0))
+            return Progress("ended", best_path, None, meta.get("args", {}), meta.get("epoch", 0),
+                            inputs=recorded_inputs(meta.get("quant")))
         return Progress("restartable", why="its test scoring did not end")
     if not any(name in present for name in ("best.pt", "policy.json")):
         return Progress("restartable", why="killed before its first checkpoint")
@@ -116,11 +131,32 @@ def stage_status(folder, script, argv):
                                      run.path, run.done)
     except ValueError as e:
         return f"refuse {e}"
+    changed = changed_inputs(run, settings, parser)
+    if changed:
+        return (f"refuse {folder}: files its run read have changed since (SHA-256): "
+                f"{'; '.join(changed)}; give --overwrite to run the stage again on them as they "
+                f"are now, or move the folder away")
     # a fine-tune with --epochs 0 (its packed best.pt stands for the run) has nothing to extend
     extended = run.resumable and getattr(settings, run.count, run.done) > run.done
     if run.state == "interrupted" or extended:
         return f"resume {run.path}"
     return "finished"
+
+
+def changed_inputs(run, settings, parser):
+    """["FLAG PATH", ...] of the input files whose SHA-256 differs from the one the run
+    recorded (missing ones included): a stage that ended on them is not this command's result,
+    and an interrupted one would go on from another model or policy."""
+    from lib.checkpoint import file_sha256
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    changed = []
+    for dest, recorded in (run.inputs or {}).items():
+        path = getattr(settings, dest, None)
+        if recorded is None or path is None:
+            continue
+        if not os.path.isfile(path) or file_sha256(path) != recorded:
+            changed.append(f"{flags.get(dest, dest)} {path}")
+    return changed
 
 
 def main(argv):

@@ -598,6 +598,74 @@ def test_a_stage_folder_says_what_a_run_script_started_again_does(reference, tmp
     assert status("finetune", finetune) == "restart"
 
 
+def test_a_stage_whose_input_changed_since_is_refused_not_skipped(reference, tmp_path):
+    """A search run again (--overwrite) after the fine-tunes, or a pretraining extended after
+    the search: started again, the scripts skipped the later stages as "finished" (they had
+    been run on the old policy / model), and the table showed the fine-tunes' rows as the new
+    policy's. Now the stage is refused with the file that changed, and the row says so."""
+    from lib.checkpoint import file_sha256
+    from lib.results_table import stage_problems
+    from lib.stage_status import stage_status
+    runs, _ = reference
+    root = tmp_path / "run"
+    for name in ("pretrain", "search"):
+        shutil.copytree(runs[name], root / name)
+    teacher, policy = root / "pretrain" / "best.pt", root / "search" / "policy.json"
+    searched = root / "searched"
+    run("finetune", "--ckpt", teacher, "--policy", policy, "--keep-first-last", "",
+        "--epochs", 0, "--batch-size", 4, "--out", searched)
+
+    def status(script, folder, *flags):
+        return stage_status(str(folder), script, ["--out", str(folder), *map(str, flags)])
+    finetune_flags = ("--ckpt", teacher, "--policy", policy, "--keep-first-last", "",
+                      "--epochs", 0, "--batch-size", 4)
+    assert status("finetune", searched, *finetune_flags) == "finished"
+    assert status("search", root / "search", "--ckpt", teacher) == "finished"
+    fp32_sha, policy_sha = file_sha256(teacher), file_sha256(policy)
+    assert stage_problems(searched, searched / "best.pt", fp32_sha, policy_sha) == []
+
+    policy.write_text(policy.read_text() + "\n")  # searched again: another policy.json
+    said = status("finetune", searched, *finetune_flags)
+    assert said.startswith(f"refuse {searched}: files its run read have changed since "
+                           f"(SHA-256): --policy {policy}; give --overwrite"), said
+    assert stage_problems(searched, searched / "best.pt", fp32_sha, file_sha256(policy)) == [
+        "quantized with another policy than search/policy.json"]
+    assert status("finetune", searched, *finetune_flags, "--overwrite") == "new"
+
+    with open(teacher, "ab") as f:  # the pretraining replaced after the search
+        f.write(b"\0")
+    said = status("search", root / "search", "--ckpt", teacher)
+    assert said.startswith("refuse ") and f"--ckpt {teacher}" in said, said
+
+
+def test_a_copied_or_moved_run_folder_carries_on_in_the_copy(reference, data, tmp_path):
+    """A run folder copied with its inputs (RUN/pretrain/best.pt read by RUN/search), or data
+    reached through a symlink, was refused on its recorded absolute paths ("--ckpt ...
+    (recorded ...)"), finished stages included; the README says an archived copy resumes in the
+    copy. A path at the same place in the copied run, or the same file by another name, is the
+    same input (its contents are checked apart); another folder is still refused."""
+    from lib.stage_status import stage_status
+    runs, _ = reference
+    copy = tmp_path / "copy"
+    for name in ("pretrain", "search"):
+        shutil.copytree(runs[name], copy / name)
+
+    def status(script, folder, *flags):
+        return stage_status(str(folder), script, ["--out", str(folder), *map(str, flags)])
+    teacher = copy / "pretrain" / "best.pt"
+    assert status("search", copy / "search", "--ckpt", teacher) == "finished"
+    linked = tmp_path / "linked-data"
+    linked.symlink_to(data, target_is_directory=True)
+    assert status("pretrain", copy / "pretrain", "--data-root", linked) == "finished"
+    other = tmp_path / "other-data"
+    shutil.copytree(data, other)  # the same files elsewhere: not provably the same data
+    assert status("pretrain", copy / "pretrain", "--data-root", other).startswith("refuse ")
+    elsewhere = tmp_path / "elsewhere.pt"
+    shutil.copyfile(teacher, elsewhere)  # not where the run's own input was
+    said = status("search", copy / "search", "--ckpt", elsewhere)
+    assert said.startswith("refuse ") and f"--ckpt {elsewhere} (recorded" in said, said
+
+
 def test_a_damaged_stage_folder_is_one_line(tmp_path):
     from lib.stage_status import main
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")

@@ -109,16 +109,8 @@ class PolicyEvaluator:
 
     def score(self, model):
         """The metric dict of `model` on the scored subset, per point (no room voting)."""
-        return evaluate(model, self._taped(self.eval_batches, self.tapes), self.device, self.amp,
+        return evaluate(model, _Taped(self.eval_batches, self.tapes), self.device, self.amp,
                         desc="search eval", dataset=self.dataset, vote=False)
-
-    @staticmethod
-    def _taped(batches, tapes):
-        """The batches, each yielded inside its geometry tape, so the forward pass that
-        consumes a batch records (first use) or replays (later ones) its FPS and kNN."""
-        for batch, tape in zip(batches, tapes):
-            with tape:
-                yield batch
 
     def _finetune(self, model):
         """HAQ's short fine-tune before the reward: SGD steps on the cached training batches,
@@ -155,3 +147,20 @@ class PolicyEvaluator:
             self._finetune(model)
         # dense weights: each forward would otherwise look every shared weight up again
         return self.score(dequantize(model))[self.key]
+
+
+class _Taped:
+    """The batches, each yielded inside its geometry tape, so the forward pass that consumes a
+    batch records (first use) or replays (later ones) its FPS and kNN. Has a length, so that
+    the progress bar counts to it (a generator's showed "0it")."""
+
+    def __init__(self, batches, tapes):
+        self.batches, self.tapes = batches, tapes
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch, tape in zip(self.batches, self.tapes):
+            with tape:
+                yield batch
