@@ -44,6 +44,17 @@ def test_cls_summary_and_per_class_tables():
     assert classes == [["chair", "lamp", "mug"], ["100.00", "0.00", "-"]]
 
 
+def test_forty_classes_print_as_tables_of_at_most_sixteen_columns():
+    """ModelNet40's per-class row was one table 40 columns wide (about 400 characters)."""
+    per_class = {f"class{i}": i / 40 for i in range(40)}
+    summary, *parts = tables_of(format_results("cls", {"oa": 0.5, "macc": 0.5,
+                                                       "per_class": per_class}))
+    assert [len(part[0]) for part in parts] == [16, 16, 8]
+    assert [name for part in parts for name in part[0]] == list(per_class)
+    assert [value for part in parts for value in part[1]] == [
+        f"{100 * i / 40:.2f}" for i in range(40)]
+
+
 def test_unknown_task_is_an_error():
     with pytest.raises(ValueError, match="unknown task"):
         format_results("detection", {})
