@@ -137,6 +137,10 @@ def test_unknown_class_and_missing_folders_are_clear_errors(tmp_path):
         read_room(str(tmp_path / "Area_1"))
     with pytest.raises(FileNotFoundError, match=r"Area_2: missing"):
         S3DISDataset(str(tmp_path), "train")
+    for area in (2, 3, 4, 6):  # an empty Area folder is missing rooms too (the converted
+        (tmp_path / f"Area_{area}").mkdir()  # folder said so; the raw release read on)
+    with pytest.raises(FileNotFoundError, match=r"Area_2: no rooms"):
+        S3DISDataset(str(tmp_path), "train")
     with pytest.raises(FileNotFoundError, match=RAW_DIRNAME):
         S3DISDataset(str(tmp_path / "nowhere"), "train")
 
