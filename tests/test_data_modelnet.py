@@ -103,6 +103,22 @@ def test_val_slice_does_not_move_when_files_are_missing(tmp_path, capsys):
         ModelNet40Dataset(root, "test")
 
 
+def test_a_partial_download_without_the_val_entries_validates_on_a_tenth_of_train(tmp_path,
+                                                                                 capsys):
+    """None of the every-10th entries present (three genuine files of the release, say): "val"
+    was empty and training could not start; now a fixed tenth of the present shapes validates,
+    and training leaves it out."""
+    train = [("chair", k + 1) for k in range(30)]
+    present = {1, 2, 4, 5, 6, 7, 8, 11, 12, 13, 14, 15}  # no 10th, 20th or 30th entry
+    root = write_txt_layout(tmp_path / "m", train, [("chair", 99)],
+                            skip={f"chair_{k:04d}" for k in range(1, 31) if k not in present})
+    val, fit = ModelNet40Dataset(root, "val"), ModelNet40Dataset(root, "train")
+    assert len(tags(val)) == 1 and set(tags(val)) | set(tags(fit)) == present
+    assert set(tags(val)).isdisjoint(tags(fit))
+    assert tags(ModelNet40Dataset(root, "val")) == tags(val)  # fixed
+    assert "val is a fixed tenth of the 12 present training shapes" in capsys.readouterr().out
+
+
 def test_short_file_is_topped_up_with_replacement(tmp_path):
     root = write_txt_layout(tmp_path / "m", [("chair", 1)], [("chair", 2)], lines=100)
     sample = ModelNet40Dataset(root, "test", num_points=512)[0]

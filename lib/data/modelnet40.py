@@ -47,6 +47,22 @@ OFF_POINTS = 2048
 OFF_SEED = 0  # the sampling is part of the data's definition, like the resampled release's
 
 
+def val_mask(positions, root):
+    """Which present training shapes (by their positions in the training list) are "val": every
+    VAL_EVERY-th list entry. Where none of those is present (a partial download), a fixed tenth
+    of the present shapes instead (lib/data/val_slice's, printed), so that training still
+    validates on shapes it leaves out; a full download never gets there."""
+    positions = np.asarray(positions)
+    mask = positions % VAL_EVERY == VAL_EVERY - 1
+    if mask.any() or len(positions) < 2:
+        return mask
+    from lib.data.val_slice import val_slice  # it imports lib.data's builders
+    mask[val_slice(len(positions))[0]] = True
+    print(f"[modelnet40] {root}: none of the training list's every-{VAL_EVERY}th entries is "
+          f"present; val is a fixed tenth of the {len(positions)} present training shapes")
+    return mask
+
+
 def detect_layout(root):
     if (root / "modelnet40_shape_names.txt").is_file():
         return "normal_resampled"
@@ -199,7 +215,7 @@ class ModelNet40Dataset(torch.utils.data.Dataset):
         if split in ("test", "trainval"):
             keep = np.ones(len(labels), dtype=bool)
         else:
-            keep = (np.asarray(positions) % VAL_EVERY == VAL_EVERY - 1) == (split == "val")
+            keep = val_mask(positions, self.root) == (split == "val")
         self.clouds = [cloud for cloud, kept in zip(clouds, keep) if kept]
         self.labels = np.asarray(labels, dtype=np.int64)[keep]
         if not self.clouds:
