@@ -167,11 +167,19 @@ def _same_place(path, recorded_path, folder, recorded_folder):
         return False
     if os.path.realpath(path) == os.path.realpath(recorded_path):
         return True
-    if not isinstance(recorded_folder, str):
-        return False
-    inside = [os.path.relpath(p, os.path.dirname(f)) for p, f in
-              ((path, folder), (recorded_path, recorded_folder))]
-    return inside[0] == inside[1] and not inside[0].startswith(os.pardir)
+    return _relocated(recorded_path, folder, recorded_folder) == os.path.abspath(path)
+
+
+def _relocated(recorded_path, folder, recorded_folder):
+    """Where an input recorded at `recorded_path` by the run then in `recorded_folder` lies for
+    the run now in `folder`: at the same place in the run's parent folder, when it was inside
+    it (None otherwise)."""
+    if not isinstance(recorded_path, str) or not isinstance(recorded_folder, str):
+        return None
+    inside = os.path.relpath(recorded_path, os.path.dirname(recorded_folder))
+    if inside == os.pardir or inside.startswith(os.pardir + os.sep) or os.path.isabs(inside):
+        return None
+    return os.path.abspath(os.path.join(os.path.dirname(folder), inside))
 
 
 def recorded_settings(parser, argv, args, recorded, path, done):
@@ -210,6 +218,13 @@ def recorded_settings(parser, argv, args, recorded, path, done):
             if dest in given and value != recorded_value:
                 differences.append(f"{flag} {value} (recorded {recorded_value})")
             settings[dest] = recorded_value
+            if (dest not in given and action.type is path_arg and recorded_value is not None
+                    and not os.path.exists(recorded_value)):
+                # a copy of the run resumed after its original was moved or deleted: the
+                # copy's own input (its contents are checked where they matter)
+                moved = _relocated(recorded_value, folder, recorded.get("out"))
+                if moved is not None and os.path.exists(moved):
+                    settings[dest] = moved
     # --batch-size is per process: under another process count the total batch, the steps per
     # epoch and so the schedule would change (runs recorded before the count was are not checked)
     recorded_processes = recorded.get("processes")

@@ -666,6 +666,22 @@ def test_a_copied_or_moved_run_folder_carries_on_in_the_copy(reference, data, tm
     assert said.startswith("refuse ") and f"--ckpt {elsewhere} (recorded" in said, said
 
 
+def test_a_run_moved_with_its_inputs_resumes_without_naming_them(reference, tmp_path):
+    """`finetune.py --resume COPY/finetune/last.pt` after the original run folder was moved:
+    the recorded --ckpt no longer existed and the resume stopped on it; the copy's own
+    pretrain/best.pt (same place in the run, same SHA-256) is taken instead."""
+    runs, _ = reference
+    original, moved = tmp_path / "original", tmp_path / "moved"
+    shutil.copytree(runs["pretrain"], original / "pretrain")
+    run("finetune", *finetune_args(original / "pretrain" / "best.pt", original / "finetune"))
+    from lib import rundir  # that run's process ends: its lock goes (held till then in-process)
+    rundir._held.pop(os.path.realpath(original / "finetune")).close()
+    shutil.move(original, moved)
+    run("finetune", "--resume", moved / "finetune" / "last.pt", "--epochs", 3)
+    meta, _, resume = load_checkpoint(str(moved / "finetune" / "last.pt"))
+    assert resume["epoch"] == 3 and meta["args"]["ckpt"] == str(moved / "pretrain" / "best.pt")
+
+
 def test_a_damaged_stage_folder_is_one_line(tmp_path):
     from lib.stage_status import main
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
