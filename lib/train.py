@@ -100,9 +100,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
             correct += (logits.argmax(-1) == batch["label"]).sum()
             total += batch["label"].numel()
         if step % LOG_EVERY == 0 or step == steps - 1:
-            _stop_if_not_finite(first_bad, epoch, steps)
-            bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.4f}",
-                            acc=f"{correct.item() / max(total, 1):.3f}")
+            # every rank's sums in the one exchange the finiteness check makes anyway: the bar
+            # shows what the epoch line will (it showed the main rank's alone)
+            ranks = distributed.gather_objects(
+                (int(first_bad.item()), loss_sum.item(), correct.item(), total))
+            _stop_if_not_finite([rank[0] for rank in ranks], epoch, steps)
+            _, losses, right, seen = (sum(column) for column in zip(*ranks))
+            bar.set_postfix(loss=f"{losses / ((step + 1) * len(ranks)):.4f}",
+                            acc=f"{right / max(seen, 1):.3f}")
             if log is not None:
                 log.scalars("train_step", {"loss": loss.item(),
                                            "lr": optimizer.param_groups[0]["lr"]},
@@ -118,9 +123,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
 
 
 def _stop_if_not_finite(first_bad, epoch, steps):
-    """Checked where the loop reads its sums anyway (no extra wait for the GPU); under DDP the
-    ranks agree, so they stop together."""
-    bad = [step for step in distributed.gather_objects(int(first_bad.item())) if step >= 0]
+    """first_bad: each rank's first step with a non-finite loss (-1: none), gathered where the
+    loop reads its sums anyway (no extra wait for the GPU); the ranks agree, so they stop
+    together."""
+    bad = [step for step in first_bad if step >= 0]
     if bad:
         bad = min(bad)
         raise FloatingPointError(f"epoch {epoch + 1}, step {bad + 1} of {steps}: the training "
