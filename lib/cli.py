@@ -216,7 +216,11 @@ def recorded_settings(parser, argv, args, recorded, path, done):
             settings[dest] = value  # the run's input as this command names it
         else:
             if dest in given and value != recorded_value:
-                differences.append(f"{flag} {value} (recorded {recorded_value})")
+                moved = (action.type is path_arg and isinstance(recorded_value, str)
+                         and not os.path.exists(recorded_value))
+                hint = ("; gone: a link there to the new place is taken as the same"
+                        if moved else "")
+                differences.append(f"{flag} {value} (recorded {recorded_value}{hint})")
             settings[dest] = recorded_value
             if (dest not in given and action.type is path_arg and recorded_value is not None
                     and not os.path.exists(recorded_value)):

@@ -660,6 +660,15 @@ def test_a_copied_or_moved_run_folder_carries_on_in_the_copy(reference, data, tm
     other = tmp_path / "other-data"
     shutil.copytree(data, other)  # the same files elsewhere: not provably the same data
     assert status("pretrain", copy / "pretrain", "--data-root", other).startswith("refuse ")
+    gone = tmp_path / "gone"  # data moved away from the recorded place: say how to go on
+    (copy / "pretrain" / "last.pt").rename(copy / "pretrain" / "kept.pt")
+    last = torch.load(copy / "pretrain" / "kept.pt", weights_only=True)
+    last["meta"]["args"]["data_root"] = str(gone)
+    torch.save(last, copy / "pretrain" / "last.pt")
+    said = status("pretrain", copy / "pretrain", "--data-root", data)
+    assert f"--data-root {data} (recorded {gone}; gone: a link there to the new place" in said
+    gone.symlink_to(data, target_is_directory=True)
+    assert status("pretrain", copy / "pretrain", "--data-root", data) == "finished"
     elsewhere = tmp_path / "elsewhere.pt"
     shutil.copyfile(teacher, elsewhere)  # not where the run's own input was
     said = status("search", copy / "search", "--ckpt", elsewhere)
