@@ -81,7 +81,7 @@ def build_quantized(args, model, dataset, device, teacher_sha256):
         policy = keep_first_last(policy, layers, keep)
     quantize_model(model, policy, method=args.method)
     quant = {"bits": policy, "method": args.method, "policy_file": args.policy,
-             "policy_sha256": policy_file.sha256 if policy_file else None,
+             "policy_digest": policy_file.digest if policy_file else None,
              "keep_first_last": args.keep_first_last or None,
              "fp32_layers": [n for n in names if policy.get(n) in (None, 32)],
              "teacher": os.path.abspath(args.ckpt), "teacher_sha256": teacher_sha256}

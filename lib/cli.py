@@ -156,24 +156,16 @@ def resumed_args(parser, argv, args, kind):
     return recorded_settings(parser, argv, args, recorded, path, done)
 
 
-def _same_place(path, recorded_path, folder, recorded_folder):
-    """Whether the input `path` given for the run in `folder` names what `recorded_path` named
-    when the run was in `recorded_folder`: the same file (through a symlink, or spelled
-    otherwise), or, inside the run's parent folder (RUN/pretrain/best.pt for RUN/search), the
-    file at the same place in it: the run folder copied or moved with its inputs. Where the
-    contents matter they are checked apart (SHA-256: a search's or fine-tune's --ckpt, a
-    fine-tune's --policy); a path outside the run's parent (a --data-root) must be the same."""
-    if not isinstance(recorded_path, str):
-        return False
-    if os.path.realpath(path) == os.path.realpath(recorded_path):
-        return True
-    return _relocated(recorded_path, folder, recorded_folder) == os.path.abspath(path)
+# The inputs whose contents a run records (SHA-256 of a search's or fine-tune's --ckpt, the
+# digest of a fine-tune's --policy) and checks: only these follow a run folder copied or moved
+# with them. A --data-root has no such record, so only the same folder is the recorded one.
+CONTENT_CHECKED = ("ckpt", "policy")
 
 
-def _relocated(recorded_path, folder, recorded_folder):
+def relocated(recorded_path, folder, recorded_folder):
     """Where an input recorded at `recorded_path` by the run then in `recorded_folder` lies for
-    the run now in `folder`: at the same place in the run's parent folder, when it was inside
-    it (None otherwise)."""
+    the run now in `folder`: at the same place in the run's parent folder (RUN/pretrain/best.pt
+    for RUN/search), when it was inside it; None otherwise."""
     if not isinstance(recorded_path, str) or not isinstance(recorded_folder, str):
         return None
     inside = os.path.relpath(recorded_path, os.path.dirname(recorded_folder))
@@ -182,11 +174,35 @@ def _relocated(recorded_path, folder, recorded_folder):
     return os.path.abspath(os.path.join(os.path.dirname(folder), inside))
 
 
-def recorded_settings(parser, argv, args, recorded, path, done):
+def run_input(recorded_path, folder, recorded_folder):
+    """The file a run now in `folder` (recorded in `recorded_folder`) reads for an input of
+    CONTENT_CHECKED recorded at `recorded_path`: a run folder copied or moved with its inputs
+    reads its own (when that file exists), so that a copy never goes back to the original's,
+    nor stops when the original is gone; otherwise the recorded path."""
+    moved = (isinstance(recorded_folder, str)
+             and os.path.realpath(folder) != os.path.realpath(recorded_folder))
+    own = relocated(recorded_path, folder, recorded_folder) if moved else None
+    return own if own is not None and os.path.exists(own) else recorded_path
+
+
+def _same_input(dest, path, recorded_path, folder, recorded_folder):
+    """Whether the input `path` given for the run in `folder` is the one recorded: the same file
+    (through a symlink, or spelled otherwise), or, for CONTENT_CHECKED inputs, the one at the
+    same place in a run folder copied or moved with its inputs (relocated)."""
+    if not isinstance(recorded_path, str):
+        return False
+    if os.path.realpath(path) == os.path.realpath(recorded_path):
+        return True
+    return (dest in CONTENT_CHECKED
+            and relocated(recorded_path, folder, recorded_folder) == os.path.abspath(path))
+
+
+def recorded_settings(parser, argv, args, recorded, path, done, will_train=True):
     """The run's settings (a Namespace) for a command line `argv` (parsed: `args`) given to the
     run recorded at `path` (its folder is the run's, `recorded` its flags, `done` its epochs or
     episodes): only MAY_CHANGE_AT_RESUME may differ, and --epochs / --episodes only upwards;
-    anything else is a one-line ValueError listing every difference."""
+    anything else is a one-line ValueError listing every difference. will_train=False: the
+    number of processes is not checked (a finished stage skipped trains nothing)."""
     folder = os.path.dirname(path)
     given = given_dests(parser, argv)
     settings, differences = {}, []
@@ -212,8 +228,10 @@ def recorded_settings(parser, argv, args, recorded, path, done):
                                    f"done {done}; extend it with more, or give none)")
             settings[dest] = value
         elif (dest in given and action.type is path_arg and value != recorded_value
-              and _same_place(value, recorded_value, folder, recorded.get("out"))):
+              and _same_input(dest, value, recorded_value, folder, recorded.get("out"))):
             settings[dest] = value  # the run's input as this command names it
+        elif dest not in given and dest in CONTENT_CHECKED:
+            settings[dest] = run_input(recorded_value, folder, recorded.get("out"))
         else:
             if dest in given and value != recorded_value:
                 moved = (action.type is path_arg and isinstance(recorded_value, str)
@@ -222,18 +240,11 @@ def recorded_settings(parser, argv, args, recorded, path, done):
                         if moved else "")
                 differences.append(f"{flag} {value} (recorded {recorded_value}{hint})")
             settings[dest] = recorded_value
-            if (dest not in given and action.type is path_arg and recorded_value is not None
-                    and not os.path.exists(recorded_value)):
-                # a copy of the run resumed after its original was moved or deleted: the
-                # copy's own input (its contents are checked where they matter)
-                moved = _relocated(recorded_value, folder, recorded.get("out"))
-                if moved is not None and os.path.exists(moved):
-                    settings[dest] = moved
     # --batch-size is per process: under another process count the total batch, the steps per
     # epoch and so the schedule would change (runs recorded before the count was are not checked)
     recorded_processes = recorded.get("processes")
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, before any init
-    if recorded_processes is not None and processes != recorded_processes:
+    if will_train and recorded_processes is not None and processes != recorded_processes:
         differences.append(f"{processes} process(es) (recorded {recorded_processes}; the batch "
                            f"is per process, so the total batch would change)")
     if differences:

@@ -23,9 +23,19 @@ def parse_keep(value):
     return bits
 
 
+def policy_digest(record):
+    """SHA-256 of a policy's record as canonical JSON, but the path of the checkpoint it was
+    searched on: a fine-tune records which policy it applied, so that a policy searched again
+    later is not taken for it, while a search extended in a run folder moved since (which
+    rewrites that path alone; checkpoint_sha256 stays) is the same policy."""
+    kept = {key: value for key, value in record.items() if key != "checkpoint"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
 class PolicyFile:
     """A policy.json, read once: `bits`, `keep` and `check_searched_on` check what finetune.py
-    uses of it, `sha256` is the file's. Every problem is a one-line error naming the file, never a guess."""
+    uses of it; `digest` (policy_digest) identifies it. Every problem is a one-line error naming the file, never a guess."""
 
     def __init__(self, path):
         self.path = path
@@ -33,15 +43,13 @@ class PolicyFile:
             text = read_text_file(path)  # a byte that is not UTF-8: an error naming its line
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such policy file") from None
-        # the file's SHA-256 (strict UTF-8 gives its bytes back): a fine-tune records which
-        # policy it applied, so that a policy searched again later is not taken for it
-        self.sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
         try:
             self.record = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(self.record, dict) or not isinstance(self.record.get("bits"), dict):
             raise ValueError(f"{path}: no 'bits' mapping of layer name to bit width")
+        self.digest = policy_digest(self.record)
 
     def bits(self, layer_names, renames=None):
         """{layer: bits or None (fp32)}, checked strictly: every quantizable layer of the model

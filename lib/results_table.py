@@ -44,26 +44,51 @@ def run_checkpoints(run):
     return [(KNOWN_RUNS.get(d, d), d, os.path.join(run, d, "best.pt")) for d in ordered]
 
 
-def stage_problems(folder, path, fp32_sha256, policy_sha256=None):
+def stage_problems(folder, path, fp32_sha256):
     """Why a stage's best.pt does not belong in the table as a finished row of this run, in
     words: its run has not ended (lib/stage_status.progress: epochs or episodes short of those
     set, a fine-tune's test scoring or a best.pt that a kill kept from being written), it was
     quantized from another fp32 model than the run's pretrain/best.pt (SHA-256 fp32_sha256: a
-    pretraining replaced or extended after the search), or with another policy than the run's
-    search/policy.json (SHA-256 policy_sha256: a search run again after the fine-tune)."""
+    pretraining replaced or extended after the search), or the policy file it was quantized
+    with now holds another policy (a search run again after the fine-tune)."""
     from lib.checkpoint import checkpoint_meta
     from lib.stage_status import progress
     problems = []
     run = progress(folder)
     if run.state in ("interrupted", "restartable"):
         problems.append(f"unfinished: {run.why}")
-    quant = checkpoint_meta(path).get("quant") or {}
-    teacher, policy = quant.get("teacher_sha256"), quant.get("policy_sha256")
+    meta = checkpoint_meta(path)
+    quant = meta.get("quant") if isinstance(meta, dict) else None
+    quant = quant if isinstance(quant, dict) else {}
+    teacher = quant.get("teacher_sha256")
     if teacher and fp32_sha256 and teacher != fp32_sha256:
         problems.append("quantized from another fp32 model than pretrain/best.pt")
-    if policy and policy_sha256 and policy != policy_sha256:
-        problems.append("quantized with another policy than search/policy.json")
+    changed = _policy_changed(quant, folder, meta.get("args", {}))
+    if changed:
+        problems.append(f"quantized with another policy than {changed} holds now")
     return problems
+
+
+def _policy_changed(quant, folder, args):
+    """The policy file a fine-tune applied (where a run folder moved with it: the copy's own),
+    shown from the run folder, when it now holds another policy than the one recorded; None
+    when it holds the same, is gone, or none was recorded."""
+    from lib.cli import run_input
+    from lib.stage_status import input_digest
+    recorded, digest = quant.get("policy_file"), quant.get("policy_digest")
+    if not (isinstance(recorded, str) and digest):
+        return None
+    policy = run_input(recorded, str(folder), args.get("out"))
+    if not os.path.isfile(policy):
+        return None
+    try:
+        if input_digest("policy", policy) == digest:
+            return None
+    except ValueError:  # no longer a policy file
+        pass
+    run = os.path.dirname(os.path.abspath(folder))
+    inside = os.path.relpath(policy, run)
+    return policy if inside.startswith(os.pardir) else inside
 
 
 def score_run(run, data_root=None, batch_size=16, device=None, workers=0):
@@ -75,10 +100,8 @@ def score_run(run, data_root=None, batch_size=16, device=None, workers=0):
     checkpoints = run_checkpoints(run)
     fp32 = os.path.join(run, "pretrain", "best.pt")
     fp32_sha256 = file_sha256(fp32) if os.path.isfile(fp32) else None
-    policy = os.path.join(run, "search", "policy.json")
-    policy_sha256 = file_sha256(policy) if os.path.isfile(policy) else None
     for name, folder, path in checkpoints:
-        problems = stage_problems(os.path.join(run, folder), path, fp32_sha256, policy_sha256)
+        problems = stage_problems(os.path.join(run, folder), path, fp32_sha256)
         if problems:
             name = f"{name} [{'; '.join(problems)}]"
             if distributed.is_main():

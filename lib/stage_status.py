@@ -11,9 +11,9 @@ they are started again, e.g. after a crash or a kill:
                  with --epochs 0, which trains nothing, or a run killed before its first
                  checkpoint): start it again over its own files (--overwrite)
     refuse WHY   the scripts stop with WHY: FLAGS change a recorded setting (lib/cli's
-                 resume rules), an input file the run recorded has changed since (a search's
-                 --ckpt, a fine-tune's --ckpt or --policy, by SHA-256: a pretraining extended
-                 or a policy searched again after the stage ran), or the folder holds a
+                 resume rules), an input the run recorded has changed since (a search's
+                 --ckpt, a fine-tune's --ckpt by SHA-256 or --policy by digest: a pretraining
+                 extended or a policy searched again after the stage ran), or the folder holds a
                  result without the record of whether its run ended (a best.pt without
                  last.pt, a policy.json without search_state.pt), which starting over would
                  delete
@@ -50,10 +50,18 @@ class Progress(NamedTuple):
 
 
 def recorded_inputs(quant):
-    """{dest: SHA-256} of the input files a fine-tune's quant record names (None: not
+    """{dest: SHA-256 or digest} of the inputs a fine-tune's quant record names (None: not
     recorded, a run from before the record)."""
-    quant = quant or {}
-    return {"ckpt": quant.get("teacher_sha256"), "policy": quant.get("policy_sha256")}
+    quant = quant if isinstance(quant, dict) else {}
+    return {"ckpt": quant.get("teacher_sha256"), "policy": quant.get("policy_digest")}
+
+
+def input_digest(dest, path):
+    """What a run records of its input `dest` at `path`: a checkpoint's SHA-256, a policy's
+    digest (lib/policy_file.policy_digest)."""
+    from lib.checkpoint import file_sha256
+    from lib.policy_file import PolicyFile
+    return PolicyFile(path).digest if dest == "policy" else file_sha256(path)
 
 
 def progress(folder):
@@ -127,35 +135,42 @@ def stage_status(folder, script, argv):
     from lib.cli import recorded_settings
     parser = importlib.import_module(script).get_args_parser()
     try:
-        settings = recorded_settings(parser, argv, parser.parse_args(argv), run.recorded,
-                                     run.path, run.done)
+        args = parser.parse_args(argv)
+        settings = recorded_settings(parser, argv, args, run.recorded, run.path, run.done,
+                                     will_train=False)
     except ValueError as e:
         return f"refuse {e}"
     changed = changed_inputs(run, settings, parser)
     if changed:
-        return (f"refuse {folder}: files its run read have changed since (SHA-256): "
+        return (f"refuse {folder}: inputs its run read have changed since: "
                 f"{'; '.join(changed)}; give --overwrite to run the stage again on them as they "
                 f"are now, or move the folder away")
     # a fine-tune with --epochs 0 (its packed best.pt stands for the run) has nothing to extend
     extended = run.resumable and getattr(settings, run.count, run.done) > run.done
     if run.state == "interrupted" or extended:
+        try:  # now under the process count too: it trains
+            recorded_settings(parser, argv, args, run.recorded, run.path, run.done)
+        except ValueError as e:
+            return f"refuse {e}"
         return f"resume {run.path}"
     return "finished"
 
 
 def changed_inputs(run, settings, parser):
-    """["FLAG PATH", ...] of the input files whose SHA-256 differs from the one the run
-    recorded (missing ones included): a stage that ended on them is not this command's result,
-    and an interrupted one would go on from another model or policy."""
-    from lib.checkpoint import file_sha256
+    """["FLAG PATH (why)", ...] of the inputs that differ from what the run recorded of them
+    (input_digest), or are gone: a stage that ended on them is not this command's result, and
+    an interrupted one would go on from another model or policy."""
     flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
     changed = []
     for dest, recorded in (run.inputs or {}).items():
         path = getattr(settings, dest, None)
         if recorded is None or path is None:
             continue
-        if not os.path.isfile(path) or file_sha256(path) != recorded:
-            changed.append(f"{flags.get(dest, dest)} {path}")
+        if not os.path.isfile(path):
+            changed.append(f"{flags.get(dest, dest)} {path} (missing)")
+        elif input_digest(dest, path) != recorded:
+            what = "another policy" if dest == "policy" else "another model: its SHA-256 differs"
+            changed.append(f"{flags.get(dest, dest)} {path} ({what})")
     return changed
 
 
@@ -169,7 +184,8 @@ def main(argv):
     try:
         print(progress(folder).state if argv[0] == "--progress"
               else stage_status(folder, argv[1], argv[2:]))
-    except (OSError, ValueError, KeyError, argparse.ArgumentError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError,
+            argparse.ArgumentError) as e:  # damaged records, an unknown script
         from lib.cli import one_line
         print(f"refuse {folder}: {one_line(e)}")
 

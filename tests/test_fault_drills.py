@@ -312,6 +312,18 @@ def test_resume_under_another_process_count_is_refused(reference, monkeypatch, s
     assert "2 process(es) (recorded 1; the batch is per process" in message
 
 
+def test_a_finished_stage_is_skipped_under_another_process_count(reference, monkeypatch):
+    """Started again with NPROC=2 after a one-process run, a finished stage (which then trains
+    nothing) was refused on its process count; extending it still is."""
+    from lib.stage_status import stage_status
+    runs, _ = reference
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    folder = str(runs["pretrain"])
+    assert stage_status(folder, "pretrain", ["--out", folder]) == "finished"
+    said = stage_status(folder, "pretrain", ["--out", folder, "--epochs", "3"])
+    assert said.startswith("refuse ") and "2 process(es) (recorded 1" in said, said
+
+
 @pytest.mark.parametrize("script", ["finetune", "search"])
 def test_a_resumed_run_refuses_a_checkpoint_that_changed_under_it(reference, tmp_path, script):
     """Its indices and codebooks (finetune), its replay buffer's rewards (search) came from the
@@ -621,16 +633,23 @@ def test_a_stage_whose_input_changed_since_is_refused_not_skipped(reference, tmp
                       "--epochs", 0, "--batch-size", 4)
     assert status("finetune", searched, *finetune_flags) == "finished"
     assert status("search", root / "search", "--ckpt", teacher) == "finished"
-    fp32_sha, policy_sha = file_sha256(teacher), file_sha256(policy)
-    assert stage_problems(searched, searched / "best.pt", fp32_sha, policy_sha) == []
+    fp32_sha = file_sha256(teacher)
+    assert stage_problems(searched, searched / "best.pt", fp32_sha) == []
 
-    policy.write_text(policy.read_text() + "\n")  # searched again: another policy.json
+    record = json.loads(policy.read_text())
+    record["checkpoint"] = "/elsewhere/pretrain/best.pt"  # a search extended in a moved run
+    policy.write_text(json.dumps(record))  # rewrites that path alone: the same policy
+    assert status("finetune", searched, *finetune_flags) == "finished"
+    record["episode"] += 1  # searched again: another policy.json
+    policy.write_text(json.dumps(record))
     said = status("finetune", searched, *finetune_flags)
-    assert said.startswith(f"refuse {searched}: files its run read have changed since "
-                           f"(SHA-256): --policy {policy}; give --overwrite"), said
-    assert stage_problems(searched, searched / "best.pt", fp32_sha, file_sha256(policy)) == [
-        "quantized with another policy than search/policy.json"]
+    assert said.startswith(f"refuse {searched}: inputs its run read have changed since: "
+                           f"--policy {policy} (another policy); give --overwrite"), said
+    assert stage_problems(searched, searched / "best.pt", fp32_sha) == [
+        "quantized with another policy than search/policy.json holds now"]
     assert status("finetune", searched, *finetune_flags, "--overwrite") == "new"
+    policy.unlink()
+    assert f"--policy {policy} (missing)" in status("finetune", searched, *finetune_flags)
 
     with open(teacher, "ab") as f:  # the pretraining replaced after the search
         f.write(b"\0")
@@ -673,6 +692,23 @@ def test_a_copied_or_moved_run_folder_carries_on_in_the_copy(reference, data, tm
     shutil.copyfile(teacher, elsewhere)  # not where the run's own input was
     said = status("search", copy / "search", "--ckpt", elsewhere)
     assert said.startswith("refuse ") and f"--ckpt {elsewhere} (recorded" in said, said
+    # resumed without naming its --ckpt while the original run is still there, the copy reads
+    # its own (it went back to the original's, and stopped once that was moved away)
+    parser = importlib.import_module("search").get_args_parser()
+    argv = ["--resume", str(copy / "search")]
+    settings = resumed_args(parser, argv, parser.parse_args(argv), "search")
+    assert settings.ckpt == str(teacher) and runs["pretrain"].exists()
+    # data has no recorded contents: a data folder at the same place beside a copied run is
+    # not taken for the recorded one
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(copy / "pretrain", a / "exp")
+    shutil.copytree(data, a / "data")
+    last = torch.load(a / "exp" / "last.pt", weights_only=True)
+    last["meta"]["args"].update(data_root=str(a / "data"), out=str(a / "exp"))
+    torch.save(last, a / "exp" / "last.pt")
+    shutil.copytree(a, b)
+    said = status("pretrain", b / "exp", "--data-root", b / "data")
+    assert said.startswith("refuse ") and f"--data-root {b / 'data'} (recorded" in said, said
 
 
 def test_a_run_moved_with_its_inputs_resumes_without_naming_them(reference, tmp_path):
