@@ -173,7 +173,12 @@ def save_checkpoint(path, model, meta, resume_state=None):
 def checkpoint_meta(path):
     """The meta dict a checkpoint records, read without building its model."""
     from lib.quant.pack import is_packed, read_header
-    return read_header(path)[0]["meta"] if is_packed(path) else torch_load(path).get("meta", {})
+    if is_packed(path):
+        return read_header(path)[0]["meta"]
+    record = torch_load(path)
+    if not isinstance(record, dict) or not isinstance(record.get("meta", {}), dict):
+        raise ValueError(f"{path}: not a checkpoint of this repository (no meta record)")
+    return record.get("meta", {})
 
 
 def checkpoint_epoch(path):

@@ -63,7 +63,7 @@ def stage_problems(folder, path, fp32_sha256):
     teacher = quant.get("teacher_sha256")
     if teacher and fp32_sha256 and teacher != fp32_sha256:
         problems.append("quantized from another fp32 model than pretrain/best.pt")
-    changed = _policy_changed(quant, folder, meta.get("args", {}))
+    changed = _policy_changed(quant, folder, meta.get("args", {}) if quant else {})
     if changed:
         problems.append(f"quantized with another policy than {changed} holds now")
     return problems

@@ -74,7 +74,8 @@ def progress(folder):
     state_path = os.path.join(folder, "search_state.pt")
     if os.path.isfile(state_path):
         state = torch_load(state_path)
-        if not isinstance(state, dict) or "episode" not in state:
+        if not (isinstance(state, dict) and "episode" in state
+                and isinstance(state.get("args", {}), dict)):
             raise ValueError(f"{state_path}: not a search state")
         recorded, done = state.get("args", {}), state["episode"]
         run = Progress("ended", state_path, None, recorded, done, "episodes", resumable=True,
@@ -90,7 +91,8 @@ def progress(folder):
     # optimizer state a resume needs
     if os.path.isfile(last_path) and not is_packed(last_path):
         last = torch_load(last_path)
-        if not isinstance(last, dict) or "meta" not in last or "resume" not in last:
+        if not (isinstance(last, dict) and isinstance(last.get("meta"), dict)
+                and isinstance(last.get("resume"), dict) and "epoch" in last["resume"]):
             raise ValueError(f"{last_path}: not a last.pt of pretrain.py or finetune.py")
         meta, resume = last["meta"], last["resume"]
         recorded, done = meta.get("args", {}), resume["epoch"]

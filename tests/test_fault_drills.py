@@ -737,6 +737,28 @@ def test_a_damaged_stage_folder_is_one_line(tmp_path):
     assert callable(main)
 
 
+def test_damaged_records_in_a_run_folder_are_one_line_for_the_table(reference, tmp_path):
+    """A best.pt holding a bare tensor, a last.pt whose resume record is not a dict, an unknown
+    script: tracebacks (AttributeError, TypeError, ModuleNotFoundError) before."""
+    runs, _ = reference
+    bare, odd = tmp_path / "bare", tmp_path / "odd"
+    (bare / "pretrain").mkdir(parents=True)
+    torch.save(torch.zeros(3), bare / "pretrain" / "best.pt")
+    shutil.copytree(runs["pretrain"], odd / "pretrain")
+    last = torch.load(odd / "pretrain" / "last.pt", weights_only=True)
+    last["resume"] = 3
+    torch.save(last, odd / "pretrain" / "last.pt")
+    for run_folder, said in ((bare, "best.pt: not a checkpoint of this repository"),
+                             (odd, "last.pt: not a last.pt of pretrain.py or finetune.py")):
+        out = subprocess.run([sys.executable, "-m", "lib.results_table", "--run", str(run_folder)],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 1 and out.stderr.strip().startswith("error: "), out.stderr
+        assert said in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+    out = subprocess.run([sys.executable, "-m", "lib.stage_status", str(runs["pretrain"]),
+                          "nosuch"], capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("refuse ") and out.stderr == "", out.stderr
+
+
 def test_run_scripts_started_again_skip_continue_and_restart(reference, tmp_path):
     """run/finetune.sh killed in its second stage stopped at its first when started again
     ("already holds a run"); now each stage goes on as its folder asks (run/recipes.sh's
