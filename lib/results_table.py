@@ -58,8 +58,7 @@ def stage_problems(folder, path, fp32_sha256):
     if run.state in ("interrupted", "restartable"):
         problems.append(f"unfinished: {run.why}")
     meta = checkpoint_meta(path)
-    quant = meta.get("quant") if isinstance(meta, dict) else None
-    quant = quant if isinstance(quant, dict) else {}
+    quant = meta.get("quant") if isinstance(meta.get("quant"), dict) else {}
     teacher = quant.get("teacher_sha256")
     if teacher and fp32_sha256 and teacher != fp32_sha256:
         problems.append("quantized from another fp32 model than pretrain/best.pt")
@@ -86,9 +85,8 @@ def _policy_changed(quant, folder, args):
             return None
     except ValueError:  # no longer a policy file
         pass
-    run = os.path.dirname(os.path.abspath(folder))
-    inside = os.path.relpath(policy, run)
-    return policy if inside.startswith(os.pardir) else inside
+    inside = os.path.relpath(policy, os.path.dirname(os.path.abspath(folder)))
+    return policy if inside.split(os.sep)[0] == os.pardir else inside
 
 
 def score_run(run, data_root=None, batch_size=16, device=None, workers=0):

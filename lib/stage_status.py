@@ -37,8 +37,8 @@ class Progress(NamedTuple):
     (interrupted, nothing to continue from) or "unknown" (results without the record of whether
     their run ended); path: the file that records the run (to continue from, when `resumable`);
     why: the interruption in words; recorded: the run's flags; done: its epochs or episodes
-    (`count` says which); inputs: {flag's dest: the SHA-256 the run recorded of that input
-    file}."""
+    (`count` says which); inputs: {flag's dest: what the run recorded of that input
+    (input_digest)}."""
     state: str
     path: Optional[str] = None
     why: Optional[str] = None
