@@ -81,13 +81,14 @@ def relation(delta, key, query, idx):
     delta (B, N, k, C), key = psi(x) and query = phi(x) (B, N, C), idx (B, N, k) -> (B, N, k, C).
     The plain form negates the key on the N points before the gather (its sum's backward then
     passes the gradient on without a negated (B, N, k, C) copy)."""
+    # on every path, so that a bad call is the same error with or without the kernels
+    if query.shape != key.shape or delta.shape[-1] != key.shape[-1]:
+        raise ValueError(f"lib/ops: relation of delta {tuple(delta.shape)} needs key and "
+                         f"query of one shape (B, N, {delta.shape[-1]}), got "
+                         f"{tuple(key.shape)} and {tuple(query.shape)}")
     lib = native_for(delta, key, query, bf16_rows=True)
     if lib is not None and idx.dtype == torch.int64:
         _check_neighbours(key, idx, delta)
-        if query.shape != key.shape or delta.shape[-1] != key.shape[-1]:
-            raise ValueError(f"lib/ops: relation of delta {tuple(delta.shape)} needs key and "
-                             f"query of one shape (B, N, {delta.shape[-1]}), got "
-                             f"{tuple(key.shape)} and {tuple(query.shape)}")
         return _Relation.apply(lib, delta, key, query, idx)
     return delta + gather(-key, idx) + query.unsqueeze(2)
 
