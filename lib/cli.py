@@ -162,16 +162,23 @@ def resumed_args(parser, argv, args, kind):
 CONTENT_CHECKED = ("ckpt", "policy")
 
 
+def path_inside(path, folder):
+    """`path` relative to `folder` when it lies inside it, else None."""
+    inside = os.path.relpath(path, folder)
+    if inside == os.pardir or inside.startswith(os.pardir + os.sep) or os.path.isabs(inside):
+        return None
+    return inside
+
+
 def relocated(recorded_path, folder, recorded_folder):
     """Where an input recorded at `recorded_path` by the run then in `recorded_folder` lies for
     the run now in `folder`: at the same place in the run's parent folder (RUN/pretrain/best.pt
     for RUN/search), when it was inside it; None otherwise."""
     if not isinstance(recorded_path, str) or not isinstance(recorded_folder, str):
         return None
-    inside = os.path.relpath(recorded_path, os.path.dirname(recorded_folder))
-    if inside == os.pardir or inside.startswith(os.pardir + os.sep) or os.path.isabs(inside):
-        return None
-    return os.path.abspath(os.path.join(os.path.dirname(folder), inside))
+    inside = path_inside(recorded_path, os.path.dirname(recorded_folder))
+    return None if inside is None else os.path.abspath(os.path.join(os.path.dirname(folder),
+                                                                    inside))
 
 
 def run_input(recorded_path, folder, recorded_folder):

@@ -72,7 +72,7 @@ def _policy_changed(quant, folder, args):
     """The policy file a fine-tune applied (where a run folder moved with it: the copy's own),
     shown from the run folder, when it now holds another policy than the one recorded; None
     when it holds the same, is gone, or none was recorded."""
-    from lib.cli import run_input
+    from lib.cli import path_inside, run_input
     from lib.stage_status import input_digest
     recorded, digest = quant.get("policy_file"), quant.get("policy_digest")
     if not (isinstance(recorded, str) and digest):
@@ -85,8 +85,7 @@ def _policy_changed(quant, folder, args):
             return None
     except ValueError:  # no longer a policy file
         pass
-    inside = os.path.relpath(policy, os.path.dirname(os.path.abspath(folder)))
-    return policy if inside.split(os.sep)[0] == os.pardir else inside
+    return path_inside(policy, os.path.dirname(os.path.abspath(folder))) or policy
 
 
 def score_run(run, data_root=None, batch_size=16, device=None, workers=0):
