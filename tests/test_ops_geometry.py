@@ -301,6 +301,17 @@ def test_gather_picks_rows_per_batch_element_and_passes_gradients():
     assert torch.equal(features.grad, counts.unsqueeze(-1).expand(2, 10, 4))
 
 
+def test_gather_refuses_indices_changed_before_its_backward():
+    """The backward (the C kernel, or the sparse product without it) reads the indices the
+    forward saved: changed in place in between, the gradient would go to other rows."""
+    features = cloud(2, 10, 4).requires_grad_()
+    idx = torch.tensor([[[0, 9], [3, 3]], [[1, 2], [9, 0]]])
+    out = po.gather(features, idx)
+    idx[0, 0, 0] = 5
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def test_group_puts_relative_xyz_before_features():
     xyz, features = cloud(2, 50, 3), cloud(2, 50, 5, seed=1)
     new_xyz = xyz[:, :7]

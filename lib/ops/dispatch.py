@@ -124,9 +124,6 @@ def run_kernel(lib, name, **arguments):
         raise ValueError(f"lib/ops/csrc: {name}: no form for dtype code {dtype}")
     if status == -5:  # csrc/parallel.h's checked_index met one
         idx = arguments.get("idx")
-        if "flat" in arguments:  # gather_rows_backward: rows of the batch, cloud b's from b N
-            b, n = arguments["B"], arguments["N"]
-            idx = arguments["flat"].view(b, -1) - torch.arange(b).unsqueeze(1) * n
         found = "" if idx is None else ": [{}, {}]".format(*(int(v) for v in idx.aminmax()))
         raise ValueError(f"lib/ops: neighbour index out of range{found} for clouds of "
                          f"{arguments['N']} points (lib/ops/csrc: {name})")

@@ -293,23 +293,25 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, flat, idx):
         ctx.num_rows, ctx.idx = rows.shape[0], idx
-        ctx.save_for_backward(flat)
+        # idx saved too: the kernel reads it, and an in-place change to it before the backward
+        # is then torch's "modified by an inplace operation" error
+        ctx.save_for_backward(flat, idx)
         return rows.index_select(0, flat)
 
     @staticmethod
     @once_differentiable  # the gradients come from kernels or out= products: no graph
     def backward(ctx, grad):
-        (flat,) = ctx.saved_tensors
+        flat, idx = ctx.saved_tensors
         grad = grad.contiguous()
         lib = dispatch.native_for(grad)
         if lib is not None:
             out = grad.new_zeros(ctx.num_rows, grad.shape[-1])
-            clouds = ctx.idx.shape[0]
             if flat.numel() == 0:  # nothing gathered (an empty batch, cloud or neighbourhood)
                 return out, None, None
+            clouds = idx.shape[0]
             dispatch.run_kernel(lib, "gather_rows_backward", dtype=grad.dtype, B=clouds,
-                                S=flat.numel() // max(clouds, 1),
-                                N=ctx.num_rows // max(clouds, 1), C=grad.shape[-1], flat=flat,
+                                S=idx.numel() // clouds, N=ctx.num_rows // clouds,
+                                C=grad.shape[-1], idx=idx.reshape(clouds, -1).contiguous(),
                                 grad=grad, grad_rows=out)
             return out, None, None
         structure = _gather_transposes.get(ctx.idx)
