@@ -180,6 +180,21 @@ def test_hdf5_bad_sample_names_file_and_index(tmp_path, label, nan, message):
         ModelNet40Dataset(root, "test")
 
 
+@pytest.mark.parametrize("write_data", [
+    lambda f: f.create_group("data"),  # a group where the array should be
+    lambda f: f.create_dataset("data", data=np.zeros(6, np.float32)),  # 1-D
+])
+def test_hdf5_file_of_another_structure_is_named(tmp_path, write_data):
+    root = write_h5_layout(tmp_path / "h", [], [("ply_data_test0.h5", None, None)])
+    with h5py.File(root / "ply_data_test0.h5", "w") as f:
+        write_data(f)
+        f.create_dataset("label", data=np.zeros((2, 1), np.uint8))
+    with pytest.raises(ValueError, match=r"ply_data_test0\.h5: not an h5 file with `data` and "
+                                         r"`label`") as err:
+        ModelNet40Dataset(root, "test")
+    assert "\n" not in str(err.value)
+
+
 def test_augmentation_is_random_and_anisotropic(txt_root):
     data = ModelNet40Dataset(txt_root, "test", augment=True)
     plain = ModelNet40Dataset(txt_root, "test")[0]["xyz"]
@@ -190,6 +205,24 @@ def test_augmentation_is_random_and_anisotropic(txt_root):
     scale = ratio.median(0).values
     assert (scale > 2 / 3 - 1e-4).all() and (scale < 1.5 + 1e-4).all()
     assert scale.std() > 1e-3
+
+
+def test_another_repositorys_cache_in_place_of_the_shapes_is_named(tmp_path):
+    """Point-BERT / Point-MAE keep the lists and modelnet40_<split>_8192pts_fps.dat only."""
+    root = write_txt_layout(tmp_path / "modelnet40_normal_resampled", [("chair", 1)],
+                            [("chair", 2)], skip=("chair_0001", "chair_0002"))
+    (root / "modelnet40_test_8192pts_fps.dat").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match=r"none of the 1 listed shape files exists \(the "
+                                                r"folder holds modelnet40_test_8192pts_fps\.dat: "
+                                                r"another repository's cache"):
+        ModelNet40Dataset(root, "test")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_name(txt_root):
+    """A list saved by Windows' Notepad starts with one."""
+    names = txt_root / "modelnet40_shape_names.txt"
+    names.write_bytes(b"\xef\xbb\xbf" + names.read_bytes())
+    assert ModelNet40Dataset(txt_root, "test").class_names == NAMES
 
 
 def test_layout_is_recognised_or_refused(tmp_path, txt_root):

@@ -65,6 +65,17 @@ def test_cache_is_redone_when_the_mesh_is_newer(tmp_path):
     assert np.abs(after[:, 2]).max() > 1.5 * np.abs(before[:, 2]).max()  # the tall box now
 
 
+def test_damaged_cached_sample_is_sampled_again(tmp_path, capsys):
+    root = write_class_meshes(tmp_path / "m", [BOX_OFF])
+    before = ModelNet40Dataset(root, "trainval", cache_dir=tmp_path / "c").clouds[0]
+    cached = next((tmp_path / "c").rglob("*.npy"))
+    cached.write_bytes(cached.read_bytes()[:1000])  # a partial copy; still newer than the mesh
+    after = ModelNet40Dataset(root, "trainval", cache_dir=tmp_path / "c").clouds[0]
+    assert f"{cached}: not a sample of 2048 points" in capsys.readouterr().out
+    np.testing.assert_array_equal(after, before)  # each mesh's sample is seeded by its name
+    np.testing.assert_array_equal(np.load(cached), before)
+
+
 def test_samples_lie_on_the_surface_and_follow_the_area(tmp_path):
     # A 2 x 1 x 1 box: the faces normal to x hold 2 of its 10 square units.
     root = write_class_meshes(tmp_path / "m", [BOX_OFF])

@@ -167,6 +167,16 @@ def test_bad_h5_file_is_named(forms, tmp_path, changes, message):
     one_line(err)
 
 
+def test_h5_file_with_a_group_in_place_of_an_array_is_named(forms, tmp_path):
+    root = copy_form(forms, "hdf5", tmp_path)
+    rewrite_h5(root / "ply_data_train0.h5", pid=lambda a: None)
+    with h5py.File(root / "ply_data_train0.h5", "a") as f:
+        f.create_group("pid")
+    with pytest.raises(ValueError, match=r"ply_data_train0\.h5: not a readable h5 file") as err:
+        ShapeNetPartDataset(root, "train")
+    one_line(err)
+
+
 def test_truncated_h5_file_is_named(forms, tmp_path):
     root = copy_form(forms, "hdf5", tmp_path)
     path = root / "ply_data_test0.h5"

@@ -110,7 +110,7 @@ def build_dataset(name, root=None, split="train", num_points=None, augment=False
         return ModelNet40Dataset(root, variant=10 if name == "modelnet10" else 40, **kwargs)
     if name in ("s3dis", "synthetic_rooms"):
         from lib.data.s3dis import S3DISDataset
-        return S3DISDataset(root, **kwargs)
+        return S3DISDataset(root, release=name == "s3dis", **kwargs)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 
@@ -157,7 +157,7 @@ def read_text_file(path):
     and the line (Path.read_text's own error names neither)."""
     data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading byte-order mark (Notepad's) is dropped
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise ValueError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte "

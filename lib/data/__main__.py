@@ -1,6 +1,7 @@
 """python -m lib.data --dataset NAME [--data-root DIR]: which form of the dataset the folder
 holds and what its splits hold, to check a download (or the synthetic data) before training on
-it (data/README.md lists the forms and where to get them)."""
+it (data/README.md lists the forms and where to get them). Exits with status 1 when no split
+can be read or a file of one is damaged (a split with no file present is not an error)."""
 import argparse
 
 from lib.data import DATASET_NAMES, SPLITS, build_dataset, default_root
@@ -8,12 +9,14 @@ from lib.data import DATASET_NAMES, SPLITS, build_dataset, default_root
 
 def main(args):
     root = args.data_root or default_root(args.dataset)
-    data = None
+    data, damaged = None, []
     for split in SPLITS:
         try:
             data = build_dataset(args.dataset, root, split, num_points=args.num_points)
         except (FileNotFoundError, ValueError) as err:
             print(f"{split}: {err}")
+            if not isinstance(err, FileNotFoundError):  # a file there that cannot be read
+                damaged.append(split)
             continue
         sample = data[0]
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sample.items())
@@ -28,6 +31,9 @@ def main(args):
             print(f"  {name}: parts {start}..{stop - 1} ({parts})")
     else:
         print(f"  classes: {', '.join(data.class_names)}")
+    if damaged:  # a failing status, so that a scripted check stops here
+        raise SystemExit(f"{root}: a file of the {', '.join(damaged)} split cannot be read "
+                         f"(above)")
 
 
 if __name__ == "__main__":

@@ -80,9 +80,17 @@ def read_lines(path):
     return [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
 
 
+# What other repositories cache beside the lists, in place of the shapes' files: Point-BERT's and
+# Point-MAE's modelnet40_<split>_8192pts_fps.dat, Pointcept's modelnet40_<split>_*.pth records
+OTHER_CACHES = ("*.dat", "*.pth")
+
+
 def report_missing(list_file, missing, listed, what):
     if missing == listed:
-        raise FileNotFoundError(f"{list_file}: none of the {listed} listed {what} exists")
+        caches = sorted(p.name for pattern in OTHER_CACHES for p in list_file.parent.glob(pattern))
+        held = (f" (the folder holds {', '.join(caches[:3])}: another repository's cache of "
+                f"the shapes, which is not read; the shapes' own files are)" if caches else "")
+        raise FileNotFoundError(f"{list_file}: none of the {listed} listed {what} exists{held}")
     if missing:
         print(f"[modelnet40] {list_file}: {missing} of {listed} listed {what} are missing; "
               f"using the {listed - missing} present")
@@ -127,7 +135,8 @@ def read_hdf5(root, list_split, num_points, variant=40):
         try:
             with h5py.File(path, "r") as f:
                 data, label = f["data"][:, :num_points], f["label"][:].reshape(-1)
-        except (OSError, KeyError) as err:
+        # TypeError, ValueError, IndexError: `data` or `label` a group, or of another rank
+        except (OSError, KeyError, TypeError, ValueError, IndexError) as err:
             raise ValueError(f"{path}: not an h5 file with `data` and `label` ({err})") from None
         if data.ndim != 3 or data.shape[2] != 3 or len(label) != len(data):
             raise ValueError(f"{path}: expected data (S, N, 3) and label (S, 1), got "
@@ -163,8 +172,10 @@ def read_off_meshes(root, list_split, num_points, variant=40, cache_dir=None):
     for label, path in meshes:
         cached = cache / names[label] / list_split / f"{path.stem}.npy"
         if cached.is_file() and cached.stat().st_mtime >= path.stat().st_mtime:
-            clouds.append(np.load(cached))
-            continue
+            cloud = read_cached_sample(cached, count)
+            if cloud is not None:
+                clouds.append(cloud)
+                continue
         if not clouds or len(clouds) % 1000 == 0:
             print(f"[modelnet] sampling {count} points on the meshes of {root} into {cache} "
                   f"(once; {len(clouds)} of {len(meshes)} {list_split} meshes done)", flush=True)
@@ -178,6 +189,21 @@ def read_off_meshes(root, list_split, num_points, variant=40, cache_dir=None):
         os.replace(tmp, cached)  # atomic: a parallel rank or an interrupted run leaves no half file
         clouds.append(cloud)
     return names, clouds, [label for label, _ in meshes], list(range(len(meshes)))
+
+
+def read_cached_sample(path, count):
+    """A mesh's cached (count, 6) sample, or None (after a line saying so) where the file is
+    not one, damaged by a copy or a full disk: it is sampled again."""
+    try:
+        cloud = np.load(path, allow_pickle=False)
+        if cloud.shape == (count, 6) and cloud.dtype == np.float32:
+            return cloud
+        reason = f"shape {cloud.shape}, {cloud.dtype}"
+    except (ValueError, OSError, EOFError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    print(f"[modelnet] {path}: not a sample of {count} points ({reason}); sampling it again",
+          flush=True)
+    return None
 
 
 def default_cache_dir(root, count):

@@ -5,9 +5,10 @@
                   (lib/data/s3dis.py; converted once into per-room arrays)
     N x 7 .npy    Area_N_<room>.npy, one array per room, columns x y z r g b label (float64),
                   as written by PointNet's collect_indoor3d_data.py (kept in yanx27's
-                  Pointnet_Pointnet2_pytorch: data/stanford_indoor3d/) and used as
-                  trainval_fullarea/ by POSTECH's point-transformer; xyz shifted so that the
-                  room's minimum is the origin, labels in the 13-class order of lib/data/s3dis.py
+                  Pointnet_Pointnet2_pytorch: data/stanford_indoor3d/), used as
+                  trainval_fullarea/ by POSTECH's point-transformer and as s3disfull/raw/ by
+                  PointNeXt; xyz shifted so that the room's minimum is the origin, colours
+                  0..255, labels in the 13-class order of lib/data/s3dis.py
     Pointcept     Area_N/<room>/coord.npy (N, 3) float32, color.npy (N, 3) uint8,
                   segment.npy (N, 1) int16, and normal.npy / instance.npy which are not used
                   (Pointcept's preprocess_s3dis.py and its s3dis-compressed archive)
@@ -21,18 +22,23 @@ uint8, so that crops, splits and metrics do not depend on the form. Each source 
 """
 import os
 import re
+import sys
+import zipfile
 
 import numpy as np
 
 from lib.data import first_bad_label
-from lib.data.s3dis import (AREAS, CLASS_NAMES, RAW_DIRNAME, default_processed_dir, find_raw_dir,
-                            list_rooms, preprocess)
+from lib.data.s3dis import (AREAS, CLASS_NAMES, RAW_DIRNAME, convert_room, default_processed_dir,
+                            find_raw_dir, list_rooms, preprocess)
 
 NPY_ROOM = re.compile(r"Area_(\d)_(.+)\.npy")
-NPY_SUBFOLDERS = ("stanford_indoor3d", "trainval_fullarea")  # the names the two repos use
+# the names yanx27's Pointnet_Pointnet2_pytorch, POSTECH's point-transformer and PointNeXt
+# (data/S3DIS/s3disfull/raw/) give the folder
+NPY_SUBFOLDERS = ("stanford_indoor3d", "trainval_fullarea", "raw")
 POINTCEPT_FILES = ("coord.npy", "color.npy", "segment.npy")
 SUPPORTED = (f"the raw release ({RAW_DIRNAME}/Area_N/<room>/Annotations/), per-room N x 7 "
-             f".npy (Area_N_<room>.npy, also inside {' or '.join(NPY_SUBFOLDERS)}/), "
+             f".npy (Area_N_<room>.npy, also inside "
+             f"{', '.join(folder + '/' for folder in NPY_SUBFOLDERS)}), "
              f"Pointcept's Area_N/<room>/{{coord,color,segment}}.npy, or the rooms converted by "
              f"python -m lib.data.s3dis (Area_N/<room>.npz)")
 
@@ -57,13 +63,23 @@ def find_source(root, processed_dir, skip_malformed):
         return RawRelease(root, processed_dir, skip_malformed)
     if any(f.endswith(".npz") for area_dir in area_dirs(root) for f in os.listdir(area_dir)):
         return ConvertedRooms(root)
+    if any(f.endswith(".pth") for area_dir in area_dirs(root) for f in os.listdir(area_dir)):
+        raise FileNotFoundError(f"{root}: rooms as Area_N/<room>.pth (the form older versions of "
+                                f"Pointcept's preprocess_s3dis.py wrote) are not read; its current "
+                                f"version writes per-room .npy folders, which are; supported: "
+                                f"{SUPPORTED}")
     raise FileNotFoundError(f"{root}: no S3DIS layout found; supported: {SUPPORTED}")
 
 
 def read_processed_room(path):
-    """xyz, rgb, label of a room converted by `preprocess`."""
-    with np.load(path) as data:
-        return data["xyz"], data["rgb"], data["label"]
+    """xyz, rgb, label of a room converted by `preprocess`; a file that is not one (truncated
+    by a copy, or another program's) is a one-line ValueError naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data["xyz"], data["rgb"], data["label"]
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path}: not a room converted by lib.data.s3dis ({reason})") from None
 
 
 class RawRelease:
@@ -80,7 +96,13 @@ class RawRelease:
         return list_rooms(self.raw_dir, areas)
 
     def read_room(self, name):
-        return read_processed_room(os.path.join(self.processed_dir, name + ".npz"))
+        path = os.path.join(self.processed_dir, name + ".npz")
+        try:
+            return read_processed_room(path)
+        except ValueError as err:  # damaged after its conversion: the release can redo it
+            print(f"[s3dis] {err}: converting the room again", file=sys.stderr)
+            convert_room(os.path.join(self.raw_dir, name), path, self.skip_malformed)
+            return read_processed_room(path)
 
 
 def area_dirs(root):
@@ -118,6 +140,9 @@ def checked_room(xyz, rgb, label, paths):
     bad_rgb = ~np.isfinite(rgb).all(1) | (rgb < 0).any(1) | (rgb > 255).any(1)
     if bad_rgb.any():
         raise ValueError(f"{rgb_path}: point {int(np.argmax(bad_rgb))}: colour outside 0..255")
+    if rgb.max() <= 1:  # rounded to 0..255 integers below, such a room would read as black
+        raise ValueError(f"{rgb_path}: every colour lies within 0..1 (largest {rgb.max():g}): "
+                         f"colours are read on the release's 0..255 scale; multiply them by 255")
     i = first_bad_label(label, 0, len(CLASS_NAMES))
     if i is not None:
         raise ValueError(f"{label_path}: point {i}: label {label[i]:g} is not one of the "
@@ -209,9 +234,4 @@ class ConvertedRooms:
 
     def read_room(self, name):
         path = os.path.join(self.root, name + ".npz")
-        try:
-            xyz, rgb, label = read_processed_room(path)
-        except (ValueError, OSError, EOFError, KeyError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ValueError(f"{path}: not a room converted by lib.data.s3dis ({reason})") from None
-        return checked_room(xyz, rgb, label, (path,) * 3)
+        return checked_room(*read_processed_room(path), (path,) * 3)

@@ -48,7 +48,7 @@ def read_h5(path):
     try:
         with h5py.File(path, "r") as f:
             data, label, pid = f["data"][:], f["label"][:], f["pid"][:]
-    except (OSError, KeyError) as err:
+    except (OSError, KeyError, TypeError) as err:  # TypeError: one of them a group
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"{path}: not a readable h5 file with data, label and pid "
                          f"({reason})") from None
