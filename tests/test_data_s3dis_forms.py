@@ -191,3 +191,11 @@ def test_a_pointcept_room_without_its_coordinates_is_named_not_dropped(forms, tm
     (room / "coord.npy").unlink()
     with pytest.raises(FileNotFoundError, match=rf"{room}: no coord.npy \(a Pointcept room"):
         S3DISDataset(str(root), "test" if which else "train")
+
+
+def test_hidden_folders_in_an_area_are_not_rooms(forms, tmp_path):
+    """Jupyter leaves .ipynb_checkpoints/ in the folders it browsed."""
+    root = shutil.copytree(forms / "pointcept", tmp_path / "pointcept")
+    (root / "Area_5" / ".ipynb_checkpoints").mkdir()
+    assert S3DISDataset(str(root), "test").room_names == S3DISDataset(
+        str(forms / "pointcept"), "test").room_names

@@ -162,6 +162,9 @@ def read_off_meshes(root, list_split, num_points, variant=40, cache_dir=None):
     names = sorted(p.name for p in root.iterdir() if (p / "train").is_dir() or (p / "test").is_dir())
     if variant == 10 and len(names) != 10:
         names = [name for name in names if name in MODELNET10_CLASSES]
+    if len(names) != variant:  # a partial download: the classifier gets that many outputs
+        print(f"[modelnet] {root}: {len(names)} class folders, where ModelNet{variant} has "
+              f"{variant}: the classes are the ones present")
     count = max(num_points, OFF_POINTS)
     cache = Path(cache_dir) if cache_dir else default_cache_dir(root, count)
     meshes = [(label, path) for label, name in enumerate(names)

@@ -179,7 +179,7 @@ def list_rooms(raw_dir, areas):
         if not os.path.isdir(area_dir):
             raise FileNotFoundError(f"{area_dir}: missing (S3DIS areas {AREAS} are expected)")
         rooms = [f"Area_{area}/{room}" for room in sorted(os.listdir(area_dir))
-                 if os.path.isdir(os.path.join(area_dir, room))]
+                 if os.path.isdir(os.path.join(area_dir, room)) and not room.startswith(".")]
         if not rooms:  # as s3dis_forms.rooms_of_areas says of a converted folder
             raise FileNotFoundError(f"{area_dir}: no rooms (S3DIS areas {AREAS} are expected)")
         names += rooms

@@ -110,8 +110,10 @@ def area_dirs(root):
 
 
 def room_dirs(area_dir):
+    """The room folders of an area; hidden ones (.ipynb_checkpoints, .DS_Store's kin) are not
+    rooms."""
     return [os.path.join(area_dir, r) for r in sorted(os.listdir(area_dir))
-            if os.path.isdir(os.path.join(area_dir, r))]
+            if os.path.isdir(os.path.join(area_dir, r)) and not r.startswith(".")]
 
 
 def any_room_holds(root, name):
