@@ -21,7 +21,7 @@ from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, posi
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.distill import DistillLoss
 from lib.experiment import evaluate_checkpoint, example_inputs, load_split, make_loader
-from lib.policy_file import PolicyFile, parse_keep
+from lib.policy_file import PolicyFile, parse_keep, recorded_keep
 from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
 from lib.quant.layers import layer_renames
 from lib.quant.size import budget_ratio, honest_size_bytes
@@ -49,7 +49,8 @@ def get_args_parser():
     add_flags(p, "data_root", "val_split", "num_points", "epochs", "samples_per_epoch",
               "batch_size", "lr", "optimizer", "weight_decay", "device", "seed", "workers", "amp",
               "cuda_graphs", "out", "resume", "overwrite")
-    p.set_defaults(epochs=5, lr=1e-4, weight_decay=0.0)
+    # --method: the policy's own (the one its rewards were measured with), else kmeans
+    p.set_defaults(epochs=5, lr=1e-4, weight_decay=0.0, method=None)
     return p
 
 
@@ -64,9 +65,21 @@ def check_same_keep(policy_file, keep):
                          f"--keep-first-last (or none), so that the searched budget holds")
 
 
+def sharing_method(policy_file, method):
+    """--method for a fine-tune: the policy's (its rewards were measured with that weight
+    sharing), which a --method given otherwise may not contradict; kmeans without one."""
+    searched = policy_file.method() if policy_file else None
+    if method is not None and searched is not None and method != searched:
+        raise ValueError(f"{policy_file.path}: searched with --method {searched}; fine-tune "
+                         f"with the same (or none), so that the model is the one its rewards "
+                         f"were measured on")
+    return method or searched or "kmeans"
+
+
 def build_quantized(args, model, dataset, device, teacher_sha256):
     """The fp32 model with the requested policy applied; returns (model, quant metadata).
-    teacher_sha256: the SHA-256 of args.ckpt, which the policy must have been searched on."""
+    teacher_sha256: the SHA-256 of args.ckpt, which the policy must have been searched on.
+    Sets args.method to the method used (recorded with the run's settings)."""
     layers = list_quantizable(model, example_inputs(dataset, device))
     names = [layer.name for layer in layers]
     policy_file = PolicyFile(args.policy) if args.policy else None
@@ -79,10 +92,11 @@ def build_quantized(args, model, dataset, device, teacher_sha256):
         if policy_file:
             check_same_keep(policy_file, keep)
         policy = keep_first_last(policy, layers, keep)
+    args.method = sharing_method(policy_file, args.method)
     quantize_model(model, policy, method=args.method)
     quant = {"bits": policy, "method": args.method, "policy_file": args.policy,
              "policy_digest": policy_file.digest if policy_file else None,
-             "keep_first_last": args.keep_first_last or None,
+             "keep_first_last": recorded_keep(args.keep_first_last),
              "fp32_layers": [n for n in names if policy.get(n) in (None, 32)],
              "teacher": os.path.abspath(args.ckpt), "teacher_sha256": teacher_sha256}
     return model, quant

@@ -23,12 +23,12 @@ from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, pa
                      positive_float, positive_fraction, positive_int, resolve_device, run_script)
 from lib.experiment import example_inputs, load_split
 from lib.haq.ddpg import DDPG
-from lib.haq.env import QuantEnv
+from lib.haq.env import QuantEnv, check_search_space
 from lib.haq.plot import plot_policy, policy_figure
 from lib.haq.policy_eval import (FINETUNE_LR, PolicyEvaluator, finetune_batches,
                                  haq_finetune_steps, reward_batches)
 from lib.haq.search_loop import run_search
-from lib.policy_file import parse_keep, write_policy
+from lib.policy_file import parse_keep, recorded_keep, write_policy
 from lib.quant import keep_first_last, list_quantizable, uniform_policy
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import format_baseline_table
@@ -72,6 +72,11 @@ def build_evaluator(args, device):
     root = args.data_root or data["root"]
     # The reward never sees the test split: it is measured on held-out training data.
     held_out = load_split(data["name"], root, "val", data["num_points"], seed=args.seed)
+    model.to(device)
+    layers = list_quantizable(model, example_inputs(held_out, device))
+    # an impossible budget or widths stop here, before the batches and the fp32 score
+    check_search_space(layers, args.preserve_ratio, args.min_bit, args.max_bit,
+                       fixed_bits_of(args, layers))
     eval_batches = reward_batches(held_out, args.val_size, args.batch_size, device, args.seed,
                                   args.workers)
     if args.finetune_steps is None:
@@ -81,8 +86,6 @@ def build_evaluator(args, device):
         train = load_split(data["name"], root, "train", data["num_points"], seed=args.seed)
         train_batches = finetune_batches(train, args.finetune_steps, args.batch_size, device,
                                          args.seed, args.workers)
-    model.to(device)
-    layers = list_quantizable(model, example_inputs(held_out, device))
     evaluator = PolicyEvaluator(model, held_out, eval_batches, device, args.method, train_batches,
                                 args.finetune_steps, args.finetune_lr, amp=args.amp,
                                 seed=args.seed)
@@ -196,7 +199,7 @@ def main(args):
     policy = dict(bits=best["bits"], metric=best["metric"], metric_fp32=metric_fp32,
                   metric_name=evaluator.key, episode=best["episode"], reward=best["reward"],
                   preserve_ratio=args.preserve_ratio, min_bit=args.min_bit, max_bit=args.max_bit,
-                  keep_first_last=args.keep_first_last or None, method=args.method,
+                  keep_first_last=recorded_keep(args.keep_first_last), method=args.method,
                   checkpoint=os.path.abspath(args.ckpt), checkpoint_sha256=ckpt_sha256,
                   **describe(evaluator, best["bits"]))
     if main_rank:

@@ -23,6 +23,15 @@ def parse_keep(value):
     return bits
 
 
+def recorded_keep(flag):
+    """--keep-first-last as policy.json and a fine-tune's record hold it: the flag's text ("8",
+    "fp32"), or null when nothing is kept ("", "none")."""
+    return None if parse_keep(flag) == "off" else flag
+
+
+METHODS = ("kmeans", "linear")  # lib/quant's weight sharing: k-means centroids, a linear grid
+
+
 def policy_digest(record):
     """SHA-256 of a policy's record as canonical JSON, but the path of the checkpoint it was
     searched on: a fine-tune records which policy it applied, so that a policy searched again
@@ -90,13 +99,22 @@ class PolicyFile:
         """The keep_first_last the policy was searched with, as parse_keep gives it: search.py
         writes the flag's text ("8", "fp32") or null (not kept); an integer is taken too."""
         value = self.record.get("keep_first_last")
-        if value is None or value == "fp32":
+        if value in (None, "fp32", "none", ""):  # "none": written by search.py before recorded_keep
             return parse_keep(value)
         if type(value) is str and value.isdigit():
             value = int(value)
         if type(value) is not int or not 1 <= value <= 32:  # bool is an int subclass: not a width
             raise ValueError(f"{self.path}: keep_first_last {json.dumps(value)} is not a bit "
                              f"width in 1..32, fp32 or null")
+        return value
+
+    def method(self):
+        """The weight sharing the policy's rewards were measured with (search.py's --method), or
+        None for a policy that does not record it."""
+        value = self.record.get("method")
+        if value is not None and value not in METHODS:
+            raise ValueError(f"{self.path}: method {json.dumps(value)} is not one of "
+                             f"{', '.join(METHODS)}")
         return value
 
 

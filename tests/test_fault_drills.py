@@ -462,7 +462,8 @@ def test_a_search_whose_reward_fine_tune_diverges_stops_and_writes_no_policy(ref
     out = tmp_path / "search"
     message = refused("search", *search_args(runs["pretrain"] / "best.pt", out),
                       "--finetune-lr", 1e30)
-    assert "left" in message and "NaN or infinite; search stopped (lower --finetune-lr?)" in message
+    assert "left" in message and "NaN or infinite; search stopped: start it again with a lower " \
+        "--finetune-lr and --overwrite" in message
     assert not (out / "policy.json").exists() and not (out / "search_state.pt").exists()
 
 

@@ -122,3 +122,33 @@ def test_each_baseline_row_is_sized_with_its_own_method(rooms_ckpt, rooms_search
         bits = int(row["name"].split()[1].split("-")[0])
         quantize_model(model, dict(uniform_policy(layers, bits), **fixed), method=row["method"])
         assert row["honest_bytes"] == honest_size_bytes(model), row["name"]
+
+
+def test_an_impossible_budget_stops_before_the_rewards_set_up(rooms_ckpt, tmp_path, monkeypatch):
+    """The check needs the layers' sizes only: on S3DIS-size crops, collating the reward's and
+    the fine-tune's batches and scoring the fp32 model first took minutes."""
+    def collated(*args, **kwargs):
+        raise AssertionError("batches collated before the budget was checked")
+    monkeypatch.setattr(search_script, "reward_batches", collated)
+    with pytest.raises(ValueError, match="HAQ budget infeasible: preserve_ratio 0.02"):
+        search(rooms_ckpt, tmp_path / "search", "--preserve-ratio", "0.02", "--keep-first-last",
+               "fp32")
+
+
+def test_a_linear_search_without_kept_layers_is_fine_tuned_as_searched(rooms_ckpt, tmp_path):
+    """finetune.py takes the policy's --method, and a policy searched with --keep-first-last
+    none records null, which it reads back (it took "none" for a damaged file)."""
+    import finetune as finetune_script
+    from lib.checkpoint import load_checkpoint
+    search(rooms_ckpt, tmp_path / "search", "--val-size", "4", "--finetune-steps", "0",
+           "--method", "linear", "--keep-first-last", "none")
+    policy = tmp_path / "search" / "policy.json"
+    record = json.loads(policy.read_text())
+    assert record["method"] == "linear" and record["keep_first_last"] is None
+    out = tmp_path / "searched"
+    finetune_script.main(finetune_script.get_args_parser().parse_args(
+        ["--ckpt", rooms_ckpt, "--policy", str(policy), "--epochs", "0", "--batch-size", "2",
+         "--out", str(out)]))
+    meta, _, _ = load_checkpoint(str(out / "best.pt"))
+    assert meta["quant"]["method"] == "linear" and meta["args"]["method"] == "linear"
+    assert meta["quant"]["bits"] == record["bits"]

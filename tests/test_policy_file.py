@@ -1,6 +1,6 @@
 import pytest
 
-from lib.policy_file import PolicyFile, parse_keep, write_policy
+from lib.policy_file import PolicyFile, parse_keep, recorded_keep, write_policy
 
 
 def test_round_trip_and_keep_flag(tmp_path):
@@ -44,7 +44,8 @@ def test_bad_keep_values():
             parse_keep(value)
 
 
-@pytest.mark.parametrize("value, kept", [(None, "off"), ('"fp32"', None), ('"8"', 8), ("8", 8)])
+@pytest.mark.parametrize("value, kept", [(None, "off"), ('"fp32"', None), ('"8"', 8), ("8", 8),
+                                         ('"none"', "off")])  # search.py wrote "none" verbatim
 def test_a_policy_files_keep_first_last_as_search_writes_it(tmp_path, value, kept):
     path = tmp_path / "policy.json"
     keep = "" if value is None else f', "keep_first_last": {value}'
@@ -61,6 +62,22 @@ def test_a_bad_keep_first_last_in_a_policy_file_names_the_file(tmp_path, value):
     with pytest.raises(ValueError) as err:
         PolicyFile(str(path)).keep()
     assert str(err.value).startswith(f"{path}: keep_first_last ") and "--keep" not in str(err.value)
+
+
+def test_keep_first_last_is_recorded_as_null_when_nothing_is_kept():
+    assert [recorded_keep(flag) for flag in ("", "none", "8", "fp32")] == [None, None, "8", "fp32"]
+
+
+def test_a_policy_files_method(tmp_path):
+    path = tmp_path / "policy.json"
+    for method in ("kmeans", "linear"):
+        path.write_text('{"bits": {}, "method": "%s"}' % method)
+        assert PolicyFile(str(path)).method() == method
+    path.write_text('{"bits": {}}')  # older policies do not record it
+    assert PolicyFile(str(path)).method() is None
+    path.write_text('{"bits": {}, "method": "kmean"}')
+    with pytest.raises(ValueError, match=f'^{path}: method "kmean" is not one of kmeans, linear'):
+        PolicyFile(str(path)).method()
 
 
 def test_a_policy_searched_on_another_model_is_refused(tmp_path):

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from finetune import check_same_keep
+from finetune import check_same_keep, sharing_method
 from search import get_args_parser as search_parser
 from lib.policy_file import PolicyFile, parse_keep
 
@@ -141,3 +141,18 @@ def test_finetune_refuses_first_last_kept_otherwise_than_searched(tmp_path):
     check_same_keep(PolicyFile(str(policy)), 8)
     with pytest.raises(ValueError, match="at 8 bits"):
         check_same_keep(PolicyFile(str(policy)), None)  # fp32 first/last: larger than searched
+
+
+def test_finetune_takes_the_method_the_policy_was_searched_with(tmp_path):
+    """Its rewards were measured on that weight sharing: a linear search fine-tuned with
+    k-means (the flag's usual default) would deliver another model than the one it chose."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"bits": {}, "method": "linear"}))
+    assert sharing_method(PolicyFile(str(policy)), None) == "linear"
+    assert sharing_method(PolicyFile(str(policy)), "linear") == "linear"
+    with pytest.raises(ValueError, match="searched with --method linear; fine-tune with the same"):
+        sharing_method(PolicyFile(str(policy)), "kmeans")
+    policy.write_text(json.dumps({"bits": {}}))  # a policy that does not record it
+    assert sharing_method(PolicyFile(str(policy)), None) == "kmeans"
+    assert sharing_method(PolicyFile(str(policy)), "linear") == "linear"
+    assert sharing_method(None, None) == "kmeans"  # --bits N

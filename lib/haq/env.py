@@ -61,6 +61,37 @@ def layer_features(layers, indices):
     return torch.where(span > 0, (features - low) / span.clamp_min(1e-12), torch.zeros_like(features))
 
 
+def check_search_space(layers, preserve_ratio, min_bit, max_bit, fixed_bits):
+    """A one-line ValueError for a search that cannot run (bad widths or names, nothing to
+    search, a budget that even min_bit everywhere exceeds); else (the budget in weight bits, the
+    fixed layers' bits). Needs no model run, so search.py checks before its costly set-up."""
+    names = [layer.name for layer in layers]
+    if len(set(names)) != len(names):
+        raise ValueError("HAQ environment: layer names are not unique")
+    unknown = sorted(set(fixed_bits) - set(names))
+    if unknown:
+        raise ValueError(f"HAQ environment: fixed_bits names unknown layers {unknown}")
+    for name, b in fixed_bits.items():
+        if b is not None and not (isinstance(b, int) and 1 <= b <= FP32_BITS):
+            raise ValueError(f"HAQ environment: fixed bits for {name} must be 1..32 or None, got {b!r}")
+    if not 1 <= min_bit <= max_bit <= FP32_BITS:
+        raise ValueError(f"HAQ environment: need 1 <= min_bit <= max_bit <= 32, got {min_bit}, {max_bit}")
+    if not 0 < preserve_ratio <= 1:
+        raise ValueError(f"HAQ environment: preserve_ratio must be in (0, 1], got {preserve_ratio}")
+    searched = [int(layer.n_weights) for layer in layers if layer.name not in fixed_bits]
+    if not searched:
+        raise ValueError("HAQ environment: every layer is fixed, nothing to search")
+    n_by_name = {layer.name: int(layer.n_weights) for layer in layers}
+    budget_bits = preserve_ratio * FP32_BITS * sum(n_by_name.values())
+    fixed_cost = sum(n_by_name[name] * (FP32_BITS if b is None else b) for name, b in fixed_bits.items())
+    need = fixed_cost + min_bit * sum(searched)
+    if need > budget_bits:
+        raise ValueError(
+            f"HAQ budget infeasible: preserve_ratio {preserve_ratio} allows {budget_bits:.0f} weight bits, "
+            f"but the fixed layers plus every searched layer at min_bit={min_bit} need {need}")
+    return budget_bits, fixed_cost
+
+
 class QuantEnv:
     """`reset() -> state`, `step(action) -> (next_state, reward, done, info)`.
 
@@ -77,40 +108,18 @@ class QuantEnv:
     def __init__(self, layers, evaluate_policy, metric_fp32, preserve_ratio,
                  min_bit=2, max_bit=8, fixed_bits=None):
         fixed_bits = dict(fixed_bits or {})
+        self.budget_bits, self.fixed_cost = check_search_space(layers, preserve_ratio, min_bit,
+                                                               max_bit, fixed_bits)
         names = [layer.name for layer in layers]
-        if len(set(names)) != len(names):
-            raise ValueError("HAQ environment: layer names are not unique")
-        unknown = sorted(set(fixed_bits) - set(names))
-        if unknown:
-            raise ValueError(f"HAQ environment: fixed_bits names unknown layers {unknown}")
-        for name, b in fixed_bits.items():
-            if b is not None and not (isinstance(b, int) and 1 <= b <= FP32_BITS):
-                raise ValueError(f"HAQ environment: fixed bits for {name} must be 1..32 or None, got {b!r}")
-        if not 1 <= min_bit <= max_bit <= FP32_BITS:
-            raise ValueError(f"HAQ environment: need 1 <= min_bit <= max_bit <= 32, got {min_bit}, {max_bit}")
-        if not 0 < preserve_ratio <= 1:
-            raise ValueError(f"HAQ environment: preserve_ratio must be in (0, 1], got {preserve_ratio}")
-
         positions = [i for i, layer in enumerate(layers) if layer.name not in fixed_bits]
         self.searched = [layers[i] for i in positions]
-        if not self.searched:
-            raise ValueError("HAQ environment: every layer is fixed, nothing to search")
         self.fixed_bits = {name: fixed_bits[name] for name in names if name in fixed_bits}
         self.evaluate_policy = evaluate_policy
         self.metric_fp32 = metric_fp32
         self.min_bit, self.max_bit = min_bit, max_bit
-
-        n_by_name = {layer.name: int(layer.n_weights) for layer in layers}
         self.layer_names = names
-        self.n_weights = [n_by_name[layer.name] for layer in self.searched]
-        self.total_weights = sum(n_by_name.values())
-        self.budget_bits = preserve_ratio * FP32_BITS * self.total_weights
-        self.fixed_cost = sum(n_by_name[name] * (FP32_BITS if b is None else b) for name, b in self.fixed_bits.items())
-        need = self.fixed_cost + min_bit * sum(self.n_weights)
-        if need > self.budget_bits:
-            raise ValueError(
-                f"HAQ budget infeasible: preserve_ratio {preserve_ratio} allows {self.budget_bits:.0f} weight bits, "
-                f"but the fixed layers plus every searched layer at min_bit={min_bit} need {need}")
+        self.n_weights = [int(layer.n_weights) for layer in self.searched]
+        self.total_weights = sum(int(layer.n_weights) for layer in layers)
 
         self.features = layer_features(self.searched, positions)  # (L, 8)
         self.state_dim = self.features.shape[1] + 1  # + previous action

@@ -138,7 +138,9 @@ class PolicyEvaluator:
         if name is not None:
             raise FloatingPointError(f"the reward's fine-tune ({self.finetune_steps} steps at "
                                      f"--finetune-lr {self.finetune_lr:g}) left {name} NaN or "
-                                     f"infinite; search stopped (lower --finetune-lr?)")
+                                     f"infinite; search stopped: start it again with a lower "
+                                     f"--finetune-lr and --overwrite (the rewards so far were "
+                                     f"measured with this rate, so --resume keeps it)")
 
     def __call__(self, bits):
         bits = distributed.broadcast_object(bits)  # rank 0's policy is the one scored
