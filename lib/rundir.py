@@ -126,6 +126,21 @@ def lock(folder):
     _held[folder] = f
 
 
+def lock_holder(folder):
+    """Who holds FOLDER/.lock ("process N on HOST"), or None when no other process does. Probed
+    with a shared lock, let go at once; only for explaining a refusal."""
+    path = os.path.join(folder, LOCK_NAME)
+    if os.path.realpath(folder) in _held or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def release_unused():
     """For a run stopped by an error: remove each folder it created whose only file is still its
     lock (a refusal after the claim, e.g. a missing data root, leaves no empty run folder)."""
@@ -154,6 +169,10 @@ def recorded_run(path):
                 path = os.path.join(path, name)
                 break
         else:
+            holder = lock_holder(path)
+            if holder:  # a run that has not saved its first state yet
+                raise ValueError(f"{path}: in use by {holder}, which has saved nothing to resume "
+                                 f"yet; wait for it to end")
             raise FileNotFoundError(f"{path}: a folder without last.pt or search_state.pt to "
                                     f"resume")
     if not os.path.isfile(path):

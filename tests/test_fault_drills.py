@@ -245,6 +245,24 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(data, tmp_p
     assert sorted(os.listdir(out)) == [".lock"]
 
 
+def test_resuming_a_folder_whose_run_has_saved_nothing_yet_names_the_run(tmp_path):
+    """Not "a folder without last.pt": the run is alive, before its first save."""
+    from lib.rundir import recorded_run
+    out = tmp_path / "busy"
+    out.mkdir()
+    with pytest.raises(FileNotFoundError, match="a folder without last.pt or search_state.pt"):
+        recorded_run(str(out))
+    with open(out / ".lock", "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("process 4242 on elsewhere\n")
+        holder.flush()
+        with pytest.raises(ValueError, match="in use by process 4242 on elsewhere, which has "
+                                             "saved nothing to resume yet"):
+            recorded_run(str(out))
+    with pytest.raises(FileNotFoundError):  # that run ended (or died) without a save
+        recorded_run(str(out))
+
+
 def test_out_naming_a_file_is_refused_before_any_work(data, tmp_path):
     target = tmp_path / "results.txt"
     target.write_text("keep")
