@@ -31,6 +31,24 @@ def get_args_parser():
     return p
 
 
+def check_outputs(args):
+    """Where the results go, checked before the split is scored (which on S3DIS takes long):
+    a one-line error instead of a stack trace, or one after the whole evaluation."""
+    for flag, folder in (("--save-pred", args.save_pred), ("--render-dir", args.render_dir)):
+        if folder:
+            above = folder
+            while not os.path.exists(above):  # the nearest part of the path that exists
+                above = os.path.dirname(above)
+            if not os.path.isdir(above):
+                raise ValueError(f"{flag} {folder}: {above} is a file, not a folder")
+    if args.json:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(parent):
+            raise ValueError(f"--json {args.json}: "
+                             + ("a folder, not a file" if os.path.isdir(args.json)
+                                else f"no folder {parent} to write it in"))
+
+
 def add_prediction_flags(p):
     """What to keep of the predictions (lib/predictions.py, lib/render.py)."""
     g = p.add_argument_group("predictions")
@@ -46,6 +64,7 @@ def add_prediction_flags(p):
 
 
 def main(args):
+    check_outputs(args)
     _, _, device = distributed.init_distributed(resolve_device(args.device))
     heap.keep_freed_memory(device)  # each batch's large temporaries reused, not re-faulted
     sink = None

@@ -196,8 +196,9 @@ def load_checkpoint(path):
     def build(meta):
         try:
             return build_model(meta["model"]["name"], **meta["model"]["kwargs"])
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: checkpoint metadata does not describe a model ({e})") from None
+        except (KeyError, TypeError, ValueError) as e:  # ValueError: a model name unknown here
+            raise ValueError(f"{path}: checkpoint metadata does not describe a model "
+                             f"({' '.join(str(e).split())})") from None
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")

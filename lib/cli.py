@@ -80,7 +80,8 @@ FLAGS = {
     "workers": (("--workers",), dict(type=nonneg_int, default=0,
                                      help="DataLoader worker processes (0: load in the main one)")),
     "amp": (("--amp",), dict(action=argparse.BooleanOptionalAction, default=None,
-                             help="bf16 autocast; None: on CUDA only; --amp: on the CPU too "
+                             help="bf16 autocast; None: on CUDA only (eval.py: as the checkpoint's run "
+                                  "recorded); --amp: on the CPU too "
                                   "(faster where the CPU has native bf16: AVX512-BF16, AMX); "
                                   "--no-amp: never")),
     "cuda_graphs": (("--cuda-graphs",), dict(

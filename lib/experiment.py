@@ -75,13 +75,19 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
                         workers=0, amp=None, sink=None):
     """Load any checkpoint (fp32 or packed quantized) and score it on a split of the data it
     records. Returns (meta, results): the task's metrics plus the model's honest size.
-    sink: a lib.predictions.PredictionSink to hand the predictions to."""
+    amp: bf16 autocast as lib.train.autocast takes it; None: the run's recorded --amp, so that
+    the figures are the ones it recorded (lib/DESIGN.md). sink: a lib.predictions.PredictionSink
+    to hand the predictions to."""
     from lib.checkpoint import load_checkpoint
     from lib.quant.size import budget_ratio, fp32_size_bytes, honest_size_bytes
     from lib.train import evaluate
 
     meta, model, _ = load_checkpoint(path)
-    data = meta["dataset"]
+    data = meta.get("dataset")
+    if not isinstance(data, dict) or not {"name", "root", "num_points"} <= set(data):
+        raise ValueError(f"{path}: the checkpoint records no dataset to score it on")
+    if amp is None:  # as the run validated and scored itself (its recorded --amp)
+        amp = meta.get("args", {}).get("amp")
     # the val split as the run validated on it (its --val-split protocol, and its seed, which
     # fixes the shapes' point subsets), so that eval.py --split val gives the figure best.pt
     # records; test: the same for every run

@@ -7,6 +7,7 @@ import fcntl
 import importlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -458,6 +459,26 @@ def test_eval_of_the_val_split_reproduces_best_pt(data, tmp_path, flags):
         assert results[key] == meta["metrics"][key], key
 
 
+@pytest.mark.parametrize("recorded, given, used", [(True, None, True), (None, None, None),
+                                                   (False, None, False), (True, False, False)])
+def test_eval_scores_in_the_precision_the_run_recorded(reference, tmp_path, monkeypatch,
+                                                      recorded, given, used):
+    """A run trained with --amp validated and scored its test split in bf16; eval.py's default
+    (bf16 on CUDA only) gave other figures than best.pt and best_test.json hold, on the CPU,
+    and on CUDA the other way round for a --no-amp run."""
+    import lib.train
+    from lib.experiment import evaluate_checkpoint
+    runs, _ = reference
+    meta, model, _ = load_checkpoint(str(runs["pretrain"] / "best.pt"))
+    meta["args"]["amp"] = recorded
+    path = tmp_path / "best.pt"
+    save_checkpoint(str(path), model, meta)
+    seen = []
+    monkeypatch.setattr(lib.train, "evaluate", lambda *args, **kw: seen.append(args[3]) or {})
+    evaluate_checkpoint(str(path), split="val", batch_size=4, amp=given)
+    assert seen == [used]
+
+
 def test_a_relative_data_root_is_recorded_absolute(reference, data):
     runs, _ = reference
     meta = load_checkpoint(str(runs["pretrain"] / "best.pt"))[0]
@@ -492,6 +513,42 @@ def test_eval_refuses_a_checkpoint_with_non_finite_weights(reference, tmp_path):
     path = tmp_path / "nan.pt"
     save_checkpoint(str(path), model, meta)
     assert "NaN or infinite" in refused("eval", "--ckpt", path)
+
+
+@pytest.mark.parametrize("flag, target, message", [
+    ("--save-pred", "afile", "afile is a file, not a folder"),
+    ("--render-dir", "afile/figures", "afile is a file, not a folder"),
+    ("--json", "missing/out.json", "no folder .*missing to write it in"),
+    ("--json", ".", "a folder, not a file"),
+])
+def test_eval_outputs_that_cannot_be_written_are_refused_before_scoring(reference, tmp_path,
+                                                                        monkeypatch, flag, target,
+                                                                        message):
+    """They failed with a stack trace, or after the whole split was scored."""
+    import eval as eval_script
+    runs, _ = reference
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("keep")
+    monkeypatch.setattr(eval_script, "evaluate_checkpoint", None)  # never reached
+    argv = ["--ckpt", runs["pretrain"] / "best.pt", flag, target]
+    if flag == "--render-dir":
+        argv += ["--render", 1]
+    assert re.search(message, refused("eval", *argv))
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda meta: meta["model"].update(name="nope"), "does not describe a model .*unknown model"),
+    (lambda meta: meta.pop("dataset"), "records no dataset to score it on"),
+])
+def test_eval_of_a_checkpoint_with_broken_metadata_names_the_file(reference, tmp_path, change,
+                                                                   message):
+    runs, _ = reference
+    meta, model, _ = load_checkpoint(str(runs["pretrain"] / "best.pt"))
+    change(meta)
+    path = tmp_path / "broken.pt"
+    save_checkpoint(str(path), model, meta)
+    assert re.search(f"{path}: .*{message}", refused("eval", "--ckpt", path))
 
 
 def test_kd_temperature_zero_is_refused(reference, capsys):
