@@ -9,7 +9,10 @@ so that
 is the most that any implementation computing those products at this machine's GEMM rate
 could gain over this one, and a speedup target against a peer is reachable only below
     (peer's step / this step) x step_ms / gemm_ms.
-The GEMM rate is put beside a large square product's (MKL's best case on this machine).
+The GEMM rate is put beside a large square product's (MKL's best case on this machine). The
+same steps' calls into lib/ops' C kernels are timed by kernel (`c_kernel_ms`, `c_kernels`), so
+that the step splits into products, kernels and the rest (the other operators, autograd and
+Python).
 
     python bench/gemm_share.py --json OUT              # pt_seg B=8 x 2048, pct_cls B=32 x 1024
     python bench/gemm_share.py --quick --json OUT      # small sizes, seconds (tests)
@@ -29,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import machine_info  # noqa: E402
 from bench.run import build_pct, build_pt, train_step  # noqa: E402
 from lib import heap  # noqa: E402
+from lib.ops import native  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
 from lib.haq.policy_eval import cached_batches  # noqa: E402
 
@@ -65,6 +69,28 @@ class OpTimer(TorchDispatchMode):
         return result
 
 
+class KernelTimer:
+    """Wall time of each lib/ops C kernel called inside the block, by kernel name."""
+
+    def __init__(self):
+        self.seconds = collections.defaultdict(float)
+
+    def __enter__(self):
+        self.call = native.Kernels.call
+        timer = self
+
+        def timed_call(kernels, name, **arguments):
+            start = time.perf_counter()
+            status = timer.call(kernels, name, **arguments)
+            timer.seconds[name] += time.perf_counter() - start
+            return status
+        native.Kernels.call = timed_call
+        return self
+
+    def __exit__(self, *exc):
+        native.Kernels.call = self.call
+
+
 def training_step(name, batch_size, points, task, data_root):
     """fn() -> one fp32 training step of `name` on synthetic part shapes (bench/run.py's)."""
     dataset = build_dataset("synthetic_parts", data_root, "train", num_points=points)
@@ -97,10 +123,10 @@ def measure(step, steps):
     for _ in range(2):  # warm-up: allocator, kernels' first calls
         step()
     plain = [_seconds(step) for _ in range(steps)]
-    timer = OpTimer()
-    with timer:
+    timer, kernels = OpTimer(), KernelTimer()
+    with timer, kernels:
         step()
-        timer.seconds.clear(), timer.calls.clear()
+        timer.seconds.clear(), timer.calls.clear(), kernels.seconds.clear()
         timed = [_seconds(step) for _ in range(steps)]
     gemm = {k: v for k, v in timer.seconds.items() if k[0] in GEMMS}
     gemm_s = sum(gemm.values()) / steps
@@ -113,6 +139,9 @@ def measure(step, steps):
             "gemm_ms": gemm_s * 1e3, "gemm_share": gemm_s / step_s,
             "gemm_gflop": flops / 1e9, "gemm_gflops_rate": flops / gemm_s / 1e9,
             "most_any_implementation_gains": step_s / gemm_s,
+            "c_kernel_ms": sum(kernels.seconds.values()) / steps * 1e3,
+            "c_kernels": {name: s / steps * 1e3 for name, s in
+                          sorted(kernels.seconds.items(), key=lambda kv: -kv[1])},
             "largest_gemms": [{"op": k[0], "shapes": k[1], "calls": timer.calls[k] / steps,
                                "ms": v / steps * 1e3} for k, v in top]}
 
@@ -143,7 +172,8 @@ def main(args):
               f"{figures['gemm_ms']:.0f} ms ({figures['gemm_share']:.0%}, "
               f"{figures['gemm_gflop']:.1f} GFLOP at {figures['gemm_gflops_rate']:.0f} GFLOP/s; "
               f"square product {results['square_gemm_gflops']:.0f}): at most "
-              f"{figures['most_any_implementation_gains']:.2f}x for any implementation",
+              f"{figures['most_any_implementation_gains']:.2f}x for any implementation; "
+              f"C kernels {figures['c_kernel_ms']:.0f} ms",
               flush=True)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

@@ -147,3 +147,12 @@ def test_gemm_share_bench_writes_the_share_of_each_model(tmp_path):
         assert figures["gemm_gflop"] > 0 and figures["settings"]["dtype"] == "fp32"
         assert figures["most_any_implementation_gains"] == pytest.approx(
             figures["step_ms"] / figures["gemm_ms"])
+    # the PT's layers run C kernels (where a compiler is)
+    from lib.ops import native
+    kernels = results["models"]["pt_seg_tiny"]["c_kernels"]
+    if native.library() is not None:
+        assert {"pt_relation_forward", "pt_aggregate_backward", "nrl_backward_sums"} <= set(kernels)
+        assert results["models"]["pt_seg_tiny"]["c_kernel_ms"] == pytest.approx(
+            sum(kernels.values()))
+    else:
+        assert kernels == {}
