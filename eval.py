@@ -31,12 +31,18 @@ def get_args_parser():
     return p
 
 
+def render_folder(args):
+    return args.render_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+                                           f"render_{args.split}")
+
+
 def check_outputs(args):
     """Where the results go, checked before the split is scored (which on S3DIS takes long):
     a one-line error instead of a stack trace, or one after the whole evaluation."""
-    for flag, folder in (("--save-pred", args.save_pred), ("--render-dir", args.render_dir)):
+    for flag, folder in (("--save-pred", args.save_pred),
+                         ("--render-dir", render_folder(args) if args.render else None)):
         if folder:
-            above = folder
+            above = os.path.abspath(folder)
             while not os.path.exists(above):  # the nearest part of the path that exists
                 above = os.path.dirname(above)
             if not os.path.isdir(above):
@@ -93,8 +99,7 @@ def main(args):
         if args.save_pred:
             print(f"predictions: {len(sink.rows)} files in {args.save_pred}")
     if args.render:
-        folder = args.render_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
-                                                 f"render_{args.split}")
+        folder = render_folder(args)
         written = sink.save_figures(folder, results)
         print(f"figures: {len(written)} PNG files in {folder}")
 

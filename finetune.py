@@ -1,6 +1,7 @@
 """Fine-tune a quantized model: apply a searched policy (or a uniform bit width) to an fp32
-checkpoint with k-means weight sharing, then train the codebooks with the indices fixed,
-optionally distilling from the fp32 model. Checkpoints are written packed.
+checkpoint with weight sharing (k-means, or the linear grid a policy was searched with), then
+train the codebooks with the indices fixed, optionally distilling from the fp32 model.
+Checkpoints are written packed.
 
     python finetune.py --ckpt checkpoints/demo/pretrain/best.pt \
         --policy checkpoints/demo/search/policy.json --keep-first-last 8 --distill --epochs 5
@@ -71,8 +72,8 @@ def sharing_method(policy_file, method):
     searched = policy_file.method() if policy_file else None
     if method is not None and searched is not None and method != searched:
         raise ValueError(f"{policy_file.path}: searched with --method {searched}; fine-tune "
-                         f"with the same (or none), so that the model is the one its rewards "
-                         f"were measured on")
+                         f"with the same (or leave --method out), so that the model is the one "
+                         f"its rewards were measured on")
     return method or searched or "kmeans"
 
 
@@ -116,6 +117,8 @@ def main(args):
         resume=bool(args.resume), overwrite=args.overwrite,
         inputs=[("--ckpt", args.ckpt), ("--policy", None if args.resume else args.policy)])
     torch.manual_seed(args.seed)
+    if args.policy and not args.resume:  # refused before the splits load (minutes on S3DIS)
+        sharing_method(PolicyFile(args.policy), args.method)
     resume = None
     if args.resume:
         meta, model, resume = load_checkpoint(args.resume)

@@ -13,6 +13,7 @@ from lib.data import DATASET_NAMES
 # replay the same kernels). Everything else is the run's recorded setting, and a command line
 # that differs is refused.
 MAY_CHANGE_AT_RESUME = ("epochs", "episodes", "workers", "device", "cuda_graphs")
+METHODS = ("kmeans", "linear")  # lib/quant's weight sharing: k-means centroids, a linear grid
 
 
 def path_arg(value):
@@ -80,8 +81,8 @@ FLAGS = {
     "workers": (("--workers",), dict(type=nonneg_int, default=0,
                                      help="DataLoader worker processes (0: load in the main one)")),
     "amp": (("--amp",), dict(action=argparse.BooleanOptionalAction, default=None,
-                             help="bf16 autocast; None: on CUDA only (eval.py: as the checkpoint's run "
-                                  "recorded); --amp: on the CPU too "
+                             help="bf16 autocast; None: on CUDA only (eval.py: as the "
+                                  "checkpoint's run recorded); --amp: on the CPU too "
                                   "(faster where the CPU has native bf16: AVX512-BF16, AMX); "
                                   "--no-amp: never")),
     "cuda_graphs": (("--cuda-graphs",), dict(
@@ -103,8 +104,9 @@ FLAGS = {
     "keep_first_last": (("--keep-first-last",), dict(
         default="", help="keep the first layer and the final classifier at BITS or fp32, "
                          "outside the policy ('': not kept)")),
-    "method": (("--method",), dict(default="kmeans", choices=["kmeans", "linear"],
-                                   help="weight sharing: k-means centroids or a linear grid")),
+    "method": (("--method",), dict(default="kmeans", choices=METHODS,
+                                   help="weight sharing: k-means centroids or a linear grid "
+                                        "(finetune.py: None, the policy's, else kmeans)")),
 }
 
 

@@ -84,8 +84,11 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
 
     meta, model, _ = load_checkpoint(path)
     data = meta.get("dataset")
-    if not isinstance(data, dict) or not {"name", "root", "num_points"} <= set(data):
+    if not isinstance(data, dict):
         raise ValueError(f"{path}: the checkpoint records no dataset to score it on")
+    missing = [key for key in ("name", "root", "num_points") if key not in data]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint's dataset record lacks {', '.join(missing)}")
     if amp is None:  # as the run validated and scored itself (its recorded --amp)
         amp = meta.get("args", {}).get("amp")
     # the val split as the run validated on it (its --val-split protocol, and its seed, which

@@ -5,6 +5,7 @@ import hashlib
 import json
 
 from lib.checkpoint import atomic_write_json
+from lib.cli import METHODS
 from lib.data import read_text_file
 
 
@@ -27,9 +28,6 @@ def recorded_keep(flag):
     """--keep-first-last as policy.json and a fine-tune's record hold it: the flag's text ("8",
     "fp32"), or null when nothing is kept ("", "none")."""
     return None if parse_keep(flag) == "off" else flag
-
-
-METHODS = ("kmeans", "linear")  # lib/quant's weight sharing: k-means centroids, a linear grid
 
 
 def policy_digest(record):

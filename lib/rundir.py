@@ -128,16 +128,20 @@ def lock(folder):
 
 def lock_holder(folder):
     """Who holds FOLDER/.lock ("process N on HOST"), or None when no other process does. Probed
-    with a shared lock, let go at once; only for explaining a refusal."""
+    with a shared lock, let go at once, so only for explaining a refusal: a run claiming the
+    folder in that instant would be refused as if it were in use."""
     path = os.path.join(folder, LOCK_NAME)
     if os.path.realpath(folder) in _held or not os.path.isfile(path):
         return None
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return f.read().strip() or "another process"
-        fcntl.flock(f, fcntl.LOCK_UN)
+    try:
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "another process"
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:  # unreadable (another user's folder): nothing to tell
+        return None
     return None
 
 

@@ -117,7 +117,7 @@ def test_data_check_fails_on_a_damaged_file(forms, tmp_path, capsys):
     args = type("Args", (), dict(dataset="s3dis", data_root=str(root), num_points=None))
     check_data(args)  # every split readable
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(SystemExit, match="a file of the test split cannot be read"):
+    with pytest.raises(SystemExit, match="the test split stopped at a problem"):
         check_data(args)
     assert f"test: {path}: not a readable .npy array" in capsys.readouterr().out
 
@@ -142,7 +142,8 @@ def area5_npy(forms, tmp_path):
     (lambda t: np.column_stack([t[:, :3], np.full((len(t), 3), 300.0), t[:, 6]]),
      r"point 0: colour outside 0\.\.255"),
     (lambda t: np.column_stack([t[:, :3], t[:, 3:6] / 255, t[:, 6]]),
-     r"every colour lies within 0\.\.1 \(largest [\d.]+\): colours are read on the release's 0\.\.255"),
+     r"every colour lies within 0\.\.1 \(largest [\d.]+\): colours are read on the release's "
+     r"0\.\.255"),
     (lambda t: np.where(np.arange(7) == 0, np.nan, t), r"point 0: NaN or infinite coordinates"),
     (lambda t: t[:0], "the room has no points"),
 ])
@@ -152,6 +153,16 @@ def test_bad_npy_room_is_one_line_naming_the_file(forms, tmp_path, change, messa
     with pytest.raises(ValueError, match=rf"{path.name}: {message}") as err:
         S3DISDataset(str(root), "test")
     assert "\n" not in str(err.value)
+
+
+def test_a_room_without_colours_is_read(forms, tmp_path):
+    """All-zero colours (a colourless export) are not the 0..1 scale refused above."""
+    root, path = area5_npy(forms, tmp_path)
+    table = np.load(path)
+    table[:, 3:6] = 0
+    np.save(path, table)
+    room = S3DISDataset(str(root), "test").rooms[0]
+    assert not room.rgb.any()
 
 
 def test_truncated_npy_room_is_named(forms, tmp_path):

@@ -535,6 +535,12 @@ def test_eval_outputs_that_cannot_be_written_are_refused_before_scoring(referenc
         argv += ["--render", 1]
     assert re.search(message, refused("eval", *argv))
     assert (tmp_path / "afile").read_text() == "keep"
+    if flag != "--json":  # from Python, where nothing made the path absolute (it looped)
+        args = eval_script.get_args_parser().parse_args([str(a) for a in argv[:2]]
+                                                        + ["--render", "1"])
+        setattr(args, flag[2:].replace("-", "_"), target)
+        with pytest.raises(ValueError, match=message):
+            eval_script.check_outputs(args)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -152,3 +152,18 @@ def test_a_linear_search_without_kept_layers_is_fine_tuned_as_searched(rooms_ckp
     meta, _, _ = load_checkpoint(str(out / "best.pt"))
     assert meta["quant"]["method"] == "linear" and meta["args"]["method"] == "linear"
     assert meta["quant"]["bits"] == record["bits"]
+
+
+def test_a_contrary_method_is_refused_before_the_data_loads(rooms_ckpt, tmp_path, monkeypatch):
+    import finetune as finetune_script
+
+    def load(*args, **kwargs):
+        raise AssertionError("a split loaded before the policy's method was checked")
+    monkeypatch.setattr(finetune_script, "load_split", load)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"bits": {}, "method": "linear"}))
+    with pytest.raises(ValueError, match="searched with --method linear; fine-tune with the same "
+                                         r"\(or leave --method out\)"):
+        finetune_script.main(finetune_script.get_args_parser().parse_args(
+            ["--ckpt", rooms_ckpt, "--policy", str(policy), "--method", "kmeans",
+             "--out", str(tmp_path / "ft")]))

@@ -1,7 +1,8 @@
 """python -m lib.data --dataset NAME [--data-root DIR]: which form of the dataset the folder
 holds and what its splits hold, to check a download (or the synthetic data) before training on
 it (data/README.md lists the forms and where to get them). Exits with status 1 when no split
-can be read or a file of one is damaged (a split with no file present is not an error)."""
+can be read or one stops at a problem (a bad file, too few samples); a split with no file
+present is not an error."""
 import argparse
 
 from lib.data import DATASET_NAMES, SPLITS, build_dataset, default_root
@@ -15,7 +16,7 @@ def main(args):
             data = build_dataset(args.dataset, root, split, num_points=args.num_points)
         except (FileNotFoundError, ValueError) as err:
             print(f"{split}: {err}")
-            if not isinstance(err, FileNotFoundError):  # a file there that cannot be read
+            if not isinstance(err, FileNotFoundError):  # present, but it cannot be read
                 damaged.append(split)
             continue
         sample = data[0]
@@ -32,8 +33,7 @@ def main(args):
     else:
         print(f"  classes: {', '.join(data.class_names)}")
     if damaged:  # a failing status, so that a scripted check stops here
-        raise SystemExit(f"{root}: a file of the {', '.join(damaged)} split cannot be read "
-                         f"(above)")
+        raise SystemExit(f"{root}: the {', '.join(damaged)} split stopped at a problem (above)")
 
 
 if __name__ == "__main__":

@@ -266,8 +266,8 @@ def report_missing_rooms(root, names, areas):
             hint = ""
             if area == 5 and "Area_5/hallway_6" not in names:
                 hint = (" (Area_5/hallway_6 is missing: PointNet's collect_indoor3d_data.py skips "
-                        "it at its malformed line; `python -m lib.data.s3dis --skip-malformed` "
-                        "converts it from the raw release)")
+                        "it at its malformed line; `python -m lib.data.s3dis --root ROOT "
+                        "--skip-malformed` converts it from the raw release)")
             print(f"[s3dis] {root}: Area_{area} holds {held} of the release's "
                   f"{RELEASE_ROOMS[area]} rooms{hint}: figures over it do not compare with "
                   f"ones over the whole area")

@@ -142,7 +142,7 @@ def checked_room(xyz, rgb, label, paths):
     bad_rgb = ~np.isfinite(rgb).all(1) | (rgb < 0).any(1) | (rgb > 255).any(1)
     if bad_rgb.any():
         raise ValueError(f"{rgb_path}: point {int(np.argmax(bad_rgb))}: colour outside 0..255")
-    if rgb.max() <= 1:  # rounded to 0..255 integers below, such a room would read as black
+    if 0 < rgb.max() <= 1:  # rounded to 0..255 integers below, such a room would read as black
         raise ValueError(f"{rgb_path}: every colour lies within 0..1 (largest {rgb.max():g}): "
                          f"colours are read on the release's 0..255 scale; multiply them by 255")
     i = first_bad_label(label, 0, len(CLASS_NAMES))

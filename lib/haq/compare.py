@@ -27,7 +27,7 @@ from lib.experiment import evaluate_checkpoint, example_inputs, load_split, make
 from lib.haq import strategies
 from lib.haq.env import QuantEnv
 from lib.haq.policy_eval import PolicyEvaluator, cached_batches
-from lib.policy_file import parse_keep, write_policy
+from lib.policy_file import parse_keep, recorded_keep, write_policy
 from lib.quant import keep_first_last, list_quantizable, quantize_model
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import markdown_table, percent
@@ -159,7 +159,8 @@ class Scorer:
         train_loader = make_loader(train, args.batch_size, True, seed)
         optimizer = build_optimizer(model.parameters(), "adamw", args.lr, 0.0)
         scheduler = build_scheduler(optimizer, "cosine", args.ft_epochs, len(train_loader))
-        quant = {"bits": bits, "method": "kmeans", "keep_first_last": args.keep_first_last or None,
+        quant = {"bits": bits, "method": "kmeans",
+                 "keep_first_last": recorded_keep(args.keep_first_last),
                  "teacher": os.path.abspath(args.ckpt)}
         meta = {"model": self.meta["model"], "dataset": dict(self.meta["dataset"], root=self.root),
                 "args": vars(args), "quant": quant}
