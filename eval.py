@@ -49,10 +49,10 @@ def check_outputs(args):
                 raise ValueError(f"{flag} {folder}: {above} is a file, not a folder")
     if args.json:
         parent = os.path.dirname(os.path.abspath(args.json))
-        if os.path.isdir(args.json) or not os.path.isdir(parent):
-            raise ValueError(f"--json {args.json}: "
-                             + ("a folder, not a file" if os.path.isdir(args.json)
-                                else f"no folder {parent} to write it in"))
+        if os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json}: a folder, not a file")
+        if not os.path.isdir(parent):
+            raise ValueError(f"--json {args.json}: no folder {parent} to write it in")
 
 
 def add_prediction_flags(p):

@@ -79,8 +79,7 @@ def sharing_method(policy_file, method):
 
 def build_quantized(args, model, dataset, device, teacher_sha256):
     """The fp32 model with the requested policy applied; returns (model, quant metadata).
-    teacher_sha256: the SHA-256 of args.ckpt, which the policy must have been searched on.
-    Sets args.method to the method used (recorded with the run's settings)."""
+    teacher_sha256: the SHA-256 of args.ckpt, which the policy must have been searched on."""
     layers = list_quantizable(model, example_inputs(dataset, device))
     names = [layer.name for layer in layers]
     policy_file = PolicyFile(args.policy) if args.policy else None
@@ -93,7 +92,6 @@ def build_quantized(args, model, dataset, device, teacher_sha256):
         if policy_file:
             check_same_keep(policy_file, keep)
         policy = keep_first_last(policy, layers, keep)
-    args.method = sharing_method(policy_file, args.method)
     quantize_model(model, policy, method=args.method)
     quant = {"bits": policy, "method": args.method, "policy_file": args.policy,
              "policy_digest": policy_file.digest if policy_file else None,
@@ -117,8 +115,9 @@ def main(args):
         resume=bool(args.resume), overwrite=args.overwrite,
         inputs=[("--ckpt", args.ckpt), ("--policy", None if args.resume else args.policy)])
     torch.manual_seed(args.seed)
-    if args.policy and not args.resume:  # refused before the splits load (minutes on S3DIS)
-        sharing_method(PolicyFile(args.policy), args.method)
+    if not args.resume:  # before the splits load (minutes on S3DIS); recorded with the settings
+        args.method = sharing_method(PolicyFile(args.policy) if args.policy else None,
+                                     args.method)
     resume = None
     if args.resume:
         meta, model, resume = load_checkpoint(args.resume)

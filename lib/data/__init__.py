@@ -164,6 +164,12 @@ def read_text_file(path):
                          f"{e.start})") from None
 
 
+def error_reason(error):
+    """What a reader's error says, for a one-line message naming the file: its first line (numpy's
+    and h5py's further lines advise), or its type where it says nothing."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def first_bad_label(labels, start, stop):
     """Index of the first label that is not an integer in [start, stop), or None."""
     bad = (labels != np.round(labels)) | (labels < start) | (labels >= stop)

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import DATA_DIR, first_bad_label, read_point_table, read_text_file
+from lib.data import (DATA_DIR, error_reason, first_bad_label, read_point_table,
+                      read_text_file)
 from lib.data.off_mesh import read_off, sample_surface
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
 
@@ -203,7 +204,7 @@ def read_cached_sample(path, count):
             return cloud
         reason = f"shape {cloud.shape}, {cloud.dtype}"
     except (ValueError, OSError, EOFError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = error_reason(err)
     print(f"[modelnet] {path}: not a sample of {count} points ({reason}); sampling it again",
           flush=True)
     return None

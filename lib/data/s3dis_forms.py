@@ -27,7 +27,7 @@ import zipfile
 
 import numpy as np
 
-from lib.data import first_bad_label
+from lib.data import error_reason, first_bad_label
 from lib.data.s3dis import (AREAS, CLASS_NAMES, RAW_DIRNAME, convert_room, default_processed_dir,
                             find_raw_dir, list_rooms, preprocess)
 
@@ -78,8 +78,8 @@ def read_processed_room(path):
         with np.load(path, allow_pickle=False) as data:
             return data["xyz"], data["rgb"], data["label"]
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path}: not a room converted by lib.data.s3dis ({reason})") from None
+        raise ValueError(f"{path}: not a room converted by lib.data.s3dis "
+                         f"({error_reason(err)})") from None
 
 
 class RawRelease:
@@ -127,8 +127,7 @@ def load_array(path):
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path}: not a readable .npy array ({reason})") from None
+        raise ValueError(f"{path}: not a readable .npy array ({error_reason(err)})") from None
 
 
 def checked_room(xyz, rgb, label, paths):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.data import first_bad_label, read_text_file
+from lib.data import error_reason, first_bad_label, read_text_file
 
 CATEGORY_FILE = "all_object_categories.txt"
 
@@ -49,9 +49,8 @@ def read_h5(path):
         with h5py.File(path, "r") as f:
             data, label, pid = f["data"][:], f["label"][:], f["pid"][:]
     except (OSError, KeyError, TypeError) as err:  # TypeError: one of them a group
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"{path}: not a readable h5 file with data, label and pid "
-                         f"({reason})") from None
+                         f"({error_reason(err)})") from None
     label = label.reshape(-1)
     if data.ndim != 3 or data.shape[2] != 3 or len(label) != len(data) \
             or pid.shape != data.shape[:2]:
