@@ -312,6 +312,22 @@ def test_gather_refuses_indices_changed_before_its_backward():
         out.sum().backward()
 
 
+def test_gather_without_kernels_reuses_the_selection_of_an_index_tensor(monkeypatch):
+    """Without the kernels the backward builds the transposed selection (CSR) once per index
+    tensor: a stage's kNN serves all its blocks, a replayed tape every step."""
+    monkeypatch.setattr(po.dispatch, "native_for", lambda *tensors, **kw: None)
+    features = cloud(2, 10, 4).requires_grad_()
+    idx = torch.tensor([[[0, 9], [3, 3]], [[1, 2], [9, 0]]])
+    po.gather(features, idx).sum().backward()
+    first = po._gather_transposes.get(idx)
+    assert first is not None
+    grad = features.grad.clone()
+    features.grad = None
+    po.gather(features, idx).sum().backward()
+    assert po._gather_transposes.get(idx) is first
+    assert torch.equal(features.grad, grad)
+
+
 def test_group_puts_relative_xyz_before_features():
     xyz, features = cloud(2, 50, 3), cloud(2, 50, 5, seed=1)
     new_xyz = xyz[:, :7]

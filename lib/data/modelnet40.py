@@ -138,7 +138,8 @@ def read_hdf5(root, list_split, num_points, variant=40):
                 data, label = f["data"][:, :num_points], f["label"][:].reshape(-1)
         # TypeError, ValueError, IndexError: `data` or `label` a group, or of another rank
         except (OSError, KeyError, TypeError, ValueError, IndexError) as err:
-            raise ValueError(f"{path}: not an h5 file with `data` and `label` ({err})") from None
+            raise ValueError(f"{path}: not an h5 file with `data` and `label` "
+                             f"({error_reason(err)})") from None
         if data.ndim != 3 or data.shape[2] != 3 or len(label) != len(data):
             raise ValueError(f"{path}: expected data (S, N, 3) and label (S, 1), got "
                              f"{data.shape} and {label.shape}")

@@ -292,9 +292,10 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, flat, idx):
-        ctx.num_rows, ctx.idx = rows.shape[0], idx
-        # idx saved too: the kernel reads it, and an in-place change to it before the backward
-        # is then torch's "modified by an inplace operation" error
+        ctx.num_rows = rows.shape[0]
+        # idx saved too: the kernel reads it, an in-place change to it before the backward is
+        # then torch's "modified by an inplace operation" error, and the saved input unpacks
+        # as the same tensor object, the CSR cache's key
         ctx.save_for_backward(flat, idx)
         return rows.index_select(0, flat)
 
@@ -314,13 +315,13 @@ class _GatherRows(torch.autograd.Function):
                                 C=grad.shape[-1], idx=idx.reshape(clouds, -1).contiguous(),
                                 grad=grad, grad_rows=out)
             return out, None, None
-        structure = _gather_transposes.get(ctx.idx)
+        structure = _gather_transposes.get(idx)
         if structure is None or structure[0].shape[0] != ctx.num_rows + 1:
             order = torch.argsort(flat, stable=True)  # each source row's gradient rows, in order
             counts = torch.bincount(flat, minlength=ctx.num_rows)
             crow = torch.zeros(ctx.num_rows + 1, dtype=torch.int64)
             torch.cumsum(counts, 0, out=crow[1:])
-            structure = _gather_transposes[ctx.idx] = (crow, order)
+            structure = _gather_transposes[idx] = (crow, order)
         crow, order = structure
         with warnings.catch_warnings():  # "CSR support is in beta": its matmul is what we use
             warnings.simplefilter("ignore")
