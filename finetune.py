@@ -21,7 +21,8 @@ from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, posi
                      resolve_device, run_script)
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.distill import DistillLoss
-from lib.experiment import evaluate_checkpoint, example_inputs, load_split, make_loader
+from lib.experiment import (check_same_data, evaluate_checkpoint, example_inputs, load_split,
+                            make_loader)
 from lib.policy_file import PolicyFile, parse_keep, recorded_keep
 from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
 from lib.quant.layers import layer_renames
@@ -132,6 +133,8 @@ def main(args):
     train_set = load_split(data["name"], root, "train", num_points, augment=True, seed=args.seed,
                            val_split=args.val_split,
                            samples_per_epoch=args.samples_per_epoch)
+    # before any training: the test score at the end (evaluate_checkpoint) refuses such data
+    check_same_data(args.ckpt, data, train_set, root)
     val_set = load_split(data["name"], root, "val", num_points, seed=args.seed,
                          val_split=args.val_split)
     train_loader = make_loader(train_set, args.batch_size, True, args.seed, args.workers)

@@ -21,7 +21,7 @@ from lib.checkpoint import (atomic_write_json, file_sha256, load_checkpoint, sam
                             torch_load, torch_save_atomic)
 from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, path_arg,
                      positive_float, positive_fraction, positive_int, resolve_device, run_script)
-from lib.experiment import example_inputs, load_split
+from lib.experiment import check_same_data, example_inputs, load_split
 from lib.haq.ddpg import DDPG
 from lib.haq.env import QuantEnv, check_search_space
 from lib.haq.plot import plot_policy, policy_figure
@@ -72,6 +72,8 @@ def build_evaluator(args, device):
     root = args.data_root or data["root"]
     # The reward never sees the test split: it is measured on held-out training data.
     held_out = load_split(data["name"], root, "val", data["num_points"], seed=args.seed)
+    # another label space or other point features would reward every policy on wrong inputs
+    check_same_data(args.ckpt, data, held_out, root)
     model.to(device)
     layers = list_quantizable(model, example_inputs(held_out, device))
     # an impossible budget or widths stop here, before the batches and the fp32 score

@@ -71,6 +71,24 @@ def dataset_meta(dataset_name, root, dataset, num_points, seed=0):
     return meta
 
 
+def check_same_data(path, data, dataset, root):
+    """A one-line ValueError when `dataset` (read from `root`) is not the data the checkpoint
+    `path` recorded (`data`, dataset_meta's form): other classes, or for part segmentation
+    another category list or order (the category enters the model as a one-hot in the category
+    file's order), would score every shape against wrong labels, and other point features
+    (xyz where it learnt normals) would feed it inputs it never saw."""
+    found = dataset_meta(data["name"], root, dataset, data["num_points"])
+    for key, what in (("class_names", "classes"), ("category_names", "category names"),
+                      ("part_ranges", "part ranges")):
+        if key in data and found.get(key) != data[key]:
+            raise ValueError(f"{path}: the data at {root} lists other {what} (or another "
+                             f"order) than the checkpoint was trained on")
+    features = getattr(dataset, "features", None)
+    if data.get("features", features) != features:
+        raise ValueError(f"{path}: trained with {data['features']} as point features, but the "
+                         f"data at {root} ({dataset.layout}) has {features}")
+
+
 def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, device=None,
                         workers=0, amp=None, sink=None):
     """Load any checkpoint (fp32 or packed quantized) and score it on a split of the data it
@@ -99,19 +117,7 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
         seed, protocol = data.get("seed", 0), meta.get("args", {}).get("val_split") or "auto"
     dataset = load_split(data["name"], data_root or data["root"], split, data["num_points"],
                          seed=seed, val_split=protocol)
-    # The label space as the checkpoint records it (dataset_meta's form): other classes, or
-    # for part segmentation another category list or order (the category enters the model as a
-    # one-hot in the category file's order), would score every shape against wrong labels.
-    found = dataset_meta(data["name"], data_root or data["root"], dataset, data["num_points"])
-    for key, what in (("class_names", "classes"), ("category_names", "category names"),
-                      ("part_ranges", "part ranges")):
-        if key in data and found.get(key) != data[key]:
-            raise ValueError(f"{path}: the data at {data_root or data['root']} lists other "
-                             f"{what} (or another order) than the checkpoint was trained on")
-    features = getattr(dataset, "features", None)
-    if data.get("features", features) != features:
-        raise ValueError(f"{path}: trained with {data['features']} as point features, but the "
-                         f"data at {data_root or data['root']} ({dataset.layout}) has {features}")
+    check_same_data(path, data, dataset, data_root or data["root"])
     device = device or torch.device("cpu")
     model.to(device)
     results = evaluate(model, make_loader(dataset, batch_size, train=False, workers=workers),

@@ -167,3 +167,23 @@ def test_a_contrary_method_is_refused_before_the_data_loads(rooms_ckpt, tmp_path
         finetune_script.main(finetune_script.get_args_parser().parse_args(
             ["--ckpt", rooms_ckpt, "--policy", str(policy), "--method", "kmeans",
              "--out", str(tmp_path / "ft")]))
+
+
+def test_data_of_other_features_is_refused_before_the_search_or_the_fine_tune(tmp_path):
+    """A ModelNet checkpoint trained on normals, given the h5 form of the same data (xyz as
+    features) by --data-root: eval.py refused it, but search.py rewarded every policy on those
+    inputs and finetune.py trained all its epochs before its test score refused them."""
+    import finetune as finetune_script
+    root = tmp_path / "cls"
+    write_cls(str(root), seed=0, train_shapes=3, eval_shapes=1)
+    ckpt = fp32_checkpoint(str(tmp_path / "fp32.pt"), "pt_cls_tiny", "synthetic_cls",
+                           str(root / "modelnet40_normal_resampled"), 128)
+    h5 = str(root / "modelnet40_ply_hdf5_2048")
+    with pytest.raises(ValueError, match="trained with normals as point features"):
+        search(ckpt, tmp_path / "search", "--val-size", "4", "--data-root", h5)
+    with pytest.raises(ValueError, match="trained with normals as point features"):
+        finetune_script.main(finetune_script.get_args_parser().parse_args(
+            ["--ckpt", ckpt, "--data-root", h5, "--bits", "4", "--epochs", "1",
+             "--batch-size", "2", "--out", str(tmp_path / "ft")]))
+    assert not (tmp_path / "search" / "policy.json").exists()
+    assert not (tmp_path / "ft" / "best.pt").exists()
