@@ -23,7 +23,7 @@ from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.distill import DistillLoss
 from lib.experiment import (check_same_data, evaluate_checkpoint, example_inputs, load_split,
                             make_loader)
-from lib.policy_file import PolicyFile, parse_keep, recorded_keep
+from lib.policy_file import PolicyFile, keep_text, parse_keep
 from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
 from lib.quant.layers import layer_renames
 from lib.quant.size import budget_ratio, honest_size_bytes
@@ -93,10 +93,12 @@ def build_quantized(args, model, dataset, device, teacher_sha256):
         if policy_file:
             check_same_keep(policy_file, keep)
         policy = keep_first_last(policy, layers, keep)
+    elif policy_file:  # the searched bits hold the first and last layers as the search kept them
+        keep = policy_file.keep()
     quantize_model(model, policy, method=args.method)
     quant = {"bits": policy, "method": args.method, "policy_file": args.policy,
              "policy_digest": policy_file.digest if policy_file else None,
-             "keep_first_last": recorded_keep(args.keep_first_last),
+             "keep_first_last": keep_text(keep),
              "fp32_layers": [n for n in names if policy.get(n) in (None, 32)],
              "teacher": os.path.abspath(args.ckpt), "teacher_sha256": teacher_sha256}
     return model, quant

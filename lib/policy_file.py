@@ -27,7 +27,12 @@ def parse_keep(value):
 def recorded_keep(flag):
     """--keep-first-last as policy.json and a fine-tune's record hold it: the flag's text ("8",
     "fp32"), or null when nothing is kept ("", "none")."""
-    return None if parse_keep(flag) == "off" else flag
+    return keep_text(parse_keep(flag))
+
+
+def keep_text(keep):
+    """parse_keep's value as a record holds it: "8", "fp32", or None when nothing is kept."""
+    return None if keep == "off" else "fp32" if keep is None else str(keep)
 
 
 def policy_digest(record):

@@ -169,6 +169,22 @@ def test_a_contrary_method_is_refused_before_the_data_loads(rooms_ckpt, tmp_path
              "--out", str(tmp_path / "ft")]))
 
 
+def test_a_fine_tune_records_the_kept_layers_of_its_policy(rooms_ckpt, tmp_path):
+    """Without --keep-first-last the policy's bits hold the first and last layers at the width
+    the search kept them at: the fine-tune's record says so (it said null, nothing kept)."""
+    import finetune as finetune_script
+    from lib.checkpoint import load_checkpoint
+    search(rooms_ckpt, tmp_path / "search", "--val-size", "4", "--finetune-steps", "0",
+           "--keep-first-last", "8")
+    out = tmp_path / "searched"
+    finetune_script.main(finetune_script.get_args_parser().parse_args(
+        ["--ckpt", rooms_ckpt, "--policy", str(tmp_path / "search" / "policy.json"),
+         "--epochs", "0", "--batch-size", "2", "--out", str(out)]))
+    meta, _, _ = load_checkpoint(str(out / "best.pt"))
+    assert meta["quant"]["keep_first_last"] == "8"
+    assert meta["quant"]["bits"][next(iter(meta["quant"]["bits"]))] == 8
+
+
 def test_data_of_other_features_is_refused_before_the_search_or_the_fine_tune(tmp_path):
     """A ModelNet checkpoint trained on normals, given the h5 form of the same data (xyz as
     features) by --data-root: eval.py refused it, but search.py rewarded every policy on those
