@@ -38,9 +38,14 @@ def make_loader(dataset, batch_size, train, seed=0, workers=0):
         raise ValueError(f"--batch-size {batch_size} is larger than the {len(sampler)} training "
                          f"samples (per process): no training step would run")
     # A training set's workers start afresh each epoch, so they see its epoch (set_epoch).
+    # Each new pass draws its workers' seed from `generator`, by default the global generator:
+    # a persistent (evaluation) loader draws once per process, so a resumed run with --workers
+    # drew once more than the uninterrupted one and every later Dropout mask differed. The
+    # samples' randomness is keyed by sample (lib/data/transforms.py), not by these seeds.
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                        drop_last=train, num_workers=workers,
-                                       persistent_workers=workers > 0 and not train)
+                                       persistent_workers=workers > 0 and not train,
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 def model_kwargs(model_name, dataset):

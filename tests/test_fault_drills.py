@@ -445,6 +445,23 @@ def test_a_real_kill_between_last_and_best_is_repaired_on_resume(reference, tmp_
     same_files(runs["pretrain"], out, ("best.pt", "last.pt"))
 
 
+def test_a_run_with_loader_workers_resumes_as_the_uninterrupted_run(tmp_path):
+    """--workers 1 (run/*.sh give 4) on a classifier, whose Dropout draws from the global
+    generator: killed after epoch 1's last.pt and resumed, it ends bit for bit as the
+    uninterrupted run. The persistent validation loader drew its workers' seed from the global
+    generator once per process, so the resumed run drew once more and its masks differed."""
+    from lib.data.synthetic import write_cls
+    write_cls(str(tmp_path / "cls"), seed=0, train_shapes=3, eval_shapes=1)
+    args = ("--model", "pt_cls_tiny", "--dataset", "synthetic_cls", "--data-root",
+            tmp_path / "cls" / "modelnet40_normal_resampled", "--num-points", 64,
+            "--batch-size", 4, "--epochs", 3, "--lr", 0.01, "--workers", 1)
+    run("pretrain", *args, "--out", tmp_path / "straight")
+    with writes_into(tmp_path / "resumed", crash_at=1), pytest.raises(Crash):
+        run("pretrain", *args, "--out", tmp_path / "resumed")
+    run("pretrain", "--resume", tmp_path / "resumed")
+    same_files(tmp_path / "straight", tmp_path / "resumed", ("best.pt", "last.pt"))
+
+
 @pytest.mark.parametrize("flags", [("--seed", 1), ("--val-split", "train-slice")])
 def test_eval_of_the_val_split_reproduces_best_pt(data, tmp_path, flags):
     """The seed fixes each val shape's point subset and --val-split chooses what validates; the
