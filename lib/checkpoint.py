@@ -7,6 +7,7 @@ torch file holding everything; for a quantized model it also records the quantiz
 (best.pt) is stored packed (lib/quant/pack.py: bit-packed indices + codebooks + fp32 rest) with
 the same metadata in its header, so its file has exactly the honest size.
 """
+import errno
 import hashlib
 import json
 import os
@@ -24,21 +25,40 @@ TEMP_PREFIX = ".tmp-"  # atomic_write's temporaries; a run folder's claim remove
 
 
 def atomic_write(path, write_fn):
-    """Call write_fn(tmp_path), then rename over `path`: a crash never leaves half a file."""
+    """Call write_fn(tmp_path), then rename over `path`: a crash never leaves half a file. A
+    write that fails (a full disk, a read-only folder) is an OSError naming `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.basename(path))
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.basename(path))
+        os.close(fd)
         write_fn(tmp)
         # mkstemp creates the file private (0600); a checkpoint gets the permissions of any
         # file the user creates, so a lab's group can read it.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        reason = _write_failure(e)
+        if reason is None:
+            raise
+        kept = "; the file there before is kept" if os.path.exists(path) else ""
+        raise OSError(getattr(e, "errno", None) or errno.EIO, f"not written ({reason}){kept}",
+                      path) from e
+
+
+def _write_failure(error):
+    """Why a file could not be written, in words, or None for an error that is no write failure.
+    torch.save reports a short write (a full disk) as a RuntimeError of its zip writer that
+    names no file; an OSError names the temporary file, not the one being written."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    if isinstance(error, RuntimeError) and ("inline_container" in str(error)
+                                            or "PytorchStreamWriter" in str(error)):
+        return "torch.save could not write it whole; is the disk full?"
+    return None
 
 
 def atomic_write_json(path, obj):

@@ -292,8 +292,14 @@ def run_script(main, parser, kind=None, argv=None):
                       f"{' and ' + ', '.join(changed) if changed else ''}; writing into "
                       f"{args.out}", flush=True)
         main(args)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (FileNotFoundError, ValueError, FloatingPointError, OSError) as e:
+        # an OSError naming a file the run could not write or read (a full disk, a read-only
+        # folder) is one line too; any other keeps its traceback
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and not e.filename:
+            raise
         from lib.rundir import release_unused
         release_unused()
+        message = (f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename
+                   and e.strerror else one_line(e))
         # Under torchrun every rank stops; the main one says why.
-        raise SystemExit(f"error: {one_line(e)}" if os.environ.get("RANK", "0") == "0" else 1)
+        raise SystemExit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)

@@ -462,6 +462,49 @@ def test_a_run_with_loader_workers_resumes_as_the_uninterrupted_run(tmp_path):
     same_files(tmp_path / "straight", tmp_path / "resumed", ("best.pt", "last.pt"))
 
 
+def test_a_full_disk_at_a_checkpoint_write_is_one_line_and_loses_nothing(reference, tmp_path):
+    """A resumed run whose disk fills up while it writes last.pt (here a file size limit, under
+    which torch.save fails as on a full disk: a RuntimeError of its zip writer that names no
+    file, a stack trace): one line naming last.pt, the finished epochs' files as they were and
+    no temporary left; once there is room it resumes."""
+    runs, _ = reference
+    out = tmp_path / "full"
+    shutil.copytree(runs["pretrain"], out)
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
+    driver = ("import resource, runpy, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # the write fails, not the process
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+              "sys.argv = ['pretrain.py'] + sys.argv[1:]\n"
+              "runpy.run_path('pretrain.py', run_name='__main__')\n")
+    full = subprocess.run([sys.executable, "-c", driver, "--resume", str(out), "--epochs", "3"],
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                          text=True, timeout=300)
+    assert full.returncode == 1, full.stderr[-2000:]
+    said = full.stderr.strip().splitlines()[-1]
+    assert said.startswith(f"error: {out / 'last.pt'}: not written (") and "disk" in said, said
+    assert before == {name: (out / name).read_bytes() for name in before}
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]
+    run("pretrain", "--resume", out, "--epochs", 3)
+    assert load_checkpoint(str(out / "last.pt"))[0]["epoch"] == 3
+
+
+def test_a_folder_the_run_may_not_write_in_is_one_line(reference, tmp_path):
+    """A read-only run folder (simulated: the tests may run as root, whom permissions do not
+    stop) was a PermissionError stack trace."""
+    runs, _ = reference
+    out = tmp_path / "read_only"
+    shutil.copytree(runs["pretrain"], out)
+    real_open = open
+
+    def denied(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    with mock.patch("lib.rundir.open", denied, create=True):
+        message = refused("pretrain", "--resume", out, "--epochs", 3)
+    assert message == f"error: {out / '.lock'}: Permission denied"
+
+
 @pytest.mark.parametrize("flags", [("--seed", 1), ("--val-split", "train-slice")])
 def test_eval_of_the_val_split_reproduces_best_pt(data, tmp_path, flags):
     """The seed fixes each val shape's point subset and --val-split chooses what validates; the
