@@ -172,7 +172,10 @@ def main(args):
         # No training: the quantized model itself is the result (the "no fine-tune" rows).
         val_metrics = evaluate(model, val_loader, device, args.amp, desc="val")
         if distributed.is_main():
-            for name in ("best.pt", "last.pt"):
+            # last.pt first, as fit writes them: a kill between the two leaves a packed last.pt,
+            # which the run scripts start again (lib/stage_status), where a best.pt alone was a
+            # result they refuse to delete
+            for name in ("last.pt", "best.pt"):
                 save_checkpoint(os.path.join(out, name), unwrap(model),
                                 dict(meta, metrics=val_metrics, epoch=0))
         distributed.barrier()  # best.pt is on disk before any rank reads it back

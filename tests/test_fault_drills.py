@@ -420,6 +420,23 @@ def test_killed_at_any_write_then_resumed_ends_as_the_uninterrupted_run(referenc
         assert log_lines(out / log) == log_lines(runs[script] / log), name
 
 
+def test_a_quantize_only_fine_tune_killed_at_any_write_is_started_again(reference, tmp_path):
+    """A fine-tune with --epochs 0 (run/finetune.sh's searched/ stage) killed after either of
+    its checkpoint writes: the run scripts start it again. Killed after best.pt, before last.pt,
+    its folder held a result without the record of whether its run ended, which they refused."""
+    from lib.stage_status import stage_status
+    runs, _ = reference
+    for k in (1, 2):
+        out = tmp_path / f"killed_after_{k}"
+        args = [str(a) for a in ("--ckpt", runs["pretrain"] / "best.pt", "--bits", 3,
+                                 "--epochs", 0, "--batch-size", 4, "--out", out)]
+        with writes_into(out, crash_at=k), pytest.raises(Crash):
+            run("finetune", *args)
+        assert stage_status(str(out), "finetune", args) == "restart"
+        run("finetune", *args, "--overwrite")
+        assert stage_status(str(out), "finetune", args) == "finished"
+
+
 def test_a_real_kill_between_last_and_best_is_repaired_on_resume(reference, tmp_path):
     """os._exit right after last.pt of epoch 1 (best.pt not written yet): the lock dies with the
     process, and the resumed run writes best.pt before it goes on."""
