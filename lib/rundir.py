@@ -126,6 +126,19 @@ def lock(folder):
     _held[folder] = f
 
 
+def _let_go_in_child():
+    """A forked child (a DataLoader worker) closes its copies of the held locks. An flock lives
+    as long as any descriptor of it is open, so a kill -9 of the run left its folder locked, in
+    the name of the dead process, until its workers noticed and ended. Closing a copy never
+    unlocks the parent's."""
+    for f in _held.values():
+        f.close()
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)
+
+
 def lock_holder(folder):
     """Who holds FOLDER/.lock ("process N on HOST"), or None when no other process does. Probed
     with a shared lock, let go at once, so only for explaining a refusal: a run claiming the

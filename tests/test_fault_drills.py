@@ -246,6 +246,35 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(data, tmp_p
     assert sorted(os.listdir(out)) == [".lock"]
 
 
+def test_a_killed_run_leaves_no_lock_behind_in_its_living_workers(tmp_path):
+    """A run holding its folder forks a child (as a DataLoader worker is) and is killed with
+    kill -9; the child lives on (workers notice their parent's death seconds later, or never
+    when stuck). The folder is free at once: the child held a copy of the lock, so a resume was
+    refused as "in use by" the dead process."""
+    from lib.rundir import lock_holder
+    out = tmp_path / "killed"
+    driver = ("import os, sys, time\n"
+              "from lib.rundir import claim\n"
+              "claim(sys.argv[1])\n"
+              "if os.fork() == 0:\n"
+              "    time.sleep(60)\n"
+              "    os._exit(0)\n"
+              "print(flush=True)\n"
+              "os.kill(os.getpid(), 9)\n")
+    killed = subprocess.Popen([sys.executable, "-c", driver, str(out)], cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        killed.stdout.readline()
+        assert killed.wait(timeout=60) == -9
+        assert lock_holder(str(out)) is None
+    finally:
+        try:
+            os.killpg(killed.pid, 9)  # the child, still sleeping
+        except ProcessLookupError:
+            pass
+
+
 def test_resuming_a_folder_whose_run_has_saved_nothing_yet_names_the_run(tmp_path):
     """Not "a folder without last.pt": the run is alive, before its first save."""
     from lib.rundir import recorded_run
