@@ -51,7 +51,8 @@ def make_loader(dataset, batch_size, train, seed=0, workers=0):
 def model_kwargs(model_name, dataset):
     """Constructor arguments of a model for a dataset's label space."""
     if model_task(model_name) != dataset.task:
-        raise SystemExit(f"model {model_name} is for {model_task(model_name)} but the dataset "
+        # a ValueError, so that a script refusing it removes the run folder it made (run_script)
+        raise ValueError(f"model {model_name} is for {model_task(model_name)} but the dataset "
                          f"is a {dataset.task} dataset")
     kwargs = {"in_channels": dataset.in_channels, "num_classes": dataset.num_classes}
     if dataset.task == "partseg":

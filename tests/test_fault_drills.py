@@ -216,6 +216,15 @@ def test_a_run_refused_after_its_claim_leaves_no_empty_folder(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []
 
 
+def test_a_model_for_another_task_than_the_data_leaves_no_folder(data, tmp_path):
+    """It stopped with SystemExit, past run_script's clean-up: a folder holding only its lock
+    stayed, and the message lacked "error: "."""
+    message = refused("pretrain", *pretrain_args(data, tmp_path / "runs" / "cls"), "--model",
+                      "pt_cls_tiny")
+    assert "model pt_cls_tiny is for cls but the dataset is a partseg dataset" in message
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_a_temporary_file_left_by_a_killed_write_goes_at_the_next_claim(reference, tmp_path):
     runs, _ = reference
     out = tmp_path / "run"
