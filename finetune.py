@@ -21,8 +21,8 @@ from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, posi
                      resolve_device, run_script)
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.distill import DistillLoss
-from lib.experiment import (check_same_data, evaluate_checkpoint, example_inputs, load_split,
-                            make_loader)
+from lib.experiment import (check_resumed_data, check_same_data, evaluate_checkpoint,
+                            example_inputs, load_split, make_loader)
 from lib.policy_file import PolicyFile, keep_text, parse_keep
 from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
 from lib.quant.layers import layer_renames
@@ -123,9 +123,9 @@ def main(args):
                                      args.method)
     resume = None
     if args.resume:
-        meta, model, resume = load_checkpoint(args.resume)
+        recorded, model, resume = load_checkpoint(args.resume)
         # its indices and codebooks came from that model, and --distill learns from it
-        same_input_as_recorded(args.ckpt, meta["quant"].get("teacher_sha256"), "--ckpt")
+        same_input_as_recorded(args.ckpt, recorded["quant"].get("teacher_sha256"), "--ckpt")
     fp32_meta, teacher, _ = load_checkpoint(args.ckpt)
     if fp32_meta.get("quant"):
         raise ValueError(f"{args.ckpt}: already quantized; fine-tune from the fp32 checkpoint")
@@ -147,7 +147,7 @@ def main(args):
         model, quant = build_quantized(args, copy.deepcopy(teacher), train_set, device,
                                        file_sha256(args.ckpt))
     else:
-        quant = meta["quant"]
+        quant = recorded["quant"]
     model.to(device)
     epochs = args.epochs
     model = distributed.wrap_model(model, device)
@@ -161,6 +161,9 @@ def main(args):
                                                    val_source=train_set.val_source,
                                                    seed=args.seed),
             "args": vars(args), "quant": quant}
+    if resume is not None:
+        check_resumed_data(args.resume, recorded.get("dataset", {}), meta["dataset"], resume,
+                           len(train_loader))
     log = RunLog(out, vars(args))
     if distributed.is_main():
         plain = unwrap(model)

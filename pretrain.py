@@ -13,7 +13,8 @@ from lib import distributed, heap
 from lib.checkpoint import load_checkpoint, unwrap
 from lib.cli import add_flags, make_parser, nonneg_float, resolve_device, run_script
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
-from lib.experiment import MODEL_NAMES, dataset_meta, load_split, make_loader, model_kwargs
+from lib.experiment import (MODEL_NAMES, check_resumed_data, dataset_meta, load_split,
+                            make_loader, model_kwargs)
 from lib.rundir import claim
 from lib.runlog import RunLog
 from lib.tasks import supervised_loss
@@ -46,7 +47,7 @@ def main(args):
                            resume=bool(args.resume), overwrite=args.overwrite)
     resume = None
     if args.resume:  # before the data is loaded: a bad file fails at once
-        _, model, resume = load_checkpoint(args.resume)
+        recorded, model, resume = load_checkpoint(args.resume)
     torch.manual_seed(args.seed)
     lr = args.lr if args.lr is not None else (1e-3 if args.optimizer == "adamw" else 0.05)
 
@@ -72,6 +73,9 @@ def main(args):
             "dataset": dataset_meta(args.dataset, args.data_root, train_set, args.num_points,
                                     args.seed),
             "args": vars(args), "quant": None}
+    if resume is not None:
+        check_resumed_data(args.resume, recorded.get("dataset", {}), meta["dataset"], resume,
+                           len(train_loader))
     log = RunLog(out, vars(args))
     if distributed.is_main():
         n_params = sum(p.numel() for p in unwrap(model).parameters())

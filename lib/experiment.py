@@ -95,6 +95,36 @@ def check_same_data(path, data, dataset, root):
                          f"data at {root} ({dataset.layout}) has {features}")
 
 
+# What a run records of its data that a resume must find again (dataset_meta's keys).
+RECORDED_DATA = (("class_names", "classes"), ("category_names", "categories"),
+                 ("part_ranges", "part ranges"), ("in_channels", "input channels"),
+                 ("features", "point features"), ("val_source", "validation split"))
+
+
+def check_resumed_data(path, recorded, now, resume, steps_per_epoch):
+    """A one-line ValueError when a run resumed from `path` would train on other data than it
+    recorded: `recorded` / `now` are dataset_meta's records, `resume` the last.pt's resume state
+    and `steps_per_epoch` the training loader's length now. --data-root is compared as a path
+    only, so a folder whose contents changed (samples added, another form of the dataset found
+    first under data/) changed the training set, the validation split or the schedule's steps
+    silently."""
+    differences = []
+    if "root" in recorded and os.path.realpath(now["root"]) != os.path.realpath(recorded["root"]):
+        differences.append(f"the folder {now['root']} (recorded {recorded['root']})")
+    for key, what in RECORDED_DATA:
+        if key in recorded and now.get(key) != recorded[key]:
+            differences.append(f"other {what}")
+    done = resume["scheduler"].get("last_epoch") if isinstance(resume.get("scheduler"),
+                                                               dict) else None
+    if isinstance(done, int) and resume["epoch"] and done != resume["epoch"] * steps_per_epoch:
+        differences.append(f"{steps_per_epoch} training steps an epoch (recorded "
+                           f"{done / resume['epoch']:g}: samples added or removed)")
+    if differences:
+        raise ValueError(f"{path}: the run's data changed since it started: "
+                         f"{'; '.join(differences)}; resume it on the data it trained on, or start "
+                         f"a new run")
+
+
 def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, device=None,
                         workers=0, amp=None, sink=None):
     """Load any checkpoint (fp32 or packed quantized) and score it on a split of the data it

@@ -399,6 +399,29 @@ def test_a_resumed_run_refuses_a_checkpoint_that_changed_under_it(reference, tmp
     assert f"{teacher}: changed since this run started" in message
 
 
+def test_a_run_resumed_on_changed_data_is_refused(data, tmp_path):
+    """--data-root is compared as a path: the same folder with shapes taken out of the training
+    list (fewer steps an epoch, the schedule's end moved) or with its val list gone (a tenth of
+    train validates instead, and best.pt's choice compares scores on two splits) was trained on
+    silently. Nothing in the run's folder changes."""
+    root = tmp_path / "parts"
+    shutil.copytree(data, root)
+    out = tmp_path / "run"
+    run("pretrain", *pretrain_args(root, out))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    lists = root / "train_test_split"
+    train = json.loads((lists / "shuffled_train_file_list.json").read_text())
+    (lists / "shuffled_train_file_list.json").write_text(json.dumps(train[:8]))
+    message = refused("pretrain", "--resume", out, "--epochs", 3)
+    assert "the run's data changed since it started: 2 training steps an epoch (recorded 3" \
+        in message, message
+    (lists / "shuffled_train_file_list.json").write_text(json.dumps(train))
+    (lists / "shuffled_val_file_list.json").unlink()
+    message = refused("pretrain", "--resume", out, "--epochs", 3)
+    assert "changed since it started: other validation split" in message, message
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
 def test_resume_of_another_kind_of_run_is_one_line(reference):
     runs, _ = reference
     assert "a finetune run" in refused("pretrain", "--resume", runs["finetune"] / "last.pt")
