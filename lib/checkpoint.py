@@ -155,7 +155,9 @@ def rng_state():
                       int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
             "python_gauss": random.getstate()[2],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            # the generator of the GPU the run uses (its current device), not every visible
+            # GPU's: those would not load where fewer are visible
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
@@ -164,7 +166,10 @@ def set_rng_state(state):
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # into the GPU this process uses: under torchrun each rank's own, whose generator ran
+        # in step with the main rank's (same seed, same draws). A state of every visible GPU
+        # (older checkpoints) starts with the main rank's, GPU 0's.
+        torch.cuda.set_rng_state(state["cuda"][0])
 
 
 def is_quantized(model):

@@ -83,3 +83,44 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
         atomic_write(path, fail)
     assert torch.load(path, weights_only=True) == {"v": 1}
     assert os.listdir(tmp_path) == ["f.pt"]
+
+
+class FakeGPUs:
+    """torch.cuda's generator functions on a machine with `n` GPUs, this process using
+    `current`; a GPU that is not there is torch's IndexError (default_generators[idx])."""
+
+    def __init__(self, n, current=0):
+        self.states = [torch.tensor([i], dtype=torch.uint8) for i in range(n)]
+        self.current = current
+
+    def index(self, device):
+        return self.current if device == "cuda" else device
+
+    def install(self, monkeypatch):
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "is_available", lambda: True)
+        monkeypatch.setattr(cuda, "get_rng_state",
+                            lambda device="cuda": self.states[self.index(device)].clone())
+        monkeypatch.setattr(cuda, "get_rng_state_all", lambda: [s.clone() for s in self.states])
+        monkeypatch.setattr(cuda, "set_rng_state", self.set)
+        monkeypatch.setattr(cuda, "set_rng_state_all",
+                            lambda states: [self.set(s, i) for i, s in enumerate(states)])
+
+    def set(self, state, device="cuda"):
+        self.states[self.index(device)] = state.clone()
+
+
+def test_a_resume_sets_the_generator_of_the_gpu_it_uses(monkeypatch):
+    """Every visible GPU's generator was saved and set back: a run saved where two GPUs were
+    visible stopped, resumed where one is (another machine, CUDA_VISIBLE_DEVICES), with torch's
+    IndexError; and under torchrun rank 1 kept its own GPU's generator as it was at the start
+    (rank 0 saved GPU 1's untouched state), so its Dropout draws left the unbroken run's."""
+    from lib.checkpoint import rng_state, set_rng_state
+    saved_on = FakeGPUs(2)
+    saved_on.install(monkeypatch)
+    saved_on.states[0] = torch.tensor([7], dtype=torch.uint8)  # the run drew on GPU 0
+    saved = rng_state()
+    for machine in (FakeGPUs(1), FakeGPUs(2, current=1)):  # one GPU; torchrun's rank 1
+        machine.install(monkeypatch)
+        set_rng_state(saved)
+        assert machine.states[machine.current].item() == 7
