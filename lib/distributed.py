@@ -17,6 +17,10 @@ def init_distributed(device):
     """Join the process group when started by torchrun. Returns (rank, world_size, device):
     on CUDA each rank takes the GPU of its local rank."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if device.type == "cuda" and device.index is not None:
+            # --device cuda:1: the current device too, whose generator is the one a last.pt
+            # saves and a resume sets (lib/checkpoint.rng_state), and where torch allocates
+            torch.cuda.set_device(device)
         return 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device.type == "cuda":

@@ -175,3 +175,19 @@ def test_a_validation_split_smaller_than_the_world_is_scored(tiny_parts, tmp_pat
     single_val = evaluated(os.path.join(pre, "best.pt"), tmp_path, "val")
     for key in SUMMARY:
         assert meta["metrics"][key] == single_val[key], key
+
+
+def test_one_process_on_a_numbered_gpu_makes_it_the_current_device(monkeypatch):
+    """--device cuda:1 without torchrun: the current device is the one a last.pt saves the
+    generator of (lib/checkpoint.rng_state); left at GPU 0, a resume set GPU 0's generator
+    while the run drew on GPU 1's. (A stand-in for torch.cuda: no GPU here.)"""
+    from lib import distributed
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init_distributed(torch.device("cuda", 1)) == (0, 1, torch.device("cuda", 1))
+    assert made_current == [torch.device("cuda", 1)]
+    distributed.init_distributed(torch.device("cuda"))
+    distributed.init_distributed(torch.device("cpu"))
+    assert made_current == [torch.device("cuda", 1)]
