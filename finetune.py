@@ -18,7 +18,7 @@ from lib import distributed, heap
 from lib.checkpoint import (atomic_write_json, file_sha256, load_checkpoint, same_input_as_recorded,
                             save_checkpoint, unwrap)
 from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, positive_float,
-                     resolve_device, run_script)
+                     resolve_amp, resolve_device, run_script)
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.distill import DistillLoss
 from lib.experiment import (check_resumed_data, check_same_data, evaluate_checkpoint,
@@ -111,6 +111,7 @@ def main(args):
         raise ValueError("give --policy policy.json or --bits N")
     device = resolve_device(args.device)
     _, world, device = distributed.init_distributed(device)
+    args.amp = resolve_amp(args.amp, device)
     cuda_graphs_wanted(args.cuda_graphs, device, world)  # a bad combination fails before --out
     heap.keep_freed_memory(device)  # each step's large temporaries reused, not re-faulted
     args.out = out = claim(
@@ -184,7 +185,7 @@ def main(args):
         distributed.barrier()  # best.pt is on disk before any rank reads it back
     else:
         fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, epochs, out,
-            meta, log, resume=resume, amp=args.amp, cuda_graphs=args.cuda_graphs)
+            meta, log, resume=resume, amp=args.amp, cuda_graphs=args.cuda_graphs, seed=args.seed)
     # Score the file as written, through the same path eval.py takes: every rank scores its
     # shard of the test split and all end with the merged figures.
     best_path = os.path.join(out, "best.pt")

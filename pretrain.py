@@ -11,7 +11,8 @@ import torch
 
 from lib import distributed, heap
 from lib.checkpoint import load_checkpoint, unwrap
-from lib.cli import add_flags, make_parser, nonneg_float, resolve_device, run_script
+from lib.cli import (add_flags, make_parser, nonneg_float, resolve_amp, resolve_device,
+                     run_script)
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.experiment import (MODEL_NAMES, check_resumed_data, dataset_meta, load_split,
                             make_loader, model_kwargs)
@@ -41,6 +42,7 @@ def main(args):
         raise ValueError(f"--epochs {args.epochs}: pretraining needs at least one epoch")
     device = resolve_device(args.device)
     _, world, device = distributed.init_distributed(device)
+    args.amp = resolve_amp(args.amp, device)
     cuda_graphs_wanted(args.cuda_graphs, device, world)  # a bad combination fails before --out
     heap.keep_freed_memory(device)  # each step's large temporaries reused, not re-faulted
     args.out = out = claim(args.out or os.path.join("checkpoints", f"{args.model}_{args.dataset}"),
@@ -83,7 +85,7 @@ def main(args):
               f"val samples; {world} process(es) on {device}; run folder {out}", flush=True)
     best, _ = fit(model, train_loader, val_loader, optimizer, scheduler, supervised_loss, device,
                   args.epochs, out, meta, log, resume=resume, amp=args.amp,
-                  cuda_graphs=args.cuda_graphs)
+                  cuda_graphs=args.cuda_graphs, seed=args.seed)
     if distributed.is_main():
         print(f"best val {best:.4f}; checkpoints in {out}/best.pt and {out}/last.pt")
     log.close()  # last: log.txt copies the console until here

@@ -20,7 +20,8 @@ from lib import distributed, heap
 from lib.checkpoint import (atomic_write_json, file_sha256, load_checkpoint, same_input_as_recorded,
                             torch_load, torch_save_atomic)
 from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, path_arg,
-                     positive_float, positive_fraction, positive_int, resolve_device, run_script)
+                     positive_float, positive_fraction, positive_int, resolve_amp, resolve_device,
+                     run_script)
 from lib.experiment import check_same_data, example_inputs, load_split
 from lib.haq.ddpg import DDPG
 from lib.haq.env import QuantEnv, check_search_space
@@ -131,6 +132,7 @@ def main(args):
     # Under torchrun every rank scores a share of each reward's subset; rank 0 runs the agent,
     # broadcasts each policy and writes every file.
     _, _, device = distributed.init_distributed(resolve_device(args.device))
+    args.amp = resolve_amp(args.amp, device)
     heap.keep_freed_memory(device)  # each step's large temporaries reused, not re-faulted
     main_rank = distributed.is_main()
     print_main = print if main_rank else (lambda *a, **k: None)

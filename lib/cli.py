@@ -136,6 +136,13 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def resolve_amp(amp, device):
+    """--amp as a run records it: None (bf16 on CUDA only) decided on the device the run starts
+    on. Left None, a run started on a GPU (bf16) and resumed on the CPU (--device may change at
+    resume) would go on in fp32, and a search's rewards would mix the two precisions."""
+    return device.type == "cuda" if amp is None else amp
+
+
 def given_dests(parser, argv):
     """The dests of the flags written on the command line (not left at their defaults)."""
     unset = object()

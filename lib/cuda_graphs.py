@@ -15,9 +15,8 @@ What a replay needs, and how it is arranged here:
   CUDA tensors). A step that breaks this fails its capture; that batch shape then trains
   eagerly, with a one-line warning.
 - lazy set-up (cuBLAS handles, Triton compilation) before capture: WARMUP_STEPS eager passes
-  on a side stream, whose BatchNorm statistics are put back afterwards and whose gradients are
-  dropped, so the run's state is as if they had not happened (but for the CUDA random stream,
-  which a model with dropout draws from in them).
+  on a side stream, whose BatchNorm statistics and CUDA random state are put back afterwards
+  and whose gradients are dropped, so the run's state is as if they had not happened.
 - autocast without its weight-cast cache, which would hand one capture's tensors to another.
 The optimizer and the scheduler stay outside the graph: they read the gradients the replay
 left in `.grad` and step as usual (checkpoints, resume and learning-rate schedules unchanged).
@@ -101,6 +100,7 @@ class _Capture:
             return loss, logits
 
         saved = [buffer.clone() for buffer in model.buffers()]
+        generator = torch.cuda.get_rng_state()  # the warm-up's Dropout masks are drawn again
 
         def restore_buffers():  # the BatchNorm statistics as they were before the warm-up
             with torch.no_grad():
@@ -118,6 +118,7 @@ class _Capture:
                     step()
             stream.wait_stream(side)
             restore_buffers()
+            torch.cuda.set_rng_state(generator)
             for param in params:
                 param.grad = None  # backward in the capture allocates them from the graph's pool
             self.graph = torch.cuda.CUDAGraph()

@@ -7,6 +7,7 @@ import os
 import time
 from functools import partial
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -204,8 +205,17 @@ def _merge_all(parts):
     return first
 
 
+def seed_model_draws(seed, epoch):
+    """Seed torch's generators (CPU and CUDA), which the model's own draws (Dropout) use, by
+    (seed, epoch, process) at the start of each epoch. Seeded once by --seed alone, every
+    process of a torchrun run drew the same masks, where one process gives each sample of its
+    batch its own; and a resumed run draws as the unbroken one from its first epoch on."""
+    state = np.random.SeedSequence((seed, epoch, distributed.rank())).generate_state(2)
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, epochs, out_dir,
-        meta, log, *, resume=None, amp=None, cuda_graphs=None):
+        meta, log, *, resume=None, amp=None, cuda_graphs=None, seed=0):
     """Train to `epochs`, evaluating on the validation split after each epoch. Writes `last.pt`
     every epoch and then `best.pt` when the validation metric improved (main rank). `meta` is
     the checkpoint metadata (model, dataset, args); metrics and epoch are added here.
@@ -213,7 +223,7 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
     were, log lines of unfinished epochs dropped, and best.pt rewritten if a crash came between
     the last.pt and best.pt writes of its epoch. A non-finite loss or weight stops the run
     (FloatingPointError) before it reaches a checkpoint. cuda_graphs: lib.cuda_graphs.wanted's
-    flag (None: on for one CUDA process).
+    flag (None: on for one CUDA process). seed: the run's --seed (seed_model_draws).
     Returns (best validation score, last validation metrics)."""
     task = train_loader.dataset.task
     key = metric_key(task)
@@ -236,6 +246,7 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         set_epoch(train_loader.dataset, epoch)  # augmentation drawn by (seed, epoch, sample)
+        seed_model_draws(seed, epoch)
         train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, task,
                                       device, epoch, amp, log, step_offset=epoch * len(train_loader),
                                       graphed=graphed)

@@ -617,6 +617,21 @@ def test_eval_scores_in_the_precision_the_run_recorded(reference, tmp_path, monk
     assert seen == [used]
 
 
+def test_each_run_records_the_precision_it_decided_on(reference):
+    """--amp left out is bf16 on CUDA only: decided on the device the run starts on and recorded
+    so. Recorded as None, a run started on a GPU and resumed on the CPU (--device may change at
+    resume) went on in fp32, and a search's rewards mixed the two precisions."""
+    from lib.checkpoint import torch_load
+    from lib.cli import resolve_amp
+    runs, _ = reference
+    for name in ("pretrain", "finetune"):
+        assert load_checkpoint(str(runs[name] / "last.pt"))[0]["args"]["amp"] is False
+    assert torch_load(str(runs["search"] / "search_state.pt"))["args"]["amp"] is False
+    assert resolve_amp(None, torch.device("cuda")) is True
+    assert resolve_amp(False, torch.device("cuda")) is False
+    assert resolve_amp(True, torch.device("cpu")) is True
+
+
 def test_a_relative_data_root_is_recorded_absolute(reference, data):
     runs, _ = reference
     meta = load_checkpoint(str(runs["pretrain"] / "best.pt"))[0]

@@ -137,3 +137,33 @@ def test_a_resumed_schedule_sets_the_learning_rate_of_its_next_step():
                                          5).lr_lambdas[0](10)
         assert opt.param_groups[0]["lr"] == expected
         assert fresh[0] == 0.1 and (expected == 0.0) == (epochs == 2)
+
+
+def test_each_process_draws_its_own_dropout_masks(tmp_path, monkeypatch):
+    """fit seeds torch's generators by (--seed, epoch, process) at each epoch. Seeded by --seed
+    alone, every process of a torchrun run drew the same Dropout masks, where one process draws
+    each sample its own (here the process number alone differs: one process, no group)."""
+    from lib import distributed
+
+    class DropoutMLP(PointMLP):
+        def forward(self, xyz, feat):
+            hidden = torch.relu(self.inner(torch.cat([xyz, feat], -1)))
+            return self.outer(torch.nn.functional.dropout(hidden, 0.5, self.training))
+
+    def trained(rank, out):
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        torch.manual_seed(0)
+        model = DropoutMLP()
+        # plain loaders: the same batches whatever the process number (a rank's shard differs)
+        train = torch.utils.data.DataLoader(ToyPoints(16), 8, drop_last=True)
+        val = torch.utils.data.DataLoader(ToyPoints(4, seed=1), 4)
+        opt = build_optimizer(model.parameters(), "sgd", 0.1, 0.0)
+        fit(model, train, val, opt,
+            build_scheduler(opt, "cosine", 2, len(train)), supervised_loss,
+            torch.device("cpu"), 2, str(tmp_path / out), {"model": {}},
+            RunLog(str(tmp_path / out), {}), seed=3)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    first = trained(0, "a")
+    assert torch.equal(first, trained(0, "b"))
+    assert not torch.equal(first, trained(1, "c"))
