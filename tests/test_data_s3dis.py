@@ -261,3 +261,26 @@ def test_a_read_only_release_is_converted_under_data_cache(tmp_path, monkeypatch
     assert s3dis.default_processed_dir(str(other)) not in (cached, str(beside))
     beside.mkdir()  # converted there already (by whoever could write): read from there
     assert s3dis.default_processed_dir(str(raw)) == str(beside)
+
+
+def test_two_releases_in_one_folder_never_share_converted_rooms(tmp_path):
+    """Stanford's unaligned Stanford3dDataset_v1.2 unpacks beside the aligned release. unzip
+    keeps the archive's old file times, so a conversion shared by both (one s3dis_npy/) was
+    up to date for the second, which then read the first's rooms (here: other coordinates)."""
+    write_rooms(str(tmp_path), seed=0, areas=(5,), rooms_per_area=1, points_per_m2=DENSITY)
+    aligned = raw_dir(str(tmp_path))
+    unaligned = str(tmp_path / "Stanford3dDataset_v1.2")
+    for room in sorted(os.listdir(os.path.join(aligned, "Area_5"))):
+        folder = os.path.join(aligned, "Area_5", room, "Annotations")
+        for name in os.listdir(folder):
+            rows = np.loadtxt(os.path.join(folder, name), ndmin=2)
+            rows[:, 0] += 100  # the same room, turned or moved: other coordinates
+            out = os.path.join(unaligned, "Area_5", room, "Annotations", name)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            np.savetxt(out, rows, fmt="%.3f %.3f %.3f %d %d %d")
+    for folder, dirs, files in os.walk(tmp_path):  # unpacked: the archive's times (2017)
+        for name in dirs + files:
+            os.utime(os.path.join(folder, name), (1.5e9, 1.5e9))
+    first = S3DISDataset(str(tmp_path), "test", release=False)
+    second = S3DISDataset(unaligned, "test", release=False)
+    assert second.rooms[0].lo[0] == pytest.approx(first.rooms[0].lo[0] + 100, abs=1e-3)

@@ -4,9 +4,10 @@ arrays, training crops, and test crops that cover every original point, with vot
 Raw layout (as released): <root>/Stanford3dDataset_v1.2_Aligned_Version/Area_N/<room>/
 Annotations/<class>_<k>.txt, one object instance per file, lines `x y z r g b`.
 Processed (written once, redone when a room's annotation files are newer):
-<parent of the raw folder>/s3dis_npy/Area_N/<room>.npz with xyz (N, 3) float32 (coordinates as
-released), rgb (N, 3) uint8, label (N,) uint8; points in the order of the annotation files
-sorted by name. "Original points" below means these N points.
+<parent of the raw folder>/s3dis_npy/Area_N/<room>.npz (s3dis_npy-<raw folder name>/ for a raw
+folder named otherwise) with xyz (N, 3) float32 (coordinates as released), rgb (N, 3) uint8,
+label (N,) uint8; points in the order of the annotation files sorted by name. "Original points"
+below means these N points.
 
 Forms already prepared by other repositories (per-room N x 7 .npy, Pointcept's per-room folders)
 are read as they are by lib/data/s3dis_forms.py, which also tells the forms apart.
@@ -160,11 +161,15 @@ def find_raw_dir(root):
 
 
 def default_processed_dir(raw_dir):
-    """s3dis_npy/ beside the raw release; under data/cache/ where that folder is read-only (a
-    lab's shared dataset mount) and holds no converted rooms yet, named after the release's
-    path so that two releases never share one."""
-    parent = os.path.dirname(os.path.abspath(raw_dir))
-    beside = os.path.join(parent, PROCESSED_DIRNAME)
+    """s3dis_npy/ beside the raw release, or s3dis_npy-<its folder name>/ beside a release folder
+    named otherwise (Stanford's unaligned Stanford3dDataset_v1.2 unpacks beside the aligned one;
+    sharing one folder, the second read the first's rooms, whose files are newer than the
+    archive's); under data/cache/ where that folder is read-only (a lab's shared dataset mount)
+    and holds no converted rooms yet, named after the release's path so that two releases never
+    share one."""
+    parent, name = os.path.split(os.path.abspath(raw_dir))
+    beside = os.path.join(parent, PROCESSED_DIRNAME if name == RAW_DIRNAME
+                          else f"{PROCESSED_DIRNAME}-{name}")
     if os.path.isdir(beside) or os.access(parent, os.W_OK):
         return beside
     tag = hashlib.sha1(os.path.abspath(raw_dir).encode()).hexdigest()[:8]
