@@ -17,14 +17,17 @@ def model_task(model_name):
 
 
 def load_split(dataset_name, root, split, num_points=None, augment=False, seed=0,
-               val_split="auto", samples_per_epoch=None):
+               val_split="auto", samples_per_epoch=None, whole_rooms=False):
     """One split, with the validation protocol `val_split` (the scripts' --val-split):
     "auto": the dataset's val split, or, when none of its files is present (a partial
     download), a fixed slice of train (lib/data/val_slice.py), which "train" then leaves out;
     "train-slice": that slice whatever is present; "trainval": "train" reads train + val (the
     protocol some papers train with), "val" stays the val split. Never the test split.
-    samples_per_epoch: the length of an S3DIS training epoch (train only)."""
+    samples_per_epoch: the length of an S3DIS training epoch (train only). whole_rooms: S3DIS's
+    training split read for scoring, every point voted (lib.data.build_dataset)."""
     extra = {"samples_per_epoch": samples_per_epoch} if samples_per_epoch is not None else {}
+    if whole_rooms:
+        extra["whole_rooms"] = True
     return split_with_val_protocol(dataset_name, root or default_root(dataset_name), split,
                                    val_split, num_points=num_points, augment=augment, seed=seed,
                                    **extra)
@@ -151,8 +154,10 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
     seed, protocol = 0, "auto"
     if split == "val":
         seed, protocol = data.get("seed", 0), meta.get("args", {}).get("val_split") or "auto"
+    # whole_rooms: S3DIS's training split scored over every point of its rooms, as val and
+    # test are (its training form is random crops, some padded with repeats, a sample of it)
     dataset = load_split(data["name"], data_root or data["root"], split, data["num_points"],
-                         seed=seed, val_split=protocol)
+                         seed=seed, val_split=protocol, whole_rooms=True)
     check_same_data(path, data, dataset, data_root or data["root"])
     device = device or torch.device("cpu")
     model.to(device)

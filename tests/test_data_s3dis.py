@@ -284,3 +284,23 @@ def test_two_releases_in_one_folder_never_share_converted_rooms(tmp_path):
     first = S3DISDataset(str(tmp_path), "test", release=False)
     second = S3DISDataset(unaligned, "test", release=False)
     assert second.rooms[0].lo[0] == pytest.approx(first.rooms[0].lo[0] + 100, abs=1e-3)
+
+
+def test_eval_of_the_training_split_scores_every_point_of_its_rooms_once(rooms_root, tmp_path):
+    """eval.py --split train: S3DIS's training split is random crops (a sample of its points,
+    small rooms padded with repeats); scored, it is read as val and test are, whole rooms
+    voted, so the confusion counts each training point once."""
+    from lib.checkpoint import save_checkpoint
+    from lib.experiment import dataset_meta, evaluate_checkpoint, load_split, model_kwargs
+    from models import build_model
+    train = load_split("synthetic_rooms", rooms_root, "train", 512)
+    torch.manual_seed(0)
+    model = build_model("pt_semseg_tiny", **model_kwargs("pt_semseg_tiny", train)).eval()
+    meta = {"model": {"name": "pt_semseg_tiny", "kwargs": model_kwargs("pt_semseg_tiny", train)},
+            "dataset": dataset_meta("synthetic_rooms", rooms_root, train, 512), "args": {},
+            "quant": None}
+    ckpt = str(tmp_path / "best.pt")
+    save_checkpoint(ckpt, model, meta)
+    _, results = evaluate_checkpoint(ckpt, split="train", batch_size=8)
+    points = sum(len(room.label) for room in train.rooms)
+    assert np.sum(results["confusion"]) == points

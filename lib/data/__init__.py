@@ -76,13 +76,15 @@ def default_root(name):
 
 
 def build_dataset(name, root=None, split="train", num_points=None, augment=False, seed=0,
-                  samples_per_epoch=None):
+                  samples_per_epoch=None, whole_rooms=False):
     """One split of a dataset as a torch Dataset of sample dicts (see the readers).
 
     num_points=None takes the dataset's usual size. Synthetic data missing at `root` is generated
     there first; a real dataset missing is a FileNotFoundError saying where to get it.
     samples_per_epoch: the length of an S3DIS training epoch, whose crops are drawn at random
-    (None: the reader's default).
+    (None: the reader's default). whole_rooms: an S3DIS training split read for scoring, as
+    val and test are (crops covering every point of every room, voted), not as random crops;
+    the other datasets' splits are read whole anyway.
     """
     if split not in READABLE_SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(READABLE_SPLITS)}")
@@ -110,7 +112,7 @@ def build_dataset(name, root=None, split="train", num_points=None, augment=False
         return ModelNet40Dataset(root, variant=10 if name == "modelnet10" else 40, **kwargs)
     if name in ("s3dis", "synthetic_rooms"):
         from lib.data.s3dis import S3DISDataset
-        return S3DISDataset(root, release=name == "s3dis", **kwargs)
+        return S3DISDataset(root, release=name == "s3dis", whole_rooms=whole_rooms, **kwargs)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 

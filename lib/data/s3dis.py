@@ -284,7 +284,8 @@ class S3DISDataset(torch.utils.data.Dataset):
     epoch. `seed` fixes the val/test crops; training randomness is drawn from torch's RNG, so
     it follows torch.manual_seed and differs between epochs and DataLoader workers. `release`:
     the folder claims to be the S3DIS release, so an area with fewer rooms is reported (False
-    for the generated rooms)."""
+    for the generated rooms). `whole_rooms`: a training split too is read as val and test are,
+    crops covering every point, voted (eval.py --split train); otherwise it draws random crops."""
 
     task = "semseg"
     class_names = list(CLASS_NAMES)
@@ -293,12 +294,13 @@ class S3DISDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, split="train", num_points=None, augment=False, seed=0,
                  samples_per_epoch=None, processed_dir=None, skip_malformed=False,
-                 release=True):
+                 release=True, whole_rooms=False):
         if split not in ("train", "val", "test", "trainval"):
             raise ValueError(f"unknown S3DIS split {split!r}; use train, val, test or trainval")
         self.split, self.augment, self.seed = split, augment, seed
         self.epoch = 0  # set by lib.data.transforms.set_epoch: the epoch augmentation draws for
-        self.training = split in ("train", "trainval")  # random crops; val/test cover every point
+        # random crops; val/test (and a training split scored whole) cover every point
+        self.training = split in ("train", "trainval") and not whole_rooms
         self.num_points = num_points or DEFAULT_NUM_POINTS
         from lib.data.s3dis_forms import open_rooms  # it builds on this module's raw reader
         source = open_rooms(root, processed_dir, skip_malformed)
