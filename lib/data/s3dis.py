@@ -281,10 +281,10 @@ def report_missing_rooms(root, names, areas):
 class S3DISDataset(torch.utils.data.Dataset):
     """See the module docstring. `samples_per_epoch` (train only) defaults to the number of
     4 cm cells in the training rooms divided by num_points: about one look at each cell per
-    epoch. `seed` fixes the val/test crops; training randomness is drawn from torch's RNG, so
-    it follows torch.manual_seed and differs between epochs and DataLoader workers. `release`:
-    the folder claims to be the S3DIS release, so an area with fewer rooms is reported (False
-    for the generated rooms). `whole_rooms`: a training split too is read as val and test are,
+    epoch. `seed` fixes the val/test crops; a training crop is drawn by (seed, epoch, sample
+    index) (lib/data/transforms.sample_rng), whatever process or DataLoader worker reads it.
+    `release`: the folder claims to be the S3DIS release, so an area with fewer rooms is
+    reported (False for the generated rooms). `whole_rooms`: a training split too is read as val and test are,
     crops covering every point, voted (eval.py --split train); otherwise it draws random crops."""
 
     task = "semseg"
