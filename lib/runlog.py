@@ -35,6 +35,17 @@ class RunLog:
         self.console = open(os.path.join(out_dir, "log.txt"), "a")
         self.tees = [_Tee(sys, name, self.console) for name in ("stdout", "stderr")]
 
+    def resume_at(self, step):
+        """A resumed run goes on from global training step `step` (the steps its last checkpoint
+        holds): tensorboard hides what the interrupted run logged past it (the train_step
+        points of a partial epoch, shown twice otherwise), by a purge marker at step + 1 that
+        the resumed run's events follow (SummaryWriter's purge_step)."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer.close()  # nothing written through it yet: a resume calls this first
+        self.writer = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=step + 1)
+
     def scalars(self, prefix, values, step):
         """Every numeric entry of `values` as `prefix/name` in tensorboard; a dict entry (the
         per-category / per-class metrics) as its own group `prefix_name/key`."""

@@ -112,7 +112,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
             if log is not None:
                 log.scalars("train_step", {"loss": loss.item(),
                                            "lr": optimizer.param_groups[0]["lr"]},
-                            step_offset + step)
+                            step_offset + step + 1)  # the optimizer steps taken
     elapsed = time.perf_counter() - start
     # The epoch's figures over every rank's batches (each rank ran the same number of steps),
     # as one process would report them.
@@ -232,6 +232,7 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
         start_epoch, best = restore_resume_state(resume, optimizer, scheduler)
         best_epoch = resume.get("best_epoch")
         log.keep_records(start_epoch)
+        log.resume_at(start_epoch * len(train_loader))
         problem = (_repair_best(os.path.join(out_dir, "best.pt"), model, meta, resume)
                    if distributed.is_main() else None)
         problem = distributed.gather_objects(problem)[0]  # every rank stops, or none

@@ -167,3 +167,22 @@ def test_each_process_draws_its_own_dropout_masks(tmp_path, monkeypatch):
     first = trained(0, "a")
     assert torch.equal(first, trained(0, "b"))
     assert not torch.equal(first, trained(1, "c"))
+
+
+def test_a_resumed_run_shows_each_training_step_once_in_tensorboard(tmp_path):
+    """The interrupted run logged train_step points of its partial epoch; the resumed run logs
+    those steps again, and tensorboard drew both (a line folding back) until the resume hid
+    the first ones (a purge marker)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def steps(folder):
+        events = EventAccumulator(str(folder / "tb"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars("train_step/loss")]
+
+    train_toy(str(tmp_path / "a"))
+    with pytest.raises(Interrupt):
+        train_toy(str(tmp_path / "b"), interrupt_at_step=11)  # 4 steps an epoch: logs step 9
+    train_toy(str(tmp_path / "b"), resume=str(tmp_path / "b" / "last.pt"))
+    assert steps(tmp_path / "b") == steps(tmp_path / "a")
+    assert [step for step, _ in steps(tmp_path / "a")] == [1, 4, 5, 8, 9, 12, 13, 16]
