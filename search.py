@@ -11,6 +11,7 @@ The search folder (--out) defaults to the search/ subfolder of the checkpoint's 
 --batch-size is the reward evaluation's; keep it at 16 on a CPU: at 32 the default PT's
 neighbour tensors pass glibc's 32 MiB mmap threshold and fault in every episode.
 """
+import hashlib
 import os
 
 import torch
@@ -95,6 +96,20 @@ def build_evaluator(args, device):
     return meta, layers, evaluator
 
 
+def reward_data_sha256(evaluator):
+    """SHA-256 of the samples every reward is measured on: the scored batches of every process
+    and the fine-tune's batches. A search resumed on a data folder whose contents changed
+    (--data-root is compared as a path) would mix rewards measured on two sets of samples."""
+    digest = hashlib.sha256()
+    for batch in list(evaluator.eval_batches) + list(evaluator.train_batches):
+        for key in sorted(batch):
+            if torch.is_tensor(batch[key]):
+                digest.update(key.encode())
+                digest.update(batch[key].detach().cpu().contiguous().numpy().tobytes())
+    shares = distributed.gather_objects(digest.hexdigest())  # every rank's, in rank order
+    return hashlib.sha256("".join(shares).encode()).hexdigest()
+
+
 def fixed_bits_of(args, layers):
     keep = parse_keep(args.keep_first_last)
     if keep == "off":
@@ -150,6 +165,12 @@ def main(args):
     ckpt_sha256 = state.get("ckpt_sha256") if state else file_sha256(args.ckpt)
 
     meta, layers, evaluator = build_evaluator(args, device)
+    data_sha256 = reward_data_sha256(evaluator)
+    if state and state.get("data_sha256", data_sha256) != data_sha256:
+        raise ValueError(f"{args.resume}: the samples its rewards are measured on changed since "
+                         f"the search started (the data at "
+                         f"{args.data_root or meta['dataset']['root']}); resume it on the data it "
+                         f"searched on, or start a new search")
     fixed = fixed_bits_of(args, layers)
     metric_fp32 = evaluator.score(evaluator.fp32_model)[evaluator.key]
     env = QuantEnv(layers, evaluator, metric_fp32, args.preserve_ratio, args.min_bit,
@@ -172,8 +193,8 @@ def main(args):
         # The log line first: a crash before the state lands leaves one line too many, which
         # the resume drops (keep_records); the other order would lose a line.
         log.record(record)
-        torch_save_atomic(dict(search_state, args=vars(args), ckpt_sha256=ckpt_sha256),
-                          state_path)
+        torch_save_atomic(dict(search_state, args=vars(args), ckpt_sha256=ckpt_sha256,
+                               data_sha256=data_sha256), state_path)
         log.scalars("search", {k: record[k] for k in ("reward", "metric", "budget_ratio")},
                     record["episode"])
         log.scalars("search_best", {k: search_state["best"][k] for k in ("reward", "metric")},

@@ -15,6 +15,7 @@ import sys
 from contextlib import contextmanager
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -419,6 +420,26 @@ def test_a_run_resumed_on_changed_data_is_refused(data, tmp_path):
     (lists / "shuffled_val_file_list.json").unlink()
     message = refused("pretrain", "--resume", out, "--epochs", 3)
     assert "changed since it started: other validation split" in message, message
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+def test_a_search_resumed_on_changed_samples_is_refused(reference, data, tmp_path):
+    """The rewards of a resumed search are measured on the samples of the episodes before it:
+    the data folder's shapes changed in place (another point set, same names) were searched on
+    silently, the replayed rewards mixed with the new ones. Nothing in the folder changes."""
+    runs, _ = reference
+    root = tmp_path / "parts"
+    shutil.copytree(data, root)
+    out = tmp_path / "search"
+    run("search", *search_args(runs["pretrain"] / "best.pt", out), "--data-root", root)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for shape in root.glob("*/*.txt"):  # every shape moved by 1 cm along x
+        points = np.loadtxt(shape, ndmin=2)
+        points[:, 0] += 0.01
+        np.savetxt(shape, points, fmt="%.6f")
+    message = refused("search", "--resume", out, "--episodes", 3)
+    assert "the samples its rewards are measured on changed since the search started" \
+        in message, message
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
 
