@@ -123,6 +123,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
             "steps_per_s": steps / max(elapsed, 1e-9), "lr": optimizer.param_groups[0]["lr"]}
 
 
+# what a diverged run may do: --resume keeps the recorded rate (and a deterministic run would
+# diverge again at the same step)
+LOWER_LR = "lower --lr, in a new run: --resume keeps the run's"
+
+
 def _stop_if_not_finite(first_bad, epoch, steps):
     """first_bad: each rank's first step with a non-finite loss (-1: none), gathered where the
     loop reads its sums anyway (no extra wait for the GPU); the ranks agree, so they stop
@@ -132,7 +137,7 @@ def _stop_if_not_finite(first_bad, epoch, steps):
         bad = min(bad)
         raise FloatingPointError(f"epoch {epoch + 1}, step {bad + 1} of {steps}: the training "
                                  f"loss is not finite; stopped before writing a checkpoint "
-                                 f"(lower --lr?)")
+                                 f"({LOWER_LR})")
 
 
 @torch.no_grad()
@@ -301,7 +306,7 @@ def check_finite_weights(model, epoch):
     name = non_finite_entry(model)
     if name is not None:
         raise FloatingPointError(f"epoch {epoch + 1}: {name} holds NaN or infinite values after "
-                                 f"training; stopped before writing a checkpoint (lower --lr?)")
+                                 f"training; stopped before writing a checkpoint ({LOWER_LR})")
 
 
 def restore_resume_state(resume, optimizer, scheduler):
