@@ -23,7 +23,7 @@ from lib.checkpoint import (atomic_write_json, file_sha256, load_checkpoint, sam
 from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, path_arg,
                      positive_float, positive_fraction, positive_int, resolve_amp, resolve_device,
                      run_script)
-from lib.experiment import check_same_data, example_inputs, load_split
+from lib.experiment import check_same_data, check_training_batch, example_inputs, load_split
 from lib.haq.ddpg import DDPG
 from lib.haq.env import QuantEnv, check_search_space
 from lib.haq.plot import plot_policy, policy_figure
@@ -87,6 +87,7 @@ def build_evaluator(args, device):
         args.finetune_steps = haq_finetune_steps(min(args.val_size, len(held_out)), args.batch_size)
     train_batches = ()
     if args.finetune_steps:
+        check_training_batch(held_out.task, args.batch_size)  # each process fine-tunes alone
         train = load_split(data["name"], root, "train", data["num_points"], seed=args.seed)
         train_batches = finetune_batches(train, args.finetune_steps, args.batch_size, device,
                                          args.seed, args.workers)

@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from lib import distributed
 from lib.data import default_root
 from lib.data.val_slice import split_with_val_protocol
 from lib.distributed import ShardedSampler
@@ -33,9 +34,19 @@ def load_split(dataset_name, root, split, num_points=None, augment=False, seed=0
                                    **extra)
 
 
+def check_training_batch(task, batch_size, processes=1):
+    """A classifier's head normalises over the batch (BatchNorm1d on (B, C), synchronised
+    across processes): one sample a step is torch's error in the first step, naming no flag."""
+    if task == "cls" and batch_size * processes < 2:
+        raise ValueError(f"--batch-size {batch_size}: a classifier trains on at least 2 samples "
+                         f"a step (its head's BatchNorm normalises over the batch)")
+
+
 def make_loader(dataset, batch_size, train, seed=0, workers=0):
     """Training loaders shuffle per epoch (seeded) and drop the ragged last batch (BatchNorm
     needs more than one sample); evaluation loaders keep every sample exactly once."""
+    if train:
+        check_training_batch(getattr(dataset, "task", None), batch_size, distributed.world_size())
     sampler = ShardedSampler(len(dataset), shuffle=train, seed=seed)
     if train and len(sampler) < batch_size:
         raise ValueError(f"--batch-size {batch_size} is larger than the {len(sampler)} training "

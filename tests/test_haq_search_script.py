@@ -203,3 +203,22 @@ def test_data_of_other_features_is_refused_before_the_search_or_the_fine_tune(tm
              "--batch-size", "2", "--out", str(tmp_path / "ft")]))
     assert not (tmp_path / "search" / "policy.json").exists()
     assert not (tmp_path / "ft" / "best.pt").exists()
+
+
+def test_a_classifier_is_trained_on_two_samples_a_step_at_least(tmp_path):
+    """--batch-size 1 for a classifier was torch's BatchNorm error ('Expected more than 1 value
+    per channel') in its first step: for search.py at its first reward fine-tune, after the
+    run folder was written; it is now refused, naming the flag, before any of it."""
+    import pretrain as pretrain_script
+    root = tmp_path / "cls"
+    write_cls(str(root), seed=0, train_shapes=3, eval_shapes=1)
+    data = str(root / "modelnet40_normal_resampled")
+    ckpt = fp32_checkpoint(str(tmp_path / "fp32.pt"), "pt_cls_tiny", "synthetic_cls", data, 128)
+    with pytest.raises(ValueError, match="--batch-size 1: a classifier trains on at least 2"):
+        search(ckpt, tmp_path / "search", "--val-size", "4", "--batch-size", "1")
+    assert not (tmp_path / "search" / "args.json").exists()
+    with pytest.raises(ValueError, match="--batch-size 1: a classifier trains on at least 2"):
+        pretrain_script.main(pretrain_script.get_args_parser().parse_args(
+            ["--model", "pt_cls_tiny", "--dataset", "synthetic_cls", "--data-root", data,
+             "--num-points", "128", "--batch-size", "1", "--epochs", "1",
+             "--out", str(tmp_path / "pretrain")]))
