@@ -64,14 +64,21 @@ def _claim(out, resume, overwrite, inputs):
                              f"({flag}); write the run into another folder (by default a "
                              f"subfolder of that one)")
     found = [name for name in RUN_MARKERS if os.path.exists(os.path.join(out, name))]
-    if found and not (resume or overwrite):
+    saved = [name for name in found if name != "args.json"]
+    if saved and not (resume or overwrite):
         # only a last.pt or a search_state.pt can be continued (a fine-tune with --epochs 0
         # saves neither)
-        resumable = any(name in found for name in ("last.pt", "search_state.pt"))
+        resumable = any(name in saved for name in ("last.pt", "search_state.pt"))
         raise ValueError(f"--out {out}: already holds a run ({', '.join(found)}); "
                          f"{'continue it with --resume, ' if resumable else ''}choose another "
                          f"--out, or replace it with --overwrite")
     lock(out)
+    if found and not saved and not (resume or overwrite):
+        # a run stopped or killed before its first checkpoint (the lock says none is running):
+        # nothing of it to lose, so it starts again, as the run scripts do (lib/stage_status)
+        print(f"--out {out}: its run saved nothing (args.json, no checkpoint); starting again",
+              flush=True)
+        overwrite = True
     # a write killed between its temporary file and the rename left the temporary behind
     # (lib/checkpoint.atomic_write); with the lock held, no live writer owns one
     for name in os.listdir(out):

@@ -130,6 +130,20 @@ def log_lines(path):
 
 # --- a run folder holds one run ----------------------------------------------------------------
 
+def test_a_folder_whose_run_saved_nothing_is_started_again(data, tmp_path, capsys):
+    """A run stopped before its first checkpoint (an error in its first epoch, a kill) leaves
+    args.json and its logs: the same command was refused ('already holds a run ... replace it
+    with --overwrite'), though nothing of it could be lost; the run scripts started it again."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_text("{}")
+    (out / "log.txt").write_text("error: the first try's\n")
+    run("pretrain", *pretrain_args(data, out, "--epochs", 1))
+    assert "its run saved nothing (args.json, no checkpoint); starting again" in \
+        capsys.readouterr().out
+    assert (out / "best.pt").is_file() and "first try" not in (out / "log.txt").read_text()
+
+
 def test_a_new_run_refuses_a_folder_that_holds_one(reference, data):
     runs, _ = reference
     before = {p: p.read_bytes() for p in runs["pretrain"].iterdir() if p.is_file()}
