@@ -185,7 +185,8 @@ def test_a_fine_tune_records_the_kept_layers_of_its_policy(rooms_ckpt, tmp_path)
     assert meta["quant"]["bits"][next(iter(meta["quant"]["bits"]))] == 8
 
 
-def test_data_of_other_features_is_refused_before_the_search_or_the_fine_tune(tmp_path):
+def test_data_of_other_features_is_refused_before_the_search_or_the_fine_tune(tmp_path,
+                                                                            monkeypatch):
     """A ModelNet checkpoint trained on normals, given the h5 form of the same data (xyz as
     features) by --data-root: eval.py refused it, but search.py rewarded every policy on those
     inputs and finetune.py trained all its epochs before its test score refused them."""
@@ -203,6 +204,14 @@ def test_data_of_other_features_is_refused_before_the_search_or_the_fine_tune(tm
              "--batch-size", "2", "--out", str(tmp_path / "ft")]))
     assert not (tmp_path / "search" / "policy.json").exists()
     assert not (tmp_path / "ft" / "best.pt").exists()
+    from lib.haq import compare
+
+    def rewarded(*args, **kwargs):
+        raise AssertionError("lib.haq.compare scored policies before it checked the data")
+    monkeypatch.setattr(compare, "PolicyEvaluator", rewarded)
+    with pytest.raises(ValueError, match="trained with normals as point features"):
+        compare.main(compare.get_args_parser().parse_args(
+            ["--ckpt", ckpt, "--data-root", h5, "--out", str(tmp_path / "compare")]))
 
 
 def test_a_classifier_is_trained_on_two_samples_a_step_at_least(tmp_path):

@@ -23,7 +23,8 @@ import torch
 from lib import heap
 from lib.checkpoint import load_checkpoint
 from lib.cli import resolve_device, run_script
-from lib.experiment import evaluate_checkpoint, example_inputs, load_split, make_loader
+from lib.experiment import (check_same_data, evaluate_checkpoint, example_inputs, load_split,
+                            make_loader)
 from lib.haq import strategies
 from lib.haq.env import QuantEnv
 from lib.haq.policy_eval import PolicyEvaluator, cached_batches
@@ -228,6 +229,7 @@ def main(args):
         raise SystemExit(f"{args.ckpt}: already quantized; compare from the fp32 checkpoint")
     data = meta["dataset"]
     held_out = load_split(data["name"], args.data_root or data["root"], "val", data["num_points"])
+    check_same_data(args.ckpt, data, held_out, args.data_root or data["root"])  # as search.py
     order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(args.val_seed))
     fp32.to(device)
     evaluator = PolicyEvaluator(fp32, held_out, cached_batches(
