@@ -98,17 +98,24 @@ def build_evaluator(args, device):
 
 
 def reward_data_sha256(evaluator):
-    """SHA-256 of the samples every reward is measured on: the scored batches of every process
-    and the fine-tune's batches. A search resumed on a data folder whose contents changed
-    (--data-root is compared as a path) would mix rewards measured on two sets of samples."""
+    """SHA-256 of the samples every reward is measured on, the same under any number of
+    processes: the scored batches in their order (rank r holds batches r, r + world, ...) and
+    the fine-tune's (the same on every rank). A search resumed on a data folder whose contents
+    changed (--data-root is compared as a path) would mix rewards of two sets of samples."""
+    shares = distributed.gather_objects([_batch_sha256(b) for b in evaluator.eval_batches])
+    world = len(shares)
+    scored = [shares[g % world][g // world] for g in range(sum(map(len, shares)))]
+    fine_tune = [_batch_sha256(batch) for batch in evaluator.train_batches]
+    return hashlib.sha256("".join(scored + fine_tune).encode()).hexdigest()
+
+
+def _batch_sha256(batch):
     digest = hashlib.sha256()
-    for batch in list(evaluator.eval_batches) + list(evaluator.train_batches):
-        for key in sorted(batch):
-            if torch.is_tensor(batch[key]):
-                digest.update(key.encode())
-                digest.update(batch[key].detach().cpu().contiguous().numpy().tobytes())
-    shares = distributed.gather_objects(digest.hexdigest())  # every rank's, in rank order
-    return hashlib.sha256("".join(shares).encode()).hexdigest()
+    for key in sorted(batch):
+        if torch.is_tensor(batch[key]):
+            digest.update(key.encode())
+            digest.update(batch[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def fixed_bits_of(args, layers):

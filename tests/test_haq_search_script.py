@@ -231,3 +231,25 @@ def test_a_classifier_is_trained_on_two_samples_a_step_at_least(tmp_path):
             ["--model", "pt_cls_tiny", "--dataset", "synthetic_cls", "--data-root", data,
              "--num-points", "128", "--batch-size", "1", "--epochs", "1",
              "--out", str(tmp_path / "pretrain")]))
+
+
+def test_the_reward_samples_digest_is_the_same_under_any_number_of_processes(monkeypatch):
+    """search.py records it to refuse a resume on changed samples; each process holds every
+    world-th scored batch, and a resume under another process count must find the same."""
+    import types
+    from lib import distributed
+    batches = [{"xyz": torch.full((2, 3), float(i)), "label": torch.tensor([i, i])}
+               for i in range(5)]
+    fine_tune = [{"xyz": torch.ones(2, 3)}]
+    one = search_script.reward_data_sha256(
+        types.SimpleNamespace(eval_batches=batches, train_batches=fine_tune))
+    shares = [batches[0::2], batches[1::2]]
+    monkeypatch.setattr(distributed, "gather_objects",
+                        lambda mine: [[search_script._batch_sha256(b) for b in share]
+                                      for share in shares])
+    two = search_script.reward_data_sha256(
+        types.SimpleNamespace(eval_batches=shares[0], train_batches=fine_tune))
+    assert one == two
+    batches[3]["xyz"][0, 0] += 1e-3  # one value of one sample changed
+    assert search_script.reward_data_sha256(
+        types.SimpleNamespace(eval_batches=shares[0], train_batches=fine_tune)) != one
