@@ -91,43 +91,46 @@ def dataset_meta(dataset_name, root, dataset, num_points, seed=0):
     return meta
 
 
+# What a checkpoint records of its data (dataset_meta's keys) that a run reading it checks: the
+# label space, for any run of the model; its inputs and validation split, for a resumed run.
+LABEL_SPACE = (("class_names", "classes"), ("category_names", "category names"),
+               ("part_ranges", "part ranges"))
+INPUTS = (("in_channels", "input channels"), ("features", "point features"),
+          ("val_source", "validation split"))
+
+
+def _other(recorded, found, keys):
+    """What of `keys` (name, what) `recorded` holds and `found` holds otherwise, in words."""
+    return [what for key, what in keys if key in recorded and found.get(key) != recorded[key]]
+
+
 def check_same_data(path, data, dataset, root):
     """A one-line ValueError when `dataset` (read from `root`) is not the data the checkpoint
     `path` recorded (`data`, dataset_meta's form): other classes, or for part segmentation
     another category list or order (the category enters the model as a one-hot in the category
     file's order), would score every shape against wrong labels, and other point features
     (xyz where it learnt normals) would feed it inputs it never saw."""
-    found = dataset_meta(data["name"], root, dataset, data["num_points"])
-    for key, what in (("class_names", "classes"), ("category_names", "category names"),
-                      ("part_ranges", "part ranges")):
-        if key in data and found.get(key) != data[key]:
-            raise ValueError(f"{path}: the data at {root} lists other {what} (or another "
-                             f"order) than the checkpoint was trained on")
+    other = _other(data, dataset_meta(data["name"], root, dataset, data["num_points"]),
+                   LABEL_SPACE)
+    if other:
+        raise ValueError(f"{path}: the data at {root} lists other {other[0]} (or another "
+                         f"order) than the checkpoint was trained on")
     features = getattr(dataset, "features", None)
     if data.get("features", features) != features:
         raise ValueError(f"{path}: trained with {data['features']} as point features, but the "
                          f"data at {root} ({dataset.layout}) has {features}")
 
 
-# What a run records of its data that a resume must find again (dataset_meta's keys).
-RECORDED_DATA = (("class_names", "classes"), ("category_names", "categories"),
-                 ("part_ranges", "part ranges"), ("in_channels", "input channels"),
-                 ("features", "point features"), ("val_source", "validation split"))
-
-
 def check_resumed_data(path, recorded, now, resume, steps_per_epoch):
     """A one-line ValueError when a run resumed from `path` would train on other data than it
     recorded: `recorded` / `now` are dataset_meta's records, `resume` the last.pt's resume state
-    and `steps_per_epoch` the training loader's length now. --data-root is compared as a path
-    only, so a folder whose contents changed (samples added, another form of the dataset found
-    first under data/) changed the training set, the validation split or the schedule's steps
-    silently."""
-    differences = []
-    if "root" in recorded and os.path.realpath(now["root"]) != os.path.realpath(recorded["root"]):
-        differences.append(f"the folder {now['root']} (recorded {recorded['root']})")
-    for key, what in RECORDED_DATA:
-        if key in recorded and now.get(key) != recorded[key]:
-            differences.append(f"other {what}")
+    and `steps_per_epoch` the training loader's length now. A given --data-root must be the
+    recorded folder (lib/cli.recorded_settings), but its contents may have changed since
+    (samples added or removed, a val list gone), or a default root find another form of the
+    dataset first: the training set, the validation split or the schedule's steps would change
+    silently. (The folder itself is not compared: a repository moved elsewhere finds its data/
+    at another path.)"""
+    differences = [f"other {what}" for what in _other(recorded, now, LABEL_SPACE + INPUTS)]
     done = resume["scheduler"].get("last_epoch") if isinstance(resume.get("scheduler"),
                                                                dict) else None
     if isinstance(done, int) and resume["epoch"] and done != resume["epoch"] * steps_per_epoch:

@@ -11,7 +11,8 @@ HAQ's reward) and, with "trainval", what trains. Never the test split.
 ShapeNet part ships a val list. ModelNet and S3DIS have none: their readers already hold out a
 fixed tenth of train as "val" (lib/data/modelnet40.py, lib/data/s3dis.py), so for them "auto"
 and "train-slice" are the same and "trainval" trains on the whole training split.
-The training split returned carries `val_source`, a sentence the checkpoint records.
+The training split returned carries `val_source`, a sentence the checkpoint records (and a
+resumed run compares, lib/experiment.check_resumed_data: rewording one refuses old runs' resumes).
 """
 import numpy as np
 import torch
