@@ -37,9 +37,10 @@ class RunLog:
 
     def resume_at(self, step):
         """A resumed run goes on from global training step `step` (the steps its last checkpoint
-        holds): tensorboard hides what the interrupted run logged past it (the train_step
-        points of a partial epoch, shown twice otherwise), by a purge marker at step + 1 that
-        the resumed run's events follow (SummaryWriter's purge_step)."""
+        holds): tensorboard hides the train_step points the interrupted run logged past it (a
+        partial epoch's, shown twice otherwise), by a purge marker at step + 1 that the resumed
+        run's events follow (SummaryWriter's purge_step). The per-epoch points, at epoch numbers
+        far below it, are not purged: fit logs them after the epoch's last.pt."""
         if self.writer is None:
             return
         from torch.utils.tensorboard import SummaryWriter

@@ -125,7 +125,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, task, device, 
 
 # what a diverged run may do: --resume keeps the recorded rate (and a deterministic run would
 # diverge again at the same step)
-LOWER_LR = "lower --lr, in a new run: --resume keeps the run's"
+LOWER_LR = "lower --lr in a new run; --resume keeps the recorded --lr"
 
 
 def _stop_if_not_finite(first_bad, epoch, steps):
@@ -263,9 +263,6 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
         improved = best is None or score > best
         if improved:
             best, best_epoch = score, epoch + 1
-        log.scalars("train", train_stats, epoch + 1)
-        log.scalars("val", dict(val_metrics, **{f"best_{key}": best}), epoch + 1)
-        log.predictions("val", sink, epoch + 1)
         log.record({"epoch": epoch + 1, "train": train_stats, "val": val_metrics, "best": best})
         if distributed.is_main():
             print(f"epoch {epoch + 1}/{epochs}  loss {train_stats['loss']:.4f}  "
@@ -280,6 +277,10 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
             save_checkpoint(os.path.join(out_dir, "last.pt"), unwrap(model), ckpt_meta, state)
             if improved:
                 save_checkpoint(os.path.join(out_dir, "best.pt"), unwrap(model), ckpt_meta)
+        # after last.pt: a run killed before it redoes this epoch, whose points would show twice
+        log.scalars("train", train_stats, epoch + 1)
+        log.scalars("val", dict(val_metrics, **{f"best_{key}": best}), epoch + 1)
+        log.predictions("val", sink, epoch + 1)
         distributed.barrier()
     return best, val_metrics
 

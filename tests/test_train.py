@@ -186,3 +186,24 @@ def test_a_resumed_run_shows_each_training_step_once_in_tensorboard(tmp_path):
     train_toy(str(tmp_path / "b"), resume=str(tmp_path / "b" / "last.pt"))
     assert steps(tmp_path / "b") == steps(tmp_path / "a")
     assert [step for step, _ in steps(tmp_path / "a")] == [1, 4, 5, 8, 9, 12, 13, 16]
+
+
+def test_an_epoch_killed_before_its_last_pt_shows_its_points_once(tmp_path, monkeypatch):
+    """The per-epoch points (train/, val/) were logged before last.pt: a run killed in
+    between redid the epoch on resume and tensorboard showed its points twice."""
+    import lib.train
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    real_save = lib.train.save_checkpoint
+
+    def killed_at_epoch_3(path, model, meta, *rest):
+        if path.endswith("last.pt") and meta["epoch"] == 3:
+            raise Interrupt
+        return real_save(path, model, meta, *rest)
+    monkeypatch.setattr(lib.train, "save_checkpoint", killed_at_epoch_3)
+    with pytest.raises(Interrupt):
+        train_toy(str(tmp_path))
+    monkeypatch.setattr(lib.train, "save_checkpoint", real_save)
+    train_toy(str(tmp_path), resume=str(tmp_path / "last.pt"))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/miou")] == [1, 2, 3, 4]
