@@ -263,6 +263,15 @@ def test_a_read_only_release_is_converted_under_data_cache(tmp_path, monkeypatch
     assert s3dis.default_processed_dir(str(raw)) == str(beside)
 
 
+def test_a_release_folder_named_as_data_names_it_converts_into_s3dis_npy(tmp_path):
+    """data/s3dis/ (a name the default root looks for) keeps the s3dis_npy/ it converted into
+    before releases of other names got their own folders: no conversion done again."""
+    assert s3dis.default_processed_dir(str(tmp_path / "s3dis")) == str(tmp_path / "s3dis_npy")
+    assert s3dis.default_processed_dir(str(tmp_path / RAW_DIRNAME)) == str(tmp_path / "s3dis_npy")
+    assert s3dis.default_processed_dir(str(tmp_path / "Stanford3dDataset_v1.2")) == \
+        str(tmp_path / "s3dis_npy-Stanford3dDataset_v1.2")
+
+
 def test_two_releases_in_one_folder_never_share_converted_rooms(tmp_path):
     """Stanford's unaligned Stanford3dDataset_v1.2 unpacks beside the aligned release. unzip
     keeps the archive's old file times, so a conversion shared by both (one s3dis_npy/) was

@@ -5,9 +5,9 @@ Raw layout (as released): <root>/Stanford3dDataset_v1.2_Aligned_Version/Area_N/<
 Annotations/<class>_<k>.txt, one object instance per file, lines `x y z r g b`.
 Processed (written once, redone when a room's annotation files are newer):
 <parent of the raw folder>/s3dis_npy/Area_N/<room>.npz (s3dis_npy-<raw folder name>/ for a raw
-folder named otherwise) with xyz (N, 3) float32 (coordinates as released), rgb (N, 3) uint8,
-label (N,) uint8; points in the order of the annotation files sorted by name. "Original points"
-below means these N points.
+folder named neither as the aligned release nor as data/ names it) with xyz (N, 3) float32
+(coordinates as released), rgb (N, 3) uint8, label (N,) uint8; points in the order of the
+annotation files sorted by name. "Original points" below means these N points.
 
 Forms already prepared by other repositories (per-room N x 7 .npy, Pointcept's per-room folders)
 are read as they are by lib/data/s3dis_forms.py, which also tells the forms apart.
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lib import distributed
-from lib.data import DATA_DIR, read_point_table
+from lib.data import DATA_DIR, DEFAULT_FOLDERS, read_point_table
 from lib.data.grid import covering_crops, cycling_pass, grid_cells, knn_crop, pad_by_resampling, random_pass
 from lib.data.transforms import jitter, random_scale, sample_rng
 
@@ -161,14 +161,15 @@ def find_raw_dir(root):
 
 
 def default_processed_dir(raw_dir):
-    """s3dis_npy/ beside the raw release, or s3dis_npy-<its folder name>/ beside a release folder
-    named otherwise (Stanford's unaligned Stanford3dDataset_v1.2 unpacks beside the aligned one;
+    """s3dis_npy/ beside the raw release (a folder named as the aligned release, or as data/
+    names it, e.g. s3dis/), or s3dis_npy-<its folder name>/ beside a release folder named
+    otherwise (Stanford's unaligned Stanford3dDataset_v1.2 unpacks beside the aligned one;
     sharing one folder, the second read the first's rooms, whose files are newer than the
     archive's); under data/cache/ where that folder is read-only (a lab's shared dataset mount)
     and holds no converted rooms yet, named after the release's path so that two releases never
     share one."""
     parent, name = os.path.split(os.path.abspath(raw_dir))
-    beside = os.path.join(parent, PROCESSED_DIRNAME if name == RAW_DIRNAME
+    beside = os.path.join(parent, PROCESSED_DIRNAME if name in DEFAULT_FOLDERS["s3dis"]
                           else f"{PROCESSED_DIRNAME}-{name}")
     if os.path.isdir(beside) or os.access(parent, os.W_OK):
         return beside
@@ -279,13 +280,13 @@ def report_missing_rooms(root, names, areas):
 
 
 class S3DISDataset(torch.utils.data.Dataset):
-    """See the module docstring. `samples_per_epoch` (train only) defaults to the number of
-    4 cm cells in the training rooms divided by num_points: about one look at each cell per
-    epoch. `seed` fixes the val/test crops; a training crop is drawn by (seed, epoch, sample
-    index) (lib/data/transforms.sample_rng), whatever process or DataLoader worker reads it.
-    `release`: the folder claims to be the S3DIS release, so an area with fewer rooms is
-    reported (False for the generated rooms). `whole_rooms`: a training split too is read as val and test are,
-    crops covering every point, voted (eval.py --split train); otherwise it draws random crops."""
+    """See the module docstring. `samples_per_epoch` (train only) defaults to the number of 4 cm
+    cells in the training rooms divided by num_points: about one look at each cell per epoch.
+    `seed` fixes the val/test crops; a training crop is drawn by (seed, epoch, sample index)
+    (lib/data/transforms.sample_rng), whatever process or DataLoader worker reads it. `release`:
+    the folder claims to be the S3DIS release, so an area with fewer rooms is reported (False for
+    the generated rooms). `whole_rooms`: a training split too is read as val and test are, crops
+    covering every point, voted (eval.py --split train); otherwise it draws random crops."""
 
     task = "semseg"
     class_names = list(CLASS_NAMES)
@@ -426,7 +427,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Convert the raw S3DIS release into per-room arrays.")
     p.add_argument("--root", required=True, help=f"folder holding {RAW_DIRNAME}/ (or that folder itself)")
     p.add_argument("--out", default=None,
-                   help=f"output folder (default: {PROCESSED_DIRNAME}/ beside the raw folder, or "
+                   help=f"output folder (default: {PROCESSED_DIRNAME}/ beside the raw folder, "
+                        f"{PROCESSED_DIRNAME}-<its name>/ for a raw folder of another name, or "
                         f"under data/cache/ where that is read-only); "
                         f"readable as a --data-root of its own")
     p.add_argument("--skip-malformed", action="store_true",
