@@ -28,9 +28,9 @@ def atomic_write(path, write_fn):
     """Call write_fn(tmp_path), then rename over `path`: a crash never leaves half a file. A
     write that fails (a full disk, a read-only folder) is an OSError naming `path`."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.basename(path))
         os.close(fd)
         write_fn(tmp)
@@ -52,7 +52,8 @@ def atomic_write(path, write_fn):
 def _write_failure(error):
     """Why a file could not be written, in words, or None for an error that is no write failure.
     torch.save reports a short write (a full disk) as a RuntimeError of its zip writer that
-    names no file; an OSError names the temporary file, not the one being written."""
+    names no file; an OSError names the temporary file, not the one being written. (The
+    write_fn of this module's callers opens no other file, so an OSError is the write's.)"""
     if isinstance(error, OSError):
         return error.strerror or str(error)
     if isinstance(error, RuntimeError) and ("inline_container" in str(error)
@@ -166,9 +167,10 @@ def set_rng_state(state):
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     if state["cuda"] and torch.cuda.is_available():
-        # into the GPU this process uses: under torchrun each rank's own, whose generator ran
-        # in step with the main rank's (same seed, same draws). A state of every visible GPU
-        # (older checkpoints) starts with the main rank's, GPU 0's.
+        # into the GPU this process uses (under torchrun each rank's own); a state of every
+        # visible GPU (older checkpoints) starts with GPU 0's. Every rank takes the main rank's
+        # state, which changes no draw: lib/train.fit seeds torch's generators at each epoch
+        # by (seed, epoch, process).
         torch.cuda.set_rng_state(state["cuda"][0])
 
 

@@ -113,8 +113,8 @@ class FakeGPUs:
 def test_a_resume_sets_the_generator_of_the_gpu_it_uses(monkeypatch):
     """Every visible GPU's generator was saved and set back: a run saved where two GPUs were
     visible stopped, resumed where one is (another machine, CUDA_VISIBLE_DEVICES), with torch's
-    IndexError; and under torchrun rank 1 kept its own GPU's generator as it was at the start
-    (rank 0 saved GPU 1's untouched state), so its Dropout draws left the unbroken run's."""
+    IndexError; and under torchrun rank 1 set its GPU's generator to GPU 1's state as rank 0
+    had it (never drawn from)."""
     from lib.checkpoint import rng_state, set_rng_state
     saved_on = FakeGPUs(2)
     saved_on.install(monkeypatch)
@@ -124,3 +124,23 @@ def test_a_resume_sets_the_generator_of_the_gpu_it_uses(monkeypatch):
         machine.install(monkeypatch)
         set_rng_state(saved)
         assert machine.states[machine.current].item() == 7
+
+
+def test_a_folder_a_checkpoint_cannot_be_written_in_is_an_error_naming_the_file(tmp_path,
+                                                                               monkeypatch):
+    """A read-only run folder: the temporary file cannot be made (simulated: the tests may run
+    as root, whom permissions do not stop); the error names the checkpoint, not its temporary,
+    and the file there before stays."""
+    import tempfile
+    from lib.checkpoint import atomic_write
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"before")
+
+    def denied(dir, **kwargs):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, ".tmp-xyz"))
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(OSError) as err:
+        atomic_write(str(path), lambda tmp: None)
+    assert err.value.filename == str(path)
+    assert err.value.strerror == "not written (Permission denied); the file there before is kept"
+    assert path.read_bytes() == b"before"

@@ -146,7 +146,8 @@ def test_build_dataset_generates_rooms_where_the_s3dis_reader_looks(tmp_path, mo
     monkeypatch.setitem(sys.modules, "lib.data.s3dis", fake_reader)
     build_dataset("synthetic_rooms", tmp_path / "rooms", "test", num_points=4096)
     assert opened == [(tmp_path / "rooms", dict(split="test", augment=False, seed=0,
-                                                 num_points=4096, release=False))]
+                                                 num_points=4096, release=False,
+                                                 whole_rooms=False))]
     assert len(written) == 1 and written[0].parent == tmp_path  # a temporary sibling, renamed
     assert (tmp_path / "rooms").is_dir()
 
