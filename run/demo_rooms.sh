@@ -6,7 +6,8 @@
 # distillation -> every checkpoint scored on the test rooms (each original point voted over
 # the crops that hold it) -> checkpoints/demo_rooms/results.{md,json}.
 # Knobs: EPOCHS, EPISODES, WARMUP, FT_EPOCHS (environment variables). As in run/demo.sh the
-# search is short, decays its exploration faster and skips HAQ's fine-tune before each reward.
+# search is short, decays its exploration faster and skips HAQ's fine-tune before each reward,
+# and every stage replaces the previous demo's (--overwrite), so the script can be run again.
 set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
 
@@ -21,19 +22,20 @@ stage() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
 
 stage "1/4 pretrain pt_semseg_tiny on synthetic rooms ($EPOCHS epochs)"
 python pretrain.py --model pt_semseg_tiny --dataset synthetic_rooms --epochs "$EPOCHS" \
-    --batch-size 8 --lr 0.01 --out "$OUT/pretrain"
+    --batch-size 8 --lr 0.01 --out "$OUT/pretrain" --overwrite
 FP32="$OUT/pretrain/best.pt"
 
 stage "2/4 HAQ search, preserve 0.1, first layer and classifier kept at $KEEP bits (mix)"
 python search.py --ckpt "$FP32" --preserve-ratio 0.1 --episodes "$EPISODES" --warmup "$WARMUP" \
     --sigma-decay 0.9 --finetune-steps 0 --val-size 16 --keep-first-last "$KEEP" \
-    --out "$OUT/search"
+    --out "$OUT/search" --overwrite
 
 stage "3/4 the searched policy quantized, then fine-tuned with distillation ($FT_EPOCHS epochs)"
 python finetune.py --ckpt "$FP32" --policy "$OUT/search/policy.json" --keep-first-last "$KEEP" \
-    --epochs 0 --batch-size 8 --out "$OUT/searched" > "$OUT/searched.log"
+    --epochs 0 --batch-size 8 --out "$OUT/searched" --overwrite > "$OUT/searched.log"
 python finetune.py --ckpt "$FP32" --policy "$OUT/search/policy.json" --keep-first-last "$KEEP" \
-    --epochs "$FT_EPOCHS" --batch-size 8 --lr 1e-3 --distill --out "$OUT/finetune_distill"
+    --epochs "$FT_EPOCHS" --batch-size 8 --lr 1e-3 --distill --out "$OUT/finetune_distill" \
+    --overwrite
 
 stage "4/4 score every checkpoint on the test rooms"
 python -m lib.results_table --run "$OUT" --batch-size 8

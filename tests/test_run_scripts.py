@@ -2,6 +2,7 @@
 instead of running them; and finetune.py's guard that a mixed policy keeps its budget."""
 import json
 import os
+import re
 import shlex
 import subprocess
 
@@ -156,3 +157,17 @@ def test_finetune_takes_the_method_the_policy_was_searched_with(tmp_path):
     assert sharing_method(PolicyFile(str(policy)), None) == "kmeans"
     assert sharing_method(PolicyFile(str(policy)), "linear") == "linear"
     assert sharing_method(None, None) == "kmeans"  # --bits N
+
+
+@pytest.mark.parametrize("script", ["demo.sh", "demo_rooms.sh"])
+def test_the_demos_can_be_run_again(script):
+    """A demo writes fixed run folders; each stage that writes one replaces the previous demo's
+    (--overwrite), or a second `bash run/demo_rooms.sh` stopped at its first stage ("already
+    holds a run")."""
+    with open(os.path.join(REPO, "run", script)) as f:
+        text = f.read().replace("\\\n", " ")  # continued lines as one command
+    writers = [line for line in text.splitlines()
+               if re.match(r"\s*python (pretrain|search|finetune)\.py ", line)]
+    assert writers
+    for line in writers:
+        assert "--overwrite" in shlex.split(line.split(">")[0]), line
