@@ -1,5 +1,6 @@
 """Pieces every top-level script builds the same way: datasets and loaders, the model that fits
 a dataset, and the metadata a checkpoint records about both."""
+import hashlib
 import os
 
 import torch
@@ -149,11 +150,10 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
     amp: bf16 autocast as lib.train.autocast takes it; None: the run's recorded --amp, so that
     the figures are the ones it recorded (lib/DESIGN.md). sink: a lib.predictions.PredictionSink
     to hand the predictions to."""
-    from lib.checkpoint import load_checkpoint
     from lib.quant.size import budget_ratio, fp32_size_bytes, honest_size_bytes
     from lib.train import evaluate
 
-    meta, model, _ = load_checkpoint(path)
+    meta, model, _ = load_on_every_rank(path)
     data = meta.get("dataset")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the checkpoint records no dataset to score it on")
@@ -181,6 +181,31 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
     results["fp32_bytes"] = fp32_size_bytes(model)
     results["budget_ratio"] = budget_ratio(model)
     return meta, results
+
+
+def load_on_every_rank(path, tries=3):
+    """load_checkpoint(path), the same file on every rank. Each rank opens the path itself, and
+    a run that still trains may replace its best.pt between two ranks' reads (run/eval.sh scores
+    unfinished stages too): they scored two models and merged the figures into those of neither.
+    The ranks compare the weights they loaded and read the file again until they agree."""
+    from lib.checkpoint import load_checkpoint
+    for _ in range(tries):
+        meta, model, resume = load_checkpoint(path)
+        if distributed.world_size() == 1:
+            return meta, model, resume
+        if len(set(distributed.gather_objects(weights_digest(model)))) == 1:
+            return meta, model, resume
+    raise ValueError(f"{path}: replaced while the processes read it, {tries} times in a row (a "
+                     f"run still writing it?); score it again")
+
+
+def weights_digest(model):
+    """SHA-256 of a model's state_dict, names and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def example_inputs(dataset, device, n=2):

@@ -191,3 +191,30 @@ def test_one_process_on_a_numbered_gpu_makes_it_the_current_device(monkeypatch):
     distributed.init_distributed(torch.device("cuda"))
     distributed.init_distributed(torch.device("cpu"))
     assert made_current == [torch.device("cuda", 1)]
+
+
+def test_a_checkpoint_replaced_between_the_ranks_reads_is_scored_as_one_file(tmp_path):
+    """run/eval.sh scores stages that still train: their best.pt may be replaced between two
+    ranks' reads of it. Rank 0 scored the old file, rank 1 the new one, and the merged figures
+    were those of neither; the ranks now read it again until they hold the same weights."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from lib.checkpoint import save_checkpoint
+    from lib.experiment import evaluate_checkpoint
+    from tiny_checkpoints import make_checkpoint, write_tiny_data
+    write_tiny_data(tmp_path, tasks=("partseg",))
+    old = make_checkpoint(tmp_path / "best.pt", "partseg", tmp_path)
+    meta, model, _ = load_checkpoint(old)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5)
+    new = str(tmp_path / "next.pt")
+    save_checkpoint(new, model, meta)
+    figures = {name: evaluate_checkpoint(path, batch_size=2)[1]
+               for name, path in (("old", old), ("new", new))}
+    assert figures["old"]["ins_miou"] != figures["new"]["ins_miou"]
+    run(os.path.join(REPO, "tests", "ddp_replaced_eval.py"), "--ckpt", old, "--next", new,
+        "--out", str(tmp_path / "two.json"), launcher=TORCHRUN)
+    with open(tmp_path / "two.json") as f:
+        two = json.load(f)
+    for key in SUMMARY:
+        assert two[key] == figures["new"][key], key
