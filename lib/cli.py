@@ -223,6 +223,8 @@ def recorded_settings(parser, argv, args, recorded, path, done, will_train=True)
     folder = os.path.dirname(path)
     given = given_dests(parser, argv)
     settings, differences = {}, []
+    recorded_processes = recorded.get("processes")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, before any init
     for action in parser._actions:
         dest = action.dest
         if dest == argparse.SUPPRESS or dest == "help":
@@ -249,6 +251,11 @@ def recorded_settings(parser, argv, args, recorded, path, done, will_train=True)
             settings[dest] = value  # the run's input as this command names it
         elif dest not in given and dest in CONTENT_CHECKED:
             settings[dest] = run_input(recorded_value, folder, recorded.get("out"))
+        elif (dest == "batch_size" and not will_train and recorded_processes
+              and value * processes == recorded_value * recorded_processes):
+            # the run scripts give each of NPROC processes the recipe's total batch / NPROC: a
+            # finished stage started again under another NPROC is the same total batch
+            settings[dest] = recorded_value
         else:
             if dest in given and value != recorded_value:
                 moved = (action.type is path_arg and isinstance(recorded_value, str)
@@ -259,8 +266,6 @@ def recorded_settings(parser, argv, args, recorded, path, done, will_train=True)
             settings[dest] = recorded_value
     # --batch-size is per process: under another process count the total batch, the steps per
     # epoch and so the schedule would change (runs recorded before the count was are not checked)
-    recorded_processes = recorded.get("processes")
-    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, before any init
     if will_train and recorded_processes is not None and processes != recorded_processes:
         differences.append(f"{processes} process(es) (recorded {recorded_processes}; the batch "
                            f"is per process, so the total batch would change)")

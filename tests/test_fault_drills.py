@@ -396,6 +396,24 @@ def test_a_finished_stage_is_skipped_under_another_process_count(reference, monk
     assert said.startswith("refuse ") and "2 process(es) (recorded 1" in said, said
 
 
+def test_a_finished_stage_is_skipped_under_the_run_scripts_batch_for_another_nproc(reference,
+                                                                                   monkeypatch):
+    """run/*.sh give each process the recipe's total batch / NPROC: started again with NPROC=2
+    after a one-process run, a finished stage got half its recorded --batch-size and was
+    refused on it ("--batch-size 2 (recorded 4)") where it was to be skipped; another total
+    batch is still refused, and an interrupted or extended stage on its process count."""
+    from lib.stage_status import stage_status
+    runs, _ = reference
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for script in ("pretrain", "finetune"):
+        folder = str(runs[script])
+        assert stage_status(folder, script, ["--out", folder, "--batch-size", "2"]) == "finished"
+        said = stage_status(folder, script, ["--out", folder, "--batch-size", "3"])
+        assert said.startswith("refuse ") and "--batch-size 3 (recorded 4)" in said, said
+        said = stage_status(folder, script, ["--out", folder, "--batch-size", "2", "--epochs", "3"])
+        assert said.startswith("refuse ") and "2 process(es) (recorded 1" in said, said
+
+
 @pytest.mark.parametrize("script", ["finetune", "search"])
 def test_a_resumed_run_refuses_a_checkpoint_that_changed_under_it(reference, tmp_path, script):
     """Its indices and codebooks (finetune), its replay buffer's rewards (search) came from the
