@@ -94,7 +94,9 @@ def score_run(run, data_root=None, batch_size=16, device=None, workers=0):
     from lib.checkpoint import file_sha256  # torch and the readers: only for --run
     from lib.experiment import evaluate_checkpoint
     scored = []
-    checkpoints = run_checkpoints(run)
+    # rank 0's list on every rank: a stage that writes its first best.pt between two ranks'
+    # listings gave them lists of different lengths, and the ranks' collectives never met again
+    checkpoints = distributed.broadcast_object(run_checkpoints(run))
     fp32 = os.path.join(run, "pretrain", "best.pt")
     fp32_sha256 = file_sha256(fp32) if os.path.isfile(fp32) else None
     for name, folder, path in checkpoints:

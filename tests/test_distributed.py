@@ -218,3 +218,22 @@ def test_a_checkpoint_replaced_between_the_ranks_reads_is_scored_as_one_file(tmp
         two = json.load(f)
     for key in SUMMARY:
         assert two[key] == figures["new"][key], key
+
+
+def test_a_stage_that_lands_while_the_ranks_list_a_run_is_not_a_hang(tmp_path):
+    """run/eval.sh under torchrun: a stage writing its first best.pt between two ranks' listings
+    of the run folder gave rank 1 one checkpoint more to score than rank 0, and the ranks waited
+    on each other's collectives until gloo's timeout (30 minutes). Every rank takes rank 0's."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tiny_checkpoints import make_checkpoint, write_tiny_data
+    write_tiny_data(tmp_path / "data", tasks=("partseg",))
+    for stage in ("run/pretrain", "new/searched"):
+        (tmp_path / stage).mkdir(parents=True)
+        make_checkpoint(tmp_path / stage / "best.pt", "partseg", tmp_path / "data")
+    out = subprocess.run([*TORCHRUN, os.path.join(REPO, "tests", "ddp_run_listing.py"), "--folder",
+                          str(tmp_path / "run"), "--new-stage", str(tmp_path / "new" / "searched"),
+                          "--out", str(tmp_path / "rows.json")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with open(tmp_path / "rows.json") as f:
+        assert json.load(f) == ["fp32"]
