@@ -88,6 +88,20 @@ def test_missing_entries_are_counted_in_one_line(tmp_path, capsys):
     assert "v0_normal" in layout and "4 of 5" in missing
 
 
+def test_only_the_main_process_says_what_the_reader_found(tmp_path, capsys, monkeypatch):
+    """Under torchrun every process reads the data: the layout and the missing entries were
+    said once by each."""
+    rng = np.random.default_rng(1)
+    entries = [("04379243", f"t{k}") for k in range(5)]
+    write_root(tmp_path, {"train": entries}, {entries[1]: shape_table(rng, 50, [47])})
+    monkeypatch.setenv("RANK", "1")
+    assert len(ShapeNetPartDataset(tmp_path, "train")) == 1
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    ShapeNetPartDataset(tmp_path, "train")
+    assert capsys.readouterr().out.count("[shapenet_part]") == 2
+
+
 def test_no_listed_file_present_is_an_error(tmp_path):
     write_root(tmp_path, {"train": [("04379243", "gone")]}, {})
     with pytest.raises(FileNotFoundError, match="none of the 1 shapes"):

@@ -125,7 +125,7 @@ def _generate_if_missing(name, root):
     target = root.parent if name == "synthetic_cls" else root
     writer = {"synthetic_parts": synthetic.write_parts, "synthetic_cls": synthetic.write_cls,
               "synthetic_rooms": synthetic.write_rooms}[name]
-    print(f"[data] {root} does not exist: generating {name} (seed {SYNTHETIC_SEED}) into {target}")
+    note(f"[data] {root} does not exist: generating {name} (seed {SYNTHETIC_SEED}) into {target}")
     write_atomically(target, lambda out: writer(out, seed=SYNTHETIC_SEED))
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: the {name} generator did not write this folder")
@@ -164,6 +164,13 @@ def read_text_file(path):
         line = data[:e.start].count(b"\n") + 1
         raise ValueError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte "
                          f"{e.start})") from None
+
+
+def note(*args, **kwargs):
+    """print() for a reader's remark (a layout found, entries missing, a conversion), by the
+    main process only: under torchrun every process reads the data and said it once each."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, **kwargs)
 
 
 def error_reason(error):

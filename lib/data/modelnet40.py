@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import (DATA_DIR, error_reason, first_bad_label, read_point_table,
-                      read_text_file)
+from lib.data import DATA_DIR, error_reason, first_bad_label, note, read_point_table, read_text_file
 from lib.data.off_mesh import read_off, sample_surface
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
 
@@ -59,7 +58,7 @@ def val_mask(positions, root):
         return mask
     from lib.data.val_slice import val_slice  # it imports lib.data's builders
     mask[val_slice(len(positions))[0]] = True
-    print(f"[modelnet40] {root}: none of the training list's every-{VAL_EVERY}th entries is "
+    note(f"[modelnet40] {root}: none of the training list's every-{VAL_EVERY}th entries is "
           f"present; val is a fixed tenth of the {len(positions)} present training shapes")
     return mask
 
@@ -93,7 +92,7 @@ def report_missing(list_file, missing, listed, what):
                 f"the shapes, which is not read; the shapes' own files are)" if caches else "")
         raise FileNotFoundError(f"{list_file}: none of the {listed} listed {what} exists{held}")
     if missing:
-        print(f"[modelnet40] {list_file}: {missing} of {listed} listed {what} are missing; "
+        note(f"[modelnet40] {list_file}: {missing} of {listed} listed {what} are missing; "
               f"using the {listed - missing} present")
 
 
@@ -165,7 +164,7 @@ def read_off_meshes(root, list_split, num_points, variant=40, cache_dir=None):
     if variant == 10 and len(names) != 10:
         names = [name for name in names if name in MODELNET10_CLASSES]
     if len(names) != variant:  # a partial download: the classifier gets that many outputs
-        print(f"[modelnet] {root}: {len(names)} class folders, where ModelNet{variant} has "
+        note(f"[modelnet] {root}: {len(names)} class folders, where ModelNet{variant} has "
               f"{variant}: the classes are the ones present")
     count = max(num_points, OFF_POINTS)
     cache = Path(cache_dir) if cache_dir else default_cache_dir(root, count)
@@ -182,7 +181,7 @@ def read_off_meshes(root, list_split, num_points, variant=40, cache_dir=None):
                 clouds.append(cloud)
                 continue
         if not clouds or len(clouds) % 1000 == 0:
-            print(f"[modelnet] sampling {count} points on the meshes of {root} into {cache} "
+            note(f"[modelnet] sampling {count} points on the meshes of {root} into {cache} "
                   f"(once; {len(clouds)} of {len(meshes)} {list_split} meshes done)", flush=True)
         # One stream per mesh, fixed by its name: the cache can be rebuilt in any order.
         rng = np.random.default_rng([OFF_SEED, zlib.crc32(f"{names[label]}/{path.name}".encode())])
@@ -206,7 +205,7 @@ def read_cached_sample(path, count):
         reason = f"shape {cloud.shape}, {cloud.dtype}"
     except (ValueError, OSError, EOFError) as err:
         reason = error_reason(err)
-    print(f"[modelnet] {path}: not a sample of {count} points ({reason}); sampling it again",
+    note(f"[modelnet] {path}: not a sample of {count} points ({reason}); sampling it again",
           flush=True)
     return None
 
@@ -236,7 +235,7 @@ class ModelNet40Dataset(torch.utils.data.Dataset):
         self.epoch = 0  # set by lib.data.transforms.set_epoch: the epoch augmentation draws for
         self.augmentation = dict(AUGMENT, **(JITTER if jitter else {}))
         self.layout = detect_layout(self.root)
-        print(f"[modelnet] {self.root}: {LAYOUTS[self.layout]}, ModelNet{variant}")
+        note(f"[modelnet] {self.root}: {LAYOUTS[self.layout]}, ModelNet{variant}")
         list_split = "test" if split == "test" else "train"
         cache = {"cache_dir": cache_dir} if self.layout == "off" else {}  # where samples go
         self.class_names, clouds, labels, positions = READERS[self.layout](

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lib import distributed
-from lib.data import DATA_DIR, DEFAULT_FOLDERS, read_point_table
+from lib.data import DATA_DIR, DEFAULT_FOLDERS, note, read_point_table
 from lib.data.grid import covering_crops, cycling_pass, grid_cells, knn_crop, pad_by_resampling, random_pass
 from lib.data.transforms import jitter, random_scale, sample_rng
 
@@ -108,7 +108,7 @@ def read_annotation(path, skip_malformed=False):
         raise ValueError(f"{path}: line {malformed[0]}: colour outside 0..255; {MALFORMED_HINT}")
     if malformed:
         shown = ", ".join(map(str, malformed[:10])) + (", ..." if len(malformed) > 10 else "")
-        print(f"[s3dis] {path}: dropped {len(malformed)} malformed line(s): {shown}", file=sys.stderr)
+        note(f"[s3dis] {path}: dropped {len(malformed)} malformed line(s): {shown}", file=sys.stderr)
     return rows
 
 
@@ -216,7 +216,7 @@ def preprocess(raw_dir, out_dir, areas=AREAS, skip_malformed=False, workers=1):
     todo = [(os.path.join(raw_dir, name), os.path.join(out_dir, name + ".npz")) for name in names]
     todo = [(room_dir, out_path) for room_dir, out_path in todo if not up_to_date(out_path, room_dir)]
     if todo:
-        print(f"[s3dis] converting {len(todo)} room(s) into {out_dir}", file=sys.stderr)
+        note(f"[s3dis] converting {len(todo)} room(s) into {out_dir}", file=sys.stderr)
     room_dirs, out_paths = [t[0] for t in todo], [t[1] for t in todo]
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -274,7 +274,7 @@ def report_missing_rooms(root, names, areas):
                 hint = (" (Area_5/hallway_6 is missing: PointNet's collect_indoor3d_data.py skips "
                         "it at its malformed line; `python -m lib.data.s3dis --root ROOT "
                         "--skip-malformed` converts it from the raw release)")
-            print(f"[s3dis] {root}: Area_{area} holds {held} of the release's "
+            note(f"[s3dis] {root}: Area_{area} holds {held} of the release's "
                   f"{RELEASE_ROOMS[area]} rooms{hint}: figures over it do not compare with "
                   f"ones over the whole area")
 

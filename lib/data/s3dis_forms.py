@@ -27,7 +27,7 @@ import zipfile
 
 import numpy as np
 
-from lib.data import error_reason, first_bad_label
+from lib.data import error_reason, first_bad_label, note
 from lib.data.s3dis import (AREAS, CLASS_NAMES, RAW_DIRNAME, convert_room, default_processed_dir,
                             find_raw_dir, list_rooms, preprocess)
 
@@ -47,7 +47,7 @@ def open_rooms(root, processed_dir=None, skip_malformed=False):
     """The room source for the S3DIS form found in `root`; prints which one it is."""
     root = str(root)
     source = find_source(root, processed_dir, skip_malformed)
-    print(f"[s3dis] {root}: {source.layout}")
+    note(f"[s3dis] {root}: {source.layout}")
     return source
 
 
@@ -100,7 +100,7 @@ class RawRelease:
         try:
             return read_processed_room(path)
         except ValueError as err:  # damaged after its conversion: the release can redo it
-            print(f"[s3dis] {err}: converting the room again", file=sys.stderr)
+            note(f"[s3dis] {err}: converting the room again", file=sys.stderr)
             convert_room(os.path.join(self.raw_dir, name), path, self.skip_malformed)
             return read_processed_room(path)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import first_bad_label, read_point_table, read_text_file
+from lib.data import first_bad_label, note, read_point_table, read_text_file
 from lib.data.shapenet_part_h5 import CATEGORY_FILE as H5_CATEGORY_FILE, find_h5_folder, read_h5_split
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
 
@@ -153,7 +153,7 @@ class ShapeNetPartDataset(torch.utils.data.Dataset):
         self.split, self.num_points, self.augment, self.seed = split, num_points, augment, seed
         self.epoch = 0  # set by lib.data.transforms.set_epoch: the epoch augmentation draws for
         self.layout, folder = detect_layout(self.root)
-        print(f"[shapenet_part] {self.root}: {LAYOUTS[self.layout]}")
+        note(f"[shapenet_part] {self.root}: {LAYOUTS[self.layout]}")
         if self.layout == "hdf5":
             self.category_names, _ = read_categories(folder / H5_CATEGORY_FILE)
             self.part_ranges, self.class_names = read_part_ranges(folder, self.category_names)
@@ -181,7 +181,7 @@ class ShapeNetPartDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{self.root}: none of the {len(entries)} shapes listed in "
                                     f"{listed} has its {wanted} file")
         if len(shapes) < len(entries):
-            print(f"[shapenet_part] {listed}: {len(entries) - len(shapes)} of {len(entries)} listed "
+            note(f"[shapenet_part] {listed}: {len(entries) - len(shapes)} of {len(entries)} listed "
                   f"shapes have no file under {self.root}; using the {len(shapes)} present")
         return shapes
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.data import error_reason, first_bad_label, read_text_file
+from lib.data import error_reason, first_bad_label, note, read_text_file
 
 CATEGORY_FILE = "all_object_categories.txt"
 
@@ -89,6 +89,6 @@ def read_h5_split(folder, split, category_names, part_ranges):
         raise FileNotFoundError(f"{folder}: none of the {len(paths)} h5 files of the {split} "
                                 f"split is present")
     if present < len(paths):
-        print(f"[shapenet_part] {folder}: {len(paths) - present} of {len(paths)} h5 files of the "
+        note(f"[shapenet_part] {folder}: {len(paths) - present} of {len(paths)} h5 files of the "
               f"{split} split are missing; using the {present} present")
     return shapes

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import SYNTHETIC_DIR, synthetic_layouts, write_atomically
+from lib.data import SYNTHETIC_DIR, note, synthetic_layouts, write_atomically
 from lib.data.synthetic_shapes import CLASSES, PART_CATEGORIES, sample_shape
 
 PART_POINTS = (2400, 2800)  # points per ShapeNet-layout file, like the release's ~2.7k
@@ -83,7 +83,7 @@ def write_parts(out_dir, seed=0, train_shapes=96, eval_shapes=20):
         return None
     result = majority_baseline(test_labels, majority_parts,
                                [tuple(r["range"]) for r in ranges.values()], list(ranges))
-    print(f"[synthetic] trivial baseline (each category's most frequent training part for every "
+    note(f"[synthetic] trivial baseline (each category's most frequent training part for every "
           f"point) on the test split: instance mIoU {result['ins_miou']:.3f}, "
           f"class mIoU {result['cat_miou']:.3f}")
     return result
@@ -143,7 +143,7 @@ def write_rooms(out_dir, seed=0):
     try:
         from lib.data.synthetic_rooms import write_rooms as write_room_layout
     except ImportError as err:
-        print(f"[synthetic] rooms skipped: the S3DIS-layout writer is unavailable ({err})")
+        note(f"[synthetic] rooms skipped: the S3DIS-layout writer is unavailable ({err})")
         return None
     return write_room_layout(out_dir, seed=seed)
 
@@ -195,7 +195,7 @@ def main(args):
         kwargs = dict(seed=args.seed, **(sizes if not family.startswith("rooms") else {}))
         writer = {**WRITERS, **LAYOUT_WRITERS}[family]
         write_atomically(target, lambda out: writer(out, **kwargs), overwrite=True)
-        print(f"[synthetic] {family}: written to {target} in {time.perf_counter() - start:.1f} s")
+        note(f"[synthetic] {family}: written to {target} in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ resumed run compares, lib/experiment.check_resumed_data: rewording one refuses o
 import numpy as np
 import torch
 
-from lib.data import build_dataset
+from lib.data import build_dataset, note
 
 VAL_SPLITS = ("auto", "train-slice", "trainval")
 SLICE_EVERY = 10  # a tenth, like ModelNet's and S3DIS's own held-out slices
@@ -75,7 +75,7 @@ def split_with_val_protocol(name, root, split, val_split, **kwargs):
         try:
             return read("val")
         except FileNotFoundError as err:
-            print(f"[data] {err}: validating on a fixed tenth of the training split instead")
+            note(f"[data] {err}: validating on a fixed tenth of the training split instead")
             sliced = True
     if split == "val":
         train = read("train")
@@ -100,6 +100,6 @@ def val_present(read):
     try:
         read("val")
     except FileNotFoundError as err:
-        print(f"[data] {err}: training leaves a fixed tenth of the training split out to validate on")
+        note(f"[data] {err}: training leaves a fixed tenth of the training split out to validate on")
         return False
     return True
