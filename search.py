@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lib import distributed, heap
 from lib.checkpoint import (atomic_write_json, file_sha256, load_checkpoint, same_input_as_recorded,
-                            torch_load, torch_save_atomic)
+                            tensors_sha256, torch_load, torch_save_atomic)
 from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, path_arg,
                      positive_float, positive_fraction, positive_int, resolve_amp, resolve_device,
                      run_script)
@@ -110,12 +110,7 @@ def reward_data_sha256(evaluator):
 
 
 def _batch_sha256(batch):
-    digest = hashlib.sha256()
-    for key in sorted(batch):
-        if torch.is_tensor(batch[key]):
-            digest.update(key.encode())
-            digest.update(batch[key].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_sha256((key, batch[key]) for key in sorted(batch) if torch.is_tensor(batch[key]))
 
 
 def fixed_bits_of(args, layers):

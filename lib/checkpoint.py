@@ -119,6 +119,17 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
+def tensors_sha256(named_tensors):
+    """Hex SHA-256 of (name, tensor) pairs, in the order given: each name, then the tensor's
+    bytes (any dtype, any device). Whether processes hold the same weights, or a search the
+    same reward samples."""
+    digest = hashlib.sha256()
+    for name, tensor in named_tensors:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def same_input_as_recorded(path, recorded, flag):
     """A one-line ValueError when the file at `path` no longer has the SHA-256 the run recorded
     (None: a run from before the record, not checked)."""

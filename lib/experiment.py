@@ -1,6 +1,5 @@
 """Pieces every top-level script builds the same way: datasets and loaders, the model that fits
 a dataset, and the metadata a checkpoint records about both."""
-import hashlib
 import os
 
 import torch
@@ -188,24 +187,15 @@ def load_on_every_rank(path, tries=3):
     a run that still trains may replace its best.pt between two ranks' reads (run/eval.sh scores
     unfinished stages too): they scored two models and merged the figures into those of neither.
     The ranks compare the weights they loaded and read the file again until they agree."""
-    from lib.checkpoint import load_checkpoint
+    from lib.checkpoint import load_checkpoint, tensors_sha256
     for _ in range(tries):
         meta, model, resume = load_checkpoint(path)
         if distributed.world_size() == 1:
             return meta, model, resume
-        if len(set(distributed.gather_objects(weights_digest(model)))) == 1:
+        if len(set(distributed.gather_objects(tensors_sha256(model.state_dict().items())))) == 1:
             return meta, model, resume
     raise ValueError(f"{path}: replaced while the processes read it, {tries} times in a row (a "
                      f"run still writing it?); score it again")
-
-
-def weights_digest(model):
-    """SHA-256 of a model's state_dict, names and bytes."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def example_inputs(dataset, device, n=2):
