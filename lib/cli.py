@@ -3,9 +3,11 @@ default, help), so it is spelled and checked the same everywhere; a script adds 
 with `add_flags`. Also the resume contract (`resumed_args`) and the scripts' entry point
 (`run_script`)."""
 import argparse
+import json
 import os
 import re
 import sys
+import time
 
 from lib.data import DATASET_NAMES
 
@@ -313,5 +315,39 @@ def run_script(main, parser, kind=None, argv=None):
         release_unused()
         message = (f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename
                    and e.strerror else one_line(e))
+        _tell_torchrun(f"error: {message}")
         # Under torchrun every rank stops; the main one says why.
         raise SystemExit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
+    except RuntimeError as e:
+        if not _peer_stopped(e):
+            raise
+        # Another process of the run stopped (a one-line error of its own, or a crash) while
+        # this one waited on it in a collective: its error is the news, not this traceback.
+        from lib.rundir import release_unused
+        release_unused()
+        raise SystemExit("error: another process of this run stopped first; torchrun's summary "
+                         "below names it" if os.environ.get("RANK", "0") == "0" else 1)
+
+
+# What gloo's collectives raise in a process whose peer has exited (its sockets closed).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def _peer_stopped(error):
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(s in str(error) for s in _PEER_GONE)
+
+
+def _tell_torchrun(message):
+    """Under torchrun, the one-line error goes into the process's error file as well: torchrun's
+    failure summary, the last thing printed, then shows it for the process that failed, where
+    it otherwise says only "To enable traceback see: ..." (an error only rank 1 found was
+    printed nowhere)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:  # torch.distributed.elastic's format, without a traceback
+            json.dump({"message": {"message": message,
+                                   "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass  # the summary then has no message; the error itself is unaffected

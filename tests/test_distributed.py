@@ -237,3 +237,21 @@ def test_a_stage_that_lands_while_the_ranks_list_a_run_is_not_a_hang(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     with open(tmp_path / "rows.json") as f:
         assert json.load(f) == ["fp32"]
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_an_error_one_rank_finds_is_one_line_under_torchrun(failing_rank):
+    """A one-line error of one process reached the terminal with the other process's gloo
+    traceback ("Connection closed by peer") after it, and not at all when rank 1 found it (only
+    rank 0 prints): the waiting process now stops without a traceback, and the failing one's
+    line is in torchrun's summary (its error file)."""
+    out = subprocess.run([*TORCHRUN, os.path.join(REPO, "tests", "ddp_one_line_error.py"),
+                          "--failing-rank", str(failing_rank)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "Connection closed by peer" not in text and "[rank" not in text, text[-3000:]
+    assert "error: data/x.txt: line 3 has 2 columns, expected 7" in text
+    # torchrun's summary of the failing process carries the line
+    summary = text[text.index("FAILED"):]
+    assert "line 3 has 2 columns" in summary, text[-3000:]
