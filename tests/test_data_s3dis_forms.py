@@ -1,8 +1,10 @@
 """S3DIS as other repositories prepare it (per-room N x 7 .npy; Pointcept's per-room folders):
 read back with the raw release's points and labels, told apart from the raw release, and bad
 files refused in one line naming the file."""
+import re
 import shutil
 
+import h5py
 import numpy as np
 import pytest
 
@@ -87,6 +89,24 @@ def test_older_pointcept_rooms_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="Area_N/<room>.pth .* older versions of "
                                                 "Pointcept's preprocess_s3dis.py"):
         S3DISDataset(str(tmp_path), "test")
+
+
+@pytest.mark.parametrize("inside", ["", "indoor3d_sem_seg_hdf5_data", "raw"])
+def test_pointnets_sem_seg_blocks_are_named_with_what_to_use(tmp_path, inside):
+    """PointNet's (and DGCNN's) S3DIS download, indoor3d_sem_seg_hdf5_data: 1 m blocks of 4096
+    resampled points, from which no room can be scored point by point (PyG's S3DIS dataset
+    keeps them in raw/)."""
+    folder = tmp_path / inside
+    folder.mkdir(exist_ok=True)
+    with h5py.File(folder / "ply_data_all_0.h5", "w") as f:
+        f.create_dataset("data", data=np.zeros((2, 4096, 9), np.float32))
+        f.create_dataset("label", data=np.zeros((2, 4096), np.uint8))
+    (folder / "all_files.txt").write_text(f"{folder.name}/ply_data_all_0.h5\n")
+    (folder / "room_filelist.txt").write_text("Area_1_conferenceRoom_1\n" * 2)
+    named = re.escape(f"{folder}: PointNet's indoor3d_sem_seg_hdf5_data ")
+    with pytest.raises(FileNotFoundError, match=named + r".* not read: .* use the N x 7 \.npy") as err:
+        S3DISDataset(str(tmp_path), "test")
+    assert "\n" not in str(err.value)
 
 
 def test_damaged_converted_room_is_named(forms, tmp_path):

@@ -36,6 +36,9 @@ NPY_ROOM = re.compile(r"Area_(\d)_(.+)\.npy")
 # (data/S3DIS/s3disfull/raw/) give the folder
 NPY_SUBFOLDERS = ("stanford_indoor3d", "trainval_fullarea", "raw")
 POINTCEPT_FILES = ("coord.npy", "color.npy", "segment.npy")
+# PointNet's S3DIS download for its sem_seg code: blocks, not rooms (named in the error, not read)
+BLOCKS_FOLDER = "indoor3d_sem_seg_hdf5_data"
+BLOCKS_FILE = re.compile(r"ply_data_all_\d+\.h5")
 SUPPORTED = (f"the raw release ({RAW_DIRNAME}/Area_N/<room>/Annotations/), per-room N x 7 "
              f".npy (Area_N_<room>.npy, also inside "
              f"{', '.join(folder + '/' for folder in NPY_SUBFOLDERS)}), "
@@ -63,12 +66,32 @@ def find_source(root, processed_dir, skip_malformed):
         return RawRelease(root, processed_dir, skip_malformed)
     if any(f.endswith(".npz") for area_dir in area_dirs(root) for f in os.listdir(area_dir)):
         return ConvertedRooms(root)
+    blocks = pointnet_blocks_folder(root)
+    if blocks:
+        raise FileNotFoundError(f"{blocks}: PointNet's {BLOCKS_FOLDER} (ply_data_all_*.h5: "
+                                f"the rooms cut into 1 m blocks of 4096 resampled points) is not "
+                                f"read: its blocks leave out and repeat points, so no room could "
+                                f"be scored point by point as the Area 5 figures are; use the "
+                                f"N x 7 .npy rooms the blocks were cut from (PointNet's "
+                                f"collect_indoor3d_data.py writes them into stanford_indoor3d/) "
+                                f"or the raw release; supported: {SUPPORTED}")
     if any(f.endswith(".pth") for area_dir in area_dirs(root) for f in os.listdir(area_dir)):
         raise FileNotFoundError(f"{root}: rooms as Area_N/<room>.pth (the form older versions of "
                                 f"Pointcept's preprocess_s3dis.py wrote) are not read; its current "
                                 f"version writes per-room .npy folders, which are; supported: "
                                 f"{SUPPORTED}")
     raise FileNotFoundError(f"{root}: no S3DIS layout found; supported: {SUPPORTED}")
+
+
+def pointnet_blocks_folder(root):
+    """The folder holding PointNet's sem_seg blocks (ply_data_all_<k>.h5, all_files.txt,
+    room_filelist.txt; DGCNN reads them too): `root`, its indoor3d_sem_seg_hdf5_data/ or its
+    raw/ (where PyG's S3DIS dataset keeps them), or None."""
+    for folder in (root, os.path.join(root, BLOCKS_FOLDER), os.path.join(root, "raw")):
+        if os.path.isdir(folder) and any(BLOCKS_FILE.fullmatch(f) or f == "room_filelist.txt"
+                                         for f in os.listdir(folder)):
+            return folder
+    return None
 
 
 def read_processed_room(path):
