@@ -1,6 +1,7 @@
 """ModelNet's OFF meshes (ModelNet40.zip / ModelNet10.zip): robust parsing, area-weighted seeded
 sampling with a cache, ModelNet10, and one-line errors naming the file."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -158,3 +159,15 @@ def test_unknown_folder_names_the_supported_layouts(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a ModelNet40 folder; supported: .*"
                                                 "normal_resampled.*hdf5.*off"):
         ModelNet40Dataset(tmp_path, "train")
+
+
+def test_meshes_one_folder_down_are_named_with_the_data_root_to_give(meshes, tmp_path):
+    """PyG's ModelNet keeps the meshes in <root>/raw/<class>/{train,test}/*.off."""
+    shutil.copytree(meshes, tmp_path / "ModelNet40" / "raw")
+    (tmp_path / "ModelNet40" / "processed").mkdir()  # PyG's own cache, not read
+    with pytest.raises(FileNotFoundError) as err:
+        ModelNet40Dataset(tmp_path / "ModelNet40", "train")
+    assert "\n" not in str(err.value)
+    assert (f"not a ModelNet40 folder, but its subfolder raw/ does (as PyG keeps a release in "
+            f"raw/" in str(err.value))
+    assert f"give --data-root {tmp_path / 'ModelNet40' / 'raw'}; supported" in str(err.value)

@@ -149,6 +149,17 @@ def test_unknown_folder_names_the_supported_layouts(tmp_path):
         S3DISDataset(str(tmp_path), "test")
 
 
+@pytest.mark.parametrize("layout", ["pointcept", "npy"])
+def test_a_form_one_folder_down_is_named_with_the_data_root_to_give(forms, tmp_path, layout):
+    """Pointcept's s3dis.tar.gz unpacked into a folder of its own name: s3dis/s3dis/Area_N/."""
+    shutil.copytree(forms / layout, tmp_path / "s3dis" / "s3dis")
+    with pytest.raises(FileNotFoundError) as err:
+        S3DISDataset(str(tmp_path / "s3dis"), "test")
+    assert "\n" not in str(err.value)
+    assert "no S3DIS layout found, but its subfolder s3dis/ does" in str(err.value)
+    assert f"give --data-root {tmp_path / 's3dis' / 's3dis'}; supported" in str(err.value)
+
+
 def area5_npy(forms, tmp_path):
     root = shutil.copytree(forms / "npy", tmp_path / "npy")
     return root, sorted(root.glob("Area_5_*.npy"))[0]

@@ -97,6 +97,18 @@ def test_unknown_folder_names_the_supported_layouts(tmp_path):
         ShapeNetPartDataset(tmp_path, "train")
 
 
+@pytest.mark.parametrize("layout, inner", [
+    ("v0_normal", "raw"),  # PyG's ShapeNet keeps the release in <root>/raw/
+    ("v0", "shapenetcore_partanno_segmentation_benchmark_v0"),  # unpacked into its own name
+    ("hdf5", "shapenet_part_seg_hdf5_data")])
+def test_a_form_one_folder_down_is_named_with_the_data_root_to_give(forms, tmp_path, layout, inner):
+    shutil.copytree(forms / layout, tmp_path / "outer" / inner)
+    with pytest.raises(FileNotFoundError) as err:
+        ShapeNetPartDataset(tmp_path / "outer", "train")
+    assert f"its subfolder {inner}/ does" in one_line(err)
+    assert f"give --data-root {tmp_path / 'outer' / inner}" in str(err.value)
+
+
 def copy_form(forms, layout, tmp_path):
     return shutil.copytree(forms / layout, tmp_path / layout)
 

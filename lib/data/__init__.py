@@ -166,6 +166,25 @@ def read_text_file(path):
                          f"{e.start})") from None
 
 
+def one_level_down(root, holds):
+    """'' or, for an error saying that `root` holds no form of a dataset, a clause naming the
+    subfolder that does (`holds(folder)`) and the --data-root to give: PyG's datasets keep the
+    release in <root>/raw/, and an archive unpacked into a folder of its own name nests it."""
+    def holds_one(folder):
+        try:
+            return folder.is_dir() and not folder.name.startswith(".") and holds(folder)
+        except OSError:  # a subfolder we may not list is not where the data is
+            return False
+
+    root = Path(root)
+    found = [p for p in sorted(root.iterdir()) if holds_one(p)] if root.is_dir() else []
+    if not found:
+        return ""
+    return (f", but its subfolder {found[0].name}/ does (as PyG keeps a release in raw/, or as an "
+            f"archive unpacked into a folder of its own name nests it): give --data-root "
+            f"{found[0]}")
+
+
 def note(*args, **kwargs):
     """print() for a reader's remark (a layout found, entries missing, a conversion), by the
     main process only: under torchrun every process reads the data and said it once each."""

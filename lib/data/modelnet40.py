@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import DATA_DIR, error_reason, first_bad_label, note, read_point_table, read_text_file
+from lib.data import (DATA_DIR, error_reason, first_bad_label, note, one_level_down,
+                      read_point_table, read_text_file)
 from lib.data.off_mesh import read_off, sample_surface
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
 
@@ -63,15 +64,24 @@ def val_mask(positions, root):
     return mask
 
 
-def detect_layout(root):
+def find_layout(root):
+    """The layout of the folder `root`, or None."""
     if (root / "modelnet40_shape_names.txt").is_file():
         return "normal_resampled"
     if (root / "shape_names.txt").is_file():
         return "hdf5"
     if any(root.glob("*/train/*.off")) or any(root.glob("*/test/*.off")):
         return "off"
-    raise FileNotFoundError(f"{root}: not a ModelNet40 folder; supported: "
-                            f"{'; '.join(LAYOUTS.values())}")
+    return None
+
+
+def detect_layout(root):
+    layout = find_layout(root)
+    if layout is None:
+        inside = one_level_down(root, lambda folder: find_layout(folder) is not None)
+        raise FileNotFoundError(f"{root}: not a ModelNet40 folder{inside}; supported: "
+                                f"{'; '.join(LAYOUTS.values())}")
+    return layout
 
 
 def read_lines(path):

@@ -27,7 +27,7 @@ import zipfile
 
 import numpy as np
 
-from lib.data import error_reason, first_bad_label, note
+from lib.data import error_reason, first_bad_label, note, one_level_down
 from lib.data.s3dis import (AREAS, CLASS_NAMES, RAW_DIRNAME, convert_room, default_processed_dir,
                             find_raw_dir, list_rooms, preprocess)
 
@@ -80,7 +80,10 @@ def find_source(root, processed_dir, skip_malformed):
                                 f"Pointcept's preprocess_s3dis.py wrote) are not read; its current "
                                 f"version writes per-room .npy folders, which are; supported: "
                                 f"{SUPPORTED}")
-    raise FileNotFoundError(f"{root}: no S3DIS layout found; supported: {SUPPORTED}")
+    inside = one_level_down(root, lambda folder: os.path.isdir(os.path.join(folder, RAW_DIRNAME))
+                            or bool(area_dirs(str(folder)))
+                            or any(NPY_ROOM.fullmatch(f) for f in os.listdir(folder)))
+    raise FileNotFoundError(f"{root}: no S3DIS layout found{inside}; supported: {SUPPORTED}")
 
 
 def pointnet_blocks_folder(root):

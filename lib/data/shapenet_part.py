@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import first_bad_label, note, read_point_table, read_text_file
+from lib.data import first_bad_label, note, one_level_down, read_point_table, read_text_file
 from lib.data.shapenet_part_h5 import CATEGORY_FILE as H5_CATEGORY_FILE, find_h5_folder, read_h5_split
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
 
@@ -115,8 +115,10 @@ def detect_layout(root):
     if (root / CATEGORY_FILE).is_file():
         v0 = any(p.is_dir() for p in root.glob("*/points"))
         return ("v0" if v0 else "v0_normal"), root
+    inside = one_level_down(root, lambda folder: (folder / CATEGORY_FILE).is_file()
+                            or find_h5_folder(folder) is not None)
     raise FileNotFoundError(f"{root}: no ShapeNet part layout found (no {CATEGORY_FILE} or "
-                            f"ply_data_*.h5); supported: {'; '.join(LAYOUTS.values())}")
+                            f"ply_data_*.h5){inside}; supported: {'; '.join(LAYOUTS.values())}")
 
 
 def read_split(path, synsets):
