@@ -6,7 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lib.haq.ddpg import DDPG
 from lib.haq.env import QuantEnv, action_to_bit, fit_budget
+from lib.haq.search_loop import run_search
 
 
 def make_layer(name, n_weights, kind="linear", in_features=8, out_features=8, kernel_size=1, stride=1,
@@ -186,3 +188,17 @@ def test_step_needs_reset_and_a_number():
     env.step(0.5)
     with pytest.raises(RuntimeError, match="reset"):
         env.step(0.5)
+
+
+def test_a_non_finite_metric_stops_the_search_instead_of_becoming_its_best():
+    """A NaN reward wins against nothing and loses against nothing: as the first episode's it
+    stayed the best policy for good, and once in the replay buffer it made the agent's baseline,
+    critic and actor NaN, whose exploration draws were then rejected forever (a hang)."""
+    layers = [make_layer("a", 1000), make_layer("b", 1000)]
+    scores = iter([float("nan"), 0.7, 0.8])
+    env = QuantEnv(layers, lambda bits: next(scores), 0.8, preserve_ratio=0.25)
+    with pytest.raises(FloatingPointError, match=r"widths \[.*\] scored nan; search stopped"):
+        run_search(env, DDPG(env.state_dim, buffer_size=64, seed=0), episodes=3, warmup=3)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(FloatingPointError, match="fp32 model's metric"):
+            QuantEnv(layers, lambda bits: 0.7, bad, preserve_ratio=0.25)

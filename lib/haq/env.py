@@ -108,6 +108,9 @@ class QuantEnv:
     def __init__(self, layers, evaluate_policy, metric_fp32, preserve_ratio,
                  min_bit=2, max_bit=8, fixed_bits=None):
         fixed_bits = dict(fixed_bits or {})
+        if not math.isfinite(metric_fp32):
+            raise FloatingPointError(f"HAQ environment: the fp32 model's metric is {metric_fp32}; "
+                                     f"every reward would be too")
         self.budget_bits, self.fixed_cost = check_search_space(layers, preserve_ratio, min_bit,
                                                                max_bit, fixed_bits)
         names = [layer.name for layer in layers]
@@ -151,6 +154,13 @@ class QuantEnv:
         by_name = {layer.name: b for layer, b in zip(self.searched, searched_bits)}
         bits = {name: by_name[name] if name in by_name else self.fixed_bits[name] for name in self.layer_names}
         metric = float(self.evaluate_policy(dict(bits)))
+        if not math.isfinite(metric):
+            # A NaN reward never loses a comparison, so it stays the best policy, and it makes
+            # the agent's baseline, critic and actor NaN, after which no exploration draw is
+            # ever accepted: the search stops here instead.
+            raise FloatingPointError(
+                f"HAQ environment: the policy of widths {sorted(set(searched_bits))} scored "
+                f"{metric}; search stopped (its reward would stay the best and make the agent NaN)")
         reward = 0.1 * (metric - self.metric_fp32)  # HAQ: lambda (acc_quant - acc_origin), lambda = 0.1
         used = self.fixed_cost + sum(n * b for n, b in zip(self.n_weights, searched_bits))
         info = {"bits": bits, "budget_ratio": used / (FP32_BITS * self.total_weights), "metric": metric,
