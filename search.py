@@ -12,6 +12,7 @@ The search folder (--out) defaults to the search/ subfolder of the checkpoint's 
 neighbour tensors pass glibc's 32 MiB mmap threshold and fault in every episode.
 """
 import hashlib
+import math
 import os
 
 import torch
@@ -25,7 +26,7 @@ from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, pa
                      run_script)
 from lib.experiment import check_same_data, check_training_batch, example_inputs, load_split
 from lib.haq.ddpg import DDPG
-from lib.haq.env import QuantEnv, check_search_space
+from lib.haq.env import InfeasibleBudget, QuantEnv, check_search_space
 from lib.haq.plot import plot_policy, policy_figure
 from lib.haq.policy_eval import (FINETUNE_LR, PolicyEvaluator, finetune_batches,
                                  haq_finetune_steps, reward_batches)
@@ -79,8 +80,7 @@ def build_evaluator(args, device):
     model.to(device)
     layers = list_quantizable(model, example_inputs(held_out, device))
     # an impossible budget or widths stop here, before the batches and the fp32 score
-    check_search_space(layers, args.preserve_ratio, args.min_bit, args.max_bit,
-                       fixed_bits_of(args, layers))
+    check_budget(args, layers)
     eval_batches = reward_batches(held_out, args.val_size, args.batch_size, device, args.seed,
                                   args.workers)
     if args.finetune_steps is None:
@@ -111,6 +111,27 @@ def reward_data_sha256(evaluator):
 
 def _batch_sha256(batch):
     return tensors_sha256((key, batch[key]) for key in sorted(batch) if torch.is_tensor(batch[key]))
+
+
+def check_budget(args, layers):
+    """lib.haq.env.check_search_space, with a budget below the smallest policy the search can
+    make (every searched layer at --min-bit, the kept layers at their width) told in the flags
+    that set it, and the least --preserve-ratio that holds it (rounded up to 4 decimals)."""
+    try:
+        check_search_space(layers, args.preserve_ratio, args.min_bit, args.max_bit,
+                           fixed_bits_of(args, layers))
+    except InfeasibleBudget as e:
+        keep = parse_keep(args.keep_first_last)
+        smallest = f"every searched layer at --min-bit {args.min_bit}"
+        if keep != "off":
+            smallest += f", the first and last layers at --keep-first-last {args.keep_first_last}"
+        lower = [flag for flag, can in (("--min-bit", args.min_bit > 1),
+                                        ("--keep-first-last", keep not in ("off", 1))) if can]
+        raise ValueError(
+            f"--preserve-ratio {args.preserve_ratio} is unreachable: the smallest policy "
+            f"({smallest}) takes {e.least_ratio:.4g} of the fp32 weight bits; give "
+            f"--preserve-ratio {math.ceil(e.least_ratio * 1e4) / 1e4:g} or more"
+            f"{', or a lower ' + ' or '.join(lower) if lower else ''}") from None
 
 
 def fixed_bits_of(args, layers):

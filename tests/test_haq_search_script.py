@@ -3,6 +3,7 @@ reward subset far smaller than the val split, and under torchrun (2 processes, g
 one process."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -130,8 +131,18 @@ def test_an_impossible_budget_stops_before_the_rewards_set_up(rooms_ckpt, tmp_pa
     def collated(*args, **kwargs):
         raise AssertionError("batches collated before the budget was checked")
     monkeypatch.setattr(search_script, "reward_batches", collated)
-    with pytest.raises(ValueError, match="HAQ budget infeasible: preserve_ratio 0.02"):
+    with pytest.raises(ValueError) as refused:
         search(rooms_ckpt, tmp_path / "search", "--preserve-ratio", "0.02", "--keep-first-last",
+               "fp32")
+    # in the flags' words, with the least ratio that holds the kept layers and --min-bit
+    least = re.fullmatch(r"--preserve-ratio 0\.02 is unreachable: the smallest policy \(every "
+                         r"searched layer at --min-bit 2, the first and last layers at "
+                         r"--keep-first-last fp32\) takes 0\.\d+ of the fp32 weight bits; give "
+                         r"--preserve-ratio (0\.\d+) or more, or a lower --min-bit or "
+                         r"--keep-first-last", str(refused.value))
+    assert least, str(refused.value)
+    with pytest.raises(AssertionError, match="batches collated"):  # that ratio gets past the check
+        search(rooms_ckpt, tmp_path / "search2", "--preserve-ratio", least[1], "--keep-first-last",
                "fp32")
 
 

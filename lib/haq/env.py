@@ -61,6 +61,15 @@ def layer_features(layers, indices):
     return torch.where(span > 0, (features - low) / span.clamp_min(1e-12), torch.zeros_like(features))
 
 
+class InfeasibleBudget(ValueError):
+    """check_search_space's error for a budget below the smallest policy the search can make:
+    `least_ratio`, the smallest preserve_ratio that holds it, lets a script name its flags."""
+
+    def __init__(self, message, least_ratio):
+        super().__init__(message)
+        self.least_ratio = least_ratio
+
+
 def check_search_space(layers, preserve_ratio, min_bit, max_bit, fixed_bits):
     """A one-line ValueError for a search that cannot run (bad widths or names, nothing to
     search, a budget that even min_bit everywhere exceeds); else (the budget in weight bits, the
@@ -86,9 +95,11 @@ def check_search_space(layers, preserve_ratio, min_bit, max_bit, fixed_bits):
     fixed_cost = sum(n_by_name[name] * (FP32_BITS if b is None else b) for name, b in fixed_bits.items())
     need = fixed_cost + min_bit * sum(searched)
     if need > budget_bits:
-        raise ValueError(
+        least = need / (FP32_BITS * sum(n_by_name.values()))
+        raise InfeasibleBudget(
             f"HAQ budget infeasible: preserve_ratio {preserve_ratio} allows {budget_bits:.0f} weight bits, "
-            f"but the fixed layers plus every searched layer at min_bit={min_bit} need {need}")
+            f"but the fixed layers plus every searched layer at min_bit={min_bit} need {need} "
+            f"(preserve_ratio {least:.6g})", least)
     return budget_bits, fixed_cost
 
 
