@@ -209,16 +209,17 @@ def main(args):
     log = RunLog(out, vars(args), log_name="episodes.jsonl")
     start = state["episode"] if state else 0
     log.keep_records(start)
+    if state:
+        log.purge_from(start)  # points of the episodes past the state, which run again
     bar = tqdm(total=args.episodes, initial=start, desc="search", dynamic_ncols=True,
                disable=not main_rank)
     names = [layer.name for layer in layers]
 
     def on_episode(record, search_state):
-        # The log line first: a crash before the state lands leaves one line too many, which
-        # the resume drops (keep_records); the other order would lose a line.
+        # The log line and the tensorboard points first, written out: a crash before the state
+        # lands leaves them one episode ahead, which the resume drops (keep_records, purge_from);
+        # the other order would lose them.
         log.record(record)
-        torch_save_atomic(dict(search_state, args=vars(args), ckpt_sha256=ckpt_sha256,
-                               data_sha256=data_sha256), state_path)
         log.scalars("search", {k: record[k] for k in ("reward", "metric", "budget_ratio")},
                     record["episode"])
         log.scalars("search_best", {k: search_state["best"][k] for k in ("reward", "metric")},
@@ -229,6 +230,9 @@ def main(args):
                 names, [record["bits"][n] for n in names], [layer.n_weights for layer in layers],
                 fixed_names=tuple(fixed), title=f"best policy at episode {record['episode']}"),
                 record["episode"])
+        log.flush_events()
+        torch_save_atomic(dict(search_state, args=vars(args), ckpt_sha256=ckpt_sha256,
+                               data_sha256=data_sha256), state_path)
         bits = [b for b in record["bits"].values() if b is not None]
         bar.set_postfix(ratio=f"{record['budget_ratio']:.3f}", metric=f"{record['metric']:.4f}",
                         reward=f"{record['reward']:+.4f}",

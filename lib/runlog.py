@@ -39,13 +39,25 @@ class RunLog:
         """A resumed run goes on from global training step `step` (the steps its last checkpoint
         holds): tensorboard hides the train_step points the interrupted run logged past it (a
         partial epoch's, shown twice otherwise), by a purge marker at step + 1 that the resumed
-        run's events follow (SummaryWriter's purge_step). The per-epoch points, at epoch numbers
-        far below it, are not purged: fit logs them after the epoch's last.pt."""
+        run's events follow. The per-epoch points, at epoch numbers far below it, are not
+        purged: fit logs them after the epoch's last.pt."""
+        self.purge_from(step + 1)
+
+    def purge_from(self, step):
+        """Hides every point at `step` or later that earlier events files hold (SummaryWriter's
+        purge_step): a resumed run logs those steps again."""
         if self.writer is None:
             return
         from torch.utils.tensorboard import SummaryWriter
         self.writer.close()  # nothing written through it yet: a resume calls this first
-        self.writer = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=step + 1)
+        self.writer = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=step)
+
+    def flush_events(self):
+        """Waits until the points logged so far are in the events file (SummaryWriter writes
+        them from a thread of its own): a caller that logs them before a checkpoint knows that
+        a kill after the checkpoint cannot lose them."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def scalars(self, prefix, values, step):
         """Every numeric entry of `values` as `prefix/name` in tensorboard; a dict entry (the

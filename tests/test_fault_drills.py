@@ -1100,3 +1100,49 @@ def test_a_stage_waits_for_its_input_stage_to_end(reference, tmp_path):
     out = subprocess.run(["bash", "run/search.sh"], cwd=REPO, capture_output=True, text=True,
                          timeout=120, env=dict(os.environ, DRY_RUN="1", RUN=str(tmp_path)))
     assert out.returncode == 0 and "search.py" in out.stdout, out.stderr
+
+
+def tensorboard_points(folder, tag):
+    """(step, value) of a scalar as tensorboard shows it (purged points hidden)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder / "tb"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+@pytest.mark.parametrize("kill, on_disk", [("after", 1), ("before", 2)])
+def test_a_killed_search_shows_each_episode_once_in_tensorboard(reference, tmp_path, kill,
+                                                                on_disk):
+    """search.py wrote an episode's state before its tensorboard points: killed in between
+    (here right after episode 0's search_state.pt), its resume went on from episode 1 and
+    episode 0 was missing from every chart. The points now come first, and the resume hides
+    those of an episode it runs again (killed right before episode 1's state lands), so each
+    shows once, as in the uninterrupted run. Killed for real (os._exit), as a process that
+    lives on would still write its queued points."""
+    runs, _ = reference
+    out = tmp_path / "killed"
+    driver = ("import os, runpy, sys\n"
+              "real, states = os.replace, []\n"
+              "def replace(src, dst):\n"
+              "    states.append(dst.endswith('search_state.pt'))\n"
+              f"    if {kill == 'before'} and sum(states) == 2 and states[-1]:\n"
+              "        os._exit(9)\n"
+              "    real(src, dst)\n"
+              f"    if {kill == 'after'} and states[-1]:\n"
+              "        os._exit(9)\n"
+              "os.replace = replace\n"
+              "sys.argv = ['search.py'] + sys.argv[1:]\n"
+              "runpy.run_path('search.py', run_name='__main__')\n")
+    killed = subprocess.run([sys.executable, "-c", driver,
+                             *map(str, search_args(runs["pretrain"] / "best.pt", out))],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                            timeout=300)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    complete = {tag: tensorboard_points(runs["search"], tag)
+                for tag in ("search/reward", "search_best/metric")}
+    assert all(len(points) == 2 for points in complete.values())  # episodes 0 and 1
+    for tag, points in complete.items():
+        assert tensorboard_points(out, tag) == points[:on_disk], tag
+    run("search", "--resume", out)
+    for tag, points in complete.items():
+        assert tensorboard_points(out, tag) == points, tag
