@@ -61,16 +61,11 @@ def gather_objects(obj):
     return out
 
 
-def sum_over_ranks_(tensor, device):
-    """`tensor` (on the CPU) replaced in place by its sum over all ranks. NCCL reduces device
-    tensors only, so there it travels through `device` and back."""
-    if not is_distributed():
-        return tensor
-    if device.type == "cuda":
-        on_device = tensor.to(device)
-        dist.all_reduce(on_device)
-        return tensor.copy_(on_device.cpu())
-    dist.all_reduce(tensor)
+def broadcast_tensor_(tensor, src=0):
+    """`tensor` set in place to rank `src`'s (the same shape and dtype on every rank; on the
+    evaluation device, which NCCL needs). Returns it."""
+    if is_distributed():
+        dist.broadcast(tensor, src=src)
     return tensor
 
 
@@ -192,18 +187,24 @@ class ShardedSampler(torch.utils.data.Sampler):
     """Indices of one rank. Training: a permutation seeded by (seed, epoch), cut to a multiple of
     the world size so every rank takes the same number of steps; rank r takes every world-th
     index, so the ranks' batches at step s together are the single-process batch s.
-    Evaluation (shuffle=False): rank r takes indices r, r + world, ... with no padding, so
-    every sample is evaluated exactly once across ranks."""
+    Evaluation (shuffle=False): the one-process batches of `batch_size` in order, rank r taking
+    batches r, r + world, ... whole, with no padding: every sample is evaluated exactly once
+    across ranks, and in the very batch (same neighbours, same size) one process puts it in, so
+    its logits are one process's to the bit (a batch's size can change a kernel's sums: a crop
+    alone differs from the same crop among four in its last bits)."""
 
-    def __init__(self, n, shuffle, seed=0):
+    def __init__(self, n, shuffle, seed=0, batch_size=1):
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.batch_size = batch_size
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def _indices(self):
         if not self.shuffle:
-            return list(range(self.n))[rank()::world_size()]
+            size = self.batch_size
+            starts = range(rank() * size, self.n, world_size() * size)
+            return [i for start in starts for i in range(start, min(start + size, self.n))]
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         order = order[:len(order) - len(order) % world_size()]

@@ -47,7 +47,7 @@ def make_loader(dataset, batch_size, train, seed=0, workers=0):
     needs more than one sample); evaluation loaders keep every sample exactly once."""
     if train:
         check_training_batch(getattr(dataset, "task", None), batch_size, distributed.world_size())
-    sampler = ShardedSampler(len(dataset), shuffle=train, seed=seed)
+    sampler = ShardedSampler(len(dataset), shuffle=train, seed=seed, batch_size=batch_size)
     if train and len(sampler) < batch_size:
         raise ValueError(f"--batch-size {batch_size} is larger than the {len(sampler)} training "
                          f"samples (per process): no training step would run")

@@ -185,7 +185,7 @@ def evaluate(model, loader, device, amp=None, desc="eval", dataset=None, vote=Tr
             _score(pending)
     _score(pending)
     if voter is not None:
-        voter.sum_over_ranks(device)
+        voter.join_rounds(device)  # the other ranks' last batches
         for room, (pred, label) in enumerate(voter.finish()):
             metric.update(pred, label)
             if sink is not None:

@@ -379,18 +379,62 @@ class S3DISDataset(torch.utils.data.Dataset):
 class RoomVoter:
     """Test-time voting: sums the softmax scores of every crop that contains a point, per
     original point of each room, then predicts the argmax. Scores live on the CPU, one
-    (N, num_classes) float32 array per room, made when the room's first crop arrives."""
+    (N, num_classes) float32 array per room, made when the room's first crop arrives.
+
+    Float sums depend on their order, and on near-even scores the order decides a point's
+    argmax. So every rank adds every crop, in the order one process does: under DDP each rank
+    scores whole one-process batches (lib.distributed.ShardedSampler), and in each round every
+    rank hands its batch's scores to all (rank order is batch order) before any is added. The
+    predictions are then one process's to the bit under any number of processes (summed per
+    rank and then over ranks, they were not)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
         self.scores = {}  # room -> (N, num_classes)
 
     def add(self, room, index, logits):
-        """room: (B,) int64 (or a scalar), index: (B, N) (or (N,)), logits: (B, N, C) (or (N, C))."""
-        room = torch.as_tensor(room).reshape(-1)
-        index = index.reshape(len(room), -1).cpu()
-        probs = logits.detach().float().softmax(-1).reshape(len(room), index.shape[1], -1).cpu()
-        for r, idx, p in zip(room.tolist(), index, probs):
+        """room: (B,) int64 (or a scalar), index: (B, N) (or (N,)), logits: (B, N, C) (or (N, C)).
+        Under DDP every rank calls it once per batch, then join_rounds once."""
+        room = torch.as_tensor(room, device=logits.device).reshape(-1)
+        index = index.reshape(len(room), -1)
+        probs = logits.detach().float().softmax(-1).reshape(len(room), index.shape[1], -1)
+        if distributed.is_distributed():
+            self._round((room, index, probs), logits.device)
+        else:
+            self._vote(room, index, probs)
+
+    def join_rounds(self, device):
+        """Under DDP: after this rank's last batch, takes part in the rounds in which other ranks
+        still hand out batches (a rank scores one batch more than another at most), until every
+        rank is done."""
+        if distributed.is_distributed():
+            while self._round(None, device):
+                pass
+
+    def _round(self, mine, device):
+        """One round: every rank's batch this round (`mine`, None when done) added on every
+        rank in rank order. Returns False when no rank had one left."""
+        shapes = distributed.gather_objects(None if mine is None else tuple(mine[1].shape))
+        if all(shape is None for shape in shapes):
+            return False
+        for src, shape in enumerate(shapes):
+            if shape is None:
+                continue
+            if src == distributed.rank():
+                room, index, probs = mine
+                # one int64 message for the crops' rooms and point indices
+                ids = torch.cat([room.reshape(-1, 1).to(index.dtype), index], 1)
+                ids = ids.to(device, torch.int64)
+            else:
+                ids = torch.empty(shape[0], shape[1] + 1, dtype=torch.int64, device=device)
+                probs = torch.empty(*shape, self.dataset.num_classes, device=device)
+            distributed.broadcast_tensor_(ids, src)
+            distributed.broadcast_tensor_(probs, src)
+            self._vote(ids[:, 0], ids[:, 1:], probs)
+        return True
+
+    def _vote(self, room, index, probs):
+        for r, idx, p in zip(room.tolist(), index.cpu(), probs.cpu()):
             self._room_scores(r).index_add_(0, idx, p)
 
     def _room_scores(self, room):
@@ -399,15 +443,6 @@ class RoomVoter:
             self.scores[room] = torch.zeros(len(self.dataset.rooms[room].label),
                                             self.dataset.num_classes)
         return self.scores[room]
-
-    def sum_over_ranks(self, device):
-        """Every rank's scores added up, room by room, on every rank (DDP): a rank holds its
-        own scores and one room in transit, never the other ranks' copies of the whole split
-        (Area 5 at full resolution is gigabytes of scores per rank)."""
-        if not distributed.is_distributed():
-            return
-        for r in range(self.dataset.num_rooms):
-            distributed.sum_over_ranks_(self._room_scores(r), device)
 
     def finish(self):
         """Yields (pred (N,) int64, label (N,) int64) per room, in room order, releasing each
