@@ -159,6 +159,7 @@ def main(args):
 
     args.processes = world  # recorded: a resume under another count is refused (lib/cli)
     meta = {"model": fp32_meta["model"], "dataset": dict(data, root=root, num_points=num_points,
+                                                   val_key=train_set.val_key,
                                                    val_source=train_set.val_source,
                                                    seed=args.seed),
             "args": vars(args), "quant": quant}

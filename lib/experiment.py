@@ -6,7 +6,7 @@ import torch
 
 from lib import distributed
 from lib.data import default_root
-from lib.data.val_slice import split_with_val_protocol
+from lib.data.val_slice import recorded_val_key, split_with_val_protocol
 from lib.distributed import ShardedSampler
 
 MODEL_TASK = {"pt_seg": "partseg", "pt_semseg": "semseg", "pt_cls": "cls", "pct_cls": "cls"}
@@ -83,8 +83,8 @@ def dataset_meta(dataset_name, root, dataset, num_points, seed=0):
             "in_channels": dataset.in_channels, "num_points": num_points}
     if hasattr(dataset, "features"):  # normals or xyz: a form without normals feeds xyz
         meta["features"] = dataset.features
-    if hasattr(dataset, "val_source"):
-        meta["val_source"] = dataset.val_source  # what validated the run (best.pt's choice)
+    if hasattr(dataset, "val_key"):  # what validated the run (best.pt's choice), and in words
+        meta["val_key"], meta["val_source"] = dataset.val_key, dataset.val_source
     if dataset.task == "partseg":
         meta["category_names"] = list(dataset.category_names)
         meta["part_ranges"] = [list(r) for r in dataset.part_ranges]
@@ -92,11 +92,11 @@ def dataset_meta(dataset_name, root, dataset, num_points, seed=0):
 
 
 # What a checkpoint records of its data (dataset_meta's keys) that a run reading it checks: the
-# label space, for any run of the model; its inputs and validation split, for a resumed run.
+# label space, for any run of the model; its inputs (and validation split, val_key), for a
+# resumed run.
 LABEL_SPACE = (("class_names", "classes"), ("category_names", "category names"),
                ("part_ranges", "part ranges"))
-INPUTS = (("in_channels", "input channels"), ("features", "point features"),
-          ("val_source", "validation split"))
+INPUTS = (("in_channels", "input channels"), ("features", "point features"))
 
 
 def _other(recorded, found, keys):
@@ -131,6 +131,12 @@ def check_resumed_data(path, recorded, now, resume, steps_per_epoch):
     silently. (The folder itself is not compared: a repository moved elsewhere finds its data/
     at another path.)"""
     differences = [f"other {what}" for what in _other(recorded, now, LABEL_SPACE + INPUTS)]
+    # compared as what the split is (a run recorded before val_key: as its sentence means it),
+    # never as words, which may be reworded
+    if ("val_key" in recorded or "val_source" in recorded) and \
+            recorded_val_key(recorded) != now.get("val_key"):
+        differences.append(f"other validation split (now {now.get('val_source')}; recorded "
+                           f"{recorded.get('val_source')})")
     done = resume["scheduler"].get("last_epoch") if isinstance(resume.get("scheduler"),
                                                                dict) else None
     if isinstance(done, int) and resume["epoch"] and done != resume["epoch"] * steps_per_epoch:

@@ -123,3 +123,61 @@ def test_checkpoint_records_the_features_and_refuses_a_form_without_them(parts, 
     with pytest.raises(ValueError, match="trained with normals as point features, but the data "
                                          r".*h5 \(hdf5\) has xyz"):
         evaluate_checkpoint(path, str(tmp_path / "h5"))
+
+
+# What val_source said before val_key existed, for each protocol (lib/data/val_slice.py as of
+# 0657adc): older checkpoints hold only these words.
+SENTENCES_THEN = {
+    "held-out": "the dataset's held-out tenth of train",
+    "held-out, trainval": "the dataset's held-out tenth of train, inside the training data "
+                          "(trainval)",
+    "val list": "the dataset's val split",
+    "val list, trainval": "the val split (or a tenth of train where none is present), inside the "
+                          "training data (trainval)",
+    "slice": "a fixed tenth of the training split (2 samples, seed 0), left out of training",
+}
+
+
+@pytest.fixture(scope="module")
+def training_splits(parts, tmp_path_factory):
+    """dataset_meta of the training split under each protocol, as a run records it now."""
+    cls_root = tmp_path_factory.mktemp("cls") / "cls"
+    synthetic.write_cls(cls_root, seed=0, train_shapes=1, eval_shapes=1)
+    cls = ("synthetic_cls", str(cls_root / "modelnet40_normal_resampled"))
+    splits = {"held-out": (*cls, "auto"), "held-out, trainval": (*cls, "trainval"),
+              "val list": ("synthetic_parts", str(parts), "auto"),
+              "val list, trainval": ("synthetic_parts", str(parts), "trainval"),
+              "slice": ("synthetic_parts", str(parts), "train-slice")}
+    return {name: dataset_meta(dataset, root, load_split(dataset, root, "train", 64,
+                                                         val_split=protocol), 64)
+            for name, (dataset, root, protocol) in splits.items()}
+
+
+def test_a_resume_compares_what_the_val_split_is_not_its_words(training_splits):
+    """A checkpoint's val_source was compared as a sentence: rewording it in the code refused
+    every older run's resume. val_key (what the split is) is compared now; older checkpoints,
+    which hold the sentence alone, resume when it means the split found now, and a run whose
+    validation split changed is refused in one line either way."""
+    from lib.experiment import check_resumed_data
+    not_started = {"epoch": 0}
+    for name, now in training_splits.items():
+        check_resumed_data("last.pt", dict(now, val_source="reworded"), now, not_started, 1)
+        check_resumed_data("last.pt", before_keys(now, SENTENCES_THEN[name]), now, not_started, 1)
+        for other, then in training_splits.items():
+            if other == name:
+                continue
+            for recorded in (then, before_keys(then, SENTENCES_THEN[other])):
+                with pytest.raises(ValueError) as refused:
+                    check_resumed_data("last.pt", recorded, now, not_started, 1)
+                message = str(refused.value)
+                assert "\n" not in message and "other validation split (now " in message, message
+    sliced = training_splits["slice"]
+    three = before_keys(sliced, SENTENCES_THEN["slice"].replace("2 samples", "3 samples"))
+    with pytest.raises(ValueError, match="other validation split"):
+        check_resumed_data("last.pt", three, sliced, not_started, 1)
+
+
+def before_keys(record, sentence):
+    """A data record as a checkpoint written before val_key holds it."""
+    return dict({key: value for key, value in record.items() if key != "val_key"},
+                val_source=sentence)

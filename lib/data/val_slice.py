@@ -11,9 +11,13 @@ HAQ's reward) and, with "trainval", what trains. Never the test split.
 ShapeNet part ships a val list. ModelNet and S3DIS have none: their readers already hold out a
 fixed tenth of train as "val" (lib/data/modelnet40.py, lib/data/s3dis.py), so for them "auto"
 and "train-slice" are the same and "trainval" trains on the whole training split.
-The training split returned carries `val_source`, a sentence the checkpoint records (and a
-resumed run compares, lib/experiment.check_resumed_data: rewording one refuses old runs' resumes).
+The training split returned carries `val_key`, what its validation split is (the protocol
+and, for a slice of train, its size and seed: `held_out_key`, `val_list_key`, `slice_key`),
+which the checkpoint records and a resumed run compares (lib/experiment.check_resumed_data),
+and `val_source`, the same in words for people (`describe`), which may be reworded freely.
 """
+import re
+
 import numpy as np
 import torch
 
@@ -23,6 +27,65 @@ VAL_SPLITS = ("auto", "train-slice", "trainval")
 SLICE_EVERY = 10  # a tenth, like ModelNet's and S3DIS's own held-out slices
 SLICE_SEED = 0  # fixed, not --seed: runs with different seeds validate on the same shapes
 OWN_VAL_LIST = ("shapenet_part", "synthetic_parts")  # the datasets whose val split is a list
+
+
+def held_out_key(in_training):
+    """A reader's own held-out tenth of train (ModelNet, S3DIS); in_training: under trainval."""
+    return {"val": "held_out_tenth", "in_training": in_training}
+
+
+def val_list_key(in_training):
+    """The dataset's val list; in_training: under trainval, where train + val train and the val
+    split (or a tenth of train, where no val file is present) validates."""
+    return {"val": "val_list_or_slice" if in_training else "val_list", "in_training": in_training}
+
+
+def slice_key(samples, seed=SLICE_SEED, every=SLICE_EVERY):
+    """`samples` samples of the training split, every-th of it drawn by seed, left out of it."""
+    return {"val": "train_slice", "in_training": False, "every": every, "seed": seed,
+            "samples": samples}
+
+
+def describe(key):
+    """val_key in words (the val_source a checkpoint records, for people)."""
+    if key["val"] == "held_out_tenth":
+        return "the dataset's held-out tenth of train" + (
+            ", inside the training data (trainval)" if key["in_training"] else "")
+    if key["val"] == "val_list_or_slice":
+        return ("the val split (or a tenth of train where none is present), inside the training "
+                "data (trainval)")
+    if key["val"] == "val_list":
+        return "the dataset's val split"
+    return (f"a fixed tenth of the training split ({key['samples']} samples, seed "
+            f"{key['seed']}), left out of training")
+
+
+# The val_source sentences checkpoints recorded before val_key existed, and the key each one
+# means (every tenth, as SLICE_EVERY was): frozen, so that those runs stay resumable however
+# `describe` words the keys now.
+SENTENCES_BEFORE_KEYS = {
+    "the dataset's held-out tenth of train": held_out_key(False),
+    "the dataset's held-out tenth of train, inside the training data (trainval)":
+        held_out_key(True),
+    "the val split (or a tenth of train where none is present), inside the training data "
+    "(trainval)": val_list_key(True),
+    "the dataset's val split": val_list_key(False),
+}
+SLICE_SENTENCE_BEFORE_KEYS = re.compile(
+    r"a fixed tenth of the training split \((\d+) samples, seed (\d+)\), left out of training")
+
+
+def recorded_val_key(data):
+    """The val_key of a checkpoint's data record (dataset_meta's form); for one written before
+    val_key existed, the key its val_source sentence means. None: it records neither, or words
+    no version wrote."""
+    if "val_key" in data:
+        return data["val_key"]
+    sentence = data.get("val_source")
+    if sentence in SENTENCES_BEFORE_KEYS:
+        return dict(SENTENCES_BEFORE_KEYS[sentence])
+    match = SLICE_SENTENCE_BEFORE_KEYS.fullmatch(sentence or "")
+    return slice_key(int(match[1]), int(match[2]), every=10) if match else None
 
 
 def val_slice(n):
@@ -66,9 +129,7 @@ def split_with_val_protocol(name, root, split, val_split, **kwargs):
         if split == "val":
             return read("val")
         data = read("trainval" if val_split == "trainval" else "train")
-        data.val_source = "the dataset's held-out tenth of train" + (
-            ", inside the training data (trainval)" if val_split == "trainval" else "")
-        return data
+        return with_val_key(data, held_out_key(val_split == "trainval"))
     sliced = val_split == "train-slice" or (val_split == "auto" and split == "train"
                                             and not val_present(read))
     if split == "val" and not sliced:
@@ -81,18 +142,17 @@ def split_with_val_protocol(name, root, split, val_split, **kwargs):
         train = read("train")
         return SplitSlice(train, val_slice(len(train))[0])
     if val_split == "trainval":
-        data = read("trainval")
-        data.val_source = ("the val split (or a tenth of train where none is present), inside "
-                           "the training data (trainval)")
-        return data
+        return with_val_key(read("trainval"), val_list_key(True))
     train = read("train")
     if not sliced:
-        train.val_source = "the dataset's val split"
-        return train
+        return with_val_key(train, val_list_key(False))
     held_out, kept = val_slice(len(train))
-    data = SplitSlice(train, kept)
-    data.val_source = (f"a fixed tenth of the training split ({len(held_out)} samples, seed "
-                       f"{SLICE_SEED}), left out of training")
+    return with_val_key(SplitSlice(train, kept), slice_key(len(held_out)))
+
+
+def with_val_key(data, key):
+    """The training split `data` marked with what validates it (val_key, val_source)."""
+    data.val_key, data.val_source = key, describe(key)
     return data
 
 
