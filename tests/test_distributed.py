@@ -255,6 +255,8 @@ def test_an_error_one_rank_finds_is_one_line_under_torchrun(failing_rank):
     # torchrun's summary of the failing process carries the line
     summary = text[text.index("FAILED"):]
     assert "line 3 has 2 columns" in summary, text[-3000:]
+
+
 def test_rooms_voted_under_two_processes_are_one_process_predictions(tmp_path):
     """S3DIS whole-room scoring: a point's prediction is the argmax of its crops' summed
     softmax scores, and on near-even scores the order of that float sum decides it. Each rank
