@@ -216,17 +216,23 @@ def _same_input(dest, path, recorded_path, folder, recorded_folder):
             and relocated(recorded_path, folder, recorded_folder) == os.path.abspath(path))
 
 
-def recorded_settings(parser, argv, args, recorded, path, done, will_train=True):
+def recorded_settings(parser, argv, args, recorded, path, done, will_train=True, processes=None):
     """The run's settings (a Namespace) for a command line `argv` (parsed: `args`) given to the
     run recorded at `path` (its folder is the run's, `recorded` its flags, `done` its epochs or
     episodes): only MAY_CHANGE_AT_RESUME may differ, and --epochs / --episodes only upwards;
     anything else is a one-line ValueError listing every difference. will_train=False: the
-    number of processes is not checked (a finished stage skipped trains nothing)."""
+    number of processes is not checked (a finished stage skipped trains nothing). processes:
+    the number the command runs under; None: this process's (torchrun's WORLD_SIZE, else 1)."""
+    from lib.distributed import launched_world_size
     folder = os.path.dirname(path)
     given = given_dests(parser, argv)
     settings, differences = {}, []
     recorded_processes = recorded.get("processes")
-    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, before any init
+    if processes is None:
+        # as init_distributed finds it: a WORLD_SIZE exported in the shell of a plain `python
+        # pretrain.py --resume` was counted, refusing a one-process run and letting a
+        # two-process one through to train alone
+        processes = launched_world_size()
     for action in parser._actions:
         dest = action.dest
         if dest == argparse.SUPPRESS or dest == "help":

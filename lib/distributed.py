@@ -16,7 +16,7 @@ from torch import nn
 def init_distributed(device):
     """Join the process group when started by torchrun. Returns (rank, world_size, device):
     on CUDA each rank takes the GPU of its local rank."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    if not launched_by_torchrun():
         if device.type == "cuda" and device.index is not None:
             # --device cuda:1: the current device too, whose generator is the one a last.pt
             # saves and a resume sets (lib/checkpoint.rng_state), and where torch allocates
@@ -29,6 +29,19 @@ def init_distributed(device):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def launched_by_torchrun():
+    """Whether torchrun started this process: it sets RANK and WORLD_SIZE both. A WORLD_SIZE
+    alone (exported in the user's shell, or given to lib.stage_status by run/recipes.sh) starts
+    no process group: the process runs alone."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launched_world_size():
+    """The number of processes this one runs among, known before init_distributed: torchrun's
+    WORLD_SIZE, or 1 for a process it did not start."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
 
 
 def is_distributed():

@@ -1,7 +1,7 @@
 """What the run scripts (run/pretrain.sh, search.sh, finetune.sh) do with a stage's folder when
 they are started again, e.g. after a crash or a kill:
 
-    python -m lib.stage_status FOLDER SCRIPT FLAGS...    # prints one line:
+    WORLD_SIZE=NPROC python -m lib.stage_status FOLDER SCRIPT FLAGS...    # prints one line:
 
     new          no run in it, or FLAGS hold --overwrite: run the command as it is
     finished     its run ended, and FLAGS ask nothing of it that it did not do: skip the stage
@@ -120,7 +120,8 @@ def progress(folder):
 
 
 def stage_status(folder, script, argv):
-    """The action (module doc) for the command `script.py argv` that writes `folder`."""
+    """The action (module doc) for the command `script.py argv` that writes `folder`, run under
+    WORLD_SIZE processes (1 when unset)."""
     argv = list(argv)
     if "--overwrite" in argv:
         return "new"
@@ -136,10 +137,13 @@ def stage_status(folder, script, argv):
                 f"--overwrite to replace it")
     from lib.cli import recorded_settings
     parser = importlib.import_module(script).get_args_parser()
+    # the processes the command will run under: run/recipes.sh gives its NPROC as WORLD_SIZE
+    # (without torchrun's RANK, which would make this process count as launched alone)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         args = parser.parse_args(argv)
         settings = recorded_settings(parser, argv, args, run.recorded, run.path, run.done,
-                                     will_train=False)
+                                     will_train=False, processes=processes)
     except ValueError as e:
         return f"refuse {e}"
     changed = changed_inputs(run, settings, parser)
@@ -151,7 +155,8 @@ def stage_status(folder, script, argv):
     extended = run.resumable and getattr(settings, run.count, run.done) > run.done
     if run.state == "interrupted" or extended:
         try:  # now under the process count too: it trains
-            recorded_settings(parser, argv, args, run.recorded, run.path, run.done)
+            recorded_settings(parser, argv, args, run.recorded, run.path, run.done,
+                              processes=processes)
         except ValueError as e:
             return f"refuse {e}"
         return f"resume {run.path}"

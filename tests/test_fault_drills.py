@@ -379,9 +379,31 @@ def test_resume_under_another_process_count_is_refused(reference, monkeypatch, s
     """--batch-size is per process: a 2-process run resumed in one process trained on at half
     the total batch, twice the steps per epoch, and its schedule never reached its end."""
     runs, _ = reference
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 sets it
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 sets them
+    monkeypatch.setenv("RANK", "0")
     message = refused(script, "--resume", runs[script] / "last.pt")
     assert "2 process(es) (recorded 1; the batch is per process" in message
+
+
+def test_a_world_size_exported_in_the_shell_is_no_process_count(reference, monkeypatch,
+                                                                tmp_path):
+    """A plain `python pretrain.py --resume` runs alone whatever WORLD_SIZE the shell exports
+    (torchrun sets RANK beside it): that WORLD_SIZE was counted, so a one-process run was
+    refused ("2 process(es) (recorded 1") and a two-process one was let through to train alone."""
+    from lib.checkpoint import torch_save_atomic
+    runs, _ = reference
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    parser = importlib.import_module("pretrain").get_args_parser()
+    argv = ["--resume", str(runs["pretrain"] / "last.pt")]
+    assert resumed_args(parser, argv, parser.parse_args(argv), "pretrain").out == \
+        str(runs["pretrain"])
+    shutil.copytree(runs["pretrain"], tmp_path / "pretrain")
+    last = torch.load(tmp_path / "pretrain" / "last.pt", weights_only=True)
+    last["meta"]["args"]["processes"] = 2
+    torch_save_atomic(last, str(tmp_path / "pretrain" / "last.pt"))
+    message = refused("pretrain", "--resume", tmp_path / "pretrain")
+    assert "1 process(es) (recorded 2; the batch is per process" in message
 
 
 def test_a_finished_stage_is_skipped_under_another_process_count(reference, monkeypatch):
