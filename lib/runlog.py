@@ -27,8 +27,14 @@ class RunLog:
             return
         os.makedirs(out_dir, exist_ok=True)
         clear_replaced(out_dir)  # --overwrite's old run goes now, at the new run's first write
-        with open(os.path.join(out_dir, "args.json"), "w") as f:
-            json.dump(dict(args_dict, git_commit=git_commit()), f, indent=2, default=str)
+        # each start rewrites it (a resume too), whole or not at all: opened for writing first,
+        # it stood empty while git was asked for the commit, and a kill then left it so
+        flags = json.dumps(dict(args_dict, git_commit=git_commit()), indent=2, default=str)
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(flags + "\n")
+        atomic_write(os.path.join(out_dir, "args.json"), write)
         self.log_path = os.path.join(out_dir, log_name)
         from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is slow to import
         self.writer = SummaryWriter(os.path.join(out_dir, "tb"))

@@ -46,13 +46,15 @@ class Crash(BaseException):
 
 @contextmanager
 def writes_into(folder, crash_at=None):
-    """Counts the files atomically written into `folder`; raises Crash right after the
-    `crash_at`-th. Yields the list of written names."""
+    """Counts the files atomically written into `folder` but args.json (written at each start,
+    before anything a resume goes on from); raises Crash right after the `crash_at`-th. Yields
+    the list of written names."""
     real_replace, written = os.replace, []
 
     def replace(src, dst):
         real_replace(src, dst)
-        if os.path.dirname(os.path.abspath(dst)) == str(folder):
+        if (os.path.dirname(os.path.abspath(dst)) == str(folder)
+                and os.path.basename(dst) != "args.json"):
             written.append(os.path.basename(dst))
             if len(written) == crash_at:
                 raise Crash

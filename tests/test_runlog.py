@@ -69,3 +69,31 @@ def test_fit_logs_best_metric_and_prediction_images_every_epoch(tmp_path):
     (tag,) = tb.Tags()["images"]  # the first val sample, drawn after each of the 2 epochs
     assert tag == "val_predictions/00000" and [e.step for e in tb.Images(tag)] == [1, 2]
     assert "epoch 2/2" in (tmp_path / "log.txt").read_text()
+
+
+class Killed(BaseException):
+    """Stands for a kill: nothing handles it."""
+
+
+def test_a_start_killed_while_it_records_its_flags_keeps_the_last_args_json(tmp_path,
+                                                                             monkeypatch):
+    """Each start of a run (a resume too) rewrites args.json. It was opened for writing (emptied)
+    before git was asked for the commit, so a kill then left an empty args.json in a folder
+    whose last.pt goes on; now the file is replaced whole or not at all."""
+    import json
+
+    import lib.runlog
+    (tmp_path / "args.json").write_text(json.dumps({"epochs": 2}))
+
+    def killed():
+        raise Killed
+    monkeypatch.setattr(lib.runlog, "git_commit", killed)
+    try:
+        RunLog(str(tmp_path), {"epochs": 3})
+    except Killed:
+        pass
+    assert json.loads((tmp_path / "args.json").read_text()) == {"epochs": 2}
+    assert sorted(os.listdir(tmp_path)) == ["args.json"]  # no temporary left either
+    monkeypatch.undo()
+    RunLog(str(tmp_path), {"epochs": 3}).close()
+    assert json.loads((tmp_path / "args.json").read_text())["epochs"] == 3
