@@ -15,15 +15,15 @@ import os
 import torch
 
 from lib import distributed, heap
-from lib.checkpoint import (atomic_write_json, file_sha256, load_checkpoint, same_input_as_recorded,
+from lib.checkpoint import (atomic_write_json, load_checkpoint, same_input_as_recorded,
                             save_checkpoint, unwrap)
 from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, positive_float,
                      resolve_amp, resolve_device, run_script)
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.distill import DistillLoss
 from lib.experiment import (check_resumed_data, check_same_data, evaluate_checkpoint,
-                            example_inputs, load_split, make_loader)
-from lib.policy_file import PolicyFile, keep_text, parse_keep
+                            example_inputs, load_on_every_rank, load_split, make_loader)
+from lib.policy_file import keep_text, parse_keep, read_on_every_rank
 from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
 from lib.quant.layers import layer_renames
 from lib.quant.size import budget_ratio, honest_size_bytes
@@ -78,12 +78,12 @@ def sharing_method(policy_file, method):
     return method or searched or "kmeans"
 
 
-def build_quantized(args, model, dataset, device, teacher_sha256):
+def build_quantized(args, model, dataset, device, teacher_sha256, policy_file):
     """The fp32 model with the requested policy applied; returns (model, quant metadata).
-    teacher_sha256: the SHA-256 of args.ckpt, which the policy must have been searched on."""
+    teacher_sha256: the SHA-256 of args.ckpt, which the policy must have been searched on;
+    policy_file: args.policy's PolicyFile (None: --bits)."""
     layers = list_quantizable(model, example_inputs(dataset, device))
     names = [layer.name for layer in layers]
-    policy_file = PolicyFile(args.policy) if args.policy else None
     if policy_file:
         policy_file.check_searched_on(args.ckpt, teacher_sha256)
     policy = (policy_file.bits(names, layer_renames(model)) if policy_file
@@ -119,15 +119,19 @@ def main(args):
         resume=bool(args.resume), overwrite=args.overwrite,
         inputs=[("--ckpt", args.ckpt), ("--policy", None if args.resume else args.policy)])
     torch.manual_seed(args.seed)
+    policy_file = None
+    if not args.resume and args.policy:  # read once, the same file on every rank
+        policy_file = read_on_every_rank(args.policy)
     if not args.resume:  # before the splits load (minutes on S3DIS); recorded with the settings
-        args.method = sharing_method(PolicyFile(args.policy) if args.policy else None,
-                                     args.method)
+        args.method = sharing_method(policy_file, args.method)
     resume = None
     if args.resume:
         recorded, model, resume = load_checkpoint(args.resume)
-        # its indices and codebooks came from that model, and --distill learns from it
-        same_input_as_recorded(args.ckpt, recorded["quant"].get("teacher_sha256"), "--ckpt")
-    fp32_meta, teacher, _ = load_checkpoint(args.ckpt)
+    # every rank quantizes and distils from the same model, whose SHA-256 is the one recorded
+    fp32_meta, teacher, _, teacher_sha256 = load_on_every_rank(args.ckpt)
+    if args.resume:  # its indices and codebooks came from that model, and --distill learns from it
+        same_input_as_recorded(args.ckpt, recorded["quant"].get("teacher_sha256"), "--ckpt",
+                               teacher_sha256)
     if fp32_meta.get("quant"):
         raise ValueError(f"{args.ckpt}: already quantized; fine-tune from the fp32 checkpoint")
     data = fp32_meta["dataset"]
@@ -146,7 +150,7 @@ def main(args):
 
     if resume is None:
         model, quant = build_quantized(args, copy.deepcopy(teacher), train_set, device,
-                                       file_sha256(args.ckpt))
+                                       teacher_sha256, policy_file)
     else:
         quant = recorded["quant"]
     model.to(device)

@@ -19,12 +19,13 @@ import torch
 from tqdm import tqdm
 
 from lib import distributed, heap
-from lib.checkpoint import (atomic_write_json, file_sha256, load_checkpoint, same_input_as_recorded,
-                            tensors_sha256, torch_load, torch_save_atomic)
+from lib.checkpoint import (atomic_write_json, same_input_as_recorded, tensors_sha256, torch_load,
+                            torch_save_atomic)
 from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, path_arg,
                      positive_float, positive_fraction, positive_int, resolve_amp, resolve_device,
                      run_script)
-from lib.experiment import check_same_data, check_training_batch, example_inputs, load_split
+from lib.experiment import (check_same_data, check_training_batch, example_inputs,
+                            load_on_every_rank, load_split)
 from lib.haq.ddpg import DDPG
 from lib.haq.env import InfeasibleBudget, QuantEnv, check_search_space
 from lib.haq.plot import plot_policy, policy_figure
@@ -67,8 +68,8 @@ def get_args_parser():
     return p
 
 
-def build_evaluator(args, device):
-    meta, model, _ = load_checkpoint(args.ckpt)
+def build_evaluator(args, device, meta, model):
+    """The reward of a policy for the fp32 `model` of --ckpt (`meta` its record)."""
     if meta.get("quant"):
         raise ValueError(f"{args.ckpt}: already quantized; search from the fp32 checkpoint")
     data = meta["dataset"]
@@ -94,7 +95,7 @@ def build_evaluator(args, device):
     evaluator = PolicyEvaluator(model, held_out, eval_batches, device, args.method, train_batches,
                                 args.finetune_steps, args.finetune_lr, amp=args.amp,
                                 seed=args.seed)
-    return meta, layers, evaluator
+    return layers, evaluator
 
 
 def reward_data_sha256(evaluator):
@@ -183,12 +184,13 @@ def main(args):
     state = None
     if args.resume:
         state = torch_load(args.resume)
-        # the replay buffer's rewards were measured against that model
-        same_input_as_recorded(args.ckpt, state.get("ckpt_sha256"), "--ckpt")
         print_main(f"resuming the search at episode {state['episode']} of {args.episodes}")
-    ckpt_sha256 = state.get("ckpt_sha256") if state else file_sha256(args.ckpt)
+    # every rank searches the same model, and the SHA-256 recorded is the one of the bytes read
+    meta, model, _, ckpt_sha256 = load_on_every_rank(args.ckpt)
+    if state:  # the replay buffer's rewards were measured against that model
+        same_input_as_recorded(args.ckpt, state.get("ckpt_sha256"), "--ckpt", ckpt_sha256)
 
-    meta, layers, evaluator = build_evaluator(args, device)
+    layers, evaluator = build_evaluator(args, device, meta, model)
     data_sha256 = reward_data_sha256(evaluator)
     if state and state.get("data_sha256", data_sha256) != data_sha256:
         raise ValueError(f"{args.resume}: the samples its rewards are measured on changed since "

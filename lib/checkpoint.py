@@ -121,8 +121,8 @@ def file_sha256(path):
 
 def tensors_sha256(named_tensors):
     """Hex SHA-256 of (name, tensor) pairs, in the order given: each name, then the tensor's
-    bytes (any dtype, any device). Whether processes hold the same weights, or a search the
-    same reward samples."""
+    bytes (any dtype, any device). Whether a search measures its rewards on the same samples,
+    or two models hold the same weights."""
     digest = hashlib.sha256()
     for name, tensor in named_tensors:
         digest.update(name.encode())
@@ -130,10 +130,11 @@ def tensors_sha256(named_tensors):
     return digest.hexdigest()
 
 
-def same_input_as_recorded(path, recorded, flag):
+def same_input_as_recorded(path, recorded, flag, sha256=None):
     """A one-line ValueError when the file at `path` no longer has the SHA-256 the run recorded
-    (None: a run from before the record, not checked)."""
-    if recorded is not None and file_sha256(path) != recorded:
+    (None: a run from before the record, not checked). sha256: the file's, where it was read
+    already (the SHA-256 of the bytes a model was loaded from); else it is read now."""
+    if recorded is not None and (sha256 or file_sha256(path)) != recorded:
         raise ValueError(f"{path}: changed since this run started (its SHA-256 differs from the "
                          f"one recorded); the resumed run would go on from another model than "
                          f"its {flag}. Restore that file, or start a new run")

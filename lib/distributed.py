@@ -74,6 +74,19 @@ def gather_objects(obj):
     return out
 
 
+def same_on_every_rank(read, key, tries=3):
+    """read() on every rank, again until every rank's key(result) is one value, not None: each
+    rank opens a file itself, and a run that still writes it may replace it between two ranks'
+    reads. Returns the result, or None when the ranks disagreed `tries` times in a row (the same
+    on every rank)."""
+    for _ in range(tries):
+        result = read()
+        keys = gather_objects(key(result))
+        if keys[0] is not None and keys.count(keys[0]) == len(keys):
+            return result
+    return None
+
+
 def broadcast_tensor_(tensor, src=0):
     """`tensor` set in place to rank `src`'s (the same shape and dtype on every rank; on the
     evaluation device, which NCCL needs). Returns it."""

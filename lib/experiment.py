@@ -158,7 +158,7 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
     from lib.quant.size import budget_ratio, fp32_size_bytes, honest_size_bytes
     from lib.train import evaluate
 
-    meta, model, _ = load_on_every_rank(path)
+    meta, model, _, _ = load_on_every_rank(path)
     data = meta.get("dataset")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the checkpoint records no dataset to score it on")
@@ -189,19 +189,29 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
 
 
 def load_on_every_rank(path, tries=3):
-    """load_checkpoint(path), the same file on every rank. Each rank opens the path itself, and
-    a run that still trains may replace its best.pt between two ranks' reads (run/eval.sh scores
-    unfinished stages too): they scored two models and merged the figures into those of neither.
-    The ranks compare the weights they loaded and read the file again until they agree."""
-    from lib.checkpoint import load_checkpoint, tensors_sha256
-    for _ in range(tries):
+    """load_checkpoint(path), the same file on every rank, and that file's SHA-256: (meta,
+    model, resume state or None, sha256). Each rank opens the path itself, and a run that still
+    trains may replace it between two ranks' reads (run/eval.sh scores unfinished stages too; a
+    search or fine-tune may start on a best.pt its pretraining still improves): they scored,
+    searched or fine-tuned two models, merged into the figures of neither. Each rank hashes the
+    file before and after its read, and the ranks read it again until every one read the same
+    file whole; its SHA-256 is what a search or fine-tune records of its --ckpt (hashed apart
+    from the read, it could be another file's)."""
+    from lib.checkpoint import file_sha256, load_checkpoint
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+
+    def read():
+        before = file_sha256(path)
         meta, model, resume = load_checkpoint(path)
-        if distributed.world_size() == 1:
-            return meta, model, resume
-        if len(set(distributed.gather_objects(tensors_sha256(model.state_dict().items())))) == 1:
-            return meta, model, resume
-    raise ValueError(f"{path}: replaced while the processes read it, {tries} times in a row (a "
-                     f"run still writing it?); score it again")
+        after = file_sha256(path)
+        return meta, model, resume, (after if after == before else None)
+
+    loaded = distributed.same_on_every_rank(read, lambda loaded: loaded[3], tries)
+    if loaded is None:
+        raise ValueError(f"{path}: replaced while the processes read it, {tries} times in a row "
+                         f"(a run still writing it?); start again when it is written")
+    return loaded
 
 
 def example_inputs(dataset, device, n=2):

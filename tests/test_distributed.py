@@ -319,3 +319,95 @@ def test_each_rank_evaluates_whole_one_process_batches(monkeypatch):
             indices = list(ShardedSampler(11, shuffle=False, batch_size=4))
             batches += [indices[k:k + 4] for k in range(0, len(indices), 4)]
         assert sorted(batches) == single, world
+
+
+def tiny_inputs(tmp_path):
+    """A tiny part-segmentation data folder, two fp32 checkpoints of it with other weights
+    (ckpt.pt, next.pt) and two policies for them (policy.json: 3 bits a layer with k-means,
+    next.json: 4 bits on the linear grid)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from lib.checkpoint import save_checkpoint
+    from lib.experiment import example_inputs, load_split
+    from lib.policy_file import write_policy
+    from lib.quant import list_quantizable
+    from tiny_checkpoints import make_checkpoint, write_tiny_data
+    write_tiny_data(tmp_path / "data", tasks=("partseg",))
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt", "partseg", tmp_path / "data")
+    meta, model, _ = load_checkpoint(ckpt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5)
+    save_checkpoint(str(tmp_path / "next.pt"), model, meta)
+    data = meta["dataset"]
+    layers = list_quantizable(model, example_inputs(load_split(data["name"], data["root"], "val",
+                                                               data["num_points"]),
+                                                    torch.device("cpu")))
+    for name, bits, method in (("policy.json", 3, "kmeans"), ("next.json", 4, "linear")):
+        write_policy(str(tmp_path / name), {"bits": {layer.name: bits for layer in layers},
+                                            "method": method, "keep_first_last": None})
+    return {name: str(tmp_path / name) for name in ("ckpt.pt", "next.pt", "policy.json",
+                                                    "next.json")}
+
+
+def replaced_run(tmp_path, script, replace, *argv):
+    """ddp_replaced_input.py: `script` under torchrun, each (FILE, NEXT) of `replace` put in
+    place between the ranks' first reads of FILE. Returns {where: [each rank's model hash]}."""
+    digests = str(tmp_path / f"{script}_digests.json")
+    run(os.path.join(REPO, "tests", "ddp_replaced_input.py"), "--digests", digests,
+        *[arg for pair in replace for arg in ("--replace", *pair)], script, "--", *argv,
+        launcher=TORCHRUN)
+    with open(digests) as f:
+        return json.load(f)
+
+
+def weights_hash(path):
+    from lib.checkpoint import tensors_sha256
+    return tensors_sha256(load_checkpoint(path)[1].state_dict().items())
+
+
+def test_a_search_whose_checkpoint_is_replaced_between_the_ranks_reads_searches_one_model(
+        tmp_path):
+    """search.py under torchrun: each rank loaded --ckpt itself, and a pretraining writing its
+    next best.pt between two ranks' reads gave rank 0 the old model and rank 1 the new one; every
+    reward merged the scores of two models, and the recorded SHA-256 was rank 0's read's. The
+    ranks now read it again until all hold the same file, and record that file's SHA-256."""
+    from lib.checkpoint import file_sha256
+    files = tiny_inputs(tmp_path)
+    new_weights, new_sha256 = weights_hash(files["next.pt"]), file_sha256(files["next.pt"])
+    out = tmp_path / "search"
+    digests = replaced_run(tmp_path, "search", [(files["ckpt.pt"], files["next.pt"])],
+                           "--ckpt", files["ckpt.pt"], "--episodes", "1", "--warmup", "1",
+                           "--val-size", "4", "--finetune-steps", "0", "--max-bit", "3",
+                           "--batch-size", "2", "--out", str(out))
+    assert digests["rewarded"] == [new_weights, new_weights]
+    with open(out / "policy.json") as f:
+        assert json.load(f)["checkpoint_sha256"] == new_sha256
+
+
+@pytest.mark.parametrize("replaced", ["ckpt", "policy"])
+def test_a_fine_tune_whose_input_is_replaced_between_the_ranks_reads_trains_one_model(
+        tmp_path, replaced):
+    """finetune.py under torchrun: each rank read --ckpt (the student's source and the
+    --distill teacher) and --policy itself, the policy twice (its method, then its bits). A
+    pretraining writing its next best.pt between two ranks' reads gave them other teachers and
+    students; a search writing its policy.json, other weight sharings (rank 0 recorded k-means
+    where the policy now said linear). The ranks now read each until all hold the same file, and
+    record that one."""
+    from lib.checkpoint import checkpoint_meta, file_sha256
+    from lib.policy_file import PolicyFile
+    files = tiny_inputs(tmp_path)
+    source = files["next.pt"] if replaced == "ckpt" else files["ckpt.pt"]
+    policy = files["next.json"] if replaced == "policy" else files["policy.json"]
+    replace = ([(files["ckpt.pt"], files["next.pt"])] if replaced == "ckpt"
+               else [(files["policy.json"], files["next.json"])])
+    weights, sha256 = weights_hash(source), file_sha256(source)  # before the files move
+    policy = PolicyFile(policy)
+    out = tmp_path / "finetune"
+    digests = replaced_run(tmp_path, "finetune", replace, "--ckpt", files["ckpt.pt"], "--policy",
+                           files["policy.json"], "--distill", "--epochs", "1", "--batch-size",
+                           "2", "--out", str(out))
+    assert digests["teacher"] == [weights, weights]
+    assert len(set(digests["student"])) == 1
+    quant = checkpoint_meta(str(out / "best.pt"))["quant"]
+    assert quant["teacher_sha256"] == sha256
+    assert quant["policy_digest"] == policy.digest and quant["method"] == policy.method()

@@ -114,7 +114,8 @@ def test_each_baseline_row_is_sized_with_its_own_method(rooms_ckpt, rooms_search
     from lib.quant.size import honest_size_bytes
     _, rows = rooms_search
     args = search_script.get_args_parser().parse_args(["--ckpt", rooms_ckpt, *ROOM_FLAGS])
-    meta, layers, evaluator = search_script.build_evaluator(args, torch.device("cpu"))
+    meta, model, _ = load_checkpoint(rooms_ckpt)
+    layers, evaluator = search_script.build_evaluator(args, torch.device("cpu"), meta, model)
     fixed = search_script.fixed_bits_of(args, layers)
     uniform = [row for row in rows if row["name"].startswith("uniform")]
     assert {row["method"] for row in uniform} == {"linear", "kmeans"}
