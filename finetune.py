@@ -28,7 +28,7 @@ from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform
 from lib.quant.layers import layer_renames
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import format_results, format_size
-from lib.rundir import claim
+from lib.rundir import claim, run_id
 from lib.runlog import RunLog
 from lib.tasks import supervised_loss
 from lib.train import build_optimizer, build_scheduler, evaluate, fit
@@ -162,6 +162,7 @@ def main(args):
                if args.distill else supervised_loss)
 
     args.processes = world  # recorded: a resume under another count is refused (lib/cli)
+    args.run_id = run_id(recorded.get("args") if resume is not None else None)  # lib/rundir
     meta = {"model": fp32_meta["model"], "dataset": dict(data, root=root, num_points=num_points,
                                                    val_key=train_set.val_key,
                                                    val_source=train_set.val_source,

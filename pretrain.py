@@ -16,7 +16,7 @@ from lib.cli import (add_flags, make_parser, nonneg_float, resolve_amp, resolve_
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.experiment import (MODEL_NAMES, check_resumed_data, dataset_meta, load_split,
                             make_loader, model_kwargs)
-from lib.rundir import claim
+from lib.rundir import claim, run_id
 from lib.runlog import RunLog
 from lib.tasks import supervised_loss
 from lib.train import build_optimizer, build_scheduler, fit
@@ -71,6 +71,7 @@ def main(args):
                                 args.warmup_epochs)
 
     args.processes = world  # recorded: a resume under another count is refused (lib/cli)
+    args.run_id = run_id(recorded.get("args") if resume is not None else None)  # lib/rundir
     meta = {"model": {"name": args.model, "kwargs": model_kwargs(args.model, train_set)},
             "dataset": dataset_meta(args.dataset, args.data_root, train_set, args.num_points,
                                     args.seed),

@@ -14,11 +14,17 @@ folders and resuming"):
 - every check comes before anything is written: a refused run touches nothing (a folder it
   made to claim is removed again, `release_unused`).
 
+A run of pretrain.py or finetune.py records a random `run_id` among its flags (args.json and
+every checkpoint's meta["args"]), kept when it resumes: a last.pt and a best.pt of two runs
+in one folder (a file copied in from another run) are refused (`check_one_run`), while a folder
+copied or moved whole carries its run on. Runs from before the id are not checked.
+
 `recorded_run` reads what a `--resume` path points at; lib/cli.py's `resumed_args` turns it
 into the resumed run's flags. Under torchrun only the main rank checks and holds the lock; the other ranks follow its verdict.
 """
 import fcntl
 import os
+import secrets
 import shutil
 
 from lib import distributed
@@ -212,5 +218,36 @@ def recorded_run(path):
                          f"does, nor a fine-tune's with --epochs 0; resume from the last.pt of a "
                          f"run that trained)")
     meta = obj["meta"]
+    check_one_run(path, meta)
     return (("finetune" if meta.get("quant") else "pretrain"), meta.get("args", {}), path,
             obj["resume"]["epoch"])
+
+
+def run_id(recorded_args=None):
+    """The `run_id` a run records: a resumed run's own (`recorded_args`: its last.pt's flags);
+    for a new run, or one recorded before runs had an id, a new random one, rank 0's on every
+    rank."""
+    recorded = recorded_args.get("run_id") if isinstance(recorded_args, dict) else None
+    return recorded or distributed.broadcast_object(secrets.token_hex(8))
+
+
+def _run_id_of(meta):
+    args = meta.get("args") if isinstance(meta, dict) else None
+    return args.get("run_id") if isinstance(args, dict) else None
+
+
+def check_one_run(last_path, last_meta):
+    """A one-line ValueError when the best.pt beside `last_path` (whose meta is `last_meta`)
+    was written by another run. A last.pt copied in from another run, whose best epoch was the
+    one best.pt holds, was resumed beside this run's best.pt (or its stage taken as ended), and
+    the folder's best.pt then was not the best of the run that went on."""
+    from lib.checkpoint import checkpoint_meta
+    best_path = os.path.join(os.path.dirname(last_path), "best.pt")
+    ours = _run_id_of(last_meta)
+    if ours is None or not os.path.isfile(best_path):
+        return
+    theirs = _run_id_of(checkpoint_meta(best_path))
+    if theirs is not None and theirs != ours:
+        raise ValueError(f"{best_path}: written by another run (run_id {theirs}) than "
+                         f"{os.path.basename(last_path)} beside it (run_id {ours}); a folder holds "
+                         f"one run: move the file that does not belong to it away")

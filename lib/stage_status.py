@@ -29,7 +29,7 @@ import os
 import sys
 from typing import NamedTuple, Optional
 
-from lib.rundir import RUN_MARKERS
+from lib.rundir import RUN_MARKERS, check_one_run
 
 
 class Progress(NamedTuple):
@@ -95,6 +95,7 @@ def progress(folder):
                 and isinstance(last.get("resume"), dict) and "epoch" in last["resume"]):
             raise ValueError(f"{last_path}: not a last.pt of pretrain.py or finetune.py")
         meta, resume = last["meta"], last["resume"]
+        check_one_run(last_path, meta)  # best.pt must be this run's to end it
         recorded, done = meta.get("args", {}), resume["epoch"]
         run = Progress("ended", last_path, None, recorded, done, "epochs", resumable=True,
                        inputs=recorded_inputs(meta.get("quant")))

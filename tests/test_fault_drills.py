@@ -1023,6 +1023,35 @@ def test_a_copied_or_moved_run_folder_carries_on_in_the_copy(reference, data, tm
     assert said.startswith("refuse ") and f"--data-root {b / 'data'} (recorded" in said, said
 
 
+def test_a_last_pt_of_another_run_beside_this_runs_best_pt_is_refused(reference, data, tmp_path,
+                                                                      capsys):
+    """The same command run again in another folder ends with the same best epoch; its last.pt
+    copied into the first run's folder was resumed there beside the first run's best.pt (and
+    the stage taken as ended), best.pt then not the best of the run that went on. Each run
+    records a random run_id; checkpoints written before it (none) still resume."""
+    from lib.stage_status import main, stage_status
+    runs, _ = reference
+    mixed, again = tmp_path / "mixed", tmp_path / "again"
+    shutil.copytree(runs["pretrain"], mixed)
+    run("pretrain", *pretrain_args(data, again))
+    assert (torch.load(again / "last.pt", weights_only=True)["resume"]["best_epoch"]
+            == load_checkpoint(str(mixed / "best.pt"))[0]["epoch"])
+    shutil.copyfile(again / "last.pt", mixed / "last.pt")
+    message = refused("pretrain", "--resume", mixed, "--epochs", 3)
+    assert f"{mixed / 'best.pt'}: written by another run (run_id " in message
+    capsys.readouterr()
+    main([str(mixed), "pretrain", "--out", str(mixed)])  # as run/*.sh ask it
+    said = capsys.readouterr().out
+    assert said.startswith(f"refuse {mixed}: {mixed / 'best.pt'}: written by another run"), said
+    for name in ("last.pt", "best.pt"):  # as written before runs had an id
+        record = torch.load(mixed / name, weights_only=True)
+        del record["meta"]["args"]["run_id"]
+        torch.save(record, mixed / name)
+    assert stage_status(str(mixed), "pretrain", ["--out", str(mixed)]) == "finished"
+    run("pretrain", "--resume", mixed, "--epochs", 3)
+    assert load_checkpoint(str(mixed / "last.pt"))[0]["args"]["run_id"]  # one from now on
+
+
 def test_a_run_moved_with_its_inputs_resumes_without_naming_them(reference, tmp_path):
     """`finetune.py --resume COPY/finetune/last.pt` after the original run folder was moved:
     the recorded --ckpt no longer existed and the resume stopped on it; the copy's own
