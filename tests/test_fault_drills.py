@@ -279,12 +279,17 @@ def test_a_killed_run_leaves_no_lock_behind_in_its_living_workers(tmp_path):
     refused as "in use by" the dead process."""
     from lib.rundir import lock_holder
     out = tmp_path / "killed"
+    # the parent is killed once the child runs (fork's handlers done), as a run is killed
+    # long after its workers started: under load the child was not yet scheduled
     driver = ("import os, sys, time\n"
               "from lib.rundir import claim\n"
               "claim(sys.argv[1])\n"
+              "started, tell = os.pipe()\n"
               "if os.fork() == 0:\n"
+              "    os.write(tell, b'x')\n"
               "    time.sleep(60)\n"
               "    os._exit(0)\n"
+              "os.read(started, 1)\n"
               "print(flush=True)\n"
               "os.kill(os.getpid(), 9)\n")
     killed = subprocess.Popen([sys.executable, "-c", driver, str(out)], cwd=REPO,
