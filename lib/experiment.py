@@ -5,7 +5,7 @@ import os
 import torch
 
 from lib import distributed
-from lib.data import default_root
+from lib.data import DATA_DIR, default_root
 from lib.data.val_slice import recorded_val_key, split_with_val_protocol
 from lib.distributed import ShardedSampler
 
@@ -173,11 +173,12 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
     seed, protocol = 0, "auto"
     if split == "val":
         seed, protocol = data.get("seed", 0), meta.get("args", {}).get("val_split") or "auto"
+    root = data_root or recorded_data_root(path, data)
     # whole_rooms: S3DIS's training split scored over every point of its rooms, as val and
     # test are (its training form is random crops, some padded with repeats, a sample of it)
-    dataset = load_split(data["name"], data_root or data["root"], split, data["num_points"],
-                         seed=seed, val_split=protocol, whole_rooms=True)
-    check_same_data(path, data, dataset, data_root or data["root"])
+    dataset = load_split(data["name"], root, split, data["num_points"], seed=seed,
+                         val_split=protocol, whole_rooms=True)
+    check_same_data(path, data, dataset, root)
     device = device or torch.device("cpu")
     model.to(device)
     results = evaluate(model, make_loader(dataset, batch_size, train=False, workers=workers),
@@ -186,6 +187,29 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
     results["fp32_bytes"] = fp32_size_bytes(model)
     results["budget_ratio"] = budget_ratio(model)
     return meta, results
+
+
+def recorded_data_root(path, data):
+    """The data folder the checkpoint `path` records (`data`, dataset_meta's form), when it is
+    there to read; a one-line FileNotFoundError naming --data-root when it is gone (a checkpoint
+    brought from another machine or folder): synthetic data would otherwise be generated at that
+    foreign path, the default set in place of the one the model was trained on, and a real
+    dataset be asked for there. A folder inside this repository's data/ is left to the readers,
+    which generate synthetic data missing there (the same set: one fixed seed) or say where to
+    get a real dataset."""
+    from lib.cli import path_inside
+    root = data["root"]
+    if os.path.exists(root) or path_inside(os.path.realpath(root),
+                                           os.path.realpath(DATA_DIR)) is not None:
+        return root
+    here = default_root(data["name"])
+    if data["name"].startswith("synthetic_"):
+        hint = f" (this repository's default synthetic set: --data-root {here})"
+    else:
+        hint = f" (here: --data-root {here}?)" if os.path.isdir(here) else ""
+    raise FileNotFoundError(f"{path}: the data folder it records, {root}, does not exist here "
+                            f"(a checkpoint from another machine or folder?); give --data-root, "
+                            f"the folder of its {data['name']} data{hint}")
 
 
 def load_on_every_rank(path, tries=3):

@@ -136,3 +136,20 @@ def test_eval_refuses_data_whose_categories_differ_from_the_checkpoints(data_roo
     categories.write_text("".join(lines[::-1]))
     with pytest.raises(ValueError, match="lists other category names"):
         evaluate_checkpoint(ckpt, str(root))
+
+
+def test_a_checkpoint_whose_recorded_data_folder_is_gone_names_data_root(data_root, tmp_path):
+    """A checkpoint brought from another machine or folder records a data folder that is not
+    here: eval.py said so in one line asking for --data-root, where it generated synthetic data
+    at that foreign path (the default set, not the data the model was trained on) and scored it,
+    and for real data asked to download it into that path."""
+    import shutil
+    from lib.experiment import evaluate_checkpoint
+    shutil.copytree(data_root / "parts", tmp_path / "there" / "parts")
+    ckpt = make_checkpoint(tmp_path / "seg.pt", "partseg", tmp_path / "there")
+    shutil.move(tmp_path / "there", tmp_path / "here")
+    with pytest.raises(FileNotFoundError, match=r"there/parts.*does not exist here.*--data-root"):
+        evaluate_checkpoint(ckpt)
+    assert not (tmp_path / "there").exists()  # nothing generated at the recorded path
+    _, results = evaluate_checkpoint(ckpt, str(tmp_path / "here" / "parts"))
+    assert results["num_shapes"] == 12
