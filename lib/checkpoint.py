@@ -81,10 +81,21 @@ def torch_save_atomic(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def torch_load(path):
-    """torch.load(weights_only=True) with a one-line error for missing, truncated or foreign files."""
+def require_file(path):
+    """A one-line error unless `path` is a file: missing, or a folder (a run folder given for
+    the checkpoint in it), which was called missing too."""
+    if os.path.isdir(path):
+        held = [name for name in ("best.pt", "last.pt")
+                if os.path.isfile(os.path.join(path, name))]
+        hint = f"; it holds {' and '.join(held)}: give one of them" if held else ""
+        raise ValueError(f"{path}: a folder, not a checkpoint file{hint}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+
+
+def torch_load(path):
+    """torch.load(weights_only=True) with a one-line error for missing, truncated or foreign files."""
+    require_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip errors, unpickling errors, EOF: all mean "not a checkpoint of ours"
@@ -239,12 +250,14 @@ def load_checkpoint(path):
             raise ValueError(f"{path}: checkpoint metadata does not describe a model "
                              f"({' '.join(str(e).split())})") from None
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    require_file(path)
     if is_packed(path):
         meta, model = load_packed(path, build)
         return meta, _finite(model, path), None
     obj = torch_load(path)
+    if isinstance(obj, dict) and "agent" in obj:
+        raise ValueError(f"{path}: search.py's search state, not a model checkpoint (its model is "
+                         f"the search's --ckpt; its policy is policy.json, for finetune.py)")
     if not isinstance(obj, dict) or "meta" not in obj or "state_dict" not in obj:
         raise ValueError(f"{path}: not a checkpoint of this repository (no 'meta'/'state_dict')")
     meta = obj["meta"]

@@ -221,9 +221,8 @@ def load_on_every_rank(path, tries=3):
     file before and after its read, and the ranks read it again until every one read the same
     file whole; its SHA-256 is what a search or fine-tune records of its --ckpt (hashed apart
     from the read, it could be another file's)."""
-    from lib.checkpoint import file_sha256, load_checkpoint
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    from lib.checkpoint import file_sha256, load_checkpoint, require_file
+    require_file(path)
 
     def read():
         before = file_sha256(path)

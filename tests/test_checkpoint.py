@@ -144,3 +144,20 @@ def test_a_folder_a_checkpoint_cannot_be_written_in_is_an_error_naming_the_file(
     assert err.value.filename == str(path)
     assert err.value.strerror == "not written (Permission denied); the file there before is kept"
     assert path.read_bytes() == b"before"
+
+
+def test_a_folder_or_a_search_state_given_as_the_checkpoint_says_what_it_is(tmp_path):
+    """eval.py --ckpt RUN (the run folder for its best.pt) was refused as 'no such checkpoint
+    file', and a search_state.pt as 'not a checkpoint of this repository'."""
+    from lib.checkpoint import checkpoint_meta
+    from lib.experiment import load_on_every_rank
+    run = tmp_path / "pretrain"
+    save_checkpoint(str(run / "best.pt"), build_model("pt_cls_tiny", **KWARGS), meta())
+    for load in (load_checkpoint, checkpoint_meta, load_on_every_rank):
+        with pytest.raises(ValueError, match=f"^{run}: a folder, not a checkpoint file; it holds "
+                                             f"best.pt: give one of them$"):
+            load(str(run))
+    state = tmp_path / "search_state.pt"
+    torch.save({"agent": {}, "episode": 3, "args": {}}, str(state))
+    with pytest.raises(ValueError, match="search.py's search state, not a model checkpoint"):
+        load_checkpoint(str(state))
