@@ -22,7 +22,8 @@ from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, posi
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.distill import DistillLoss
 from lib.experiment import (check_resumed_data, check_same_data, evaluate_checkpoint,
-                            example_inputs, load_on_every_rank, load_split, make_loader)
+                            example_inputs, load_on_every_rank, load_split, make_loader,
+                            recorded_data_root)
 from lib.policy_file import keep_text, parse_keep, read_on_every_rank
 from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
 from lib.quant.layers import layer_renames
@@ -135,7 +136,7 @@ def main(args):
     if fp32_meta.get("quant"):
         raise ValueError(f"{args.ckpt}: already quantized; fine-tune from the fp32 checkpoint")
     data = fp32_meta["dataset"]
-    root = args.data_root or data["root"]
+    root = args.data_root or recorded_data_root(args.ckpt, fp32_meta)
     num_points = args.num_points or data["num_points"]
     train_set = load_split(data["name"], root, "train", num_points, augment=True, seed=args.seed,
                            val_split=args.val_split,

@@ -25,7 +25,7 @@ from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, pa
                      positive_float, positive_fraction, positive_int, resolve_amp, resolve_device,
                      run_script)
 from lib.experiment import (check_same_data, check_training_batch, example_inputs,
-                            load_on_every_rank, load_split)
+                            load_on_every_rank, load_split, recorded_data_root)
 from lib.haq.ddpg import DDPG
 from lib.haq.env import InfeasibleBudget, QuantEnv, check_search_space
 from lib.haq.plot import plot_policy, policy_figure
@@ -73,7 +73,7 @@ def build_evaluator(args, device, meta, model):
     if meta.get("quant"):
         raise ValueError(f"{args.ckpt}: already quantized; search from the fp32 checkpoint")
     data = meta["dataset"]
-    root = args.data_root or data["root"]
+    root = args.data_root or recorded_data_root(args.ckpt, meta)
     # The reward never sees the test split: it is measured on held-out training data.
     held_out = load_split(data["name"], root, "val", data["num_points"], seed=args.seed)
     # another label space or other point features would reward every policy on wrong inputs
@@ -195,7 +195,7 @@ def main(args):
     if state and state.get("data_sha256", data_sha256) != data_sha256:
         raise ValueError(f"{args.resume}: the samples its rewards are measured on changed since "
                          f"the search started (the data at "
-                         f"{args.data_root or meta['dataset']['root']}); resume it on the data it "
+                         f"{args.data_root or recorded_data_root(args.ckpt, meta)}); resume it on the data it "
                          f"searched on, or start a new search")
     fixed = fixed_bits_of(args, layers)
     metric_fp32 = evaluator.score(evaluator.fp32_model)[evaluator.key]

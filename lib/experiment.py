@@ -173,7 +173,7 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
     seed, protocol = 0, "auto"
     if split == "val":
         seed, protocol = data.get("seed", 0), meta.get("args", {}).get("val_split") or "auto"
-    root = data_root or recorded_data_root(path, data)
+    root = data_root or recorded_data_root(path, meta)
     # whole_rooms: S3DIS's training split scored over every point of its rooms, as val and
     # test are (its training form is random crops, some padded with repeats, a sample of it)
     dataset = load_split(data["name"], root, split, data["num_points"], seed=seed,
@@ -189,19 +189,22 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
     return meta, results
 
 
-def recorded_data_root(path, data):
-    """The data folder the checkpoint `path` records (`data`, dataset_meta's form), when it is
-    there to read; a one-line FileNotFoundError naming --data-root when it is gone (a checkpoint
-    brought from another machine or folder): synthetic data would otherwise be generated at that
-    foreign path, the default set in place of the one the model was trained on, and a real
-    dataset be asked for there. A folder inside this repository's data/ is left to the readers,
+def recorded_data_root(path, meta):
+    """The data folder the checkpoint `path` (whose record is `meta`) was trained on, when it is
+    there to read: as recorded, or, for a checkpoint moved with the folder tree it was written
+    in (a repository copied to another machine with its checkpoints/ and data/), at the same
+    place in the moved tree. A folder inside this repository's data/ is left to the readers,
     which generate synthetic data missing there (the same set: one fixed seed) or say where to
-    get a real dataset."""
-    from lib.cli import path_inside
+    get a real dataset. Otherwise a one-line FileNotFoundError naming --data-root: synthetic
+    data was generated at the foreign path (the default set in place of the one the model was
+    trained on) and a real dataset asked for there."""
+    data = meta["dataset"]
     root = data["root"]
-    if os.path.exists(root) or path_inside(os.path.realpath(root),
-                                           os.path.realpath(DATA_DIR)) is not None:
+    if _readable_here(root):
         return root
+    moved = _moved_with(path, (meta.get("args") or {}).get("out"), root)
+    if moved is not None and _readable_here(moved):
+        return moved
     here = default_root(data["name"])
     if data["name"].startswith("synthetic_"):
         hint = f" (this repository's default synthetic set: --data-root {here})"
@@ -210,6 +213,30 @@ def recorded_data_root(path, data):
     raise FileNotFoundError(f"{path}: the data folder it records, {root}, does not exist here "
                             f"(a checkpoint from another machine or folder?); give --data-root, "
                             f"the folder of its {data['name']} data{hint}")
+
+
+def _readable_here(root):
+    """A data folder that exists, or one in this repository's data/ (its readers handle it)."""
+    from lib.cli import path_inside
+    return os.path.exists(root) or path_inside(os.path.realpath(root),
+                                               os.path.realpath(DATA_DIR)) is not None
+
+
+def _moved_with(path, recorded_out, root):
+    """Where `root` lies if the checkpoint `path`, written into the folder `recorded_out`, was
+    moved with the tree around it: the trailing folder names that the checkpoint's folder now
+    and `recorded_out` share are the moved part (checkpoints/demo/pretrain), and what precedes
+    them the tree's old and new place. None if `root` was not in that tree."""
+    from lib.cli import path_inside
+    if not isinstance(recorded_out, str):
+        return None
+    now, then = os.path.abspath(os.path.dirname(path)), os.path.abspath(recorded_out)
+    while os.path.basename(now) and os.path.basename(now) == os.path.basename(then):
+        now, then = os.path.dirname(now), os.path.dirname(then)
+    if now == then:
+        return None
+    inside = path_inside(os.path.abspath(root), then)
+    return None if inside is None else os.path.join(now, inside)
 
 
 def load_on_every_rank(path, tries=3):

@@ -1204,3 +1204,21 @@ def test_a_killed_search_shows_each_episode_once_in_tensorboard(reference, tmp_p
     run("search", "--resume", out)
     for tag, points in complete.items():
         assert tensorboard_points(out, tag) == points, tag
+
+
+@pytest.mark.parametrize("script", ["search", "finetune"])
+def test_a_checkpoint_whose_data_folder_is_gone_is_one_line_for_search_and_finetune(
+        reference, tmp_path, script):
+    """As eval.py: search.py and finetune.py read the data folder the fp32 checkpoint records;
+    one brought from another machine made them generate the default synthetic set at that
+    foreign path and search or fine-tune on it. They now ask for --data-root."""
+    from lib.checkpoint import save_checkpoint
+    runs, _ = reference
+    meta, model, _ = load_checkpoint(str(runs["pretrain"] / "best.pt"))
+    gone = tmp_path / "elsewhere" / "data" / "synthetic" / "parts"
+    moved = tmp_path / "best.pt"
+    save_checkpoint(str(moved), model, dict(meta, dataset=dict(meta["dataset"], root=str(gone))))
+    args = (search_args if script == "search" else finetune_args)(moved, tmp_path / "out")
+    message = refused(script, *args)
+    assert "does not exist here" in message and "--data-root" in message, message
+    assert not (tmp_path / "elsewhere").exists()

@@ -153,3 +153,28 @@ def test_a_checkpoint_whose_recorded_data_folder_is_gone_names_data_root(data_ro
     assert not (tmp_path / "there").exists()  # nothing generated at the recorded path
     _, results = evaluate_checkpoint(ckpt, str(tmp_path / "here" / "parts"))
     assert results["num_shapes"] == 12
+
+
+def test_a_checkpoint_moved_with_its_data_reads_the_moved_data(data_root, tmp_path):
+    """A repository copied elsewhere with its checkpoints/ and data/ (the demo's tree on
+    another machine): the recorded folder is gone, and the data at the same place in the moved
+    tree is read, as where it was written."""
+    import shutil
+    from lib.checkpoint import load_checkpoint, save_checkpoint
+    from lib.experiment import evaluate_checkpoint
+    tree = tmp_path / "there"
+    shutil.copytree(data_root / "parts", tree / "data" / "parts")
+    run = tree / "checkpoints" / "run" / "pretrain"
+    run.mkdir(parents=True)
+    ckpt = make_checkpoint(run / "best.pt", "partseg", tree / "data")
+    meta, model, _ = load_checkpoint(ckpt)
+    save_checkpoint(ckpt, model, dict(meta, args={"out": str(run)}))  # as pretrain.py records
+    shutil.move(tree, tmp_path / "here")
+    meta, results = evaluate_checkpoint(str(tmp_path / "here" / "checkpoints" / "run" / "pretrain"
+                                            / "best.pt"))
+    assert results["num_shapes"] == 12 and not tree.exists()
+    # moved on its own, its folder names no longer match the tree's: the data is asked for
+    shutil.copy(tmp_path / "here" / "checkpoints" / "run" / "pretrain" / "best.pt",
+                tmp_path / "alone.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist here"):
+        evaluate_checkpoint(str(tmp_path / "alone.pt"))

@@ -24,7 +24,7 @@ from lib import heap
 from lib.checkpoint import load_checkpoint
 from lib.cli import resolve_device, run_script
 from lib.experiment import (check_same_data, evaluate_checkpoint, example_inputs, load_split,
-                            make_loader)
+                            make_loader, recorded_data_root)
 from lib.haq import strategies
 from lib.haq.env import QuantEnv
 from lib.haq.policy_eval import PolicyEvaluator, cached_batches
@@ -124,7 +124,7 @@ class Scorer:
     def __init__(self, args, meta, fp32, evaluator, device):
         data = meta["dataset"]
         self.args, self.meta, self.fp32, self.device = args, meta, fp32, device
-        self.root = args.data_root or data["root"]
+        self.root = args.data_root or recorded_data_root(args.ckpt, meta)
         self.cache, self.before = evaluator.cache, {}
         self.train = load_split(data["name"], self.root, "train", data["num_points"], augment=True)
         val = load_split(data["name"], self.root, "val", data["num_points"])
@@ -228,8 +228,9 @@ def main(args):
     if meta.get("quant"):
         raise SystemExit(f"{args.ckpt}: already quantized; compare from the fp32 checkpoint")
     data = meta["dataset"]
-    held_out = load_split(data["name"], args.data_root or data["root"], "val", data["num_points"])
-    check_same_data(args.ckpt, data, held_out, args.data_root or data["root"])  # as search.py
+    root = args.data_root or recorded_data_root(args.ckpt, meta)
+    held_out = load_split(data["name"], root, "val", data["num_points"])
+    check_same_data(args.ckpt, data, held_out, root)  # as search.py
     order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(args.val_seed))
     fp32.to(device)
     evaluator = PolicyEvaluator(fp32, held_out, cached_batches(
