@@ -26,7 +26,7 @@ from lib.experiment import (check_resumed_data, check_same_data, evaluate_checkp
                             recorded_data_root)
 from lib.policy_file import keep_text, parse_keep, read_on_every_rank
 from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
-from lib.quant.layers import layer_renames
+from lib.quant.layers import layer_renames, named_quantizable
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import format_results, format_size
 from lib.rundir import claim, run_id
@@ -79,20 +79,30 @@ def sharing_method(policy_file, method):
     return method or searched or "kmeans"
 
 
-def build_quantized(args, model, dataset, device, teacher_sha256, policy_file):
-    """The fp32 model with the requested policy applied; returns (model, quant metadata).
-    teacher_sha256: the SHA-256 of args.ckpt, which the policy must have been searched on;
-    policy_file: args.policy's PolicyFile (None: --bits)."""
-    layers = list_quantizable(model, example_inputs(dataset, device))
-    names = [layer.name for layer in layers]
-    if policy_file:
-        policy_file.check_searched_on(args.ckpt, teacher_sha256)
-    policy = (policy_file.bits(names, layer_renames(model)) if policy_file
-              else uniform_policy(layers, args.bits))
+def searched_bits(args, policy_file, model, teacher_sha256):
+    """policy_file's {layer: bits} for `model`, the fp32 model of args.ckpt (SHA-256
+    teacher_sha256), after the checks that need no data: searched on this file, with this
+    --keep-first-last (and recording a valid one), a width for each of its layers and no
+    other. main runs them before the splits load, which takes minutes on S3DIS."""
+    policy_file.check_searched_on(args.ckpt, teacher_sha256)
     keep = parse_keep(args.keep_first_last)
     if keep != "off":
-        if policy_file:
-            check_same_keep(policy_file, keep)
+        check_same_keep(policy_file, keep)
+    else:
+        policy_file.keep()  # build_quantized records it
+    names = [name for name, _ in named_quantizable(model)]
+    return policy_file.bits(names, layer_renames(model))
+
+
+def build_quantized(args, model, dataset, device, teacher_sha256, policy_file, policy_bits):
+    """The fp32 model with the requested policy applied; returns (model, quant metadata).
+    teacher_sha256: the SHA-256 of args.ckpt; policy_file: args.policy's PolicyFile and
+    policy_bits its searched_bits (None, None: --bits)."""
+    layers = list_quantizable(model, example_inputs(dataset, device))
+    names = [layer.name for layer in layers]
+    policy = policy_bits if policy_file else uniform_policy(layers, args.bits)
+    keep = parse_keep(args.keep_first_last)
+    if keep != "off":  # a policy's was checked against it (searched_bits)
         policy = keep_first_last(policy, layers, keep)
     elif policy_file:  # the searched bits hold the first and last layers as the search kept them
         keep = policy_file.keep()
@@ -135,6 +145,8 @@ def main(args):
                                teacher_sha256)
     if fp32_meta.get("quant"):
         raise ValueError(f"{args.ckpt}: already quantized; fine-tune from the fp32 checkpoint")
+    policy_bits = (searched_bits(args, policy_file, teacher, teacher_sha256) if policy_file
+                   else None)
     data = fp32_meta["dataset"]
     root = args.data_root or recorded_data_root(args.ckpt, fp32_meta)
     num_points = args.num_points or data["num_points"]
@@ -151,7 +163,7 @@ def main(args):
 
     if resume is None:
         model, quant = build_quantized(args, copy.deepcopy(teacher), train_set, device,
-                                       teacher_sha256, policy_file)
+                                       teacher_sha256, policy_file, policy_bits)
     else:
         quant = recorded["quant"]
     model.to(device)

@@ -214,6 +214,43 @@ def test_a_run_refuses_the_folder_of_a_file_it_reads(reference, tmp_path, script
     assert files_of(out) == before
 
 
+@pytest.mark.parametrize("problem, flags, expected", [
+    ("checkpoint", (), "searched on another model than"),
+    ("keep", ("--keep-first-last", "fp32"), "searched with the first and last layers not kept"),
+    ("layers", (), "1 of the model's"),
+    ("bad keep", (), 'keep_first_last "abc" is not a bit width'),
+])
+def test_a_policy_the_fine_tune_refuses_is_refused_before_the_splits_load(
+        reference, tmp_path, monkeypatch, problem, flags, expected):
+    """The train and val splits take minutes to load on S3DIS: a policy searched on another
+    checkpoint, with another --keep-first-last, without a width for one of the model's layers,
+    or recording no valid --keep-first-last is refused before them, as a --method that
+    contradicts it is."""
+    import finetune
+    from lib.checkpoint import file_sha256
+    from lib.policy_file import write_policy
+    from lib.quant.layers import named_quantizable
+    runs, _ = reference
+    teacher = runs["pretrain"] / "best.pt"
+    names = [name for name, _ in named_quantizable(load_checkpoint(str(teacher))[1])]
+    record = {"bits": {name: 3 for name in names}, "keep_first_last": None,
+              "checkpoint": str(teacher), "checkpoint_sha256": file_sha256(str(teacher))}
+    if problem == "checkpoint":
+        record["checkpoint_sha256"] = "0" * 64
+    elif problem == "layers":
+        del record["bits"][names[-1]]
+    elif problem == "bad keep":
+        record["keep_first_last"] = "abc"
+    write_policy(str(tmp_path / "policy.json"), record)
+
+    def no_splits(*args, **kwargs):
+        raise AssertionError("the splits were loaded before the policy was checked")
+    monkeypatch.setattr(finetune, "load_split", no_splits)
+    message = refused("finetune", "--ckpt", teacher, "--policy", tmp_path / "policy.json",
+                      *flags, "--out", tmp_path / "run")
+    assert expected in message and "policy.json" in message
+
+
 def test_a_missing_checkpoint_is_refused_before_the_folder_is_made(tmp_path):
     out = tmp_path / "new"
     message = refused("search", "--ckpt", tmp_path / "bestt.pt", "--out", out)
