@@ -63,6 +63,12 @@ def _claim(out, resume, overwrite, inputs):
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: is a file, not a run folder")
     for flag, path in inputs:
+        if os.path.isdir(path):  # a run folder given for the checkpoint in it
+            from lib.checkpoint import require_file
+            try:
+                require_file(path)
+            except ValueError as e:
+                raise ValueError(f"{e} (given as {flag})") from None
         if not os.path.isfile(path):
             raise ValueError(f"{path}: no such file (given as {flag})")
         if os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(out):

@@ -1259,3 +1259,15 @@ def test_a_checkpoint_whose_data_folder_is_gone_is_one_line_for_search_and_finet
     message = refused(script, *args)
     assert "does not exist here" in message and "--data-root" in message, message
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("script", ["search", "finetune"])
+def test_a_run_folder_given_as_ckpt_names_the_checkpoints_in_it(reference, tmp_path, script):
+    """search.py / finetune.py --ckpt RUN (the pretraining folder for its best.pt) said 'no such
+    file' of a folder that exists; as eval.py, they now say what it is and what to give."""
+    runs, _ = reference
+    args = (search_args if script == "search" else finetune_args)(runs["pretrain"],
+                                                                  tmp_path / "out")
+    message = refused(script, *args)
+    assert message == (f"error: {runs['pretrain']}: a folder, not a checkpoint file; it holds "
+                       f"best.pt and last.pt: give one of them (given as --ckpt)"), message
