@@ -63,6 +63,10 @@ def _claim(out, resume, overwrite, inputs):
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: is a file, not a run folder")
     for flag, path in inputs:
+        if os.path.isdir(path) and flag == "--policy":  # a search folder for its policy.json
+            held = os.path.isfile(os.path.join(path, "policy.json"))
+            raise ValueError(f"{path}: a folder, not a policy file (given as --policy)"
+                             f"{'; give its policy.json' if held else ''}")
         if os.path.isdir(path):  # a run folder given for the checkpoint in it
             from lib.checkpoint import require_file
             try:

@@ -1271,3 +1271,8 @@ def test_a_run_folder_given_as_ckpt_names_the_checkpoints_in_it(reference, tmp_p
     message = refused(script, *args)
     assert message == (f"error: {runs['pretrain']}: a folder, not a checkpoint file; it holds "
                        f"best.pt and last.pt: give one of them (given as --ckpt)"), message
+    if script == "finetune":
+        message = refused(script, "--ckpt", runs["pretrain"] / "best.pt", "--policy",
+                          runs["search"], "--out", tmp_path / "out")
+        assert message == (f"error: {runs['search']}: a folder, not a policy file (given as "
+                           f"--policy); give its policy.json"), message
