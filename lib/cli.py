@@ -340,7 +340,8 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 
 def _peer_stopped(error):
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(s in str(error) for s in _PEER_GONE)
+    from lib.distributed import launched_world_size
+    return launched_world_size() > 1 and any(s in str(error) for s in _PEER_GONE)
 
 
 def _tell_torchrun(message):

@@ -81,3 +81,22 @@ def test_given_flags_are_told_from_defaults():
     parser = parsers()["pretrain"]
     assert given_dests(parser, ["--epochs", "20", "--lr", "0.1"]) == {"epochs", "lr"}
     assert given_dests(parser, []) == set()
+
+
+def test_a_peers_connection_error_is_quiet_only_under_torchrun(monkeypatch):
+    """A collective's 'Connection reset by peer' stops a torchrun process without its traceback
+    (another process failed first and said why); a WORLD_SIZE exported in the shell of a plain
+    run does not make that process torchrun's, and its error keeps its traceback."""
+    import argparse
+    from lib.cli import run_script
+
+    def main(args):
+        raise RuntimeError("[gloo] Connection reset by peer")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RuntimeError, match="reset by peer"):
+        run_script(main, argparse.ArgumentParser(), argv=[])
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as stop:
+        run_script(main, argparse.ArgumentParser(), argv=[])
+    assert stop.value.code == 1
