@@ -171,3 +171,17 @@ def test_meshes_one_folder_down_are_named_with_the_data_root_to_give(meshes, tmp
     assert (f"not a ModelNet40 folder, but its subfolder raw/ does (as PyG keeps a release in "
             f"raw/" in str(err.value))
     assert f"give --data-root {tmp_path / 'ModelNet40' / 'raw'}; supported" in str(err.value)
+
+
+def test_macos_metadata_files_beside_the_meshes_are_not_read(tmp_path):
+    """ModelNet copied by macOS to an exFAT or FAT drive carries a '._<name>.off' file of
+    metadata beside every mesh: the glob took them for meshes and the run stopped with 'not an
+    OFF file'."""
+    clean = write_class_meshes(tmp_path / "clean" / "ModelNet40", [BOX_OFF] * 3)
+    copied = write_class_meshes(tmp_path / "copied" / "ModelNet40", [BOX_OFF] * 3)
+    for mesh in list((copied / "thing" / "train").iterdir()):
+        (mesh.parent / f"._{mesh.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    for split in ("train", "val"):
+        read = ModelNet40Dataset(copied, split, cache_dir=tmp_path / "cache" / split)
+        want = ModelNet40Dataset(clean, split, cache_dir=tmp_path / "clean_cache" / split)
+        assert len(read.clouds) == len(want.clouds) > 0 and read.class_names == ["thing"]

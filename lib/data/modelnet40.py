@@ -178,8 +178,11 @@ def read_off_meshes(root, list_split, num_points, variant=40, cache_dir=None):
               f"{variant}: the classes are the ones present")
     count = max(num_points, OFF_POINTS)
     cache = Path(cache_dir) if cache_dir else default_cache_dir(root, count)
+    # "._<name>.off": the AppleDouble files of metadata that macOS writes beside each file it
+    # copies to a drive of another file system (FAT, exFAT, a network share): not meshes
     meshes = [(label, path) for label, name in enumerate(names)
-              for path in sorted((root / name / list_split).glob("*.off"))]
+              for path in sorted((root / name / list_split).glob("*.off"))
+              if not path.name.startswith("._")]
     if not meshes:
         raise FileNotFoundError(f"{root}: no <class>/{list_split}/*.off meshes")
     clouds = []
