@@ -185,3 +185,27 @@ def test_macos_metadata_files_beside_the_meshes_are_not_read(tmp_path):
         read = ModelNet40Dataset(copied, split, cache_dir=tmp_path / "cache" / split)
         want = ModelNet40Dataset(clean, split, cache_dir=tmp_path / "clean_cache" / split)
         assert len(read.clouds) == len(want.clouds) > 0 and read.class_names == ["thing"]
+
+
+def test_read_only_mesh_folders_of_one_name_keep_their_samples_apart(tmp_path, monkeypatch):
+    """Where the meshes' folder is read-only their samples go under data/cache/: two such
+    folders both named ModelNet40 (two shares, the second's meshes changed) shared one cache,
+    and the second read the first one's samples."""
+    import lib.data.modelnet40 as modelnet40
+    first = write_class_meshes(tmp_path / "share1" / "ModelNet40", [BOX_OFF])
+    second = write_class_meshes(tmp_path / "share2" / "ModelNet40", [off_text(
+        [box((0, 0, 0), (1.0, 1.0, 4.0))], joined_header=False)])
+    real_access = os.access
+    monkeypatch.setattr(modelnet40.os, "access", lambda path, mode: (
+        False if str(path).startswith(str(tmp_path / "share")) else real_access(path, mode)))
+    monkeypatch.setattr(modelnet40, "DATA_DIR", tmp_path / "data")
+    a = ModelNet40Dataset(first, "trainval").clouds[0]
+    b = ModelNet40Dataset(second, "trainval").clouds[0]
+    assert not (tmp_path / "share1" / "ModelNet40_sampled2048").exists()
+    assert np.ptp(b[:, 2]) > 1.5 * np.ptp(b[:, 0]) and not np.array_equal(a, b)
+    # samples beside a read-only folder (made by whoever could write there) are read, not redone
+    shutil.copytree(modelnet40.default_cache_dir(second, 2048),
+                    tmp_path / "share2" / "ModelNet40_sampled2048")
+    shutil.rmtree(tmp_path / "data" / "cache")
+    monkeypatch.setattr(modelnet40, "sample_surface", None)  # sampling would fail
+    assert np.array_equal(ModelNet40Dataset(second, "trainval").clouds[0], b)

@@ -224,11 +224,15 @@ def read_cached_sample(path, count):
 
 
 def default_cache_dir(root, count):
-    """<root>_sampled<count>/ beside the meshes, or under data/cache/ where that is read-only."""
+    """<root>_sampled<count>/ beside the meshes (as lib/data/s3dis.py's converted rooms: also
+    when the folder is read-only but holds it, sampled by whoever could write there), or else
+    under data/cache/ in a folder named after the meshes' whole path too: named after their
+    folder alone, two read-only copies (ModelNet40/ on two shares, one of them changed) shared
+    one cache, and the second read the first one's samples."""
     beside = root.parent / f"{root.name}_sampled{count}"
-    if os.access(root.parent, os.W_OK):
+    if beside.is_dir() or os.access(root.parent, os.W_OK):
         return beside
-    return DATA_DIR / "cache" / beside.name
+    return DATA_DIR / "cache" / f"{beside.name}-{zlib.crc32(str(root.resolve()).encode()):08x}"
 
 
 READERS = {"normal_resampled": read_normal_resampled, "hdf5": read_hdf5, "off": read_off_meshes}
