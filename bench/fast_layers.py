@@ -169,7 +169,8 @@ def cases():
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", metavar="OUT", required=True)
     parser.add_argument("--repeats", type=int, default=7)
     return parser

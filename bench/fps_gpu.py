@@ -102,7 +102,8 @@ def bench_case(b, n, m, repeats):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", metavar="OUT", required=True)
     parser.add_argument("--repeats", type=int, default=10)
     return parser

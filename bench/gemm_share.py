@@ -153,7 +153,8 @@ def measure(step, steps):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, metavar="OUT")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=3)

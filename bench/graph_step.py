@@ -41,7 +41,8 @@ from lib.train import autocast, build_optimizer  # noqa: E402
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--models", nargs="+", default=["tiny", "default"], choices=PT_MODELS)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -19,7 +19,8 @@ from lib.haq.policy_eval import cached_batches  # noqa: E402
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pt_seg_tiny")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)

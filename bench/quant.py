@@ -28,7 +28,8 @@ from lib.quant.layers import named_quantizable  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--model", default="pt_seg")
     p.add_argument("--ckpt", default=None, help="take the weights of this checkpoint")

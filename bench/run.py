@@ -353,7 +353,8 @@ def check_targets(figures):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", metavar="OUT", help="where to write the results (required)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes (a smoke test of the harness)")

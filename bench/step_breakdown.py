@@ -84,7 +84,8 @@ def peak_probe(args):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pt_seg_tiny", choices=["pt_seg_tiny", "pt_seg"])
     parser.add_argument("--json", metavar="OUT")
     parser.add_argument("--batch-size", type=int, default=16)

@@ -37,13 +37,17 @@ def train_step_seconds(name, batch_size, points, steps):
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--time", nargs="+", default=[], choices=list(MODELS), metavar="NAME")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--points", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+    return parser
+
+
+def main(args):
     for name in MODELS:
         n = sum(p.numel() for p in build_model(name, **kwargs_for(name)).parameters())
         print(f"{name:16s} {n:>12,d} parameters")
@@ -55,4 +59,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

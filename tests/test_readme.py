@@ -125,3 +125,22 @@ def test_documented_commands_name_existing_scripts_and_flags():
             checked += 1
     assert checked > 50  # the documents were read
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_scripts_help_gives_its_whole_description():
+    """A parser described by its module's docstring shows all of it: a first line alone stopped
+    mid-sentence (bench/*.py, `python -m models`), since a docstring's lines wrap at 100."""
+    import glob
+    import importlib
+    paths = [p for pattern in ("*.py", "lib/**/*.py", "models/*.py", "bench/*.py")
+             for p in sorted(glob.glob(pattern, root_dir=REPO, recursive=True))
+             if "def get_args_parser" in _read(p)]
+    assert len(paths) > 15
+    cut = []
+    for path in paths:
+        module = importlib.import_module(path[:-3].replace("/", "."))
+        doc, description = module.__doc__ or "", module.get_args_parser().description or ""
+        rest = doc[len(description):] if description and doc.startswith(description) else ""
+        if rest.strip() and not rest.startswith("\n\n"):
+            cut.append(f"{path}: {description.splitlines()[-1]!r} ...")
+    assert not cut, "\n".join(cut)
