@@ -2,6 +2,7 @@
 written, against a packed quantized checkpoint placed where the demo leaves its own
 (checkpoints/demo/finetune/best.pt, relative to the working folder), and every command the
 documents give names a script that exists and flags it takes."""
+import argparse
 import os
 import re
 
@@ -144,3 +145,15 @@ def test_every_scripts_help_gives_its_whole_description():
         if rest.strip() and not rest.startswith("\n\n"):
             cut.append(f"{path}: {description.splitlines()[-1]!r} ...")
     assert not cut, "\n".join(cut)
+
+
+def test_compare_help_gives_every_default():
+    """The README sends readers to `python -m lib.haq.compare --help` for the comparison's
+    settings: every flag with a default shows it there."""
+    from lib.haq.compare import get_args_parser
+    parser = get_args_parser()
+    shown = " ".join(parser.format_help().split())
+    missing = [action.option_strings[0] for action in parser._actions
+               if action.option_strings and action.default not in (None, argparse.SUPPRESS)
+               and f"(default: {action.default})" not in shown]
+    assert not missing, missing

@@ -22,7 +22,7 @@ import torch
 
 from lib import heap
 from lib.checkpoint import load_checkpoint
-from lib.cli import resolve_device, run_script
+from lib.cli import HelpFormatter, resolve_device, run_script
 from lib.experiment import (check_same_data, evaluate_checkpoint, example_inputs, load_split,
                             make_loader, recorded_data_root)
 from lib.haq import strategies
@@ -42,21 +42,23 @@ LABELS = {"ddpg": "HAQ DDPG", "random": "random search", "sensitivity": "sensiti
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the README gives this --help as the place to read the defaults: every flag shows its own
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="fp32 checkpoint (pretrain.py)")
-    p.add_argument("--out", default=None, help="default: <ckpt folder>/../compare")
+    p.add_argument("--out", default=None, help="results folder; None: <ckpt folder>/../compare")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.0625],
                    help="preserve ratios (fractions of the fp32 weight bits)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="one search and fine-tune per seed and budget")
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES,
+                   help="which strategies to compare")
     p.add_argument("--evaluations", type=int, default=30,
                    help="policies DDPG and random search each evaluate (DDPG's episodes)")
     p.add_argument("--warmup", type=int, default=10, help="DDPG's random episodes first")
     p.add_argument("--sigma-decay", type=float, default=0.9, help="as run/demo.sh's short search")
     p.add_argument("--min-bit", type=int, default=1,
                    help="1: at a 2-bit average, min 2 would leave uniform 2-bit the only policy")
-    p.add_argument("--max-bit", type=int, default=8)
+    p.add_argument("--max-bit", type=int, default=8, help="largest bit width searched")
     p.add_argument("--keep-first-last", default="8",
                    help="first layer and classifier at BITS or fp32, charged to the budget "
                         "('' searches them too)")
@@ -66,9 +68,12 @@ def get_args_parser():
     p.add_argument("--ft-samples", type=int, default=192,
                    help="training samples the fine-tune sees, drawn per seed (0: the whole split)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune learning rate (AdamW)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="samples per batch (reward, fine-tune and test scoring)")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder; None: the one the checkpoint records")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when available, else the CPU")
     return p
 
 
