@@ -82,9 +82,12 @@ def _claim(out, resume, overwrite, inputs):
     found = [name for name in RUN_MARKERS if os.path.exists(os.path.join(out, name))]
     saved = [name for name in found if name != "args.json"]
     if saved and not (resume or overwrite):
-        # only a last.pt or a search_state.pt can be continued (a fine-tune with --epochs 0
-        # saves neither)
-        resumable = any(name in saved for name in ("last.pt", "search_state.pt"))
+        # only a search_state.pt or a last.pt with an optimizer state can be continued: a
+        # fine-tune with --epochs 0 saves its last.pt packed, without one (recorded_run)
+        from lib.quant.pack import is_packed
+        last = os.path.join(out, "last.pt")
+        resumable = ("search_state.pt" in saved
+                     or ("last.pt" in saved and not is_packed(last)))
         raise ValueError(f"--out {out}: already holds a run ({', '.join(found)}); "
                          f"{'continue it with --resume, ' if resumable else ''}choose another "
                          f"--out, or replace it with --overwrite")

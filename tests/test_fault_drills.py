@@ -157,6 +157,23 @@ def test_a_new_run_refuses_a_folder_that_holds_one(reference, data):
     assert before == {p: p.read_bytes() for p in runs["pretrain"].iterdir() if p.is_file()}
 
 
+def test_a_fine_tune_that_trained_nothing_is_not_offered_to_resume(tmp_path):
+    """A folder holding an --epochs 0 fine-tune (its last.pt packed, without an optimizer
+    state) is refused as holding a run, without the advice to continue it with --resume, which
+    that run then refused ('holds no optimizer state to resume from')."""
+    from lib.quant.pack import MAGIC
+    out = tmp_path / "searched"
+    out.mkdir()
+    (out / "args.json").write_text("{}")
+    for name in ("last.pt", "best.pt"):
+        (out / name).write_bytes(MAGIC + bytes(64))
+    message = refused("pretrain", "--out", out)
+    assert "already holds a run" in message and "--resume" not in message
+    (out / "last.pt").unlink()
+    (out / "search_state.pt").write_bytes(b"")
+    assert "continue it with --resume" in refused("pretrain", "--out", out)
+
+
 def test_overwrite_replaces_the_run_instead_of_mixing_two(reference, data, tmp_path):
     runs, _ = reference
     out = tmp_path / "run"
