@@ -12,7 +12,6 @@ any other RUN/<name>/best.pt, named by its folder. Each one's figures go to RUN/
 the table to RUN/results.md and RUN/results.json. The second form only collects the JSON files
 of `eval.py --json` (run/demo.sh).
 """
-import argparse
 import json
 import os
 
@@ -88,9 +87,10 @@ def _policy_changed(quant, folder, args):
     return path_inside(policy, os.path.dirname(os.path.abspath(folder))) or policy
 
 
-def score_run(run, data_root=None, batch_size=16, device=None, workers=0):
-    """Evaluates every checkpoint of `run` on its test split; returns [(row name, results)]
-    and writes RUN/eval/<folder>.json (main rank)."""
+def score_run(run, data_root=None, batch_size=16, device=None, workers=0, amp=None):
+    """Evaluates every checkpoint of `run` on its test split (amp: bf16 autocast; None: as each
+    run recorded); returns [(row name, results)] and writes RUN/eval/<folder>.json (main
+    rank)."""
     from lib.checkpoint import file_sha256  # torch and the readers: only for --run
     from lib.experiment import evaluate_checkpoint
     scored = []
@@ -105,7 +105,8 @@ def score_run(run, data_root=None, batch_size=16, device=None, workers=0):
             name = f"{name} [{'; '.join(problems)}]"
             if distributed.is_main():
                 print(f"{path}: {'; '.join(problems)}", flush=True)
-        _, results = evaluate_checkpoint(path, data_root, "test", batch_size, device, workers)
+        _, results = evaluate_checkpoint(path, data_root, "test", batch_size, device, workers,
+                                         amp)
         if distributed.is_main():
             os.makedirs(os.path.join(run, "eval"), exist_ok=True)
             with open(os.path.join(run, "eval", folder + ".json"), "w") as f:
@@ -143,7 +144,8 @@ def main(args):
         from lib.cli import resolve_device
         _, _, device = distributed.init_distributed(resolve_device(args.device))
         heap.keep_freed_memory(device)  # each batch's temporaries reused, not re-faulted
-        scored = score_run(args.run, args.data_root, args.batch_size, device, args.workers)
+        scored = score_run(args.run, args.data_root, args.batch_size, device, args.workers,
+                           args.amp)
         out = args.out or os.path.join(args.run, "results")
     else:
         if not args.rows or not args.out:
@@ -156,17 +158,15 @@ def main(args):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lib.cli import add_flags, make_parser
+    p = make_parser(__doc__)
     p.add_argument("--run", default=None, help="run folder whose checkpoints to score")
     p.add_argument("--out", default=None,
-                   help="path without extension; writes .md and .json (default with --run: "
+                   help="path without extension; writes .md and .json (None with --run: "
                         "RUN/results)")
-    p.add_argument("--data-root", default=None,
-                   help="overrides the data root the checkpoints record")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--workers", type=int, default=0)
+    # the flags eval.py takes for the same scoring, defined once (lib/cli.py): run/eval.sh
+    # hands its extra flags to either
+    add_flags(p, "data_root", "batch_size", "device", "workers", "amp")
     p.add_argument("rows", nargs="*", help="NAME=eval.json, in table order (without --run)")
     return p
 

@@ -100,3 +100,36 @@ def test_a_peers_connection_error_is_quiet_only_under_torchrun(monkeypatch):
     with pytest.raises(SystemExit) as stop:
         run_script(main, argparse.ArgumentParser(), argv=[])
     assert stop.value.code == 1
+
+
+def test_run_eval_sh_takes_the_shared_flags_and_chooses_the_precision(tmp_path, monkeypatch):
+    """`bash run/eval.sh` without a checkpoint is `python -m lib.results_table --run RUN`: its
+    --data-root, --batch-size, --device, --workers are the shared definitions (README: each
+    defined once in lib/cli.py), and --amp / --no-amp reach the scoring as eval.py's do (the
+    README: a CUDA-trained run recorded bf16, give --no-amp on a CPU without it), where they
+    were refused as unrecognized arguments."""
+    import lib.experiment
+    from lib.results_table import get_args_parser, main
+    from tiny_checkpoints import make_checkpoint, write_tiny_data
+    parser = get_args_parser()
+    assert parser.formatter_class is HelpFormatter
+    shared = {"data_root", "batch_size", "device", "workers", "amp"}
+    for action in parser._actions:
+        if action.dest in shared:
+            shared.discard(action.dest)
+            assert action.help == FLAGS[action.dest][1]["help"], action.dest
+    assert not shared
+    data = write_tiny_data(tmp_path / "data", tasks=("partseg",))
+    make_checkpoint(tmp_path / "run" / "pretrain" / "best.pt", "partseg", data)
+    asked = []
+
+    def evaluate_checkpoint(*args, **kwargs):
+        asked.append(args[6] if len(args) > 6 else kwargs.get("amp"))
+        raise KeyboardInterrupt  # scored enough to know how
+
+    monkeypatch.setattr(lib.experiment, "evaluate_checkpoint", evaluate_checkpoint)
+    for flag, amp in (("--no-amp", False), ("--amp", True), (None, None)):
+        argv = ["--run", str(tmp_path / "run"), "--device", "cpu"] + ([flag] if flag else [])
+        with pytest.raises(KeyboardInterrupt):
+            main(parser.parse_args(argv))
+        assert asked.pop() is amp
