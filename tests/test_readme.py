@@ -157,3 +157,19 @@ def test_compare_help_gives_every_default():
                if action.option_strings and action.default not in (None, argparse.SUPPRESS)
                and f"(default: {action.default})" not in shown]
     assert not missing, missing
+
+
+def test_a_fresh_clone_needs_the_readmes_two_commands():
+    """The README opens with two commands, the main job and the tests; each script sets up
+    .venv itself, and .ci/run runs the very test command."""
+    first_block = re.search(r"```bash\n(.*?)```", _read("README.md"), re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines()]
+    commands = [c for c in commands if c]
+    assert len(commands) == 2, commands
+    for command in commands:
+        script = command.split()[1]
+        assert command.split()[0] == "bash" and os.path.isfile(os.path.join(REPO, script))
+        assert re.search(r'^(EXTRA_REQUIREMENTS=\S+ )?\. "\$\(dirname "\$0"\)/setup_env.sh"',
+                         _read(script), re.M), f"{script} does not set up .venv"
+    ci = [line.strip() for line in _read(".ci/run").splitlines() if line.strip()]
+    assert ci[-1] == commands[1], (ci[-1], commands[1])
