@@ -78,7 +78,11 @@ def _kmeans(x, k, init, n_init, max_iter, max_swaps, seed):
         sse, found = _swap(data, _lloyd(data, centroids, k, max_iter), k, max_iter, max_swaps)
         if sse < best_sse:
             best_sse, bounds = sse, found
-    return data.means(bounds), bounds
+    centroids = data.means(bounds)
+    # Each weight indexes its nearest centroid: Lloyd cut short by max_iter left a few nearer
+    # another centroid than their cluster's mean (the same bounds once it has converged; never
+    # more error; a centroid left without weights stays in the codebook, unused)
+    return centroids, data.assign(centroids)
 
 
 def _argsort(values):
