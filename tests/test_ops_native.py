@@ -77,22 +77,39 @@ def test_a_truncated_cached_library_is_rebuilt_with_one_warning(probe):
 
 
 def test_two_processes_building_at_once_compile_once(probe, tmp_path):
+    """The second process asks while the first compiles, however far apart they start: the
+    compiler holds the first build until both processes have come to the build's lock (each
+    says so in `waiting/`), so the second one reaches it during that build. (A compiler that
+    only took a second left it to the two starts to overlap: under load, one process could
+    import torch a second after the other and find the library built.)"""
     needs_cc()
-    log = tmp_path / "compiles.log"
-    compiler = tmp_path / "slow-cc"
-    # a compiler that logs each compilation and takes a second over it, so the two overlap
+    log, waiting = tmp_path / "compiles.log", tmp_path / "waiting"
+    waiting.mkdir()
+    compiler = tmp_path / "waiting-cc"
+    # logs each compilation; waits (at most 2 minutes) for both processes at the lock
     compiler.write_text(f'#!/bin/sh\ncase "$1" in --version) exec cc "$@";; esac\n'
-                        f'echo compile >> {log}\nsleep 1\nexec cc "$@"\n')
+                        f'echo compile >> {log}\n'
+                        f'for i in $(seq 1200); do\n'
+                        f'    [ "$(ls {waiting} | wc -l)" -ge 2 ] && break; sleep 0.1\n'
+                        f'done\nexec cc "$@"\n')
     compiler.chmod(0o755)
-    script = ("import sys; from lib.ops import native; "
-              f"print(native.build({str(compiler)!r}, sources=[{probe!r}], headers=[], "
-              "name='probe'))")
+    script = textwrap.dedent(f"""
+        import os
+        from lib.ops import native
+        locked = native._locked
+        def announced(path):
+            open(os.path.join({str(waiting)!r}, str(os.getpid())), "w").close()
+            return locked(path)
+        native._locked = announced
+        print(native.build({str(compiler)!r}, sources=[{probe!r}], headers=[], name="probe"))
+    """)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     runs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
-    outputs = [run.communicate(timeout=120) for run in runs]
+    outputs = [run.communicate(timeout=300) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
+    assert len(os.listdir(waiting)) == 2  # both came to the lock: the second during the build
     paths = {out.strip() for out, _ in outputs}
     assert len(paths) == 1 and native._verified(paths.pop())
     assert log.read_text().split() == ["compile"]
