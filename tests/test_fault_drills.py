@@ -602,9 +602,11 @@ def test_killed_at_any_write_then_resumed_ends_as_the_uninterrupted_run(referenc
             "finetune": lambda out: finetune_args(teacher, out),
             "search": lambda out: search_args(teacher, out)}[script]
     log = "episodes.jsonl" if script == "search" else "log.jsonl"
-    for k, name in enumerate(writes[script], start=1):
-        if points is not None and k not in points:
-            continue
+    kills = points or range(1, len(writes[script]) + 1)
+    # writes_into saw the uninterrupted run's writes: none seen, no kill would run either
+    assert writes[script] and max(kills) <= len(writes[script]), writes[script]
+    for k in kills:
+        name = writes[script][k - 1]
         out = tmp_path / f"killed_after_{k}_{name}"
         with writes_into(out, crash_at=k), pytest.raises(Crash):
             run(script, *args(out))
