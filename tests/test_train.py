@@ -36,8 +36,14 @@ def train_toy(out, epochs=4, interrupt_at_step=None, resume=None):
             raise Interrupt
         return supervised_loss(logits, batch)
 
-    fit(model, train, val, opt, sched, loss_fn, torch.device("cpu"), epochs, out,
-        {"model": {}}, RunLog(out, {}), resume=state)
+    log = RunLog(out, {})
+    try:
+        fit(model, train, val, opt, sched, loss_fn, torch.device("cpu"), epochs, out,
+            {"model": {}}, log, resume=state)
+    finally:
+        # as the scripts do: tensorboard's thread has written every point before a test reads
+        # the events (left open, the last epoch's were there or not as that thread was scheduled)
+        log.close()
     return model
 
 
