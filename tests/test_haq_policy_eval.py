@@ -127,5 +127,9 @@ def test_a_policys_reward_does_not_depend_on_the_global_random_state():
     state = torch.get_rng_state()
     assert evaluator(policy) == first
     assert torch.equal(torch.get_rng_state(), state)  # and the episode left it alone
-    evaluator.seed = 6
-    assert evaluator(policy) != first  # the seed is what sets the masks
+    # the seed is what sets the masks (one other seed may score the same on 8 tiny clouds)
+    rewards = {first}
+    for seed in (6, 7, 8):
+        evaluator.seed = seed
+        rewards.add(evaluator(policy))
+    assert len(rewards) > 1, rewards
