@@ -74,17 +74,18 @@ def gather_objects(obj):
     return out
 
 
-def same_on_every_rank(read, key, tries=3):
-    """read() on every rank, again until every rank's key(result) is one value, not None: each
-    rank opens a file itself, and a run that still writes it may replace it between two ranks'
-    reads. Returns the result, or None when the ranks disagreed `tries` times in a row (the same
-    on every rank)."""
+def same_on_every_rank(path, read, key, writer, tries=3):
+    """read() of the file `path` on every rank, again until every rank's key(result) is one
+    value, not None: each rank opens the file itself, and `writer` ("a run", "a search"), still
+    writing it, may replace it between two ranks' reads. Returns the result; a one-line
+    ValueError (on every rank) when the ranks disagreed `tries` times in a row."""
     for _ in range(tries):
         result = read()
         keys = gather_objects(key(result))
         if keys[0] is not None and keys.count(keys[0]) == len(keys):
             return result
-    return None
+    raise ValueError(f"{path}: replaced while the processes read it, {tries} times in a row "
+                     f"({writer} still writing it?); start again when it is written")
 
 
 def broadcast_tensor_(tensor, src=0):

@@ -257,11 +257,7 @@ def load_on_every_rank(path, tries=3):
         after = file_sha256(path)
         return meta, model, resume, (after if after == before else None)
 
-    loaded = distributed.same_on_every_rank(read, lambda loaded: loaded[3], tries)
-    if loaded is None:
-        raise ValueError(f"{path}: replaced while the processes read it, {tries} times in a row "
-                         f"(a run still writing it?); start again when it is written")
-    return loaded
+    return distributed.same_on_every_rank(path, read, lambda loaded: loaded[3], "a run", tries)
 
 
 def example_inputs(dataset, device, n=2):

@@ -126,11 +126,8 @@ def read_on_every_rank(path, tries=3):
     search writing its policy.json between two ranks' reads gave them other bits or another
     weight sharing (lib/distributed.same_on_every_rank)."""
     from lib.distributed import same_on_every_rank
-    policy_file = same_on_every_rank(lambda: PolicyFile(path), lambda p: p.digest, tries)
-    if policy_file is None:
-        raise ValueError(f"{path}: replaced while the processes read it, {tries} times in a row "
-                         f"(a search still writing it?); start again when it is written")
-    return policy_file
+    return same_on_every_rank(path, lambda: PolicyFile(path), lambda p: p.digest, "a search",
+                              tries)
 
 
 def _some(names):
