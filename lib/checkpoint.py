@@ -62,12 +62,13 @@ def _write_failure(error):
     return None
 
 
-def atomic_write_json(path, obj):
+def atomic_write_json(path, obj, default=None):
     """`obj` as indented JSON at `path`, written atomically: the run scripts take a stage's last
-    file (best_test.json, baselines.json) as the sign that its run ended."""
+    file (best_test.json, baselines.json) as the sign that its run ended. default: json's, for
+    values it cannot write (args.json's flags: str)."""
     def write(tmp):
         with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
+            f.write(json.dumps(obj, indent=2, default=default) + "\n")
     atomic_write(path, write)
 
 

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from lib.checkpoint import atomic_write, git_commit
+from lib.checkpoint import atomic_write, atomic_write_json, git_commit
 from lib.distributed import is_main
 from lib.rundir import clear_replaced
 
@@ -29,12 +29,8 @@ class RunLog:
         clear_replaced(out_dir)  # --overwrite's old run goes now, at the new run's first write
         # each start rewrites it (a resume too), whole or not at all: opened for writing first,
         # it stood empty while git was asked for the commit, and a kill then left it so
-        flags = json.dumps(dict(args_dict, git_commit=git_commit()), indent=2, default=str)
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                f.write(flags + "\n")
-        atomic_write(os.path.join(out_dir, "args.json"), write)
+        atomic_write_json(os.path.join(out_dir, "args.json"),
+                          dict(args_dict, git_commit=git_commit()), default=str)
         self.log_path = os.path.join(out_dir, log_name)
         from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is slow to import
         self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
