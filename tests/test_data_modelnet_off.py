@@ -191,6 +191,7 @@ def test_read_only_mesh_folders_of_one_name_keep_their_samples_apart(tmp_path, m
     """Where the meshes' folder is read-only their samples go under data/cache/: two such
     folders both named ModelNet40 (two shares, the second's meshes changed) shared one cache,
     and the second read the first one's samples."""
+    import lib.data
     import lib.data.modelnet40 as modelnet40
     first = write_class_meshes(tmp_path / "share1" / "ModelNet40", [BOX_OFF])
     second = write_class_meshes(tmp_path / "share2" / "ModelNet40", [off_text(
@@ -198,7 +199,7 @@ def test_read_only_mesh_folders_of_one_name_keep_their_samples_apart(tmp_path, m
     real_access = os.access
     monkeypatch.setattr(modelnet40.os, "access", lambda path, mode: (
         False if str(path).startswith(str(tmp_path / "share")) else real_access(path, mode)))
-    monkeypatch.setattr(modelnet40, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(lib.data, "DATA_DIR", tmp_path / "data")
     a = ModelNet40Dataset(first, "trainval").clouds[0]
     b = ModelNet40Dataset(second, "trainval").clouds[0]
     assert not (tmp_path / "share1" / "ModelNet40_sampled2048").exists()

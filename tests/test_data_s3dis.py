@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.data import s3dis
+from lib.data import DATA_DIR, s3dis
 from lib.data.grid import grid_subsample
 from lib.data.s3dis import CLASS_NAMES, RAW_DIRNAME, RoomVoter, S3DISDataset, preprocess, read_room
 from lib.data.synthetic_rooms import write_rooms
@@ -255,7 +255,7 @@ def test_a_read_only_release_is_converted_under_data_cache(tmp_path, monkeypatch
     monkeypatch.setattr(s3dis.os, "access", lambda path, mode: (
         False if os.path.realpath(path) == str(tmp_path / "shared") else real_access(path, mode)))
     cached = s3dis.default_processed_dir(str(raw))
-    assert os.path.dirname(cached) == str(s3dis.DATA_DIR / "cache")
+    assert os.path.dirname(cached) == str(DATA_DIR / "cache")
     assert os.path.basename(cached).startswith(s3dis.PROCESSED_DIRNAME + "-")
     other = tmp_path / "shared" / "elsewhere" / RAW_DIRNAME  # another release: its own folder
     assert s3dis.default_processed_dir(str(other)) not in (cached, str(beside))

@@ -4,6 +4,7 @@ parser every reader of the released `.txt` formats shares.
 Readers are imported inside `build_dataset`, so importing `lib.data` costs nothing and a reader
 that needs an optional package only needs it when its dataset is used.
 """
+import hashlib
 import itertools
 import os
 import shutil
@@ -183,6 +184,18 @@ def one_level_down(root, holds):
     return (f", but its subfolder {found[0].name}/ does (as PyG keeps a release in raw/, or as an "
             f"archive unpacked into a folder of its own name nests it): give --data-root "
             f"{found[0]}")
+
+
+def beside_or_cache(beside, cache_name, source):
+    """Where a reader keeps what it derives from the dataset folder `source` (S3DIS's converted
+    rooms, ModelNet's mesh samples): the folder `beside` it when that exists (made by whoever
+    could write there) or can be made; else data/cache/<cache_name>-<its path's hash>, named
+    after the path so that two read-only folders of one name (a lab's shared mounts) never
+    share one."""
+    if os.path.isdir(beside) or os.access(os.path.dirname(os.path.abspath(beside)), os.W_OK):
+        return beside
+    tag = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:8]
+    return os.path.join(DATA_DIR, "cache", f"{cache_name}-{tag}")
 
 
 def note(*args, **kwargs):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import (DATA_DIR, error_reason, first_bad_label, note, one_level_down,
+from lib.data import (beside_or_cache, error_reason, first_bad_label, note, one_level_down,
                       read_point_table, read_text_file)
 from lib.data.off_mesh import read_off, sample_surface
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
@@ -230,9 +230,7 @@ def default_cache_dir(root, count):
     folder alone, two read-only copies (ModelNet40/ on two shares, one of them changed) shared
     one cache, and the second read the first one's samples."""
     beside = root.parent / f"{root.name}_sampled{count}"
-    if beside.is_dir() or os.access(root.parent, os.W_OK):
-        return beside
-    return DATA_DIR / "cache" / f"{beside.name}-{zlib.crc32(str(root.resolve()).encode()):08x}"
+    return Path(beside_or_cache(beside, beside.name, root))
 
 
 READERS = {"normal_resampled": read_normal_resampled, "hdf5": read_hdf5, "off": read_off_meshes}

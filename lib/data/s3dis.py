@@ -25,7 +25,6 @@ floor (lowest point); feat = rgb / 255 and the point's position normalised to th
 bounding box, [0, 1]^3 (PointNet's S3DIS input; it tells a crop where it sits in the room).
 """
 import argparse
-import hashlib
 import os
 import re
 import sys
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from lib import distributed
-from lib.data import DATA_DIR, DEFAULT_FOLDERS, note, read_point_table
+from lib.data import DEFAULT_FOLDERS, beside_or_cache, note, read_point_table
 from lib.data.grid import covering_crops, cycling_pass, grid_cells, knn_crop, pad_by_resampling, random_pass
 from lib.data.transforms import jitter, random_scale, sample_rng
 
@@ -171,10 +170,7 @@ def default_processed_dir(raw_dir):
     parent, name = os.path.split(os.path.abspath(raw_dir))
     beside = os.path.join(parent, PROCESSED_DIRNAME if name in DEFAULT_FOLDERS["s3dis"]
                           else f"{PROCESSED_DIRNAME}-{name}")
-    if os.path.isdir(beside) or os.access(parent, os.W_OK):
-        return beside
-    tag = hashlib.sha1(os.path.abspath(raw_dir).encode()).hexdigest()[:8]
-    return os.path.join(DATA_DIR, "cache", f"{PROCESSED_DIRNAME}-{tag}")
+    return beside_or_cache(beside, PROCESSED_DIRNAME, raw_dir)
 
 
 def list_rooms(raw_dir, areas):
