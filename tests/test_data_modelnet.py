@@ -147,11 +147,10 @@ def test_list_entry_of_unknown_class_is_an_error(tmp_path):
         ModelNet40Dataset(root, "test")
 
 
-def test_hdf5_layout_resolves_listed_paths_by_basename(tmp_path, capsys):
+def test_hdf5_layout_resolves_listed_paths_by_basename(tmp_path):
     root = write_h5_layout(tmp_path / "modelnet40_ply_hdf5_2048",
                            [("ply_data_train0.h5", *h5_arrays(0, 12)),
-                            ("ply_data_train1.h5", *h5_arrays(12, 8)),
-                            ("ply_data_train2.h5", None, None)],
+                            ("ply_data_train1.h5", *h5_arrays(12, 8))],
                            [("ply_data_test0.h5", *h5_arrays(100, 3, labels=[2, 0, 1]))])
     test = ModelNet40Dataset(root, "test")
     assert test.layout == "hdf5" and test.class_names == NAMES
@@ -161,7 +160,24 @@ def test_hdf5_layout_resolves_listed_paths_by_basename(tmp_path, capsys):
     assert torch.equal(sample["feat"], sample["xyz"])  # no normals in this layout
     train, val = ModelNet40Dataset(root, "train"), ModelNet40Dataset(root, "val")
     assert tags(val) == [9, 19] and sorted(tags(train) + tags(val)) == list(range(20))
-    assert "1 of 3 listed h5 files are missing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("split, listed", [("train", "train_files"), ("val", "train_files"),
+                                           ("test", "test_files")])
+def test_hdf5_listed_file_missing_is_an_error_naming_it(tmp_path, split, listed):
+    """A shape's position counts the shapes of the files listed before it: read without its
+    middle file (shapes 12-19), "val" was shapes 9 and 27 where the three files make it 9, 19
+    and 29, and the run went on with a count of the missing files."""
+    root = write_h5_layout(tmp_path / "h", [("ply_data_train0.h5", *h5_arrays(0, 12)),
+                                            ("ply_data_train1.h5", None, None),
+                                            ("ply_data_train2.h5", *h5_arrays(20, 15))],
+                           [("ply_data_test0.h5", None, None),
+                            ("ply_data_test1.h5", *h5_arrays(100, 3))])
+    missing = "ply_data_train1" if listed == "train_files" else "ply_data_test0"
+    with pytest.raises(FileNotFoundError, match=rf"{listed}\.txt: lists {missing}\.h5, missing "
+                                                rf"from .* \(1 of [23] h5 files") as err:
+        ModelNet40Dataset(root, split)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("label, nan, message", [

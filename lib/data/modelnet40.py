@@ -8,7 +8,7 @@ contents:
     modelnet40_ply_hdf5_2048/      shape_names.txt, {train,test}_files.txt listing
                                    ply_data_*.h5 (keys `data` (S, 2048, 3) float32,
                                    `label` (S, 1) uint8); list paths are resolved by basename;
-                                   ModelNet40 only
+                                   ModelNet40 only; a listed file missing is an error
     ModelNet40/ or ModelNet10/     the meshes: <class>/{train,test}/<class>_NNNN.off, classes in
                                    name order; points are sampled on the surface once
                                    (lib/data/off_mesh.py) and cached beside the folder
@@ -95,14 +95,14 @@ def read_lines(path):
 OTHER_CACHES = ("*.dat", "*.pth")
 
 
-def report_missing(list_file, missing, listed, what):
+def report_missing(list_file, missing, listed):
     if missing == listed:
         caches = sorted(p.name for pattern in OTHER_CACHES for p in list_file.parent.glob(pattern))
         held = (f" (the folder holds {', '.join(caches[:3])}: another repository's cache of "
                 f"the shapes, which is not read; the shapes' own files are)" if caches else "")
-        raise FileNotFoundError(f"{list_file}: none of the {listed} listed {what} exists{held}")
+        raise FileNotFoundError(f"{list_file}: none of the {listed} listed shape files exists{held}")
     if missing:
-        note(f"[modelnet40] {list_file}: {missing} of {listed} listed {what} are missing; "
+        note(f"[modelnet40] {list_file}: {missing} of {listed} listed shape files are missing; "
               f"using the {listed - missing} present")
 
 
@@ -123,7 +123,7 @@ def read_normal_resampled(root, list_split, num_points, variant=40):
             clouds.append(read_point_table(path, 6, delimiter=",", max_rows=num_points))
             labels.append(names.index(name))
             positions.append(position)
-    report_missing(list_file, len(entries) - len(clouds), len(entries), "shape files")
+    report_missing(list_file, len(entries) - len(clouds), len(entries))
     return names, clouds, labels, positions
 
 
@@ -136,12 +136,11 @@ def read_hdf5(root, list_split, num_points, variant=40):
                                 f"or ModelNet10.zip")
     names = read_lines(root / "shape_names.txt")
     list_file = root / f"{list_split}_files.txt"
-    listed = read_lines(list_file)
+    # the release lists data/modelnet40_ply_hdf5_2048/<file>
+    paths = [root / Path(entry).name for entry in read_lines(list_file)]
+    check_all_listed_h5_present(list_file, paths)
     clouds, labels, positions, seen = [], [], [], 0
-    for entry in listed:
-        path = root / Path(entry).name  # the release lists data/modelnet40_ply_hdf5_2048/<file>
-        if not path.is_file():
-            continue
+    for path in paths:
         try:
             with h5py.File(path, "r") as f:
                 data, label = f["data"][:, :num_points], f["label"][:].reshape(-1)
@@ -163,8 +162,22 @@ def read_hdf5(root, list_split, num_points, variant=40):
         labels.append(label.astype(np.int64))
         positions.append(seen + np.arange(len(data)))
         seen += len(data)
-    report_missing(list_file, len(listed) - len(clouds), len(listed), "h5 files")
     return names, np.concatenate(clouds), np.concatenate(labels), np.concatenate(positions)
+
+
+def check_all_listed_h5_present(list_file, paths):
+    """A listed h5 file that is missing is an error, not skipped as a missing shape file of the
+    resampled layout is: a shape's position here counts the shapes of the files before it, so a
+    file left out would move which shapes are "val" (every VAL_EVERY-th position), and with
+    five training files a missing one is a fifth of the split."""
+    if not paths:
+        raise FileNotFoundError(f"{list_file}: lists no h5 files")
+    missing = [path.name for path in paths if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{list_file}: lists {', '.join(missing)}, missing from "
+                                f"{list_file.parent} ({len(missing)} of {len(paths)} h5 files; "
+                                f"read without them the split would shrink and, for train, "
+                                f"val would move): unpack modelnet40_ply_hdf5_2048.zip again")
 
 
 def read_off_meshes(root, list_split, num_points, variant=40, cache_dir=None):
