@@ -18,6 +18,15 @@ def auto_ops_backend():
     ops.set_backend("auto")
 
 
+@pytest.fixture(autouse=True)
+def notes_said_afresh():
+    """Every test is a process of its own to the readers' remarks, which a process prints once
+    (lib.data.note): a module's fixture folder would otherwise be remarked on in its first test
+    only."""
+    from lib import data
+    data.NOTES_PRINTED.clear()
+
+
 @pytest.fixture
 def needs_compiler():
     """Skips without the C kernels (checked when the test runs, not at collection)."""

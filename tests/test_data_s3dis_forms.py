@@ -13,6 +13,7 @@ from lib.data.__main__ import main as check_data
 from lib.data.s3dis import S3DISDataset
 from lib.data.synthetic_layouts import rooms_as
 from lib.data.synthetic_rooms import write_rooms
+from lib.experiment import load_split
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,17 @@ def test_rooms_missing_from_an_area_are_reported(forms, capsys):
     assert capsys.readouterr().out.count("of the release's") == 5  # areas 1-4 and 6
     build_dataset("synthetic_rooms", forms / "npy", "test")  # generated rooms: few by design
     assert "of the release's" not in capsys.readouterr().out
+
+
+def test_each_remark_on_the_folder_is_printed_once_per_process(forms, capsys):
+    """A training script reads the train and val splits (and the test split for its final
+    score): the form found and each area short of rooms were printed once per read."""
+    for split in ("train", "val", "test"):
+        load_split("s3dis", str(forms / "npy"), split)
+    out = capsys.readouterr().out
+    assert out.count("per-room N x 7 .npy (") == 1
+    assert out.count("Area_1 holds 2 of the release's 44 rooms") == 1
+    assert out.count("of the release's") == 6  # areas 1-6, once each
 
 
 def test_older_pointcept_rooms_are_named(tmp_path):

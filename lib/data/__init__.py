@@ -198,10 +198,18 @@ def beside_or_cache(beside, cache_name, source):
     return os.path.join(DATA_DIR, "cache", f"{cache_name}-{tag}")
 
 
+# The remarks this process has printed (note): each is said once.
+NOTES_PRINTED = set()
+
+
 def note(*args, **kwargs):
-    """print() for a reader's remark (a layout found, entries missing, a conversion), by the
-    main process only: under torchrun every process reads the data and said it once each."""
-    if os.environ.get("RANK", "0") == "0":
+    """print() for a reader's remark (a layout found, entries missing, a conversion), once per
+    process and by the main process only: under torchrun every process reads the data and said
+    it once each, and a training script reads the folder once per split (train, val, then test
+    for the final score) and said the same remark about it each time."""
+    text = kwargs.get("sep", " ").join(map(str, args))
+    if os.environ.get("RANK", "0") == "0" and text not in NOTES_PRINTED:
+        NOTES_PRINTED.add(text)
         print(*args, **kwargs)
 
 
