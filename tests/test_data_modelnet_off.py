@@ -124,6 +124,26 @@ def test_bad_mesh_is_one_line_naming_the_file(tmp_path, text, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("emptied, split", [("train", "train"), ("train", "val"),
+                                             ("test", "test")])
+def test_class_folder_without_meshes_in_the_split_is_an_error_naming_it(tmp_path, emptied, split):
+    """An emptied class folder (or a copy stopped part-way) kept its class among the outputs
+    with no shape of it to train or score on, and said nothing: the count of class folders
+    was right."""
+    root = tmp_path / "ModelNet40"
+    write_cls_off(root, seed=0, train_shapes=2, eval_shapes=1)
+    empty = root / "chair" / emptied
+    for mesh in empty.iterdir():
+        mesh.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{empty}: no \.off meshes, where the 3 other "
+                                                rf"classes' {emptied}/ folders hold some") as err:
+        ModelNet40Dataset(root, split, cache_dir=tmp_path / "c")
+    assert "\n" not in str(err.value)
+    (root / "chair" / emptied).rmdir()  # the folder gone too: the same
+    with pytest.raises(FileNotFoundError, match=rf"{empty}: no \.off meshes"):
+        ModelNet40Dataset(root, split, cache_dir=tmp_path / "c")
+
+
 def test_modelnet10_from_the_meshes_keeps_its_ten_classes(meshes):
     data = build_dataset("modelnet10", meshes, "test")
     assert data.class_names == ["chair", "table"]  # the ModelNet10 classes among these four

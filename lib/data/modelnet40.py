@@ -198,6 +198,7 @@ def read_off_meshes(root, list_split, num_points, variant=40, cache_dir=None):
               if not path.name.startswith("._")]
     if not meshes:
         raise FileNotFoundError(f"{root}: no <class>/{list_split}/*.off meshes")
+    check_every_class_has_meshes(root, names, {label for label, _ in meshes}, list_split)
     clouds = []
     for label, path in meshes:
         cached = cache / names[label] / list_split / f"{path.stem}.npy"
@@ -219,6 +220,21 @@ def read_off_meshes(root, list_split, num_points, variant=40, cache_dir=None):
         os.replace(tmp, cached)  # atomic: a parallel rank or an interrupted run leaves no half file
         clouds.append(cloud)
     return names, clouds, [label for label, _ in meshes], list(range(len(meshes)))
+
+
+def check_every_class_has_meshes(root, names, labels_held, list_split):
+    """A class whose split folder holds no mesh (emptied, or a copy stopped part-way) is an
+    error: it would stay among the classifier's outputs with no shape to learn or score it,
+    unsaid, since the count of class folders is right. A class folder that is gone (no train/ or
+    test/ in it) leaves the class out instead, as the line on the count of classes says."""
+    empty = [root / name / list_split for label, name in enumerate(names)
+             if label not in labels_held]
+    if empty:
+        more = f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise FileNotFoundError(f"{empty[0]}: no .off meshes{more}, where the "
+                                f"{len(names) - len(empty)} other classes' {list_split}/ folders "
+                                f"hold some: the class would have no shape in this split; "
+                                f"restore its meshes, or remove its folder to leave it out")
 
 
 def read_cached_sample(path, count):
