@@ -180,6 +180,23 @@ def test_hdf5_listed_file_missing_is_an_error_naming_it(tmp_path, split, listed)
     assert "\n" not in str(err.value)
 
 
+def test_data_check_fails_on_a_missing_listed_file(tmp_path, capsys):
+    """python -m lib.data as a scripted check: a listed h5 file gone is a failing status (it was
+    a FileNotFoundError, which the check takes for a split absent by choice), while a test
+    split absent altogether is not."""
+    from lib.data.__main__ import main as check_data
+    test = [("ply_data_test0.h5", *h5_arrays(100, 3)), ("ply_data_test1.h5", *h5_arrays(103, 3))]
+    root = write_h5_layout(tmp_path / "h", [("ply_data_train0.h5", *h5_arrays(0, 12))], test)
+    args = type("Args", (), dict(dataset="modelnet40", data_root=str(root), num_points=None))
+    check_data(args)  # every split readable
+    (root / "ply_data_test1.h5").unlink()
+    with pytest.raises(SystemExit, match="the test split stopped at a problem"):
+        check_data(args)
+    assert "lists ply_data_test1.h5, missing" in capsys.readouterr().out
+    (root / "test_files.txt").unlink()
+    check_data(args)  # no test split at all: the check passes
+
+
 @pytest.mark.parametrize("label, nan, message", [
     (3, False, r"sample 1: label 3 is not an integer in 0\.\.2"),
     (-1, False, r"sample 1: label -1 is not an integer"),  # would index the last class

@@ -62,6 +62,12 @@ DEFAULT_FOLDERS = {
 }
 
 
+class IncompleteDataset(FileNotFoundError):
+    """A file that the dataset's own lists or layout call for is missing beside others that are
+    present: a damaged or partial copy, where a plain FileNotFoundError means the split (or the
+    dataset) is not there at all. `python -m lib.data` fails on this one, not on that."""
+
+
 def default_root(name):
     """The folder `name` is read from when no --data-root is given (under <repo>/data)."""
     if name in DEFAULT_FOLDERS:

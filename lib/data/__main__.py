@@ -1,11 +1,12 @@
 """python -m lib.data --dataset NAME [--data-root DIR]: which form of the dataset the folder
 holds and what its splits hold, to check a download (or the synthetic data) before training on
 it (data/README.md lists the forms and where to get them). Exits with status 1 when no split
-can be read or one stops at a problem (a bad file, too few samples); a split with no file
-present is not an error."""
+can be read or one stops at a problem (a bad file, too few samples, a file that the folder's
+lists or layout call for missing beside the others); a split with no file present is not an
+error."""
 import argparse
 
-from lib.data import DATASET_NAMES, SPLITS, build_dataset, default_root
+from lib.data import DATASET_NAMES, SPLITS, IncompleteDataset, build_dataset, default_root
 
 
 def main(args):
@@ -16,7 +17,8 @@ def main(args):
             data = build_dataset(args.dataset, root, split, num_points=args.num_points)
         except (FileNotFoundError, ValueError) as err:
             print(f"{split}: {err}")
-            if not isinstance(err, FileNotFoundError):  # present, but it cannot be read
+            # present, but it cannot be read, or part of it is missing
+            if isinstance(err, IncompleteDataset) or not isinstance(err, FileNotFoundError):
                 damaged.append(split)
             continue
         sample = data[0]

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import (beside_or_cache, error_reason, first_bad_label, note, one_level_down,
-                      read_point_table, read_text_file)
+from lib.data import (IncompleteDataset, beside_or_cache, error_reason, first_bad_label, note,
+                      one_level_down, read_point_table, read_text_file)
 from lib.data.off_mesh import read_off, sample_surface
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
 
@@ -174,7 +174,7 @@ def check_all_listed_h5_present(list_file, paths):
         raise FileNotFoundError(f"{list_file}: lists no h5 files")
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
-        raise FileNotFoundError(f"{list_file}: lists {', '.join(missing)}, missing from "
+        raise IncompleteDataset(f"{list_file}: lists {', '.join(missing)}, missing from "
                                 f"{list_file.parent} ({len(missing)} of {len(paths)} h5 files; "
                                 f"read without them the split would shrink and, for train, "
                                 f"val would move): unpack modelnet40_ply_hdf5_2048.zip again")
@@ -231,7 +231,7 @@ def check_every_class_has_meshes(root, names, labels_held, list_split):
              if label not in labels_held]
     if empty:
         more = f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""
-        raise FileNotFoundError(f"{empty[0]}: no .off meshes{more}, where the "
+        raise IncompleteDataset(f"{empty[0]}: no .off meshes{more}, where the "
                                 f"{len(names) - len(empty)} other classes' {list_split}/ folders "
                                 f"hold some: the class would have no shape in this split; "
                                 f"restore its meshes, or remove its folder to leave it out")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from lib import distributed
-from lib.data import DEFAULT_FOLDERS, beside_or_cache, note, read_point_table
+from lib.data import DEFAULT_FOLDERS, IncompleteDataset, beside_or_cache, note, read_point_table
 from lib.data.grid import covering_crops, cycling_pass, grid_cells, knn_crop, pad_by_resampling, random_pass
 from lib.data.transforms import jitter, random_scale, sample_rng
 
@@ -125,7 +125,7 @@ def annotation_files(room_dir):
     release holds one, a duplicate `Area_5/office_36/Annotations/wall_3 (1).txt`."""
     ann_dir = os.path.join(room_dir, "Annotations")
     if not os.path.isdir(ann_dir):
-        raise FileNotFoundError(f"{room_dir}: no Annotations folder")
+        raise IncompleteDataset(f"{room_dir}: no Annotations folder")
     files = sorted(f for f in os.listdir(ann_dir) if ANNOTATION_NAME.fullmatch(f))
     if not files:
         raise ValueError(f"{ann_dir}: no <class>_<k>.txt annotation files")

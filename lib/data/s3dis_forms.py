@@ -27,7 +27,7 @@ import zipfile
 
 import numpy as np
 
-from lib.data import error_reason, first_bad_label, note, one_level_down
+from lib.data import IncompleteDataset, error_reason, first_bad_label, note, one_level_down
 from lib.data.s3dis import (AREAS, CLASS_NAMES, RAW_DIRNAME, convert_room, default_processed_dir,
                             find_raw_dir, list_rooms, preprocess)
 
@@ -225,7 +225,7 @@ class PointceptRooms:
             for room in room_dirs(area_dir):  # every room: one left out would shrink a split
                 missing = [f for f in POINTCEPT_FILES if not os.path.isfile(os.path.join(room, f))]
                 if missing:
-                    raise FileNotFoundError(f"{room}: no {', '.join(missing)} (a Pointcept room "
+                    raise IncompleteDataset(f"{room}: no {', '.join(missing)} (a Pointcept room "
                                             f"holds {', '.join(POINTCEPT_FILES)})")
                 names.append(f"Area_{area}/{os.path.basename(room)}")
         return rooms_of_areas(names, areas, self.root)
@@ -234,7 +234,7 @@ class PointceptRooms:
         paths = [os.path.join(self.root, name, f) for f in POINTCEPT_FILES]
         for path in paths:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: missing (a Pointcept room holds "
+                raise IncompleteDataset(f"{path}: missing (a Pointcept room holds "
                                         f"{', '.join(POINTCEPT_FILES)})")
         xyz, rgb, label = (load_array(p) for p in paths)
         n = xyz.shape[0] if xyz.ndim else 0
