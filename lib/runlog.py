@@ -39,10 +39,10 @@ class RunLog:
 
     def resume_at(self, step):
         """A resumed run goes on from global training step `step` (the steps its last checkpoint
-        holds): tensorboard hides the train_step points the interrupted run logged past it (a
-        partial epoch's, shown twice otherwise), by a purge marker at step + 1 that the resumed
-        run's events follow. The per-epoch points, at epoch numbers far below it, are not
-        purged: fit logs them after the epoch's last.pt."""
+        holds): tensorboard hides the points the interrupted run logged past it, by a purge
+        marker at step + 1 that the resumed run's events follow: a partial epoch's train_step
+        points, and the per-epoch points (fit logs them at the epoch's last step) of an epoch
+        killed before its last.pt, which the resumed run logs again."""
         self.purge_from(step + 1)
 
     def purge_from(self, step):

@@ -264,6 +264,14 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
         if improved:
             best, best_epoch = score, epoch + 1
         log.record({"epoch": epoch + 1, "train": train_stats, "val": val_metrics, "best": best})
+        # The epoch's points, at the optimizer steps taken as the train_step points are (a
+        # resume's purge marker, RunLog.resume_at, then hides those of an epoch it runs again),
+        # written out before last.pt: a kill after it lost the ones still queued for good.
+        steps_done = (epoch + 1) * len(train_loader)
+        log.scalars("train", train_stats, steps_done)
+        log.scalars("val", dict(val_metrics, **{f"best_{key}": best}), steps_done)
+        log.predictions("val", sink, steps_done)
+        log.flush_events()
         if distributed.is_main():
             print(f"epoch {epoch + 1}/{epochs}  loss {train_stats['loss']:.4f}  "
                   f"train acc {train_stats['acc']:.4f}  val {key} {score:.4f}  best {best:.4f}  "
@@ -277,10 +285,6 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
             save_checkpoint(os.path.join(out_dir, "last.pt"), unwrap(model), ckpt_meta, state)
             if improved:
                 save_checkpoint(os.path.join(out_dir, "best.pt"), unwrap(model), ckpt_meta)
-        # after last.pt: a run killed before it redoes this epoch, whose points would show twice
-        log.scalars("train", train_stats, epoch + 1)
-        log.scalars("val", dict(val_metrics, **{f"best_{key}": best}), epoch + 1)
-        log.predictions("val", sink, epoch + 1)
         distributed.barrier()
     return best, val_metrics
 

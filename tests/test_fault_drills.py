@@ -1224,40 +1224,49 @@ def tensorboard_points(folder, tag):
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
+# what a resume goes on from, and two tags its tensorboard charts draw from episode or epoch 1
+KILLED_RUNS = {"search": ("search_state.pt", ("search/reward", "search_best/metric")),
+               "pretrain": ("last.pt", ("train/loss", "val/ins_miou"))}
+
+
+@pytest.mark.parametrize("script", sorted(KILLED_RUNS))
 @pytest.mark.parametrize("kill, on_disk", [("after", 1), ("before", 2)])
-def test_a_killed_search_shows_each_episode_once_in_tensorboard(reference, tmp_path, kill,
-                                                                on_disk):
-    """search.py wrote an episode's state before its tensorboard points: killed in between
-    (here right after episode 0's search_state.pt), its resume went on from episode 1 and
-    episode 0 was missing from every chart. The points now come first, and the resume hides
-    those of an episode it runs again (killed right before episode 1's state lands), so each
-    shows once, as in the uninterrupted run. Killed for real (os._exit), as a process that
-    lives on would still write its queued points."""
+def test_a_killed_run_shows_each_episode_or_epoch_once_in_tensorboard(data, reference, tmp_path,
+                                                                      script, kill, on_disk):
+    """search.py wrote an episode's state before its tensorboard points, and fit (pretrain.py,
+    finetune.py) an epoch's last.pt before its points (queued for tensorboard's thread, which
+    writes them out every 2 minutes): killed right after the first state or last.pt, the resume
+    went on from the next episode or epoch and the first was missing from every chart. The
+    points now come first, written out, and the resume hides those of an episode or epoch it
+    runs again (killed right before the second state or last.pt lands), so each shows once, as
+    in the uninterrupted run. Killed for real (os._exit), as a process that lives on would
+    still write its queued points."""
     runs, _ = reference
+    state, tags = KILLED_RUNS[script]
     out = tmp_path / "killed"
+    flags = (search_args(runs["pretrain"] / "best.pt", out) if script == "search"
+             else pretrain_args(data, out))
     driver = ("import os, runpy, sys\n"
               "real, states = os.replace, []\n"
               "def replace(src, dst):\n"
-              "    states.append(dst.endswith('search_state.pt'))\n"
+              f"    states.append(os.path.basename(dst) == {state!r})\n"
               f"    if {kill == 'before'} and sum(states) == 2 and states[-1]:\n"
               "        os._exit(9)\n"
               "    real(src, dst)\n"
               f"    if {kill == 'after'} and states[-1]:\n"
               "        os._exit(9)\n"
               "os.replace = replace\n"
-              "sys.argv = ['search.py'] + sys.argv[1:]\n"
-              "runpy.run_path('search.py', run_name='__main__')\n")
-    killed = subprocess.run([sys.executable, "-c", driver,
-                             *map(str, search_args(runs["pretrain"] / "best.pt", out))],
+              f"sys.argv = ['{script}.py'] + sys.argv[1:]\n"
+              f"runpy.run_path('{script}.py', run_name='__main__')\n")
+    killed = subprocess.run([sys.executable, "-c", driver, *map(str, flags)],
                             cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
                             timeout=300)
     assert killed.returncode == 9, killed.stderr[-2000:]
-    complete = {tag: tensorboard_points(runs["search"], tag)
-                for tag in ("search/reward", "search_best/metric")}
-    assert all(len(points) == 2 for points in complete.values())  # episodes 0 and 1
+    complete = {tag: tensorboard_points(runs[script], tag) for tag in tags}
+    assert all(len(points) == 2 for points in complete.values())  # episodes 0, 1 or epochs 1, 2
     for tag, points in complete.items():
         assert tensorboard_points(out, tag) == points[:on_disk], tag
-    run("search", "--resume", out)
+    run(script, "--resume", out)
     for tag, points in complete.items():
         assert tensorboard_points(out, tag) == points, tag
 

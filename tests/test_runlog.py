@@ -67,7 +67,7 @@ def test_fit_logs_best_metric_and_prediction_images_every_epoch(tmp_path):
     assert best_curve == list(np.maximum.accumulate(miou)) and np.isclose(best_curve[-1], best)
     assert {"val_per_class/left", "val_per_class/middle"} <= set(tb.Tags()["scalars"])
     (tag,) = tb.Tags()["images"]  # the first val sample, drawn after each of the 2 epochs
-    assert tag == "val_predictions/00000" and [e.step for e in tb.Images(tag)] == [1, 2]
+    assert tag == "val_predictions/00000" and [e.step for e in tb.Images(tag)] == [4, 8]
     assert "epoch 2/2" in (tmp_path / "log.txt").read_text()
 
 
