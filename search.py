@@ -36,7 +36,7 @@ from lib.policy_file import parse_keep, recorded_keep, write_policy
 from lib.quant import keep_first_last, list_quantizable, uniform_policy
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import format_baseline_table
-from lib.rundir import claim
+from lib.rundir import claim, run_id
 from lib.runlog import RunLog
 
 
@@ -185,6 +185,7 @@ def main(args):
     if args.resume:
         state = torch_load(args.resume)
         print_main(f"resuming the search at episode {state['episode']} of {args.episodes}")
+    args.run_id = run_id(state["args"] if state else None)  # lib/rundir.check_one_search
     # every rank searches the same model, and the SHA-256 recorded is the one of the bytes read
     meta, model, _, ckpt_sha256 = load_on_every_rank(args.ckpt)
     if state:  # the replay buffer's rewards were measured against that model

@@ -14,15 +14,17 @@ folders and resuming"):
 - every check comes before anything is written: a refused run touches nothing (a folder it
   made to claim is removed again, `release_unused`).
 
-A run of pretrain.py or finetune.py records a random `run_id` among its flags (args.json and
-every checkpoint's meta["args"]), kept when it resumes: a last.pt and a best.pt of two runs
-in one folder (a file copied in from another run) are refused (`check_one_run`), while a folder
+Every run records a random `run_id` among its flags (args.json, every checkpoint's
+meta["args"], a search's search_state.pt), kept when it resumes: a last.pt and a best.pt of two
+runs in one folder (a file copied in from another run) are refused (`check_one_run`), and so is
+a search_state.pt beside the args.json of another search (`check_one_search`), while a folder
 copied or moved whole carries its run on. Runs from before the id are not checked.
 
 `recorded_run` reads what a `--resume` path points at; lib/cli.py's `resumed_args` turns it
 into the resumed run's flags. Under torchrun only the main rank checks and holds the lock; the other ranks follow its verdict.
 """
 import fcntl
+import json
 import os
 import secrets
 import shutil
@@ -225,6 +227,7 @@ def recorded_run(path):
         if "args" not in obj:
             raise ValueError(f"{path}: a search state without its recorded settings (written by "
                              f"an older search.py); it cannot be resumed")
+        check_one_search(path, obj["args"])
         return "search", obj["args"], path, obj["episode"]
     if not isinstance(obj, dict) or "resume" not in obj or "meta" not in obj:
         raise ValueError(f"{path}: holds no optimizer state to resume from (a best.pt never "
@@ -264,3 +267,34 @@ def check_one_run(last_path, last_meta):
         raise ValueError(f"{best_path}: written by another run (run_id {theirs}) than "
                          f"{os.path.basename(last_path)} beside it (run_id {ours}); a folder holds "
                          f"one run: move the file that does not belong to it away")
+
+
+# what args.json holds beside a run's flags, or a resumed start changes: not the search's settings
+NOT_SETTINGS = ("run_id", "git_commit", "resume")
+
+
+def check_one_search(state_path, state_args):
+    """A one-line ValueError, naming the settings that differ, when the args.json beside
+    `state_path` (the flags of the folder's latest start, whose search_state.pt records
+    `state_args`) was written by another search. A search_state.pt copied in from another search
+    (another --ckpt, --preserve-ratio or --seed) was resumed with its own settings, silently:
+    the folder's episodes.jsonl, tensorboard events and policy.json then held two searches."""
+    args_path = os.path.join(os.path.dirname(state_path), "args.json")
+    ours = state_args.get("run_id") if isinstance(state_args, dict) else None
+    if ours is None or not os.path.isfile(args_path):
+        return
+    try:
+        with open(args_path) as f:
+            folder_args = json.load(f)
+    except (OSError, ValueError):  # unreadable: nothing to compare with
+        return
+    theirs = folder_args.get("run_id") if isinstance(folder_args, dict) else None
+    if theirs is None or theirs == ours:
+        return
+    differing = [f"--{name.replace('_', '-')} {state_args[name]} (args.json: {folder_args[name]})"
+                 for name in sorted(set(state_args) & set(folder_args))
+                 if name not in NOT_SETTINGS and state_args[name] != folder_args[name]]
+    raise ValueError(f"{state_path}: written by another search (run_id {ours}) than the one "
+                     f"{args_path} records (run_id {theirs})"
+                     f"{'; it has ' + ', '.join(differing) if differing else ''}; a folder holds "
+                     f"one search: move the file that does not belong to it away")

@@ -29,7 +29,7 @@ import os
 import sys
 from typing import NamedTuple, Optional
 
-from lib.rundir import RUN_MARKERS, check_one_run
+from lib.rundir import RUN_MARKERS, check_one_run, check_one_search
 
 
 class Progress(NamedTuple):
@@ -78,6 +78,7 @@ def progress(folder):
                 and isinstance(state.get("args", {}), dict)):
             raise ValueError(f"{state_path}: not a search state")
         recorded, done = state.get("args", {}), state["episode"]
+        check_one_search(state_path, recorded)  # the folder's args.json must be this search's
         run = Progress("ended", state_path, None, recorded, done, "episodes", resumable=True,
                        inputs={"ckpt": state.get("ckpt_sha256")})
         episodes = recorded.get("episodes")

@@ -1113,6 +1113,38 @@ def test_a_last_pt_of_another_run_beside_this_runs_best_pt_is_refused(reference,
     assert load_checkpoint(str(mixed / "last.pt"))[0]["args"]["run_id"]  # one from now on
 
 
+def test_a_search_state_of_another_search_beside_this_ones_args_is_refused(reference, tmp_path,
+                                                                           capsys):
+    """The search_state.pt of another search (--preserve-ratio 0.2, --seed 1) copied into a
+    search's folder was resumed there with its own settings, without a word: the folder's
+    episodes.jsonl, tensorboard events and policy.json then mixed two searches. Each search
+    records a random run_id; a state written before it still resumes."""
+    from lib.stage_status import main, stage_status
+    runs, _ = reference
+    mixed, other = tmp_path / "mixed", tmp_path / "other"
+    shutil.copytree(runs["search"], mixed)
+    run("search", *search_args(runs["pretrain"] / "best.pt", other), "--preserve-ratio", 0.2,
+        "--seed", 1)
+    shutil.copyfile(other / "search_state.pt", mixed / "search_state.pt")
+    message = refused("search", "--resume", mixed, "--episodes", 3)
+    assert f"{mixed / 'search_state.pt'}: written by another search (run_id " in message
+    for setting in ("--preserve-ratio 0.2 (args.json: 0.1)", "--seed 1 (args.json: 0)"):
+        assert setting in message, message
+    as_search_sh = [str(flag) for flag in search_args(runs["pretrain"] / "best.pt", mixed)]
+    capsys.readouterr()
+    main([str(mixed), "search", *as_search_sh])
+    said = capsys.readouterr().out
+    assert said.startswith(f"refuse {mixed}: {mixed / 'search_state.pt'}: written by another "
+                           f"search"), said
+    # the folder's own state, as written before searches had an id
+    state = torch.load(runs["search"] / "search_state.pt", weights_only=True)
+    del state["args"]["run_id"]
+    torch.save(state, mixed / "search_state.pt")
+    assert stage_status(str(mixed), "search", as_search_sh) == "finished"
+    run("search", "--resume", mixed, "--episodes", 3)
+    assert torch.load(mixed / "search_state.pt", weights_only=True)["args"]["run_id"]  # from now on
+
+
 def test_a_run_moved_with_its_inputs_resumes_without_naming_them(reference, tmp_path):
     """`finetune.py --resume COPY/finetune/last.pt` after the original run folder was moved:
     the recorded --ckpt no longer existed and the resume stopped on it; the copy's own
