@@ -20,6 +20,7 @@ from lib.checkpoint import (atomic_write_json, load_checkpoint, same_input_as_re
 from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, positive_float,
                      resolve_amp, resolve_device, run_script)
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
+from lib.data.val_slice import val_sha256
 from lib.distill import DistillLoss
 from lib.experiment import (check_resumed_data, check_same_data, evaluate_checkpoint,
                             example_inputs, load_on_every_rank, load_split, make_loader,
@@ -179,11 +180,12 @@ def main(args):
     meta = {"model": fp32_meta["model"], "dataset": dict(data, root=root, num_points=num_points,
                                                    val_key=train_set.val_key,
                                                    val_source=train_set.val_source,
+                                                   val_sha256=val_sha256(val_set),
                                                    seed=args.seed),
             "args": vars(args), "quant": quant}
     if resume is not None:
         check_resumed_data(args.resume, recorded.get("dataset", {}), meta["dataset"], resume,
-                           len(train_loader))
+                           len(train_loader), val_set)
     log = RunLog(out, vars(args))
     if distributed.is_main():
         plain = unwrap(model)

@@ -74,11 +74,11 @@ def main(args):
     args.run_id = run_id(recorded.get("args") if resume is not None else None)  # lib/rundir
     meta = {"model": {"name": args.model, "kwargs": model_kwargs(args.model, train_set)},
             "dataset": dataset_meta(args.dataset, args.data_root, train_set, args.num_points,
-                                    args.seed),
+                                    args.seed, val_set),
             "args": vars(args), "quant": None}
     if resume is not None:
         check_resumed_data(args.resume, recorded.get("dataset", {}), meta["dataset"], resume,
-                           len(train_loader))
+                           len(train_loader), val_set)
     log = RunLog(out, vars(args))
     if distributed.is_main():
         n_params = sum(p.numel() for p in unwrap(model).parameters())

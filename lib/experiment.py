@@ -6,7 +6,7 @@ import torch
 
 from lib import distributed
 from lib.data import DATA_DIR, default_root
-from lib.data.val_slice import recorded_val_key, split_with_val_protocol
+from lib.data.val_slice import recorded_val_key, split_with_val_protocol, val_sha256
 from lib.distributed import ShardedSampler
 
 MODEL_TASK = {"pt_seg": "partseg", "pt_semseg": "semseg", "pt_cls": "cls", "pct_cls": "cls"}
@@ -74,9 +74,10 @@ def model_kwargs(model_name, dataset):
     return kwargs
 
 
-def dataset_meta(dataset_name, root, dataset, num_points, seed=0):
+def dataset_meta(dataset_name, root, dataset, num_points, seed=0, val_set=None):
     """What a checkpoint records about its data: enough to rebuild the test split and label it,
-    and (`seed`, which fixes each validation shape's point subset) the run's val split."""
+    and (`seed`, which fixes each validation shape's point subset, and `val_set`'s val_sha256,
+    which shapes it holds) the run's val split."""
     meta = {"name": dataset_name, "root": os.path.abspath(root or default_root(dataset_name)),
             "seed": seed,
             "task": dataset.task, "class_names": list(dataset.class_names),
@@ -85,6 +86,8 @@ def dataset_meta(dataset_name, root, dataset, num_points, seed=0):
         meta["features"] = dataset.features
     if hasattr(dataset, "val_key"):  # what validated the run (best.pt's choice), and in words
         meta["val_key"], meta["val_source"] = dataset.val_key, dataset.val_source
+    if val_set is not None:
+        meta["val_sha256"] = val_sha256(val_set)
     if dataset.task == "partseg":
         meta["category_names"] = list(dataset.category_names)
         meta["part_ranges"] = [list(r) for r in dataset.part_ranges]
@@ -121,15 +124,16 @@ def check_same_data(path, data, dataset, root):
                          f"data at {root} ({dataset.layout}) has {features}")
 
 
-def check_resumed_data(path, recorded, now, resume, steps_per_epoch):
+def check_resumed_data(path, recorded, now, resume, steps_per_epoch, val_set=None):
     """A one-line ValueError when a run resumed from `path` would train on other data than it
     recorded: `recorded` / `now` are dataset_meta's records, `resume` the last.pt's resume state
-    and `steps_per_epoch` the training loader's length now. A given --data-root must be the
-    recorded folder (lib/cli.recorded_settings), but its contents may have changed since
-    (samples added or removed, a val list gone), or a default root find another form of the
-    dataset first: the training set, the validation split or the schedule's steps would change
+    and `steps_per_epoch` the training loader's length now, `val_set` the validation split now
+    (named in the message). A given --data-root must be the recorded folder
+    (lib/cli.recorded_settings), but its contents may have changed since (samples added or
+    removed, a val list gone or edited), or a default root find another form of the dataset
+    first: the training set, the validation split or the schedule's steps would change
     silently. (The folder itself is not compared: a repository moved elsewhere finds its data/
-    at another path.)"""
+    at another path.) A run recorded before val_sha256 is not compared by it."""
     differences = [f"other {what}" for what in _other(recorded, now, LABEL_SPACE + INPUTS)]
     # compared as what the split is (a run recorded before val_key: as its sentence means it),
     # never as words, which may be reworded
@@ -137,6 +141,11 @@ def check_resumed_data(path, recorded, now, resume, steps_per_epoch):
             recorded_val_key(recorded) != now.get("val_key"):
         differences.append(f"other validation split (now {now.get('val_source')}; recorded "
                            f"{recorded.get('val_source')})")
+    elif recorded.get("val_sha256") is not None and recorded["val_sha256"] != now.get("val_sha256"):
+        sources = " + ".join(getattr(val_set, "split_sources", None) or ["the val split"])
+        differences.append(f"other validation shapes ({sources} now give "
+                           f"{len(val_set) if val_set is not None else 'other'} shapes, not the "
+                           f"ones the run validated on)")
     done = resume["scheduler"].get("last_epoch") if isinstance(resume.get("scheduler"),
                                                                dict) else None
     if isinstance(done, int) and resume["epoch"] and done != resume["epoch"] * steps_per_epoch:

@@ -125,6 +125,48 @@ def test_checkpoint_records_the_features_and_refuses_a_form_without_them(parts, 
         evaluate_checkpoint(path, str(tmp_path / "h5"))
 
 
+def test_a_resume_refuses_a_val_split_whose_shapes_changed(parts, tmp_path):
+    """A resume compared what validates the run (val_key: the val list), not which shapes: a
+    val list edited, or a val shape's file replaced, between a run and its resume was taken,
+    and the resumed run's scores were held against its best so far on another split (best.pt
+    picked across two). The shapes' SHA-256 is recorded (dataset val_sha256) by pretrain.py and
+    finetune.py and compared, in one line naming the list; a checkpoint written before the
+    record resumes."""
+    import importlib
+    from lib.cli import run_script
+
+    def run(script, *argv):
+        module = importlib.import_module(script)
+        run_script(module.main, module.get_args_parser(), script, [str(a) for a in argv])
+
+    root = shutil.copytree(parts, tmp_path / "parts")
+    runs = {"pretrain": tmp_path / "pretrain", "finetune": tmp_path / "finetune"}
+    run("pretrain", "--dataset", "synthetic_parts", "--data-root", root, "--num-points", 64,
+        "--batch-size", 8, "--epochs", 1, "--out", runs["pretrain"])
+    run("finetune", "--ckpt", runs["pretrain"] / "best.pt", "--bits", 4, "--batch-size", 8,
+        "--epochs", 1, "--out", runs["finetune"])
+    val_list = root / "train_test_split" / "shuffled_val_file_list.json"
+    listed = json.loads(val_list.read_text())
+    val_list.write_text(json.dumps(listed[:-1]))
+    shape = (root / listed[-1].removeprefix("shape_data/")).with_suffix(".txt")
+    lines = shape.read_text().splitlines()
+    for changed in ("list", "shape"):
+        for script, out in runs.items():
+            with pytest.raises(SystemExit) as refused:
+                run(script, "--resume", out, "--epochs", 2)
+            message = str(refused.value.code)
+            assert "\n" not in message and message.startswith(f"error: {out / 'last.pt'}: ")
+            assert (f"other validation shapes ({val_list} now give "
+                    f"{len(listed) - (changed == 'list')} shapes") in message, message
+        val_list.write_text(json.dumps(listed))  # the list as it was, one shape's points moved
+        shape.write_text("\n".join(["0.5 " + lines[0].split(" ", 1)[1]] + lines[1:]) + "\n")
+    last = torch.load(runs["pretrain"] / "last.pt", weights_only=True)  # as before the record
+    del last["meta"]["dataset"]["val_sha256"]
+    torch.save(last, runs["pretrain"] / "last.pt")
+    run("pretrain", "--resume", runs["pretrain"], "--epochs", 2)
+    assert load_checkpoint(str(runs["pretrain"] / "last.pt"))[0]["dataset"]["val_sha256"]
+
+
 # What val_source said before val_key existed, for each protocol (lib/data/val_slice.py as of
 # 0657adc): older checkpoints hold only these words.
 SENTENCES_THEN = {

@@ -15,6 +15,7 @@ shape belongs to both ("trainval" = train then val, each shape once). Every list
 parsed once, up front, so a broken file fails at construction with its name and line, not
 inside a DataLoader worker. Layouts without normals feed xyz as the features.
 """
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 
 from lib.data import first_bad_label, note, one_level_down, read_point_table, read_text_file
 from lib.data.shapenet_part_h5 import CATEGORY_FILE as H5_CATEGORY_FILE, find_h5_folder, read_h5_split
+from lib.data.shapenet_part_h5 import split_files as h5_split_files
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
 
 CATEGORY_FILE = "synsetoffset2category.txt"
@@ -160,6 +162,8 @@ class ShapeNetPartDataset(torch.utils.data.Dataset):
             self.category_names, _ = read_categories(folder / H5_CATEGORY_FILE)
             self.part_ranges, self.class_names = read_part_ranges(folder, self.category_names)
             shapes = read_h5_split(folder, split, self.category_names, self.part_ranges)
+            self.split_sources = [str(path) for path in h5_split_files(folder, split)
+                                  if path.is_file()]
         else:
             self.category_names, synsets = read_categories(self.root / CATEGORY_FILE)
             self.part_ranges, self.class_names = read_part_ranges(self.root, self.category_names)
@@ -175,6 +179,7 @@ class ShapeNetPartDataset(torch.utils.data.Dataset):
         split_files = [split_dir / f"shuffled_{s}_file_list.json"
                        for s in (("train", "val") if split == "trainval" else (split,))]
         entries = list(dict.fromkeys(e for f in split_files for e in read_split(f, synsets)))
+        self.split_sources = [str(f) for f in split_files]
         read_shape = self._read_v0_shape if self.layout == "v0" else self._read_v0_normal_shape
         shapes = [shape for shape in (read_shape(*entry) for entry in entries) if shape]
         listed = " + ".join(str(f) for f in split_files)
@@ -229,6 +234,17 @@ class ShapeNetPartDataset(torch.utils.data.Dataset):
         self.offsets = np.cumsum([0] + [len(points) for _, points, _, _ in shapes])
         self.categories = np.asarray([c for c, _, _, _ in shapes], dtype=np.int64)
         self.shape_ids = [shape_id for _, _, _, shape_id in shapes]
+
+    def content_sha256(self, indices=None):
+        """SHA-256 of the shapes at `indices` (all by default), in that order: each one's id,
+        category, points and labels (lib/data/val_slice.val_sha256)."""
+        digest = hashlib.sha256()
+        for index in range(len(self)) if indices is None else indices:
+            start, stop = self.offsets[index], self.offsets[index + 1]
+            digest.update(f"{self.shape_ids[index]} {self.categories[index]}\n".encode())
+            digest.update(self.points[start:stop].tobytes())
+            digest.update(self.labels[start:stop].tobytes())
+        return digest.hexdigest()
 
     def __len__(self):
         return len(self.categories)

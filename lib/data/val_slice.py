@@ -14,7 +14,8 @@ and "train-slice" are the same and "trainval" trains on the whole training split
 The training split returned carries `val_key`, what its validation split is (the protocol
 and, for a slice of train, its size and seed: `held_out_key`, `val_list_key`, `slice_key`),
 which the checkpoint records and a resumed run compares (lib/experiment.check_resumed_data),
-and `val_source`, the same in words for people (`describe`), which may be reworded freely.
+and `val_source`, the same in words for people (`describe`), which may be reworded freely. What
+the val split holds, shape by shape, a run records and compares too (`val_sha256`).
 """
 import re
 
@@ -148,6 +149,17 @@ def split_with_val_protocol(name, root, split, val_split, **kwargs):
         return with_val_key(train, val_list_key(False))
     held_out, kept = val_slice(len(train))
     return with_val_key(SplitSlice(train, kept), slice_key(len(held_out)))
+
+
+def val_sha256(val_set):
+    """SHA-256 of the shapes the validation split `val_set` holds (ShapeNet part's val list, or
+    its slice of train; its `split_sources` are the files they come from), or None for a reader
+    that does not hold shapes apart (ModelNet, S3DIS). val_key says what the split is, not which
+    shapes: a val list edited, or a partial download completed, between a run and its resume
+    changed the split under the run's best-so-far metric, and best.pt was picked across two."""
+    base, indices = ((val_set.dataset, val_set.indices) if isinstance(val_set, SplitSlice)
+                     else (val_set, None))  # a slice forwards content_sha256 to the whole split
+    return base.content_sha256(indices) if hasattr(base, "content_sha256") else None
 
 
 def with_val_key(data, key):
