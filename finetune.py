@@ -17,15 +17,15 @@ import torch
 from lib import distributed, heap
 from lib.checkpoint import (atomic_write_json, load_checkpoint, same_input_as_recorded,
                             save_checkpoint, unwrap)
-from lib.cli import (add_flags, bit_width, fraction, make_parser, path_arg, positive_float,
-                     resolve_amp, resolve_device, run_script)
+from lib.cli import (add_flags, bit_width, fraction, make_parser, parse_keep, path_arg,
+                     positive_float, resolve_amp, resolve_device, run_script)
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
 from lib.data.val_slice import val_sha256
 from lib.distill import DistillLoss
 from lib.experiment import (check_resumed_data, check_same_data, evaluate_checkpoint,
                             example_inputs, load_on_every_rank, load_split, make_loader,
                             recorded_data_root)
-from lib.policy_file import keep_text, parse_keep, read_on_every_rank
+from lib.policy_file import keep_text, read_on_every_rank
 from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
 from lib.quant.layers import layer_renames, named_quantizable
 from lib.quant.size import budget_ratio, honest_size_bytes

@@ -21,9 +21,9 @@ from tqdm import tqdm
 from lib import distributed, heap
 from lib.checkpoint import (atomic_write_json, same_input_as_recorded, tensors_sha256, torch_load,
                             torch_save_atomic)
-from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, path_arg,
-                     positive_float, positive_fraction, positive_int, resolve_amp, resolve_device,
-                     run_script)
+from lib.cli import (add_flags, bit_width, fraction, make_parser, nonneg_int, parse_keep,
+                     path_arg, positive_float, positive_fraction, positive_int, resolve_amp,
+                     resolve_device, run_script)
 from lib.experiment import (check_same_data, check_training_batch, example_inputs,
                             load_on_every_rank, load_split, recorded_data_root)
 from lib.haq.ddpg import DDPG
@@ -32,7 +32,7 @@ from lib.haq.plot import plot_policy, policy_figure
 from lib.haq.policy_eval import (FINETUNE_LR, PolicyEvaluator, finetune_batches,
                                  haq_finetune_steps, reward_batches)
 from lib.haq.search_loop import run_search
-from lib.policy_file import parse_keep, recorded_keep, write_policy
+from lib.policy_file import recorded_keep, write_policy
 from lib.quant import keep_first_last, list_quantizable, uniform_policy
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import format_baseline_table

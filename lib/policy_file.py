@@ -5,23 +5,8 @@ import hashlib
 import json
 
 from lib.checkpoint import atomic_write_json
-from lib.cli import METHODS
+from lib.cli import METHODS, parse_keep
 from lib.data import read_text_file
-
-
-def parse_keep(value):
-    """--keep-first-last: 'fp32' -> None (stay fp32), a number -> that bit width, '' -> not kept."""
-    if value in (None, "", "none"):
-        return "off"
-    if value == "fp32":
-        return None
-    try:
-        bits = int(value)
-    except ValueError:
-        raise ValueError(f"--keep-first-last {value!r}: give a bit width (e.g. 8) or fp32") from None
-    if not 1 <= bits <= 32:
-        raise ValueError(f"--keep-first-last {bits}: bit width must be within 1..32")
-    return bits
 
 
 def recorded_keep(flag):

@@ -147,6 +147,31 @@ def test_an_impossible_budget_stops_before_the_rewards_set_up(rooms_ckpt, tmp_pa
                "fp32")
 
 
+@pytest.mark.parametrize("script", ["search", "finetune"])
+def test_an_impossible_keep_first_last_stops_before_any_data_loads(rooms_ckpt, tmp_path,
+                                                                   monkeypatch, capsys, script):
+    """search.py found --keep-first-last 33 impossible only at its budget check, after the
+    held-out split had loaded (minutes on S3DIS), and finetune.py --bits after both splits had:
+    now the flags are refused as they are parsed, before the data folder (missing here) is
+    looked at."""
+    import finetune as finetune_script
+    from lib.cli import run_script
+    module = {"search": search_script, "finetune": finetune_script}[script]
+
+    def load(*args, **kwargs):
+        raise AssertionError("a split loaded before --keep-first-last was checked")
+    monkeypatch.setattr(module, "load_split", load)
+    flags = ["--ckpt", rooms_ckpt, "--keep-first-last", "33", "--data-root",
+             str(tmp_path / "missing"), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as stop:
+        run_script(module.main, module.get_args_parser(), kind=script,
+                   argv=flags + (["--bits", "4"] if script == "finetune" else []))
+    assert stop.value.code == 2  # argparse's usage error, as for --min-bit 33
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: argument --keep-first-last: 33: bit width must be within 1..32")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_linear_search_without_kept_layers_is_fine_tuned_as_searched(rooms_ckpt, tmp_path):
     """finetune.py takes the policy's --method, and a policy searched with --keep-first-last
     none records null, which it reads back (it took "none" for a damaged file)."""

@@ -22,13 +22,13 @@ import torch
 
 from lib import heap
 from lib.checkpoint import load_checkpoint
-from lib.cli import HelpFormatter, resolve_device, run_script
+from lib.cli import HelpFormatter, keep_first_last_arg, parse_keep, resolve_device, run_script
 from lib.experiment import (check_same_data, evaluate_checkpoint, example_inputs, load_split,
                             make_loader, recorded_data_root)
 from lib.haq import strategies
 from lib.haq.env import QuantEnv
 from lib.haq.policy_eval import PolicyEvaluator, cached_batches
-from lib.policy_file import parse_keep, recorded_keep, write_policy
+from lib.policy_file import recorded_keep, write_policy
 from lib.quant import keep_first_last, list_quantizable, quantize_model
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import markdown_table, percent
@@ -59,7 +59,7 @@ def get_args_parser():
     p.add_argument("--min-bit", type=int, default=1,
                    help="1: at a 2-bit average, min 2 would leave uniform 2-bit the only policy")
     p.add_argument("--max-bit", type=int, default=8, help="largest bit width searched")
-    p.add_argument("--keep-first-last", default="8",
+    p.add_argument("--keep-first-last", type=keep_first_last_arg, default="8",
                    help="first layer and classifier at BITS or fp32, charged to the budget "
                         "('' searches them too)")
     p.add_argument("--val-size", type=int, default=16, help="held-out samples the searches see")
