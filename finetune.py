@@ -52,7 +52,9 @@ def get_args_parser():
                    help="weight of the distillation term; 1 - alpha for the labels")
     add_flags(p, "data_root", "val_split", "num_points", "epochs", "samples_per_epoch",
               "batch_size", "lr", "optimizer", "weight_decay", "device", "seed", "workers", "amp",
-              "cuda_graphs", "out", "resume", "overwrite")
+              "cuda_graphs", "out", "resume", "overwrite",
+              lr="learning rate of the fine-tune (the codebooks and the fp32 parameters), sgd "
+                 "and adamw alike, decayed to 0 by a cosine over the epochs")
     # --method: the policy's own (the one its rewards were measured with), else kmeans
     p.set_defaults(epochs=5, lr=1e-4, weight_decay=0.0, method=None)
     return p

@@ -149,12 +149,13 @@ def make_parser(description):
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
-def add_flags(parser, *names):
+def add_flags(parser, *names, **helps):
     """Add the shared flags `names` (keys of FLAGS); a script whose default differs follows with
-    parser.set_defaults(...), which --help then shows."""
+    parser.set_defaults(...), which --help then shows. helps: {name: text} for a flag whose
+    shared help would tell another script's story (pretrain.py's --lr default by optimizer)."""
     for name in names:
         options, kwargs = FLAGS[name]
-        parser.add_argument(*options, **kwargs)
+        parser.add_argument(*options, **dict(kwargs, help=helps.get(name, kwargs["help"])))
     return parser
 
 
