@@ -171,3 +171,16 @@ def test_the_demos_can_be_run_again(script):
     assert writers
     for line in writers:
         assert "--overwrite" in shlex.split(line.split(">")[0]), line
+
+
+def test_a_venv_linked_in_is_ignored_by_git(tmp_path):
+    """run/setup_env.sh makes .venv a folder, but a clone may link another checkout's .venv in:
+    '.venv/' ignored only a folder, so `git add -A` committed the link, and a checkout of that
+    commit replaced the other checkout's ignored .venv folder by a link to itself."""
+    with open(os.path.join(REPO, ".gitignore")) as f:
+        (tmp_path / ".gitignore").write_text(f.read())
+    os.symlink(str(tmp_path / "elsewhere"), str(tmp_path / ".venv"))
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                            cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert status.split() == ["??", ".gitignore"]
