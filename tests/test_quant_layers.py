@@ -362,14 +362,18 @@ def test_cache_serves_repeated_bit_widths():
         assert torch.equal(again.get_submodule(name).codebook, fresh.get_submodule(name).codebook)
 
 
-def test_keep_first_last_sets_exactly_the_first_and_last_layer():
+def test_keep_first_last_sets_exactly_the_first_and_last_layer_the_forward_calls():
+    """ConvNet defines its head first and an unused Linear last: the layers kept are the stem
+    and the head as the forward calls them (the unused one was kept as the "last" layer)."""
     layers = list_quantizable(conv_net(), example())
     policy = uniform_policy(layers, 4)
     assert policy == {layer.name: 4 for layer in layers}
     kept = keep_first_last(policy, layers, 8)
-    assert kept == dict(policy, stem=8, unused=8)
+    assert kept == dict(policy, stem=8, head=8)
     assert policy["stem"] == 4  # the input policy is not modified
-    assert keep_first_last({}, layers, None) == {"stem": None, "unused": None}
+    assert keep_first_last({}, layers, None) == {"stem": None, "head": None}
+    # without example inputs the order is named_modules' and every layer counts as called
+    assert keep_first_last({}, list_quantizable(conv_net()), 8) == {"head": 8, "unused": 8}
 
 
 def test_point_transformer_tiny_quantizes():
