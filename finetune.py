@@ -26,7 +26,8 @@ from lib.experiment import (check_resumed_data, check_same_data, evaluate_checkp
                             example_inputs, load_on_every_rank, load_split, make_loader,
                             recorded_data_root)
 from lib.policy_file import keep_text, read_on_every_rank
-from lib.quant import keep_first_last, list_quantizable, quantize_model, uniform_policy
+from lib.quant import (first_and_last, keep_first_last, list_quantizable, quantize_model,
+                       uniform_policy)
 from lib.quant.layers import layer_renames, named_quantizable
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import format_results, format_size
@@ -104,6 +105,8 @@ def build_quantized(args, model, dataset, device, teacher_sha256, policy_file, p
     layers = list_quantizable(model, example_inputs(dataset, device))
     names = [layer.name for layer in layers]
     policy = policy_bits if policy_file else uniform_policy(layers, args.bits)
+    if policy_file:  # needs the layers in forward order: after the data, unlike searched_bits
+        policy_file.check_kept(policy_bits, first_and_last(layers))
     keep = parse_keep(args.keep_first_last)
     if keep != "off":  # a policy's was checked against it (searched_bits)
         policy = keep_first_last(policy, layers, keep)

@@ -7,6 +7,7 @@ import json
 from lib.checkpoint import atomic_write_json
 from lib.cli import METHODS, parse_keep
 from lib.data import read_text_file
+from lib.quant.layers import is_fp32
 
 
 def recorded_keep(flag):
@@ -31,8 +32,8 @@ def policy_digest(record):
 
 
 class PolicyFile:
-    """A policy.json, read once: `bits`, `keep` and `check_searched_on` check what finetune.py
-    uses of it; `digest` (policy_digest) identifies it. Every problem is a one-line error
+    """A policy.json, read once: `bits`, `keep`, `check_kept` and `check_searched_on` check what
+    finetune.py uses of it; `digest` (policy_digest) identifies it. Every problem is a one-line error
     naming the file, never a guess."""
 
     def __init__(self, path):
@@ -96,6 +97,22 @@ class PolicyFile:
                              f"width in 1..32, fp32 or null")
         return value
 
+    def check_kept(self, bits, first_last):
+        """A one-line ValueError when `bits` (this file's widths, as `bits` gives them) hold the
+        first or last layer (`first_last`, lib.quant.first_and_last's names) at another width
+        than the keep_first_last the file records. search.py writes them at that width, so such
+        a file was edited by hand, and which of the two it means would be a guess: a fine-tune
+        applied the bits and recorded the other, or with --keep-first-last replaced the bits."""
+        keep = self.keep()
+        if keep == "off":
+            return
+        differ = [f"{name} at {_width(bits[name])}" for name in dict.fromkeys(first_last)
+                  if not (bits[name] == keep or (is_fp32(bits[name]) and is_fp32(keep)))]
+        if differ:
+            raise ValueError(f"{self.path}: keep_first_last {keep_text(keep)} says the first and "
+                             f"last layers are kept at {_width(keep)}, but its bits hold "
+                             f"{' and '.join(differ)}; make the two agree")
+
     def method(self):
         """The weight sharing the policy's rewards were measured with (search.py's --method), or
         None for a policy that does not record it."""
@@ -113,6 +130,10 @@ def read_on_every_rank(path, tries=3):
     from lib.distributed import same_on_every_rank
     return same_on_every_rank(path, lambda: PolicyFile(path), lambda p: p.digest, "a search",
                               tries)
+
+
+def _width(bits):
+    return "fp32" if is_fp32(bits) else f"{bits} bits"
 
 
 def _some(names):

@@ -222,6 +222,31 @@ def test_a_fine_tune_records_the_kept_layers_of_its_policy(rooms_ckpt, tmp_path)
     assert meta["quant"]["bits"][next(iter(meta["quant"]["bits"]))] == 8
 
 
+def test_a_policy_whose_bits_contradict_its_kept_layers_is_refused(rooms_ckpt, tmp_path):
+    """policy.json records keep_first_last "8" but its first layer (in forward order) was edited
+    to 2 bits: the fine-tune applied the 2 and recorded the layers as kept at 8."""
+    import finetune as finetune_script
+    from lib.checkpoint import load_checkpoint
+    from lib.experiment import example_inputs
+    from lib.quant import list_quantizable
+    meta, model, _ = load_checkpoint(rooms_ckpt)
+    val = load_split(meta["dataset"]["name"], meta["dataset"]["root"], "val",
+                     meta["dataset"]["num_points"])
+    names = [layer.name for layer in list_quantizable(model, example_inputs(val, "cpu"))]
+    bits = dict.fromkeys(names, 4)
+    bits.update({names[0]: 2, names[-1]: 8})
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"bits": bits, "keep_first_last": "8"}))
+    for keep in ([], ["--keep-first-last", "8"]):  # with the flag, its 8 replaced the 2
+        with pytest.raises(ValueError) as err:
+            finetune_script.main(finetune_script.get_args_parser().parse_args(
+                ["--ckpt", rooms_ckpt, "--policy", str(policy), "--epochs", "0",
+                 "--batch-size", "2", "--out", str(tmp_path / f"ft{len(keep)}"), *keep]))
+        assert str(err.value) == (f"{policy}: keep_first_last 8 says the first and last layers "
+                                  f"are kept at 8 bits, but its bits hold {names[0]} at 2 bits; "
+                                  f"make the two agree")
+
+
 def test_data_of_other_features_is_refused_before_the_search_or_the_fine_tune(tmp_path,
                                                                             monkeypatch):
     """A ModelNet checkpoint trained on normals, given the h5 form of the same data (xyz as

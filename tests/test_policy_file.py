@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from lib.policy_file import PolicyFile, parse_keep, recorded_keep, write_policy
@@ -95,3 +97,27 @@ def test_a_policy_searched_on_another_model_is_refused(tmp_path):
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     write_policy(str(path), {"bits": {}})
     PolicyFile(str(path)).check_searched_on(str(other), file_sha256(str(other)))
+
+
+@pytest.mark.parametrize("keep, first, last, refused", [
+    ('"8"', 8, 8, None), ('"fp32"', None, 32, None), ("null", 2, 5, None),
+    ('"8"', 2, 8, "stem at 2 bits"), ('"8"', 8, None, "head at fp32"),
+    ('"fp32"', 8, 8, "stem at 8 bits and head at 8 bits")])
+def test_a_policy_files_kept_layers_must_have_the_width_it_records(tmp_path, keep, first, last,
+                                                                    refused):
+    """A hand-edited policy.json saying the first and last layers are kept at 8 bits while its
+    bits hold 2 was fine-tuned with its bits and recorded as kept at 8."""
+    path = tmp_path / "policy.json"
+    write_policy(str(path), {"bits": {"stem": first, "mid": 3, "head": last},
+                             "keep_first_last": json.loads(keep)})
+    policy = PolicyFile(str(path))
+    bits = policy.bits(["stem", "mid", "head"])
+    if refused is None:
+        policy.check_kept(bits, ["stem", "head"])
+        return
+    with pytest.raises(ValueError) as err:
+        policy.check_kept(bits, ["stem", "head"])
+    kept = "fp32" if keep == '"fp32"' else "8 bits"
+    assert str(err.value) == (f"{path}: keep_first_last {json.loads(keep)} says the first and "
+                              f"last layers are kept at {kept}, but its bits hold {refused}; "
+                              f"make the two agree")
