@@ -112,7 +112,15 @@ class RunLog:
                 f.writelines(lines)
         atomic_write(self.log_path, write)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
     def close(self):
+        """Writes out the tensorboard events and gives stdout and stderr back; a RunLog left open
+        goes on copying the process's console into its log.txt."""
         if self.writer is not None:
             self.writer.close()
             for tee in self.tees:

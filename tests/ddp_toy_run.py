@@ -29,8 +29,9 @@ def main(args):
     val = make_loader(ToyPoints(13, seed=1), 4, train=False)
     opt = build_optimizer(model.parameters(), "sgd", 0.2, 0.0)
     sched = build_scheduler(opt, "cosine", 3, len(train))
-    best, metrics = fit(model, train, val, opt, sched, supervised_loss, device, 3, args.out,
-                        {"model": {}}, RunLog(args.out, {}))
+    with RunLog(args.out, {}) as log:
+        best, metrics = fit(model, train, val, opt, sched, supervised_loss, device, 3, args.out,
+                            {"model": {}}, log)
     if distributed.is_main():
         state = unwrap(model).state_dict()
         torch.save({"val": metrics, "state_dict": state}, os.path.join(args.out, "result.pt"))

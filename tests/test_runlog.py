@@ -4,6 +4,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -33,6 +34,16 @@ def test_log_txt_holds_the_console_as_a_terminal_shows_it(tmp_path):
     print("after close")
     text = (tmp_path / "log.txt").read_text()
     assert text == "epoch 1/2  loss 0.5\nsearch: 100%|##########| 3/3\n\ndone\n"
+
+
+def test_a_run_log_used_as_a_context_closes_when_the_run_fails(tmp_path):
+    stdout, stderr = sys.stdout, sys.stderr
+    with pytest.raises(FloatingPointError):
+        with RunLog(str(tmp_path), {}):
+            print("epoch 1/2  loss nan")
+            raise FloatingPointError("non-finite loss")
+    assert sys.stdout is stdout and sys.stderr is stderr
+    assert (tmp_path / "log.txt").read_text() == "epoch 1/2  loss nan\n"
 
 
 def test_nested_metrics_become_their_own_scalar_groups_and_figures_images(tmp_path):

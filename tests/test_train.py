@@ -16,6 +16,21 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.fixture(autouse=True)
+def run_logs_closed(monkeypatch):
+    """Every test closes the RunLogs it opens: one left open kept its tensorboard writer and
+    teed stdout and stderr into its log.txt for the rest of the test process (pytest's capture
+    puts its own streams back between a test's phases, so the streams alone do not show it)."""
+    opened, init = [], RunLog.__init__
+
+    def recorded(log, *args, **kwargs):
+        opened.append(log)
+        init(log, *args, **kwargs)
+    monkeypatch.setattr(RunLog, "__init__", recorded)
+    yield
+    assert all(log.console.closed for log in opened if log.enabled), "a RunLog was left open"
+
+
 def train_toy(out, epochs=4, interrupt_at_step=None, resume=None):
     """Shared loop on the toy task; optionally dies at a global step, or resumes from last.pt."""
     torch.manual_seed(0)
@@ -95,10 +110,11 @@ def test_non_finite_loss_or_weights_stop_fit_before_any_checkpoint(tmp_path):
         model = PointMLP()
         train = make_loader(ToyPoints(32), 8, train=True, seed=1)
         opt = build_optimizer(model.parameters(), "sgd", 0.1, 0.0)
-        fit(model, train, make_loader(ToyPoints(10, seed=1), 4, train=False), opt,
-            build_scheduler(opt, "cosine", 2, len(train)),
-            lambda logits, batch: loss_fn(model, logits, batch),
-            torch.device("cpu"), 2, out, {"model": {}}, RunLog(out, {}))
+        with RunLog(out, {}) as log:
+            fit(model, train, make_loader(ToyPoints(10, seed=1), 4, train=False), opt,
+                build_scheduler(opt, "cosine", 2, len(train)),
+                lambda logits, batch: loss_fn(model, logits, batch),
+                torch.device("cpu"), 2, out, {"model": {}}, log)
 
     def nan_loss(model, logits, batch):
         return supervised_loss(logits, batch) * float("nan")
@@ -165,10 +181,10 @@ def test_each_process_draws_its_own_dropout_masks(tmp_path, monkeypatch):
         train = torch.utils.data.DataLoader(ToyPoints(16), 8, drop_last=True)
         val = torch.utils.data.DataLoader(ToyPoints(4, seed=1), 4)
         opt = build_optimizer(model.parameters(), "sgd", 0.1, 0.0)
-        fit(model, train, val, opt,
-            build_scheduler(opt, "cosine", 2, len(train)), supervised_loss,
-            torch.device("cpu"), 2, str(tmp_path / out), {"model": {}},
-            RunLog(str(tmp_path / out), {}), seed=3)
+        with RunLog(str(tmp_path / out), {}) as log:
+            fit(model, train, val, opt,
+                build_scheduler(opt, "cosine", 2, len(train)), supervised_loss,
+                torch.device("cpu"), 2, str(tmp_path / out), {"model": {}}, log, seed=3)
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     first = trained(0, "a")
