@@ -365,8 +365,9 @@ def run_script(main, parser, kind=None, argv=None):
                          "below names it" if os.environ.get("RANK", "0") == "0" else 1)
 
 
-# What gloo's collectives raise in a process whose peer has exited (its sockets closed).
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+# What gloo's collectives raise in a process whose peer has exited (its sockets closed): a read
+# that finds the socket closed or reset, or a write into it (writev's EPIPE, "Broken pipe").
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def _peer_stopped(error):
