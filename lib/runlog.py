@@ -20,7 +20,8 @@ class RunLog:
         the same on every rank (the sink it asks for takes part in a collective)."""
         self.out_dir = out_dir
         self.enabled = is_main()
-        self.writer = None
+        self.writer = None  # the SummaryWriter, opened at the first point (_events)
+        self._purge_step = None
         self.figures = figures
         self.tees = []
         if not self.enabled:
@@ -32,8 +33,6 @@ class RunLog:
         atomic_write_json(os.path.join(out_dir, "args.json"),
                           dict(args_dict, git_commit=git_commit()), default=str)
         self.log_path = os.path.join(out_dir, log_name)
-        from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is slow to import
-        self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
         self.console = open(os.path.join(out_dir, "log.txt"), "a")
         self.tees = [_Tee(sys, name, self.console) for name in ("stdout", "stderr")]
 
@@ -47,12 +46,22 @@ class RunLog:
 
     def purge_from(self, step):
         """Hides every point at `step` or later that earlier events files hold (SummaryWriter's
-        purge_step): a resumed run logs those steps again."""
-        if self.writer is None:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-        self.writer.close()  # nothing written through it yet: a resume calls this first
-        self.writer = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=step)
+        purge_step, set on the events file the run opens at its first point): a resumed run
+        logs those steps again."""
+        self._purge_step = step
+        if self.writer is not None:  # points already logged: the rest go to a file of their own
+            self.writer.close()
+            self.writer = None
+
+    def _events(self):
+        """The SummaryWriter, or None on ranks that do not write; opened at the first point,
+        its file named to be read after every events file the folder holds."""
+        if self.writer is None and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter  # lazy: slow to import
+            folder = os.path.join(self.out_dir, "tb")
+            _wait_past_events_in(folder)
+            self.writer = SummaryWriter(folder, purge_step=self._purge_step)
+        return self.writer
 
     def flush_events(self):
         """Waits until the points logged so far are in the events file (SummaryWriter writes
@@ -64,19 +73,19 @@ class RunLog:
     def scalars(self, prefix, values, step):
         """Every numeric entry of `values` as `prefix/name` in tensorboard; a dict entry (the
         per-category / per-class metrics) as its own group `prefix_name/key`."""
-        if self.writer is None:
+        if not self.enabled:
             return
         for name, value in values.items():
             if isinstance(value, dict):
                 self.scalars(f"{prefix}_{name}", value, step)
             elif isinstance(value, (int, float)) and value == value:  # skip None and NaN
-                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+                self._events().add_scalar(f"{prefix}/{name}", value, step)
 
     def figure(self, tag, fig, step):
         """A matplotlib Figure as an image in tensorboard."""
-        if self.writer is not None:
+        if self.enabled:
             from lib.render import figure_image
-            self.writer.add_image(tag, figure_image(fig), step, dataformats="HWC")
+            self._events().add_image(tag, figure_image(fig), step, dataformats="HWC")
 
     def prediction_sink(self):
         """A sink for lib.train.evaluate that keeps the first `figures` predictions (on every
@@ -88,7 +97,7 @@ class RunLog:
 
     def predictions(self, prefix, sink, step):
         """The kept predictions of `sink` as images `prefix_predictions/<sample>`."""
-        if self.writer is not None and sink is not None:
+        if self.enabled and sink is not None:
             for stem, fig in sink.sample_figures():
                 self.figure(f"{prefix}_predictions/{stem}", fig, step)
 
@@ -123,9 +132,25 @@ class RunLog:
         goes on copying the process's console into its log.txt."""
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+        if self.enabled and not self.console.closed:
             for tee in self.tees:
                 tee.restore()
             self.console.close()
+
+
+def _wait_past_events_in(folder):
+    """Returns once a new events file in `folder` will be read after those it holds. Tensorboard
+    reads a folder's files in name order, and a name starts with the second it was opened in
+    (then the host, the pid and a per-process counter, compared as text): a file opened in the
+    same second as an earlier one could be read first, and the earlier file's points then looked
+    out of order and were dropped (a run resumed at once after a crash showed none of the points
+    before it). Waits at most a second, only then."""
+    stamps = [int(part) for name in (os.listdir(folder) if os.path.isdir(folder) else ())
+              if name.startswith("events.out.tfevents.")
+              for part in name.split(".")[3:4] if part.isdigit()]
+    if stamps:
+        time.sleep(max(0.0, max(stamps) + 1 - time.time()))
 
 
 class _Tee:

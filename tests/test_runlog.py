@@ -2,6 +2,7 @@
 images; and fit() logging its best metric and predictions at each evaluation."""
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -108,3 +109,23 @@ def test_a_start_killed_while_it_records_its_flags_keeps_the_last_args_json(tmp_
     monkeypatch.undo()
     RunLog(str(tmp_path), {"epochs": 3}).close()
     assert json.loads((tmp_path / "args.json").read_text())["epochs"] == 3
+
+
+def test_a_resume_in_the_same_second_keeps_the_points_logged_before_it(tmp_path):
+    """Tensorboard reads a folder's events files in name order: time in whole seconds, then
+    host, pid and a writer counter compared as text. A run resumed within the second of the
+    crash (a toy run, a test) could get a file read before the crashed run's, whose points
+    then looked out of order and were dropped: CI saw train_step points 1-8 vanish. The old
+    file is named here as one with a larger pid or counter would be, and the resume starts in
+    its second."""
+    time.sleep(1 - time.time() % 1)  # both starts in the same second, however fast
+    with RunLog(str(tmp_path), {}) as log:
+        log.scalars("train_step", {"loss": 1.0}, 1)
+        log.scalars("train_step", {"loss": 2.0}, 2)
+    (old,) = (tmp_path / "tb").iterdir()
+    old.rename(old.with_name(old.name.rsplit(".", 1)[0] + ".99999"))
+    with RunLog(str(tmp_path), {}) as log:
+        log.resume_at(2)
+        log.scalars("train_step", {"loss": 3.0}, 3)
+    points = events(str(tmp_path)).Scalars("train_step/loss")
+    assert [(p.step, p.value) for p in points] == [(1, 1.0), (2, 2.0), (3, 3.0)]
