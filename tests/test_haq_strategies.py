@@ -140,3 +140,23 @@ def test_driver_runs_end_to_end(tmp_path):
     assert all(by_name[("ddpg", b, s)] == by_name[("random", b, s)] == 3 for b in (0.1,) for s in (0, 1))
     assert {len(row["seeds"]) for row in results["summary"]} == {2}
     assert "sensitivity + knapsack" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--min-bit", "0"], "--min-bit: 0"), (["--max-bit", "33"], "--max-bit: 33"),
+    (["--budgets", "0.1", "0"], "--budgets: 0"), (["--lr", "-1"], "--lr: -1"),
+    (["--batch-size", "0"], "--batch-size: 0"), (["--ft-epochs", "0"], "--ft-epochs: 0"),
+])
+def test_compare_refuses_an_out_of_range_flag_as_it_parses(flags, message, capsys):
+    """They were plain int / float: --min-bit 0 or a budget of 0 got as far as the searches,
+    after the checkpoint and the held-out split had loaded."""
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["--ckpt", "x.pt", *flags])
+    assert f"argument {message}" in capsys.readouterr().err
+
+
+def test_compare_refuses_a_min_bit_above_the_max_bit_before_loading():
+    args = get_args_parser().parse_args(["--ckpt", "missing.pt", "--min-bit", "6",
+                                         "--max-bit", "4"])
+    with pytest.raises(ValueError, match="--min-bit 6 is above --max-bit 4"):
+        main(args)

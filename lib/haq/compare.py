@@ -22,7 +22,9 @@ import torch
 
 from lib import heap
 from lib.checkpoint import load_checkpoint
-from lib.cli import HelpFormatter, keep_first_last_arg, parse_keep, resolve_device, run_script
+from lib.cli import (HelpFormatter, bit_width, fraction, keep_first_last_arg, nonneg_int,
+                     parse_keep, positive_float, positive_fraction, positive_int, resolve_device,
+                     run_script)
 from lib.experiment import (check_same_data, evaluate_checkpoint, example_inputs, load_split,
                             make_loader, recorded_data_root)
 from lib.haq import strategies
@@ -46,29 +48,29 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="fp32 checkpoint (pretrain.py)")
     p.add_argument("--out", default=None, help="results folder; None: <ckpt folder>/../compare")
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.0625],
+    p.add_argument("--budgets", type=positive_fraction, nargs="+", default=[0.1, 0.0625],
                    help="preserve ratios (fractions of the fp32 weight bits)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one search and fine-tune per seed and budget")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES,
                    help="which strategies to compare")
-    p.add_argument("--evaluations", type=int, default=30,
+    p.add_argument("--evaluations", type=positive_int, default=30,
                    help="policies DDPG and random search each evaluate (DDPG's episodes)")
-    p.add_argument("--warmup", type=int, default=10, help="DDPG's random episodes first")
-    p.add_argument("--sigma-decay", type=float, default=0.9, help="as run/demo.sh's short search")
-    p.add_argument("--min-bit", type=int, default=1,
+    p.add_argument("--warmup", type=nonneg_int, default=10, help="DDPG's random episodes first")
+    p.add_argument("--sigma-decay", type=fraction, default=0.9, help="as run/demo.sh's short search")
+    p.add_argument("--min-bit", type=bit_width, default=1,
                    help="1: at a 2-bit average, min 2 would leave uniform 2-bit the only policy")
-    p.add_argument("--max-bit", type=int, default=8, help="largest bit width searched")
+    p.add_argument("--max-bit", type=bit_width, default=8, help="largest bit width searched")
     p.add_argument("--keep-first-last", type=keep_first_last_arg, default="8",
                    help="first layer and classifier at BITS or fp32, charged to the budget "
                         "('' searches them too)")
-    p.add_argument("--val-size", type=int, default=16, help="held-out samples the searches see")
+    p.add_argument("--val-size", type=positive_int, default=16, help="held-out samples the searches see")
     p.add_argument("--val-seed", type=int, default=0, help="which held-out samples")
-    p.add_argument("--ft-epochs", type=int, default=1, help="centroid fine-tune epochs")
-    p.add_argument("--ft-samples", type=int, default=192,
+    p.add_argument("--ft-epochs", type=positive_int, default=1, help="centroid fine-tune epochs")
+    p.add_argument("--ft-samples", type=nonneg_int, default=192,
                    help="training samples the fine-tune sees, drawn per seed (0: the whole split)")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tune learning rate (AdamW)")
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="fine-tune learning rate (AdamW)")
+    p.add_argument("--batch-size", type=positive_int, default=16,
                    help="samples per batch (reward, fine-tune and test scoring)")
     p.add_argument("--data-root", default=None,
                    help="dataset folder; None: the one the checkpoint records")
@@ -215,11 +217,11 @@ def format_table(summary, metric_name, fp32_test, ft_epochs):
 
 
 def check_args(args):
-    if args.evaluations < 1 or not 0 <= args.warmup <= args.evaluations:
-        raise ValueError(f"--evaluations {args.evaluations} --warmup {args.warmup}: need "
-                         "evaluations >= 1 and 0 <= warmup <= evaluations")
-    if args.val_size < 1 or args.ft_epochs < 1 or args.ft_samples < 0:
-        raise ValueError("--val-size and --ft-epochs must be >= 1, --ft-samples >= 0")
+    """What the flags' types cannot check alone (each flag's range is its argparse type)."""
+    if args.warmup > args.evaluations:
+        raise ValueError(f"--warmup {args.warmup} is above --evaluations {args.evaluations}")
+    if args.min_bit > args.max_bit:
+        raise ValueError(f"--min-bit {args.min_bit} is above --max-bit {args.max_bit}")
 
 
 def main(args):
