@@ -142,10 +142,12 @@ def check_resumed_data(path, recorded, now, resume, steps_per_epoch, val_set=Non
         differences.append(f"other validation split (now {now.get('val_source')}; recorded "
                            f"{recorded.get('val_source')})")
     elif recorded.get("val_sha256") is not None and recorded["val_sha256"] != now.get("val_sha256"):
-        sources = " + ".join(getattr(val_set, "split_sources", None) or ["the val split"])
-        differences.append(f"other validation shapes ({sources} now give "
-                           f"{len(val_set) if val_set is not None else 'other'} shapes, not the "
-                           f"ones the run validated on)")
+        sources = " + ".join(getattr(val_set, "split_sources", None) or ["the data folder"])
+        unit = "rooms" if hasattr(val_set, "num_rooms") else "shapes"  # S3DIS scores crops
+        count = ("other" if val_set is None else
+                 val_set.num_rooms if unit == "rooms" else len(val_set))
+        differences.append(f"other validation {unit} (now {count} {unit} from {sources}, not "
+                           f"the ones the run validated on)")
     done = resume["scheduler"].get("last_epoch") if isinstance(resume.get("scheduler"),
                                                                dict) else None
     if isinstance(done, int) and resume["epoch"] and done != resume["epoch"] * steps_per_epoch:

@@ -265,3 +265,25 @@ def test_layout_is_recognised_or_refused(tmp_path, txt_root):
     assert build_dataset("modelnet40", txt_root, "test").layout == "normal_resampled"
     with pytest.raises(FileNotFoundError, match="modelnet40_normal_resampled.zip"):
         build_dataset("modelnet40", tmp_path / "absent", "test")
+
+
+def test_val_sha256_tells_the_held_out_shapes_by_their_points(txt_root):
+    """What a run records of its validation split (lib/data/val_slice.val_sha256), compared at
+    resume: it was None for ModelNet, so a held-out shape changed between a run and its resume
+    went unseen. A training shape changed leaves it as it was."""
+    from lib.data.val_slice import val_sha256
+
+    def digest():
+        return val_sha256(ModelNet40Dataset(txt_root, "val"))
+
+    def move_first_point(path):  # its y to 0.5 (x holds the tag)
+        lines = path.read_text().splitlines()
+        x, _, rest = lines[0].split(",", 2)
+        path.write_text("\n".join([f"{x},0.5,{rest}"] + lines[1:]) + "\n")
+
+    first = digest()
+    assert len(first) == 64 and digest() == first
+    move_first_point(txt_root / "chair" / "chair_0011.txt")  # training: tag 11
+    assert digest() == first
+    move_first_point(txt_root / "airplane" / "airplane_0010.txt")  # validation: tag 10
+    assert digest() != first

@@ -253,3 +253,18 @@ def test_hidden_folders_in_an_area_are_not_rooms(forms, tmp_path):
     (root / "Area_5" / ".ipynb_checkpoints").mkdir()
     assert S3DISDataset(str(root), "test").room_names == S3DISDataset(
         str(forms / "pointcept"), "test").room_names
+
+
+def test_val_sha256_tells_the_held_out_rooms_by_name_and_points(forms, tmp_path):
+    """What a run records of its validation split (lib/data/val_slice.val_sha256), compared at
+    resume: it was None for S3DIS, so a held-out room changed (re-converted, replaced) between a
+    run and its resume went unseen. The seed, which orders each room's points, does not count."""
+    from lib.data.val_slice import val_sha256
+    root = shutil.copytree(forms / "npy", tmp_path / "npy")
+    first = val_sha256(S3DISDataset(str(root), "val"))
+    assert len(first) == 64 and val_sha256(S3DISDataset(str(root), "val", seed=1)) == first
+    held_out = sorted(root.glob("Area_1_*.npy"))[0]  # every 10th room from the first
+    room = np.load(held_out)
+    room[0, 6] = (room[0, 6] + 1) % 13  # one point's label
+    np.save(held_out, room)
+    assert val_sha256(S3DISDataset(str(root), "val")) != first

@@ -156,8 +156,8 @@ def test_a_resume_refuses_a_val_split_whose_shapes_changed(parts, tmp_path):
                 run(script, "--resume", out, "--epochs", 2)
             message = str(refused.value.code)
             assert "\n" not in message and message.startswith(f"error: {out / 'last.pt'}: ")
-            assert (f"other validation shapes ({val_list} now give "
-                    f"{len(listed) - (changed == 'list')} shapes") in message, message
+            assert (f"other validation shapes (now {len(listed) - (changed == 'list')} shapes "
+                    f"from {val_list}, not the ones") in message, message
         val_list.write_text(json.dumps(listed))  # the list as it was, one shape's points moved
         shape.write_text("\n".join(["0.5 " + lines[0].split(" ", 1)[1]] + lines[1:]) + "\n")
     last = torch.load(runs["pretrain"] / "last.pt", weights_only=True)  # as before the record

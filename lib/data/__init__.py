@@ -68,6 +68,17 @@ class IncompleteDataset(FileNotFoundError):
     dataset) is not there at all. `python -m lib.data` fails on this one, not on that."""
 
 
+def content_sha256(items):
+    """SHA-256 of `items`, (name, *arrays) in order: which shapes or rooms a validation split
+    holds, names and contents, as a run records it (lib/data/val_slice.val_sha256)."""
+    digest = hashlib.sha256()
+    for name, *arrays in items:
+        digest.update(f"{name}\n".encode())
+        for array in arrays:
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def default_root(name):
     """The folder `name` is read from when no --data-root is given (under <repo>/data)."""
     if name in DEFAULT_FOLDERS:

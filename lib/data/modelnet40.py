@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import (IncompleteDataset, beside_or_cache, error_reason, first_bad_label, note,
-                      one_level_down, read_point_table, read_text_file)
+from lib.data import (IncompleteDataset, beside_or_cache, content_sha256, error_reason,
+                      first_bad_label, note, one_level_down, read_point_table, read_text_file)
 from lib.data.off_mesh import read_off, sample_surface
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
 
@@ -294,6 +294,12 @@ class ModelNet40Dataset(torch.utils.data.Dataset):
         self.labels = np.asarray(labels, dtype=np.int64)[keep]
         if not self.clouds:
             raise FileNotFoundError(f"{self.root}: the {split} split has no shapes present")
+
+    def content_sha256(self, indices=None):
+        """SHA-256 of the shapes at `indices` (all by default), in that order: each one's label
+        and points (lib/data/val_slice.val_sha256)."""
+        return content_sha256((str(self.labels[i]), self.clouds[i])
+                              for i in (range(len(self)) if indices is None else indices))
 
     def __len__(self):
         return len(self.labels)

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from lib import distributed
-from lib.data import DEFAULT_FOLDERS, IncompleteDataset, beside_or_cache, note, read_point_table
+from lib.data import (DEFAULT_FOLDERS, IncompleteDataset, beside_or_cache, content_sha256, note,
+                      read_point_table)
 from lib.data.grid import covering_crops, cycling_pass, grid_cells, knn_crop, pad_by_resampling, random_pass
 from lib.data.transforms import jitter, random_scale, sample_rng
 
@@ -238,9 +239,12 @@ class Room:
         self.extent = np.maximum(xyz.max(0) - self.lo, 1e-6)
 
     def original_labels(self):
-        labels = np.empty_like(self.label)
-        labels[self.order] = self.label
-        return labels
+        return self.in_file_order(self.label)
+
+    def in_file_order(self, sorted_values):
+        values = np.empty_like(sorted_values)
+        values[self.order] = sorted_values
+        return values
 
 
 def augment_crop(xyz, rgb, rng):
@@ -328,6 +332,16 @@ class S3DISDataset(torch.utils.data.Dataset):
     @property
     def num_rooms(self):
         return len(self.rooms)
+
+    def content_sha256(self, indices=None):
+        """SHA-256 of the rooms at `indices` (all by default), in that order: each one's name
+        and points in its file's order (the sorted order depends on the seed;
+        lib/data/val_slice.val_sha256)."""
+        def room(index):
+            r = self.rooms[index]
+            return (self.room_names[index], *(r.in_file_order(a) for a in (r.xyz, r.rgb, r.label)))
+        return content_sha256(room(i) for i in (range(self.num_rooms) if indices is None
+                                                else indices))
 
     def room_labels(self, room):
         """(N,) int64 labels of every original point of room `room` (an index < num_rooms)."""

@@ -15,7 +15,6 @@ shape belongs to both ("trainval" = train then val, each shape once). Every list
 parsed once, up front, so a broken file fails at construction with its name and line, not
 inside a DataLoader worker. Layouts without normals feed xyz as the features.
 """
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import first_bad_label, note, one_level_down, read_point_table, read_text_file
+from lib.data import content_sha256, first_bad_label, note, one_level_down, read_point_table, read_text_file
 from lib.data.shapenet_part_h5 import CATEGORY_FILE as H5_CATEGORY_FILE, find_h5_folder, read_h5_split
 from lib.data.shapenet_part_h5 import split_files as h5_split_files
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
@@ -238,13 +237,11 @@ class ShapeNetPartDataset(torch.utils.data.Dataset):
     def content_sha256(self, indices=None):
         """SHA-256 of the shapes at `indices` (all by default), in that order: each one's id,
         category, points and labels (lib/data/val_slice.val_sha256)."""
-        digest = hashlib.sha256()
-        for index in range(len(self)) if indices is None else indices:
+        def shape(index):
             start, stop = self.offsets[index], self.offsets[index + 1]
-            digest.update(f"{self.shape_ids[index]} {self.categories[index]}\n".encode())
-            digest.update(self.points[start:stop].tobytes())
-            digest.update(self.labels[start:stop].tobytes())
-        return digest.hexdigest()
+            return (f"{self.shape_ids[index]} {self.categories[index]}",
+                    self.points[start:stop], self.labels[start:stop])
+        return content_sha256(shape(i) for i in (range(len(self)) if indices is None else indices))
 
     def __len__(self):
         return len(self.categories)

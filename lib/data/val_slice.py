@@ -152,11 +152,12 @@ def split_with_val_protocol(name, root, split, val_split, **kwargs):
 
 
 def val_sha256(val_set):
-    """SHA-256 of the shapes the validation split `val_set` holds (ShapeNet part's val list, or
-    its slice of train; its `split_sources` are the files they come from), or None for a reader
-    that does not hold shapes apart (ModelNet, S3DIS). val_key says what the split is, not which
-    shapes: a val list edited, or a partial download completed, between a run and its resume
-    changed the split under the run's best-so-far metric, and best.pt was picked across two."""
+    """SHA-256 of the shapes or rooms the validation split `val_set` holds, names and contents
+    (ShapeNet part's val list or its slice of train, ModelNet's and S3DIS's held-out tenth of
+    train), or None for a split without `content_sha256`. val_key says what the split is, not
+    which shapes: a val list edited, a partial download completed or a room re-converted
+    between a run and its resume changed the split under the run's best-so-far metric, and
+    best.pt was picked across two."""
     base, indices = ((val_set.dataset, val_set.indices) if isinstance(val_set, SplitSlice)
                      else (val_set, None))  # a slice forwards content_sha256 to the whole split
     return base.content_sha256(indices) if hasattr(base, "content_sha256") else None
