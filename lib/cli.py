@@ -59,7 +59,8 @@ def parse_keep(value):
     try:
         bits = int(value)
     except ValueError:
-        raise ValueError(f"--keep-first-last {value!r}: give a bit width (e.g. 8) or fp32") from None
+        raise ValueError(f"--keep-first-last {value!r}: give a bit width (e.g. 8) or "
+                         f"fp32") from None
     if not 1 <= bits <= 32:
         raise ValueError(f"--keep-first-last {bits}: bit width must be within 1..32")
     return bits

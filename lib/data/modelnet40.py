@@ -100,7 +100,8 @@ def report_missing(list_file, missing, listed):
         caches = sorted(p.name for pattern in OTHER_CACHES for p in list_file.parent.glob(pattern))
         held = (f" (the folder holds {', '.join(caches[:3])}: another repository's cache of "
                 f"the shapes, which is not read; the shapes' own files are)" if caches else "")
-        raise FileNotFoundError(f"{list_file}: none of the {listed} listed shape files exists{held}")
+        raise FileNotFoundError(f"{list_file}: none of the {listed} listed shape files "
+                                f"exists{held}")
     if missing:
         note(f"[modelnet40] {list_file}: {missing} of {listed} listed shape files are missing; "
               f"using the {listed - missing} present")

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.data import content_sha256, first_bad_label, note, one_level_down, read_point_table, read_text_file
+from lib.data import (content_sha256, first_bad_label, note, one_level_down, read_point_table,
+                      read_text_file)
 from lib.data.shapenet_part_h5 import CATEGORY_FILE as H5_CATEGORY_FILE, find_h5_folder, read_h5_split
 from lib.data.shapenet_part_h5 import split_files as h5_split_files
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
