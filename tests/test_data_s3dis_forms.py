@@ -154,6 +154,35 @@ def test_data_check_fails_on_a_damaged_file(forms, tmp_path, capsys):
     assert f"test: {path}: not a readable .npy array" in capsys.readouterr().out
 
 
+# how each form holds one area's rooms
+AREA_FILES = {"npy": "Area_{}_*.npy", "pointcept": "Area_{}",
+              "raw": "Stanford3dDataset_v1.2_Aligned_Version/Area_{}"}
+
+
+@pytest.mark.parametrize("layout", sorted(AREA_FILES))
+def test_data_check_fails_on_an_area_missing_beside_the_others(forms, tmp_path, capsys, layout):
+    """python -m lib.data as a scripted check: a copy without Area_3 could read neither its train
+    nor its val split (an area missing was a plain FileNotFoundError, a split absent by choice),
+    and the check exited 0 on its test split; a folder holding Area 5 alone, to score on,
+    passes."""
+    root = shutil.copytree(forms / layout, tmp_path / layout)
+    args = type("Args", (), dict(dataset="s3dis", data_root=str(root), num_points=None))
+
+    def remove_area(area):
+        for path in root.glob(AREA_FILES[layout].format(area)):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    remove_area(3)
+    with pytest.raises(SystemExit, match="the train, val split stopped at a problem"):
+        check_data(args)
+    said = capsys.readouterr().out
+    said_of_area_3 = r"\ntrain: \S*(Area_3: missing|: no rooms of Area_3) \(S3DIS areas"
+    assert re.search(said_of_area_3, said), said
+    for area in (1, 2, 4, 6):
+        remove_area(area)
+    check_data(args)  # no training area at all: those splits are absent, the check passes
+    assert "test: 7 samples" in capsys.readouterr().out
+
+
 def test_unknown_folder_names_the_supported_layouts(tmp_path):
     (tmp_path / "Area_1" / "office_1").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no S3DIS layout found; supported: the raw "

@@ -176,17 +176,30 @@ def default_processed_dir(raw_dir):
 
 def list_rooms(raw_dir, areas):
     """Room names `Area_N/<room>` of the given areas, sorted by area then room name."""
-    names = []
+    names, absent = [], []
     for area in areas:
         area_dir = os.path.join(raw_dir, f"Area_{area}")
         if not os.path.isdir(area_dir):
-            raise FileNotFoundError(f"{area_dir}: missing (S3DIS areas {AREAS} are expected)")
+            absent.append(f"{area_dir}: missing")
+            continue
         rooms = [f"Area_{area}/{room}" for room in sorted(os.listdir(area_dir))
                  if os.path.isdir(os.path.join(area_dir, room)) and not room.startswith(".")]
         if not rooms:  # as s3dis_forms.rooms_of_areas says of a converted folder
-            raise FileNotFoundError(f"{area_dir}: no rooms (S3DIS areas {AREAS} are expected)")
+            absent.append(f"{area_dir}: no rooms")
         names += rooms
+    if absent:
+        raise areas_absent(absent[0], len(absent), len(areas))
     return names
+
+
+def areas_absent(first, absent, wanted):
+    """The error for `absent` of a split's `wanted` areas holding no rooms (`first`: the first
+    one's folder and what is wrong with it). With another area of the split there, the copy is
+    damaged or partial, an IncompleteDataset, which `python -m lib.data` fails on (as a plain
+    FileNotFoundError its train and val splits failed while it exited 0); with none, the split
+    is absent (a folder holding Area 5 alone, to score on)."""
+    kind = IncompleteDataset if absent < wanted else FileNotFoundError
+    return kind(f"{first} (S3DIS areas {AREAS} are expected)")
 
 
 def up_to_date(out_path, room_dir):

@@ -28,8 +28,8 @@ import zipfile
 import numpy as np
 
 from lib.data import IncompleteDataset, error_reason, first_bad_label, note, one_level_down
-from lib.data.s3dis import (AREAS, CLASS_NAMES, RAW_DIRNAME, convert_room, default_processed_dir,
-                            find_raw_dir, list_rooms, preprocess)
+from lib.data.s3dis import (AREAS, CLASS_NAMES, RAW_DIRNAME, areas_absent, convert_room,
+                            default_processed_dir, find_raw_dir, list_rooms, preprocess)
 
 NPY_ROOM = re.compile(r"Area_(\d)_(.+)\.npy")
 # the names yanx27's Pointnet_Pointnet2_pytorch, POSTECH's point-transformer and PointNeXt
@@ -179,14 +179,15 @@ def checked_room(xyz, rgb, label, paths):
 
 def rooms_of_areas(names, areas, where):
     """names of the given areas, sorted by area then room; an area without rooms is an error
-    (as a missing Area_N folder of the raw release is)."""
-    listed = []
+    (as a missing Area_N folder of the raw release is; s3dis.areas_absent)."""
+    listed, absent = [], []
     for area in areas:
         rooms = sorted(n for n in names if n.startswith(f"Area_{area}/"))
         if not rooms:
-            raise FileNotFoundError(f"{where}: no rooms of Area_{area} (S3DIS areas {AREAS} are "
-                                    f"expected)")
+            absent.append(f"{where}: no rooms of Area_{area}")
         listed += rooms
+    if absent:
+        raise areas_absent(absent[0], len(absent), len(areas))
     return listed
 
 
