@@ -145,12 +145,15 @@ def _wait_past_events_in(folder):
     (then the host, the pid and a per-process counter, compared as text): a file opened in the
     same second as an earlier one could be read first, and the earlier file's points then looked
     out of order and were dropped (a run resumed at once after a crash showed none of the points
-    before it). Waits at most a second, only then."""
+    before it). Waits at most a second, only then: a file named after a later second than now
+    (a folder copied from a machine whose clock is ahead) held the first point until that
+    second, an hour for an hour ahead, and every other DDP rank at its next collective; such a
+    file may be read after the new one, a chart's matter, not the run's."""
     stamps = [int(part) for name in (os.listdir(folder) if os.path.isdir(folder) else ())
               if name.startswith("events.out.tfevents.")
               for part in name.split(".")[3:4] if part.isdigit()]
     if stamps:
-        time.sleep(max(0.0, max(stamps) + 1 - time.time()))
+        time.sleep(min(1.0, max(0.0, max(stamps) + 1 - time.time())))
 
 
 class _Tee:

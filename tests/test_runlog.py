@@ -129,3 +129,21 @@ def test_a_resume_in_the_same_second_keeps_the_points_logged_before_it(tmp_path)
         log.scalars("train_step", {"loss": 3.0}, 3)
     points = events(str(tmp_path)).Scalars("train_step/loss")
     assert [(p.step, p.value) for p in points] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+def test_an_events_file_named_ahead_of_the_clock_holds_the_first_point_a_second_at_most(
+        tmp_path, monkeypatch):
+    """A run folder copied from a machine whose clock is ahead holds events files named after a
+    later second than now: the first point waited for that second (an hour here), and every
+    other DDP rank with it at its next collective."""
+    import types
+    import lib.runlog
+    (tmp_path / "tb").mkdir()
+    ahead = tmp_path / "tb" / f"events.out.tfevents.{int(time.time()) + 3600}.elsewhere.1.0"
+    ahead.write_bytes(b"")
+    waits = []
+    monkeypatch.setattr(lib.runlog, "time", types.SimpleNamespace(time=time.time,
+                                                                  sleep=waits.append))
+    with RunLog(str(tmp_path), {}) as log:
+        log.scalars("train_step", {"loss": 1.0}, 1)
+    assert waits and max(waits) <= 1.0
