@@ -5,7 +5,7 @@ import os
 import torch
 
 from lib import distributed
-from lib.data import DATA_DIR, default_root
+from lib.data import DATA_DIR, default_root, note
 from lib.data.val_slice import recorded_val_key, split_with_val_protocol, val_sha256
 from lib.distributed import ShardedSampler
 
@@ -190,6 +190,10 @@ def evaluate_checkpoint(path, data_root=None, split="test", batch_size=16, devic
     dataset = load_split(data["name"], root, split, data["num_points"], seed=seed,
                          val_split=protocol, whole_rooms=True)
     check_same_data(path, data, dataset, root)
+    if split == "val" and data.get("val_sha256") not in (None, val_sha256(dataset)):
+        # scored all the same (the data may have changed on purpose), but not as a reproduction
+        note(f"[eval] {path}: the val split now holds other shapes or rooms than the run "
+             f"validated on (val_sha256), so the figures need not be the checkpoint's metrics")
     device = device or torch.device("cpu")
     model.to(device)
     results = evaluate(model, make_loader(dataset, batch_size, train=False, workers=workers),

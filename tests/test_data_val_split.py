@@ -125,19 +125,20 @@ def test_checkpoint_records_the_features_and_refuses_a_form_without_them(parts, 
         evaluate_checkpoint(path, str(tmp_path / "h5"))
 
 
-def test_a_resume_refuses_a_val_split_whose_shapes_changed(parts, tmp_path):
+def test_a_resume_refuses_a_val_split_whose_shapes_changed(parts, tmp_path, capsys):
     """A resume compared what validates the run (val_key: the val list), not which shapes: a
     val list edited, or a val shape's file replaced, between a run and its resume was taken,
     and the resumed run's scores were held against its best so far on another split (best.pt
     picked across two). The shapes' SHA-256 is recorded (dataset val_sha256) by pretrain.py and
     finetune.py and compared, in one line naming the list; a checkpoint written before the
-    record resumes."""
+    record resumes. eval.py --split val scores the changed split, saying that it differs."""
     import importlib
     from lib.cli import run_script
 
     def run(script, *argv):
         module = importlib.import_module(script)
-        run_script(module.main, module.get_args_parser(), script, [str(a) for a in argv])
+        kind = None if script == "eval" else script  # which runs it may resume
+        run_script(module.main, module.get_args_parser(), kind, [str(a) for a in argv])
 
     root = shutil.copytree(parts, tmp_path / "parts")
     runs = {"pretrain": tmp_path / "pretrain", "finetune": tmp_path / "finetune"}
@@ -145,6 +146,10 @@ def test_a_resume_refuses_a_val_split_whose_shapes_changed(parts, tmp_path):
         "--batch-size", 8, "--epochs", 1, "--out", runs["pretrain"])
     run("finetune", "--ckpt", runs["pretrain"] / "best.pt", "--bits", 4, "--batch-size", 8,
         "--epochs", 1, "--out", runs["finetune"])
+    scored = ("eval", "--ckpt", runs["pretrain"] / "best.pt", "--split", "val")
+    capsys.readouterr()
+    run(*scored)
+    assert "other shapes or rooms than the run validated on" not in capsys.readouterr().out
     val_list = root / "train_test_split" / "shuffled_val_file_list.json"
     listed = json.loads(val_list.read_text())
     val_list.write_text(json.dumps(listed[:-1]))
@@ -160,6 +165,9 @@ def test_a_resume_refuses_a_val_split_whose_shapes_changed(parts, tmp_path):
                     f"from {val_list}, not the ones") in message, message
         val_list.write_text(json.dumps(listed))  # the list as it was, one shape's points moved
         shape.write_text("\n".join(["0.5 " + lines[0].split(" ", 1)[1]] + lines[1:]) + "\n")
+    run(*scored)
+    assert ("the val split now holds other shapes or rooms than the run validated on"
+            in capsys.readouterr().out)
     last = torch.load(runs["pretrain"] / "last.pt", weights_only=True)  # as before the record
     del last["meta"]["dataset"]["val_sha256"]
     torch.save(last, runs["pretrain"] / "last.pt")
