@@ -193,8 +193,10 @@ def test_data_check_fails_on_a_missing_listed_file(tmp_path, capsys):
     with pytest.raises(SystemExit, match="the test split stopped at a problem"):
         check_data(args)
     assert "lists ply_data_test1.h5, missing" in capsys.readouterr().out
+    (root / "ply_data_test0.h5").unlink()
+    check_data(args)  # none of the test split's files: absent, not damaged; the check passes
     (root / "test_files.txt").unlink()
-    check_data(args)  # no test split at all: the check passes
+    check_data(args)  # nor its list
 
 
 @pytest.mark.parametrize("label, nan, message", [

@@ -174,6 +174,9 @@ def check_all_listed_h5_present(list_file, paths):
     if not paths:
         raise FileNotFoundError(f"{list_file}: lists no h5 files")
     missing = [path.name for path in paths if not path.is_file()]
+    if len(missing) == len(paths):  # the split is not there at all: not a damaged copy
+        raise FileNotFoundError(f"{list_file}: none of the {len(paths)} listed h5 files is in "
+                                f"{list_file.parent}")
     if missing:
         raise IncompleteDataset(f"{list_file}: lists {', '.join(missing)}, missing from "
                                 f"{list_file.parent} ({len(missing)} of {len(paths)} h5 files; "
