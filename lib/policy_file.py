@@ -33,8 +33,8 @@ def policy_digest(record):
 
 class PolicyFile:
     """A policy.json, read once: `bits`, `keep`, `check_kept` and `check_searched_on` check what
-    finetune.py uses of it; `digest` (policy_digest) identifies it. Every problem is a one-line error
-    naming the file, never a guess."""
+    finetune.py uses of it; `digest` (policy_digest) identifies it. Every problem is a one-line
+    error naming the file, never a guess."""
 
     def __init__(self, path):
         self.path = path

@@ -57,19 +57,22 @@ def get_args_parser():
     p.add_argument("--evaluations", type=positive_int, default=30,
                    help="policies DDPG and random search each evaluate (DDPG's episodes)")
     p.add_argument("--warmup", type=nonneg_int, default=10, help="DDPG's random episodes first")
-    p.add_argument("--sigma-decay", type=fraction, default=0.9, help="as run/demo.sh's short search")
+    p.add_argument("--sigma-decay", type=fraction, default=0.9,
+                   help="as run/demo.sh's short search")
     p.add_argument("--min-bit", type=bit_width, default=1,
                    help="1: at a 2-bit average, min 2 would leave uniform 2-bit the only policy")
     p.add_argument("--max-bit", type=bit_width, default=8, help="largest bit width searched")
     p.add_argument("--keep-first-last", type=keep_first_last_arg, default="8",
                    help="first layer and classifier at BITS or fp32, charged to the budget "
                         "('' searches them too)")
-    p.add_argument("--val-size", type=positive_int, default=16, help="held-out samples the searches see")
+    p.add_argument("--val-size", type=positive_int, default=16,
+                   help="held-out samples the searches see")
     p.add_argument("--val-seed", type=int, default=0, help="which held-out samples")
     p.add_argument("--ft-epochs", type=positive_int, default=1, help="centroid fine-tune epochs")
     p.add_argument("--ft-samples", type=nonneg_int, default=192,
                    help="training samples the fine-tune sees, drawn per seed (0: the whole split)")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="fine-tune learning rate (AdamW)")
+    p.add_argument("--lr", type=positive_float, default=1e-3,
+                   help="fine-tune learning rate (AdamW)")
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="samples per batch (reward, fine-tune and test scoring)")
     p.add_argument("--data-root", default=None,
