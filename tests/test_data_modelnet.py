@@ -195,6 +195,7 @@ def test_data_check_fails_on_a_missing_listed_file(tmp_path, capsys):
     assert "lists ply_data_test1.h5, missing" in capsys.readouterr().out
     (root / "ply_data_test0.h5").unlink()
     check_data(args)  # none of the test split's files: absent, not damaged; the check passes
+    assert "test_files.txt: none of the 2 listed h5 files exists" in capsys.readouterr().out
     (root / "test_files.txt").unlink()
     check_data(args)  # nor its list
 

@@ -95,15 +95,14 @@ def read_lines(path):
 OTHER_CACHES = ("*.dat", "*.pth")
 
 
-def report_missing(list_file, missing, listed):
+def report_missing(list_file, missing, listed, what="shape files"):
     if missing == listed:
         caches = sorted(p.name for pattern in OTHER_CACHES for p in list_file.parent.glob(pattern))
         held = (f" (the folder holds {', '.join(caches[:3])}: another repository's cache of "
                 f"the shapes, which is not read; the shapes' own files are)" if caches else "")
-        raise FileNotFoundError(f"{list_file}: none of the {listed} listed shape files "
-                                f"exists{held}")
+        raise FileNotFoundError(f"{list_file}: none of the {listed} listed {what} exists{held}")
     if missing:
-        note(f"[modelnet40] {list_file}: {missing} of {listed} listed shape files are missing; "
+        note(f"[modelnet40] {list_file}: {missing} of {listed} listed {what} are missing; "
               f"using the {listed - missing} present")
 
 
@@ -175,8 +174,7 @@ def check_all_listed_h5_present(list_file, paths):
         raise FileNotFoundError(f"{list_file}: lists no h5 files")
     missing = [path.name for path in paths if not path.is_file()]
     if len(missing) == len(paths):  # the split is not there at all: not a damaged copy
-        raise FileNotFoundError(f"{list_file}: none of the {len(paths)} listed h5 files is in "
-                                f"{list_file.parent}")
+        report_missing(list_file, len(missing), len(paths), "h5 files")
     if missing:
         raise IncompleteDataset(f"{list_file}: lists {', '.join(missing)}, missing from "
                                 f"{list_file.parent} ({len(missing)} of {len(paths)} h5 files; "
