@@ -46,15 +46,16 @@ def run_checkpoints(run):
 def stage_problems(folder, path, fp32_sha256):
     """Why a stage's best.pt does not belong in the table as a finished row of this run, in
     words: its run has not ended (lib/stage_status.progress: epochs or episodes short of those
-    set, a fine-tune's test scoring or a best.pt that a kill kept from being written), it was
-    quantized from another fp32 model than the run's pretrain/best.pt (SHA-256 fp32_sha256: a
-    pretraining replaced or extended after the search), or the policy file it was quantized
-    with now holds another policy (a search run again after the fine-tune)."""
+    set, a fine-tune's test scoring or a best.pt that a kill kept from being written, or a live
+    process still writing it), it was quantized from another fp32 model than the run's
+    pretrain/best.pt (SHA-256 fp32_sha256: a pretraining replaced or extended after the search),
+    or the policy file it was quantized with now holds another policy (a search run again after
+    the fine-tune)."""
     from lib.checkpoint import checkpoint_meta
     from lib.stage_status import progress
     problems = []
     run = progress(folder)
-    if run.state in ("interrupted", "restartable"):
+    if run.state in ("interrupted", "restartable", "running"):
         problems.append(f"unfinished: {run.why}")
     meta = checkpoint_meta(path)
     quant = meta.get("quant") if isinstance(meta.get("quant"), dict) else {}

@@ -169,8 +169,9 @@ os.register_at_fork(after_in_child=_let_go_in_child)
 
 def lock_holder(folder):
     """Who holds FOLDER/.lock ("process N on HOST"), or None when no other process does. Probed
-    with a shared lock, let go at once, so only for explaining a refusal: a run claiming the
-    folder in that instant would be refused as if it were in use."""
+    with a shared lock, let go at once: a run claiming the folder in that very instant would be
+    refused as if it were in use, so it is asked only to explain a refusal or to say whether a
+    run is still going (lib/stage_status, just before a run script starts the stage)."""
     path = os.path.join(folder, LOCK_NAME)
     if os.path.realpath(folder) in _held or not os.path.isfile(path):
         return None

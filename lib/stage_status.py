@@ -16,12 +16,16 @@ they are started again, e.g. after a crash or a kill:
                  extended or a policy searched again after the stage ran), or the folder holds a
                  result without the record of whether its run ended (a best.pt without
                  last.pt, a policy.json without search_state.pt), which starting over would
-                 delete
+                 delete, or a live process holds the folder's lock (lib/rundir): its run is
+                 still going, e.g. the workers of a torchrun whose launcher was killed, and a
+                 resume would only be refused by the lock
 
 A run has ended when it has done its recorded epochs (episodes) and written what it writes last:
 a fine-tune its best_test.json, a search its baselines.json; a pretraining's best.pt must also
 be the epoch its last.pt names as best (a kill between the two is repaired by resuming).
-lib/results_table marks the rows of stages whose `progress` is not "ended".
+lib/results_table marks the rows of stages whose `progress` is not "ended". Whether the run is
+still going is the lock's to say, not its files': a run killed and a run still writing leave the
+same files behind.
 """
 import argparse
 import importlib
@@ -29,14 +33,15 @@ import os
 import sys
 from typing import NamedTuple, Optional
 
-from lib.rundir import RUN_MARKERS, check_one_run, check_one_search
+from lib.rundir import LOCK_NAME, RUN_MARKERS, check_one_run, check_one_search, lock_holder
 
 
 class Progress(NamedTuple):
     """How far the run in a folder got. state: "new", "ended", "interrupted", "restartable"
-    (interrupted, nothing to continue from) or "unknown" (results without the record of whether
-    their run ended); path: the file that records the run (to continue from, when `resumable`);
-    why: the interruption in words; recorded: the run's flags; done: its epochs or episodes
+    (interrupted, nothing to continue from), "unknown" (results without the record of whether
+    their run ended) or "running" (a live process holds the folder's lock); path: the file that
+    records the run (to continue from, when `resumable`); why: the interruption, or the process
+    still running, in words; recorded: the run's flags; done: its epochs or episodes
     (`count` says which); inputs: {flag's dest: what the run recorded of that input
     (input_digest)}."""
     state: str
@@ -68,6 +73,9 @@ def progress(folder):
     """The Progress of the run in `folder`, each of its records read once."""
     from lib.checkpoint import checkpoint_epoch, checkpoint_meta, torch_load
     from lib.quant.pack import is_packed
+    holder = lock_holder(folder)
+    if holder:  # whatever its files say now, they are a live run's, not yet its last
+        return Progress("running", why=f"still running as {holder}")
     present = [name for name in RUN_MARKERS if os.path.exists(os.path.join(folder, name))]
     if not present:
         return Progress("new")
@@ -128,6 +136,8 @@ def stage_status(folder, script, argv):
     if "--overwrite" in argv:
         return "new"
     run = progress(folder)
+    if run.state == "running":
+        return f"refuse {still_running(folder, run)}"
     if run.state == "new":
         return "new"
     if run.state == "restartable":
@@ -165,6 +175,12 @@ def stage_status(folder, script, argv):
     return "finished"
 
 
+def still_running(folder, run):
+    """Why a stage whose folder a live process holds is neither resumed nor read, in words."""
+    return (f"{folder}: {run.why}, which holds its {LOCK_NAME}; wait for it to end, or stop it "
+            f"(under torchrun: its worker processes, not only the launcher)")
+
+
 def changed_inputs(run, settings, parser):
     """["FLAG PATH (why)", ...] of the inputs that differ from what the run recorded of them
     (input_digest), or are gone: a stage that ended on them is not this command's result, and
@@ -185,14 +201,18 @@ def changed_inputs(run, settings, parser):
 
 def main(argv):
     """FOLDER SCRIPT FLAGS...: the action; --progress FOLDER: progress's state alone (what a
-    stage reading FOLDER's result checks). A damaged folder: "refuse" and the reason."""
+    stage reading FOLDER's result checks). A damaged folder, or one a live process holds (its
+    result still being written): "refuse" and the reason."""
     if len(argv) < 2:
         raise SystemExit("usage: python -m lib.stage_status FOLDER SCRIPT [FLAGS...] | "
                          "--progress FOLDER")
     folder = argv[1] if argv[0] == "--progress" else argv[0]
     try:
-        print(progress(folder).state if argv[0] == "--progress"
-              else stage_status(folder, argv[1], argv[2:]))
+        if argv[0] == "--progress":
+            run = progress(folder)
+            print(f"refuse {still_running(folder, run)}" if run.state == "running" else run.state)
+        else:
+            print(stage_status(folder, argv[1], argv[2:]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError,
             argparse.ArgumentError) as e:  # damaged records, an unknown script
         from lib.cli import one_line

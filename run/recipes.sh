@@ -120,8 +120,9 @@ launch() {
 # and FLAGS ask (lib/stage_status.py): skipped when its run has ended, continued from its last
 # checkpoint when interrupted or extended (--resume: a changed setting is refused), started over
 # its files when it left nothing to continue from, started when new; a folder it cannot place,
-# or FLAGS that change a recorded setting, stop the script. So a script can be run again after
-# a crash.
+# FLAGS that change a recorded setting, or a stage still running (a live process holds its
+# folder's lock: the workers of a torchrun whose launcher was killed) stop the script. So a
+# script can be run again after a crash.
 stage() {
     local folder="$1" script="${2%.py}" status
     shift
@@ -135,10 +136,11 @@ stage() {
     esac
 }
 
-# require_finished FOLDER: stop when the stage that writes FOLDER was interrupted, so that no
-# stage reads an unfinished stage's result (a best.pt that a kill kept from being the best
-# epoch's, a search cut short). A stage not run yet (the script reading it then says the file
-# is missing) or a result put there by hand, without a run's record, passes.
+# require_finished FOLDER: stop when the stage that writes FOLDER was interrupted or is still
+# running, so that no stage reads an unfinished stage's result (a best.pt that a kill kept from
+# being the best epoch's, a search cut short, a pretraining still writing its epochs). A stage
+# not run yet (the script reading it then says the file is missing) or a result put there by
+# hand, without a run's record, passes.
 require_finished() {
     local state
     state=$(python -m lib.stage_status --progress "$1")

@@ -379,6 +379,47 @@ def test_resuming_a_folder_whose_run_has_saved_nothing_yet_names_the_run(tmp_pat
         recorded_run(str(out))
 
 
+def test_a_stage_whose_folder_a_live_process_holds_is_still_running(reference, tmp_path):
+    """The launcher of a torchrun killed with kill -9, its workers still training: the folder
+    looks interrupted, and the run scripts offered to resume it, which the lock then refused
+    ("in use by"). A live process holding the folder's lock (as a run does, lib/rundir.lock) makes
+    it "still running", naming the process, for the run scripts and the results table; once the
+    process is gone the same folder is interrupted again."""
+    from lib.results_table import stage_problems
+    from lib.stage_status import progress, stage_status
+    runs, _ = reference
+    out = tmp_path / "pretrain"
+    shutil.copytree(runs["pretrain"], out)
+    os.remove(out / "best.pt")  # killed between last.pt and best.pt: interrupted
+    argv = ["--out", str(out)]
+    assert progress(str(out)).state == "interrupted"
+    assert stage_status(str(out), "pretrain", argv) == f"resume {out / 'last.pt'}"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time\nfrom lib.rundir import lock\nlock(sys.argv[1])\n"
+                               "print(flush=True)\ntime.sleep(120)\n", str(out)],
+                              cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                              stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()  # it holds the lock
+        running = f"still running as process {holder.pid} on {os.uname().nodename}"
+        assert progress(str(out))[:3] == ("running", None, running)
+        said = stage_status(str(out), "pretrain", argv)
+        assert said.startswith(f"refuse {out}: {running}, which holds its .lock; wait"), said
+        assert stage_problems(str(out), str(out / "last.pt"), None) == [f"unfinished: {running}"]
+        # the run scripts stop there (a search does not read the pretraining either)
+        for script in ("pretrain.sh", "search.sh"):
+            ran = subprocess.run(["bash", f"run/{script}"], cwd=REPO, capture_output=True,
+                                 text=True, timeout=120,
+                                 env=dict(os.environ, DRY_RUN="1", RUN=str(tmp_path)))
+            assert ran.returncode == 2 and not ran.stdout.strip(), (script, ran.stdout)
+            assert ran.stderr.strip().splitlines()[-1] == f"[run] {said[len('refuse '):]}"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert progress(str(out)).state == "interrupted"
+    assert stage_status(str(out), "pretrain", argv) == f"resume {out / 'last.pt'}"
+
+
 def test_out_naming_a_file_is_refused_before_any_work(data, tmp_path):
     target = tmp_path / "results.txt"
     target.write_text("keep")
