@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The searched policy of $RUN applied to the fp32 model (settings and sources: run/recipes.sh):
 # quantized as searched (searched/), its centroids fine-tuned (finetune/) and fine-tuned with
-# distillation from the fp32 model (finetune_distill/). Extra flags pass through to each.
+# distillation from the fp32 model (finetune_distill/). EPOCHS=N sets the two fine-tunes' --epochs
+# (searched/ trains none); extra flags pass through to each and win.
 # Started again (after a crash), it skips finished stages and continues interrupted ones
 # (`stage` in run/recipes.sh), as pretrain.sh and search.sh do.
 set -euo pipefail

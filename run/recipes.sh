@@ -6,10 +6,14 @@
 #   RUN      the run folder (default: checkpoints/$TASK in the repository), holding pretrain/,
 #            search/, searched/, finetune/, finetune_distill/ and results.md
 #   NPROC    processes (GPUs) per run, through torchrun (default 1)
+#   EPOCHS   when set, pretrain.sh's and finetune.sh's --epochs instead of the recipe's (a
+#            short trial: EPOCHS=2 bash run/pretrain.sh); finetune.sh's searched/ stays at 0
+#   EPISODES when set, search.sh's --episodes instead of the recipe's (below its 20 warm-up
+#            episodes, every episode is a random one)
 #   DRY_RUN  1: print each command instead of running it
-# Extra flags given to a run/*.sh script come last, so they override the recipe's. Relative
-# paths (RUN, DATA, flags) are read from the folder the script was started in, as a Python
-# script's would be.
+# Extra flags given to a run/*.sh script come last, so they override the recipe's and EPOCHS /
+# EPISODES. Relative paths (RUN, DATA, flags) are read from the folder the script was started
+# in, as a Python script's would be.
 TASK=${TASK:-partseg}
 RUN=${RUN:-$REPO_ROOT/checkpoints/$TASK}
 NPROC=${NPROC:-1}
@@ -83,6 +87,15 @@ modelnet40_pct)
     echo "TASK=$TASK: unknown; use partseg, s3dis, modelnet40_pt or modelnet40_pct" >&2
     exit 2 ;;
 esac
+for knob in EPOCHS EPISODES; do
+    if [ -n "${!knob:-}" ] && ! [[ "${!knob}" =~ ^[0-9]+$ ]]; then
+        echo "$knob=${!knob}: give a whole number" >&2
+        exit 2
+    fi
+done
+# after the recipe's own, so that they win over it; the command line's extra flags come later still
+[ -n "${EPOCHS:-}" ] && PRETRAIN+=(--epochs "$EPOCHS") && FINETUNE+=(--epochs "$EPOCHS")
+[ -n "${EPISODES:-}" ] && SEARCH+=(--episodes "$EPISODES")
 DATA_ROOT=()
 [ -n "${DATA:-}" ] && DATA_ROOT=(--data-root "$DATA")
 cd "$CALLER_DIR"

@@ -16,10 +16,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("partseg", "s3dis", "modelnet40_pt", "modelnet40_pct")
 
 
+# run/recipes.sh's environment knobs: only what a test gives, never the test runner's shell's
+KNOBS = ("TASK", "DATA", "RUN", "NPROC", "EPOCHS", "EPISODES")
+
+
 def commands(script, *args, **env):
     """The commands run/SCRIPT would run, each as its argument list."""
+    base = {k: v for k, v in os.environ.items() if k not in KNOBS}
     out = subprocess.run(["bash", f"run/{script}", *args], cwd=REPO, capture_output=True,
-                         text=True, timeout=60, env=dict(os.environ, DRY_RUN="1", **env))
+                         text=True, timeout=60, env=dict(base, DRY_RUN="1", **env))
     assert out.returncode == 0, out.stderr
     # run/setup_env.sh may report a (re)install of .venv first
     return [shlex.split(line) for line in out.stdout.splitlines() if not line.startswith("[setup]")]
@@ -76,6 +81,28 @@ def test_extra_epochs_never_fine_tune_the_searched_row():
     searched, finetune, distill = commands("finetune.sh", "--epochs", "5")
     assert flag(searched, "--epochs") == "0"
     assert flag(finetune, "--epochs") == flag(distill, "--epochs") == "5"
+
+
+def test_epochs_and_episodes_knobs_reach_the_scripts_and_flags_win():
+    """EPOCHS / EPISODES set a stage's length (a short trial) without extra flags; unset, the
+    recipe's; flags given on the command line still win, and searched/ still trains none."""
+    (pretrain,) = commands("pretrain.sh", EPOCHS="2")
+    assert flag(pretrain, "--epochs") == "2"
+    searched, finetune, distill = commands("finetune.sh", EPOCHS="3")
+    assert flag(searched, "--epochs") == "0"
+    assert flag(finetune, "--epochs") == flag(distill, "--epochs") == "3"
+    (search,) = commands("search.sh", EPISODES="5")
+    assert flag(search, "--episodes") == "5"
+    assert flag(commands("pretrain.sh")[0], "--epochs") == "200"
+    assert flag(commands("search.sh")[0], "--episodes") == "600"
+    (pretrain,) = commands("pretrain.sh", "--epochs", "4", EPOCHS="2")
+    assert flag(pretrain, "--epochs") == "4"
+    (search,) = commands("search.sh", "--episodes", "7", EPISODES="5")
+    assert flag(search, "--episodes") == "7"
+    out = subprocess.run(["bash", "run/search.sh"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, DRY_RUN="1", EPISODES="ten"))
+    assert out.returncode == 2 and not out.stdout
+    assert out.stderr.strip().splitlines()[-1] == "EPISODES=ten: give a whole number"
 
 
 def test_printed_commands_paste_back_with_spaces_in_paths():
