@@ -5,7 +5,8 @@
 #            `--data-root X` on the command line wins over it
 #   RUN      the run folder (default: checkpoints/$TASK in the repository), holding pretrain/,
 #            search/, searched/, finetune/, finetune_distill/ and results.md
-#   NPROC    processes (GPUs) per run, through torchrun (default 1)
+#   NPROC    processes (GPUs) per run, through torchrun (default 1); the training batch is
+#            split over them, the search's and eval's batches are not (BATCH, below)
 #   EPOCHS   when set, pretrain.sh's and finetune.sh's --epochs instead of the recipe's (a
 #            short trial: EPOCHS=2 bash run/pretrain.sh); finetune.sh's searched/ stays at 0
 #   EPISODES when set, search.sh's --episodes instead of the recipe's (below its 20 warm-up
@@ -37,8 +38,14 @@ SEARCH=(--preserve-ratio "$PRESERVE" --min-bit 2 --max-bit 8 --episodes 600 --wa
 # both rows; HAQ fine-tunes with a small learning rate).
 FINETUNE=(--keep-first-last "$KEEP" --optimizer adamw --lr 1e-4 --kd-temperature 2 --kd-alpha 0.9)
 
-# BATCH is the total over all processes (the papers' batch); the launcher gives each of the
-# NPROC processes BATCH / NPROC, so the learning rates below hold whatever NPROC is.
+# BATCH is the training batch of pretrain.sh and finetune.sh, the total over all processes (the
+# papers' batch): each of the NPROC processes gets BATCH / NPROC, so the learning rates below
+# hold whatever NPROC is. The search's and EVAL's --batch-size are each process's, not split:
+# every process scores whole batches of that size, the very batches one process would
+# (lib/distributed.ShardedSampler, lib/haq/policy_eval.reward_batches), and runs the search's
+# short fine-tune of each candidate whole at that batch, for 2 x --val-size / batch steps. So
+# the searched policy and the scores are one process's at any NPROC; split, the fine-tune
+# would take other, smaller steps and reward other policies.
 case "$TASK" in
 partseg)
     # Point Transformer (Zhao et al., ICCV 2021, Sec. 4): SGD, momentum 0.9, weight decay 1e-4,

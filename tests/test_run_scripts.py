@@ -76,6 +76,15 @@ def test_total_batch_is_split_over_processes():
     assert out.returncode != 0 and "does not divide" in out.stderr
 
 
+def test_search_and_eval_batches_are_each_processes_at_any_nproc():
+    """Not split like the training batch: each process scores the batches one process would,
+    and runs the search's short fine-tune whole at that batch, so the searched policy and the
+    scores do not depend on NPROC (run/recipes.sh, BATCH)."""
+    (search,) = commands("search.sh", TASK="s3dis", NPROC="2")
+    (scores,) = commands("eval.sh", TASK="s3dis", NPROC="2")
+    assert flag(search, "--batch-size") == flag(scores, "--batch-size") == "4"
+
+
 def test_extra_epochs_never_fine_tune_the_searched_row():
     """searched/ is the policy as searched: --epochs given for the fine-tunes does not reach it."""
     searched, finetune, distill = commands("finetune.sh", "--epochs", "5")
