@@ -26,8 +26,8 @@ from lib.experiment import (check_resumed_data, check_same_data, evaluate_checkp
                             example_inputs, load_on_every_rank, load_split, make_loader,
                             recorded_data_root)
 from lib.policy_file import keep_text, read_on_every_rank
-from lib.quant import (first_and_last, keep_first_last, list_quantizable, quantize_model,
-                       uniform_policy)
+from lib.quant import (called_layers, first_and_last, keep_first_last, list_quantizable,
+                       quantize_model, uniform_policy)
 from lib.quant.layers import layer_renames, named_quantizable
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import format_results, format_size
@@ -86,8 +86,8 @@ def sharing_method(policy_file, method):
 def searched_bits(args, policy_file, model, teacher_sha256):
     """policy_file's {layer: bits} for `model`, the fp32 model of args.ckpt (SHA-256
     teacher_sha256), after the checks that need no data: searched on this file, with this
-    --keep-first-last (and recording a valid one), a width for each of its layers and no
-    other. main runs them before the splits load, which takes minutes on S3DIS."""
+    --keep-first-last (and recording a valid one), no layer the model lacks and no bad width.
+    main runs them before the splits load, which takes minutes on S3DIS."""
     policy_file.check_searched_on(args.ckpt, teacher_sha256)
     keep = parse_keep(args.keep_first_last)
     if keep != "off":
@@ -105,7 +105,8 @@ def build_quantized(args, model, dataset, device, teacher_sha256, policy_file, p
     layers = list_quantizable(model, example_inputs(dataset, device))
     names = [layer.name for layer in layers]
     policy = policy_bits if policy_file else uniform_policy(layers, args.bits)
-    if policy_file:  # needs the layers in forward order: after the data, unlike searched_bits
+    if policy_file:  # needs the forward's calls and order: after the data, unlike searched_bits
+        policy_file.check_listed(policy_bits, [layer.name for layer in called_layers(layers)])
         policy_file.check_kept(policy_bits, first_and_last(layers))
     keep = parse_keep(args.keep_first_last)
     if keep != "off":  # a policy's was checked against it (searched_bits)

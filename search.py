@@ -33,7 +33,7 @@ from lib.haq.policy_eval import (FINETUNE_LR, PolicyEvaluator, finetune_batches,
                                  haq_finetune_steps, reward_batches)
 from lib.haq.search_loop import run_search
 from lib.policy_file import recorded_keep, write_policy
-from lib.quant import keep_first_last, list_quantizable, uniform_policy
+from lib.quant import called_layers, keep_first_last, list_quantizable, uniform_policy
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import format_baseline_table
 from lib.rundir import claim, run_id
@@ -79,7 +79,8 @@ def build_evaluator(args, device, meta, model):
     # another label space or other point features would reward every policy on wrong inputs
     check_same_data(args.ckpt, data, held_out, root)
     model.to(device)
-    layers = list_quantizable(model, example_inputs(held_out, device))
+    # the search's steps and budget: the layers the forward calls, in its order
+    layers = called_layers(list_quantizable(model, example_inputs(held_out, device)), "search.py")
     # an impossible budget or widths stop here, before the batches and the fp32 score
     check_budget(args, layers)
     eval_batches = reward_batches(held_out, args.val_size, args.batch_size, device, args.seed,
@@ -142,20 +143,22 @@ def fixed_bits_of(args, layers):
     return keep_first_last({}, layers, keep)
 
 
-def describe(evaluator, bits):
+def describe(evaluator, layers, bits):
+    """The budget ratio over the searched and kept `layers` (the env's; a layer the forward never
+    calls is not charged), and the honest size of the whole quantized model."""
     model = evaluator.quantized(bits)
-    return {"budget_ratio": budget_ratio(model), "honest_bytes": honest_size_bytes(model)}
+    return {"budget_ratio": budget_ratio(layers, bits), "honest_bytes": honest_size_bytes(model)}
 
 
 def baselines(args, evaluator, layers, fixed, searched):
     """Uniform policies within the searched budget, scored the same way as the search's."""
     rows = [dict(name="searched (HAQ)", method=args.method, metric=searched["metric"],
-                 **describe(evaluator, searched["bits"]))]
+                 **describe(evaluator, layers, searched["bits"]))]
     for method in ("linear", "kmeans"):
         evaluator.method = method  # before describe(): the sizes are this method's codebooks'
         for bits in range(args.min_bit, args.max_bit + 1):
             policy = dict(uniform_policy(layers, bits), **fixed)
-            size = describe(evaluator, policy)
+            size = describe(evaluator, layers, policy)
             if size["budget_ratio"] > args.preserve_ratio + 1e-9:
                 continue
             metric = evaluator(policy)
@@ -257,7 +260,7 @@ def main(args):
                   preserve_ratio=args.preserve_ratio, min_bit=args.min_bit, max_bit=args.max_bit,
                   keep_first_last=recorded_keep(args.keep_first_last), method=args.method,
                   checkpoint=os.path.abspath(args.ckpt), checkpoint_sha256=ckpt_sha256,
-                  **describe(evaluator, best["bits"]))
+                  **describe(evaluator, layers, best["bits"]))
     if main_rank:
         write_policy(os.path.join(out, "policy.json"), policy)
         plot_policy(os.path.join(out, "policy.png"), [layer.name for layer in layers],

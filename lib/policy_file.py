@@ -51,9 +51,10 @@ class PolicyFile:
         self.digest = policy_digest(self.record)
 
     def bits(self, layer_names, renames=None):
-        """{layer: bits or None (fp32)}, checked strictly: every quantizable layer of the model
-        is listed, and each width is an integer in 1..32 (32: fp32) or fp32 (null or "fp32");
-        3.7, true, "four" or a missing layer are refused. renames: {old layer name: current
+        """{layer: bits or None (fp32)}, checked strictly: every layer it lists is a quantizable
+        layer of the model (`layer_names`), and each width is an integer in 1..32 (32: fp32) or
+        fp32 (null or "fp32"); 3.7, true or "four" are refused. Whether it lists every layer it
+        must is check_listed's (it needs the forward's calls). renames: {old layer name: current
         one} (lib.quant's layer_renames), for policies written before a layer was renamed."""
         path = self.path
         bits = {(renames or {}).get(name, name): value
@@ -61,10 +62,6 @@ class PolicyFile:
         unknown = sorted(set(bits) - set(layer_names))
         if unknown:
             raise ValueError(f"{path}: layers not in the model: {_some(unknown)}")
-        missing = [name for name in layer_names if name not in bits]
-        if missing:
-            raise ValueError(f"{path}: {len(missing)} of the model's {len(layer_names)} layers "
-                             f"have no bit width: {_some(missing)}")
         for name, value in bits.items():
             valid = value is None or value == "fp32" or (
                 type(value) is int and 1 <= value <= 32)  # bool is an int subclass: not a width
@@ -96,6 +93,16 @@ class PolicyFile:
             raise ValueError(f"{self.path}: keep_first_last {json.dumps(value)} is not a bit "
                              f"width in 1..32, fp32 or null")
         return value
+
+    def check_listed(self, bits, called):
+        """A one-line ValueError when `bits` (this file's widths, as `bits` gives them) leave out
+        a layer of `called` (lib.quant.called_layers' names): the layers the forward calls are
+        the ones search.py searches. A layer it never calls is not searched, may be left out,
+        and stays fp32."""
+        missing = [name for name in called if name not in bits]
+        if missing:
+            raise ValueError(f"{self.path}: {len(missing)} of the {len(called)} layers the "
+                             f"model's forward calls have no bit width: {_some(missing)}")
 
     def check_kept(self, bits, first_last):
         """A one-line ValueError when `bits` (this file's widths, as `bits` gives them) hold the

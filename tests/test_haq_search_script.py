@@ -247,6 +247,62 @@ def test_a_policy_whose_bits_contradict_its_kept_layers_is_refused(rooms_ckpt, t
                                   f"make the two agree")
 
 
+def test_a_layer_the_forward_never_calls_is_not_searched_nor_charged(tmp_path, monkeypatch,
+                                                                   capsys):
+    """A Linear registered beside the classifier and never called (a researcher's unused
+    auxiliary head) was a search step, and its bits were charged to the budget: it is left in
+    fp32, out of the policy, said once; finetune.py takes that policy (it refused one without
+    a width for every layer) and eval.py scores its checkpoint."""
+    import eval as eval_script
+    import finetune as finetune_script
+    import models
+    from lib.checkpoint import load_checkpoint
+    from lib.quant.layers import is_quantized_layer, n_weights, named_quantizable
+    built = models.build_model
+
+    def with_unused_head(name, **kwargs):
+        model = built(name, **kwargs)
+        model.aux_head = torch.nn.Linear(64, kwargs["num_classes"])  # registered last
+        return model
+    monkeypatch.setattr(models, "build_model", with_unused_head)
+    monkeypatch.setitem(globals(), "build_model", with_unused_head)  # fp32_checkpoint's
+    root = tmp_path / "cls"
+    write_cls(str(root), seed=0, train_shapes=3, eval_shapes=1)
+    ckpt = fp32_checkpoint(str(tmp_path / "fp32.pt"), "pt_cls_tiny", "synthetic_cls",
+                           str(root / "modelnet40_normal_resampled"), 128)
+    episodes, _ = search(ckpt, tmp_path / "search", "--val-size", "4", "--finetune-steps", "0",
+                         "--keep-first-last", "8")
+    _, model, _ = load_checkpoint(ckpt)
+    sizes = {name: n_weights(layer) for name, layer in named_quantizable(model)}
+    called = set(sizes) - {"aux_head"}
+    policy = json.loads((tmp_path / "search" / "policy.json").read_text())
+    for bits, ratio in [(e["bits"], e["budget_ratio"]) for e in episodes] + [
+            (policy["bits"], policy["budget_ratio"])]:
+        assert set(bits) == called
+        # the budget is the called layers' fp32 bits: the unused head's are not in it
+        charged = sum(sizes[name] * (32 if b is None else b) for name, b in bits.items())
+        assert ratio == pytest.approx(charged / (32 * sum(sizes[name] for name in called)))
+        assert ratio <= 0.1 + 1e-9
+        # the input layer and the classifier the forward calls are kept, not the unused head
+        assert bits["encoder.down.0.mlp.0"] == bits["head.2"] == 8
+    said = "search.py: layer aux_head is never called by the forward; left in fp32"
+    assert capsys.readouterr().out.splitlines().count(said) == 1
+
+    out = tmp_path / "searched"
+    finetune_script.main(finetune_script.get_args_parser().parse_args(
+        ["--ckpt", ckpt, "--policy", str(tmp_path / "search" / "policy.json"), "--epochs", "0",
+         "--batch-size", "2", "--out", str(out)]))
+    meta, quantized, _ = load_checkpoint(str(out / "best.pt"))
+    assert "aux_head" in meta["quant"]["fp32_layers"]
+    assert not is_quantized_layer(quantized.aux_head)
+    assert is_quantized_layer(quantized.get_submodule("head.2"))
+    eval_script.main(eval_script.get_args_parser().parse_args(
+        ["--ckpt", str(out / "best.pt"), "--batch-size", "2", "--json",
+         str(tmp_path / "eval.json")]))
+    assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(
+        (out / "best_test.json").read_text())
+
+
 def test_data_of_other_features_is_refused_before_the_search_or_the_fine_tune(tmp_path,
                                                                             monkeypatch):
     """A ModelNet checkpoint trained on normals, given the h5 form of the same data (xyz as

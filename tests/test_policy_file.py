@@ -17,7 +17,6 @@ def test_round_trip_and_keep_flag(tmp_path):
     ('{"metric": 1}', "no 'bits' mapping"),
     ('[{"bits": {"a": 4}}]', "no 'bits' mapping"),
     ('{"bits": {"ghost": 4}}', "layers not in the model: ghost"),
-    ('{"bits": {}}', "1 of the model's 1 layers have no bit width: a"),
     ('{"bits": {"a": 3.7}}', "layer a: bit width 3.7 is not an integer"),
     ('{"bits": {"a": true}}', "layer a: bit width true is not an integer"),
     ('{"bits": {"a": 33}}', "layer a: bit width 33 is not an integer"),
@@ -97,6 +96,22 @@ def test_a_policy_searched_on_another_model_is_refused(tmp_path):
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     write_policy(str(path), {"bits": {}})
     PolicyFile(str(path)).check_searched_on(str(other), file_sha256(str(other)))
+
+
+def test_a_policy_file_must_list_the_layers_the_forward_calls_and_only_those(tmp_path):
+    """search.py leaves out a layer the forward never calls ("unused", fp32): finetune.py
+    refused such a policy as lacking a width for it; one that leaves out a called layer is
+    still refused."""
+    path = tmp_path / "policy.json"
+    write_policy(str(path), {"bits": {"stem": 4, "head": 8}})
+    policy = PolicyFile(str(path))
+    bits = policy.bits(["stem", "mid", "head", "unused"])
+    assert bits == {"stem": 4, "head": 8}
+    policy.check_listed(bits, ["stem", "head"])
+    with pytest.raises(ValueError) as err:
+        policy.check_listed(bits, ["stem", "mid", "head"])
+    assert str(err.value) == (f"{path}: 1 of the 3 layers the model's forward calls have no bit "
+                              f"width: mid")
 
 
 @pytest.mark.parametrize("keep, first, last, refused", [

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lib.quant import (KMeansCache, dequantize, is_quantized_layer, keep_first_last,
-                       list_quantizable, quantize_model, uniform_policy)
+from lib.quant import (KMeansCache, called_layers, dequantize, is_quantized_layer,
+                       keep_first_last, list_quantizable, quantize_model, uniform_policy)
 from lib.quant.layers import prepare_quantized, quant_state
 
 
@@ -372,6 +372,8 @@ def test_keep_first_last_sets_exactly_the_first_and_last_layer_the_forward_calls
     assert kept == dict(policy, stem=8, head=8)
     assert policy["stem"] == 4  # the input policy is not modified
     assert keep_first_last({}, layers, None) == {"stem": None, "head": None}
+    # HAQ searches the called layers alone, in call order
+    assert [layer.name for layer in called_layers(layers)] == ["stem", "blocks.0", "mix", "head"]
     # without example inputs the order is named_modules' and every layer counts as called
     assert keep_first_last({}, list_quantizable(conv_net()), 8) == {"head": 8, "unused": 8}
 

@@ -31,7 +31,7 @@ from lib.haq import strategies
 from lib.haq.env import QuantEnv
 from lib.haq.policy_eval import PolicyEvaluator, cached_batches
 from lib.policy_file import recorded_keep, write_policy
-from lib.quant import keep_first_last, list_quantizable, quantize_model
+from lib.quant import called_layers, keep_first_last, list_quantizable, quantize_model
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import markdown_table, percent
 from lib.runlog import RunLog
@@ -246,7 +246,9 @@ def main(args):
     evaluator = PolicyEvaluator(fp32, held_out, cached_batches(
         held_out, order[:args.val_size].tolist(), args.batch_size, device), device)
     counter = CountingEvaluator(evaluator)
-    layers = list_quantizable(fp32, example_inputs(held_out, device))
+    # as search.py: the layers the forward calls are the steps and the budget
+    layers = called_layers(list_quantizable(fp32, example_inputs(held_out, device)),
+                           "lib.haq.compare")
     keep = parse_keep(args.keep_first_last)
     fixed = {} if keep == "off" else keep_first_last({}, layers, keep)
     widths = range(args.min_bit, args.max_bit + 1)
