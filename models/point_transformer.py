@@ -95,9 +95,6 @@ class PointTransformerLayer(nn.Module):
         # pass, without the (B, N, k, *) tensors; None where it cannot (lib/ops/attention.py).
         out = ops.attention_inference(xyz, idx, query, key, value, self.delta, self.gamma,
                                       self.share_planes)
-        if out is None:  # training on the CPU: the same, its backward too (lib/ops/layer_train.py)
-            out = ops.attention_training(xyz, idx, query, key, value, self.delta, self.gamma,
-                                         self.share_planes)
         if out is not None:
             return out
         delta = ops.position_encoding(self.delta, xyz, idx)  # (B, N, k, C)

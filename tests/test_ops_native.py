@@ -181,9 +181,7 @@ def test_prototypes_are_read_from_every_exported_c_function():
                           "neighbour_max_backward", "norm_max_backward", "gathered_max_forward",
                           "pt_attention_inference", "fps", "knn", "pe_stats", "pe_forward",
                           "pe_backward_sums", "aw_forward", "aw_backward_sums",
-                          "aw_backward_input", "gather_rows_backward", "lt_relation_stats",
-                          "lt_hidden", "lt_aggregate", "lt_aggregate_backward", "lt_norm_sums",
-                          "lt_relation_backward"}
+                          "aw_backward_input", "gather_rows_backward"}
     restype, params = found["pt_aggregate_forward"]
     assert [name for name, _ in params] == ["dtype", "threads", "B", "N", "K", "C", "W", "w", "v",
                                             "delta", "idx", "out"]

@@ -11,8 +11,6 @@ lib/ops/dispatch.py is the one place that says which form runs and why.
                  group_norm_relu_max: TransitionDown's LBR + max-pool
   attention.py   attention_inference: the PT layer's whole attention per point (C kernel),
                  for inference
-  layer_train.py attention_training: the same with its backward, for training (C kernels),
-                 the (B, N, k, C) tensors recomputed instead of stored
   attention_softmax.py  attention_weights: gamma's end and the softmax over the
                  neighbours (C kernel)
   fused.py       relation, neighbour_sum, norm_relu_linear, neighbour_max, norm_relu_max
@@ -30,13 +28,11 @@ from lib.ops.geometry import (farthest_point_sample, gather, group, interpolate,
 from lib.ops.edge import edge_linear, group_linear, group_norm_relu_max
 from lib.ops.fused import (neighbour_max, neighbour_sum, norm_relu_linear, norm_relu_max,
                            relation, relu_neighbour_max)
-from lib.ops.layer_train import attention_training
 from lib.ops.layers import batch_norm, mlp
 from lib.ops.position import position_encoding
 from lib.ops.tape import GeometryTape
 
-__all__ = ["GeometryTape", "attention_inference", "attention_training", "attention_weights",
-           "batch_norm",
+__all__ = ["GeometryTape", "attention_inference", "attention_weights", "batch_norm",
            "edge_linear", "farthest_point_sample", "gather", "get_backend", "group",
            "group_linear", "group_norm_relu_max", "interpolate", "knn_query", "mlp",
            "neighbour_max", "neighbour_sum", "norm_relu_linear", "norm_relu_max",

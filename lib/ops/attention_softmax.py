@@ -32,52 +32,39 @@ class _AttentionWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lib, bn, h, gamma, beta, weight, bias):
-        out, saved, ctx.settings = tail_forward(lib, bn, h, gamma, beta, weight, bias)
-        ctx.save_for_backward(*saved)  # the output among them: not kept on ctx (a cycle)
+        h = h.contiguous()
+        b, n, k, width = h.shape
+        mean, rstd, scale, shift = _affine_statistics(lib, bn, h.view(-1, width), gamma, beta)
+        ctx.dtypes = weight.dtype, bias.dtype  # of the gradients to return
+        compute = _compute_dtype(h.dtype)
+        weight, bias = (t.detach().to(compute).contiguous() for t in (weight, bias))
+        out = torch.empty_like(h)
+        run_kernel(lib, "aw_forward", dtype=h.dtype, P=b * n, K=k, W=width, h=h, scale=scale,
+                   shift=shift, weight=weight, bias=bias, out=out)
+        ctx.lib, ctx.training = lib, bn.training
+        ctx.save_for_backward(h, out, gamma, weight, scale, shift, mean, rstd)
         return out
 
     @staticmethod
     @once_differentiable  # the gradients come from kernels or out= products: no graph
     def backward(ctx, grad_w):
-        return (None, None, *tail_backward(ctx.settings, ctx.saved_tensors, grad_w))
-
-
-def tail_forward(lib, bn, h, gamma, beta, weight, bias):
-    """(softmax_k(linear(relu(bn(h)))), the tensors and the settings tail_backward needs) for
-    h (B, N, k, W), with `bn`'s running statistics kept; also the tail of the whole-layer
-    training Function (lib/ops/layer_train.py)."""
-    h = h.contiguous()
-    b, n, k, width = h.shape
-    mean, rstd, scale, shift = _affine_statistics(lib, bn, h.view(-1, width), gamma, beta)
-    dtypes = weight.dtype, bias.dtype  # of the gradients to return
-    compute = _compute_dtype(h.dtype)
-    weight, bias = (t.detach().to(compute).contiguous() for t in (weight, bias))
-    out = torch.empty_like(h)
-    run_kernel(lib, "aw_forward", dtype=h.dtype, P=b * n, K=k, W=width, h=h, scale=scale,
-               shift=shift, weight=weight, bias=bias, out=out)
-    return out, (h, out, gamma, weight, scale, shift, mean, rstd), (lib, bn.training, dtypes)
-
-
-def tail_backward(settings, saved, grad_w):
-    """The gradients of h, bn's weight and bias, the Linear's weight and bias, from w's."""
-    lib, training, dtypes = settings
-    h, w, gamma, weight, scale, shift, mean, rstd = saved
-    b, n, k, width = h.shape
-    rows = b * n * k
-    given = dict(dtype=h.dtype, P=b * n, K=k, W=width, h=h, mean=mean, rstd=rstd)
-    sums = torch.empty(3 * width + width * width, dtype=torch.float64)
-    gy = torch.empty(h.shape, dtype=weight.dtype)  # BatchNorm's output gradient
-    run_kernel(lib, "aw_backward_sums", scale=scale, shift=shift, weight=weight, w=w,
-               grad_w=grad_w.contiguous(), sums=sums, gy=gy, **given)
-    grad_beta, grad_gamma = sums[:width], sums[width:2 * width]  # sum of gy, gy x_hat
-    grad_weight = sums[2 * width:2 * width + width * width].view(width, width)
-    grad_bias = sums[2 * width + width * width:]
-    k1, k2, k3 = (t.to(weight.dtype) for t in batch_norm_backward_terms(
-        gamma, rstd, grad_beta, grad_gamma, rows, training))
-    grad_h = torch.empty_like(h)
-    run_kernel(lib, "aw_backward_input", k1=k1, k2=k2, k3=k3, gy=gy, grad_h=grad_h, **given)
-    return (grad_h, grad_gamma.to(gamma.dtype), grad_beta.to(gamma.dtype),
-            grad_weight.to(dtypes[0]), grad_bias.to(dtypes[1]))
+        h, w, gamma, weight, scale, shift, mean, rstd = ctx.saved_tensors
+        b, n, k, width = h.shape
+        rows = b * n * k
+        given = dict(dtype=h.dtype, P=b * n, K=k, W=width, h=h, mean=mean, rstd=rstd)
+        sums = torch.empty(3 * width + width * width, dtype=torch.float64)
+        gy = torch.empty(h.shape, dtype=weight.dtype)  # BatchNorm's output gradient
+        run_kernel(ctx.lib, "aw_backward_sums", scale=scale, shift=shift, weight=weight, w=w,
+                   grad_w=grad_w.contiguous(), sums=sums, gy=gy, **given)
+        grad_beta, grad_gamma = sums[:width], sums[width:2 * width]  # sum of gy, gy x_hat
+        grad_weight = sums[2 * width:2 * width + width * width].view(width, width)
+        grad_bias = sums[2 * width + width * width:]
+        k1, k2, k3 = (t.to(weight.dtype) for t in batch_norm_backward_terms(
+            gamma, rstd, grad_beta, grad_gamma, rows, ctx.training))
+        grad_h = torch.empty_like(h)
+        run_kernel(ctx.lib, "aw_backward_input", k1=k1, k2=k2, k3=k3, gy=gy, grad_h=grad_h, **given)
+        return (None, None, grad_h, grad_gamma.to(gamma.dtype), grad_beta.to(gamma.dtype),
+                grad_weight.to(ctx.dtypes[0]), grad_bias.to(ctx.dtypes[1]))
 
 
 def _tail(gamma, hidden):

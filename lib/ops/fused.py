@@ -188,24 +188,16 @@ def _affine_statistics(lib, bn, rows, gamma, beta):
     kernel, float64 sums) and `bn`'s running statistics updated as bn(x) would; eval: the
     running statistics."""
     count, channels = rows.shape
-    sums = None
     if bn.training:
         sums = torch.empty(2, channels, dtype=torch.float64)
         run_kernel(lib, "nrl_stats", dtype=rows.dtype, M=count, C=channels, x=rows, sums=sums)
-    return affine_from_sums(bn, sums, count, gamma, beta, _compute_dtype(rows.dtype))
-
-
-def affine_from_sums(bn, sums, count, gamma, beta, dtype):
-    """(mean, rstd, scale, shift) in `dtype` of BatchNorm `bn` over `count` rows whose per
-    channel sum and sum of squares are `sums` (2, C) float64, `bn`'s running statistics
-    updated as bn(x) would; in eval mode (sums None) from the running statistics."""
-    if bn.training:
         mean = sums[0] / count
         var = (sums[1] / count - mean * mean).clamp_min(0)  # float64: no cancellation here
         _update_running_stats(bn, mean, var, count)
     else:
         mean, var = bn.running_mean.double(), bn.running_var.double()
-    return tuple(t.to(dtype) for t in _affine(bn, mean, var, gamma, beta))
+    compute = _compute_dtype(rows.dtype)
+    return tuple(t.to(compute) for t in _affine(bn, mean, var, gamma, beta))
 
 
 def _affine(bn, mean, var, gamma, beta):

@@ -37,7 +37,7 @@ from lib.checkpoint import file_sha256
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = [os.path.join(SOURCE_DIR, name)
-           for name in ("pt_layer.c", "pt_layer_train.c", "attention_inference.c", "norm_relu_linear.c",
+           for name in ("pt_layer.c", "attention_inference.c", "norm_relu_linear.c",
                         "neighbour_max.c", "geometry.c", "position_encoding.c",
                         "attention_softmax.c", "gather_rows.c")]
 HEADERS = [os.path.join(SOURCE_DIR, name) for name in ("parallel.h", "bf16.h", "softmax.h")]

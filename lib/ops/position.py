@@ -29,9 +29,18 @@ class _PositionEncoding(torch.autograd.Function):
     def forward(ctx, lib, bn, rows_dtype, xyz, idx, w1, b1, gamma, beta, w2, b2):
         xyz, idx = xyz.contiguous(), idx.contiguous()
         (b, n, k), channels = idx.shape, w2.shape[0]
+        rows = b * n * k
         w1, b1, w2t, b2 = (t.detach().contiguous() for t in (w1, b1, w2.t(), b2))
         geometry = dict(B=b, N=n, K=k, xyz=xyz, idx=idx, w1=w1, b1=b1)
-        mean, rstd, scale, shift = theta_statistics(lib, bn, geometry, gamma, beta)
+        if bn.training:
+            sums = torch.empty(2, 3, dtype=torch.float64)
+            run_kernel(lib, "pe_stats", dtype=xyz.dtype, sums=sums, **geometry)
+            mean = sums[0] / rows
+            var = (sums[1] / rows - mean * mean).clamp_min(0)  # float64: no cancellation here
+            _update_running_stats(bn, mean, var, rows)
+        else:
+            mean, var = bn.running_mean.double(), bn.running_var.double()
+        mean, rstd, scale, shift = (t.to(xyz.dtype) for t in _affine(bn, mean, var, gamma, beta))
         out = xyz.new_empty(b, n, k, channels, dtype=rows_dtype)
         run_kernel(lib, "pe_forward", dtype=rows_dtype, C=channels, scale=scale, shift=shift,
                    w2t=w2t, b2=b2, out=out, **geometry)
@@ -50,44 +59,20 @@ class _PositionEncoding(torch.autograd.Function):
         run_kernel(ctx.lib, "pe_backward_sums", dtype=grad.dtype, B=b, N=n, K=k, C=channels,
                    xyz=xyz, idx=idx, w1=w1, b1=b1, scale=scale, shift=shift, mean=mean, rstd=rstd,
                    w2t=w2t, grad=grad, sums=sums)
-        return (None, None, None, None, None,
-                *theta_gradients(sums, gamma, rstd, rows, ctx.training, w1.dtype))
-
-
-def theta_statistics(lib, bn, geometry, gamma, beta):
-    """(mean, rstd, scale, shift) of theta's BatchNorm in the points' dtype: in training the
-    batch statistics of W1 p + b1 over every row (C kernel), `bn`'s running statistics updated
-    as bn would; geometry: the kernels' B, N, K, xyz, idx, w1, b1."""
-    xyz = geometry["xyz"]
-    if bn.training:
-        rows = geometry["B"] * geometry["N"] * geometry["K"]
-        sums = torch.empty(2, 3, dtype=torch.float64)
-        run_kernel(lib, "pe_stats", dtype=xyz.dtype, sums=sums, **geometry)
-        mean = sums[0] / rows
-        var = (sums[1] / rows - mean * mean).clamp_min(0)  # float64: no cancellation here
-        _update_running_stats(bn, mean, var, rows)
-    else:
-        mean, var = bn.running_mean.double(), bn.running_var.double()
-    return tuple(t.to(xyz.dtype) for t in _affine(bn, mean, var, gamma, beta))
-
-
-def theta_gradients(sums, gamma, rstd, rows, training, dtype):
-    """theta's parameter gradients (W1, b1, the BatchNorm's weight and bias, W2, b2) from the
-    sums of csrc/position_encoding.c's backward layout (FIXED_SUMS, then sum g and sum g act_o,
-    float64) over `rows` rows; also the whole-layer training Function's (lib/ops/layer_train.py)."""
-    channels = (sums.numel() - FIXED_SUMS) // 4
-    # sums of gy (BatchNorm's output gradient), gy x_hat, x_hat, p; of gy p^T, x_hat p^T
-    gy, gy_xhat, xhat, p = sums[0:3], sums[3:6], sums[6:9], sums[9:12]
-    gy_p, xhat_p = sums[12:21].view(3, 3), sums[21:30].view(3, 3)
-    # h's gradient is k1 gy - k2 - k3 x_hat per row (BatchNorm's backward), so W1's, a sum
-    # of that times p^T over the rows, is this combination of the sums
-    k1, k2, k3 = batch_norm_backward_terms(gamma, rstd, gy, gy_xhat, rows, training)
-    grad_w1 = k1[:, None] * gy_p - k2[:, None] * p[None, :] - k3[:, None] * xhat_p
-    grad_b1 = k1 * gy - k2 * rows - k3 * xhat
-    grad_w2 = sums[FIXED_SUMS + channels:].view(3, channels).t()
-    grad_b2 = sums[FIXED_SUMS:FIXED_SUMS + channels]
-    return (grad_w1.to(dtype), grad_b1.to(dtype), gy_xhat.to(gamma.dtype), gy.to(gamma.dtype),
-            grad_w2.to(dtype), grad_b2.to(dtype))
+        # sums of gy (BatchNorm's output gradient), gy x_hat, x_hat, p; of gy p^T, x_hat p^T
+        gy, gy_xhat, xhat, p = sums[0:3], sums[3:6], sums[6:9], sums[9:12]
+        gy_p, xhat_p = sums[12:21].view(3, 3), sums[21:30].view(3, 3)
+        # h's gradient is k1 gy - k2 - k3 x_hat per row (BatchNorm's backward), so W1's, a sum
+        # of that times p^T over the rows, is this combination of the sums
+        k1, k2, k3 = batch_norm_backward_terms(gamma, rstd, gy, gy_xhat, rows, ctx.training)
+        grad_w1 = k1[:, None] * gy_p - k2[:, None] * p[None, :] - k3[:, None] * xhat_p
+        grad_b1 = k1 * gy - k2 * rows - k3 * xhat
+        grad_w2 = sums[FIXED_SUMS + channels:].view(3, channels).t()
+        grad_b2 = sums[FIXED_SUMS:FIXED_SUMS + channels]
+        dtype = w1.dtype
+        return (None, None, None, None, None, grad_w1.to(dtype), grad_b1.to(dtype),
+                gy_xhat.to(gamma.dtype), gy.to(gamma.dtype), grad_w2.to(dtype),
+                grad_b2.to(dtype))
 
 
 def _kernel_modules(theta, xyz, channels):
