@@ -24,7 +24,7 @@ from lib.data.val_slice import val_sha256
 from lib.distill import DistillLoss
 from lib.experiment import (check_resumed_data, check_same_data, evaluate_checkpoint,
                             example_inputs, load_on_every_rank, load_split, make_loader,
-                            recorded_data_root)
+                            recorded_data_root, stand_in_inputs)
 from lib.policy_file import keep_text, read_on_every_rank
 from lib.quant import (called_layers, first_and_last, keep_first_last, list_quantizable,
                        quantize_model, uniform_policy)
@@ -83,11 +83,12 @@ def sharing_method(policy_file, method):
     return method or searched or "kmeans"
 
 
-def searched_bits(args, policy_file, model, teacher_sha256):
+def searched_bits(args, policy_file, model, teacher_sha256, data_meta):
     """policy_file's {layer: bits} for `model`, the fp32 model of args.ckpt (SHA-256
-    teacher_sha256), after the checks that need no data: searched on this file, with this
-    --keep-first-last (and recording a valid one), no layer the model lacks and no bad width.
-    main runs them before the splits load, which takes minutes on S3DIS."""
+    teacher_sha256, its dataset record data_meta), after the checks that need no data: searched
+    on this file, with this --keep-first-last (and recording a valid one), no layer the model
+    lacks, none it calls left out, and no bad width. main runs them before the splits load,
+    which takes minutes on S3DIS."""
     policy_file.check_searched_on(args.ckpt, teacher_sha256)
     keep = parse_keep(args.keep_first_last)
     if keep != "off":
@@ -95,7 +96,13 @@ def searched_bits(args, policy_file, model, teacher_sha256):
     else:
         policy_file.keep()  # build_quantized records it
     names = [name for name, _ in named_quantizable(model)]
-    return policy_file.bits(names, layer_renames(model))
+    bits = policy_file.bits(names, layer_renames(model))
+    if any(name not in bits for name in names):
+        # only a layer the forward never calls may be left out (search.py leaves it out): which
+        # those are, a forward on made-up points says (build_quantized checks again on the data)
+        called = called_layers(list_quantizable(model, stand_in_inputs(data_meta)))
+        policy_file.check_listed(bits, [layer.name for layer in called])
+    return bits
 
 
 def build_quantized(args, model, dataset, device, teacher_sha256, policy_file, policy_bits):
@@ -152,8 +159,8 @@ def main(args):
                                teacher_sha256)
     if fp32_meta.get("quant"):
         raise ValueError(f"{args.ckpt}: already quantized; fine-tune from the fp32 checkpoint")
-    policy_bits = (searched_bits(args, policy_file, teacher, teacher_sha256) if policy_file
-                   else None)
+    policy_bits = (searched_bits(args, policy_file, teacher, teacher_sha256,
+                                 fp32_meta["dataset"]) if policy_file else None)
     data = fp32_meta["dataset"]
     root = args.data_root or recorded_data_root(args.ckpt, fp32_meta)
     num_points = args.num_points or data["num_points"]

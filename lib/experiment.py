@@ -275,6 +275,19 @@ def load_on_every_rank(path, tries=3):
     return distributed.same_on_every_rank(path, read, lambda loaded: loaded[3], "a run", tries)
 
 
+def stand_in_inputs(data_meta, points=1024):
+    """Model inputs made up from a checkpoint's dataset record (one cloud of random points, at
+    most `points` of them): enough to see which layers the forward calls, before the splits
+    load."""
+    from lib.tasks import model_inputs
+    gen = torch.Generator().manual_seed(0)
+    count = min(points, data_meta["num_points"] or points)
+    batch = {"xyz": torch.rand(1, count, 3, generator=gen),
+             "feat": torch.rand(1, count, data_meta["in_channels"], generator=gen),
+             "category": torch.zeros(1, dtype=torch.long)}
+    return model_inputs(batch, data_meta["task"])
+
+
 def example_inputs(dataset, device, n=2):
     """Model inputs for the first n samples (fewer if the split is smaller): used to trace
     layer order and input sizes."""

@@ -235,7 +235,7 @@ def test_a_run_refuses_the_folder_of_a_file_it_reads(reference, tmp_path, script
 @pytest.mark.parametrize("problem, flags, expected", [
     ("checkpoint", (), "searched on another model than"),
     ("keep", ("--keep-first-last", "fp32"), "searched with the first and last layers not kept"),
-    ("layers", (), "1 of the model's"),
+    ("layers", (), "layers the model's forward calls have no bit width: "),
     ("bad keep", (), 'keep_first_last "abc" is not a bit width'),
 ])
 def test_a_policy_the_fine_tune_refuses_is_refused_before_the_splits_load(
