@@ -20,6 +20,7 @@ from lib.checkpoint import (atomic_write_json, load_checkpoint, same_input_as_re
 from lib.cli import (add_flags, bit_width, fraction, make_parser, parse_keep, path_arg,
                      positive_float, resolve_amp, resolve_device, run_script)
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
+from lib.data import file_listing, listing_sha256
 from lib.data.val_slice import val_sha256
 from lib.distill import DistillLoss
 from lib.experiment import (check_resumed_data, check_same_data, evaluate_checkpoint,
@@ -190,15 +191,18 @@ def main(args):
 
     args.processes = world  # recorded: a resume under another count is refused (lib/cli)
     args.run_id = run_id(recorded.get("args") if resume is not None else None)  # lib/rundir
+    train_files = file_listing(train_set)  # a resume compares them (check_resumed_data)
+    # this run's own training split, never the teacher's (dict(data) would carry that one)
     meta = {"model": fp32_meta["model"], "dataset": dict(data, root=root, num_points=num_points,
                                                    val_key=train_set.val_key,
                                                    val_source=train_set.val_source,
                                                    val_sha256=val_sha256(val_set),
+                                                   train_files_sha256=listing_sha256(train_files),
                                                    seed=args.seed),
             "args": vars(args), "quant": quant}
     if resume is not None:
         check_resumed_data(args.resume, recorded.get("dataset", {}), meta["dataset"], resume,
-                           len(train_loader), val_set)
+                           len(train_loader), val_set, train_files)
     log = RunLog(out, vars(args))
     if distributed.is_main():
         plain = unwrap(model)
@@ -219,7 +223,8 @@ def main(args):
         distributed.barrier()  # best.pt is on disk before any rank reads it back
     else:
         fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, epochs, out,
-            meta, log, resume=resume, amp=args.amp, cuda_graphs=args.cuda_graphs, seed=args.seed)
+            meta, log, resume=resume, amp=args.amp, cuda_graphs=args.cuda_graphs, seed=args.seed,
+            train_files=train_files)
     # Score the file as written, through the same path eval.py takes: every rank scores its
     # shard of the test split and all end with the merged figures.
     best_path = os.path.join(out, "best.pt")

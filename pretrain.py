@@ -14,6 +14,7 @@ from lib.checkpoint import load_checkpoint, unwrap
 from lib.cli import (add_flags, make_parser, nonneg_float, resolve_amp, resolve_device,
                      run_script)
 from lib.cuda_graphs import wanted as cuda_graphs_wanted
+from lib.data import file_listing
 from lib.experiment import (MODEL_NAMES, check_resumed_data, dataset_meta, load_split,
                             make_loader, model_kwargs)
 from lib.rundir import claim, run_id
@@ -72,13 +73,14 @@ def main(args):
 
     args.processes = world  # recorded: a resume under another count is refused (lib/cli)
     args.run_id = run_id(recorded.get("args") if resume is not None else None)  # lib/rundir
+    train_files = file_listing(train_set)  # a resume compares them (check_resumed_data)
     meta = {"model": {"name": args.model, "kwargs": model_kwargs(args.model, train_set)},
             "dataset": dataset_meta(args.dataset, args.data_root, train_set, args.num_points,
-                                    args.seed, val_set),
+                                    args.seed, val_set, train_files),
             "args": vars(args), "quant": None}
     if resume is not None:
         check_resumed_data(args.resume, recorded.get("dataset", {}), meta["dataset"], resume,
-                           len(train_loader), val_set)
+                           len(train_loader), val_set, train_files)
     log = RunLog(out, vars(args))
     if distributed.is_main():
         n_params = sum(p.numel() for p in unwrap(model).parameters())
@@ -86,7 +88,7 @@ def main(args):
               f"val samples; {world} process(es) on {device}; run folder {out}", flush=True)
     best, _ = fit(model, train_loader, val_loader, optimizer, scheduler, supervised_loss, device,
                   args.epochs, out, meta, log, resume=resume, amp=args.amp,
-                  cuda_graphs=args.cuda_graphs, seed=args.seed)
+                  cuda_graphs=args.cuda_graphs, seed=args.seed, train_files=train_files)
     if distributed.is_main():
         print(f"best val {best:.4f}; checkpoints in {out}/best.pt and {out}/last.pt")
     log.close()  # last: log.txt copies the console until here

@@ -5,7 +5,7 @@ import os
 import torch
 
 from lib import distributed
-from lib.data import DATA_DIR, default_root, note
+from lib.data import DATA_DIR, default_root, listing_changes, listing_sha256, note
 from lib.data.val_slice import recorded_val_key, split_with_val_protocol, val_sha256
 from lib.distributed import ShardedSampler
 
@@ -74,10 +74,12 @@ def model_kwargs(model_name, dataset):
     return kwargs
 
 
-def dataset_meta(dataset_name, root, dataset, num_points, seed=0, val_set=None):
+def dataset_meta(dataset_name, root, dataset, num_points, seed=0, val_set=None,
+                 train_files=None):
     """What a checkpoint records about its data: enough to rebuild the test split and label it,
     and (`seed`, which fixes each validation shape's point subset, and `val_set`'s val_sha256,
-    which shapes it holds) the run's val split."""
+    which shapes it holds) the run's val split; `train_files`, the training split's
+    lib/data.file_listing, as its SHA-256 (train_files_sha256)."""
     meta = {"name": dataset_name, "root": os.path.abspath(root or default_root(dataset_name)),
             "seed": seed,
             "task": dataset.task, "class_names": list(dataset.class_names),
@@ -88,6 +90,8 @@ def dataset_meta(dataset_name, root, dataset, num_points, seed=0, val_set=None):
         meta["val_key"], meta["val_source"] = dataset.val_key, dataset.val_source
     if val_set is not None:
         meta["val_sha256"] = val_sha256(val_set)
+    if train_files is not None:  # a training run's record
+        meta["train_files_sha256"] = listing_sha256(train_files)
     if dataset.task == "partseg":
         meta["category_names"] = list(dataset.category_names)
         meta["part_ranges"] = [list(r) for r in dataset.part_ranges]
@@ -124,16 +128,19 @@ def check_same_data(path, data, dataset, root):
                          f"data at {root} ({dataset.layout}) has {features}")
 
 
-def check_resumed_data(path, recorded, now, resume, steps_per_epoch, val_set=None):
+def check_resumed_data(path, recorded, now, resume, steps_per_epoch, val_set=None,
+                       train_files=None):
     """A one-line ValueError when a run resumed from `path` would train on other data than it
     recorded: `recorded` / `now` are dataset_meta's records, `resume` the last.pt's resume state
     and `steps_per_epoch` the training loader's length now, `val_set` the validation split now
-    (named in the message). A given --data-root must be the recorded folder
-    (lib/cli.recorded_settings), but its contents may have changed since (samples added or
-    removed, a val list gone or edited), or a default root find another form of the dataset
-    first: the training set, the validation split or the schedule's steps would change
-    silently. (The folder itself is not compared: a repository moved elsewhere finds its data/
-    at another path.) A run recorded before val_sha256 is not compared by it."""
+    (named in the message), `train_files` the training split's lib/data.file_listing now
+    (its files named in the message, against the listing the resume state carries). A given
+    --data-root must be the recorded folder (lib/cli.recorded_settings), but its contents may
+    have changed since (samples added or removed, a training file replaced or edited, a val
+    list gone or edited), or a default root find another form of the dataset first: the
+    training set, the validation split or the schedule's steps would change silently. (The
+    folder itself is not compared: a repository moved elsewhere finds its data/ at another
+    path.) A run recorded before val_sha256 or train_files_sha256 is not compared by it."""
     differences = [f"other {what}" for what in _other(recorded, now, LABEL_SPACE + INPUTS)]
     # compared as what the split is (a run recorded before val_key: as its sentence means it),
     # never as words, which may be reworded
@@ -153,6 +160,11 @@ def check_resumed_data(path, recorded, now, resume, steps_per_epoch, val_set=Non
     if isinstance(done, int) and resume["epoch"] and done != resume["epoch"] * steps_per_epoch:
         differences.append(f"{steps_per_epoch} training steps an epoch (recorded "
                            f"{done / resume['epoch']:g}: samples added or removed)")
+    if recorded.get("train_files_sha256") not in (None, now.get("train_files_sha256")):
+        listed = resume.get("train_files")
+        differences.append("the training split's files (" + (
+            listing_changes(listed, train_files) if listed is not None and train_files is not None
+            else "other sizes or names than the run's") + ")")
     if differences:
         raise ValueError(f"{path}: the run's data changed since it started: "
                          f"{'; '.join(differences)}; resume it on the data it trained on, or start "

@@ -220,7 +220,7 @@ def seed_model_draws(seed, epoch):
 
 
 def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, epochs, out_dir,
-        meta, log, *, resume=None, amp=None, cuda_graphs=None, seed=0):
+        meta, log, *, resume=None, amp=None, cuda_graphs=None, seed=0, train_files=None):
     """Train to `epochs`, evaluating on the validation split after each epoch. Writes `last.pt`
     every epoch and then `best.pt` when the validation metric improved (main rank). `meta` is
     the checkpoint metadata (model, dataset, args); metrics and epoch are added here.
@@ -229,6 +229,8 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
     the last.pt and best.pt writes of its epoch. A non-finite loss or weight stops the run
     (FloatingPointError) before it reaches a checkpoint. cuda_graphs: lib.cuda_graphs.wanted's
     flag (None: on for one CUDA process). seed: the run's --seed (seed_model_draws).
+    train_files: the training split's lib/data.file_listing, which last.pt's resume state
+    carries so that a resume refused on other files can name them (lib/experiment).
     Returns (best validation score, last validation metrics)."""
     task = train_loader.dataset.task
     key = metric_key(task)
@@ -280,6 +282,8 @@ def fit(model, train_loader, val_loader, optimizer, scheduler, loss_fn, device, 
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
                      "metrics": val_metrics, "rng": rng_state()}
+            if train_files is not None:
+                state["train_files"] = train_files
             # last.pt first: it records which epoch is the best, so a crash before best.pt is
             # written is found and repaired on resume (_repair_best).
             save_checkpoint(os.path.join(out_dir, "last.pt"), unwrap(model), ckpt_meta, state)

@@ -580,6 +580,55 @@ def test_a_run_resumed_on_changed_data_is_refused(data, tmp_path):
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
 
+def write_family(family, root):
+    """A tiny training set of each reader family and the pretrain flags for it: ShapeNet part
+    (v0_normal), ModelNet (normal_resampled), S3DIS (the raw release; a fixed epoch length,
+    since a room's cells set the default one and a changed room would change the steps)."""
+    from lib.data import synthetic
+    from lib.data.synthetic_rooms import write_rooms
+    if family == "parts":
+        synthetic.write_parts(root, seed=0, train_shapes=2, eval_shapes=1)
+        return ("--dataset", "synthetic_parts", "--data-root", root)
+    if family == "cls":
+        synthetic.write_cls(root, seed=0, train_shapes=3, eval_shapes=1)
+        return ("--model", "pt_cls_tiny", "--dataset", "synthetic_cls",
+                "--data-root", root / "modelnet40_normal_resampled")
+    write_rooms(str(root), seed=0, rooms_per_area=2, points_per_m2=30.0)
+    return ("--model", "pt_semseg_tiny", "--dataset", "synthetic_rooms", "--data-root", root,
+            "--samples-per-epoch", 8)
+
+
+@pytest.mark.parametrize("family", ["parts", "cls", "rooms"])
+def test_a_run_resumed_on_replaced_training_files_is_refused(family, tmp_path):
+    """The training split was compared by its steps an epoch only: a training file replaced by
+    another of another size (as many files as before) was trained on silently. The run records
+    its training files' sizes (train_files_sha256, and the listing in last.pt's resume state),
+    and a resume on other ones is refused in one line naming one; untouched, it resumes; a
+    checkpoint written before the record resumes, not compared. Nothing in the folder changes."""
+    from lib.data import build_dataset, file_listing
+    data_args = write_family(family, tmp_path / family)
+    out = tmp_path / "run"
+    run("pretrain", *data_args, "--num-points", 64, "--batch-size", 4, "--epochs", 1,
+        "--lr", 0.01, "--out", out)
+    run("pretrain", "--resume", out, "--epochs", 2)  # untouched
+    name, root = (data_args[data_args.index(flag) + 1] for flag in ("--dataset", "--data-root"))
+    files = file_listing(build_dataset(name, root, "train"))
+    # the smallest and the largest file of one folder (a shape's labels fit its category)
+    folder = [entry for entry in files if os.path.dirname(entry[0]) == os.path.dirname(files[0][0])]
+    small, large = (pick(folder, key=lambda entry: entry[1]) for pick in (min, max))
+    (root / small[0]).write_bytes((root / large[0]).read_bytes())
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    message = refused("pretrain", "--resume", out, "--epochs", 3)
+    assert (f"the run's data changed since it started: the training split's files (1 file "
+            f"differs of the {len(files)} recorded, e.g. {small[0]} now {large[1]} bytes "
+            f"(recorded {small[1]} bytes))") in message, message
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    last = torch.load(out / "last.pt", weights_only=True)  # as written before the record
+    del last["meta"]["dataset"]["train_files_sha256"], last["resume"]["train_files"]
+    torch.save(last, out / "last.pt")
+    run("pretrain", "--resume", out, "--epochs", 3)
+
+
 def test_a_search_resumed_on_changed_samples_is_refused(reference, data, tmp_path):
     """The rewards of a resumed search are measured on the samples of the episodes before it:
     the data folder's shapes changed in place (another point set, same names) were searched on

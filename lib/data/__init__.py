@@ -6,6 +6,7 @@ that needs an optional package only needs it when its dataset is used.
 """
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import warnings
@@ -77,6 +78,49 @@ def content_sha256(items):
         for array in arrays:
             digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+def file_listing(dataset):
+    """What a run records of its training split's files: [[path relative to the dataset's
+    root, size in bytes(, samples)]] sorted by path, of the files its reader lists
+    (`source_files()`: [(path, samples the file holds, or None for one)]), or None for a
+    dataset without that list. Stat calls only, no file read: content-hashing S3DIS's training
+    rooms would cost seconds at every start, so a file rewritten with the same size is not told
+    apart (lib/DESIGN.md)."""
+    if not hasattr(dataset, "source_files"):
+        return None
+    listing = []
+    for path, samples in dataset.source_files():
+        entry = [os.path.relpath(path, dataset.root), os.stat(path).st_size]
+        listing.append(entry if samples is None else entry + [samples])
+    return sorted(listing)
+
+
+def listing_sha256(listing):
+    """SHA-256 of a file_listing (None for None): the fingerprint a checkpoint records beside
+    val_sha256."""
+    return None if listing is None else hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def listing_changes(recorded, now):
+    """What differs between two file_listings, in words: how many files differ (size or
+    samples), were added or removed, and the first of them, e.g. "1 file differs of the 12
+    recorded, e.g. a.txt now 52311 bytes (recorded 52000 bytes)"."""
+    before, after = ({entry[0]: entry[1:] for entry in listing} for listing in (recorded, now))
+    differ = sorted(path for path in before.keys() & after.keys() if before[path] != after[path])
+    added, removed = sorted(after.keys() - before.keys()), sorted(before.keys() - after.keys())
+
+    def held(entry):
+        return f"{entry[0]} bytes" + (f", {entry[1]} samples" if len(entry) > 1 else "")
+
+    counts = [f"{len(paths)} file{'s' if len(paths) > 1 else ''} {verb}" for paths, verb in
+              ((differ, "differ" if len(differ) > 1 else "differs"), (added, "added"),
+               (removed, "removed")) if paths]
+    if differ:
+        example = f"{differ[0]} now {held(after[differ[0]])} (recorded {held(before[differ[0]])})"
+    else:
+        example = f"{(added or removed)[0]} {'added' if added else 'removed'}"
+    return f"{', '.join(counts)} of the {len(before)} recorded, e.g. {example}"
 
 
 def default_root(name):

@@ -19,6 +19,7 @@ the whole training list.
 """
 import os
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -107,11 +108,12 @@ def report_missing(list_file, missing, listed, what="shape files"):
 
 
 def read_normal_resampled(root, list_split, num_points, variant=40):
-    """-> (class names, clouds [(n <= num_points, 6)], labels, list positions). Only the first
-    num_points lines of each file are read: the file order is already a random resampling."""
+    """-> (class names, clouds [(n <= num_points, 6)], labels, list positions, each cloud's
+    file). Only the first num_points lines of each file are read: the file order is already a
+    random resampling."""
     names = read_lines(root / f"modelnet{variant}_shape_names.txt")
     list_file = root / f"modelnet{variant}_{list_split}.txt"
-    clouds, labels, positions = [], [], []
+    clouds, labels, positions, files = [], [], [], []
     entries = read_lines(list_file)
     for position, entry in enumerate(entries):
         name = entry.rsplit("_", 1)[0]  # night_stand_0001 -> night_stand
@@ -123,12 +125,14 @@ def read_normal_resampled(root, list_split, num_points, variant=40):
             clouds.append(read_point_table(path, 6, delimiter=",", max_rows=num_points))
             labels.append(names.index(name))
             positions.append(position)
+            files.append(path)
     report_missing(list_file, len(entries) - len(clouds), len(entries))
-    return names, clouds, labels, positions
+    return names, clouds, labels, positions, files
 
 
 def read_hdf5(root, list_split, num_points, variant=40):
-    """-> (class names, clouds (S, <= num_points, 3), labels, positions in the concatenation)."""
+    """-> (class names, clouds (S, <= num_points, 3), labels, positions in the concatenation,
+    each cloud's file)."""
     import h5py
     if variant != 40:
         raise FileNotFoundError(f"{root}: modelnet40_ply_hdf5_2048 holds no ModelNet{variant}; "
@@ -162,7 +166,9 @@ def read_hdf5(root, list_split, num_points, variant=40):
         labels.append(label.astype(np.int64))
         positions.append(seen + np.arange(len(data)))
         seen += len(data)
-    return names, np.concatenate(clouds), np.concatenate(labels), np.concatenate(positions)
+    files = [path for path, data in zip(paths, clouds) for _ in range(len(data))]
+    return (names, np.concatenate(clouds), np.concatenate(labels), np.concatenate(positions),
+            files)
 
 
 def check_all_listed_h5_present(list_file, paths):
@@ -183,8 +189,8 @@ def check_all_listed_h5_present(list_file, paths):
 
 
 def read_off_meshes(root, list_split, num_points, variant=40, cache_dir=None):
-    """-> (class names, clouds [(P, 6)], labels, list positions) of the meshes of a split, each
-    sampled once with OFF_POINTS (or num_points, if more) points and cached as .npy."""
+    """-> (class names, clouds [(P, 6)], labels, list positions, meshes) of the meshes of a
+    split, each sampled once with OFF_POINTS (or num_points, if more) points and cached as .npy."""
     names = sorted(p.name for p in root.iterdir() if (p / "train").is_dir() or (p / "test").is_dir())
     if variant == 10 and len(names) != 10:
         names = [name for name in names if name in MODELNET10_CLASSES]
@@ -221,7 +227,8 @@ def read_off_meshes(root, list_split, num_points, variant=40, cache_dir=None):
             np.save(f, cloud)
         os.replace(tmp, cached)  # atomic: a parallel rank or an interrupted run leaves no half file
         clouds.append(cloud)
-    return names, clouds, [label for label, _ in meshes], list(range(len(meshes)))
+    return (names, clouds, [label for label, _ in meshes], list(range(len(meshes))),
+            [path for _, path in meshes])
 
 
 def check_every_class_has_meshes(root, names, labels_held, list_split):
@@ -284,7 +291,7 @@ class ModelNet40Dataset(torch.utils.data.Dataset):
         note(f"[modelnet] {self.root}: {LAYOUTS[self.layout]}, ModelNet{variant}")
         list_split = "test" if split == "test" else "train"
         cache = {"cache_dir": cache_dir} if self.layout == "off" else {}  # where samples go
-        self.class_names, clouds, labels, positions = READERS[self.layout](
+        self.class_names, clouds, labels, positions, files = READERS[self.layout](
             self.root, list_split, num_points, variant, **cache)
         self.num_classes = len(self.class_names)
         self.features = "xyz" if self.layout == "hdf5" else "normals"
@@ -293,9 +300,17 @@ class ModelNet40Dataset(torch.utils.data.Dataset):
         else:
             keep = val_mask(positions, self.root) == (split == "val")
         self.clouds = [cloud for cloud, kept in zip(clouds, keep) if kept]
+        self.files = [path for path, kept in zip(files, keep) if kept]  # each cloud's file
         self.labels = np.asarray(labels, dtype=np.int64)[keep]
         if not self.clouds:
             raise FileNotFoundError(f"{self.root}: the {split} split has no shapes present")
+
+    def source_files(self):
+        """The files the split's shapes are read from (lib/data.file_listing): each shape's
+        file or mesh (the source of its cached sample), or the h5 files with the number of the
+        split's shapes each holds."""
+        held = Counter(self.files)
+        return [(path, count if self.layout == "hdf5" else None) for path, count in held.items()]
 
     def content_sha256(self, indices=None):
         """SHA-256 of the shapes at `indices` (all by default), in that order: each one's label

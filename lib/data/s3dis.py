@@ -317,7 +317,8 @@ class S3DISDataset(torch.utils.data.Dataset):
         self.training = split in ("train", "trainval") and not whole_rooms
         self.num_points = num_points or DEFAULT_NUM_POINTS
         from lib.data.s3dis_forms import open_rooms  # it builds on this module's raw reader
-        source = open_rooms(root, processed_dir, skip_malformed)
+        self.root = root
+        self.source = source = open_rooms(root, processed_dir, skip_malformed)
         self.layout = source.layout
         areas = (TEST_AREA,) if split == "test" else tuple(a for a in AREAS if a != TEST_AREA)
         names = source.list_rooms(areas)
@@ -345,6 +346,11 @@ class S3DISDataset(torch.utils.data.Dataset):
     @property
     def num_rooms(self):
         return len(self.rooms)
+
+    def source_files(self):
+        """The files the split's rooms are read from (lib/data.file_listing): the raw release's
+        annotation files (the source of its converted arrays), or each prepared room's arrays."""
+        return [(path, None) for name in self.room_names for path in self.source.room_files(name)]
 
     def content_sha256(self, indices=None):
         """SHA-256 of the rooms at `indices` (all by default), in that order: each one's name

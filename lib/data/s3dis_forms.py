@@ -18,7 +18,9 @@
 
 Every form yields the same arrays per room, xyz (N, 3) float32, rgb (N, 3) uint8, label (N,)
 uint8, so that crops, splits and metrics do not depend on the form. Each source has
-`list_rooms(areas)` (names `Area_N/<room>`, sorted by area then room) and `read_room(name)`.
+`list_rooms(areas)` (names `Area_N/<room>`, sorted by area then room), `read_room(name)` and
+`room_files(name)`, the files a room is read from (the raw release: its annotation files, the
+source of the converted arrays), which a run lists (lib/data.file_listing).
 """
 import os
 import re
@@ -28,8 +30,9 @@ import zipfile
 import numpy as np
 
 from lib.data import IncompleteDataset, error_reason, first_bad_label, note, one_level_down
-from lib.data.s3dis import (AREAS, CLASS_NAMES, RAW_DIRNAME, areas_absent, convert_room,
-                            default_processed_dir, find_raw_dir, list_rooms, preprocess)
+from lib.data.s3dis import (AREAS, CLASS_NAMES, RAW_DIRNAME, annotation_files, areas_absent,
+                            convert_room, default_processed_dir, find_raw_dir, list_rooms,
+                            preprocess)
 
 NPY_ROOM = re.compile(r"Area_(\d)_(.+)\.npy")
 # the names yanx27's Pointnet_Pointnet2_pytorch, POSTECH's point-transformer and PointNeXt
@@ -121,6 +124,9 @@ class RawRelease:
         preprocess(self.raw_dir, self.processed_dir, areas, self.skip_malformed)
         return list_rooms(self.raw_dir, areas)
 
+    def room_files(self, name):
+        return annotation_files(os.path.join(self.raw_dir, name))
+
     def read_room(self, name):
         path = os.path.join(self.processed_dir, name + ".npz")
         try:
@@ -202,6 +208,9 @@ class NpyRooms:
     def list_rooms(self, areas):
         return rooms_of_areas(self.files, areas, self.folder)
 
+    def room_files(self, name):
+        return [self.files[name]]
+
     def read_room(self, name):
         path = self.files[name]
         table = load_array(path)
@@ -231,8 +240,11 @@ class PointceptRooms:
                 names.append(f"Area_{area}/{os.path.basename(room)}")
         return rooms_of_areas(names, areas, self.root)
 
+    def room_files(self, name):
+        return [os.path.join(self.root, name, f) for f in POINTCEPT_FILES]
+
     def read_room(self, name):
-        paths = [os.path.join(self.root, name, f) for f in POINTCEPT_FILES]
+        paths = self.room_files(name)
         for path in paths:
             if not os.path.isfile(path):
                 raise IncompleteDataset(f"{path}: missing (a Pointcept room holds "
@@ -260,6 +272,9 @@ class ConvertedRooms:
                  for f in sorted(os.listdir(area_dir)) if f.endswith(".npz")]
         return rooms_of_areas(names, areas, self.root)
 
+    def room_files(self, name):
+        return [os.path.join(self.root, name + ".npz")]
+
     def read_room(self, name):
-        path = os.path.join(self.root, name + ".npz")
+        path, = self.room_files(name)
         return checked_room(*read_processed_room(path), (path,) * 3)

@@ -17,6 +17,7 @@ inside a DataLoader worker. Layouts without normals feed xyz as the features.
 """
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,7 @@ class ShapeNetPartDataset(torch.utils.data.Dataset):
         self.epoch = 0  # set by lib.data.transforms.set_epoch: the epoch augmentation draws for
         self.layout, folder = detect_layout(self.root)
         note(f"[shapenet_part] {self.root}: {LAYOUTS[self.layout]}")
+        self.folder = folder  # the hdf5 release's files may lie one level down
         if self.layout == "hdf5":
             self.category_names, _ = read_categories(folder / H5_CATEGORY_FILE)
             self.part_ranges, self.class_names = read_part_ranges(folder, self.category_names)
@@ -234,6 +236,18 @@ class ShapeNetPartDataset(torch.utils.data.Dataset):
         self.offsets = np.cumsum([0] + [len(points) for _, points, _, _ in shapes])
         self.categories = np.asarray([c for c, _, _, _ in shapes], dtype=np.int64)
         self.shape_ids = [shape_id for _, _, _, shape_id in shapes]
+
+    def source_files(self):
+        """The files the split's shapes are read from (lib/data.file_listing): each shape's
+        file, or its two (v0), or the h5 files with the number of shapes each holds."""
+        if self.layout == "hdf5":  # shape ids are <file>:<index>
+            held = Counter(shape_id.rsplit(":", 1)[0] for shape_id in self.shape_ids)
+            return [(self.folder / name, count) for name, count in held.items()]
+        per_shape = ((("points", ".pts"), ("points_label", ".seg")) if self.layout == "v0"
+                     else (("", ".txt"),))
+        return [(self.root / synset / folder / f"{shape_id}{suffix}", None)
+                for synset, shape_id in (name.split("/") for name in self.shape_ids)
+                for folder, suffix in per_shape]
 
     def content_sha256(self, indices=None):
         """SHA-256 of the shapes at `indices` (all by default), in that order: each one's id,
