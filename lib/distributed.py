@@ -6,7 +6,10 @@ then DistributedDataParallel) and shard every loader with `ShardedSampler`; eval
 every rank over its own shard and the metric accumulators are merged (lib/train.evaluate), so
 each sample is scored exactly once and every rank ends with the same figures.
 """
+import ctypes
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -22,6 +25,7 @@ def init_distributed(device):
             # saves and a resume sets (lib/checkpoint.rng_state), and where torch allocates
             torch.cuda.set_device(device)
         return 0, 1, device
+    end_with_launcher()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -29,6 +33,27 @@ def init_distributed(device):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def end_with_launcher():
+    """Have the kernel send this torchrun worker SIGTERM when its launcher (torchrun's agent, its
+    parent) ends, on Linux. torchrun starts each worker in a session of its own, so a kill of
+    the launcher's process group (kill -9, a closed terminal's hang-up) used to leave the workers
+    training, holding the run folder whose lock then refused the resume; now they end with it,
+    as one killed process would, and the run resumes from its last checkpoint. Only under
+    torchrun (its agent exports TORCHELASTIC_RUN_ID): a worker another launcher starts keeps
+    running after its parent (a shell that exits after `nohup ... &`)."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return
+    if os.getppid() != launcher:  # it ended before the request: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def launched_by_torchrun():

@@ -12,8 +12,10 @@ each rank drew its own augmentation, before lib.data.transforms.sample_rng was k
 sample, the same pretrain runs ended 2.7% apart.)"""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -255,6 +257,42 @@ def test_an_error_one_rank_finds_is_one_line_under_torchrun(failing_rank):
     # torchrun's summary of the failing process carries the line
     summary = text[text.index("FAILED"):]
     assert "line 3 has 2 columns" in summary, text[-3000:]
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal")
+def test_workers_end_when_their_launcher_is_killed(tmp_path):
+    """torchrun starts each worker in a session of its own: a kill -9 of the launcher (or of its
+    process group) left them running, training on in a run folder whose lock then refused the
+    resume. lib.distributed.end_with_launcher has the kernel end them with it."""
+    launcher = subprocess.Popen([*TORCHRUN, os.path.join(REPO, "tests", "ddp_until_killed.py"),
+                                 str(tmp_path)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    pids = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+            pids = [int(p.read_text()) for p in sorted(tmp_path.glob("*.pid"))]
+            time.sleep(0.1)
+        assert len(pids) == 2, "the workers did not start"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids), "workers outlived their launcher"
+    finally:
+        launcher.kill()
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_rooms_voted_under_two_processes_are_one_process_predictions(tmp_path):
