@@ -240,7 +240,6 @@ def checkpoint_epoch(path):
 def load_checkpoint(path):
     """-> (meta, model, resume_state or None). The model is rebuilt from the recorded name and
     constructor arguments; loads are strict; weights that are not finite are refused."""
-    from lib.quant.layers import prepare_quantized
     from lib.quant.pack import is_packed, load_packed
     from models import build_model
 
@@ -266,17 +265,24 @@ def load_checkpoint(path):
         raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} "
                          f"is not the supported {FORMAT_VERSION}")
     model = build(meta)
-    if obj.get("quant"):
-        prepare_quantized(model, obj["quant"])
-    _load_state(model, obj["state_dict"], path)
+    _load_state(model, obj["state_dict"], path, obj.get("quant"))
     return meta, _finite(model, path), obj.get("resume")
 
 
-def _load_state(model, state_dict, path):
+def _load_state(model, state_dict, path, quant=None):
+    """The strict load, after the quantized layers that `quant` records are rebuilt. Either may
+    fail on a model whose code changed since the file was written (a layer renamed without a
+    RENAMED_LAYERS entry, an entry added or removed): one line naming the file, as a packed
+    file's load gives."""
+    from lib.quant.layers import prepare_quantized
     try:
+        if quant:
+            prepare_quantized(model, quant)
         model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        if isinstance(e, KeyError):  # its message is the bare key
+            reason = f"no {reason} entry"
         raise ValueError(f"{path}: weights do not match the recorded model ({reason})") from None
 
 

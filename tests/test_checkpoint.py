@@ -161,3 +161,29 @@ def test_a_folder_or_a_search_state_given_as_the_checkpoint_says_what_it_is(tmp_
     torch.save({"agent": {}, "episode": 3, "args": {}}, str(state))
     with pytest.raises(ValueError, match="search.py's search state, not a model checkpoint"):
         load_checkpoint(str(state))
+
+
+@pytest.mark.parametrize("edit", ["renamed", "no clusters"])
+def test_quantized_layers_a_last_pt_records_that_no_longer_fit_are_one_line_naming_it(tmp_path,
+                                                                                       edit):
+    """A quantized last.pt (a torch file: it carries a resume state) records its quantized
+    layers by name, rebuilt before the strict load. A layer the model's code no longer has
+    (renamed without a RENAMED_LAYERS entry) was refused as 'quant state: ...', naming no file
+    (a packed best.pt's same error names it), and a damaged entry was a KeyError traceback."""
+    from lib.quant import list_quantizable, quantize_model, uniform_policy
+    model = build_model("pt_cls_tiny", **KWARGS)
+    quantize_model(model, uniform_policy(list_quantizable(model), 3))
+    path = tmp_path / "last.pt"
+    save_checkpoint(str(path), model, meta(), resume_state={"epoch": 1})
+    record = torch.load(path, weights_only=True)
+    name = next(iter(record["quant"]))
+    if edit == "renamed":
+        record["quant"]["renamed." + name] = record["quant"].pop(name)
+    else:
+        del record["quant"][name]["clusters"]
+    torch.save(record, path)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert ("renamed." + name if edit == "renamed" else "clusters") in message
