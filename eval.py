@@ -69,6 +69,16 @@ def add_prediction_flags(p):
                    help="where --render writes; None: <checkpoint folder>/render_<split>")
 
 
+def precision(quant):
+    """The checkpoint's weights in a word or two: a fine-tune that kept every layer fp32 (--bits
+    32, or a policy of fp32 widths) records a quantization but quantized nothing."""
+    if not quant:
+        return "fp32"
+    widths = quant.get("bits") or {}
+    quantized = sum(bits not in (None, 32) for bits in widths.values())
+    return "quantized" if quantized or not widths else "fp32 (no layer quantized)"
+
+
 def main(args):
     check_outputs(args)
     _, _, device = distributed.init_distributed(resolve_device(args.device))
@@ -86,9 +96,8 @@ def main(args):
     distributed.cleanup()
     if not main_rank:
         return
-    quant = meta.get("quant")
     print(f"{args.ckpt}: {meta['model']['name']} on {meta['dataset']['name']} ({args.split}), "
-          f"{'quantized' if quant else 'fp32'}")
+          f"{precision(meta.get('quant'))}")
     print(format_results(meta["dataset"]["task"], results))
     print(format_size(results))
     if args.json:

@@ -169,3 +169,12 @@ def test_run_eval_sh_takes_the_shared_flags_and_chooses_the_precision(tmp_path, 
         with pytest.raises(KeyboardInterrupt):
             main(parser.parse_args(argv))
         assert asked.pop() is amp
+
+
+def test_eval_names_a_fine_tune_that_quantized_no_layer_fp32():
+    """eval.py's header: a fine-tune run with --bits 32 (or a policy of fp32 widths) records a
+    quantization that left every layer fp32; it was called "quantized"."""
+    from eval import precision
+    assert precision(None) == "fp32"
+    assert precision({"bits": {"head.0": 32, "head.2": None}}) == "fp32 (no layer quantized)"
+    assert precision({"bits": {"head.0": 32, "head.2": 4}}) == "quantized"
