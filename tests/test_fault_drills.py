@@ -629,6 +629,29 @@ def test_a_run_resumed_on_replaced_training_files_is_refused(family, tmp_path):
     run("pretrain", "--resume", out, "--epochs", 3)
 
 
+def test_a_fine_tune_resumed_on_replaced_training_files_is_refused(tmp_path):
+    """As a pretraining (above): a fine-tune records its own training files and a resume on
+    other ones is refused in one line, its folder untouched."""
+    from lib.data import build_dataset, file_listing
+    data_args = write_family("parts", tmp_path / "parts")
+    teacher = tmp_path / "pretrain"
+    run("pretrain", *data_args, "--num-points", 64, "--batch-size", 4, "--epochs", 1,
+        "--lr", 0.01, "--out", teacher)
+    out = tmp_path / "finetune"
+    run("finetune", "--ckpt", teacher / "best.pt", "--bits", 4, "--num-points", 64,
+        "--batch-size", 4, "--epochs", 1, "--out", out)
+    run("finetune", "--resume", out, "--epochs", 2)  # untouched
+    root = tmp_path / "parts"
+    files = file_listing(build_dataset("synthetic_parts", root, "train"))
+    folder = [entry for entry in files if os.path.dirname(entry[0]) == os.path.dirname(files[0][0])]
+    small, large = (pick(folder, key=lambda entry: entry[1]) for pick in (min, max))
+    (root / small[0]).write_bytes((root / large[0]).read_bytes())
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    message = refused("finetune", "--resume", out, "--epochs", 3)
+    assert f"the training split's files (1 file differs of the {len(files)} recorded" in message
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
 def test_a_search_resumed_on_changed_samples_is_refused(reference, data, tmp_path):
     """The rewards of a resumed search are measured on the samples of the episodes before it:
     the data folder's shapes changed in place (another point set, same names) were searched on
