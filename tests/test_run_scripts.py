@@ -220,3 +220,14 @@ def test_a_venv_linked_in_is_ignored_by_git(tmp_path):
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
                             cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert status.split() == ["??", ".gitignore"]
+
+
+def test_the_data_hint_names_the_tasks_that_read_each_dataset():
+    """A reader's "no layout found" error names the TASK that reads the folder it found
+    (lib/data/recognise.RUN_TASKS): the recipes' own --dataset of each TASK."""
+    from lib.data.recognise import RUN_TASKS
+    read_by = {}
+    for task in TASKS:
+        (argv,) = commands("pretrain.sh", TASK=task)
+        read_by.setdefault(flag(argv, "--dataset"), []).append(task)
+    assert {dataset: tuple(tasks) for dataset, tasks in read_by.items()} == RUN_TASKS

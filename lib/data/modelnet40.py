@@ -28,6 +28,7 @@ import torch
 from lib.data import (IncompleteDataset, beside_or_cache, content_sha256, error_reason,
                       first_bad_label, note, one_level_down, read_point_table, read_text_file)
 from lib.data.off_mesh import read_off, sample_surface
+from lib.data.recognise import other_dataset_hint
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
 
 VAL_EVERY = 10
@@ -80,8 +81,10 @@ def detect_layout(root):
     layout = find_layout(root)
     if layout is None:
         inside = one_level_down(root, lambda folder: find_layout(folder) is not None)
+        # a subfolder of its own named, another dataset's layout would be beside the point
+        hint = "" if inside else other_dataset_hint(root, "modelnet40")
         raise FileNotFoundError(f"{root}: not a ModelNet40 folder{inside}; supported: "
-                                f"{'; '.join(LAYOUTS.values())}")
+                                f"{'; '.join(LAYOUTS.values())}{hint}")
     return layout
 
 

@@ -30,6 +30,7 @@ import zipfile
 import numpy as np
 
 from lib.data import IncompleteDataset, error_reason, first_bad_label, note, one_level_down
+from lib.data.recognise import other_dataset_hint
 from lib.data.s3dis import (AREAS, CLASS_NAMES, RAW_DIRNAME, annotation_files, areas_absent,
                             convert_room, default_processed_dir, find_raw_dir, list_rooms,
                             preprocess)
@@ -57,18 +58,30 @@ def open_rooms(root, processed_dir=None, skip_malformed=False):
     return source
 
 
-def find_source(root, processed_dir, skip_malformed):
+def find_form(root):
+    """(the source class of the S3DIS form `root` holds, the folder it reads), or None; from
+    the folders' names alone, no file read (lib/data/recognise.py asks it of any folder)."""
     if os.path.isdir(os.path.join(root, RAW_DIRNAME)):
-        return RawRelease(root, processed_dir, skip_malformed)
+        return RawRelease, root
     for folder in (root,) + tuple(os.path.join(root, f) for f in NPY_SUBFOLDERS):
         if os.path.isdir(folder) and any(NPY_ROOM.fullmatch(f) for f in os.listdir(folder)):
-            return NpyRooms(folder)
+            return NpyRooms, folder
     if any_room_holds(root, "coord.npy"):
-        return PointceptRooms(root)
+        return PointceptRooms, root
     if any_room_holds(root, "Annotations"):
-        return RawRelease(root, processed_dir, skip_malformed)
+        return RawRelease, root
     if any(f.endswith(".npz") for area_dir in area_dirs(root) for f in os.listdir(area_dir)):
-        return ConvertedRooms(root)
+        return ConvertedRooms, root
+    return None
+
+
+def find_source(root, processed_dir, skip_malformed):
+    form = find_form(root)
+    if form is not None:
+        source, folder = form
+        if source is RawRelease:
+            return RawRelease(folder, processed_dir, skip_malformed)
+        return source(folder)
     blocks = pointnet_blocks_folder(root)
     if blocks:
         raise FileNotFoundError(f"{blocks}: PointNet's {BLOCKS_FOLDER} (ply_data_all_*.h5: "
@@ -86,7 +99,9 @@ def find_source(root, processed_dir, skip_malformed):
     inside = one_level_down(root, lambda folder: os.path.isdir(os.path.join(folder, RAW_DIRNAME))
                             or bool(area_dirs(str(folder)))
                             or any(NPY_ROOM.fullmatch(f) for f in os.listdir(folder)))
-    raise FileNotFoundError(f"{root}: no S3DIS layout found{inside}; supported: {SUPPORTED}")
+    # a subfolder of its own named, another dataset's layout would be beside the point
+    hint = "" if inside else other_dataset_hint(root, "s3dis")
+    raise FileNotFoundError(f"{root}: no S3DIS layout found{inside}; supported: {SUPPORTED}{hint}")
 
 
 def pointnet_blocks_folder(root):

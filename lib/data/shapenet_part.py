@@ -25,6 +25,7 @@ import torch
 
 from lib.data import (content_sha256, first_bad_label, note, one_level_down, read_point_table,
                       read_text_file)
+from lib.data.recognise import other_dataset_hint
 from lib.data.shapenet_part_h5 import CATEGORY_FILE as H5_CATEGORY_FILE, find_h5_folder, read_h5_split
 from lib.data.shapenet_part_h5 import split_files as h5_split_files
 from lib.data.transforms import augment, normalize_unit_sphere, sample_indices, sample_rng
@@ -110,18 +111,28 @@ LAYOUTS = {
 }
 
 
-def detect_layout(root):
-    """-> (layout, the folder holding its files)."""
+def find_layout(root):
+    """-> (layout, the folder holding its files), or None."""
     h5_folder = find_h5_folder(root)
     if h5_folder is not None:
         return "hdf5", h5_folder
     if (root / CATEGORY_FILE).is_file():
         v0 = any(p.is_dir() for p in root.glob("*/points"))
         return ("v0" if v0 else "v0_normal"), root
-    inside = one_level_down(root, lambda folder: (folder / CATEGORY_FILE).is_file()
-                            or find_h5_folder(folder) is not None)
+    return None
+
+
+def detect_layout(root):
+    """-> (layout, the folder holding its files)."""
+    found = find_layout(root)
+    if found is not None:
+        return found
+    inside = one_level_down(root, lambda folder: find_layout(folder) is not None)
+    # a subfolder of its own named, another dataset's layout would be beside the point
+    hint = "" if inside else other_dataset_hint(root, "shapenet_part")
     raise FileNotFoundError(f"{root}: no ShapeNet part layout found (no {CATEGORY_FILE} or "
-                            f"ply_data_*.h5){inside}; supported: {'; '.join(LAYOUTS.values())}")
+                            f"ply_data_*.h5){inside}; supported: {'; '.join(LAYOUTS.values())}"
+                            f"{hint}")
 
 
 def read_split(path, synsets):
