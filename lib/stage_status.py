@@ -17,8 +17,10 @@ they are started again, e.g. after a crash or a kill:
                  result without the record of whether its run ended (a best.pt without
                  last.pt, a policy.json without search_state.pt), which starting over would
                  delete, or a live process holds the folder's lock (lib/rundir): its run is
-                 still going, e.g. the workers of a torchrun whose launcher was killed, and a
-                 resume would only be refused by the lock
+                 still going (e.g. started from another terminal, or, off Linux, the workers
+                 of a torchrun whose launcher was killed: on Linux they end with it,
+                 lib/distributed.end_with_launcher), and a resume would only be refused by
+                 the lock
 
 A run has ended when it has done its recorded epochs (episodes) and written what it writes last:
 a fine-tune its best_test.json, a search its baselines.json; a pretraining's best.pt must also

@@ -141,8 +141,9 @@ launch() {
 # checkpoint when interrupted or extended (--resume: a changed setting is refused), started over
 # its files when it left nothing to continue from, started when new; a folder it cannot place,
 # FLAGS that change a recorded setting, or a stage still running (a live process holds its
-# folder's lock: the workers of a torchrun whose launcher was killed) stop the script. So a
-# script can be run again after a crash.
+# folder's lock: the stage started from another terminal, or, off Linux, the workers of a
+# torchrun whose launcher was killed) stop the script. So a script can be run again after a
+# crash.
 stage() {
     local folder="$1" script="${2%.py}" status
     shift
