@@ -38,7 +38,6 @@ LAYOUTS = {
                                       "TASK=partseg reads it"),
     "modelnet40": (write_modelnet, "ModelNet40 (modelnet40_normal_resampled): --dataset "
                                    "modelnet40 / TASK=modelnet40_pt or modelnet40_pct reads it"),
-    # ShapeNet part's check takes any ply_data_*.h5 too: ModelNet's must be asked first
     "modelnet40_h5": (write_modelnet_h5, "ModelNet40 (modelnet40_ply_hdf5_2048): --dataset "
                                          "modelnet40 / TASK=modelnet40_pt or modelnet40_pct "
                                          "reads it"),
@@ -60,11 +59,8 @@ def not_found(dataset, root):
     return message
 
 
-# ShapeNet part's reader takes ModelNet40's hdf5 folder for its own hdf5 form (ply_data_*.h5):
-# not a "no layout found"
 @pytest.mark.parametrize("reader, held", [
-    (reader, held) for reader in READERS for held in LAYOUTS
-    if not held.startswith(reader) and (reader, held) != ("shapenet_part", "modelnet40_h5")])
+    (reader, held) for reader in READERS for held in LAYOUTS if not held.startswith(reader)])
 def test_another_datasets_folder_is_named_with_its_flags(tmp_path, reader, held):
     write, hint = LAYOUTS[held]
     message = not_found(reader, write(tmp_path / held))
@@ -137,3 +133,20 @@ def test_eval_with_another_datasets_data_root_says_it(tmp_path):
                                                 r"S3DIS \(raw release\): --dataset s3dis / "
                                                 r"TASK=s3dis reads it$"):
         evaluate_checkpoint(ckpt, str(write_s3dis(tmp_path / "s3dis")))
+
+
+def test_pointnets_s3dis_blocks_are_not_taken_for_shapenet_parts_h5_form(tmp_path):
+    """ShapeNet part's h5 form was recognised by any ply_data_*.h5, PointNet's S3DIS blocks
+    (ply_data_all_*.h5) and ModelNet40's hdf5 release included: the reader then asked for its
+    category list there, and other readers' hints named that folder ShapeNet part."""
+    from lib.data.shapenet_part_h5 import find_h5_folder
+    blocks = tmp_path / "indoor3d_sem_seg_hdf5_data"
+    blocks.mkdir()
+    (blocks / "ply_data_all_0.h5").write_bytes(b"")
+    assert find_h5_folder(blocks) is None
+    assert "looks like" not in not_found("modelnet40", blocks)
+    assert find_h5_folder(write_modelnet_h5(tmp_path / "modelnet")) is None
+    lost_lists = tmp_path / "shapenet_h5"
+    lost_lists.mkdir()
+    (lost_lists / "ply_data_train0.h5").write_bytes(b"")
+    assert find_h5_folder(lost_lists) == lost_lists  # read as its h5 form, the lists asked for

@@ -15,8 +15,8 @@ RUN_TASKS = {"shapenet_part": ("partseg",), "modelnet40": ("modelnet40_pt", "mod
 # The synthetic data of each, written in its layouts under data/synthetic/ (lib/data/synthetic.py)
 SYNTHETIC = {"shapenet_part": "synthetic_parts", "modelnet40": "synthetic_cls",
              "s3dis": "synthetic_rooms"}
-# The order the checks are asked in: ShapeNet part's (any ply_data_*.h5 is its hdf5 form) would
-# also take ModelNet40's hdf5 folder, whose shape_names.txt ModelNet's check sees first.
+# The order the checks are asked in (each takes only its own layouts; ShapeNet part's h5 check
+# leaves ModelNet40's and PointNet's S3DIS h5 files alone: shapenet_part_h5.bare_h5_files)
 CHECK_ORDER = ("modelnet40", "s3dis", "shapenet_part")
 
 

@@ -23,9 +23,19 @@ def find_h5_folder(root):
     """The folder holding the release's files (root or root/hdf5_data), or None."""
     for folder in (Path(root), Path(root) / "hdf5_data"):
         if ((folder / CATEGORY_FILE).is_file() or any(folder.glob("*_hdf5_file_list.txt"))
-                or any(folder.glob("ply_data_*.h5"))):
+                or bare_h5_files(folder)):
             return folder
     return None
+
+
+def bare_h5_files(folder):
+    """Whether `folder` holds ply_data_*.h5 files without the release's lists (then read as
+    its h5 form, the missing list named), unless they are another release's of that name:
+    ModelNet40's modelnet40_ply_hdf5_2048 (beside its shape_names.txt) or PointNet's S3DIS
+    blocks (ply_data_all_*.h5), which the other readers, or their hints, take."""
+    names = [path.name for path in folder.glob("ply_data_*.h5")]
+    return (bool(names) and not (folder / "shape_names.txt").is_file()
+            and not all(name.startswith("ply_data_all_") for name in names))
 
 
 def split_files(folder, split):
