@@ -2,7 +2,8 @@
 
     python eval.py --ckpt checkpoints/demo/pretrain/best.pt
 
-Prints the per-category (or per-class) table and the summary table; --json writes the metrics.
+Prints a header line, the summary table, the per-category (or per-class) table and the model's
+size; --json writes the metrics.
 --save-pred DIR writes each shape's / room's points with label and prediction (PLY);
 --render N draws N of them, ground truth beside prediction, and the per-class and confusion charts.
 Under `torchrun --nproc-per-node N eval.py ...` every rank scores its shard of the split (each
