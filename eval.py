@@ -16,6 +16,7 @@ from lib import distributed, heap
 from lib.cli import add_flags, make_parser, nonneg_int, path_arg, resolve_device, run_script
 from lib.experiment import evaluate_checkpoint
 from lib.predictions import PredictionSink
+from lib.quant.layers import is_fp32
 from lib.report import format_results, format_size
 
 
@@ -76,7 +77,7 @@ def precision(quant):
     if not quant:
         return "fp32"
     widths = quant.get("bits") or {}
-    quantized = sum(bits not in (None, 32) for bits in widths.values())
+    quantized = sum(not is_fp32(bits) for bits in widths.values())
     return "quantized" if quantized or not widths else "fp32 (no layer quantized)"
 
 

@@ -29,7 +29,7 @@ from lib.experiment import (check_resumed_data, check_same_data, evaluate_checkp
 from lib.policy_file import keep_text, read_on_every_rank
 from lib.quant import (called_layers, first_and_last, keep_first_last, list_quantizable,
                        quantize_model, uniform_policy)
-from lib.quant.layers import layer_renames, named_quantizable
+from lib.quant.layers import is_fp32, layer_renames, named_quantizable
 from lib.quant.size import budget_ratio, honest_size_bytes
 from lib.report import format_results, format_size
 from lib.rundir import claim, run_id
@@ -125,7 +125,7 @@ def build_quantized(args, model, dataset, device, teacher_sha256, policy_file, p
     quant = {"bits": policy, "method": args.method, "policy_file": args.policy,
              "policy_digest": policy_file.digest if policy_file else None,
              "keep_first_last": keep_text(keep),
-             "fp32_layers": [n for n in names if policy.get(n) in (None, 32)],
+             "fp32_layers": [n for n in names if is_fp32(policy.get(n))],
              "teacher": os.path.abspath(args.ckpt), "teacher_sha256": teacher_sha256}
     return model, quant
 
@@ -206,7 +206,7 @@ def main(args):
     log = RunLog(out, vars(args))
     if distributed.is_main():
         plain = unwrap(model)
-        quantized = sum(bits not in (None, 32) for bits in quant["bits"].values())
+        quantized = sum(not is_fp32(bits) for bits in quant["bits"].values())
         print(f"quantized {quantized} of {len(quant['bits'])} layers ({args.method}); HAQ "
               f"budget ratio {budget_ratio(plain):.4f}; honest size "
               f"{honest_size_bytes(plain) / 1024:.1f} KiB", flush=True)
